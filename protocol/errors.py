@@ -1,0 +1,22 @@
+"""The one exception family of swarmrl.
+
+Everything that refuses input from the outside (bytes off the wire, a key file, a pool spec, a
+proof) raises a subclass of `SwarmError` with a message that says what was wrong and, where it
+helps, what to do. Callers at a trust boundary catch `SwarmError` and nothing broader.
+"""
+
+
+class SwarmError(Exception):
+    """Base class of every error swarmrl raises on purpose."""
+
+
+class ProtocolError(SwarmError):
+    """A message could not be decoded, was too large, or failed a signature or replay check."""
+
+
+class KeyFileError(SwarmError):
+    """A key file is missing, malformed, or readable by others."""
+
+
+class PoolSpecError(SwarmError):
+    """A pool spec is malformed, or does not hash to the pool id it was fetched for."""
