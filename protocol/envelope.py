@@ -38,7 +38,13 @@ class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_li
 
     def signed_bytes(self) -> bytes:
         return signing_bytes(
-            self.version, self.kind, self.pool, self.signer, self.timestamp_ms, self.nonce, self.body
+            self.version,
+            self.kind,
+            self.pool,
+            self.signer,
+            self.timestamp_ms,
+            self.nonce,
+            self.body,
         )
 
 
@@ -89,14 +95,18 @@ class ReplayGuard:
     envelopes are refused (a flood of distinct nonces must not exhaust memory).
     """
 
-    def __init__(self, window_s: float = 300.0, max_skew_s: float = 30.0, max_entries: int = 1_000_000):
+    def __init__(
+        self, window_s: float = 300.0, max_skew_s: float = 30.0, max_entries: int = 1_000_000
+    ):
         self.window_s = window_s
         self.max_skew_s = max_skew_s
         self.max_entries = max_entries
         self._seen: dict[bytes, float] = {}
         self._next_purge = 0.0
 
-    def check_and_remember(self, signer: bytes, nonce: bytes, timestamp_ms: int, now: float) -> None:
+    def check_and_remember(
+        self, signer: bytes, nonce: bytes, timestamp_ms: int, now: float
+    ) -> None:
         ts = timestamp_ms / 1000
         if ts > now + self.max_skew_s:
             raise ProtocolError(

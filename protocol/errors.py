@@ -20,3 +20,21 @@ class KeyFileError(SwarmError):
 
 class PoolSpecError(SwarmError):
     """A pool spec is malformed, or does not hash to the pool id it was fetched for."""
+
+
+class TransportError(SwarmError):
+    """A peer could not be reached, dropped the stream, or did not answer in time."""
+
+
+class RemoteError(ProtocolError):
+    """The peer answered a request with an error reply (refused, rate limited, bad request)."""
+
+    def __init__(self, code: str, detail: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(f"peer refused the request ({code}): {detail}")
+        self.code = code
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
+class DiscoveryError(SwarmError):
+    """No peer could tell us where a pool's coordinator is, or none told the truth."""

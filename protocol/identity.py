@@ -121,3 +121,11 @@ def peer_id_of(public_key: bytes) -> str:
     from libp2p.peer.id import ID
 
     return ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58()
+
+
+def describe(identity: Identity, path: Path | None = None) -> str:
+    """Human-readable lines naming an identity, for `keygen` and `info` commands."""
+    lines = [f"public key: {identity.public_key.hex()}", f"peer id:    {identity.peer_id()}"]
+    if path is not None:
+        lines.append(f"key file:   {path}")
+    return "\n".join(lines)

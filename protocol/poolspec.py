@@ -156,7 +156,8 @@ def from_canonical(data: bytes, expected_id: str) -> PoolSpec:
     """Parse a spec received from a peer and check it is the one `expected_id` names."""
     try:
         spec = msgspec.json.decode(data, type=PoolSpec)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, RecursionError) as e:
+        # ValueError: msgspec reports invalid UTF-8 as UnicodeDecodeError.
         raise PoolSpecError(f"received pool spec is malformed: {e}") from None
     got = pool_id(spec)
     if got != expected_id:
@@ -188,7 +189,9 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f" {k} = {_toml_value(x)}" for k, x in v.items()) + (" }" if v else "}")
+        return (
+            "{" + ", ".join(f" {k} = {_toml_value(x)}" for k, x in v.items()) + (" }" if v else "}")
+        )
     raise PoolSpecError(f"cannot write {type(v).__name__} to TOML")
 
 

@@ -1,5 +1,17 @@
 import os
 
+from hypothesis import HealthCheck, settings
+
 # No test may reach a model hub: these machines have no network, and CI must not depend on one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Fuzz depth: `ci` keeps the default run short; `thorough` is what the decoders were signed off
+# with (HYPOTHESIS_PROFILE=thorough pytest -k fuzz).
+settings.register_profile(
+    "ci", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "thorough", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
