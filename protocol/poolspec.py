@@ -76,7 +76,8 @@ class AlgorithmSection(_Section):
     """KL coefficient to the frozen reference; 0 turns the reference off."""
     entropy_coef: float = 0.0
     is_cap: float = 4.0
-    """Truncation of the importance weight pi_old / pi_behaviour for stale samples."""
+    """Off-policy trust band: tokens whose ratio pi_theta / pi_behaviour leaves
+    [1/is_cap, is_cap] are masked out of the loss (stale or mismatched samples); 0 disables."""
     mask_truncated: bool = False
     lr: Positive = 1e-5
     weight_decay: float = 0.0
