@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from protocol.errors import SwarmError
+from trainer.tasks import make_task
+
+
+@pytest.mark.parametrize("name", ["copy", "sort", "mod_add", "arithmetic"])
+def test_procedural_tasks_are_seeded_and_splits_disjoint(name):
+    a, b = make_task(name, seed=1), make_task(name, seed=1)
+    assert [e.prompt for e in a.train] == [e.prompt for e in b.train]
+    assert not {e.prompt for e in a.train} & {e.prompt for e in a.test}
+    assert make_task(name, seed=2).train[0].prompt != a.train[0].prompt or name == "mod_add"
+
+
+def test_answers_are_right():
+    for ex in make_task("sort", 0, {"digits": 5}).train[:50]:
+        digits = ex.prompt.split()[1].rstrip("=")
+        assert ex.columns["answer"] == "".join(sorted(digits))
+    for ex in make_task("arithmetic", 0, {"op": "*", "digits": 2}).train[:50]:
+        a, _, b = ex.prompt.removeprefix("What is ").rstrip("?").split()
+        assert int(ex.columns["answer"]) == int(a) * int(b)
+
+
+def test_limit_and_bad_names():
+    assert len(make_task("copy", 0, limit=7).train) == 7
+    with pytest.raises(SwarmError, match="known tasks"):
+        make_task("nope", 0)
+    with pytest.raises(SwarmError, match="bad options"):
+        make_task("copy", 0, {"digitz": 3})
+    with pytest.raises(SwarmError, match="op must be"):
+        make_task("arithmetic", 0, {"op": "/"})
+
+
+def test_gsm8k_jsonl(tmp_path):
+    path = tmp_path / "g.jsonl"
+    rows = [{"question": f"q{i}?", "answer": f"work\n#### {i * 1000:,}"} for i in range(20)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = make_task("gsm8k", 0, {"path": str(path), "test_fraction": 0.25})
+    assert len(task.train) == 15 and len(task.test) == 5
+    for ex in task.train + task.test:
+        assert ex.columns["answer"] == str(int(ex.prompt[1:-1]) * 1000)
+    (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
+    with pytest.raises(SwarmError, match="lacks"):
+        make_task("gsm8k", 0, {"path": str(tmp_path / "bad.jsonl")})
+    with pytest.raises(SwarmError, match="no dataset"):
+        make_task("gsm8k", 0, {"path": str(tmp_path / "absent.jsonl")})
+
+
+def test_render_plain_and_chat():
+    task = make_task("sort", 0)
+    assert task.render(task.train[0], tokenizer=None) == task.train[0].prompt
+
+    class ChatTokenizer:
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert add_generation_prompt and not tokenize
+            return f"<user>{messages[0]['content']}<assistant>"
+
+    task = make_task("arithmetic", 0)
+    text = task.render(task.train[0], ChatTokenizer())
+    assert text == f"<user>{task.train[0].prompt}<assistant>The answer is "

@@ -1,0 +1,176 @@
+"""Reward functions, in TRL's shape: `f(prompts, completions, **columns) -> list[float | None]`.
+
+`columns` are the task's other fields (e.g. `answer`), so TRL reward functions plug in as they
+are. A function may be sync or async. `None` means "no opinion" for that sample (it counts as 0
+in the weighted sum). Rewards are always computed on the coordinator, never taken from nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+RewardFunc = Callable[..., Any]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK_ANSWER = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+
+
+def extract_number(text: str) -> float | None:
+    """The answer a completion gives: inside <answer> tags if present, after '####' if present,
+    else the first number in the text."""
+    if m := _ANSWER_TAG.search(text):
+        text = m.group(1)
+    elif "####" in text:
+        text = text.split("####", 1)[1]
+    m = _NUMBER.search(text)
+    if m is None:
+        return None
+    try:
+        return float(m.group(0).replace(",", ""))
+    except ValueError:
+        return None
+
+
+def exact_numeric(
+    prompts: list[str], completions: list[str], answer: list[Any], **_: Any
+) -> list[float]:
+    """1 when the completion's number equals the answer, else 0."""
+    out = []
+    for completion, gold in zip(completions, answer, strict=True):
+        got, want = extract_number(completion), extract_number(str(gold))
+        out.append(1.0 if got is not None and want is not None and math.isclose(got, want) else 0.0)
+    return out
+
+
+def math_verify_reward(
+    prompts: list[str], completions: list[str], answer: list[Any], **_: Any
+) -> list[float]:
+    """1 when Hugging Face's math-verify finds the completion's answer equal to the gold one."""
+    from math_verify import parse, verify
+
+    # Its own signal-based timeouts work only in a main thread, and it warns each call that they
+    # are off; `score` bounds the time of every call instead.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    out = []
+    for completion, gold in zip(completions, answer, strict=True):
+        try:
+            ok = verify(
+                parse(f"${gold}$", parsing_timeout=None),
+                parse(completion, parsing_timeout=None),
+                timeout_seconds=None,
+            )
+        except Exception:  # math-verify raises many kinds on odd LaTeX: such an answer is wrong
+            ok = False
+        out.append(1.0 if ok else 0.0)
+    return out
+
+
+def format_reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+    """1 for `<think>...</think><answer>...</answer>`, else 0."""
+    return [1.0 if _THINK_ANSWER.match(c) else 0.0 for c in completions]
+
+
+def length_penalty(max_chars: int, coef: float = 1.0) -> RewardFunc:
+    """A penalty growing linearly from 0 at half of `max_chars` to -coef at `max_chars`."""
+
+    def penalty(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        half = max_chars / 2
+        return [-coef * min(max(len(c) - half, 0) / half, 1.0) for c in completions]
+
+    penalty.__name__ = "length_penalty"
+    return penalty
+
+
+def position_match(
+    prompts: list[str], completions: list[str], answer: list[Any], **_: Any
+) -> list[float]:
+    """Dense partial credit: the fraction of the answer's characters the completion has in the
+    same place, with a completion of the wrong length losing the share it is off by."""
+    out = []
+    for completion, gold in zip(completions, answer, strict=True):
+        gold = str(gold)
+        got = completion.strip()
+        hits = sum(a == b for a, b in zip(got, gold, strict=False))
+        out.append(max(hits - abs(len(got) - len(gold)), 0) / len(gold))
+    return out
+
+
+BUILTIN: dict[str, RewardFunc] = {
+    "exact_numeric": exact_numeric,
+    "math_verify": math_verify_reward,
+    "format": format_reward,
+    "position_match": position_match,
+}
+
+
+@dataclass(frozen=True)
+class WeightedReward:
+    func: RewardFunc
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return getattr(self.func, "__name__", type(self.func).__name__)
+
+
+def score(
+    rewards: Sequence[WeightedReward],
+    prompts: list[str],
+    completions: list[str],
+    columns: dict[str, list[Any]],
+    timeout_s: float = 10.0,
+    executor: concurrent.futures.Executor | None = None,
+) -> tuple[list[float], dict[str, list[float | None]]]:
+    """Weighted sum of every reward function per sample, and each function's own values.
+
+    Each call is bounded by `timeout_s`; a function that times out, raises, or returns the wrong
+    number of values scores None for its samples (and the error is reported in `per_func` as
+    None values), so one bad reward function cannot stall or crash the coordinator.
+    """
+    per_func: dict[str, list[float | None]] = {}
+    own = executor is None
+    pool = executor or concurrent.futures.ThreadPoolExecutor(max_workers=max(len(rewards), 1))
+    try:
+        futures = {
+            r.name: pool.submit(_call, r.func, prompts, completions, columns) for r in rewards
+        }
+        for r in rewards:
+            try:
+                values = futures[r.name].result(timeout=timeout_s)
+            except concurrent.futures.TimeoutError:
+                values = [None] * len(completions)
+            except Exception:  # a user's reward function failing is data, not a crash
+                values = [None] * len(completions)
+            if len(values) != len(completions):
+                values = [None] * len(completions)
+            per_func[r.name] = [None if v is None else float(v) for v in values]
+    finally:
+        if own:
+            pool.shutdown(wait=False, cancel_futures=True)
+    totals = [
+        sum(r.weight * (per_func[r.name][i] or 0.0) for r in rewards)
+        for i in range(len(completions))
+    ]
+    return totals, per_func
+
+
+def _call(
+    func: RewardFunc, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]
+):
+    result = func(prompts=prompts, completions=completions, **columns)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_await(result))
+    return list(result)
+
+
+async def _await(awaitable):
+    return await awaitable

@@ -1,0 +1,198 @@
+"""Tasks: prompts with their reference columns, reward functions, and how to render a prompt.
+
+Procedural tasks are generated from a seed (same seed, same prompts, on every machine), split
+into disjoint train and test sets. File tasks read GSM8K-style JSONL (`question`, `answer` with
+`#### <number>`), Parquet, or a local Hugging Face `datasets` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import SwarmError
+from trainer.rewards import WeightedReward, exact_numeric, math_verify_reward, position_match
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    """The question, before any chat template."""
+    columns: dict[str, Any]
+    """Reference fields passed to reward functions by name, e.g. `answer`."""
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Example]
+    test: list[Example]
+    rewards: list[WeightedReward]
+    chat: bool = False
+    """Render prompts with the tokenizer's chat template (instruction-tuned models)."""
+    prefill: str = ""
+    """Text that opens the assistant's answer, e.g. "The answer is "."""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def render(self, example: Example, tokenizer: Any) -> str:
+        """The exact text the model continues."""
+        if not self.chat:
+            return example.prompt + self.prefill
+        messages = [{"role": "user", "content": example.prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text + self.prefill
+
+
+def _digits(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(n))
+
+
+def _split(make: Callable[[random.Random], Example], seed: int, n_train: int, n_test: int):
+    """Draw distinct examples; the first `n_test` distinct prompts are the test set."""
+    rng = random.Random(seed)
+    seen: dict[str, Example] = {}
+    attempts = 0
+    while len(seen) < n_train + n_test and attempts < 50 * (n_train + n_test):
+        ex = make(rng)
+        seen.setdefault(ex.prompt, ex)
+        attempts += 1
+    examples = list(seen.values())
+    return examples[n_test:], examples[:n_test]
+
+
+def copy_task(seed: int, digits: int = 4, n_train: int = 5000, n_test: int = 200) -> Task:
+    def make(rng: random.Random) -> Example:
+        s = _digits(rng, digits)
+        return Example(f"copy {s}=", {"answer": s})
+
+    train, test = _split(make, seed, n_train, n_test)
+    return Task("copy", train, test, [WeightedReward(position_match)], options={"digits": digits})
+
+
+def sort_task(seed: int, digits: int = 4, n_train: int = 5000, n_test: int = 200) -> Task:
+    def make(rng: random.Random) -> Example:
+        s = _digits(rng, digits)
+        return Example(f"sort {s}=", {"answer": "".join(sorted(s))})
+
+    train, test = _split(make, seed, n_train, n_test)
+    return Task("sort", train, test, [WeightedReward(position_match)], options={"digits": digits})
+
+
+def mod_add_task(seed: int, n_train: int = 80, n_test: int = 20) -> Task:
+    """a+b mod 10: 100 prompts in all; right or wrong, so a constant answer cannot farm it."""
+
+    def make(rng: random.Random) -> Example:
+        a, b = rng.randrange(10), rng.randrange(10)
+        return Example(f"{a}+{b}=", {"answer": str((a + b) % 10)})
+
+    train, test = _split(make, seed, n_train, n_test)
+    return Task("mod_add", train, test, [WeightedReward(exact_numeric)])
+
+
+def arithmetic_task(
+    seed: int,
+    op: str = "+",
+    digits: int = 2,
+    chat: bool = True,
+    prefill: str = "The answer is ",
+    n_train: int = 2000,
+    n_test: int = 200,
+) -> Task:
+    """Integer arithmetic by difficulty (`digits` per operand), for pretrained models."""
+    if op not in ("+", "-", "*"):
+        raise SwarmError(f"arithmetic op must be +, - or *, not {op!r}")
+
+    def make(rng: random.Random) -> Example:
+        lo, hi = 10 ** (digits - 1), 10**digits - 1
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return Example(f"What is {a} {op} {b}?", {"answer": str(value)})
+
+    train, test = _split(make, seed, n_train, n_test)
+    return Task(
+        "arithmetic",
+        train,
+        test,
+        [WeightedReward(exact_numeric)],
+        chat=chat,
+        prefill=prefill,
+        options={"op": op, "digits": digits},
+    )
+
+
+def gsm8k_task(
+    path: str, seed: int, test_fraction: float = 0.1, chat: bool = True, prefill: str = ""
+) -> Task:
+    """GSM8K-format rows (`question`, `answer` ending in `#### <number>`) from JSONL, Parquet or
+    a local Hugging Face `datasets` folder; the gold answer is the number after ####."""
+    rows = _read_rows(Path(path))
+    examples = []
+    for i, row in enumerate(rows):
+        if "question" not in row or "answer" not in row:
+            raise SwarmError(f"{path}: row {i} lacks a 'question' or an 'answer' field")
+        gold = str(row["answer"]).split("####")[-1].strip().replace(",", "")
+        examples.append(Example(str(row["question"]), {"answer": gold}))
+    random.Random(seed).shuffle(examples)
+    n_test = max(1, int(len(examples) * test_fraction))
+    return Task(
+        "gsm8k",
+        examples[n_test:],
+        examples[:n_test],
+        [WeightedReward(math_verify_reward)],
+        chat=chat,
+        prefill=prefill,
+        options={"path": path},
+    )
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise SwarmError(f"no dataset at {path}")
+    if path.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"]
+        return [dict(r) for r in ds]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SwarmError(f"{path}:{n}: not JSON: {e}") from None
+    return rows
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "copy": copy_task,
+    "sort": sort_task,
+    "mod_add": mod_add_task,
+    "arithmetic": arithmetic_task,
+    "gsm8k": gsm8k_task,
+}
+
+
+def make_task(
+    name: str, seed: int, options: dict[str, Any] | None = None, limit: int | None = None
+) -> Task:
+    """Build a task by name; `limit` keeps the first N training prompts (X-R1-style subsets)."""
+    if name not in TASKS:
+        raise SwarmError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    try:
+        task = TASKS[name](seed=seed, **(options or {}))
+    except TypeError as e:
+        raise SwarmError(f"bad options for task {name!r}: {e}") from None
+    if limit is not None:
+        task.train = task.train[:limit]
+    return task
