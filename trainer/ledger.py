@@ -1,0 +1,511 @@
+"""The pool ledger: a durable SQLite (WAL) record of nodes, leases, submissions, verdicts,
+accepted groups, training steps and weight versions.
+
+Every method that changes state is one transaction, so a crash at any instant leaves the ledger
+as it was before or after that change, never between. Two invariants are enforced here rather
+than trusted to callers: a lease is answered at most once, and a group is trained at most once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import SwarmError
+
+# Each entry migrates the schema from version i to i + 1; the ledger records its version in
+# PRAGMA user_version and applies what is missing when it opens.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE nodes (
+        key BLOB PRIMARY KEY,
+        peer_id TEXT NOT NULL,
+        hardware TEXT NOT NULL DEFAULT '{}',
+        engine TEXT NOT NULL DEFAULT '',
+        joined_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        weight_version INTEGER NOT NULL DEFAULT -1,
+        reputation REAL NOT NULL DEFAULT 0,
+        banned_at REAL,
+        ban_reason TEXT,
+        ban_evidence INTEGER,
+        accepted INTEGER NOT NULL DEFAULT 0,
+        soft_rejected INTEGER NOT NULL DEFAULT 0,
+        hard_rejected INTEGER NOT NULL DEFAULT 0,
+        lease_counter INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE leases (
+        id INTEGER PRIMARY KEY,
+        node BLOB NOT NULL REFERENCES nodes(key),
+        counter INTEGER NOT NULL,
+        issued_at REAL NOT NULL,
+        deadline REAL NOT NULL,
+        weight_version INTEGER NOT NULL,
+        tasks TEXT NOT NULL,
+        signed BLOB NOT NULL,
+        state TEXT NOT NULL DEFAULT 'open'
+            CHECK (state IN ('open', 'answered', 'expired', 'revoked', 'released'))
+    );
+    CREATE INDEX leases_open ON leases(state, deadline);
+    CREATE TABLE submissions (
+        id INTEGER PRIMARY KEY,
+        lease_id INTEGER REFERENCES leases(id),
+        node BLOB NOT NULL,
+        received_at REAL NOT NULL,
+        raw BLOB NOT NULL,
+        outcome TEXT CHECK (outcome IN ('accept', 'soft', 'hard')),
+        reason TEXT,
+        details TEXT,
+        decided_at REAL
+    );
+    CREATE INDEX submissions_pending ON submissions(outcome) WHERE outcome IS NULL;
+    CREATE INDEX submissions_node ON submissions(node, id);
+    CREATE TABLE groups (
+        id INTEGER PRIMARY KEY,
+        submission_id INTEGER NOT NULL REFERENCES submissions(id),
+        task_index INTEGER NOT NULL,
+        prompt_index INTEGER NOT NULL,
+        weight_version INTEGER NOT NULL,
+        accepted_at REAL NOT NULL,
+        rewards TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        trained_step INTEGER,
+        dropped TEXT
+    );
+    CREATE INDEX groups_pending ON groups(trained_step, dropped, id);
+    CREATE TABLE steps (
+        step INTEGER PRIMARY KEY,
+        version INTEGER NOT NULL,
+        finished_at REAL NOT NULL,
+        metrics TEXT NOT NULL
+    );
+    CREATE TABLE versions (
+        version INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        base INTEGER,
+        bytes INTEGER NOT NULL,
+        published_at REAL NOT NULL
+    );
+    """,
+]
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """An accepted group, ready for training (the payload is opaque to the ledger)."""
+
+    id: int
+    submission_id: int
+    task_index: int
+    prompt_index: int
+    weight_version: int
+    rewards: list[float]
+    payload: bytes
+
+
+class LedgerError(SwarmError):
+    pass
+
+
+class Ledger:
+    """One pool's ledger. Thread-safe: one connection behind a lock (SQLite writes are serial
+    anyway, and each call is short)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed verdict survives power loss too, not only a killed process.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise LedgerError(
+                f"{self.path} has schema version {version}, newer than this swarmrl "
+                f"({len(MIGRATIONS)}); upgrade swarmrl"
+            )
+        for i in range(version, len(MIGRATIONS)):
+            with self._tx() as db:
+                for statement in MIGRATIONS[i].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {i + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    # --- metadata -------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # --- nodes ----------------------------------------------------------------------------
+
+    def join(
+        self, key: bytes, peer_id: str, hardware: dict[str, Any], engine: str, now: float
+    ) -> bool:
+        """Record a join (or a re-join). Returns False for a banned node, which stays banned."""
+        with self._tx() as db:
+            row = db.execute("SELECT banned_at FROM nodes WHERE key = ?", (key,)).fetchone()
+            if row is not None and row["banned_at"] is not None:
+                return False
+            db.execute(
+                """INSERT INTO nodes (key, peer_id, hardware, engine, joined_at, last_seen)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(key) DO UPDATE SET peer_id = excluded.peer_id,
+                     hardware = excluded.hardware, engine = excluded.engine,
+                     last_seen = excluded.last_seen""",
+                (key, peer_id, json.dumps(hardware), engine, now, now),
+            )
+        return True
+
+    def node(self, key: bytes) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT * FROM nodes WHERE key = ?", (key,)).fetchone()
+        return None if row is None else dict(row)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._db.execute("SELECT * FROM nodes ORDER BY joined_at")]
+
+    def is_active(self, key: bytes) -> bool:
+        row = self._db.execute("SELECT banned_at FROM nodes WHERE key = ?", (key,)).fetchone()
+        return row is not None and row["banned_at"] is None
+
+    def heartbeat(self, key: bytes, weight_version: int, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET last_seen = ?, weight_version = ? WHERE key = ?",
+                (now, weight_version, key),
+            )
+
+    def ban(self, key: bytes, reason: str, evidence: int | None, now: float) -> list[int]:
+        """Ban a node and revoke its open leases; returns the revoked lease ids."""
+        with self._tx() as db:
+            return self._ban(db, key, reason, evidence, now)
+
+    def _ban(
+        self, db: sqlite3.Connection, key: bytes, reason: str, evidence: int | None, now: float
+    ) -> list[int]:
+        db.execute(
+            """UPDATE nodes SET banned_at = ?, ban_reason = ?, ban_evidence = ?
+               WHERE key = ? AND banned_at IS NULL""",
+            (now, reason, evidence, key),
+        )
+        revoked = [
+            r[0]
+            for r in db.execute("SELECT id FROM leases WHERE node = ? AND state = 'open'", (key,))
+        ]
+        db.execute("UPDATE leases SET state = 'revoked' WHERE node = ? AND state = 'open'", (key,))
+        return revoked
+
+    # --- leases ---------------------------------------------------------------------------
+
+    def issue_lease(
+        self,
+        node: bytes,
+        issued_at: float,
+        deadline: float,
+        weight_version: int,
+        tasks: list[dict[str, Any]],
+        sign: Any,
+    ) -> tuple[int, int, bytes]:
+        """Create a lease for `node`. `sign(lease_id, counter) -> bytes` makes the signed lease
+        inside the transaction, so the id, the node's counter and the signed bytes are recorded
+        together. Returns (lease id, counter, signed bytes)."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT lease_counter, banned_at FROM nodes WHERE key = ?", (node,)
+            ).fetchone()
+            if row is None or row["banned_at"] is not None:
+                raise LedgerError("leases are issued only to joined, unbanned nodes")
+            counter = row["lease_counter"]
+            lease_id = db.execute(
+                """INSERT INTO leases
+                   (node, counter, issued_at, deadline, weight_version, tasks, signed)
+                   VALUES (?, ?, ?, ?, ?, ?, x'')""",
+                (node, counter, issued_at, deadline, weight_version, json.dumps(tasks)),
+            ).lastrowid
+            signed = sign(lease_id, counter)
+            db.execute("UPDATE leases SET signed = ? WHERE id = ?", (signed, lease_id))
+            db.execute("UPDATE nodes SET lease_counter = lease_counter + 1 WHERE key = ?", (node,))
+        return lease_id, counter, signed
+
+    def lease(self, lease_id: int) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        if row is None:
+            return None
+        out = dict(row)
+        out["tasks"] = json.loads(out["tasks"])
+        return out
+
+    def expire_leases(self, now: float) -> list[int]:
+        """Mark open leases past their deadline expired; returns their ids (to re-issue work)."""
+        with self._tx() as db:
+            ids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM leases WHERE state = 'open' AND deadline < ?", (now,)
+                )
+            ]
+            db.executemany("UPDATE leases SET state = 'expired' WHERE id = ?", [(i,) for i in ids])
+        return ids
+
+    def release_lease(self, lease_id: int, node: bytes) -> bool:
+        """A node gives its lease back (e.g. shutting down); its work goes to others."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE leases SET state = 'released' WHERE id = ? AND node = ? AND state = 'open'",
+                (lease_id, node),
+            )
+        return cur.rowcount == 1
+
+    def open_lease_count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM leases WHERE state = 'open'").fetchone()[0]
+
+    # --- submissions and verdicts ---------------------------------------------------------
+
+    def record_submission(self, lease_id: int, node: bytes, raw: bytes, now: float) -> int:
+        """Answer a lease with a signed submission, atomically. Raises if the lease is not this
+        node's, not open (expired, revoked, already answered), or past its deadline."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT node, state, deadline FROM leases WHERE id = ?", (lease_id,)
+            ).fetchone()
+            if row is None:
+                raise LedgerError(f"lease {lease_id} does not exist")
+            if row["node"] != node:
+                raise LedgerError(f"lease {lease_id} was issued to another node")
+            if row["state"] == "answered":
+                raise LedgerError(f"lease {lease_id} was already answered")
+            if row["state"] != "open" or row["deadline"] < now:
+                state = row["state"] if row["state"] != "open" else "past its deadline"
+                raise LedgerError(f"lease {lease_id} is {state}")
+            db.execute("UPDATE leases SET state = 'answered' WHERE id = ?", (lease_id,))
+            return db.execute(
+                "INSERT INTO submissions (lease_id, node, received_at, raw) VALUES (?, ?, ?, ?)",
+                (lease_id, node, now, raw),
+            ).lastrowid
+
+    def record_rejected(
+        self,
+        node: bytes,
+        raw: bytes,
+        outcome: str,
+        reason: str,
+        details: dict[str, Any],
+        now: float,
+    ) -> int:
+        """Keep a submission refused before it could answer a lease (e.g. a replay), as evidence."""
+        with self._tx() as db:
+            return db.execute(
+                """INSERT INTO submissions
+                   (lease_id, node, received_at, raw, outcome, reason, details, decided_at)
+                   VALUES (NULL, ?, ?, ?, ?, ?, ?, ?)""",
+                (node, now, raw, outcome, reason, json.dumps(details), now),
+            ).lastrowid
+
+    def pending_submissions(self) -> list[int]:
+        """Submissions received but not yet decided (e.g. the coordinator restarted mid-check)."""
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT id FROM submissions WHERE outcome IS NULL ORDER BY id"
+            )
+        ]
+
+    def submission(self, submission_id: int) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT * FROM submissions WHERE id = ?", (submission_id,)
+        ).fetchone()
+        return None if row is None else dict(row)
+
+    def decide(
+        self,
+        submission_id: int,
+        outcome: str,
+        reason: str,
+        details: dict[str, Any],
+        groups: list[tuple[int, int, int, list[float], bytes]],
+        reputation_delta: float,
+        ban_threshold: float,
+        now: float,
+    ) -> bool:
+        """Record a verdict, its accepted groups (task index, prompt index, weight version,
+        rewards, payload) and the node's reputation, in one transaction. Returns True when this
+        verdict got the node banned."""
+        if outcome not in ("accept", "soft", "hard"):
+            raise LedgerError(f"unknown outcome {outcome!r}")
+        column = {"accept": "accepted", "soft": "soft_rejected", "hard": "hard_rejected"}[outcome]
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT node, outcome FROM submissions WHERE id = ?", (submission_id,)
+            ).fetchone()
+            if row is None:
+                raise LedgerError(f"submission {submission_id} does not exist")
+            if row["outcome"] is not None:
+                raise LedgerError(f"submission {submission_id} was already decided")
+            db.execute(
+                """UPDATE submissions SET outcome = ?, reason = ?, details = ?, decided_at = ?
+                   WHERE id = ?""",
+                (outcome, reason, json.dumps(details), now, submission_id),
+            )
+            db.executemany(
+                """INSERT INTO groups (submission_id, task_index, prompt_index, weight_version,
+                   accepted_at, rewards, payload) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                [(submission_id, t, p, v, now, json.dumps(r), blob) for t, p, v, r, blob in groups],
+            )
+            db.execute(
+                f"""UPDATE nodes SET {column} = {column} + 1, reputation = reputation + ?
+                    WHERE key = ?""",
+                (reputation_delta, row["node"]),
+            )
+            rep = db.execute(
+                "SELECT reputation, banned_at FROM nodes WHERE key = ?", (row["node"],)
+            ).fetchone()
+            if rep is not None and rep["banned_at"] is None and rep["reputation"] <= ban_threshold:
+                self._ban(
+                    db,
+                    row["node"],
+                    f"reputation {rep['reputation']:.1f} after: {reason}",
+                    submission_id,
+                    now,
+                )
+                return True
+        return False
+
+    # --- training -------------------------------------------------------------------------
+
+    def trainable_groups(self, min_version: int, limit: int) -> list[GroupRecord]:
+        """Accepted, untrained, undropped groups generated at `min_version` or later, oldest
+        first."""
+        rows = self._db.execute(
+            """SELECT * FROM groups WHERE trained_step IS NULL AND dropped IS NULL
+               AND weight_version >= ? ORDER BY id LIMIT ?""",
+            (min_version, limit),
+        )
+        return [
+            GroupRecord(
+                r["id"],
+                r["submission_id"],
+                r["task_index"],
+                r["prompt_index"],
+                r["weight_version"],
+                json.loads(r["rewards"]),
+                r["payload"],
+            )
+            for r in rows
+        ]
+
+    def drop_stale(self, min_version: int, reason: str = "stale") -> int:
+        """Drop untrained groups older than `min_version` (soft: no penalty). Returns the count."""
+        with self._tx() as db:
+            cur = db.execute(
+                """UPDATE groups SET dropped = ? WHERE trained_step IS NULL AND dropped IS NULL
+                   AND weight_version < ?""",
+                (reason, min_version),
+            )
+        return cur.rowcount
+
+    def commit_step(
+        self,
+        step: int,
+        version: int,
+        group_ids: list[int],
+        metrics: dict[str, Any],
+        now: float,
+        dropped: dict[int, str] | None = None,
+    ) -> None:
+        """Record a finished training step: its groups become trained (each at most once, or
+        the whole step is refused), groups it filtered out are marked dropped with the reason."""
+        with self._tx() as db:
+            last = db.execute("SELECT MAX(step) FROM steps").fetchone()[0]
+            if last is not None and step <= last:
+                raise LedgerError(f"step {step} is not after the last recorded step {last}")
+            ids = group_ids + list((dropped or {}).keys())
+            if ids:
+                marks = ",".join("?" * len(ids))
+                taken = db.execute(
+                    f"""SELECT COUNT(*) FROM groups WHERE id IN ({marks})
+                        AND (trained_step IS NOT NULL OR dropped IS NOT NULL)""",
+                    ids,
+                ).fetchone()[0]
+                if taken:
+                    raise LedgerError(
+                        f"{taken} of the step's groups were already trained or dropped"
+                    )
+            db.executemany(
+                "UPDATE groups SET trained_step = ? WHERE id = ?", [(step, g) for g in group_ids]
+            )
+            db.executemany(
+                "UPDATE groups SET dropped = ? WHERE id = ?",
+                [(why, g) for g, why in (dropped or {}).items()],
+            )
+            db.execute(
+                "INSERT INTO steps VALUES (?, ?, ?, ?)", (step, version, now, json.dumps(metrics))
+            )
+
+    def last_step(self) -> tuple[int, int]:
+        """(step, version) of the last committed step, (0, 0) before any."""
+        row = self._db.execute(
+            "SELECT step, version FROM steps ORDER BY step DESC LIMIT 1"
+        ).fetchone()
+        return (0, 0) if row is None else (row[0], row[1])
+
+    def record_version(
+        self, version: int, kind: str, base: int | None, nbytes: int, now: float
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?)",
+                (version, kind, base, nbytes, now),
+            )
+
+    def steps(self, since: int = 0) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM steps WHERE step > ? ORDER BY step", (since,))
+        return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        q = self._db.execute
+        return {
+            "nodes": q("SELECT COUNT(*) FROM nodes").fetchone()[0],
+            "banned": q("SELECT COUNT(*) FROM nodes WHERE banned_at IS NOT NULL").fetchone()[0],
+            "submissions": q("SELECT COUNT(*) FROM submissions").fetchone()[0],
+            "accepted_groups": q("SELECT COUNT(*) FROM groups").fetchone()[0],
+            "trained_groups": q(
+                "SELECT COUNT(*) FROM groups WHERE trained_step IS NOT NULL"
+            ).fetchone()[0],
+            "steps": q("SELECT COUNT(*) FROM steps").fetchone()[0],
+        }
