@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol import poolspec
+from protocol import messages, poolspec
 from protocol.envelope import Envelope, EnvelopeVerifier, ReplayGuard, seal
 from protocol.errors import PoolSpecError, ProtocolError
 from protocol.identity import Identity
@@ -115,3 +115,49 @@ def test_valid_inputs_still_decode():
 
 def _open_strict(data: bytes) -> None:
     EnvelopeVerifier(POOL, guard=ReplayGuard(window_s=1e12), clock=lambda: 1e9).open(data, Sample)
+
+
+# The node <-> coordinator messages, each seeded with a valid instance and then mutated.
+_SAMPLING = messages.SamplingWire(
+    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8, eos_token_ids=[2]
+)
+_COMPLETION = messages.Completion(
+    tokens=[5, 6, 2], logprobs=[-0.5, -1.0, -0.1], finish_reason="eos", proofs=[b"\x01" * 258]
+)
+SEEDS = [
+    messages.JoinRequest(
+        hardware=messages.Hardware(device="cpu", memory_bytes=1 << 30), engine="hf", software="0.1"
+    ),
+    messages.LeaseReply(
+        lease=messages.Lease(
+            lease_id=1,
+            node=bytes(32),
+            counter=0,
+            weight_version=3,
+            min_version=1,
+            tasks=[messages.LeaseTask(prompt_index=4, prompt_ids=[1, 2, 3], seed=99, group_size=4)],
+            sampling=_SAMPLING,
+            deadline_ms=10**12,
+        )
+    ),
+    messages.Submission(
+        lease_id=1,
+        weight_version=3,
+        results=[messages.TaskResult(task_index=0, completions=[_COMPLETION] * 2)],
+    ),
+    messages.Heartbeat(weight_version=2, leases_done=5, tokens_per_s=80.0),
+    messages.VersionAnnouncement(version=4, base=3, manifest_blake3="ab" * 32),
+]
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda m: type(m).__name__)
+def test_fuzz_messages(seed):
+    data = msgspec.msgpack.encode(seed)
+    assert decode(data, type(seed)) == seed
+
+    @given(st.one_of(st.binary(max_size=2000), mutated(data)))
+    def check(blob):
+        with contextlib.suppress(ProtocolError):
+            decode(blob, type(seed))
+
+    check()

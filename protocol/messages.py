@@ -1,0 +1,141 @@
+"""The messages between nodes and the coordinator.
+
+Every one travels inside a signed envelope (`protocol.envelope`). The coordinator keeps its own
+copy of every lease; a submission names its lease by id and is checked against that copy, so a
+node's word on what it was asked is never used.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from protocol.wire import Message, PublicKey, ShortStr, UInt
+
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Version = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Tokens = Annotated[list[TokenId], msgspec.Meta(max_length=1 << 16)]
+
+
+class Hardware(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    device: ShortStr
+    device_name: ShortStr = ""
+    memory_bytes: UInt = 0
+    cpu_count: UInt = 0
+    tokens_per_s: float = 0.0
+    """Measured by a short generation self-test at start-up."""
+
+
+class JoinRequest(Message, tag="join"):
+    hardware: Hardware
+    engine: Literal["hf", "vllm"]
+    software: ShortStr
+    relay_url: ShortStr = ""
+    """Where this node re-serves weight shards, if it does (`--relay`)."""
+
+
+class JoinReply(Message, tag="join-reply"):
+    accepted: bool
+    reason: ShortStr = ""
+    current_version: Version = 0
+    heartbeat_s: float = 15.0
+
+
+class SamplingWire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    temperature: float
+    top_k: UInt
+    top_p: float
+    max_new_tokens: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]
+    eos_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=16)]
+
+
+class LeaseTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    prompt_index: UInt
+    prompt_ids: Tokens
+    seed: Seed
+    """Seeds the Gumbel noise of every sample of this task (sample i uses index i)."""
+    group_size: Annotated[int, msgspec.Meta(ge=1, le=1024)]
+
+
+class LeaseRequest(Message, tag="lease-request"):
+    weight_version: Version
+    """The newest weights this node holds."""
+
+
+class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    lease_id: UInt
+    node: PublicKey
+    counter: UInt
+    weight_version: Version
+    """The version to generate with (the newest the node holds that is still allowed)."""
+    min_version: Version
+    """Oldest version the coordinator will still accept for this lease."""
+    tasks: Annotated[list[LeaseTask], msgspec.Meta(max_length=256)]
+    sampling: SamplingWire
+    deadline_ms: UInt
+
+
+class LeaseReply(Message, tag="lease-reply"):
+    max_bytes = 4 * 1024 * 1024
+    lease: Lease | None = None
+    retry_after_s: float = 0.0
+    reason: ShortStr = ""
+
+
+class Completion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    tokens: Tokens
+    logprobs: Annotated[list[float], msgspec.Meta(max_length=1 << 16)]
+    finish_reason: Literal["eos", "length"]
+    proofs: Annotated[list[bytes], msgspec.Meta(max_length=4096)]
+
+
+class TaskResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    task_index: UInt
+    completions: Annotated[list[Completion], msgspec.Meta(max_length=1024)]
+
+
+class Submission(Message, tag="submission"):
+    # A hard ceiling for decoding; the pool's `limits.max_submission_bytes` is checked first.
+    max_bytes = 64 * 1024 * 1024
+    lease_id: UInt
+    weight_version: Version
+    results: Annotated[list[TaskResult], msgspec.Meta(max_length=256)]
+
+
+class Receipt(Message, tag="receipt"):
+    lease_id: UInt
+    queued: bool
+    submission_id: UInt = 0
+    reason: ShortStr = ""
+
+
+class ReleaseLease(Message, tag="release"):
+    lease_id: UInt
+
+
+class Heartbeat(Message, tag="heartbeat"):
+    weight_version: Version
+    leases_done: UInt = 0
+    tokens_per_s: float = 0.0
+
+
+class HeartbeatReply(Message, tag="heartbeat-reply"):
+    current_version: Version
+    accepted: UInt = 0
+    soft_rejected: UInt = 0
+    hard_rejected: UInt = 0
+    banned: bool = False
+    reason: ShortStr = ""
+
+
+class VersionAnnouncement(Message, tag="version"):
+    """Gossiped by the coordinator when it publishes new weights."""
+
+    max_bytes = 4096
+    version: Version
+    base: Version | None = None
+    """Set when a delta against this version is published too; a full checkpoint always is."""
+    manifest_blake3: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    published_ms: UInt = 0
