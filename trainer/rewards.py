@@ -93,14 +93,14 @@ def length_penalty(max_chars: int, coef: float = 1.0) -> RewardFunc:
 def position_match(
     prompts: list[str], completions: list[str], answer: list[Any], **_: Any
 ) -> list[float]:
-    """Dense partial credit: the fraction of the answer's characters the completion has in the
-    same place, with a completion of the wrong length losing the share it is off by."""
+    """Dense partial credit: characters in the right place, over the longer of the completion
+    and the answer (so extra characters cost credit, and a constant earns none it did not hit)."""
     out = []
     for completion, gold in zip(completions, answer, strict=True):
         gold = str(gold)
         got = completion.strip()
         hits = sum(a == b for a, b in zip(got, gold, strict=False))
-        out.append(max(hits - abs(len(got) - len(gold)), 0) / len(gold))
+        out.append(hits / max(len(got), len(gold), 1))
     return out
 
 

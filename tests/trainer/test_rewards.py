@@ -44,7 +44,7 @@ def test_format_and_length():
 def test_position_match_cannot_be_farmed_by_a_constant():
     assert position_match([""], ["1234"], ["1234"]) == [1.0]
     assert position_match([""], ["1243"], ["1234"]) == [0.5]
-    assert position_match([""], ["12345"], ["1234"]) == [0.75]  # one too long: loses a quarter
+    assert position_match([""], ["12345"], ["1234"]) == [0.8]  # one too long: 4 of 5 right
     # a constant digit scores only where the answer happens to have it
     assert position_match([""], ["7777"], ["1234"]) == [0.0]
 

@@ -1,0 +1,221 @@
+"""One GRPO-family optimisation step over validated groups.
+
+The trainer keeps fp32 master weights and computes in the pool's dtype under autocast, so small
+updates are not rounded away in bf16, while the weights it publishes (cast to the pool's dtype)
+are exactly what nodes generate with and validators recompute with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from protocol.poolspec import AlgorithmSection
+from trainer.advantages import group_advantages
+from trainer.loss import LossConfig, batch_normaliser, policy_loss
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt_ids: list[int]
+    tokens: list[int]
+    behaviour_logprobs: list[float]
+    truncated: bool
+    """Ended at the length cap rather than with EOS."""
+
+
+@dataclass(frozen=True)
+class TrainGroup:
+    """G samples of one prompt with their coordinator-computed rewards."""
+
+    samples: list[Sample]
+    rewards: list[float]
+    weight_version: int
+    group_id: int = -1
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    trained: list[int]
+    """Group ids the step learned from."""
+    dropped: dict[int, str]
+    """Group ids it filtered out, with why (e.g. zero reward variance)."""
+
+
+class GRPOTrainer:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        algorithm: AlgorithmSection,
+        temperature: float,
+        max_new_tokens: int,
+        compute_dtype: torch.dtype = torch.float32,
+        pad_token_id: int = 0,
+        ref_model: PreTrainedModel | None = None,
+    ) -> None:
+        self.model = model.float().train()
+        self.algorithm = algorithm
+        self.temperature = temperature
+        self.compute_dtype = compute_dtype
+        self.pad_token_id = pad_token_id
+        self.ref_model = ref_model
+        if algorithm.beta > 0 and ref_model is None:
+            raise ValueError("beta > 0 needs a frozen reference model")
+        self.loss_config = LossConfig(
+            loss_type=algorithm.loss_type,
+            epsilon_low=algorithm.epsilon_low,
+            epsilon_high=algorithm.epsilon_high,
+            delta=algorithm.delta,
+            beta=algorithm.beta,
+            entropy_coef=algorithm.entropy_coef,
+            is_cap=algorithm.is_cap,
+            max_completion_len=max_new_tokens,
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=algorithm.lr, weight_decay=algorithm.weight_decay
+        )
+        warmup = algorithm.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+        )
+
+    def step(self, groups: list[TrainGroup], current_version: int) -> StepResult:
+        """Advantages per group, drop groups with equal rewards, then one optimizer step."""
+        t0 = time.perf_counter()
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        advantages, keep = group_advantages(rewards, self.algorithm.scale_rewards)
+        dropped = {
+            g.group_id: "zero reward variance" for g, k in zip(groups, keep, strict=True) if not k
+        }
+        live = [(g, advantages[i]) for i, g in enumerate(groups) if keep[i]]
+        staleness = [current_version - g.weight_version for g in groups]
+        metrics: dict[str, float] = {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "frac_reward_zero_std": 1.0 - float(keep.float().mean()),
+            "groups": float(len(groups)),
+            "staleness_mean": sum(staleness) / len(staleness),
+            "staleness_max": float(max(staleness)),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        lengths = [len(s.tokens) for g in groups for s in g.samples]
+        metrics["completion_len_mean"] = sum(lengths) / len(lengths)
+        metrics["completion_len_max"] = float(max(lengths))
+        metrics["completion_clipped_frac"] = sum(
+            s.truncated for g in groups for s in g.samples
+        ) / len(lengths)
+        if not live:
+            metrics.update(step_time_s=time.perf_counter() - t0, tokens=0.0, skipped=1.0)
+            return StepResult(metrics, [], dropped)
+
+        samples = [(s, float(a)) for g, adv in live for s, a in zip(g.samples, adv, strict=True)]
+        batch = self._batch([s for s, _ in samples])
+        mask = batch["mask"]
+        if self.algorithm.mask_truncated:
+            truncated = torch.tensor([s.truncated for s, _ in samples])
+            mask = mask * (~truncated).float()[:, None]
+        normaliser = batch_normaliser(self.loss_config, mask)
+        adv = torch.tensor([a for _, a in samples])
+
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        loss_sum = 0.0
+        mb = self.algorithm.micro_batch
+        for start in range(0, len(samples), mb):
+            part = slice(start, start + mb)
+            logp, entropy = self._logprobs(self.model, batch, part, need_entropy=True)
+            ref = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref, _ = self._logprobs(self.ref_model, batch, part, need_entropy=False)
+            loss, stats = policy_loss(
+                logp,
+                batch["behaviour"][part],
+                adv[part],
+                mask[part],
+                self.loss_config,
+                normaliser,
+                ref_logp=ref,
+                entropy=entropy,
+            )
+            loss.backward()
+            loss_sum += float(loss.detach())
+            for k, v in stats.items():
+                totals[k] = max(totals.get(k, v), v) if k == "ratio_max" else totals.get(k, 0.0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(),
+            self.algorithm.grad_clip if self.algorithm.grad_clip > 0 else math.inf,
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+
+        tokens = max(totals["tokens"], 1.0)
+        elapsed = time.perf_counter() - t0
+        metrics.update(
+            policy_loss=loss_sum,
+            grad_norm=float(grad_norm),
+            entropy=totals["entropy_sum"] / tokens,
+            kl=totals["kl_sum"] / tokens,
+            clip_low_frac=totals["clipped_low_tokens"] / tokens,
+            clip_high_frac=totals["clipped_high_tokens"] / tokens,
+            is_masked_frac=totals["masked_tokens"] / tokens,
+            ratio_mean=totals["ratio_sum"] / tokens,
+            ratio_max=totals["ratio_max"],
+            tokens=totals["tokens"],
+            tokens_per_s=totals["tokens"] / elapsed,
+            step_time_s=elapsed,
+            skipped=0.0,
+        )
+        return StepResult(metrics, [g.group_id for g, _ in live], dropped)
+
+    def _batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        """Right-padded prompt+completion ids, and per target position (shifted by one): the
+        completion mask and the behaviour logprobs."""
+        width = max(len(s.prompt_ids) + len(s.tokens) for s in samples)
+        ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(samples), width), dtype=torch.long)
+        mask = torch.zeros((len(samples), width - 1))
+        behaviour = torch.zeros((len(samples), width - 1))
+        for i, s in enumerate(samples):
+            p, n = len(s.prompt_ids), len(s.tokens)
+            ids[i, : p + n] = torch.tensor(s.prompt_ids + s.tokens)
+            attention[i, : p + n] = 1
+            # target position j predicts ids[j + 1]; completion token t sits at p + t
+            mask[i, p - 1 : p - 1 + n] = 1
+            behaviour[i, p - 1 : p - 1 + n] = torch.tensor(s.behaviour_logprobs)
+        return {"ids": ids, "attention": attention, "mask": mask, "behaviour": behaviour}
+
+    def _logprobs(
+        self,
+        model: PreTrainedModel,
+        batch: dict[str, torch.Tensor],
+        part: slice,
+        need_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per target position: logprob of the actual next token under softmax(logits / T) (the
+        same quantity as `toploc.token_logprobs`, which nodes report), and the entropy."""
+        ids, attention = batch["ids"][part], batch["attention"][part]
+        autocast = (
+            torch.autocast(device_type=ids.device.type, dtype=self.compute_dtype)
+            if self.compute_dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        t = self.temperature if self.temperature > 0 else 1.0
+        log_probs = torch.log_softmax(logits[:, :-1].float() / t, dim=-1)
+        logp = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        entropy = None
+        if need_entropy:
+            # Entropy is only logged unless the bonus is on: keep it out of the graph then.
+            with torch.set_grad_enabled(
+                self.loss_config.entropy_coef > 0 and torch.is_grad_enabled()
+            ):
+                entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return logp, entropy
