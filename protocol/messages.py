@@ -87,7 +87,7 @@ class LeaseReply(Message, tag="lease-reply"):
 class Completion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tokens: Tokens
     logprobs: Annotated[list[float], msgspec.Meta(max_length=1 << 16)]
-    finish_reason: Literal["eos", "length"]
+    finish_reason: Literal["stop", "length"]
     proofs: Annotated[list[bytes], msgspec.Meta(max_length=4096)]
 
 

@@ -105,7 +105,10 @@ class VerificationSection(_Section):
     toploc_max_mant_err_mean: float = 10.0
     toploc_max_mant_err_median: float = 8.0
     sampling_max_violations: int = 0
-    logprob_tolerance: float = 0.05
+    sampling_tolerance: float = 0.0
+    """Logit slack for the seeded-sampling replay; 0 takes the calibrated default of the dtype."""
+    logprob_tolerance: float = 0.0
+    """Largest accepted |reported - recomputed| logprob; 0 takes the calibrated default."""
 
 
 class PoolSpec(_Section):

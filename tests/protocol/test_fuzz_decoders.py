@@ -122,7 +122,7 @@ _SAMPLING = messages.SamplingWire(
     temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8, eos_token_ids=[2]
 )
 _COMPLETION = messages.Completion(
-    tokens=[5, 6, 2], logprobs=[-0.5, -1.0, -0.1], finish_reason="eos", proofs=[b"\x01" * 258]
+    tokens=[5, 6, 2], logprobs=[-0.5, -1.0, -0.1], finish_reason="stop", proofs=[b"\x01" * 258]
 )
 SEEDS = [
     messages.JoinRequest(

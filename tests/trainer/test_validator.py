@@ -1,0 +1,179 @@
+"""Every validation outcome, on real rollouts of the tiny model."""
+
+import msgspec
+import pytest
+import torch
+
+import toploc
+from protocol import messages, poolspec
+from toploc import capture_hf
+from toploc.models import eos_token_ids, load_model
+from toploc.sampling import SamplingParams
+from trainer.tasks import make_task
+from trainer.validator import LeaseView, Validator
+
+G = 4
+
+
+@pytest.fixture(scope="module")
+def world():
+    model, tok = load_model("tiny")
+    spec = poolspec.from_dict({"name": "t", "coordinator": {"public_key": "ab" * 32}})
+    task = make_task("copy", 0, {"digits": 3})
+    params = SamplingParams(
+        temperature=1.0, max_tokens=40, eos_token_ids=tuple(eos_token_ids(model, tok))
+    )
+    tasks = []
+    for t, index in enumerate([3, 9]):
+        ids = tok(task.render(task.train[index], tok), add_special_tokens=False)["input_ids"]
+        tasks.append({"prompt_index": index, "prompt_ids": ids, "seed": 1000 + t, "group_size": G})
+    lease = LeaseView(tasks=tasks, min_version=0, sampling=params)
+    validator = Validator(
+        spec, task, tok, lambda v: model if v in (0, 1) else None, len(tok), tok.pad_token_id
+    )
+    return model, tok, lease, validator
+
+
+def honest(model, tok, lease, version=1):
+    results = []
+    for t, task in enumerate(lease.tasks):
+        rolls = capture_hf.generate(
+            model,
+            [task["prompt_ids"]] * G,
+            lease.sampling,
+            [task["seed"]] * G,
+            sample_indices=list(range(G)),
+            pad_token_id=tok.pad_token_id,
+        )
+        results.append(
+            messages.TaskResult(
+                task_index=t,
+                completions=[
+                    messages.Completion(
+                        tokens=r.completion_ids,
+                        logprobs=r.logprobs,
+                        finish_reason=r.finish_reason,
+                        proofs=toploc.build_proofs(r.hidden),
+                    )
+                    for r in rolls
+                ],
+            )
+        )
+    return messages.Submission(lease_id=1, weight_version=version, results=results)
+
+
+def edit(sub, t=0, j=0, **changes):
+    results = list(sub.results)
+    comps = list(results[t].completions)
+    comps[j] = msgspec.structs.replace(comps[j], **changes)
+    results[t] = msgspec.structs.replace(results[t], completions=comps)
+    return msgspec.structs.replace(sub, results=results)
+
+
+@pytest.fixture(scope="module")
+def good(world):
+    model, tok, lease, _ = world
+    return honest(model, tok, lease)
+
+
+def test_honest_submission_is_accepted_with_rewards(world, good):
+    *_, lease, validator = world
+    verdict = validator.validate(good, lease, current_version=2)
+    assert verdict.outcome == "accept", verdict.reason
+    assert len(verdict.groups) == 2
+    group = verdict.groups[0]
+    assert len(group.rewards) == G and group.weight_version == 1
+    assert group.payload.tokens[0] == list(good.results[0].completions[0].tokens)
+    assert torch.allclose(
+        torch.tensor(group.payload.logprobs[0]),
+        torch.tensor(good.results[0].completions[0].logprobs),
+        atol=1e-3,
+    )
+
+
+def test_stale_is_soft_and_future_is_hard(world, good):
+    *_, lease, validator = world
+    stale = validator.validate(good, lease, current_version=1 + 3)
+    assert (stale.outcome, stale.check) == ("soft", "staleness")
+    future = validator.validate(msgspec.structs.replace(good, weight_version=9), lease, 2)
+    assert (future.outcome, future.check) == ("hard", "staleness")
+    gone = validator.validate(msgspec.structs.replace(good, weight_version=2), lease, 2)
+    assert (gone.outcome, gone.check) == ("soft", "staleness") and "no longer held" in gone.reason
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda s: msgspec.structs.replace(s, results=s.results[:1]), "results for tasks"),
+        (lambda s: edit(s, tokens=[]), "0 tokens"),
+        (lambda s: edit(s, tokens=[10**6] * len(s.results[0].completions[0].tokens)), "vocabulary"),
+        (lambda s: edit(s, logprobs=[]), "logprobs for"),
+        (
+            lambda s: edit(s, logprobs=[float("nan")] * len(s.results[0].completions[0].tokens)),
+            "finite",
+        ),
+        (lambda s: edit(s, proofs=[]), "proofs for"),
+    ],
+)
+def test_malformed_is_hard(world, good, mutate, needle):
+    *_, lease, validator = world
+    verdict = validator.validate(mutate(good), lease, 1)
+    assert (verdict.outcome, verdict.check) == ("hard", "structure")
+    assert needle in verdict.reason
+
+
+def test_tampered_token_fails_proof_or_sampling(world, good):
+    *_, lease, validator = world
+    tokens = list(good.results[0].completions[1].tokens)
+    tokens[0] = (tokens[0] + 7) % 50 + 5
+    verdict = validator.validate(edit(good, j=1, tokens=tokens), lease, 1)
+    assert verdict.outcome == "hard" and verdict.check in ("toploc", "sampling")
+    assert verdict.details["sample"] == 1
+
+
+def test_other_model_fails_toploc(world):
+    _, tok, lease, validator = world
+    other, _ = load_model("tiny", init_seed=7)
+    verdict = validator.validate(honest(other, tok, lease), lease, 1)
+    assert (verdict.outcome, verdict.check) == ("hard", "toploc")
+    assert verdict.details["exp_mismatches"] > 38
+
+
+def test_truncated_completion_fails_termination(world, good):
+    *_, lease, validator = world
+    c = good.results[0].completions[2]
+    cut = len(c.tokens) // 2 or 1
+    if len(c.tokens) < 2:
+        pytest.fail("the tiny model produced a 1-token completion; pick another seed")
+    verdict = validator.validate(
+        edit(
+            good,
+            j=2,
+            tokens=c.tokens[:cut],
+            logprobs=c.logprobs[:cut],
+            proofs=toploc.build_proofs(
+                capture_hf.prefill(world[0], [lease.tasks[0]["prompt_ids"]], [c.tokens[:cut]])[
+                    0
+                ].hidden
+            ),
+            finish_reason="length",
+        ),
+        lease,
+        1,
+    )
+    assert (verdict.outcome, verdict.check) == ("hard", "termination")
+
+
+def test_fake_logprobs_fail(world, good):
+    *_, lease, validator = world
+    c = good.results[1].completions[0]
+    verdict = validator.validate(edit(good, t=1, logprobs=[x * 0.5 for x in c.logprobs]), lease, 1)
+    assert (verdict.outcome, verdict.check) == ("hard", "logprobs")
+
+
+def test_wrong_finish_reason_fails(world, good):
+    *_, lease, validator = world
+    c = good.results[0].completions[0]
+    flipped = "length" if c.finish_reason == "stop" else "stop"
+    verdict = validator.validate(edit(good, finish_reason=flipped), lease, 1)
+    assert (verdict.outcome, verdict.check) == ("hard", "termination")
