@@ -45,66 +45,94 @@ class ModelSection(_Section):
     name: str = "tiny"
     """A preset (`tiny`, `smollm2-135m`) or a Hugging Face model folder."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights nodes generate with and validators recompute with (the trainer keeps fp32)."""
     init_seed: int = 0
     """Seed of the random initialisation of the `tiny` preset."""
 
 
 class TaskSection(_Section):
     name: str = "sort"
+    """Task: copy, sort, mod_add, arithmetic, gsm8k (see `trainer/tasks.py`)."""
     options: dict[str, Scalar] = {}
+    """Task options, e.g. { digits = 4 } or { path = "data.jsonl" }."""
     limit: int | None = None
     """Use only the first `limit` prompts of the training split."""
 
 
 class SamplingSection(_Section):
     temperature: Positive = 1.0
+    """Sampling temperature; logprobs and the trainer use the same one."""
     top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Keep only the k most likely tokens; 0 turns it off."""
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    """Nucleus sampling mass; 1 turns it off."""
     max_new_tokens: Count = 32
+    """Length cap of a completion; ending there counts as finishing."""
     group_size: Count = 8
     """G: completions sampled per prompt."""
 
 
 class AlgorithmSection(_Section):
     loss_type: Literal["dapo", "grpo", "dr_grpo", "gspo"] = "dapo"
+    """Normalisation: dapo (token-level over the batch), grpo (per sequence), dr_grpo
+    (by the length cap), gspo (sequence-level ratio)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group std, the batch std, or not at all (Dr. GRPO)."""
     epsilon_low: float = 0.2
+    """Lower clip of the ratio (1 - epsilon_low)."""
     epsilon_high: float = 0.28
+    """Upper clip of the ratio (1 + epsilon_high; DAPO clip-higher)."""
     delta: float = 4.0
     """Upper cap of the ratio for negative advantages (two-sided clipping)."""
     beta: float = 0.0
     """KL coefficient to the frozen reference; 0 turns the reference off."""
     entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
     is_cap: float = 4.0
     """Off-policy trust band: tokens whose ratio pi_theta / pi_behaviour leaves
     [1/is_cap, is_cap] are masked out of the loss (stale or mismatched samples); 0 disables."""
     mask_truncated: bool = False
+    """Leave completions cut by the length cap out of the loss (DAPO)."""
     lr: Positive = 1e-5
+    """AdamW learning rate."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     grad_clip: float = 1.0
+    """Gradient norm clip; 0 turns it off."""
     warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
     batch_prompts: Count = 8
+    """B: validated groups (prompts) per optimizer step."""
     micro_batch: Count = 8
+    """Sequences per forward/backward pass (gradient accumulation)."""
     publish_every: Count = 1
+    """Publish new weights every N optimizer steps."""
     full_every: Count = 10
     """Publish a full checkpoint every N versions; deltas in between."""
 
 
 class LimitsSection(_Section):
     max_staleness: Annotated[int, msgspec.Meta(ge=0)] = 2
+    """A group generated with version v trains step n only if n - v <= max_staleness."""
     lease_prompts: Count = 4
+    """Prompts (tasks) per lease."""
     lease_timeout_s: Positive = 300.0
+    """A lease not answered by then is re-issued to others."""
     max_submission_bytes: Count = 8 * 1024 * 1024
+    """Largest submission accepted, in bytes."""
     requests_per_s: Positive = 20.0
+    """Requests per second allowed per peer."""
     ban_threshold: float = -5.0
     """Reputation at or below which a node is banned."""
 
 
 class VerificationSection(_Section):
     toploc_max_exp_mismatches: int = 38
+    """TOPLOC thresholds per 32-token chunk (the published values for k = 128)."""
     toploc_max_mant_err_mean: float = 10.0
     toploc_max_mant_err_median: float = 8.0
     sampling_max_violations: int = 0
+    """Positions allowed where the submitted token is not the seeded sampler's choice."""
     sampling_tolerance: float = 0.0
     """Logit slack for the seeded-sampling replay; 0 takes the calibrated default of the dtype."""
     logprob_tolerance: float = 0.0
@@ -113,8 +141,10 @@ class VerificationSection(_Section):
 
 class PoolSpec(_Section):
     name: str
+    """A name for people; the pool id is what identifies the pool."""
     coordinator: CoordinatorSection
     seed: int = 0
+    """Seeds prompt and sampling-seed draws for leases."""
     model: ModelSection = ModelSection()
     task: TaskSection = TaskSection()
     sampling: SamplingSection = SamplingSection()
@@ -172,15 +202,55 @@ def from_canonical(data: bytes, expected_id: str) -> PoolSpec:
     return spec
 
 
-def dumps(spec: PoolSpec) -> str:
-    """TOML text of a spec (every field), which `loads` reads back to an equal spec."""
+def dumps(spec: PoolSpec, comments: bool = False) -> str:
+    """TOML text of a spec (every field), which `loads` reads back to an equal spec; with
+    `comments`, each field's documentation is written above it."""
     tree = msgspec.to_builtins(spec)
-    lines = [f"{k} = {_toml_value(v)}" for k, v in tree.items() if not isinstance(v, dict)]
+    docs = _field_docs() if comments else {}
+
+    def field_lines(section: str, values: dict[str, Any]) -> list[str]:
+        out = []
+        for k, v in values.items():
+            if isinstance(v, dict) and not section:
+                continue
+            for line in docs.get(f"{section}.{k}" if section else k, "").splitlines():
+                out.append(f"# {line.strip()}")
+            out.append(f"{k} = {_toml_value(v)}" if v is not None else f"# {k} =")
+        return out
+
+    lines = field_lines("", tree)
     for section, values in tree.items():
         if isinstance(values, dict):
-            lines += ["", f"[{section}]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+            lines += ["", f"[{section}]", *field_lines(section, values)]
     return "\n".join(lines) + "\n"
+
+
+def _field_docs() -> dict[str, str]:
+    """The docstrings under fields in this module's classes, keyed "section.field"."""
+    import ast
+    import inspect
+    import sys
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    by_class: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs = by_class.setdefault(node.name, {})
+            for stmt, nxt in zip(node.body, node.body[1:], strict=False):
+                if (
+                    isinstance(stmt, ast.AnnAssign)
+                    and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)
+                ):
+                    docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    out = {k: v for k, v in by_class.get("PoolSpec", {}).items()}
+    for name, hint in PoolSpec.__annotations__.items():
+        cls_name = hint if isinstance(hint, str) else getattr(hint, "__name__", "")
+        for field_name, doc in by_class.get(cls_name, {}).items():
+            out[f"{name}.{field_name}"] = doc
+    return out
 
 
 def _toml_value(v: Any) -> str:

@@ -1,0 +1,101 @@
+"""Where the coordinator's numbers go: JSONL files always, Prometheus, and Weights & Biases when
+installed and enabled. The dashboard reads the same numbers through the API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+log = logging.getLogger(__name__)
+
+# Per-step metrics also exported as Prometheus gauges (name -> help).
+STEP_GAUGES = {
+    "reward_mean": "mean reward of the step's groups",
+    "frac_reward_zero_std": "fraction of groups with equal rewards (dropped)",
+    "policy_loss": "policy loss",
+    "grad_norm": "gradient norm before clipping",
+    "entropy": "mean token entropy",
+    "tokens_per_s": "trainer tokens per second",
+    "staleness_mean": "mean staleness of the step's groups, in versions",
+    "staleness_max": "largest staleness of the step's groups",
+    "completion_len_mean": "mean completion length in tokens",
+}
+
+
+class RunLog:
+    """Appends samples and steps to JSONL files under `folder` and keeps Prometheus metrics."""
+
+    def __init__(self, folder: Path, wandb_project: str | None = None, run_name: str = "") -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.registry = CollectorRegistry()
+        self.gauges = {
+            k: Gauge(f"swarmrl_{k}", h, registry=self.registry) for k, h in STEP_GAUGES.items()
+        }
+        self.step = Gauge("swarmrl_step", "trainer step", registry=self.registry)
+        self.version = Gauge(
+            "swarmrl_weight_version", "newest published version", registry=self.registry
+        )
+        self.verdicts = Counter(
+            "swarmrl_submissions",
+            "validated submissions",
+            ["outcome", "check"],
+            registry=self.registry,
+        )
+        self.validation_seconds = Gauge(
+            "swarmrl_validation_seconds",
+            "time to validate the last submission",
+            registry=self.registry,
+        )
+        self.nodes = Gauge("swarmrl_nodes", "nodes by status", ["status"], registry=self.registry)
+        self._wandb = _start_wandb(wandb_project, run_name, self.folder) if wandb_project else None
+
+    def sample(self, record: dict[str, Any]) -> None:
+        self._append("samples.jsonl", record)
+
+    def verdict(self, outcome: str, check: str, seconds: float) -> None:
+        self.verdicts.labels(outcome=outcome, check=check).inc()
+        self.validation_seconds.set(seconds)
+
+    def step_done(self, step: int, version: int, metrics: dict[str, float]) -> None:
+        self._append(
+            "steps.jsonl", {"step": step, "version": version, "time": time.time(), **metrics}
+        )
+        self.step.set(step)
+        for k, g in self.gauges.items():
+            if k in metrics:
+                g.set(metrics[k])
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def published(self, version: int) -> None:
+        self.version.set(version)
+
+    def prometheus(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        line = json.dumps(record, default=str) + "\n"
+        with self._lock, (self.folder / name).open("a") as f:
+            f.write(line)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(project: str, run_name: str, folder: Path) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb logging was asked for but wandb is not installed (pip install wandb)")
+        return None
+    # Offline mode works without network; `wandb sync` uploads later.
+    return wandb.init(project=project, name=run_name or None, dir=str(folder), resume="allow")
