@@ -9,9 +9,10 @@ than trusted to callers: a lease is answered at most once, and a group is traine
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ MIGRATIONS: list[str] = [
         deadline REAL NOT NULL,
         weight_version INTEGER NOT NULL,
         tasks TEXT NOT NULL,
-        signed BLOB NOT NULL,
+        body BLOB NOT NULL,
         state TEXT NOT NULL DEFAULT 'open'
             CHECK (state IN ('open', 'answered', 'expired', 'revoked', 'released'))
     );
@@ -95,6 +96,9 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
+
+
+REPUTATION_CAP = 3.0
 
 
 @dataclass(frozen=True)
@@ -239,12 +243,11 @@ class Ledger:
         issued_at: float,
         deadline: float,
         weight_version: int,
-        tasks: list[dict[str, Any]],
-        sign: Any,
-    ) -> tuple[int, int, bytes]:
-        """Create a lease for `node`. `sign(lease_id, counter) -> bytes` makes the signed lease
-        inside the transaction, so the id, the node's counter and the signed bytes are recorded
-        together. Returns (lease id, counter, signed bytes)."""
+        build: Callable[[int, int], tuple[list[dict[str, Any]], bytes]],
+    ) -> tuple[int, int, list[dict[str, Any]], bytes]:
+        """Create a lease for `node`. `build(lease_id, counter) -> (tasks, body)` plans its tasks
+        and encodes it inside the transaction, so the id, the node's counter, the tasks and the
+        body are recorded together. Returns (lease id, counter, tasks, body)."""
         with self._tx() as db:
             row = db.execute(
                 "SELECT lease_counter, banned_at FROM nodes WHERE key = ?", (node,)
@@ -254,14 +257,17 @@ class Ledger:
             counter = row["lease_counter"]
             lease_id = db.execute(
                 """INSERT INTO leases
-                   (node, counter, issued_at, deadline, weight_version, tasks, signed)
-                   VALUES (?, ?, ?, ?, ?, ?, x'')""",
-                (node, counter, issued_at, deadline, weight_version, json.dumps(tasks)),
+                   (node, counter, issued_at, deadline, weight_version, tasks, body)
+                   VALUES (?, ?, ?, ?, ?, '[]', x'')""",
+                (node, counter, issued_at, deadline, weight_version),
             ).lastrowid
-            signed = sign(lease_id, counter)
-            db.execute("UPDATE leases SET signed = ? WHERE id = ?", (signed, lease_id))
+            tasks, body = build(lease_id, counter)
+            db.execute(
+                "UPDATE leases SET tasks = ?, body = ? WHERE id = ?",
+                (json.dumps(tasks), body, lease_id),
+            )
             db.execute("UPDATE nodes SET lease_counter = lease_counter + 1 WHERE key = ?", (node,))
-        return lease_id, counter, signed
+        return lease_id, counter, tasks, body
 
     def lease(self, lease_id: int) -> dict[str, Any] | None:
         row = self._db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
@@ -327,15 +333,20 @@ class Ledger:
         reason: str,
         details: dict[str, Any],
         now: float,
-    ) -> int:
-        """Keep a submission refused before it could answer a lease (e.g. a replay), as evidence."""
+        reputation_delta: float = 0.0,
+        ban_threshold: float = -math.inf,
+    ) -> tuple[int, bool]:
+        """Keep a submission refused before it could answer a lease (e.g. a second answer to
+        the same lease) as evidence, with its verdict. Returns (id, whether the node got banned)."""
         with self._tx() as db:
-            return db.execute(
-                """INSERT INTO submissions
-                   (lease_id, node, received_at, raw, outcome, reason, details, decided_at)
-                   VALUES (NULL, ?, ?, ?, ?, ?, ?, ?)""",
-                (node, now, raw, outcome, reason, json.dumps(details), now),
+            sid = db.execute(
+                "INSERT INTO submissions (lease_id, node, received_at, raw) VALUES (NULL, ?, ?, ?)",
+                (node, now, raw),
             ).lastrowid
+            banned = self._decide(
+                db, sid, outcome, reason, details, [], reputation_delta, ban_threshold, now
+            )
+        return sid, banned
 
     def pending_submissions(self) -> list[int]:
         """Submissions received but not yet decided (e.g. the coordinator restarted mid-check)."""
@@ -366,44 +377,65 @@ class Ledger:
         """Record a verdict, its accepted groups (task index, prompt index, weight version,
         rewards, payload) and the node's reputation, in one transaction. Returns True when this
         verdict got the node banned."""
+        with self._tx() as db:
+            return self._decide(
+                db,
+                submission_id,
+                outcome,
+                reason,
+                details,
+                groups,
+                reputation_delta,
+                ban_threshold,
+                now,
+            )
+
+    def _decide(
+        self,
+        db: sqlite3.Connection,
+        submission_id: int,
+        outcome: str,
+        reason: str,
+        details: dict[str, Any],
+        groups: list[tuple[int, int, int, list[float], bytes]],
+        reputation_delta: float,
+        ban_threshold: float,
+        now: float,
+    ) -> bool:
         if outcome not in ("accept", "soft", "hard"):
             raise LedgerError(f"unknown outcome {outcome!r}")
         column = {"accept": "accepted", "soft": "soft_rejected", "hard": "hard_rejected"}[outcome]
-        with self._tx() as db:
-            row = db.execute(
-                "SELECT node, outcome FROM submissions WHERE id = ?", (submission_id,)
-            ).fetchone()
-            if row is None:
-                raise LedgerError(f"submission {submission_id} does not exist")
-            if row["outcome"] is not None:
-                raise LedgerError(f"submission {submission_id} was already decided")
-            db.execute(
-                """UPDATE submissions SET outcome = ?, reason = ?, details = ?, decided_at = ?
-                   WHERE id = ?""",
-                (outcome, reason, json.dumps(details), now, submission_id),
-            )
-            db.executemany(
-                """INSERT INTO groups (submission_id, task_index, prompt_index, weight_version,
-                   accepted_at, rewards, payload) VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                [(submission_id, t, p, v, now, json.dumps(r), blob) for t, p, v, r, blob in groups],
-            )
-            db.execute(
-                f"""UPDATE nodes SET {column} = {column} + 1, reputation = reputation + ?
-                    WHERE key = ?""",
-                (reputation_delta, row["node"]),
-            )
-            rep = db.execute(
-                "SELECT reputation, banned_at FROM nodes WHERE key = ?", (row["node"],)
-            ).fetchone()
-            if rep is not None and rep["banned_at"] is None and rep["reputation"] <= ban_threshold:
-                self._ban(
-                    db,
-                    row["node"],
-                    f"reputation {rep['reputation']:.1f} after: {reason}",
-                    submission_id,
-                    now,
-                )
-                return True
+        row = db.execute(
+            "SELECT node, outcome FROM submissions WHERE id = ?", (submission_id,)
+        ).fetchone()
+        if row is None:
+            raise LedgerError(f"submission {submission_id} does not exist")
+        if row["outcome"] is not None:
+            raise LedgerError(f"submission {submission_id} was already decided")
+        db.execute(
+            """UPDATE submissions SET outcome = ?, reason = ?, details = ?, decided_at = ?
+               WHERE id = ?""",
+            (outcome, reason, json.dumps(details), now, submission_id),
+        )
+        db.executemany(
+            """INSERT INTO groups (submission_id, task_index, prompt_index, weight_version,
+               accepted_at, rewards, payload) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            [(submission_id, t, p, v, now, json.dumps(r), blob) for t, p, v, r, blob in groups],
+        )
+        # Good behaviour earns credit only up to a cap, so a long honest history cannot
+        # shelter a node that turns to cheating for long.
+        db.execute(
+            f"""UPDATE nodes SET {column} = {column} + 1,
+                reputation = MIN(reputation + ?, ?) WHERE key = ?""",
+            (reputation_delta, REPUTATION_CAP, row["node"]),
+        )
+        rep = db.execute(
+            "SELECT reputation, banned_at FROM nodes WHERE key = ?", (row["node"],)
+        ).fetchone()
+        if rep is not None and rep["banned_at"] is None and rep["reputation"] <= ban_threshold:
+            why = f"reputation {rep['reputation']:.1f} after: {reason}"
+            self._ban(db, row["node"], why, submission_id, now)
+            return True
         return False
 
     # --- training -------------------------------------------------------------------------

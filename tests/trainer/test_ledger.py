@@ -21,9 +21,11 @@ def ledger(tmp_path):
 
 
 def _lease(led, node=A, now=100.0, deadline=200.0):
-    return led.issue_lease(
-        node, now, deadline, 0, [{"prompt": 1, "seed": 9}], lambda i, c: f"{i}:{c}".encode()
-    )
+    def build(lease_id, counter):
+        return [{"prompt": 1, "seed": 9}], f"{lease_id}:{counter}".encode()
+
+    lease_id, counter, _, body = led.issue_lease(node, now, deadline, 0, build)
+    return lease_id, counter, body
 
 
 def test_schema_is_versioned_and_wal(ledger, tmp_path):
@@ -36,12 +38,12 @@ def test_schema_is_versioned_and_wal(ledger, tmp_path):
         Ledger(tmp_path / "ledger.sqlite")
 
 
-def test_lease_counter_and_signed_bytes(ledger):
+def test_lease_counter_and_body(ledger):
     ledger.join(A, "peerA", {"device": "cpu"}, "hf", 1.0)
     first = _lease(ledger)
     second = _lease(ledger)
     assert (first[1], second[1]) == (0, 1)
-    assert ledger.lease(first[0])["signed"] == f"{first[0]}:0".encode()
+    assert ledger.lease(first[0])["body"] == f"{first[0]}:0".encode()
     assert ledger.lease(first[0])["tasks"] == [{"prompt": 1, "seed": 9}]
 
 
@@ -123,7 +125,7 @@ WRITER = textwrap.dedent(
     step = led.last_step()[0]
     print("ready", flush=True)
     while True:
-        lease_id, _, _ = led.issue_lease(key, 0.0, 1e12, 0, [{}], lambda i, c: b"s")
+        lease_id, *_ = led.issue_lease(key, 0.0, 1e12, 0, lambda i, c: ([{}], b"s"))
         sub = led.record_submission(lease_id, key, b"raw", 1.0)
         led.decide(sub, "accept", "ok", {}, [(0, 0, 0, [1.0, 0.0], b"x" * 200)], 0.0, -9.0, 2.0)
         groups = led.trainable_groups(0, 3)
@@ -176,3 +178,16 @@ def test_sigkill_at_random_moments_leaves_a_consistent_ledger(tmp_path):
     steps = [r[0] for r in db.execute("SELECT step FROM steps ORDER BY step")]
     assert steps == list(range(1, len(steps) + 1))
     led.close()
+
+
+def test_reputation_is_capped_and_early_refusals_count(ledger):
+    ledger.join(A, "pA", {}, "hf", 1.0)
+    for _ in range(6):
+        lease_id, _, _ = _lease(ledger)
+        sub = ledger.record_submission(lease_id, A, b"r", 150.0)
+        ledger.decide(sub, "accept", "ok", {}, [], 1.0, -5.0, 160.0)
+    assert ledger.node(A)["reputation"] == 3.0  # capped
+    sid, banned = ledger.record_rejected(A, b"dup", "hard", "answered twice", {}, 170.0, -4.0, -5.0)
+    assert not banned and ledger.submission(sid)["outcome"] == "hard"
+    _, banned = ledger.record_rejected(A, b"dup2", "hard", "answered twice", {}, 171.0, -4.0, -5.0)
+    assert banned and ledger.node(A)["hard_rejected"] == 2
