@@ -17,6 +17,16 @@ TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Version = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Tokens = Annotated[list[TokenId], msgspec.Meta(max_length=1 << 16)]
+Urls = Annotated[list[ShortStr], msgspec.Meta(max_length=32)]
+
+# Stream protocols the coordinator serves, and the gossip topic name of version announcements
+# (see `protocol.host.pool_topic`).
+JOIN_PROTOCOL = "/swarmrl/join/1.0.0"
+LEASE_PROTOCOL = "/swarmrl/lease/1.0.0"
+SUBMIT_PROTOCOL = "/swarmrl/submit/1.0.0"
+HEARTBEAT_PROTOCOL = "/swarmrl/heartbeat/1.0.0"
+RELEASE_PROTOCOL = "/swarmrl/release/1.0.0"
+VERSIONS_TOPIC = "versions"
 
 
 class Hardware(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -41,6 +51,9 @@ class JoinReply(Message, tag="join-reply"):
     reason: ShortStr = ""
     current_version: Version = 0
     heartbeat_s: float = 15.0
+    weights_urls: Urls = msgspec.field(default_factory=list)
+    """SHARDCAST sources (origin, relays, relaying nodes); manifests are signed, so a wrong
+    URL costs time, never correctness."""
 
 
 class SamplingWire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -3,17 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import signal
 import sys
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 from protocol import poolspec
+from protocol.config import apply_overrides
 from protocol.errors import SwarmError
-from protocol.identity import Identity, describe
+from protocol.identity import Identity, describe, peer_id_of
 from protocol.paths import swarmrl_home
+
+# What `init` starts from for each model preset, before `--set` overrides: settings that are
+# known to learn (RL.md), so a new pool works without tuning.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "model": {"name": "tiny", "dtype": "float32"},
+        "task": {"name": "copy", "options": {"digits": 3}},
+        "sampling": {"temperature": 1.0, "max_new_tokens": 6, "group_size": 8},
+        "algorithm": {"lr": 1e-3, "batch_prompts": 16, "micro_batch": 128, "is_cap": 0.0},
+        "limits": {"lease_prompts": 4, "lease_timeout_s": 60.0},
+    },
+    "smollm2-135m": {
+        "model": {"name": "smollm2-135m", "dtype": "bfloat16"},
+        "task": {"name": "arithmetic", "options": {"op": "+", "digits": 2}},
+        "sampling": {"temperature": 1.0, "max_new_tokens": 16, "group_size": 8},
+        "algorithm": {"lr": 1e-5, "batch_prompts": 8, "micro_batch": 16},
+        "limits": {"lease_prompts": 2, "lease_timeout_s": 300.0},
+    },
+}
+DEFAULT_KEY = swarmrl_home() / "coordinator.key"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.run(args)
     except SwarmError as e:
@@ -24,16 +55,100 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coordinator",
-        description="The coordinator of a swarmrl pool: leases work, validates, trains, publishes.",
+        description="The coordinator of a swarmrl pool: leases work to nodes, validates every "
+        "submission, trains on validated groups only, and publishes new weights.",
     )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", help="write a new pool spec (and the key, if missing)")
+    init.add_argument("--model", default="tiny", help="preset (tiny, smollm2-135m) or HF folder")
+    init.add_argument("--task", help="task name (default: the model preset's)")
+    init.add_argument("--name", default="", help="a name for people (default: model-task)")
+    init.add_argument(
+        "--key", type=Path, default=DEFAULT_KEY, help="coordinator key (default: %(default)s)"
+    )
+    init.add_argument(
+        "--listen",
+        default="/ip4/127.0.0.1/tcp/4001",
+        help="libp2p address `run` will listen on, written as the bootstrap peer",
+    )
+    init.add_argument(
+        "--origin",
+        default="http://127.0.0.1:8601",
+        help="SHARDCAST origin URL `run` will serve (default: %(default)s)",
+    )
+    init.add_argument(
+        "--relay", action="append", default=[], metavar="URL", help="relay URL (repeat)"
+    )
+    init.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any pool spec field, e.g. algorithm.lr=1e-4",
+    )
+    init.add_argument("-o", "--output", type=Path, required=True, help="pool spec file to write")
+    init.set_defaults(run=_init)
+
+    run = sub.add_parser("run", help="run the pool described by a pool spec")
+    run.add_argument("spec", type=Path, help="pool spec TOML")
+    run.add_argument(
+        "--key", type=Path, default=DEFAULT_KEY, help="coordinator key (default: %(default)s)"
+    )
+    run.add_argument(
+        "--data-dir",
+        type=Path,
+        help="ledger, checkpoints, weights, logs (default: $SWARMRL_HOME/pools/<pool id>)",
+    )
+    run.add_argument(
+        "--listen",
+        action="append",
+        metavar="MULTIADDR",
+        help="libp2p listen address (default: the spec's bootstrap address)",
+    )
+    run.add_argument(
+        "--announce",
+        action="append",
+        metavar="MULTIADDR",
+        help="public address to tell nodes, when it differs from --listen",
+    )
+    run.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
+    run.add_argument(
+        "--http-port", type=int, default=8600, help="API and dashboard port (default: %(default)s)"
+    )
+    run.add_argument(
+        "--origin-port", type=int, help="SHARDCAST origin port (default: the spec's origin URL)"
+    )
+    run.add_argument("--operator-token", help="token that allows state changes through the API")
+    run.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases")
+    run.add_argument("--max-steps", type=int, help="stop training after this many steps")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a pool spec field (this changes the pool id)",
+    )
+    run.set_defaults(run=_run)
+
+    ev = sub.add_parser("eval", help="greedy accuracy of a model on a task's held-out split")
+    ev.add_argument("--model", required=True, help="preset or HF folder (e.g. a version folder)")
+    ev.add_argument("--task", required=True)
+    ev.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="task option"
+    )
+    ev.add_argument("--seed", type=int, default=0, help="task seed (the pool's `seed`)")
+    ev.add_argument("--split", default="test", choices=["test", "train"])
+    ev.add_argument("--limit", type=int, help="evaluate the first N prompts")
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--output", type=Path, help="also write the JSON here")
+    ev.set_defaults(run=_eval)
 
     keygen = sub.add_parser("keygen", help="create the coordinator's ed25519 signing key")
     keygen.add_argument(
-        "--out",
-        type=Path,
-        default=swarmrl_home() / "coordinator.key",
-        help="key file (default: %(default)s)",
+        "--out", type=Path, default=DEFAULT_KEY, help="key file (default: %(default)s)"
     )
     keygen.set_defaults(run=_keygen)
 
@@ -41,6 +156,120 @@ def _parser() -> argparse.ArgumentParser:
     pid.add_argument("spec", type=Path, help="pool spec TOML")
     pid.set_defaults(run=_pool_id)
     return parser
+
+
+def _init(args: argparse.Namespace) -> int:
+    identity, created = Identity.load_or_create(args.key)
+    if created:
+        print(f"created the coordinator key {args.key} (keep it private)")
+    tree: dict[str, Any] = msgspec.to_builtins(PRESETS.get(args.model, PRESETS["tiny"]))
+    tree = apply_overrides(tree, [f"model.name={args.model}"])
+    if args.task:
+        tree["task"] = {"name": args.task, "options": {}}
+    tree["name"] = args.name or f"{args.model}-{tree['task']['name']}"
+    listen = args.listen.split("/p2p/")[0]
+    tree["coordinator"] = {
+        "public_key": identity.public_key.hex(),
+        "bootstrap": [f"{listen}/p2p/{identity.peer_id()}"],
+        "origin": args.origin,
+        "relays": args.relay,
+    }
+    spec = poolspec.from_dict(apply_overrides(tree, args.set))
+    pid = poolspec.pool_id(spec)
+    header = (
+        f"# swarmrl pool spec. Its pool id is {pid}: any change of a value changes it.\n"
+        f"# Run it with: coordinator run {args.output}\n\n"
+    )
+    args.output.write_text(header + poolspec.dumps(spec, comments=True))
+    print(f"wrote {args.output}")
+    print(f"pool id: {pid}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import trio
+
+    from trainer.coordinator import Coordinator, RunOptions
+
+    spec = poolspec.load(args.spec)
+    if args.set:
+        spec = poolspec.from_dict(apply_overrides(msgspec.to_builtins(spec), args.set))
+        print("note: --set changed the pool spec, so the pool id changed too", file=sys.stderr)
+    pid = poolspec.pool_id(spec)
+    identity = Identity.load(args.key)
+    listen = (
+        args.listen
+        or [
+            a.split("/p2p/")[0]
+            for a in spec.coordinator.bootstrap
+            if a.endswith(peer_id_of(identity.public_key))
+        ]
+        or ["/ip4/127.0.0.1/tcp/0"]
+    )
+    origin_port = args.origin_port
+    if origin_port is None:
+        origin_port = _port_of(spec.coordinator.origin)
+    options = RunOptions(
+        data_dir=args.data_dir or swarmrl_home() / "pools" / pid,
+        listen=listen,
+        announce=args.announce,
+        http_host=args.host,
+        http_port=args.http_port,
+        origin_port=origin_port,
+        operator_token=args.operator_token,
+        wandb_project=args.wandb,
+        max_steps=args.max_steps,
+    )
+    coordinator = Coordinator(spec, identity, options)
+
+    async def main_task() -> None:
+        async with trio.open_nursery() as nursery:
+            ends = await nursery.start(coordinator.run)
+            step, version = coordinator.step, coordinator.version
+            print(f"pool {ends.pool_id} ({spec.name}): step {step}, version {version}")
+            for a in ends.addrs:
+                print(f"  libp2p:    {a}")
+            api = ends.api_url
+            print(f"  dashboard: {api}/   API: {api}/api/status   docs: {api}/docs")
+            print(f"  weights:   {ends.origin_url}")
+            print(
+                f"nodes join with: node join --pool {ends.pool_id} --bootstrap {ends.addrs[0]}",
+                flush=True,
+            )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    print(
+                        f"\n{signal.Signals(signum).name}: stopping (the last checkpoint is step "
+                        f"{coordinator.step})",
+                        flush=True,
+                    )
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main_task)
+    finally:
+        coordinator.close()
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from toploc.models import load_model
+    from trainer.evaluate import evaluate
+    from trainer.tasks import make_task
+
+    options = apply_overrides({}, args.option)
+    task = make_task(args.task, args.seed, options)
+    model, tok = load_model(args.model, args.dtype)
+    result = {
+        "model": args.model,
+        **evaluate(model, tok, task, args.split, args.limit, args.max_new_tokens),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    return 0
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -54,3 +283,14 @@ def _keygen(args: argparse.Namespace) -> int:
 def _pool_id(args: argparse.Namespace) -> int:
     print(poolspec.pool_id(poolspec.load(args.spec)))
     return 0
+
+
+def _port_of(url: str) -> int:
+    from urllib.parse import urlparse
+
+    if not url:
+        return 0
+    try:
+        return urlparse(url).port or 0
+    except ValueError:
+        raise SwarmError(f"the spec's origin {url!r} is not a URL") from None

@@ -525,6 +525,29 @@ class Ledger:
                 (version, kind, base, nbytes, now),
             )
 
+    def versions(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._db.execute("SELECT * FROM versions ORDER BY version")]
+
+    def recent_submissions(
+        self, limit: int, node: bytes | None = None, outcome: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first, without the raw bytes; `details` parsed."""
+        where, args = [], []
+        if node is not None:
+            where.append("node = ?")
+            args.append(node)
+        if outcome is not None:
+            where.append("outcome = ?")
+            args.append(outcome)
+        query = (
+            "SELECT id, lease_id, node, received_at, outcome, reason, details, decided_at "
+            "FROM submissions"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY id DESC LIMIT ?"
+        )
+        rows = self._db.execute(query, (*args, limit))
+        return [{**dict(r), "details": json.loads(r["details"] or "{}")} for r in rows]
+
     def steps(self, since: int = 0) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM steps WHERE step > ? ORDER BY step", (since,))
         return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
