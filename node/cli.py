@@ -41,6 +41,27 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", type=Path, help="key file (default: the configured key path)")
     keygen.set_defaults(run=_keygen)
 
+    join = sub.add_parser(
+        "join",
+        help="join a pool and contribute verified rollouts",
+        description="Find the pool's coordinator through a bootstrap peer, check the pool spec "
+        "hashes to --pool, join, fetch the weights, and generate rollouts until stopped "
+        "(Ctrl-C finishes or releases the current lease, then exits).",
+    )
+    join.add_argument("--pool", required=True, help="the pool id (from `coordinator init` or run)")
+    _add_config_args(join)
+    join.add_argument("--max-leases", type=int, help="leave after this many leases")
+    join.add_argument(
+        "--grace",
+        type=float,
+        default=20.0,
+        help="seconds a stop waits for the current lease (default: %(default)s)",
+    )
+    join.add_argument("--quiet", action="store_true", help="no status line")
+    join.add_argument("--json-log", action="store_true", help="status as JSON lines on stdout")
+    join.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    join.set_defaults(run=_join)
+
     info = sub.add_parser("info", help="print the identity, the resolved configuration, engines")
     _add_config_args(info)
     info.set_defaults(run=_info)
@@ -78,6 +99,70 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         "relay_port": args.relay,
     }
     return load_node_config(args.config, flags, args.set)
+
+
+def _join(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    import trio
+
+    from node.engine import make_engine
+    from node.status import show_status
+    from node.worker import Worker, WorkerOptions
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = _config(args)
+    if not config.bootstrap:
+        raise SwarmError(
+            "no bootstrap peer: pass --bootstrap MULTIADDR (any pool member; the coordinator "
+            "prints one), set $SWARMRL_BOOTSTRAP, or put bootstrap = [...] in the node config"
+        )
+    identity, created = Identity.load_or_create(Path(config.key))
+    if created:
+        print(f"created a new identity in {config.key} (mode 0600)", file=sys.stderr)
+    engine = make_engine(config.engine, config.device, config.max_batch)
+    options = WorkerOptions(
+        bootstrap=config.bootstrap,
+        data_dir=Path(config.data_dir),
+        listen=config.listen,
+        device=config.device,
+        max_leases=args.max_leases,
+    )
+    worker = Worker(identity, args.pool, engine, options)
+    print(f"node {identity.peer_id()} joining pool {args.pool}", file=sys.stderr)
+
+    async def main_task() -> None:
+        async with trio.open_nursery() as nursery:
+            if not args.quiet:
+                nursery.start_soon(show_status, worker.stats, args.json_log)
+
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        print(
+                            f"\n{signal.Signals(signum).name}: finishing the current lease "
+                            f"(at most {args.grace:g} s)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        worker.stop()
+                        with trio.move_on_after(args.grace):
+                            await worker.idle.wait()
+                        await worker.release_current()
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(stop_on_signal)
+            await worker.run()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main_task)
+    print("\nnode stopped", file=sys.stderr)
+    return 0
 
 
 def _keygen(args: argparse.Namespace) -> int:

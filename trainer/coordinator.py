@@ -138,6 +138,7 @@ class Coordinator:
         self._relays: dict[bytes, str] = {}
         self._submitted, self._to_validate = trio.open_memory_channel[int](math.inf)
         self._work = trio.Event()
+        self._flat_since_step = 0
         self._host: Host | None = None
         self.endpoints: Endpoints | None = None
         self.training_done = trio.Event()
@@ -414,26 +415,33 @@ class Coordinator:
             if stale:
                 log.info("dropped %d stale groups (older than v%d)", stale, min_version)
             candidates = self.ledger.trainable_groups(min_version, 4 * b)
-            informative = [g for g in candidates if max(g.rewards) > min(g.rewards)]
+            # Groups whose rewards are all equal carry no signal: drop them now (DAPO's dynamic
+            # sampling), so they neither block the queue nor dilute a batch.
+            flat = {
+                g.id: "zero reward variance" for g in candidates if max(g.rewards) == min(g.rewards)
+            }
+            if flat:
+                self.ledger.drop_groups(flat)
+                self._flat_since_step += len(flat)
+            informative = [g for g in candidates if g.id not in flat]
             if len(informative) < b:
-                self._work = trio.Event()
-                with trio.move_on_after(1.0):
-                    await self._work.wait()
+                if not flat:
+                    self._work = trio.Event()
+                    with trio.move_on_after(1.0):
+                        await self._work.wait()
                 continue
             chosen = informative[:b]
-            flat = {g.id: "zero reward variance" for g in candidates if g not in informative}
             batch = [self._train_group(g) for g in chosen]
             result = await trio.to_thread.run_sync(self.trainer.step, batch, n)
-            zero = len(flat) / (len(flat) + len(chosen))
+            zero = self._flat_since_step / (self._flat_since_step + len(chosen))
+            self._flat_since_step = 0
             metrics = {
                 **result.metrics,
                 "frac_reward_zero_std": zero,
                 "dropped_stale": float(stale),
             }
             await trio.to_thread.run_sync(self._checkpoint, n)
-            self.ledger.commit_step(
-                n, n, result.trained, metrics, time.time(), dropped={**flat, **result.dropped}
-            )
+            self.ledger.commit_step(n, n, result.trained, metrics, time.time(), result.dropped)
             self.step = n
             self.run_log.step_done(n, n, metrics)
             log.info(
@@ -505,9 +513,7 @@ class Coordinator:
 
     def _backlog(self) -> int:
         """Groups accepted but not trained, plus groups leased and not yet answered."""
-        pending = len(
-            self.ledger.trainable_groups(self.step + 1 - self.spec.limits.max_staleness, 10_000)
-        )
+        pending = self.ledger.count_trainable(self.step + 1 - self.spec.limits.max_staleness)
         return pending + self.ledger.open_lease_count() * self.spec.limits.lease_prompts
 
     def _backlog_limit(self) -> int:

@@ -461,6 +461,13 @@ class Ledger:
             for r in rows
         ]
 
+    def count_trainable(self, min_version: int) -> int:
+        return self._db.execute(
+            """SELECT COUNT(*) FROM groups WHERE trained_step IS NULL AND dropped IS NULL
+               AND weight_version >= ?""",
+            (min_version,),
+        ).fetchone()[0]
+
     def drop_stale(self, min_version: int, reason: str = "stale") -> int:
         """Drop untrained groups older than `min_version` (soft: no penalty). Returns the count."""
         with self._tx() as db:
@@ -468,6 +475,16 @@ class Ledger:
                 """UPDATE groups SET dropped = ? WHERE trained_step IS NULL AND dropped IS NULL
                    AND weight_version < ?""",
                 (reason, min_version),
+            )
+        return cur.rowcount
+
+    def drop_groups(self, reasons: dict[int, str]) -> int:
+        """Drop untrained groups with a reason each (e.g. zero reward variance)."""
+        with self._tx() as db:
+            cur = db.executemany(
+                """UPDATE groups SET dropped = ? WHERE id = ?
+                   AND trained_step IS NULL AND dropped IS NULL""",
+                [(why, g) for g, why in reasons.items()],
             )
         return cur.rowcount
 

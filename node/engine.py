@@ -1,0 +1,115 @@
+"""Inference engines: turn a lease into proven completions.
+
+Every engine samples with the seeded Gumbel-max sampler (`toploc.sampling`), captures the final-
+norm rows that produced each token, and builds TOPLOC proofs from them, so the coordinator can
+replay and check everything. Engines are blocking; the worker runs them in a thread.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+import toploc
+from protocol import messages as msg
+from toploc.models import resolve_dtype
+from toploc.sampling import SamplingParams
+
+
+class Engine(Protocol):
+    name: str
+    version: int
+    """The weight version loaded (-1 before any)."""
+
+    def load(self, folder: Path, version: int) -> None: ...
+
+    def generate(self, lease: msg.Lease) -> list[msg.TaskResult]: ...
+
+
+def sampling_params(lease: msg.Lease) -> SamplingParams:
+    s = lease.sampling
+    return SamplingParams(
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        max_tokens=s.max_new_tokens,
+        eos_token_ids=tuple(s.eos_token_ids),
+    )
+
+
+class HFEngine:
+    """transformers with a KV cache, batched over the lease's prompts x G samples."""
+
+    name = "hf"
+
+    def __init__(self, device: str = "cpu", dtype: str | None = None, max_batch: int = 32) -> None:
+        self.device = device
+        # None: the dtype the coordinator published (the folder's config), which validators
+        # recompute with; anything else fails validation unless it computes identically.
+        self.dtype = resolve_dtype(dtype) if dtype else "auto"
+        self.max_batch = max_batch
+        self.model = None
+        self.pad_token_id = 0
+        self.version = -1
+        self.tokens_generated = 0
+        self.seconds_generating = 0.0
+
+    def load(self, folder: Path, version: int) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype).to(self.device)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.model = model.eval()
+        self.version = version
+
+    @torch.no_grad()
+    def generate(self, lease: msg.Lease) -> list[msg.TaskResult]:
+        from toploc import capture_hf
+
+        if self.model is None:
+            raise RuntimeError("no weights loaded")
+        params = sampling_params(lease)
+        jobs = [
+            (t, j, task.prompt_ids, task.seed)
+            for t, task in enumerate(lease.tasks)
+            for j in range(task.group_size)
+        ]
+        done: dict[tuple[int, int], msg.Completion] = {}
+        t0 = time.perf_counter()
+        for start in range(0, len(jobs), self.max_batch):
+            part = jobs[start : start + self.max_batch]
+            rollouts = capture_hf.generate(
+                self.model,
+                [p for _, _, p, _ in part],
+                params,
+                [s for *_, s in part],
+                sample_indices=[j for _, j, _, _ in part],
+                pad_token_id=self.pad_token_id,
+            )
+            for (t, j, _, _), r in zip(part, rollouts, strict=True):
+                done[(t, j)] = msg.Completion(
+                    tokens=r.completion_ids,
+                    logprobs=r.logprobs,
+                    finish_reason=r.finish_reason,
+                    proofs=toploc.build_proofs(r.hidden),
+                )
+                self.tokens_generated += len(r.completion_ids)
+        self.seconds_generating += time.perf_counter() - t0
+        return [
+            msg.TaskResult(task_index=t, completions=[done[(t, j)] for j in range(task.group_size)])
+            for t, task in enumerate(lease.tasks)
+        ]
+
+
+def make_engine(name: str, device: str, max_batch: int, dtype: str | None = None) -> Engine:
+    if name == "hf":
+        return HFEngine(device, dtype, max_batch)
+    if name == "vllm":
+        from node.engine_vllm import VLLMEngine
+
+        return VLLMEngine(device, dtype, max_batch)
+    raise ValueError(f"unknown engine {name!r}: use hf or vllm")
