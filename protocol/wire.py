@@ -34,7 +34,9 @@ class Message(
 
     @classmethod
     def kind(cls) -> str:
-        return msgspec.inspect.type_info(cls).tag  # type: ignore[attr-defined]
+        # The struct config holds the resolved tag; `msgspec.inspect.type_info` rebuilds the
+        # whole type description on every call (~0.6 ms), and this runs for every envelope.
+        return cls.__struct_config__.tag  # type: ignore[return-value]
 
 
 M = TypeVar("M", bound=Message)

@@ -1,0 +1,798 @@
+"""The libp2p host of a node or coordinator: signed request/response on streams, and gossip.
+
+One `Identity` is both the libp2p peer id and the key that signs every envelope, and the two are
+tied together: a request must be signed by the peer whose connection carried it, and a response
+by the peer we dialled. So a stream can never carry someone else's words.
+
+Requests and responses are one frame each (`protocol.framing`) holding one envelope
+(`protocol.envelope`), request then answer, in turn on a stream; an answered stream is kept for
+the next request to the same peer and protocol (a new stream per request costs several times
+more). The server refuses, with a signed `ErrorReply` after which it closes the stream, a peer
+above its request rate, a frame above the request type's limit (before reading it), and
+anything that fails to verify; then it goes on serving everyone else. Every network wait is
+bounded by a timeout.
+
+Gossip (gossipsub) is for small signed announcements only: py-libp2p drops large or frequent
+messages without telling the publisher, so payloads go on streams.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic
+
+import multiaddr
+import trio
+
+from protocol.envelope import ENVELOPE_OVERHEAD, Envelope, EnvelopeVerifier, Verified, seal
+from protocol.errors import ProtocolError, RemoteError, SwarmError, TransportError
+from protocol.framing import (
+    HEADER_BYTES,
+    READ_CHUNK,
+    FrameTooLarge,
+    encode_frame,
+    parse_header,
+    read_exactly,
+    read_frame_or_eof,
+)
+from protocol.identity import Identity
+from protocol.ratelimit import RateLimiter
+from protocol.wire import M, Message, ShortStr
+from protocol.wire import decode as decode_message
+
+log = logging.getLogger("swarmrl.protocol.host")
+
+DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
+GOSSIP_HARD_LIMIT = 1024 * 1024  # py-libp2p silently drops larger pubsub messages
+MAX_IDLE_STREAMS = 4  # kept open per (peer, protocol) for the next request
+
+
+class ErrorReply(Message, tag="error-reply"):
+    """A server's signed refusal of one request: what kind, why, and when to retry."""
+
+    max_bytes: ClassVar[int] = 2048
+
+    code: ShortStr
+    """`rate_limited`, `too_large`, `bad_request`, `refused`, `timeout` or `internal`."""
+    detail: ShortStr = ""
+    retry_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Timeouts and limits of a host. The defaults suit a pool on the open internet."""
+
+    dial_timeout_s: float = 10.0
+    """One dial attempt (TCP connect + Noise + yamux)."""
+    dial_attempts: int = 4
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 2.0
+    request_timeout_s: float = 30.0
+    """Whole request: dial, send, wait for and read the answer."""
+    read_timeout_s: float = 30.0
+    """Server side: time a peer has to deliver its request once it opened a stream."""
+    handler_timeout_s: float = 60.0
+    write_timeout_s: float = 30.0
+    reuse_streams: bool = True
+    """Keep answered request streams open for the next request to the same peer and protocol
+    (several times faster for small messages than a stream per request)."""
+    stream_idle_s: float = 60.0
+    """Server side: how long an answered stream stays open for the peer's next request. Clients
+    reuse an idle stream only during the first half of this."""
+    requests_per_s: float = 20.0
+    """Per peer, across all protocols this host serves (pool spec: `limits.requests_per_s`)."""
+    burst: float = 40.0
+    gossip: bool = True
+    gossip_heartbeat_s: int = 1
+    gossip_max_bytes: int = 64 * 1024
+    """Largest announcement `publish` accepts (envelope included)."""
+    gossip_degree: tuple[int, int, int] = (6, 4, 12)
+    """Gossipsub mesh degree: target, low, high."""
+
+
+@dataclass
+class HostStats:
+    """Counters a dashboard or a test can read."""
+
+    served: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    gossip_accepted: int = 0
+    gossip_rejected: int = 0
+
+    def refuse(self, code: str) -> None:
+        self.refused[code] = self.refused.get(code, 0) + 1
+
+
+Handler = Callable[[Verified[Any]], Awaitable[Message]]
+SignerPolicy = Callable[[bytes], bool]
+
+
+def pool_topic(pool_id: str, name: str) -> str:
+    """The gossip topic `name` of one pool, so pools sharing peers never mix announcements."""
+    return f"/swarmrl/{pool_id}/{name}"
+
+
+@functools.lru_cache(maxsize=4096)  # parsing costs ~0.4 ms and runs for every request
+def public_key_of_peer(peer_id: str) -> bytes:
+    """The raw ed25519 key inside a `12D3KooW...` peer id; refuses any other kind of id."""
+    from libp2p.crypto.ed25519 import Ed25519PublicKey
+    from libp2p.peer.id import ID
+
+    try:
+        key = ID.from_base58(peer_id).extract_public_key()
+    except Exception as e:  # base58 and protobuf raise assorted types on garbage
+        raise ProtocolError(f"{peer_id!r} is not a valid peer id: {e}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ProtocolError(f"peer {peer_id} does not use an ed25519 key; swarmrl needs one")
+    return key.to_bytes()
+
+
+def peek_kind(data: bytes, max_bytes: int) -> str:
+    """The `kind` of an encoded envelope, without verifying it (to pick the type to open)."""
+    return decode_message(data, Envelope, max_bytes=max_bytes).kind
+
+
+class Host:
+    """A running libp2p host bound to one identity and one pool. Make one with `Host.open`."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        pool_id: str,
+        libp2p_host: Any,
+        config: HostConfig,
+        verifier: EnvelopeVerifier,
+    ) -> None:
+        self.identity = identity
+        self.pool_id = pool_id
+        self.config = config
+        self.verifier = verifier
+        self.stats = HostStats()
+        self._host = libp2p_host
+        self._limiter = RateLimiter(config.requests_per_s, config.burst)
+        self._pubsub: Any = None
+        self._gossipsub: Any = None
+        self._dial_locks: dict[str, trio.Lock] = {}
+        self._idle: dict[tuple[str, str], list[tuple[Any, float]]] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        identity: Identity,
+        pool_id: str,
+        listen: Sequence[str] = DEFAULT_LISTEN,
+        config: HostConfig | None = None,
+        verifier: EnvelopeVerifier | None = None,
+        announce: Sequence[str] | None = None,
+    ) -> AsyncIterator[Host]:
+        """Start a host listening on `listen`; it stops, with every stream, when the block ends.
+
+        `announce` replaces the listen addresses in `addrs` (e.g. the public address of a host
+        that listens on 0.0.0.0 behind a port forward)."""
+        from libp2p import new_host
+        from libp2p.network.config import ConnectionConfig
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+        from libp2p.pubsub.pubsub import Pubsub
+        from libp2p.tools.anyio_service import background_trio_service
+
+        config = config or HostConfig()
+        addrs = [parse_multiaddr(a) for a in listen]
+        raw = new_host(
+            key_pair=identity.libp2p_key_pair(),
+            listen_addrs=addrs,
+            announce_addrs=[parse_multiaddr(a) for a in announce] if announce else None,
+            connection_config=ConnectionConfig(
+                # One connection per peer: without it every connect() waits ~250 ms for a second.
+                max_connections_per_peer=1,
+                dial_timeout=config.dial_timeout_s,
+                # libp2p's auto-connector would otherwise dial every peer it has heard of, and
+                # poll fast while below 50 connections; a pool dials whom it needs, itself.
+                min_connections=0,
+                low_watermark=0,
+                auto_connect_interval=3600.0,
+            ),
+        )
+        host = cls(identity, pool_id, raw, config, verifier or EnvelopeVerifier(pool_id))
+        if config.gossip:
+            # Pubsub must exist before the first connection: it learns of peers only through
+            # connection events, so a peer connected earlier would never be gossiped with.
+            target, low, high = config.gossip_degree
+            host._gossipsub = GossipSub(
+                [PROTOCOL_ID_V11, PROTOCOL_ID],
+                degree=target,
+                degree_low=low,
+                degree_high=high,
+                heartbeat_interval=config.gossip_heartbeat_s,
+            )
+            host._pubsub = Pubsub(raw, host._gossipsub)
+        try:
+            async with raw.run(addrs):
+                try:
+                    # py-libp2p logs a failed listen (port in use, bad interface) and carries on
+                    # without it; a host that is not where it was told to be must not start.
+                    listening = len(raw.get_network().listeners)
+                    if listening < len({str(a) for a in addrs}):
+                        raise TransportError(
+                            f"cannot listen on all of {list(listen)} (only {listening} worked); "
+                            "is the port in use?"
+                        )
+                    if host._pubsub is None:
+                        yield host
+                    else:
+                        async with (
+                            background_trio_service(host._pubsub),
+                            background_trio_service(host._gossipsub),
+                        ):
+                            with trio.fail_after(config.dial_timeout_s):
+                                await host._pubsub.wait_until_ready()
+                            yield host
+                finally:
+                    # Leaving run() only cancels libp2p's tasks; the listening socket and the
+                    # connections stay open unless the host is closed explicitly.
+                    with trio.move_on_after(config.write_timeout_s) as scope:
+                        scope.shield = True
+                        await raw.close()
+        except OSError as e:
+            raise TransportError(f"cannot listen on {list(listen)}: {e}") from None
+        except BaseExceptionGroup as group:
+            # libp2p's nurseries wrap whatever leaves the block (ours or the caller's) in
+            # exception groups; hand back a lone exception as itself, so `except SwarmError`
+            # and `pytest.raises` work on what the caller actually raised.
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
+
+    # ----------------------------------------------------------------- names
+
+    @property
+    def peer_id(self) -> str:
+        return self._host.get_id().to_base58()
+
+    @property
+    def addrs(self) -> list[str]:
+        """Dialable multiaddrs of this host, each ending in `/p2p/<peer id>`."""
+        return [str(a) for a in self._host.get_addrs()]
+
+    def connected_peers(self) -> list[str]:
+        return [p.to_base58() for p in self._host.get_connected_peers()]
+
+    # ----------------------------------------------------------------- dialling
+
+    async def connect(self, peer: str) -> str:
+        """Make sure we have a connection to `peer` (a multiaddr with `/p2p/`, or a known peer
+        id); retry with exponential backoff inside `request_timeout_s`. Returns the peer id."""
+        with trio.move_on_after(self.config.request_timeout_s) as scope:
+            peer_id = await self._connect(peer)
+        if scope.cancelled_caught:
+            raise TransportError(
+                f"could not reach {peer} within {self.config.request_timeout_s:.0f} s"
+            )
+        return peer_id
+
+    async def _connect(self, peer: str) -> str:
+        from libp2p.peer.id import ID
+        from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+
+        if peer.startswith("/"):
+            address = parse_multiaddr(peer)
+            try:
+                info = info_from_p2p_addr(address)
+            except Exception as e:  # InvalidAddrError, or base58 errors inside the id
+                raise ProtocolError(
+                    f"{peer!r} is not a multiaddr ending in /p2p/<peer id>: {e}"
+                ) from None
+        else:
+            public_key_of_peer(peer)  # refuses a malformed id with a clear message
+            info = PeerInfo(ID.from_base58(peer), [])
+        peer_id = info.peer_id.to_base58()
+        if peer_id == self.peer_id:
+            raise ProtocolError("refusing to dial ourselves")
+        if self._host.get_network().connections.get(info.peer_id):
+            return peer_id
+        lock = self._dial_locks.setdefault(peer_id, trio.Lock())
+        # One dial at a time per peer: concurrent requests must share the connection, not race
+        # to open several (the host keeps one connection per peer).
+        try:
+            async with lock:
+                return await self._dial(peer, peer_id, info)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._dial_locks.pop(peer_id, None)  # keep the table as small as the dials
+
+    async def _dial(self, peer: str, peer_id: str, info: Any) -> str:
+        from libp2p.peer.peerstore import PeerStoreError
+
+        if self._host.get_network().connections.get(info.peer_id):
+            return peer_id  # another request dialled while we waited for the lock
+        if not info.addrs:
+            # A bare peer id: use what the peerstore remembers (it forgets after a while).
+            try:
+                info.addrs = self._host.get_peerstore().addrs(info.peer_id)
+            except PeerStoreError:  # a KeyError, not a libp2p error
+                info.addrs = []
+        if not info.addrs:
+            raise TransportError(f"no known address for peer {peer_id}; dial a multiaddr")
+        delay = self.config.backoff_initial_s
+        last: BaseException | None = None
+        for attempt in range(self.config.dial_attempts):
+            try:
+                with trio.fail_after(self.config.dial_timeout_s):
+                    await self._host.connect(info)
+                return peer_id
+            except (Exception, trio.TooSlowError) as e:
+                # Whatever a remote address makes libp2p raise (it is not consistent about
+                # types) is a failed attempt; cancellation is a BaseException and passes.
+                last = e
+                log.debug("dial %s attempt %d failed: %s", peer_id, attempt + 1, e)
+            if attempt + 1 < self.config.dial_attempts:
+                # Jitter, so many nodes that lost the same peer do not retry in lockstep.
+                await trio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, self.config.backoff_max_s)
+        raise TransportError(
+            f"could not reach {peer} after {self.config.dial_attempts} attempts: "
+            f"{type(last).__name__}: {last}"
+        )
+
+    async def disconnect(self, peer_id: str) -> None:
+        from libp2p.peer.id import ID
+
+        with trio.move_on_after(self.config.write_timeout_s):
+            await self._host.disconnect(ID.from_base58(peer_id))
+
+    # ----------------------------------------------------------------- request / response
+
+    async def request(
+        self,
+        peer: str,
+        protocol_id: str,
+        message: Message,
+        response_type: type[M],
+        *,
+        timeout_s: float | None = None,
+    ) -> Verified[M]:
+        """Send `message` to `peer` on `protocol_id` and return its verified answer.
+
+        Raises `RemoteError` when the peer refused (with its code), `ProtocolError` when the
+        answer is malformed or not signed by that peer, `TransportError` when the peer cannot be
+        reached or does not answer within `timeout_s`.
+        """
+        timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
+        frame = encode_frame(seal(self.identity, self.pool_id, message))
+        with trio.move_on_after(timeout) as scope:
+            peer_id = await self._connect(peer)
+            data = await self._exchange(peer_id, protocol_id, frame, response_type)
+        if scope.cancelled_caught:
+            raise TransportError(f"{peer} did not answer on {protocol_id} within {timeout:g} s")
+        peer_key = public_key_of_peer(peer_id)
+        limit = max(response_type.max_bytes, ErrorReply.max_bytes) + ENVELOPE_OVERHEAD
+        if peek_kind(data, limit) == ErrorReply.kind():
+            err = self.verifier.open(data, ErrorReply, signer=peer_key).message
+            raise RemoteError(err.code, err.detail, err.retry_after_s)
+        return self.verifier.open(data, response_type, signer=peer_key)
+
+    async def _exchange(
+        self, peer_id: str, protocol_id: str, frame: bytes, response_type: type[Message]
+    ) -> bytes:
+        limit = max(response_type.max_bytes, ErrorReply.max_bytes) + ENVELOPE_OVERHEAD
+        # At most one retry, and only on a reused idle stream that failed before a single byte
+        # of answer came back: the server had closed it (idle timeout) or the connection died,
+        # so the request was not handled. The retry resends the same envelope (same nonce), so
+        # even a server that did handle it would refuse the copy as a replay: at most once.
+        for _ in range(2):
+            stream, reader, reused = await self._checkout(peer_id, protocol_id)
+            keep = False
+            try:
+                try:
+                    await stream.write(frame)
+                except Exception as e:
+                    if reused:
+                        continue
+                    # A server that refuses early (rate limit, size) answers and closes before
+                    # reading everything; its answer may still be waiting to be read.
+                    log.debug("write to %s failed (%s); reading its answer anyway", peer_id, e)
+                try:
+                    data = await read_frame_or_eof(reader.receive, limit)
+                except ProtocolError:
+                    raise
+                except Exception as e:
+                    if reused and not reader.received:
+                        continue
+                    raise TransportError(f"{peer_id} dropped the stream: {e}") from None
+                if data is None:
+                    if reused:
+                        continue
+                    raise TransportError(f"{peer_id} closed the stream without answering")
+                # After an error reply the server closes the stream; so do we.
+                keep = peek_kind(data, limit) != ErrorReply.kind()
+                return data
+            finally:
+                if keep:
+                    await self._checkin(peer_id, protocol_id, stream, reader)
+                else:
+                    # A cancelled or failed exchange must not leave a half-used stream around.
+                    await _close_quietly(stream, reset=True)
+        raise TransportError(f"{peer_id} closed the stream twice without answering")
+
+    async def _checkout(self, peer_id: str, protocol_id: str) -> tuple[Any, _StreamReader, bool]:
+        """An idle stream to reuse (True), or a new one (False), with its reader.
+
+        A stream per request costs ~5x a frame on an open stream (multistream negotiation,
+        yamux open and close), so answered streams are kept for the next request.
+        """
+        idle = self._idle.pop((peer_id, protocol_id), [])
+        now = trio.current_time()
+        try:
+            while idle:
+                stream, since = idle.pop()
+                # Well inside the server's idle timeout, so it has not started closing it.
+                if now - since < self.config.stream_idle_s / 2 and not stream.is_closed:
+                    # A fresh reader: nothing may be pending between an answer and the next
+                    # request, and `received` must count this request's answer only.
+                    return stream, _StreamReader(stream), True
+                await _close_quietly(stream, reset=True)
+        finally:
+            if idle:  # the rest go back; an empty entry is not kept
+                self._idle.setdefault((peer_id, protocol_id), []).extend(idle)
+        stream = await self._open_stream(peer_id, protocol_id)
+        return stream, _StreamReader(stream), False
+
+    async def _checkin(
+        self, peer_id: str, protocol_id: str, stream: Any, reader: _StreamReader
+    ) -> None:
+        if self.config.reuse_streams and not reader.pending:
+            idle = self._idle.setdefault((peer_id, protocol_id), [])
+            if len(idle) < MAX_IDLE_STREAMS:
+                idle.append((stream, trio.current_time()))
+                return
+        await _close_quietly(stream, reset=False)
+
+    async def _open_stream(self, peer_id: str, protocol_id: str) -> Any:
+        from libp2p.custom_types import TProtocol
+        from libp2p.peer.id import ID
+        from libp2p.protocol_muxer.exceptions import MultiselectClientError
+
+        try:
+            return await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
+        except Exception as e:
+            # libp2p wraps a refused protocol negotiation in StreamFailure; say which it was.
+            if isinstance(e, MultiselectClientError) or isinstance(
+                e.__cause__, MultiselectClientError
+            ):
+                raise TransportError(f"{peer_id} does not serve {protocol_id}") from None
+            raise TransportError(f"cannot open a stream to {peer_id}: {e}") from None
+
+    def serve(
+        self,
+        protocol_id: str,
+        handler: Handler,
+        request_type: type[Message],
+        response_type: type[Message],
+        *,
+        allowed_signer: SignerPolicy | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Answer requests on `protocol_id`: `handler` gets each verified `request_type` and
+        returns a `response_type`. Raising a `SwarmError` refuses that request with its message;
+        any other exception is logged and answered as `internal` without details."""
+        from libp2p.custom_types import TProtocol
+
+        timeout = self.config.handler_timeout_s if timeout_s is None else timeout_s
+
+        async def on_stream(stream: Any) -> None:
+            await self._serve_stream(
+                stream, protocol_id, handler, request_type, response_type, allowed_signer, timeout
+            )
+
+        self._host.set_stream_handler(TProtocol(protocol_id), on_stream)
+
+    def unserve(self, protocol_id: str) -> None:
+        from libp2p.custom_types import TProtocol
+
+        self._host.remove_stream_handler(TProtocol(protocol_id))
+
+    async def _serve_stream(
+        self,
+        stream: Any,
+        protocol_id: str,
+        handler: Handler,
+        request_type: type[Message],
+        response_type: type[Message],
+        allowed_signer: SignerPolicy | None,
+        timeout: float,
+    ) -> None:
+        """Answer requests on one stream until the peer closes it, goes idle, or is refused."""
+        peer_id = stream.muxed_conn.peer_id.to_base58()
+        receive = _StreamReader(stream).receive
+        limit = request_type.max_bytes + ENVELOPE_OVERHEAD
+        first = True
+        try:
+            while True:
+                # The first request is due promptly; later ones may come after a pause.
+                wait_s = self.config.read_timeout_s if first else self.config.stream_idle_s
+                with trio.move_on_after(wait_s) as idle:
+                    start = await receive(1)
+                if idle.cancelled_caught or not start:
+                    if first and idle.cancelled_caught:
+                        await self._send(stream, self._error("timeout", "no request in time"))
+                    return
+                first = False
+                reply, ok = await self._answer(
+                    start,
+                    receive,
+                    peer_id,
+                    protocol_id,
+                    handler,
+                    request_type,
+                    response_type,
+                    allowed_signer,
+                    timeout,
+                    limit,
+                )
+                await self._send(stream, reply)
+                if not ok:
+                    return  # after a refusal the stream may be out of step: end it
+        except Exception as e:
+            log.debug("stream from %s on %s ended: %s", peer_id, protocol_id, e)
+        finally:
+            await _close_quietly(stream, reset=False)
+
+    async def _answer(
+        self,
+        start: bytes,
+        receive: Callable[[int], Awaitable[bytes]],
+        peer_id: str,
+        protocol_id: str,
+        handler: Handler,
+        request_type: type[Message],
+        response_type: type[Message],
+        allowed_signer: SignerPolicy | None,
+        timeout: float,
+        limit: int,
+    ) -> tuple[bytes, bool]:
+        """One request whose first byte is `start`: (sealed answer, True) or (refusal, False)."""
+        wait = self._limiter.check(peer_id)
+        if wait > 0:
+            # Refused before reading the frame: an over-eager peer costs us one signature.
+            return self._error("rate_limited", "too many requests; slow down", wait), False
+        try:
+            with trio.fail_after(self.config.read_timeout_s):
+                header = start + await read_exactly(receive, HEADER_BYTES - 1)
+                data = await read_exactly(receive, parse_header(header, limit))
+        except FrameTooLarge as e:
+            return self._error("too_large", str(e)), False
+        except ProtocolError as e:
+            return self._error("bad_request", str(e)), False
+        except trio.TooSlowError:
+            return self._error("timeout", "request not received in time"), False
+        try:
+            verified = self.verifier.open(
+                data,
+                request_type,
+                signer=public_key_of_peer(peer_id),
+                allowed_signer=allowed_signer,
+            )
+        except ProtocolError as e:
+            return self._error("bad_request", str(e)), False
+        try:
+            with trio.fail_after(timeout):
+                response = await handler(verified)
+            if isinstance(response, ErrorReply):
+                self.stats.refuse(response.code)
+                return seal(self.identity, self.pool_id, response), False
+            if not isinstance(response, response_type):
+                raise TypeError(
+                    f"handler of {protocol_id} returned {type(response).__name__}, "
+                    f"expected {response_type.__name__}"
+                )
+            reply = seal(self.identity, self.pool_id, response)
+        except trio.TooSlowError:
+            return self._error("timeout", f"no answer within {timeout:g} s"), False
+        except SwarmError as e:
+            return self._error("refused", str(e)), False
+        except Exception:
+            # A bug in one handler must not take the host down; the peer learns only that it
+            # failed, the log gets the traceback.
+            log.exception("handler of %s failed on a request from %s", protocol_id, peer_id)
+            return self._error("internal", "the server failed to handle this request"), False
+        self.stats.served += 1
+        return reply, True
+
+    def _error(self, code: str, detail: str, retry_after_s: float = 0.0) -> bytes:
+        self.stats.refuse(code)
+        reply = ErrorReply(code=code, detail=detail[:256], retry_after_s=retry_after_s)
+        return seal(self.identity, self.pool_id, reply)
+
+    async def _send(self, stream: Any, envelope: bytes) -> None:
+        with trio.fail_after(self.config.write_timeout_s):
+            await stream.write(encode_frame(envelope))
+
+    # ----------------------------------------------------------------- gossip
+
+    async def publish(self, topic: str, message: Message) -> None:
+        """Sign `message` and gossip it on `topic`. Small announcements only."""
+        if self._pubsub is None:
+            raise SwarmError("this host was opened with gossip=False")
+        data = seal(self.identity, self.pool_id, message)
+        limit = min(self.config.gossip_max_bytes, GOSSIP_HARD_LIMIT)
+        if len(data) > limit:
+            raise ProtocolError(
+                f"announcement of {len(data)} bytes exceeds the {limit}-byte gossip limit; "
+                "send payloads on a stream and gossip only a pointer to them"
+            )
+        with trio.fail_after(self.config.write_timeout_s):
+            await self._pubsub.publish(topic, data)
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        topic: str,
+        message_type: type[M],
+        *,
+        signer: bytes | None = None,
+        allowed_signer: SignerPolicy | None = None,
+        check: Callable[[Verified[M]], bool] | None = None,
+    ) -> AsyncIterator[Subscription[M]]:
+        """Receive verified `message_type` announcements on `topic` inside the block.
+
+        Every message is verified (signature, pool, replay, `signer` / `allowed_signer`, then
+        `check`) before gossipsub forwards it, so an invalid one stops at the first honest host.
+        """
+        if self._pubsub is None:
+            raise SwarmError("this host was opened with gossip=False")
+        if topic in self._pubsub.topic_validators:
+            raise SwarmError(f"already subscribed to {topic}")
+        accepted: OrderedDict[bytes, Verified[M]] = OrderedDict()
+        limit = min(message_type.max_bytes + ENVELOPE_OVERHEAD, GOSSIP_HARD_LIMIT)
+
+        def validate(forwarder: Any, msg: Any) -> bool:
+            data = bytes(msg.data)
+            try:
+                if len(data) > limit:
+                    raise ProtocolError(f"announcement of {len(data)} bytes is too large")
+                verified = self.verifier.open(
+                    data, message_type, signer=signer, allowed_signer=allowed_signer
+                )
+                if check is not None and not check(verified):
+                    raise ProtocolError("refused by the topic's check")
+            except ProtocolError as e:
+                self.stats.gossip_rejected += 1
+                log.debug("dropped an announcement on %s via %s: %s", topic, forwarder, e)
+                return False
+            self.stats.gossip_accepted += 1
+            accepted[data] = verified
+            while len(accepted) > 1024:  # delivered ones are popped; this bounds the others
+                accepted.popitem(last=False)
+            return True
+
+        self._pubsub.set_topic_validator(topic, validate, False)
+        try:
+            raw_sub = await self._pubsub.subscribe(topic)
+            yield Subscription(raw_sub, accepted)
+        finally:
+            self._pubsub.remove_topic_validator(topic)
+            with trio.move_on_after(self.config.write_timeout_s) as scope:
+                scope.shield = True
+                await self._pubsub.unsubscribe(topic)
+
+    def gossip_peers(self, topic: str) -> list[str]:
+        """Peers in our gossipsub mesh for `topic` (those we forward to)."""
+        if self._gossipsub is None:
+            return []
+        return [p.to_base58() for p in self._gossipsub.mesh.get(topic, ())]
+
+
+class Subscription(Generic[M]):
+    """Async iterator of the verified announcements of one topic."""
+
+    def __init__(self, raw: Any, accepted: OrderedDict[bytes, Verified[M]]) -> None:
+        self._raw = raw
+        self._accepted = accepted
+
+    def __aiter__(self) -> Subscription[M]:
+        return self
+
+    async def __anext__(self) -> Verified[M]:
+        while True:
+            try:
+                msg = await self._raw.get()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                raise StopAsyncIteration from None
+            verified = self._accepted.pop(bytes(msg.data), None)
+            if verified is not None:
+                return verified
+
+    async def next(self, timeout_s: float) -> Verified[M]:
+        """The next announcement, or `TransportError` when none comes within `timeout_s`."""
+        with trio.move_on_after(timeout_s):
+            return await self.__anext__()
+        raise TransportError(f"no announcement within {timeout_s:g} s")
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
+    return out
+
+
+def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as e:  # multiaddr raises several unrelated types on bad input
+        raise ProtocolError(f"{text!r} is not a valid multiaddr: {e}") from None
+
+
+class _StreamReader:
+    """Reads a libp2p stream in large chunks and hands out exactly the bytes asked for.
+
+    py-libp2p's yamux answers every read with a window-update frame to the peer, so reading a
+    frame as header, then body, costs extra frames each way; one large read per arriving chunk
+    avoids that. Bytes past the current frame wait here for the next one (at most one chunk).
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self.received = 0
+        """Bytes read off the stream so far."""
+
+    @property
+    def pending(self) -> int:
+        """Bytes read but not yet handed out: past the end of the last frame."""
+        return len(self._buffer)
+
+    async def receive(self, n: int) -> bytes:
+        from libp2p.network.stream.exceptions import StreamEOF
+
+        if not self._buffer:
+            try:
+                chunk = await self._stream.read(READ_CHUNK)
+            except StreamEOF:
+                return b""
+            if not chunk:
+                return b""
+            self.received += len(chunk)
+            if len(chunk) <= n:
+                return chunk
+            self._buffer += chunk
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
+
+
+async def _close_quietly(stream: Any, reset: bool) -> None:
+    # Shielded and bounded: closing must happen even when the caller was cancelled, and must not
+    # hang on a peer that stopped reading.
+    with trio.move_on_after(2.0) as scope:
+        scope.shield = True
+        try:
+            if reset:
+                await stream.reset()
+            else:
+                await stream.close()
+        except Exception as e:  # the stream may already be gone in any of several ways
+            log.debug("closing a stream: %s", e)
+
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "ErrorReply",
+    "Host",
+    "HostConfig",
+    "HostStats",
+    "Subscription",
+    "parse_multiaddr",
+    "peek_kind",
+    "pool_topic",
+    "public_key_of_peer",
+]

@@ -1,0 +1,223 @@
+"""Discovery: from a pool id and one non-coordinator member to the coordinator and the spec."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+import trio
+
+from protocol import poolspec
+from protocol.discovery import (
+    DISCOVERY_PROTOCOL,
+    PoolBook,
+    PoolInfo,
+    PoolQuery,
+    PoolRecord,
+    discover,
+    make_pool_record,
+    open_pool_record,
+    serve_discovery,
+)
+from protocol.envelope import Verified, seal
+from protocol.errors import DiscoveryError, ProtocolError, SwarmError
+from protocol.host import Host, HostConfig
+from protocol.identity import Identity
+from protocol.wire import Message
+
+FAST = HostConfig(dial_timeout_s=2.0, dial_attempts=2, request_timeout_s=5.0)
+JOIN = "/swarmrl-test/join/1"
+
+
+class Join(Message, tag="test-join"):
+    max_bytes: ClassVar[int] = 256
+
+
+class Welcome(Message, tag="test-welcome"):
+    max_bytes: ClassVar[int] = 256
+    name: str
+
+
+def make_spec(coordinator: Identity, name: str = "test-pool") -> poolspec.PoolSpec:
+    return poolspec.from_dict(
+        {"name": name, "coordinator": {"public_key": coordinator.public_key.hex()}}
+    )
+
+
+def test_pool_record_checks():
+    coordinator, other = Identity.generate(), Identity.generate()
+    spec = make_spec(coordinator)
+    pool = poolspec.pool_id(spec)
+    record = make_pool_record(coordinator, spec, ["/ip4/127.0.0.1/tcp/4001"])
+    location = open_pool_record(record, pool)
+    assert location.spec == spec
+    assert location.coordinator_peer_id == coordinator.peer_id()
+    assert location.coordinator_addrs == [f"/ip4/127.0.0.1/tcp/4001/p2p/{coordinator.peer_id()}"]
+
+    with pytest.raises(ProtocolError, match="not otherpool"):
+        open_pool_record(record, "otherpoolaaaaaaaaaaaaaaa")
+    # Someone else's record for the same spec: right hash, wrong signer.
+    forged = seal(other, pool, open_record_body(record))
+    with pytest.raises(ProtocolError, match="not by the pool's coordinator"):
+        open_pool_record(forged, pool)
+    # A spec that does not hash to the pool id, signed by the key it names.
+    evil_spec = make_spec(other, name="evil")
+    evil = make_pool_record(other, evil_spec, ["/ip4/127.0.0.1/tcp/1"])
+    with pytest.raises(ProtocolError):
+        open_pool_record(evil, pool)
+    with pytest.raises(SwarmError, match="not the coordinator"):
+        make_pool_record(other, spec, ["/ip4/127.0.0.1/tcp/1"])
+    # One flipped bit in the body: the signature no longer holds.
+    tampered = bytearray(record)
+    tampered[record.index(b"/ip4/127.0.0.1/tcp/4001") + 19] ^= 1
+    with pytest.raises(ProtocolError, match="signature"):
+        open_pool_record(bytes(tampered), pool)
+
+
+def open_record_body(record: bytes) -> PoolRecord:
+    from protocol.envelope import Envelope
+    from protocol.wire import decode
+
+    return decode(decode(record, Envelope, max_bytes=1 << 20).body, PoolRecord)
+
+
+@pytest.mark.trio
+async def test_newcomer_finds_coordinator_through_non_coordinator_member():
+    coordinator = Identity.generate()
+    spec = make_spec(coordinator)
+    pool = poolspec.pool_id(spec)
+    async with (
+        Host.open(coordinator, pool, config=FAST) as coord,
+        Host.open(Identity.generate(), pool, config=FAST) as member,
+        Host.open(Identity.generate(), pool, config=FAST) as newcomer,
+    ):
+        coord_book = PoolBook(pool)
+        coord_book.learn(make_pool_record(coordinator, spec, coord.addrs))
+        serve_discovery(coord, coord_book)
+
+        async def welcome(request: Verified[Join]) -> Welcome:
+            return Welcome(name=spec.name)
+
+        coord.serve(JOIN, welcome, Join, Welcome)
+
+        # The member joined earlier through the coordinator and now serves what it learned.
+        member_book = PoolBook(pool)
+        await discover(member, coord.addrs, book=member_book)
+        serve_discovery(member, member_book)
+
+        # The newcomer knows the pool id and the member only.
+        newcomer_book = PoolBook(pool)
+        found = await discover(newcomer, member.addrs, book=newcomer_book)
+        assert poolspec.pool_id(found.spec) == pool and found.spec == spec
+        assert found.coordinator_peer_id == coordinator.peer_id()
+        # The address found really is the coordinator's: a signed answer comes back from it.
+        reply = await newcomer.request(found.coordinator_addrs[0], JOIN, Join(), Welcome)
+        assert reply.signer == coordinator.public_key and reply.message.name == spec.name
+        # And the newcomer can now answer the next one.
+        assert newcomer_book.location is not None
+        assert newcomer_book.location.coordinator_addrs == found.coordinator_addrs
+        assert member.addrs[0] in newcomer_book.peers()
+
+
+@pytest.mark.trio
+async def test_walks_past_members_without_a_record_and_past_liars():
+    coordinator, liar_key = Identity.generate(), Identity.generate()
+    spec = make_spec(coordinator)
+    pool = poolspec.pool_id(spec)
+    async with (
+        Host.open(coordinator, pool, config=FAST) as coord,
+        Host.open(Identity.generate(), pool, config=FAST) as ignorant,
+        Host.open(liar_key, pool, config=FAST) as liar,
+        Host.open(Identity.generate(), pool, config=FAST) as newcomer,
+    ):
+        good = PoolBook(pool)
+        good.learn(make_pool_record(coordinator, spec, coord.addrs))
+        serve_discovery(coord, good)
+
+        # The liar claims our pool id for its own spec (which names the liar as coordinator, so
+        # the signature matches the key inside), pointing at itself.
+        evil_spec = make_spec(liar_key, "evil")
+        evil_record = seal(
+            liar_key,
+            pool,
+            PoolRecord(spec=poolspec.canonical_bytes(evil_spec), addrs=[liar.addrs[0]]),
+        )
+
+        async def lie(request: Verified[PoolQuery]) -> PoolInfo:
+            return PoolInfo(record=evil_record, peers=[])
+
+        liar.serve(DISCOVERY_PROTOCOL, lie, PoolQuery, PoolInfo)
+
+        # The ignorant member has no record yet but knows the liar and the coordinator.
+        ignorant_book = PoolBook(pool)
+        ignorant_book.add_peer(coord.addrs[0])
+        ignorant_book.add_peer(liar.addrs[0])  # newest first: the liar is asked first
+        serve_discovery(ignorant, ignorant_book)
+
+        found = await discover(newcomer, ignorant.addrs)
+        assert found.coordinator_peer_id == coordinator.peer_id()
+        assert found.spec == spec
+
+        # With only the liar to ask, discovery fails and says why.
+        with pytest.raises(DiscoveryError, match="hashes to"):
+            await discover(newcomer, liar.addrs)
+
+
+@pytest.mark.trio
+async def test_no_bootstrap_or_nobody_answering_is_a_clear_error():
+    coordinator = Identity.generate()
+    pool = poolspec.pool_id(make_spec(coordinator))
+    async with Host.open(Identity.generate(), pool, config=FAST) as newcomer:
+        with pytest.raises(DiscoveryError, match="no bootstrap"):
+            await discover(newcomer, [])
+        async with Host.open(Identity.generate(), pool, config=FAST) as stranger:
+            dead = stranger.addrs[0]
+            # Reachable but not serving discovery.
+            with pytest.raises(DiscoveryError, match="does not serve"):
+                await discover(newcomer, [dead])
+        start = trio.current_time()
+        with pytest.raises(DiscoveryError, match="could not reach"):
+            await discover(newcomer, [dead], query_timeout_s=3)
+        assert trio.current_time() - start < 5
+
+
+def _peer_helper():
+    # Loaded by path: tests/ is not a package, and the child processes run the same file.
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parent / "helpers" / "peer_process.py"
+    spec = importlib.util.spec_from_file_location("swarmrl_test_peer_process", path)
+    if spec.name not in sys.modules:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[spec.name]
+
+
+@pytest.mark.trio
+async def test_discovery_across_processes_through_a_member():
+    """Coordinator and member are separate OS processes; we know the pool id and the member."""
+    peer = _peer_helper()
+    coordinator, member_key = Identity.generate(), Identity.generate()
+    pool = poolspec.pool_id(peer.coordinator_spec(coordinator))
+    async with peer.PeerProcess(seed=coordinator.seed.hex(), role="coordinator") as coord:
+        assert await coord.line("POOL") == [pool]
+        (coord_addr,) = await coord.line("ADDR")
+        async with peer.PeerProcess(
+            seed=member_key.seed.hex(), role="member", pool=pool, bootstrap=coord_addr
+        ) as member:
+            (member_addr,) = await member.line("ADDR")  # printed once it has discovered
+            async with Host.open(Identity.generate(), pool, config=FAST) as newcomer:
+                found = await discover(newcomer, [member_addr])
+                assert newcomer.connected_peers() == [member_key.peer_id()]
+                assert poolspec.pool_id(found.spec) == pool
+                assert found.coordinator_peer_id == coordinator.peer_id()
+                assert found.coordinator_addrs == [coord_addr]
+                reply = await newcomer.request(
+                    found.coordinator_addrs[0], peer.ECHO_PROTOCOL, peer.Echo(n=1), peer.EchoReply
+                )
+                assert reply.signer == coordinator.public_key
+        assert member.returncode == 0
+    assert coord.returncode == 0
