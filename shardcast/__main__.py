@@ -1,0 +1,5 @@
+import sys
+
+from shardcast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,215 @@
+"""`shardcast origin | publish | relay | fetch`: the command line over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from protocol import poolspec
+from protocol.errors import SwarmError
+from protocol.identity import Identity
+from shardcast.manifest import DEFAULT_SHARD_SIZE
+from shardcast.store import DEFAULT_KEEP
+
+# Roles import their stacks lazily: `fetch` needs no web framework, and start-up time counts
+# for short-lived commands.
+
+
+def _pool_args(p: argparse.ArgumentParser, need_key: bool) -> None:
+    g = p.add_argument_group("pool (give --pool, or --pool-id with the coordinator's key)")
+    g.add_argument("--pool", type=Path, help="pool spec TOML: gives the pool id and the key")
+    g.add_argument("--pool-id", help="pool id the manifests must name")
+    if need_key:
+        g.add_argument("--key", type=Path, required=True, help="coordinator key file (signs)")
+    else:
+        g.add_argument("--public-key", help="coordinator public key, hex (verifies)")
+
+
+def _server_args(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=port, help=f"port (default {port}; 0: any)")
+    p.add_argument("--rate-mb", type=float, help="cap this server's upload at MB/s (1e6 B)")
+
+
+def _pool(args: argparse.Namespace, identity: Identity | None = None) -> tuple[str, bytes]:
+    """(pool id, coordinator public key) from the arguments."""
+    if args.pool is not None:
+        spec = poolspec.load(args.pool)
+        pid, key = poolspec.pool_id(spec), bytes.fromhex(spec.coordinator.public_key)
+    else:
+        if not args.pool_id:
+            raise SwarmError("give --pool FILE or --pool-id ID")
+        pid = args.pool_id
+        if identity is not None:
+            key = identity.public_key
+        elif getattr(args, "public_key", None):
+            key = bytes.fromhex(args.public_key)
+        else:
+            raise SwarmError("give --public-key HEX (the coordinator's) or --pool FILE")
+    if identity is not None and identity.public_key != key:
+        raise SwarmError("--key is not the coordinator key named by the pool spec")
+    return pid, key
+
+
+def _rate(args: argparse.Namespace) -> float | None:
+    return args.rate_mb * 1e6 if args.rate_mb else None
+
+
+def _announce(**fields: object) -> None:
+    # One JSON line on stdout: scripts and tests read the bound URL from it.
+    print(json.dumps(fields), flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardcast", description="Signed, sharded checkpoint broadcast over HTTP."
+    )
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ...")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("origin", help="serve a store of published versions")
+    p.add_argument("--root", type=Path, required=True, help="store folder")
+    _pool_args(p, need_key=True)
+    _server_args(p, 8600)
+    p.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions kept (>= staleness+2)")
+
+    p = sub.add_parser("publish", help="publish a checkpoint folder as a new version")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--root", type=Path, required=True, help="the origin's store folder")
+    p.add_argument("--version", type=int, required=True, help="the training step")
+    _pool_args(p, need_key=True)
+    p.add_argument("--keep", type=int, default=DEFAULT_KEEP)
+    p.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_SIZE / 2**20)
+    p.add_argument("--full", action="store_true", help="publish in full, not as a delta")
+    p.add_argument("--full-every", type=int, default=10, help="a full version every N")
+
+    p = sub.add_parser("relay", help="mirror upstreams and re-serve their versions")
+    p.add_argument("--upstream", action="append", required=True, help="origin or relay URL")
+    p.add_argument("--root", type=Path, required=True, help="store folder")
+    _pool_args(p, need_key=False)
+    _server_args(p, 8601)
+    p.add_argument("--keep", type=int, default=DEFAULT_KEEP)
+
+    p = sub.add_parser("fetch", help="fetch a version into a folder")
+    p.add_argument("--source", action="append", required=True, help="origin or relay URL")
+    p.add_argument("--dest", type=Path, required=True, help="folder holding v{N}/ folders")
+    p.add_argument("--version", default="latest", help="a version number, or latest")
+    _pool_args(p, need_key=False)
+    p.add_argument("--keep", type=int, default=3, help="complete versions to keep")
+    p.add_argument("--parallel", type=int, default=8, help="shards in flight")
+    p.add_argument("--attempts", type=int, default=8, help="tries per shard")
+    p.add_argument("--read-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--wait", type=float, default=0.0, help="with latest: wait up to S s for a version"
+    )
+    p.add_argument("--after", type=int, default=-1, help="with --wait: newer than this one")
+    p.add_argument("--follow", action="store_true", help="keep fetching each new version")
+    return parser
+
+
+async def _origin(args: argparse.Namespace) -> None:
+    from shardcast.origin import Origin
+
+    identity = Identity.load(args.key)
+    pid, _ = _pool(args, identity)
+    origin = Origin(args.root, identity, pid, keep=args.keep, rate=_rate(args))
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve, args.host, args.port)
+        nursery.start_soon(origin.follow_disk)
+        _announce(role="origin", url=url, latest=origin.store.latest())
+
+
+async def _publish(args: argparse.Namespace) -> None:
+    from shardcast.origin import Origin
+
+    identity = Identity.load(args.key)
+    pid, _ = _pool(args, identity)
+    origin = Origin(
+        args.root,
+        identity,
+        pid,
+        keep=args.keep,
+        shard_size=int(args.shard_mb * 2**20),
+        full_every=args.full_every,
+    )
+    m = await origin.publish(args.folder, args.version, delta=not args.full)
+    _announce(
+        version=m.version,
+        base=m.base,
+        files=len(m.files),
+        total_bytes=m.total_bytes,
+        payload_bytes=m.payload_bytes,
+    )
+
+
+async def _relay(args: argparse.Namespace) -> None:
+    from shardcast.relay import Relay
+
+    pid, key = _pool(args)
+    relay = Relay(
+        args.upstream, args.root, public_key=key, pool_id=pid, keep=args.keep, rate=_rate(args)
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(relay.run, args.host, args.port)
+        _announce(role="relay", url=url)
+
+
+async def _fetch(args: argparse.Namespace) -> None:
+    from shardcast.client import Client
+    from shardcast.errors import FetchError
+    from shardcast.fetcher import FetchPolicy
+
+    pid, key = _pool(args)
+    policy = FetchPolicy(
+        parallel=args.parallel, max_attempts=args.attempts, read_timeout=args.read_timeout
+    )
+    client = Client(
+        args.source, args.dest, public_key=key, pool_id=pid, keep=args.keep, policy=policy
+    )
+    try:
+        version: int | str = "latest" if args.version == "latest" else int(args.version)
+        if version == "latest" and args.wait > 0:
+            found = await client.wait_for_newer(args.after, timeout=args.wait)
+            if found is None:
+                raise FetchError(f"no version newer than {args.after} after {args.wait}s")
+            version = found
+        while True:
+            r = await client.fetch(version)
+            _announce(
+                version=r.version,
+                path=str(r.path),
+                payload_bytes=r.payload_bytes,
+                seconds=round(r.seconds, 3),
+                bad_shards=[vars(b) for b in r.bad_shards],
+            )
+            if not args.follow:
+                return
+            newer = None
+            while newer is None:
+                newer = await client.wait_for_newer(r.version, timeout=60.0)
+            version = newer
+    finally:
+        await client.aclose()
+
+
+COMMANDS = {"origin": _origin, "publish": _publish, "relay": _relay, "fetch": _fetch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        trio.run(COMMANDS[args.command], args)
+    except SwarmError as e:
+        print(f"shardcast {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

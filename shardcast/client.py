@@ -1,0 +1,361 @@
+"""Fetching versions into a local folder.
+
+    dest/v{N}/                 a finished version: its files and `.shardcast-manifest`
+    dest/.v{N}.partial/        a download in progress (resumed by the next fetch of N)
+    dest/.v{N}.delta/          delta payload while a version is rebuilt from its base
+
+Shards are written straight into their final files inside `.v{N}.partial/`; when every shard
+(or every rebuilt file) is verified, the folder is renamed to `v{N}` in one step, so a folder
+named `v{N}` is always complete. A delta version is rebuilt from `v{base}`; a client without
+the base first fetches the base (recursively down to the last full version, at most
+`full_every` steps back).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import trio
+
+from shardcast.delta import apply_delta
+from shardcast.errors import DeltaError, FetchError, ManifestError
+from shardcast.fetcher import (
+    FetchPolicy,
+    ResponseTooLarge,
+    ShardFetcher,
+    ShardJob,
+    VersionGone,
+    disk_error,
+    get_capped,
+    http_client,
+    prepare_file,
+)
+from shardcast.manifest import MAX_MANIFEST_BYTES, Manifest, open_manifest, shard_range
+from shardcast.shards import hash_range
+from shardcast.sources import SourcePicker
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = ".shardcast-manifest"
+MAX_LISTING_BYTES = 1024 * 1024
+LISTING_TIMEOUT = 10.0
+
+
+@dataclass
+class BadShardReport:
+    source: str
+    version: int
+    payload: str
+    shard: int
+
+
+@dataclass
+class FetchResult:
+    version: int
+    path: Path
+    payload_bytes: int
+    """Bytes that had to be transferred (delta payload for a delta version)."""
+    seconds: float
+    bad_shards: list[BadShardReport] = field(default_factory=list)
+
+
+class Client:
+    """Fetches signed versions from a set of sources (origin and/or relays) into `dest`."""
+
+    def __init__(
+        self,
+        sources: list[str],
+        dest: Path,
+        *,
+        public_key: bytes,
+        pool_id: str,
+        keep: int = 3,
+        policy: FetchPolicy | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.dest = Path(dest)
+        self.dest.mkdir(parents=True, exist_ok=True)
+        self.public_key = public_key
+        self.pool_id = pool_id
+        self.keep = keep
+        self.policy = policy or FetchPolicy()
+        self.picker = SourcePicker(sources)
+        self._http = http
+        self.bad_shards: list[BadShardReport] = []
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = http_client(self.policy)
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+    # -- what is where ---------------------------------------------------------------------
+
+    def local_versions(self) -> list[int]:
+        """Complete versions held in `dest`, oldest first."""
+        out = []
+        for d in self.dest.glob("v*"):
+            if d.name[1:].isdigit() and (d / MANIFEST_FILE).exists():
+                out.append(int(d.name[1:]))
+        return sorted(out)
+
+    def path_of(self, version: int) -> Path:
+        return self.dest / f"v{version}"
+
+    async def listings(self, after: int = -1, wait: float = 0.0) -> dict[str, dict]:
+        """Each reachable source's version listing (long-polling up to `wait` seconds)."""
+        out: dict[str, dict] = {}
+
+        async def one(url: str) -> None:
+            try:
+                with trio.fail_after(wait + LISTING_TIMEOUT):
+                    params = {"after": after, "wait": wait}
+                    status, body = await get_capped(
+                        self.http, f"{url}/versions", MAX_LISTING_BYTES, params
+                    )
+                if status != 200:
+                    raise ValueError(f"HTTP {status}")
+                data = json.loads(body)
+                if isinstance(data, dict) and isinstance(data.get("versions"), list):
+                    out[url] = data
+            except (httpx.HTTPError, trio.TooSlowError, ValueError, ResponseTooLarge) as e:
+                log.info("listing from %s failed: %s", url, e)
+
+        async with trio.open_nursery() as nursery:
+            for url in self.picker.stats:
+                nursery.start_soon(one, url)
+        return out
+
+    async def latest_version(
+        self, after: int = -1, wait: float = 0.0, skip: set[int] = frozenset()
+    ) -> int | None:
+        """Newest version any source lists, `skip` aside (a claim, checked when its manifest
+        is fetched)."""
+        best = None
+        for data in (await self.listings(after, wait)).values():
+            for v in data["versions"]:
+                if (
+                    isinstance(v, dict)
+                    and isinstance(v.get("version"), int)
+                    and v["version"] not in skip
+                ):
+                    best = v["version"] if best is None else max(best, v["version"])
+        return best
+
+    async def wait_for_newer(self, after: int, timeout: float) -> int | None:
+        """Long-poll the sources until one lists a version newer than `after`."""
+        with trio.move_on_after(timeout):
+            while True:
+                v = await self.latest_version(after, wait=min(timeout, 30.0))
+                if v is not None and v > after:
+                    return v
+        return None
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    async def fetch_manifest(self, version: int) -> tuple[Manifest, bytes]:
+        """The version's manifest from the best source that has a valid one."""
+        return await fetch_manifest(
+            self.http, self.picker, version, public_key=self.public_key, pool_id=self.pool_id
+        )
+
+    async def fetch(self, version: int | str = "latest", retries_on_gone: int = 3) -> FetchResult:
+        """Fetch `version` (or the newest listed) into `dest/v{N}` and return where it is.
+
+        With "latest", a version that disappears from every source mid-fetch is abandoned for
+        the newest one then listed (up to `retries_on_gone` times).
+        """
+        gone: set[int] = set()
+        for _ in range(retries_on_gone + 1):
+            if version == "latest":
+                # A version that turned out to be gone (or a lie of one source's listing) is
+                # not chosen again.
+                target = await self.latest_version(skip=gone)
+                if target is None:
+                    raise FetchError("no source lists any version")
+            else:
+                target = int(version)
+            try:
+                result = await self._fetch(target, depth=0)
+            except VersionGone:
+                if version != "latest":
+                    raise
+                log.info("version %d was dropped upstream; moving on to the newest", target)
+                gone.add(target)
+                continue
+            await self.prune(protect={target})
+            return result
+        raise FetchError(f"versions kept disappearing; gave up after {retries_on_gone + 1} tries")
+
+    async def _fetch(self, version: int, depth: int) -> FetchResult:
+        final = self.path_of(version)
+        if (final / MANIFEST_FILE).exists():
+            return FetchResult(version, final, 0, 0.0)
+        if depth > 1000:
+            raise FetchError("delta chain too long")
+        start = trio.current_time()
+        m, raw = await self.fetch_manifest(version)
+        reports_before = len(self.bad_shards)
+        if m.is_delta:
+            assert m.base is not None
+            if not (self.path_of(m.base) / MANIFEST_FILE).exists():
+                await self._fetch(m.base, depth + 1)
+            await self._fetch_delta(m, raw)
+        else:
+            await self._fetch_full(m, raw)
+        return FetchResult(
+            version,
+            final,
+            m.payload_bytes,
+            trio.current_time() - start,
+            self.bad_shards[reports_before:],
+        )
+
+    def _fetcher(self) -> ShardFetcher:
+        def report(url: str, version: int, job: ShardJob) -> None:
+            self.bad_shards.append(BadShardReport(url, version, job.name, job.index))
+
+        return ShardFetcher(self.http, self.picker, self.policy, on_corrupt=report)
+
+    async def _download(self, m: Manifest, folder: Path, resume: bool) -> None:
+        """Fetch every payload shard of `m` into `folder/<payload name>`, skipping shards a
+        previous, interrupted run already left there intact."""
+        jobs = []
+        for p in m.payload:
+            path = folder / p.name
+            existed = resume and path.exists() and path.stat().st_size == p.size
+            try:
+                if not existed:
+                    await trio.to_thread.run_sync(prepare_file, path, p.size)
+            except OSError as e:
+                raise disk_error(e, path) from None
+            for i, h in enumerate(p.shards):
+                off, length = shard_range(m, p, i)
+                if existed and await trio.to_thread.run_sync(hash_range, path, off, length) == h:
+                    continue
+                jobs.append(ShardJob(p.name, i, off, length, h, path))
+        await self._fetcher().fetch(m.version, jobs)
+
+    async def _fetch_full(self, m: Manifest, raw: bytes) -> None:
+        partial = self.dest / f".v{m.version}.partial"
+        resume = partial.exists()
+        partial.mkdir(exist_ok=True)
+        await self._download(m, partial, resume)
+        await self._finish(m, raw, partial)
+
+    async def _fetch_delta(self, m: Manifest, raw: bytes) -> None:
+        assert m.base is not None
+        base = self.path_of(m.base)
+        staging = self.dest / f".v{m.version}.delta"
+        resume = staging.exists()
+        staging.mkdir(exist_ok=True)
+        await self._download(m, staging, resume)
+        partial = self.dest / f".v{m.version}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        for p in m.payload:
+            out = partial / p.target
+            out.parent.mkdir(parents=True, exist_ok=True)
+            want = m.file(p.target).hash
+            try:
+                if p.encoding == "raw":
+                    await trio.to_thread.run_sync(os.replace, staging / p.name, out)
+                    continue
+                got = await trio.to_thread.run_sync(
+                    apply_delta, base / p.target, staging / p.name, out
+                )
+            except OSError as e:
+                raise disk_error(e, out) from None
+            if got != want:
+                raise DeltaError(
+                    f"v{m.version} {p.target}: rebuilt file hashes to {got[:16]}, "
+                    f"the manifest says {want[:16]}"
+                )
+        await self._finish(m, raw, partial)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    async def _finish(self, m: Manifest, raw: bytes, partial: Path) -> None:
+        """Make the version appear: manifest in, fsync, one rename."""
+
+        def commit() -> None:
+            (partial / MANIFEST_FILE).write_bytes(raw)
+            for root, _, files in os.walk(partial):
+                for name in files:
+                    fd = os.open(Path(root, name), os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            os.rename(partial, self.path_of(m.version))
+
+        try:
+            await trio.to_thread.run_sync(commit)
+        except OSError as e:
+            raise disk_error(e, partial) from None
+
+    async def prune(self, protect: set[int] = frozenset()) -> list[int]:
+        """Delete all but the newest `keep` complete versions (and stale partial folders)."""
+        held = self.local_versions()
+        gone = [v for v in held[: max(0, len(held) - self.keep)] if v not in protect]
+        for v in gone:
+            await trio.to_thread.run_sync(shutil.rmtree, self.path_of(v), True)
+        newest = held[-1] if held else -1
+        for d in self.dest.glob(".v*.*"):
+            num = d.name[2:].split(".")[0]
+            if num.isdigit() and int(num) < newest and int(num) not in protect:
+                await trio.to_thread.run_sync(shutil.rmtree, d, True)
+        return gone
+
+
+async def fetch_manifest(
+    http: httpx.AsyncClient,
+    picker: SourcePicker,
+    version: int,
+    *,
+    public_key: bytes,
+    pool_id: str,
+) -> tuple[Manifest, bytes]:
+    """Manifest of `version` (decoded, raw bytes) from the best source whose copy checks out.
+
+    A source that serves a bad manifest is scored as corrupt; VersionGone if every source
+    says it does not hold the version.
+    """
+    errors = []
+    tried: set[str] = set()
+    while True:
+        source = picker.pick(version, tried)
+        if source is None or source.url in tried:
+            break
+        tried.add(source.url)
+        try:
+            with trio.fail_after(LISTING_TIMEOUT):
+                status, body = await get_capped(
+                    http, f"{source.url}/v/{version}/manifest", MAX_MANIFEST_BYTES
+                )
+            if status == 404:
+                picker.record_missing(source, version)
+                errors.append(f"{source.url}: not held")
+                continue
+            if status != 200:
+                raise ManifestError(f"HTTP {status}")
+            m = open_manifest(body, public_key=public_key, pool_id=pool_id, version=version)
+            return m, body
+        except (ManifestError, ResponseTooLarge) as e:
+            picker.record_corrupt(source)
+            errors.append(f"{source.url}: {e}")
+        except (httpx.HTTPError, trio.TooSlowError) as e:
+            picker.record_failure(source)
+            errors.append(f"{source.url}: {type(e).__name__} {e}")
+    if errors and all(e.endswith("not held") for e in errors):
+        raise VersionGone(f"no source holds version {version}")
+    raise FetchError(f"no valid manifest for version {version}: {'; '.join(errors)}")

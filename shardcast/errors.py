@@ -1,0 +1,39 @@
+"""Errors shardcast raises on purpose; all are `SwarmError`s so callers at a trust boundary
+catch one family."""
+
+from protocol.errors import SwarmError
+
+
+class ShardcastError(SwarmError):
+    """Base of shardcast's errors."""
+
+
+class ManifestError(ShardcastError):
+    """A manifest is malformed, badly signed, or for another pool."""
+
+
+class FetchError(ShardcastError):
+    """A version could not be fetched: no source had it, retries ran out, or the disk failed."""
+
+
+class DeltaError(ShardcastError):
+    """A delta payload is malformed or does not reconstruct the files its manifest names."""
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The exception to raise for a nursery's group: its first `ShardcastError` when every
+    leaf is one (so callers catch plain errors), else the group itself (a bug, or a
+    cancellation, must not be hidden)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    if leaves and all(isinstance(e, ShardcastError) for e in leaves):
+        return leaves[0]
+    return group

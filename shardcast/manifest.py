@@ -1,0 +1,178 @@
+"""The signed manifest: what a version is, byte for byte.
+
+A manifest names the files a version ends up as (`files`: path, size, BLAKE3 hash) and the
+payload that is transferred to get there (`payload`: for a full version the files themselves,
+for a delta version one encoded delta per file). Each payload file is cut into shards of
+`shard_size` bytes with one BLAKE3 hash each, so a receiver checks every shard as it streams
+and knows exactly which source sent a bad one.
+
+On the wire a manifest is a `SignedManifest`: the msgpack body and the coordinator's ed25519
+signature of `DOMAIN + body`. Nothing in the body is read before the signature and the pool id
+are checked (`open_manifest`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from protocol.identity import Identity, verify_signature
+from protocol.wire import PublicKey, Signature
+from shardcast.errors import ManifestError
+
+# Domain separation: a manifest signature can never be replayed as another signed message.
+DOMAIN = b"swarmrl/shardcast/manifest/v1\n"
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+DEFAULT_SHARD_SIZE = 16 * 1024 * 1024
+
+Hash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+Size = Annotated[int, msgspec.Meta(ge=0, le=2**50)]
+# Relative POSIX paths without '..' or leading '/', so a manifest can never write outside the
+# folder it is fetched into.
+RelPath = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1, max_length=512, pattern=r"^(?!\.\.?(/|$))(?!.*/\.\.?(/|$))[^/\x00][^\x00]*$"
+    ),
+]
+
+
+class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class FileEntry(_Struct):
+    path: RelPath
+    size: Size
+    hash: Hash
+
+
+class PayloadFile(_Struct):
+    name: RelPath
+    """Name the payload file is served under (URL path below the version)."""
+    target: RelPath
+    """The file of `files` this payload produces."""
+    encoding: Literal["raw", "xor-zlib"]
+    size: Size
+    hash: Hash
+    shards: list[Hash]
+    """BLAKE3 of bytes [i * shard_size, (i + 1) * shard_size) of this payload file."""
+
+
+class Manifest(_Struct):
+    pool_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    version: Annotated[int, msgspec.Meta(ge=0)]
+    shard_size: Annotated[int, msgspec.Meta(ge=4096, le=2**31)]
+    files: list[FileEntry]
+    payload: list[PayloadFile]
+    base: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    """For a delta: the version whose files the deltas apply to."""
+    created: float = 0.0
+
+    @property
+    def is_delta(self) -> bool:
+        return self.base is not None
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(p.size for p in self.payload)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise ManifestError(f"version {self.version} has no file {path!r}")
+
+    def payload_file(self, name: str) -> PayloadFile:
+        for p in self.payload:
+            if p.name == name:
+                return p
+        raise ManifestError(f"version {self.version} has no payload file {name!r}")
+
+
+class SignedManifest(_Struct):
+    body: bytes
+    public_key: PublicKey
+    signature: Signature
+
+
+_body_decoder = msgspec.msgpack.Decoder(Manifest)
+_signed_decoder = msgspec.msgpack.Decoder(SignedManifest)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def check_consistent(m: Manifest) -> None:
+    """Refuse a manifest whose parts contradict each other (a signed bug is still a bug)."""
+    paths = [f.path for f in m.files]
+    if len(set(paths)) != len(paths):
+        raise ManifestError("manifest lists a file twice")
+    names = [p.name for p in m.payload]
+    if len(set(names)) != len(names):
+        raise ManifestError("manifest lists a payload file twice")
+    targets = set(paths)
+    for p in m.payload:
+        if p.target not in targets:
+            raise ManifestError(f"payload {p.name!r} targets unknown file {p.target!r}")
+        want = max(1, -(-p.size // m.shard_size))
+        if len(p.shards) != want:
+            raise ManifestError(f"payload {p.name!r} has {len(p.shards)} shards, expected {want}")
+    if {p.target for p in m.payload} != targets:
+        raise ManifestError("some files have no payload")
+    if m.base is None and any(p.encoding != "raw" for p in m.payload):
+        raise ManifestError("a full version carries only raw payload")
+    if m.base is not None and m.base >= m.version:
+        raise ManifestError("a delta's base must be an earlier version")
+
+
+def sign_manifest(m: Manifest, identity: Identity) -> bytes:
+    """Encode and sign `m`; returns the bytes that are served as the version's manifest."""
+    check_consistent(m)
+    body = _encoder.encode(m)
+    signed = SignedManifest(
+        body=body, public_key=identity.public_key, signature=identity.sign(DOMAIN + body)
+    )
+    return _encoder.encode(signed)
+
+
+def open_manifest(
+    data: bytes, *, public_key: bytes, pool_id: str, version: int | None = None
+) -> Manifest:
+    """Check and decode served manifest bytes.
+
+    Refuses (ManifestError) anything too large or malformed, signed by another key than the
+    pool's coordinator, for another pool, or (if `version` is given) for another version.
+    """
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest of {len(data)} bytes exceeds {MAX_MANIFEST_BYTES}")
+    try:
+        signed = _signed_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ManifestError(f"malformed manifest envelope: {e}") from None
+    if signed.public_key != public_key:
+        raise ManifestError(
+            f"manifest signed by {signed.public_key.hex()[:12]}, "
+            f"not by the pool's coordinator {public_key.hex()[:12]}"
+        )
+    if not verify_signature(public_key, DOMAIN + signed.body, signed.signature):
+        raise ManifestError("manifest signature does not verify")
+    try:
+        m = _body_decoder.decode(signed.body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ManifestError(f"malformed manifest: {e}") from None
+    if m.pool_id != pool_id:
+        raise ManifestError(f"manifest is for pool {m.pool_id!r}, not {pool_id!r}")
+    if version is not None and m.version != version:
+        raise ManifestError(f"asked for version {version}, got a manifest for {m.version}")
+    check_consistent(m)
+    return m
+
+
+def shard_range(m: Manifest, p: PayloadFile, index: int) -> tuple[int, int]:
+    """(offset, length) of shard `index` of payload file `p`."""
+    start = index * m.shard_size
+    return start, max(0, min(m.shard_size, p.size - start))

@@ -1,0 +1,271 @@
+"""The origin: turns checkpoint folders into signed versions and serves them.
+
+`publish` copies the folder into the store while hashing it (one read pass, in a worker
+thread), writes the payload (the files themselves, or XOR deltas against the previous
+version), signs the manifest with the coordinator's key and makes the version servable. The
+event loop is never blocked, so the origin keeps serving while it publishes. Versions are
+published in order, one at a time.
+
+The origin keeps the final files of its newest version in `tip-v{N}/` as the base of the next
+delta; full versions hardlink their payload to those files rather than storing them twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from protocol.identity import Identity
+from shardcast.delta import encode_delta
+from shardcast.errors import ShardcastError
+from shardcast.manifest import (
+    DEFAULT_SHARD_SIZE,
+    FileEntry,
+    Manifest,
+    PayloadFile,
+    open_manifest,
+    sign_manifest,
+)
+from shardcast.server import create_app, serve_app
+from shardcast.shards import hash_and_copy, list_files
+from shardcast.store import DEFAULT_KEEP, StoredVersion, VersionStore
+from shardcast.throttle import UploadThrottle
+
+log = logging.getLogger(__name__)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+class Origin:
+    def __init__(
+        self,
+        root: Path,
+        identity: Identity,
+        pool_id: str,
+        *,
+        keep: int = DEFAULT_KEEP,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        full_every: int = 10,
+        rate: float | None = None,
+    ) -> None:
+        if keep < 2:
+            raise ValueError("keep at least 2 versions (max staleness + 2)")
+        self.identity = identity
+        self.pool_id = pool_id
+        self.shard_size = shard_size
+        self.full_every = max(1, full_every)
+        self.store = VersionStore(root, keep)
+        self.store.load_existing(identity.public_key, pool_id)
+        self.bucket = UploadThrottle(rate) if rate else None
+        self.app = create_app(self.store, self.bucket)
+        self.url: str | None = None
+        self._lock = trio.Lock()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._tip: tuple[int, Path] | None = self._find_tip()
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    def _find_tip(self) -> tuple[int, Path] | None:
+        latest = self.store.latest()
+        tip = self.root / f"tip-v{latest}"
+        for d in self.root.glob("tip-v*"):
+            if d != tip:
+                shutil.rmtree(d, ignore_errors=True)
+        return (latest, tip) if latest is not None and tip.is_dir() else None
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the store over HTTP until cancelled; `task_status` gets the URL."""
+
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self.url = await nursery.start(serve_app, self.app, host, port)
+            task_status.started(self.url)
+
+    def publish_from_thread(self, folder: Path, version: int, *, delta: bool = True) -> Manifest:
+        """`publish` for a synchronous caller (a trainer loop in its own thread): runs on the
+        origin's event loop, which keeps serving, and returns once the version is live."""
+        return trio.from_thread.run(
+            partial(self.publish, folder, version, delta=delta), trio_token=self._token
+        )
+
+    async def follow_disk(self, interval: float = 0.25) -> None:
+        """Adopt versions another process (`shardcast publish`) adds to the store, and forget
+        those it prunes; runs until cancelled. A cheap stat of the root per tick."""
+        last = None
+        while True:
+            stamp = self.root.stat().st_mtime_ns
+            if stamp != last:
+                last = stamp
+                await self._rescan()
+            await trio.sleep(interval)
+
+    async def _rescan(self) -> None:
+        on_disk = {
+            int(d.name[1:]): d
+            for d in self.root.glob("v*")
+            if d.name[1:].isdigit() and (d / "complete").exists()
+        }
+        for v in [v for v in self.store.versions if v not in on_disk]:
+            await self.store.drop(v)
+        for v in sorted(set(on_disk) - set(self.store.versions)):
+            try:
+                data = await trio.to_thread.run_sync((on_disk[v] / "manifest").read_bytes)
+                m = open_manifest(
+                    data, public_key=self.identity.public_key, pool_id=self.pool_id, version=v
+                )
+            except (OSError, ShardcastError) as e:
+                log.warning("ignoring %s: %s", on_disk[v], e)
+                continue
+            self.store.add(StoredVersion(m, data, on_disk[v], complete=True))
+
+    def _next_is_full(self, version: int, delta: bool) -> bool:
+        if not delta or self._tip is None or self._tip[0] >= version:
+            return True
+        # Count back to the last full version: deltas beyond `full_every - 1` in a row would
+        # make late joiners replay a long chain.
+        steps, v = 0, self._tip[0]
+        while v is not None:
+            sv = self.store.versions.get(v)
+            if sv is None:
+                return True  # the chain is broken: the base is gone
+            steps += 1
+            if sv.manifest.base is None:
+                break
+            v = sv.manifest.base
+        return steps >= self.full_every
+
+    async def publish(self, folder: Path, version: int, *, delta: bool = True) -> Manifest:
+        """Publish `folder` as `version` (newer than any published one); returns its manifest.
+
+        With `delta`, the version is a delta against the previous one unless `full_every`
+        says it is time for a full one, or there is no previous version to diff against.
+        """
+        folder = Path(folder)
+        async with self._lock:
+            latest = self.store.latest()
+            if latest is not None and version <= latest:
+                raise ShardcastError(f"version {version} is not newer than {latest}")
+            if not folder.is_dir():
+                raise ShardcastError(f"{folder} is not a folder")
+            full = self._next_is_full(version, delta)
+            base = None if full else self._tip
+            t0 = time.perf_counter()
+            m, data = await trio.to_thread.run_sync(self._build_locked, folder, version, base)
+            log.info(
+                "published v%d (%s, %.1f MB payload of %.1f MB) in %.2fs",
+                version,
+                "full" if base is None else f"delta on v{base[0]}",
+                m.payload_bytes / 1e6,
+                m.total_bytes / 1e6,
+                time.perf_counter() - t0,
+            )
+            sv = StoredVersion(m, data, self.store.folder(version), complete=True)
+            self.store.add(sv)
+            old_tip = self._tip
+            self._tip = (version, self.root / f"tip-v{version}")
+            if old_tip is not None:
+                await trio.to_thread.run_sync(shutil.rmtree, old_tip[1], True)
+            await self.store.prune()
+            return m
+
+    def _delta_payload(
+        self, base_file: Path, new_file: Path, out_dir: Path, name: str, size: int
+    ) -> PayloadFile | None:
+        """Write `name`'s XOR delta; None (and no file) when it is no smaller than the file
+        itself, e.g. when every fp32 weight changed."""
+        pname = name + ".xor"
+        out = out_dir / pname
+        out.parent.mkdir(parents=True, exist_ok=True)
+        encode_delta(base_file, new_file, out)
+        psize, phash, pshards = hash_and_copy(out, None, self.shard_size)
+        if psize >= size:
+            out.unlink()
+            return None
+        return PayloadFile(
+            name=pname, target=name, encoding="xor-zlib", size=psize, hash=phash, shards=pshards
+        )
+
+    def _build_locked(
+        self, folder: Path, version: int, base: tuple[int, Path] | None
+    ) -> tuple[Manifest, bytes]:
+        # Another process (a second `shardcast publish`) may share this store.
+        with open(self.root / ".publish.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.store.folder(version).exists():
+                raise ShardcastError(f"version {version} already exists in {self.root}")
+            return self._build(folder, version, base)
+
+    def _build(
+        self, folder: Path, version: int, base: tuple[int, Path] | None
+    ) -> tuple[Manifest, bytes]:
+        """Blocking: copy + hash the files, write the payload and signed manifest."""
+        names = list_files(folder)
+        if not names:
+            raise ShardcastError(f"{folder} has no files to publish")
+        tip = self.root / f".tip-v{version}.tmp"
+        vdir = self.root / f".v{version}.tmp"
+        for d in (tip, vdir):
+            shutil.rmtree(d, ignore_errors=True)
+        files: list[FileEntry] = []
+        payload: list[PayloadFile] = []
+        for name in names:
+            dst = tip / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            size, digest, shards = hash_and_copy(folder / name, dst, self.shard_size)
+            files.append(FileEntry(path=name, size=size, hash=digest))
+            base_file = base[1] / name if base is not None else None
+            delta_entry = None
+            if base_file is not None and base_file.is_file():
+                delta_entry = self._delta_payload(base_file, dst, vdir / "payload", name, size)
+            if delta_entry is not None:
+                payload.append(delta_entry)
+            else:
+                _link_or_copy(dst, vdir / "payload" / name)
+                payload.append(
+                    PayloadFile(
+                        name=name,
+                        target=name,
+                        encoding="raw",
+                        size=size,
+                        hash=digest,
+                        shards=shards,
+                    )
+                )
+        m = Manifest(
+            pool_id=self.pool_id,
+            version=version,
+            shard_size=self.shard_size,
+            files=files,
+            payload=payload,
+            base=base[0] if base is not None else None,
+            created=time.time(),
+        )
+        data = sign_manifest(m, self.identity)
+        # Round-trip through the receivers' own check: never serve what clients would refuse.
+        open_manifest(data, public_key=self.identity.public_key, pool_id=self.pool_id)
+        (vdir / "manifest").write_bytes(data)
+        (vdir / "complete").touch()
+        os.rename(vdir, self.store.folder(version))
+        os.rename(tip, self.root / f"tip-v{version}")
+        return m, data

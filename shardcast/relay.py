@@ -1,0 +1,217 @@
+"""The relay: mirrors versions from one or more upstreams and re-serves them.
+
+It long-polls each upstream's `/versions`, so it hears of a new version as soon as the
+upstream has it. It then fetches the signed manifest (checked against the pool's key),
+announces the version at once and mirrors its shards from all upstreams, each shard
+becoming servable the moment it is verified (cut-through): a client or a deeper relay that
+asks early simply waits for that shard. Per-shard retries are bounded; a version that every
+upstream stops listing or answers 404 for is abandoned and dropped, and the relay goes on
+with newer ones. Its own retention keeps the newest `keep` versions and their delta chains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import httpx
+import trio
+
+from shardcast.client import MAX_LISTING_BYTES, fetch_manifest
+from shardcast.errors import FetchError, ShardcastError
+from shardcast.fetcher import (
+    FetchPolicy,
+    ResponseTooLarge,
+    ShardFetcher,
+    ShardJob,
+    disk_error,
+    get_capped,
+    http_client,
+    prepare_file,
+)
+from shardcast.manifest import Manifest, shard_range
+from shardcast.server import create_app, serve_app
+from shardcast.sources import SourcePicker
+from shardcast.store import DEFAULT_KEEP, StoredVersion, VersionStore
+from shardcast.throttle import UploadThrottle
+
+log = logging.getLogger(__name__)
+
+
+class Relay:
+    def __init__(
+        self,
+        upstreams: list[str],
+        root: Path,
+        *,
+        public_key: bytes,
+        pool_id: str,
+        keep: int = DEFAULT_KEEP,
+        rate: float | None = None,
+        policy: FetchPolicy | None = None,
+        shard_wait: float = 30.0,
+        poll_wait: float = 25.0,
+    ) -> None:
+        if not upstreams:
+            raise ShardcastError("a relay needs at least one upstream")
+        self.upstreams = [u.rstrip("/") for u in upstreams]
+        self.public_key = public_key
+        self.pool_id = pool_id
+        # Few shards in flight upstream: shards then complete one after another and each is
+        # re-served at once (cut-through); many parallel shards would all finish together
+        # at the end, which is store-and-forward again.
+        self.policy = policy or FetchPolicy(parallel=3)
+        self.poll_wait = poll_wait
+        self.store = VersionStore(root, keep)
+        self.store.load_existing(public_key, pool_id)
+        self.bucket = UploadThrottle(rate) if rate else None
+        self.app = create_app(self.store, self.bucket, shard_wait=shard_wait)
+        self.picker = SourcePicker(self.upstreams)
+        self.url: str | None = None
+        self.bad_upstreams: list[tuple[str, int, str, int]] = []
+        self.abandoned: set[int] = set()
+        self._listed: dict[str, dict[int, int | None]] = {}
+        self._mirroring: dict[int, trio.CancelScope] = {}
+        self._http: httpx.AsyncClient | None = None
+
+    async def run(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve and follow the upstreams until cancelled; `task_status` gets the URL."""
+        self._http = http_client(self.policy)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.url = await nursery.start(serve_app, self.app, host, port)
+                for url in self.upstreams:
+                    nursery.start_soon(self._follow, url, nursery)
+                task_status.started(self.url)
+        finally:
+            await self._http.aclose()
+
+    async def _follow(self, upstream: str, nursery: trio.Nursery) -> None:
+        """Long-poll one upstream forever; a dead upstream is retried with capped backoff."""
+        assert self._http is not None
+        after = -1
+        failures = 0
+        while True:
+            try:
+                with trio.fail_after(self.poll_wait + 10):
+                    status, body = await get_capped(
+                        self._http,
+                        f"{upstream}/versions",
+                        MAX_LISTING_BYTES,
+                        {"after": after, "wait": self.poll_wait},
+                    )
+                if status != 200:
+                    raise ValueError(f"HTTP {status}")
+                listing = _parse_listing(json.loads(body))
+            except (httpx.HTTPError, trio.TooSlowError, ValueError, ResponseTooLarge) as e:
+                failures += 1
+                delay = min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
+                log.info("upstream %s: %s; retrying in %.1fs", upstream, e, delay)
+                await trio.sleep(delay)
+                continue
+            failures = 0
+            self._listed[upstream] = listing
+            if listing:
+                after = max(after, max(listing))
+            await self._reconcile(nursery)
+
+    def _wanted(self) -> set[int]:
+        """The newest `keep` versions any upstream lists, plus their delta chains."""
+        bases: dict[int, int | None] = {}
+        for listing in self._listed.values():
+            bases.update(listing)
+        wanted: set[int] = set()
+        for v in sorted(bases, reverse=True)[: self.store.keep]:
+            while v is not None and v not in wanted and v in bases:
+                wanted.add(v)
+                v = bases[v]
+        return wanted
+
+    async def _reconcile(self, nursery: trio.Nursery) -> None:
+        listed = set().union(*(set(x) for x in self._listed.values()))
+        # A version still being mirrored that no upstream lists any more will never finish.
+        for v, scope in list(self._mirroring.items()):
+            if v not in listed:
+                log.info("v%d was dropped upstream; abandoning it", v)
+                scope.cancel()
+        for v in sorted(self._wanted()):
+            if v in self.store.versions or v in self._mirroring or v in self.abandoned:
+                continue
+            if self.store.versions and v < min(self.store.retained()):
+                continue  # older than anything we keep: it would be pruned at once
+            scope = trio.CancelScope()
+            self._mirroring[v] = scope
+            nursery.start_soon(self._mirror, v, scope)
+
+    async def _mirror(self, version: int, scope: trio.CancelScope) -> None:
+        assert self._http is not None
+        sv: StoredVersion | None = None
+        try:
+            with scope:
+                m, raw = await fetch_manifest(
+                    self._http,
+                    self.picker,
+                    version,
+                    public_key=self.public_key,
+                    pool_id=self.pool_id,
+                )
+                folder = self.store.folder(version)
+                jobs = []
+                try:
+                    await trio.to_thread.run_sync(self._prepare, folder, raw, m)
+                except OSError as e:
+                    raise disk_error(e, folder) from None
+                for p in m.payload:
+                    path = folder / "payload" / p.name
+                    for i, h in enumerate(p.shards):
+                        off, length = shard_range(m, p, i)
+                        jobs.append(ShardJob(p.name, i, off, length, h, path))
+                sv = StoredVersion(m, raw, folder, complete=False)
+                self.store.add(sv)  # announced now: downstream may start asking for shards
+
+                def report(url: str, v: int, job: ShardJob) -> None:
+                    self.bad_upstreams.append((url, v, job.name, job.index))
+
+                fetcher = ShardFetcher(self._http, self.picker, self.policy, on_corrupt=report)
+                await fetcher.fetch(version, jobs, on_done=lambda j: sv.mark(j.name, j.index))
+                log.info("mirrored v%d (%d bytes)", version, m.payload_bytes)
+                for gone in await self.store.prune():
+                    if gone in self._mirroring:
+                        self._mirroring[gone].cancel()
+            if scope.cancelled_caught:
+                self.abandoned.add(version)
+                await self.store.drop(version)
+        except FetchError as e:
+            log.warning("giving up on v%d: %s", version, e)
+            self.abandoned.add(version)
+            await self.store.drop(version)
+        finally:
+            self._mirroring.pop(version, None)
+
+    @staticmethod
+    def _prepare(folder: Path, raw: bytes, m: Manifest) -> None:
+        (folder / "payload").mkdir(parents=True, exist_ok=True)
+        (folder / "manifest").write_bytes(raw)
+        for p in m.payload:
+            prepare_file(folder / "payload" / p.name, p.size)
+
+
+def _parse_listing(data: object) -> dict[int, int | None]:
+    """{version: base} from an untrusted listing; anything malformed is skipped (the
+    manifests themselves are checked before use)."""
+    out: dict[int, int | None] = {}
+    if not isinstance(data, dict) or not isinstance(data.get("versions"), list):
+        raise ValueError("listing is not a {'versions': [...]} object")
+    for item in data["versions"]:
+        if isinstance(item, dict) and isinstance(item.get("version"), int):
+            base = item.get("base")
+            out[item["version"]] = base if isinstance(base, int) else None
+    return out

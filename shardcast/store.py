@@ -1,0 +1,161 @@
+"""Versions on disk and what a server may say about them.
+
+Layout under a store root:
+    v{N}/manifest        the signed manifest bytes, exactly as served
+    v{N}/payload/<name>  payload files (complete, or being filled shard by shard on a relay)
+    v{N}/complete        marker: every shard is held and verified
+
+A `StoredVersion` tracks which shards are verified; servers wait on it to serve a shard the
+moment it lands (cut-through). The store also holds the retention rule: the newest `keep`
+versions stay, and so does every version one of them needs to be rebuilt (its delta base
+chain), so a late joiner can always reach a retained version.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import trio
+
+from shardcast.errors import ManifestError
+from shardcast.manifest import Manifest, open_manifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEEP = 4  # max_staleness (2 by default) + 2
+
+
+class StoredVersion:
+    def __init__(self, manifest: Manifest, manifest_bytes: bytes, folder: Path, complete: bool):
+        self.manifest = manifest
+        self.manifest_bytes = manifest_bytes
+        self.folder = folder
+        self.dropped = False
+        self._have = {p.name: [complete] * len(p.shards) for p in manifest.payload}
+        self._missing = 0 if complete else sum(len(p.shards) for p in manifest.payload)
+        self._changed = trio.Event()
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def complete(self) -> bool:
+        return self._missing == 0
+
+    def payload_path(self, name: str) -> Path:
+        return self.folder / "payload" / name
+
+    def has(self, name: str, index: int) -> bool:
+        return self._have[name][index]
+
+    def mark(self, name: str, index: int) -> None:
+        """Record that shard `index` of `name` is on disk and verified; wake waiting servers."""
+        if not self._have[name][index]:
+            self._have[name][index] = True
+            self._missing -= 1
+            if self._missing == 0:
+                (self.folder / "complete").touch()
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def drop(self) -> None:
+        self.dropped = True
+        self._changed.set()
+
+    async def wait_for(self, name: str, index: int, timeout: float) -> bool:
+        """Wait until the shard is held; False on timeout or if the version was dropped."""
+        with trio.move_on_after(timeout):
+            while not self._have[name][index]:
+                if self.dropped:
+                    return False
+                await self._changed.wait()
+            return not self.dropped
+        return False
+
+
+class VersionStore:
+    def __init__(self, root: Path, keep: int) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        self.versions: dict[int, StoredVersion] = {}
+        self._changed = trio.Event()
+
+    def folder(self, version: int) -> Path:
+        return self.root / f"v{version}"
+
+    def load_existing(self, public_key: bytes, pool_id: str) -> None:
+        """Adopt complete versions left by an earlier run; delete incomplete ones."""
+        for d in sorted(self.root.glob("v*")):
+            if not d.is_dir() or not d.name[1:].isdigit():
+                continue
+            try:
+                data = (d / "manifest").read_bytes()
+                m = open_manifest(data, public_key=public_key, pool_id=pool_id)
+            except (OSError, ManifestError) as e:  # a leftover we cannot trust is removed
+                log.warning("removing unusable stored version %s: %s", d, e)
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            if (d / "complete").exists() and m.version == int(d.name[1:]):
+                self.versions[m.version] = StoredVersion(m, data, d, complete=True)
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def add(self, sv: StoredVersion) -> None:
+        self.versions[sv.version] = sv
+        self._notify()
+
+    def get(self, version: int) -> StoredVersion | None:
+        sv = self.versions.get(version)
+        return None if sv is None or sv.dropped else sv
+
+    def latest(self) -> int | None:
+        return max(self.versions, default=None)
+
+    def listing(self) -> dict:
+        return {
+            "latest": self.latest(),
+            "versions": [
+                {"version": v, "base": sv.manifest.base, "complete": sv.complete}
+                for v, sv in sorted(self.versions.items())
+            ],
+        }
+
+    async def wait_newer(self, after: int, timeout: float) -> None:
+        """Long-poll: return once a version newer than `after` exists, or after `timeout`."""
+        with trio.move_on_after(timeout):
+            while (self.latest() or -1) <= after:
+                await self._changed.wait()
+
+    async def drop(self, version: int) -> None:
+        sv = self.versions.pop(version, None)
+        if sv is not None:
+            sv.drop()
+            self._notify()
+            # Open streams keep their file descriptors; removing the folder is safe on POSIX.
+            await trio.to_thread.run_sync(shutil.rmtree, sv.folder, True)
+
+    def retained(self) -> set[int]:
+        """The newest `keep` versions and every version their delta chains need."""
+        keep: set[int] = set()
+        for v in sorted(self.versions, reverse=True)[: self.keep]:
+            while v is not None and v not in keep:
+                keep.add(v)
+                sv = self.versions.get(v)
+                v = sv.manifest.base if sv is not None else None
+        return keep
+
+    async def prune(self) -> list[int]:
+        gone = [v for v in self.versions if v not in self.retained()]
+        for v in gone:
+            await self.drop(v)
+        return gone
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()

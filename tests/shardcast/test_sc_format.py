@@ -1,0 +1,211 @@
+"""Manifest signing and checks, shard hashing, and the XOR delta format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import blake3
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.identity import Identity
+from shardcast.delta import apply_delta, encode_delta
+from shardcast.errors import DeltaError, ManifestError
+from shardcast.manifest import (
+    FileEntry,
+    Manifest,
+    PayloadFile,
+    SignedManifest,
+    open_manifest,
+    sign_manifest,
+)
+from shardcast.shards import hash_and_copy, list_files
+
+H = "ab" * 32
+
+
+def manifest(**kw) -> Manifest:
+    fields = dict(
+        pool_id="p",
+        version=3,
+        shard_size=4096,
+        files=[FileEntry(path="a/model.bin", size=5000, hash=H)],
+        payload=[
+            PayloadFile(
+                name="a/model.bin",
+                target="a/model.bin",
+                encoding="raw",
+                size=5000,
+                hash=H,
+                shards=[H, H],
+            )
+        ],
+    )
+    fields.update(kw)
+    return Manifest(**fields)
+
+
+def test_signed_manifest_round_trips(identity: Identity) -> None:
+    data = sign_manifest(manifest(), identity)
+    m = open_manifest(data, public_key=identity.public_key, pool_id="p", version=3)
+    assert m == manifest()
+
+
+def test_manifest_for_another_pool_is_refused(identity: Identity) -> None:
+    data = sign_manifest(manifest(pool_id="other"), identity)
+    with pytest.raises(ManifestError, match="for pool 'other'"):
+        open_manifest(data, public_key=identity.public_key, pool_id="p")
+
+
+def test_manifest_signed_by_another_key_is_refused(identity: Identity) -> None:
+    data = sign_manifest(manifest(), Identity.generate())
+    with pytest.raises(ManifestError, match="not by the pool's coordinator"):
+        open_manifest(data, public_key=identity.public_key, pool_id="p")
+
+
+def test_manifest_with_bad_signature_is_refused(identity: Identity) -> None:
+    signed = msgspec.msgpack.decode(sign_manifest(manifest(), identity), type=SignedManifest)
+    body = msgspec.msgpack.encode(manifest(version=4))  # a relay bumps the version
+    forged = msgspec.msgpack.encode(
+        SignedManifest(body=body, public_key=signed.public_key, signature=signed.signature)
+    )
+    with pytest.raises(ManifestError, match="signature does not verify"):
+        open_manifest(forged, public_key=identity.public_key, pool_id="p")
+
+
+def test_manifest_for_another_version_is_refused(identity: Identity) -> None:
+    data = sign_manifest(manifest(), identity)
+    with pytest.raises(ManifestError, match="asked for version 2"):
+        open_manifest(data, public_key=identity.public_key, pool_id="p", version=2)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 10, os.urandom(300), b"\x93\x01\x02\x03"])
+def test_garbage_manifest_is_refused(identity: Identity, data: bytes) -> None:
+    with pytest.raises(ManifestError):
+        open_manifest(data, public_key=identity.public_key, pool_id="p")
+
+
+@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../x", "./a", "a/./b", "a\x00b"])
+def test_manifest_paths_cannot_escape_the_folder(identity: Identity, path: str) -> None:
+    m = manifest(
+        files=[FileEntry(path=path, size=1, hash=H)],
+        payload=[PayloadFile(name=path, target=path, encoding="raw", size=1, hash=H, shards=[H])],
+    )
+    body = msgspec.msgpack.encode(m)
+    data = msgspec.msgpack.encode(
+        SignedManifest(
+            body=body,
+            public_key=identity.public_key,
+            signature=identity.sign(b"swarmrl/shardcast/manifest/v1\n" + body),
+        )
+    )
+    with pytest.raises(ManifestError, match="malformed"):
+        open_manifest(data, public_key=identity.public_key, pool_id="p")
+
+
+def test_inconsistent_manifest_is_refused(identity: Identity) -> None:
+    bad = manifest(
+        payload=[
+            PayloadFile(
+                name="a/model.bin",
+                target="a/model.bin",
+                encoding="raw",
+                size=5000,
+                hash=H,
+                shards=[H],  # 5000 bytes at 4096 per shard need two
+            )
+        ]
+    )
+    with pytest.raises(ManifestError, match="expected 2"):
+        sign_manifest(bad, identity)
+
+
+@settings(max_examples=30, deadline=None)
+@given(size=st.integers(0, 20000), shard=st.sampled_from([4096, 5000, 8192]))
+def test_shard_hashes_cover_the_file(tmp_path_factory, size: int, shard: int) -> None:
+    d = tmp_path_factory.mktemp("h")
+    data = os.urandom(size)
+    (d / "f").write_bytes(data)
+    got_size, digest, shards = hash_and_copy(d / "f", d / "copy", shard)
+    assert got_size == size
+    assert digest == blake3.blake3(data).hexdigest()
+    want = [blake3.blake3(data[i : i + shard]).hexdigest() for i in range(0, size, shard)]
+    assert shards == (want or [blake3.blake3(b"").hexdigest()])
+    assert (d / "copy").read_bytes() == data
+
+
+def test_list_files_skips_hidden_state(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_text("b")
+    (tmp_path / "a").write_text("a")
+    (tmp_path / ".shardcast-manifest").write_text("x")
+    assert list_files(tmp_path) == ["a", "sub/b"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    base=st.binary(max_size=5000),
+    target=st.binary(max_size=5000),
+    flips=st.lists(st.integers(0, 4999), max_size=20),
+    block=st.sampled_from([8, 64, 1024, 1 << 20]),
+)
+def test_delta_reconstructs_exactly(tmp_path_factory, base, target, flips, block) -> None:
+    d = tmp_path_factory.mktemp("d")
+    # Half the cases: a target close to the base, as between training steps.
+    if flips:
+        t = bytearray(base)
+        for i in flips:
+            if i < len(t):
+                t[i] ^= 0x5A
+        target = bytes(t)
+    (d / "base").write_bytes(base)
+    (d / "target").write_bytes(target)
+    encode_delta(d / "base", d / "target", d / "delta", block_size=block)
+    digest = apply_delta(d / "base", d / "delta", d / "out")
+    assert (d / "out").read_bytes() == target
+    assert digest == blake3.blake3(target).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("changed", [0.001, 0.03, 0.5])
+def test_delta_of_weights_is_small_and_exact(tmp_path: Path, dtype, changed: float) -> None:
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal(600_000) * 0.02).astype(dtype)
+    v = w.copy()
+    idx = rng.choice(len(w), size=int(len(w) * changed), replace=False)
+    v[idx] = np.nextafter(v[idx], dtype(1))  # one ulp: the typical small-lr change
+    (tmp_path / "a").write_bytes(w.tobytes())
+    (tmp_path / "b").write_bytes(v.tobytes())
+    size = encode_delta(tmp_path / "a", tmp_path / "b", tmp_path / "d")
+    apply_delta(tmp_path / "a", tmp_path / "d", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == v.tobytes()
+    # Smaller than the changed elements alone would be, stored as they are.
+    assert size < w.nbytes * max(changed, 0.002) * 0.9
+
+
+def test_delta_of_identical_files_is_tiny(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    (tmp_path / "a").write_bytes(data)
+    (tmp_path / "b").write_bytes(data)
+    assert encode_delta(tmp_path / "a", tmp_path / "b", tmp_path / "d") < 100
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "block"])
+def test_malformed_delta_is_a_clear_error(tmp_path: Path, damage: str) -> None:
+    (tmp_path / "a").write_bytes(os.urandom(10000))
+    (tmp_path / "b").write_bytes(os.urandom(10000))
+    encode_delta(tmp_path / "a", tmp_path / "b", tmp_path / "d", block_size=4096)
+    raw = bytearray((tmp_path / "d").read_bytes())
+    if damage == "truncate":
+        raw = raw[:30]
+    elif damage == "magic":
+        raw[:4] = b"NOPE"
+    else:
+        raw[40] ^= 0xFF
+    (tmp_path / "d").write_bytes(bytes(raw))
+    with pytest.raises(DeltaError):
+        apply_delta(tmp_path / "a", tmp_path / "d", tmp_path / "out")

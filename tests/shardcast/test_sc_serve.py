@@ -1,0 +1,382 @@
+"""Origin, relay and client in one process: HTTP semantics, resume, retention, faults."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import StreamingResponse
+from sc_helpers import POOL_ID, SHARD, make_checkpoint, nudge_checkpoint, same_tree
+
+from protocol.identity import Identity
+from shardcast.client import Client
+from shardcast.errors import FetchError
+from shardcast.fetcher import FetchPolicy
+from shardcast.origin import Origin
+from shardcast.relay import Relay
+from shardcast.server import serve_app
+
+FAST = FetchPolicy(parallel=4, max_attempts=4, backoff=0.01, read_timeout=5.0)
+
+
+def client(sources: list[str], dest: Path, identity: Identity, **kw) -> Client:
+    kw.setdefault("policy", FAST)
+    return Client(sources, dest, public_key=identity.public_key, pool_id=POOL_ID, **kw)
+
+
+@pytest.mark.trio
+async def test_range_requests(tmp_path: Path, identity: Identity) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=0.5)
+    data = (ck / "model.safetensors").read_bytes()
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
+        url = await nursery.start(origin.serve)
+        await origin.publish(ck, 1)
+        f = f"{url}/v/1/f/model.safetensors"
+        r = await http.get(f)
+        assert r.status_code == 200 and r.content == data
+        r = await http.get(f, headers={"Range": "bytes=10-99"})
+        assert r.status_code == 206 and r.content == data[10:100]
+        assert r.headers["content-range"] == f"bytes 10-99/{len(data)}"
+        r = await http.get(f, headers={"Range": "bytes=100000-"})
+        assert r.content == data[100000:]
+        r = await http.get(f, headers={"Range": "bytes=-10"})
+        assert r.content == data[-10:]
+        for bad in (f"bytes={len(data)}-", "bytes=5-1", "items=1-2", "bytes=1-2,4-5"):
+            r = await http.get(f, headers={"Range": bad})
+            assert r.status_code == 416, bad
+        assert (await http.get(f"{url}/v/9/manifest")).status_code == 404
+        assert (await http.get(f"{url}/v/1/f/nope")).status_code == 404
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_slow_client_does_not_block_others(tmp_path: Path, identity: Identity) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    make_checkpoint(tmp_path / "ck", mb=8)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
+        url = await nursery.start(origin.serve)
+        await origin.publish(tmp_path / "ck", 1)
+        host, port = url.removeprefix("http://").split(":")
+        # A client that asks for the big file and never reads: its socket buffers fill up.
+        stalled = socket.create_connection((host, int(port)))
+        stalled.sendall(b"GET /v/1/f/model.safetensors HTTP/1.1\r\nHost: x\r\n\r\n")
+        await trio.sleep(0.2)
+        with trio.fail_after(2):
+            r = await http.get(f"{url}/v/1/manifest")
+            assert r.status_code == 200
+            r = await http.get(f"{url}/v/1/f/config.json")
+            assert r.status_code == 200
+        stalled.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_long_poll_hears_of_new_version_at_once(tmp_path: Path, identity: Identity) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    make_checkpoint(tmp_path / "ck", mb=0.1)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        c = client([url], tmp_path / "c", identity)
+
+        async def publish_later() -> None:
+            await trio.sleep(0.3)
+            await origin.publish(tmp_path / "ck", 5)
+
+        nursery.start_soon(publish_later)
+        t0 = trio.current_time()
+        assert await c.wait_for_newer(-1, timeout=10) == 5
+        assert trio.current_time() - t0 < 2.0
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_rate_cap_holds(tmp_path: Path, identity: Identity) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, rate=4e6)
+    make_checkpoint(tmp_path / "ck", mb=2)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        await origin.publish(tmp_path / "ck", 1)
+        c = client([url], tmp_path / "c", identity)
+        r = await c.fetch(1)
+        # 2 MB at 4 MB/s: about 0.5 s (minus the bucket's small initial burst).
+        assert 0.35 < r.seconds < 3.0
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_full_then_delta_then_keep(tmp_path: Path, identity: Identity) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, full_every=3, keep=4)
+    ck = make_checkpoint(tmp_path / "ck", mb=1)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        c = client([url], tmp_path / "c", identity, keep=2)
+        manifests = []
+        for v in range(1, 6):
+            if v > 1:
+                nudge_checkpoint(ck, seed=v)
+            manifests.append(await origin.publish(ck, v))
+            r = await c.fetch(v)
+            assert same_tree(r.path, ck)
+        # full every 3: v1 full, v2 v3 deltas, v4 full, v5 delta
+        assert [m.base for m in manifests] == [None, 1, 2, None, 4]
+        assert manifests[1].payload_bytes < manifests[0].payload_bytes / 5
+        assert c.local_versions() == [4, 5]
+        # The origin keeps 4 versions plus what they need: v2..v5 and v1 (v2's base).
+        assert sorted(origin.store.versions) == [1, 2, 3, 4, 5]
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_client_without_base_fetches_the_chain(tmp_path: Path, identity: Identity) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=1)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        await origin.publish(ck, 1)
+        nudge_checkpoint(ck, seed=2)
+        await origin.publish(ck, 2)
+        nudge_checkpoint(ck, seed=3)
+        m = await origin.publish(ck, 3)
+        assert m.base == 2
+        c = client([url], tmp_path / "late", identity)
+        r = await c.fetch("latest")
+        assert r.version == 3 and same_tree(r.path, ck)
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_resume_fetches_only_missing_shards(tmp_path: Path, identity: Identity) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=1)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        await origin.publish(ck, 1)
+        # An interrupted earlier run: the first half of the weights is in place.
+        partial = tmp_path / "c" / ".v1.partial"
+        partial.mkdir(parents=True)
+        data = (ck / "model.safetensors").read_bytes()
+        half = bytearray(len(data))
+        half[: len(data) // 2] = data[: len(data) // 2]
+        (partial / "model.safetensors").write_bytes(bytes(half))
+        c = client([url], tmp_path / "c", identity)
+        await c.fetch(1)
+        fetched = c.picker.stats[url].bytes
+        assert fetched < len(data) * 0.6
+        assert same_tree(tmp_path / "c" / "v1", ck)
+        assert not partial.exists()
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def _garbage_server(mode: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A TCP server that answers every request with broken HTTP."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await stream.receive_some(65536)
+            if mode == "garbage":
+                await stream.send_all(os.urandom(2000))
+            elif mode == "truncated":
+                await stream.send_all(
+                    b"HTTP/1.1 206 Partial Content\r\nContent-Length: 65536\r\n"
+                    b"Content-Range: bytes 0-65535/100\r\n\r\n" + b"x" * 100
+                )
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        task_status.started(f"http://127.0.0.1:{port}")
+        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("mode", ["garbage", "truncated"])
+async def test_broken_http_source(tmp_path: Path, identity: Identity, mode: str) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=0.5)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        bad = await nursery.start(_garbage_server, mode)
+        await origin.publish(ck, 1)
+        # Alone, the broken source gives a clear error and no folder.
+        c = client([bad], tmp_path / "alone", identity)
+        with pytest.raises(FetchError):
+            await c.fetch(1)
+        assert c.local_versions() == [] and not (tmp_path / "alone" / "v1").exists()
+        await c.aclose()
+        # Beside a good one, the fetch completes.
+        c = client([bad, url], tmp_path / "both", identity)
+        r = await c.fetch(1)
+        assert same_tree(r.path, ck)
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_missing_file_upstream_is_a_clear_error(tmp_path: Path, identity: Identity) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=0.5)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        await origin.publish(ck, 1)
+        (tmp_path / "o" / "v1" / "payload" / "config.json").unlink()
+        c = client([url], tmp_path / "c", identity)
+        with pytest.raises(FetchError, match=r"config\.json"):
+            await c.fetch(1)
+        assert not (tmp_path / "c" / "v1").exists()
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_relay_cut_through_and_chain(tmp_path: Path, identity: Identity) -> None:
+    """Origin -> relay A -> relay B -> client, with the origin slow: the client finishes
+    soon after the origin has sent the last byte, not after three full hops."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, rate=2e6)
+    ck = make_checkpoint(tmp_path / "ck", mb=2)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        kw = dict(public_key=identity.public_key, pool_id=POOL_ID, poll_wait=5, policy=FAST)
+        a = Relay([url], tmp_path / "a", **kw)
+        a_url = await nursery.start(a.run)
+        b = Relay([a_url], tmp_path / "b", **kw)
+        b_url = await nursery.start(b.run)
+        c = client([b_url], tmp_path / "c", identity)
+        t0 = trio.current_time()
+        await origin.publish(ck, 1)
+        assert await c.wait_for_newer(-1, timeout=10) == 1
+        r = await c.fetch(1)
+        elapsed = trio.current_time() - t0
+        assert same_tree(r.path, ck)
+        one_hop = 2.0e6 / 2e6
+        assert elapsed < one_hop * 1.8, elapsed  # store-and-forward would take ~3x
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_lying_listing_does_not_stall_latest(tmp_path: Path, identity: Identity) -> None:
+    """A source that lists a version nobody holds: "latest" gives up on it and takes the
+    newest real one."""
+    liar = FastAPI()
+
+    @liar.get("/versions")
+    async def versions() -> dict:
+        return {"latest": 999, "versions": [{"version": 999, "base": None, "complete": True}]}
+
+    @liar.get("/v/{version}/manifest")
+    async def manifest(version: int) -> None:
+        raise HTTPException(404)
+
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=0.2)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        liar_url = await nursery.start(serve_app, liar, "127.0.0.1", 0)
+        await origin.publish(ck, 1)
+        c = client([liar_url, url], tmp_path / "c", identity)
+        r = await c.fetch("latest")
+        assert r.version == 1 and same_tree(r.path, ck)
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_cut_transfer_resumes_elsewhere(tmp_path: Path, identity: Identity) -> None:
+    """A source that sends the first half of each range and drops the connection: the
+    client keeps those bytes and fetches only the rest from the other source."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=1)
+    cutter = FastAPI()
+    upstream: list[str] = []
+
+    @cutter.get("/v/{version}/manifest")
+    async def manifest(version: int):
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"{upstream[0]}/v/{version}/manifest")
+        return StreamingResponse(iter([r.content]), status_code=r.status_code)
+
+    @cutter.get("/v/{version}/f/{name:path}")
+    async def payload(version: int, name: str, request: Request):
+        async with httpx.AsyncClient() as http:
+            r = await http.get(
+                f"{upstream[0]}/v/{version}/f/{name}", headers={"Range": request.headers["range"]}
+            )
+        half = r.content[: len(r.content) // 2]
+        headers = {k: r.headers[k] for k in ("content-range", "content-length")}
+
+        async def pieces():
+            # In pieces, so the client has received them before the connection drops.
+            for i in range(0, len(half), 4096):
+                yield half[i : i + 4096]
+                await trio.sleep(0.002)
+
+        return StreamingResponse(pieces(), status_code=206, headers=headers)
+
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        upstream.append(url)
+        cut_url = await nursery.start(serve_app, cutter, "127.0.0.1", 0)
+        await origin.publish(ck, 1)
+        # The cutter looks fastest at first (optimistic prior, listed first).
+        c = client([cut_url, url], tmp_path / "c", identity)
+        r = await c.fetch(1)
+        assert same_tree(r.path, ck) and r.bad_shards == []
+        cut, good = c.picker.stats[cut_url], c.picker.stats[url]
+        total = sum(f.stat().st_size for f in ck.rglob("*") if f.is_file())
+        assert cut.failed > 0 and cut.bytes > 0
+        assert cut.bytes + good.bytes == total  # nothing fetched twice
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_publish_from_a_trainer_thread(tmp_path: Path, identity: Identity) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=0.5)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        m = await trio.to_thread.run_sync(origin.publish_from_thread, ck, 1)
+        assert m.version == 1 and origin.store.latest() == 1
+        c = client([url], tmp_path / "c", identity)
+        assert same_tree((await c.fetch(1)).path, ck)
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_relay_refuses_manifest_of_another_key(tmp_path: Path, identity: Identity) -> None:
+    """An upstream whose versions are signed by someone else: the relay never announces
+    them and scores the upstream as corrupt."""
+    impostor = Origin(tmp_path / "bad", Identity.generate(), POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=0.2)
+    async with trio.open_nursery() as nursery:
+        bad_url = await nursery.start(impostor.serve)
+        relay = Relay(
+            [bad_url],
+            tmp_path / "r",
+            public_key=identity.public_key,
+            pool_id=POOL_ID,
+            poll_wait=1,
+            policy=FAST,
+        )
+        await nursery.start(relay.run)
+        await impostor.publish(ck, 1)
+        await trio.sleep(1.0)
+        assert relay.store.versions == {} and 1 in relay.abandoned
+        assert relay.picker.stats[bad_url].corrupt == 1
+        nursery.cancel_scope.cancel()
