@@ -79,6 +79,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bootstrap", action="append", metavar="MULTIADDR", help="pool member to dial (repeat)"
     )
+    p.add_argument(
+        "--listen", action="append", metavar="MULTIADDR", help="libp2p listen address (repeat)"
+    )
     p.add_argument("--engine", choices=["hf", "vllm"], help="inference engine")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--max-batch", type=int, help="most sequences generated at once")
@@ -93,6 +96,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         "key": args.key,
         "data_dir": args.data_dir,
         "bootstrap": args.bootstrap,
+        "listen": args.listen,
         "engine": args.engine,
         "device": args.device,
         "max_batch": args.max_batch,

@@ -61,6 +61,8 @@ def _split(make: Callable[[random.Random], Example], seed: int, n_train: int, n_
         seen.setdefault(ex.prompt, ex)
         attempts += 1
     examples = list(seen.values())
+    # A small prompt space (e.g. 2-digit copies: 100 prompts) keeps 80% for training.
+    n_test = min(n_test, len(examples) // 5)
     return examples[n_test:], examples[:n_test]
 
 

@@ -60,3 +60,8 @@ def test_render_plain_and_chat():
     task = make_task("arithmetic", 0)
     text = task.render(task.train[0], ChatTokenizer())
     assert text == f"<user>{task.train[0].prompt}<assistant>The answer is "
+
+
+def test_small_prompt_spaces_keep_most_for_training():
+    task = make_task("copy", 0, {"digits": 2})
+    assert len(task.train) == 80 and len(task.test) == 20
