@@ -86,6 +86,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--max-batch", type=int, help="most sequences generated at once")
     p.add_argument("--relay", type=int, metavar="PORT", help="also serve held weight shards")
+    p.add_argument("--relay-host", help="address the relay binds and announces")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key"
     )
@@ -101,6 +102,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         "device": args.device,
         "max_batch": args.max_batch,
         "relay_port": args.relay,
+        "relay_host": args.relay_host,
     }
     return load_node_config(args.config, flags, args.set)
 
@@ -134,6 +136,8 @@ def _join(args: argparse.Namespace) -> int:
         data_dir=Path(config.data_dir),
         listen=config.listen,
         device=config.device,
+        relay_port=config.relay_port,
+        relay_host=config.relay_host,
         max_leases=args.max_leases,
     )
     worker = Worker(identity, args.pool, engine, options)

@@ -29,6 +29,8 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_batch: Annotated[int, msgspec.Meta(ge=1)] = 32
     relay_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
     """Also serve the weight shards this node holds on this HTTP port."""
+    relay_host: str = "127.0.0.1"
+    """Address the relay binds and announces (a public address for nodes elsewhere)."""
 
     def resolved(self) -> NodeConfig:
         home = swarmrl_home()

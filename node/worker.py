@@ -30,6 +30,7 @@ from protocol.errors import DiscoveryError, RemoteError, SwarmError, TransportEr
 from protocol.host import Host, pool_topic
 from protocol.identity import Identity
 from shardcast.client import Client
+from shardcast.relay import Relay
 
 log = logging.getLogger("swarmrl.node")
 
@@ -65,7 +66,9 @@ class WorkerOptions:
     data_dir: Path
     listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     device: str = "cpu"
-    relay_url: str = ""
+    relay_port: int | None = None
+    """Also serve the weights this node holds to other nodes on this HTTP port."""
+    relay_host: str = "127.0.0.1"
     max_leases: int | None = None
     """Stop after this many leases (tests, benchmarks)."""
     backoff_max_s: float = 30.0
@@ -105,8 +108,15 @@ class Worker:
             spec = self.location.spec
             self.stats.state = "joining"
             reply = await self._join()
+            sources = list(reply.weights_urls)
+            if self.options.relay_port is not None:
+                relay_url = await nursery.start(self._relay, sources)
+                # Join again to tell the coordinator where we serve (joining is idempotent),
+                # and fetch through our own relay first: shards cross the network once.
+                await self._join(relay_url)
+                sources.insert(0, relay_url)
             self.client = Client(
-                reply.weights_urls,
+                sources,
                 self.options.data_dir / "weights" / self.pool_id,
                 public_key=bytes.fromhex(spec.coordinator.public_key),
                 pool_id=self.pool_id,
@@ -168,13 +178,13 @@ class Worker:
                 await trio.sleep(wait)
                 delay = min(delay * 2, self.options.backoff_max_s)
 
-    async def _join(self) -> msg.JoinReply:
+    async def _join(self, relay_url: str = "") -> msg.JoinReply:
         hardware = await trio.to_thread.run_sync(probe, self.options.device)
         request = msg.JoinRequest(
             hardware=hardware,
             engine=self.engine.name,
             software=package_version("swarmrl"),
-            relay_url=self.options.relay_url,
+            relay_url=relay_url,
         )
         reply = await self._retry("join", self._call, msg.JOIN_PROTOCOL, request, msg.JoinReply)
         if not reply.accepted:
@@ -184,6 +194,23 @@ class Worker:
         return reply
 
     # ------------------------------------------------------------------ weights
+
+    async def _relay(
+        self, upstreams: list[str], *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Re-serve the pool's weights to other nodes (`--relay PORT`)."""
+        spec = self.location.spec
+        relay = Relay(
+            upstreams,
+            self.options.data_dir / "relay" / self.pool_id,
+            public_key=bytes.fromhex(spec.coordinator.public_key),
+            pool_id=self.pool_id,
+            keep=spec.limits.max_staleness + 2,
+        )
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(relay.run, self.options.relay_host, self.options.relay_port)
+            log.info("relaying weights at %s", url)
+            task_status.started(url)
 
     async def _fetch_and_load(self, initial: bool = False) -> None:
         assert self.client is not None

@@ -95,3 +95,44 @@ def test_node_refuses_wrong_pool_and_graceful_stop(pool):
     good.kill(signal.SIGTERM)
     assert good.proc.returncode == 0, good.text()[-2000:]
     assert "node stopped" in good.text()
+
+
+def test_relaying_node_serves_weights_to_others(pool):
+    import subprocess
+    import sys
+
+    from tests.integration.pool import free_port
+
+    coordinator, nodes, tmp = pool
+    coordinator.start()
+    relay_port = free_port()
+    relayer = Node("relayer", tmp / "nodes")
+    nodes.append(relayer)
+    relayer.start(coordinator.pool_id, coordinator.bootstrap, "--relay", str(relay_port))
+    coordinator.wait_for(
+        lambda s: s["counts"]["submissions"] >= 1, 180, "the relaying node working"
+    )
+    relay_url = f"http://127.0.0.1:{relay_port}"
+    assert relay_url in coordinator.api("/api/status")["weights_urls"]
+    # another client, given only the relaying node as a source, gets verified weights
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shardcast",
+            "fetch",
+            "--source",
+            relay_url,
+            "--dest",
+            str(tmp / "other"),
+            "--pool",
+            str(coordinator.spec),
+            "--version",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp / "other" / "v0" / "model.safetensors").exists()
