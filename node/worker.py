@@ -22,6 +22,7 @@ from pathlib import Path
 
 import trio
 
+from node.behaviour import Behaviour
 from node.engine import Engine
 from node.hardware import probe
 from protocol import messages as msg
@@ -75,8 +76,16 @@ class WorkerOptions:
 
 
 class Worker:
-    def __init__(self, identity: Identity, pool_id: str, engine: Engine, options: WorkerOptions):
+    def __init__(
+        self,
+        identity: Identity,
+        pool_id: str,
+        engine: Engine,
+        options: WorkerOptions,
+        behaviour: Behaviour | None = None,
+    ):
         self.identity = identity
+        self.behaviour = behaviour or Behaviour()
         self.pool_id = pool_id
         self.engine = engine
         self.options = options
@@ -126,6 +135,7 @@ class Worker:
             await self._fetch_and_load(initial=True)
             nursery.start_soon(self._heartbeats, reply.heartbeat_s)
             nursery.start_soon(self._follow_versions)
+            nursery.start_soon(self.behaviour.alongside, self)
             await self._work()
             nursery.cancel_scope.cancel()
         if self.client is not None:
@@ -217,7 +227,7 @@ class Worker:
         result = await self._retry("weights", self.client.fetch, "latest")
         self._newest_fetched = max(self._newest_fetched, result.version)
         if initial or result.version > self.engine.version:
-            await trio.to_thread.run_sync(self.engine.load, result.path, result.version)
+            await trio.to_thread.run_sync(self._load, result.path, result.version)
             self.stats.version = result.version
             log.info(
                 "loaded weights v%d (%.1f MB fetched in %.1fs)",
@@ -262,11 +272,15 @@ class Worker:
     async def _swap_if_newer(self) -> None:
         """Between leases: load the newest complete version if it is newer than the engine's."""
         assert self.client is not None
-        held = self.client.local_versions()
-        if held and held[-1] > self.engine.version:
-            await trio.to_thread.run_sync(self.engine.load, self.client.path_of(held[-1]), held[-1])
-            self.stats.version = held[-1]
-            log.info("swapped to weights v%d", held[-1])
+        chosen = self.behaviour.choose_version(self.client.local_versions(), self.engine.version)
+        if chosen is not None and chosen != self.engine.version:
+            await trio.to_thread.run_sync(self._load, self.client.path_of(chosen), chosen)
+            self.stats.version = chosen
+            log.info("swapped to weights v%d", chosen)
+
+    def _load(self, folder: Path, version: int) -> None:
+        self.engine.load(folder, version)
+        self.behaviour.on_load(self.engine, version)
 
     # ------------------------------------------------------------------ work
 
@@ -320,7 +334,7 @@ class Worker:
         self.stats.state = f"generating lease {lease.lease_id}"
         t0 = time.perf_counter()
         with trio.CancelScope(shield=True):
-            results = await trio.to_thread.run_sync(self.engine.generate, lease)
+            results = await trio.to_thread.run_sync(self.behaviour.generate, self.engine, lease)
         self.stats.seconds_generating += time.perf_counter() - t0
         self.stats.tokens += sum(len(c.tokens) for r in results for c in r.completions)
         self.stats.rollouts += sum(len(r.completions) for r in results)
@@ -328,14 +342,19 @@ class Worker:
             lease_id=lease.lease_id, weight_version=self.engine.version, results=results
         )
         self.stats.state = f"submitting lease {lease.lease_id}"
-        receipt = await self._retry(
-            "submit", self._call, msg.SUBMIT_PROTOCOL, submission, msg.Receipt, 60.0
-        )
+        for sub in self.behaviour.submissions(submission, lease):
+            try:
+                receipt = await self._retry(
+                    "submit", self._call, msg.SUBMIT_PROTOCOL, sub, msg.Receipt, 60.0
+                )
+            except RemoteError as e:
+                log.warning("lease %d refused: %s", lease.lease_id, e)
+                continue
+            if not receipt.queued:
+                log.warning("lease %d not taken for validation: %s", lease.lease_id, receipt.reason)
         self.stats.leases += 1
         self._lease = None
         self.idle.set()
-        if not receipt.queued:
-            log.warning("lease %d not accepted for validation: %s", lease.lease_id, receipt.reason)
 
     async def release_current(self) -> None:
         """Give an unfinished lease back so another node does it now, not at its deadline."""

@@ -154,6 +154,8 @@ class Host:
         self.config = config
         self.verifier = verifier
         self.stats = HostStats()
+        self.on_refusal: Callable[[str, str, str], None] | None = None
+        """Called with (peer id, code, detail) whenever this host refuses a peer's request."""
         self._host = libp2p_host
         self._limiter = RateLimiter(config.requests_per_s, config.burst)
         self._pubsub: Any = None
@@ -563,17 +565,19 @@ class Host:
         wait = self._limiter.check(peer_id)
         if wait > 0:
             # Refused before reading the frame: an over-eager peer costs us one signature.
-            return self._error("rate_limited", "too many requests; slow down", wait), False
+            return self._error(
+                "rate_limited", "too many requests; slow down", wait, peer_id=peer_id
+            ), False
         try:
             with trio.fail_after(self.config.read_timeout_s):
                 header = start + await read_exactly(receive, HEADER_BYTES - 1)
                 data = await read_exactly(receive, parse_header(header, limit))
         except FrameTooLarge as e:
-            return self._error("too_large", str(e)), False
+            return self._error("too_large", str(e), peer_id=peer_id), False
         except ProtocolError as e:
-            return self._error("bad_request", str(e)), False
+            return self._error("bad_request", str(e), peer_id=peer_id), False
         except trio.TooSlowError:
-            return self._error("timeout", "request not received in time"), False
+            return self._error("timeout", "request not received in time", peer_id=peer_id), False
         try:
             verified = self.verifier.open(
                 data,
@@ -582,7 +586,7 @@ class Host:
                 allowed_signer=allowed_signer,
             )
         except ProtocolError as e:
-            return self._error("bad_request", str(e)), False
+            return self._error("bad_request", str(e), peer_id=peer_id), False
         try:
             with trio.fail_after(timeout):
                 response = await handler(verified)
@@ -596,19 +600,30 @@ class Host:
                 )
             reply = seal(self.identity, self.pool_id, response)
         except trio.TooSlowError:
-            return self._error("timeout", f"no answer within {timeout:g} s"), False
+            return self._error("timeout", f"no answer within {timeout:g} s", peer_id=peer_id), False
         except SwarmError as e:
-            return self._error("refused", str(e)), False
+            return self._error("refused", str(e), peer_id=peer_id), False
         except Exception:
             # A bug in one handler must not take the host down; the peer learns only that it
             # failed, the log gets the traceback.
             log.exception("handler of %s failed on a request from %s", protocol_id, peer_id)
-            return self._error("internal", "the server failed to handle this request"), False
+            return self._error(
+                "internal", "the server failed to handle this request", peer_id=peer_id
+            ), False
         self.stats.served += 1
         return reply, True
 
-    def _error(self, code: str, detail: str, retry_after_s: float = 0.0) -> bytes:
+    def _error(
+        self, code: str, detail: str, retry_after_s: float = 0.0, peer_id: str | None = None
+    ) -> bytes:
         self.stats.refuse(code)
+        if peer_id is not None and self.on_refusal is not None:
+            # e.g. the coordinator counts forged, malformed or replayed requests against the
+            # peer that sent them (the connection's identity, which cannot be faked)
+            try:
+                self.on_refusal(peer_id, code, detail)
+            except Exception:
+                log.exception("on_refusal callback failed")
         reply = ErrorReply(code=code, detail=detail[:256], retry_after_s=retry_after_s)
         return seal(self.identity, self.pool_id, reply)
 

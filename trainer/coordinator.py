@@ -24,7 +24,7 @@ from protocol import messages as msg
 from protocol import poolspec
 from protocol.discovery import PoolBook, make_pool_record, serve_discovery
 from protocol.envelope import Envelope, Verified
-from protocol.host import Host, HostConfig, pool_topic
+from protocol.host import Host, HostConfig, pool_topic, public_key_of_peer
 from protocol.identity import Identity, peer_id_of
 from protocol.poolspec import PoolSpec
 from protocol.wire import decode
@@ -47,6 +47,9 @@ log = logging.getLogger("swarmrl.coordinator")
 # Reputation: credit for good work is capped in the ledger; cheating costs more than it earns.
 ACCEPT_CREDIT = 1.0
 HARD_PENALTY = -3.0
+# A request the transport refused (forged, malformed, oversized, replayed) costs less than a
+# proven cheat: an honest node can hit one through a clock skew or a retried stream.
+TRANSPORT_PENALTY = -1.0
 
 
 @dataclass
@@ -168,6 +171,7 @@ class Coordinator:
             trio.open_nursery() as nursery,
         ):
             self._host = host
+            host.on_refusal = self._on_refusal
             origin_url = await nursery.start(
                 self.origin.serve, self.options.http_host, self.options.origin_port
             )
@@ -347,6 +351,26 @@ class Coordinator:
             )
         self._return_prompts([lease_id])
         return msg.Receipt(lease_id=lease_id, queued=False, reason="released")
+
+    def _on_refusal(self, peer_id: str, code: str, detail: str) -> None:
+        if code not in ("bad_request", "too_large"):
+            return  # rate limiting is the remedy for floods; timeouts are not proof of anything
+        key = public_key_of_peer(peer_id)
+        if self.ledger.node(key) is None:
+            return  # not a member: nothing to take away
+        reason = f"refused by the transport ({code}): {detail}"
+        _, banned = self.ledger.record_rejected(
+            key,
+            detail.encode()[:4096],
+            "hard",
+            reason[:512],
+            {"code": code},
+            time.time(),
+            TRANSPORT_PENALTY,
+            self.spec.limits.ban_threshold,
+        )
+        self.run_log.verdict("hard", "transport", 0.0)
+        self._note_ban(key, banned)
 
     # ------------------------------------------------------------------ loops
 
