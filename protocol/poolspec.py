@@ -57,6 +57,10 @@ class TaskSection(_Section):
     """Task options, e.g. { digits = 4 } or { path = "data.jsonl" }."""
     limit: int | None = None
     """Use only the first `limit` prompts of the training split."""
+    rewards: list[str] = []
+    """Reward functions as NAME or NAME*WEIGHT, summed: built-ins (exact_numeric, math_verify,
+    format, position_match, length_penalty) or a TRL-style function by import path
+    (package.module:function). Empty: the task's own."""
 
 
 class SamplingSection(_Section):

@@ -49,7 +49,7 @@ def create_api(coord: Coordinator) -> FastAPI:
     @app.get("/api/nodes")
     def nodes() -> list[dict[str, Any]]:
         """Every node that joined: hardware, status, counts, reputation."""
-        return [_node(n) for n in ledger.nodes()]
+        return [node_json(n) for n in ledger.nodes()]
 
     @app.get("/api/nodes/{key}")
     def node(key: str, limit: int = Query(50, le=500)) -> dict[str, Any]:
@@ -57,7 +57,18 @@ def create_api(coord: Coordinator) -> FastAPI:
         found = [n for n in ledger.nodes() if n["key"].hex().startswith(key.lower())]
         if len(found) != 1:
             raise HTTPException(404, "no such node" if not found else "ambiguous key prefix")
-        return {**_node(found[0]), "verdicts": _verdicts(coord, found[0]["key"], limit)}
+        out = {**node_json(found[0]), "verdicts": _verdicts(coord, found[0]["key"], limit)}
+        evidence = found[0]["ban_evidence"]
+        row = ledger.submission(evidence) if evidence is not None else None
+        if row is not None:
+            raw = row.pop("raw")
+            out["evidence"] = {
+                **row,
+                "node": row["node"].hex(),
+                "details": json.loads(row["details"] or "{}"),
+                "raw_bytes": len(raw),
+            }
+        return out
 
     @app.get("/api/verdicts")
     def verdicts(
@@ -82,19 +93,29 @@ def create_api(coord: Coordinator) -> FastAPI:
         node: str | None = None,
         min_reward: float | None = None,
         step: int | None = None,
+        max_reward: float | None = None,
+        verdict: str | None = None,
     ) -> list[dict[str, Any]]:
-        """The newest lines of the sample log, filtered."""
+        """The newest lines of the sample log, filtered (node: key prefix; step: the trainer's
+        step when the sample was accepted; verdict: accept, soft or hard)."""
         path = coord.run_log.folder / "samples.jsonl"
         if not path.exists():
             return []
         out = []
         for line in reversed(path.read_text().splitlines()[-20_000:]):
-            s = json.loads(line)
+            try:
+                s = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being appended right now
             if node and not str(s.get("node", "")).startswith(node):
                 continue
             if min_reward is not None and (s.get("reward") is None or s["reward"] < min_reward):
                 continue
+            if max_reward is not None and (s.get("reward") is None or s["reward"] > max_reward):
+                continue
             if step is not None and s.get("trainer_step") != step:
+                continue
+            if verdict and s.get("verdict") != verdict:
                 continue
             out.append(s)
             if len(out) >= limit:
@@ -122,10 +143,15 @@ def create_api(coord: Coordinator) -> FastAPI:
         """Prometheus metrics."""
         return Response(coord.run_log.prometheus(), media_type="text/plain; version=0.0.4")
 
+    from trainer.dashboard import mount_dashboard  # the pages read the endpoints above
+
+    mount_dashboard(app, coord)
     return app
 
 
-def _node(n: dict[str, Any]) -> dict[str, Any]:
+def node_json(n: dict[str, Any]) -> dict[str, Any]:
+    """A ledger node row as JSON, with its status: joined (no heartbeat yet), healthy, stale
+    (quiet for 30 s), gone (60 s) or banned."""
     out = {k: v for k, v in n.items() if k != "key"}
     out["key"] = n["key"].hex()
     out["hardware"] = json.loads(n["hardware"])
@@ -135,6 +161,8 @@ def _node(n: dict[str, Any]) -> dict[str, Any]:
         out["status"] = "gone"
     elif time.time() - n["last_seen"] > 30:
         out["status"] = "stale"
+    elif n["weight_version"] < 0:
+        out["status"] = "joined"
     else:
         out["status"] = "healthy"
     return out

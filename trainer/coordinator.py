@@ -39,6 +39,7 @@ from trainer.leases import LeaseBook
 from trainer.ledger import Ledger, LedgerError
 from trainer.metrics import RunLog
 from trainer.policy import PolicyStore
+from trainer.rewards import parse_rewards
 from trainer.tasks import make_task
 from trainer.validator import GroupPayload, LeaseView, Validator, Verdict
 
@@ -97,7 +98,13 @@ class Coordinator:
             )
         self.ledger.set_meta("pool_id", self.pool_id)
         self.run_log = RunLog(data / "logs", options.wandb_project, spec.name)
-        self.task = make_task(spec.task.name, spec.seed, dict(spec.task.options), spec.task.limit)
+        self.task = make_task(
+            spec.task.name,
+            spec.seed,
+            dict(spec.task.options),
+            spec.task.limit,
+            parse_rewards(spec.task.rewards, spec.sampling.max_new_tokens),
+        )
         self.model, self.tokenizer = load_model(spec.model.name, "float32", spec.model.init_seed)
         self.eos = tuple(eos_token_ids(self.model, self.tokenizer))
         keep = spec.limits.max_staleness + 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib
 import inspect
 import logging
 import math
@@ -16,6 +17,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from protocol.errors import SwarmError
 
 RewardFunc = Callable[..., Any]
 
@@ -110,6 +113,34 @@ BUILTIN: dict[str, RewardFunc] = {
     "format": format_reward,
     "position_match": position_match,
 }
+
+
+def parse_rewards(entries: Sequence[str], max_new_tokens: int = 256) -> list[WeightedReward]:
+    """`NAME` or `NAME*WEIGHT` entries: a built-in name, `length_penalty` (scaled to the
+    completion length cap, in characters), or `package.module:function`."""
+    out = []
+    for entry in entries:
+        name, _, weight = entry.partition("*")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise SwarmError(f"reward {entry!r}: weight {weight!r} is not a number") from None
+        name = name.strip()
+        if name == "length_penalty":
+            func = length_penalty(max_chars=max_new_tokens * 4)
+        elif name in BUILTIN:
+            func = BUILTIN[name]
+        elif ":" in name:
+            module, _, attr = name.partition(":")
+            try:
+                func = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as e:
+                raise SwarmError(f"reward {name!r} cannot be imported: {e}") from None
+        else:
+            known = ", ".join([*sorted(BUILTIN), "length_penalty", "package.module:function"])
+            raise SwarmError(f"unknown reward {name!r}; use one of {known}")
+        out.append(WeightedReward(func, w))
+    return out
 
 
 @dataclass(frozen=True)

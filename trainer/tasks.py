@@ -186,9 +186,14 @@ TASKS: dict[str, Callable[..., Task]] = {
 
 
 def make_task(
-    name: str, seed: int, options: dict[str, Any] | None = None, limit: int | None = None
+    name: str,
+    seed: int,
+    options: dict[str, Any] | None = None,
+    limit: int | None = None,
+    rewards: list[WeightedReward] | None = None,
 ) -> Task:
-    """Build a task by name; `limit` keeps the first N training prompts (X-R1-style subsets)."""
+    """Build a task by name; `limit` keeps the first N training prompts (X-R1-style subsets);
+    `rewards`, when given, replace the task's own reward functions."""
     if name not in TASKS:
         raise SwarmError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     try:
@@ -197,4 +202,6 @@ def make_task(
         raise SwarmError(f"bad options for task {name!r}: {e}") from None
     if limit is not None:
         task.train = task.train[:limit]
+    if rewards:
+        task.rewards = rewards
     return task

@@ -65,3 +65,37 @@ def test_render_plain_and_chat():
 def test_small_prompt_spaces_keep_most_for_training():
     task = make_task("copy", 0, {"digits": 2})
     assert len(task.train) == 80 and len(task.test) == 20
+
+
+def _rows(n):
+    return [{"question": f"q{i}?", "answer": f"steps\n#### {i}"} for i in range(n)]
+
+
+def test_gsm8k_from_parquet_and_a_local_datasets_folder(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list(_rows(10))
+    ds.to_parquet(str(tmp_path / "g.parquet"))
+    ds.save_to_disk(str(tmp_path / "folder"))
+    for path in (tmp_path / "g.parquet", tmp_path / "folder"):
+        task = make_task("gsm8k", 0, {"path": str(path)})
+        got = sorted(int(e.columns["answer"]) for e in task.train + task.test)
+        assert got == list(range(10))
+
+
+def test_pool_spec_rewards_replace_the_tasks(tmp_path):
+    from trainer.rewards import parse_rewards
+
+    rewards = parse_rewards(
+        ["exact_numeric*2", "format*0.5", "length_penalty", "trainer.rewards:position_match"],
+        max_new_tokens=8,
+    )
+    assert [r.weight for r in rewards] == [2.0, 0.5, 1.0, 1.0]
+    task = make_task("arithmetic", 0, rewards=rewards)
+    assert task.rewards == rewards
+    with pytest.raises(SwarmError, match="unknown reward"):
+        parse_rewards(["nope"])
+    with pytest.raises(SwarmError, match="not a number"):
+        parse_rewards(["format*x"])
+    with pytest.raises(SwarmError, match="cannot be imported"):
+        parse_rewards(["no_such_module:f"])
