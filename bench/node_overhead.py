@@ -1,12 +1,15 @@
 """What a node's verifiability costs: its full path against the bare engine, in one run.
 
-    bare:   transformers `generate` (KV cache, multinomial sampling), same prompts, same batch
-    node:   seeded Gumbel-max sampling + final-norm capture (capture_hf.generate), TOPLOC proofs,
-            then the signed submission sent over libp2p to a receiver on 127.0.0.1
+    transformers: `model.generate` (KV cache, multinomial sampling): what a user would run
+    engine:       the node's own KV-cache loop with the seeded sampler, capture off
+    node:         the same loop capturing final-norm rows, TOPLOC proofs, then the signed
+                  submission sent over libp2p to a receiver on 127.0.0.1
 
-Both generate the same prompts x G samples with the same batch and length cap; rounds
-alternate so machine noise hits both alike. The receiver answers with a receipt and does no
-validation, so the figure is the node's own cost.
+All generate the same prompts x G samples with the same batch and length cap; rounds alternate
+so machine noise hits all alike. The receiver answers with a receipt and does no validation, so
+the figure is the node's own cost. The overhead is node against engine (capture, proofs,
+signing, transport); the seeded sampler's own cost against `torch.multinomial` is measured
+separately on logits of the model's vocabulary.
 
     python bench/node_overhead.py                # SmolLM2-135M-Instruct (bf16), 4 prompts x 8
     python bench/node_overhead.py --model tiny --quick
@@ -27,11 +30,13 @@ import trio
 # The repo root first: bench/protocol.py would otherwise shadow the `protocol` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.engine import HFEngine
+from node.engine import HFEngine, sampling_params
 from protocol import messages as msg
 from protocol.host import Host
 from protocol.identity import Identity
+from toploc.capture_hf import generate
 from toploc.models import eos_token_ids, load_model, model_dir
+from toploc.sampling import SamplingParams, sample
 from trainer.tasks import make_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -91,6 +96,48 @@ def bare(model, tok, lease: msg.Lease, batch: int) -> tuple[float, int]:
     return time.perf_counter() - t0, tokens
 
 
+@torch.no_grad()
+def engine_loop(engine: HFEngine, lease: msg.Lease, batch: int) -> tuple[float, int]:
+    """The node's generation loop without capture or proofs; (seconds, tokens)."""
+    jobs = [(t.prompt_ids, t.seed, j) for t in lease.tasks for j in range(t.group_size)]
+    params, tokens, t0 = sampling_params(lease), 0, time.perf_counter()
+    for start in range(0, len(jobs), batch):
+        part = jobs[start : start + batch]
+        rollouts = generate(
+            engine.model,
+            [p for p, _, _ in part],
+            params,
+            [s for _, s, _ in part],
+            sample_indices=[j for *_, j in part],
+            pad_token_id=engine.pad_token_id,
+            capture=False,
+        )
+        tokens += sum(len(r.completion_ids) for r in rollouts)
+    return time.perf_counter() - t0, tokens
+
+
+def sampler_cost(vocab: int, batch: int, reps: int = 50) -> dict[str, float]:
+    """Milliseconds per decoding step: the seeded Gumbel-max sampler vs torch.multinomial."""
+    logits = torch.randn(batch, vocab)
+    params = SamplingParams(temperature=1.0)
+    idx = torch.arange(batch)
+
+    def seeded() -> None:
+        sample(logits, params, idx + 7, idx, idx)
+
+    def multinomial() -> None:
+        torch.multinomial(torch.softmax(logits, dim=-1), 1)
+
+    out = {}
+    for name, fn in (("seeded_ms", seeded), ("multinomial_ms", multinomial)):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        out[name] = (time.perf_counter() - t0) / reps * 1000
+    return out
+
+
 async def node_path(engine: HFEngine, lease: msg.Lease, pool: str) -> tuple[float, int, dict]:
     """The node's generation, proofs and signed submission to a receiver; (seconds, tokens,
     breakdown)."""
@@ -141,25 +188,37 @@ def main() -> None:
     rows = []
     for r in range(args.rounds):
         b_s, b_tok = bare(model, tok, lease, args.batch)
+        e_s, e_tok = engine_loop(engine, lease, args.batch)
         n_s, n_tok, parts = trio.run(node_path, engine, lease, "a" * 24)
         rows.append(
             {
                 "round": r,
                 "bare_s": b_s,
                 "bare_tokens": b_tok,
+                "engine_s": e_s,
+                "engine_tokens": e_tok,
                 "node_s": n_s,
                 "node_tokens": n_tok,
                 **parts,
             }
         )
-        print(f"round {r}: bare {b_tok / b_s:.1f} tok/s, node {n_tok / n_s:.1f} tok/s", flush=True)
-    bare_tps = statistics.median(r["bare_tokens"] / r["bare_s"] for r in rows)
-    node_tps = statistics.median(r["node_tokens"] / r["node_s"] for r in rows)
+        print(
+            f"round {r}: transformers {b_tok / b_s:.1f}, engine {e_tok / e_s:.1f}, "
+            f"node {n_tok / n_s:.1f} tok/s",
+            flush=True,
+        )
     sequences = args.prompts * args.group
-    bare_rps = statistics.median(sequences / r["bare_s"] for r in rows)
-    node_rps = statistics.median(sequences / r["node_s"] for r in rows)
+
+    def med(key: str) -> tuple[float, float]:
+        tps = statistics.median(r[f"{key}_tokens"] / r[f"{key}_s"] for r in rows)
+        return tps, statistics.median(sequences / r[f"{key}_s"] for r in rows)
+
+    (bare_tps, bare_rps), (engine_tps, engine_rps), (node_tps, node_rps) = map(
+        med, ("bare", "engine", "node")
+    )
     send = statistics.median(r["sign_send_s"] / r["node_s"] for r in rows)
-    overhead = 1 - node_tps / bare_tps
+    overhead = 1 - node_tps / engine_tps
+    sampler = sampler_cost(len(tok), args.batch)
     print()
     print(
         f"{args.model} ({dtype}), {args.prompts} prompts x {args.group} samples, batch "
@@ -167,13 +226,16 @@ def main() -> None:
     )
     print("| path | tokens/s | rollouts/s |")
     print("| --- | ---: | ---: |")
-    print(f"| bare transformers generate | {bare_tps:.1f} | {bare_rps:.2f} |")
+    print(f"| transformers generate | {bare_tps:.1f} | {bare_rps:.2f} |")
+    print(f"| engine loop (seeded sampler, no capture) | {engine_tps:.1f} | {engine_rps:.2f} |")
+    print(f"| node (+ capture, proofs, sign, send) | {node_tps:.1f} | {node_rps:.2f} |")
     print(
-        f"| node (seeded sampling, capture, proofs, sign, send) | {node_tps:.1f} | {node_rps:.2f} |"
+        f"node overhead over the engine: {overhead:+.1%} of tokens/s (target <= 10%); "
+        f"signing and sending {send:.1%} of the node's time"
     )
     print(
-        f"overhead in tokens/s: {overhead:+.1%} (target <= 10%); signing and sending "
-        f"{send:.1%} of the node's time"
+        f"seeded sampler {sampler['seeded_ms']:.2f} ms vs multinomial "
+        f"{sampler['multinomial_ms']:.2f} ms per step of {args.batch} x {len(tok)} logits"
     )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / ("node_overhead_quick.json" if args.quick else "node_overhead.json")
@@ -187,12 +249,15 @@ def main() -> None:
                 "batch": args.batch,
                 "max_new_tokens": args.max_new_tokens,
                 "rounds": rows,
-                "bare_tokens_per_s": bare_tps,
+                "transformers_tokens_per_s": bare_tps,
+                "engine_tokens_per_s": engine_tps,
                 "node_tokens_per_s": node_tps,
-                "bare_rollouts_per_s": bare_rps,
+                "transformers_rollouts_per_s": bare_rps,
+                "engine_rollouts_per_s": engine_rps,
                 "node_rollouts_per_s": node_rps,
                 "overhead": overhead,
                 "sign_send_fraction": send,
+                "sampler": sampler,
             },
             indent=2,
         )

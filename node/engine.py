@@ -54,7 +54,6 @@ class HFEngine:
         self.model = None
         self.pad_token_id = 0
         self.version = -1
-        self.tokens_generated = 0
         self.seconds_generating = 0.0
 
     def load(self, folder: Path, version: int) -> None:
@@ -73,16 +72,12 @@ class HFEngine:
         if self.model is None:
             raise RuntimeError("no weights loaded")
         params = sampling_params(lease)
-        jobs = [
-            (t, j, task.prompt_ids, task.seed)
-            for t, task in enumerate(lease.tasks)
-            for j in range(task.group_size)
-        ]
-        done: dict[tuple[int, int], msg.Completion] = {}
+        jobs = lease_jobs(lease)
+        rollouts = []
         t0 = time.perf_counter()
         for start in range(0, len(jobs), self.max_batch):
             part = jobs[start : start + self.max_batch]
-            rollouts = capture_hf.generate(
+            rollouts += capture_hf.generate(
                 self.model,
                 [p for _, _, p, _ in part],
                 params,
@@ -90,19 +85,34 @@ class HFEngine:
                 sample_indices=[j for _, j, _, _ in part],
                 pad_token_id=self.pad_token_id,
             )
-            for (t, j, _, _), r in zip(part, rollouts, strict=True):
-                done[(t, j)] = msg.Completion(
-                    tokens=r.completion_ids,
-                    logprobs=r.logprobs,
-                    finish_reason=r.finish_reason,
-                    proofs=toploc.build_proofs(r.hidden),
-                )
-                self.tokens_generated += len(r.completion_ids)
         self.seconds_generating += time.perf_counter() - t0
-        return [
-            msg.TaskResult(task_index=t, completions=[done[(t, j)] for j in range(task.group_size)])
-            for t, task in enumerate(lease.tasks)
-        ]
+        return prove(lease, jobs, rollouts)
+
+
+def lease_jobs(lease: msg.Lease) -> list[tuple[int, int, list[int], int]]:
+    """(task index, sample index, prompt ids, seed) for every completion a lease asks for."""
+    return [
+        (t, j, list(task.prompt_ids), task.seed)
+        for t, task in enumerate(lease.tasks)
+        for j in range(task.group_size)
+    ]
+
+
+def prove(lease: msg.Lease, jobs: list, rollouts: list) -> list[msg.TaskResult]:
+    """Proofs for each rollout, assembled into the lease's results (in task order)."""
+    done = {
+        (t, j): msg.Completion(
+            tokens=r.completion_ids,
+            logprobs=r.logprobs,
+            finish_reason=r.finish_reason,
+            proofs=toploc.build_proofs(r.hidden),
+        )
+        for (t, j, _, _), r in zip(jobs, rollouts, strict=True)
+    }
+    return [
+        msg.TaskResult(task_index=t, completions=[done[(t, j)] for j in range(task.group_size)])
+        for t, task in enumerate(lease.tasks)
+    ]
 
 
 def make_engine(name: str, device: str, max_batch: int, dtype: str | None = None) -> Engine:

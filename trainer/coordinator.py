@@ -429,10 +429,9 @@ class Coordinator:
         env = decode(row["raw"], Envelope, max_bytes=len(row["raw"]))
         submission = decode(env.body, msg.Submission)
         lease = self.ledger.lease(row["lease_id"])
+        signed = msgspec.msgpack.decode(lease["body"], type=msg.Lease)  # what the node was sent
         view = LeaseView(
-            tasks=lease["tasks"],
-            min_version=max(0, lease["weight_version"] - self.spec.limits.max_staleness),
-            sampling=self.sampling,
+            tasks=lease["tasks"], min_version=signed.min_version, sampling=self.sampling
         )
         with torch.no_grad():
             return self.validator.validate(submission, view, current), submission
@@ -543,9 +542,12 @@ class Coordinator:
                 self.lease_book.return_prompts([t["prompt_index"] for t in lease["tasks"]])
 
     def _backlog(self) -> int:
-        """Groups accepted but not trained, plus groups leased and not yet answered."""
+        """Groups accepted but not trained, plus groups leased and not yet answered, plus groups
+        submitted and not yet validated (without these, fast nodes outrun validation and the
+        queue's groups are stale by the time they are checked)."""
         pending = self.ledger.count_trainable(self.step + 1 - self.spec.limits.max_staleness)
-        return pending + self.ledger.open_lease_count() * self.spec.limits.lease_prompts
+        waiting = self.ledger.open_lease_count() + self.ledger.undecided_count()
+        return pending + waiting * self.spec.limits.lease_prompts
 
     def _backlog_limit(self) -> int:
         # Enough for the next steps inside the staleness window; more would only go stale.
