@@ -1,6 +1,11 @@
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# Tests use small matrices, where a second OpenMP thread only adds synchronisation: on a shared
+# 2-core machine it made matmuls up to 50x slower. Child processes get OMP_NUM_THREADS=1.
+torch.set_num_threads(1)
 
 # No test may reach a model hub: these machines have no network, and CI must not depend on one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

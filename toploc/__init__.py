@@ -1,0 +1,48 @@
+"""TOPLOC activation proofs, hidden-state capture and seeded sampling checks.
+
+Public API (see docs/toploc.md):
+
+- `build_proofs(hidden, chunk_size=32, topk=128) -> list[bytes]`
+- `verify_proofs(hidden, proofs, chunk_size=32, topk=128, thresholds=...) -> list[ChunkVerdict]`
+- `sample(...)`, `verify_sampling(logits, tokens, seed, params) -> SamplingVerdict`,
+  `verify_logprobs(...)`, `check_termination(...)`
+- `capture_hf.generate(...)` / `capture_hf.prefill(...)`; `capture_vllm` for vLLM
+- `models.load_model(name, dtype="float32", init_seed=0, device="cpu")`, `models.model_dir(name)`
+
+Submodules import torch but not transformers until `models` or `capture_hf` is used.
+"""
+
+from toploc.proof import CHUNK_SIZE, TOPK, P, ProofError, build_proofs, decode_proof
+from toploc.sampling import (
+    LogprobVerdict,
+    SamplingParams,
+    SamplingVerdict,
+    check_termination,
+    sample,
+    token_logprobs,
+    verify_logprobs,
+    verify_sampling,
+)
+from toploc.verify import DEFAULT_THRESHOLDS, ChunkVerdict, Thresholds, all_ok, verify_proofs
+
+__all__ = [
+    "CHUNK_SIZE",
+    "DEFAULT_THRESHOLDS",
+    "TOPK",
+    "ChunkVerdict",
+    "LogprobVerdict",
+    "P",
+    "ProofError",
+    "SamplingParams",
+    "SamplingVerdict",
+    "Thresholds",
+    "all_ok",
+    "build_proofs",
+    "check_termination",
+    "decode_proof",
+    "sample",
+    "token_logprobs",
+    "verify_logprobs",
+    "verify_proofs",
+    "verify_sampling",
+]

@@ -1,0 +1,94 @@
+"""Generation-time capture (padded batch, KV cache) agrees with the verifier's prefill."""
+
+import pytest
+import torch
+
+from toploc import (
+    SamplingParams,
+    all_ok,
+    build_proofs,
+    verify_logprobs,
+    verify_proofs,
+    verify_sampling,
+)
+from toploc.capture_hf import generate, prefill
+from toploc.models import eos_token_ids, load_model
+
+TEXTS = [
+    "1+1=",
+    "hello there, 123",
+    "abc",
+    "a much longer prompt: 98765 + 43210 = ?",
+    "x",
+    "Sort: 3 1 2",
+    "zz top",
+    "The quick brown fox jumps",
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_generation_capture_matches_prefill(dtype):
+    model, tok = load_model("tiny", dtype=dtype, init_seed=1)
+    params = SamplingParams(
+        temperature=1.0,
+        top_k=40,
+        top_p=0.95,
+        max_tokens=40,
+        eos_token_ids=tuple(eos_token_ids(model, tok)),
+    )
+    checked = 0
+    for batch in (1, 4, 16):
+        prompts = [
+            tok(TEXTS[i % len(TEXTS)] * (1 + i // len(TEXTS))).input_ids for i in range(batch)
+        ]
+        seeds = [1000 + batch + i for i in range(batch)]
+        rollouts = generate(
+            model,
+            prompts,
+            params,
+            seeds,
+            sample_indices=list(range(batch)),
+            pad_token_id=tok.pad_token_id,
+        )
+        assert len({len(p) for p in prompts}) > 1 or batch == 1
+        for r in rollouts:
+            (pf,) = prefill(model, [r.prompt_ids], [r.completion_ids])
+            assert r.hidden.shape == pf.hidden.shape == (len(r.completion_ids), 128)
+            verdicts = verify_proofs(pf.hidden, build_proofs(r.hidden))
+            assert all_ok(verdicts), [v.reason for v in verdicts]
+            s = verify_sampling(pf.logits, r.completion_ids, r.seed, params, r.sample_index)
+            assert s.ok, s.reason
+            lp = verify_logprobs(pf.logits, r.completion_ids, r.logprobs, params)
+            assert lp.ok, lp.reason
+            checked += 1
+    assert checked == 21
+
+
+def test_batched_prefill_matches_single_and_rows_are_the_right_ones():
+    model, tok = load_model("tiny", init_seed=2)
+    params = SamplingParams(temperature=1.0, max_tokens=12)
+    prompts = [tok(t).input_ids for t in TEXTS[:4]]
+    rollouts = generate(model, prompts, params, seeds=[0] * 4, pad_token_id=tok.pad_token_id)
+    batched = prefill(model, [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts])
+    for r, b in zip(rollouts, batched, strict=True):
+        (single,) = prefill(model, [r.prompt_ids], [r.completion_ids])
+        assert torch.allclose(b.hidden, single.hidden, atol=1e-5)
+        assert verify_sampling(b.logits, r.completion_ids, r.seed, params).ok
+        # A row off by one would verify against the wrong states.
+        shifted = torch.cat([single.hidden[1:], single.hidden[-1:]])
+        assert not all_ok(verify_proofs(shifted, build_proofs(r.hidden)))
+
+
+def test_eos_stops_a_row_and_finish_reason():
+    model, tok = load_model("tiny", init_seed=3)
+    eos = tuple(eos_token_ids(model, tok))
+    params = SamplingParams(temperature=1.5, max_tokens=200, eos_token_ids=eos)
+    prompts = [tok(t).input_ids for t in TEXTS]
+    rollouts = generate(model, prompts, params, seeds=list(range(8)), pad_token_id=tok.pad_token_id)
+    stopped = [r for r in rollouts if r.finish_reason == "stop"]
+    assert stopped
+    for r in rollouts:
+        assert len(r.completion_ids) == len(r.logprobs) == r.hidden.shape[0]
+        assert all(t not in eos for t in r.completion_ids[:-1])
+        if r.finish_reason == "length":
+            assert len(r.completion_ids) == 200

@@ -1,0 +1,159 @@
+"""Seeded Gumbel-max sampling: the hash, the sampler's distribution, and its replay check."""
+
+import math
+
+import torch
+
+from toploc import SamplingParams, check_termination, sample, verify_logprobs, verify_sampling
+from toploc.sampling import M32, allowed_mask, gumbel_at, row_keys, token_logprobs
+
+C1, C2, C3 = 0x7FEB352D, 0x31848BAB, 0x2C1B3C6D
+
+
+def py_mix(x: int) -> int:
+    """The hash with Python's unbounded integers: torch's int64 version must agree exactly
+    (so no intermediate overflowed, which is what makes CPU and GPU agree)."""
+    x ^= x >> 16
+    x = (x * C1) & M32
+    x ^= x >> 15
+    x = (x * C2) & M32
+    x ^= x >> 16
+    x = (x * C3) & M32
+    return x ^ (x >> 15)
+
+
+def py_key(seed: int, sample: int, pos: int) -> int:
+    k = py_mix((seed & M32) ^ 0x243F6A88)
+    k = py_mix(k ^ ((seed >> 32) & M32))
+    k = py_mix(k ^ (sample & M32))
+    return py_mix(k ^ (pos & M32))
+
+
+def test_hash_matches_unbounded_integer_arithmetic():
+    cases = [(0, 0, 0), (2**63 - 1, 7, 31), (123456789, 2**32 - 1, 4095), (2**40 + 5, 3, 0)]
+    seeds, samples, pos = (torch.tensor(c, dtype=torch.int64) for c in zip(*cases, strict=True))
+    keys = row_keys(seeds, samples, pos)
+    assert keys.tolist() == [py_key(*c) for c in cases]
+    noise_bits = []
+    for key in keys.tolist():
+        for tok in (0, 1, 49151):
+            noise_bits.append(py_mix(key ^ ((tok * 0x9E3779B1 + 0x68E31DA4) & M32)))
+    u = [(h + 0.5) / 2**32 for h in noise_bits]
+    expected = torch.tensor([-math.log(-math.log(x)) for x in u], dtype=torch.float64)
+    got = gumbel_at(keys, torch.tensor([[0, 1, 49151]] * len(cases))).reshape(-1)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_noise_depends_on_every_input_and_is_gumbel():
+    base = row_keys(torch.tensor([5]), torch.tensor([0]), torch.tensor([0]))
+    for other in (
+        row_keys(torch.tensor([6]), torch.tensor([0]), torch.tensor([0])),
+        row_keys(torch.tensor([5]), torch.tensor([1]), torch.tensor([0])),
+        row_keys(torch.tensor([5]), torch.tensor([0]), torch.tensor([1])),
+    ):
+        assert other.item() != base.item()
+    keys = row_keys(torch.full((64,), 9), torch.zeros(64), torch.arange(64))
+    g = gumbel_at(keys, torch.arange(4096).expand(64, -1))
+    assert abs(g.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni
+    assert abs(g.var().item() - math.pi**2 / 6) < 0.03
+
+
+def test_sampler_frequencies_follow_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
+    params = SamplingParams(temperature=0.7)
+    n = logits.shape[0]
+    toks = sample(logits, params, torch.full((n,), 3), torch.arange(n), torch.zeros(n))
+    freq = torch.bincount(toks, minlength=4).double() / n
+    expected = torch.softmax(logits[0].double() / 0.7, dim=0)
+    assert (freq - expected).abs().max() < 0.015
+
+
+def test_greedy_topk_topp():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 50, generator=g) * 3
+    n = logits.shape[0]
+    args = (torch.full((n,), 1), torch.zeros(n), torch.arange(n))
+    assert torch.equal(sample(logits, SamplingParams(temperature=0), *args), logits.argmax(-1))
+    top5 = logits.topk(5, dim=-1).indices
+    toks = sample(logits, SamplingParams(top_k=5), *args)
+    assert (toks[:, None] == top5).any(dim=1).all()
+    mask = allowed_mask(logits, SamplingParams(top_p=0.5))
+    probs = torch.softmax(logits.double(), -1)
+    kept = (probs * mask).sum(-1)
+    assert (kept >= 0.5).all()
+    # Removing the least likely kept token would drop below top_p.
+    least = probs.masked_fill(~mask, 2.0).min(-1).values
+    assert (kept - least < 0.5 + 1e-12).all()
+    assert mask.gather(1, sample(logits, SamplingParams(top_p=0.5), *args)[:, None]).all()
+
+
+def replay_setup(params, seed=42, n=40, vocab=64):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, vocab, generator=g) * 2
+    toks = sample(logits, params, torch.full((n,), seed), torch.full((n,), 3), torch.arange(n))
+    return logits, toks
+
+
+def test_honest_tokens_pass_and_noise_is_tolerated():
+    params = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_tokens=40)
+    logits, toks = replay_setup(params)
+    v = verify_sampling(logits, toks, 42, params, sample_index=3)
+    assert v.ok and v.violations == 0 and v.termination_ok
+    jitter = logits + 1e-5 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    assert verify_sampling(jitter, toks, 42, params, sample_index=3).ok
+
+
+def test_wrong_seed_sample_or_token_is_caught():
+    params = SamplingParams(temperature=1.0, max_tokens=40)
+    logits, toks = replay_setup(params)
+    assert verify_sampling(logits, toks, 43, params, sample_index=3).violations > 20
+    assert verify_sampling(logits, toks, 42, params, sample_index=4).violations > 20
+    changed = toks.clone()
+    changed[17] = (changed[17] + 1) % 64
+    v = verify_sampling(logits, changed, 42, params, sample_index=3)
+    assert not v.ok and v.violating_positions == [17]
+
+
+def test_termination():
+    p = SamplingParams(max_tokens=5, eos_token_ids=(2,))
+    assert check_termination([7, 8, 2], p) == (True, "stop")
+    assert check_termination([7, 8, 9, 9, 9], p) == (True, "length")
+    assert not check_termination([7, 8, 9], p)[0]  # truncated
+    assert not check_termination([7, 2, 9], p)[0]  # continues after EOS
+    assert not check_termination([7] * 6, p)[0]
+    assert not check_termination([], p)[0]
+
+
+def test_truncation_and_eos_forgery_are_caught():
+    params = SamplingParams(temperature=1.0, max_tokens=40, eos_token_ids=(0,))
+    logits, _ = replay_setup(params)
+    logits[:, 0] = -1e9  # no natural EOS
+    toks = sample(logits, params, torch.full((40,), 42), torch.full((40,), 3), torch.arange(40))
+    cut = verify_sampling(logits[:25], toks[:25], 42, params, sample_index=3)
+    assert not cut.ok and not cut.termination_ok and cut.violations == 0
+    forged = toks[:25].clone()
+    forged[-1] = 0
+    v = verify_sampling(logits[:25], forged, 42, params, sample_index=3)
+    assert not v.ok and v.violating_positions == [24]
+
+
+def test_bad_token_input_is_a_verdict():
+    params = SamplingParams(max_tokens=40)
+    logits, toks = replay_setup(params)
+    bad = toks.clone()
+    bad[0] = 10_000
+    assert not verify_sampling(logits, bad, 42, params).ok
+    assert not verify_sampling(logits, toks[:-1], 42, params).ok
+
+
+def test_logprob_check():
+    params = SamplingParams(temperature=0.8, max_tokens=40)
+    logits, toks = replay_setup(params)
+    lp = token_logprobs(logits, toks, 0.8)
+    assert verify_logprobs(logits, toks, lp.tolist(), params).ok
+    off = lp.clone()
+    off[3] += 0.01
+    v = verify_logprobs(logits, toks, off, params)
+    assert not v.ok and v.bad_positions == [3]
+    assert not verify_logprobs(logits, toks, lp[:-1], params).ok
+    assert not verify_logprobs(logits, toks, ["x"] * 40, params).ok

@@ -1,0 +1,198 @@
+"""Final-norm capture for Hugging Face causal LMs: during generation, and for the verifier.
+
+Both paths read the input of the LM head (the output of the final norm) through a forward
+hook, so they capture exactly the rows that produced the logits:
+
+- `generate`: a padded batch of prompts of different lengths, decoded with a KV cache and
+  the seeded sampler; for each completion token the row that produced it.
+- `prefill`: one forward pass over prompt + completion[:-1] per rollout; rows P-1 .. P+N-2
+  with their logits, for TOPLOC, the sampling check and the logprob check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from toploc.sampling import SamplingParams, sample, token_logprobs
+
+
+@dataclass
+class Rollout:
+    """One generated completion with what the node submits about it."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    hidden: torch.Tensor | None  # [N, H] final-norm rows in the model's dtype, on CPU
+    finish_reason: str  # "stop" (EOS sampled) or "length"
+    seed: int
+    sample_index: int
+
+
+@contextmanager
+def lm_head_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
+    """Collect the LM head's input of every forward pass while the context is open."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.append(args[0].detach())
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.int64)
+    mask = torch.zeros((len(seqs), width), dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.int64)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    seeds: Sequence[int],
+    sample_indices: Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    capture: bool = True,
+) -> list[Rollout]:
+    """Sample one completion per prompt (a padded batch, KV cache, seeded Gumbel-max) and
+    capture, for each completion token, the final-norm row that produced it."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if len(seeds) != len(prompts):
+        raise ValueError("one seed per prompt")
+    b = len(prompts)
+    device = model.device
+    samples = torch.as_tensor(list(sample_indices or [0] * b), dtype=torch.int64, device=device)
+    seed_t = torch.as_tensor(list(seeds), dtype=torch.int64, device=device)
+    eos = torch.as_tensor(list(params.eos_token_ids) or [-1], dtype=torch.int64, device=device)
+
+    ids, mask = _left_pad(prompts, pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = _positions(mask)
+    cache = DynamicCache()
+    tokens: list[torch.Tensor] = []
+    logps: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    lengths = torch.zeros(b, dtype=torch.int64, device=device)
+    step_ids = ids
+    with lm_head_inputs(model) if capture else _no_capture() as seen:
+        for t in range(params.max_tokens):
+            out = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1, :]
+            step_pos = torch.full((b,), t, dtype=torch.int64, device=device)
+            nxt = sample(logits, params, seed_t, samples, step_pos)
+            nxt = torch.where(done, torch.as_tensor(pad_token_id, device=device), nxt)
+            tokens.append(nxt)
+            logps.append(token_logprobs(logits, nxt, params.temperature))
+            if capture:
+                rows.append(seen[-1][:, -1, :].to("cpu", copy=True))
+                seen.clear()
+            lengths += (~done).to(torch.int64)
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+            step_ids = nxt[:, None]
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+            pos = pos[:, -1:] + 1
+
+    tok = torch.stack(tokens, dim=1).cpu()
+    lp = torch.stack(logps, dim=1).float().cpu()
+    hid = torch.stack(rows, dim=1) if capture else None
+    result = []
+    eos_set = set(params.eos_token_ids)
+    for i in range(b):
+        n = int(lengths[i])
+        comp = tok[i, :n].tolist()
+        result.append(
+            Rollout(
+                prompt_ids=list(prompts[i]),
+                completion_ids=comp,
+                logprobs=lp[i, :n].tolist(),
+                hidden=hid[i, :n].contiguous() if hid is not None else None,
+                finish_reason="stop" if comp and comp[-1] in eos_set else "length",
+                seed=int(seeds[i]),
+                sample_index=int(samples[i]),
+            )
+        )
+    return result
+
+
+@contextmanager
+def _no_capture() -> Iterator[list[torch.Tensor]]:
+    yield []
+
+
+@dataclass
+class Prefill:
+    """The verifier's recomputation for one rollout: rows P-1 .. P+N-2."""
+
+    hidden: torch.Tensor  # [N, H], model dtype
+    logits: torch.Tensor  # [N, V], model dtype
+
+
+@torch.no_grad()
+def prefill(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_token_id: int = 0,
+) -> list[Prefill]:
+    """One forward pass over prompt + completion[:-1] for each pair (left-padded batch);
+    returns the final-norm rows and logits that predicted each completion token."""
+    if len(prompts) != len(completions):
+        raise ValueError("one completion per prompt")
+    if any(len(p) == 0 for p in prompts) or any(len(c) == 0 for c in completions):
+        raise ValueError("prompts and completions need at least one token")
+    seqs = [list(p) + list(c)[:-1] for p, c in zip(prompts, completions, strict=True)]
+    ids, mask = _left_pad(seqs, pad_token_id)
+    device = model.device
+    ids, mask = ids.to(device), mask.to(device)
+    keep = max(len(c) for c in completions)
+    with lm_head_inputs(model) as seen:
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=_positions(mask),
+            use_cache=False,
+            logits_to_keep=keep,
+        )
+    hidden = seen[-1][:, -keep:, :]
+    logits = out.logits[:, -keep:, :]
+    result = []
+    for i, c in enumerate(completions):
+        n = len(c)
+        result.append(
+            Prefill(
+                hidden=hidden[i, keep - n :].to("cpu", copy=True),
+                logits=logits[i, keep - n :].to("cpu", copy=True),
+            )
+        )
+    return result

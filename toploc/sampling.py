@@ -1,0 +1,281 @@
+"""Seeded Gumbel-max sampling that a validator can replay, and its checks.
+
+token_t = argmax over allowed v of  logits[v] / T + g(seed, sample, t, v)
+
+where g is Gumbel noise from a counter-based 32-bit integer hash of (seed, sample index,
+completion position t, token id), computed with int64 tensor ops whose products stay below
+2^63, so CPU and GPU give the same bits (no device RNG). Temperature, then top-k, then top-p
+restrict the allowed set deterministically; T = 0 is greedy (no noise).
+
+The validator recomputes the logits, replays the noise and counts positions where the
+submitted token's score is more than `tolerance / T` below the best allowed competitor
+(numeric noise between the node's engine and the validator's prefill can flip a near tie,
+the tolerance absorbs it); see docs/toploc.md for the calibration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+M32 = 0xFFFFFFFF
+# Odd multipliers below 2^31: a 32-bit value times one stays below 2^63, so int64 never
+# overflows (overflow behaviour could differ between devices).
+_C1 = 0x7FEB352D
+_C2 = 0x31848BAB
+_C3 = 0x2C1B3C6D
+_TOKEN_SALT = 0x68E31DA4
+
+# Calibrated tolerances in logit units (docs/toploc.md): the largest honest logit error seen
+# between generation and prefill, times a safety margin.
+DEFAULT_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.25, torch.bfloat16: 1.0}
+# The same for the probability mass ahead of a token at the top-p cut.
+DEFAULT_MASS_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.03, torch.bfloat16: 0.1}
+DEFAULT_LOGPROB_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.25, torch.bfloat16: 1.0}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the coordinator fixes for every sample of a task."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    max_tokens: int = 64
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class SamplingVerdict:
+    ok: bool
+    reason: str
+    violations: int
+    violating_positions: list[int]
+    worst_gap: float  # largest (best competitor - submitted token) score, in score units
+    termination_ok: bool
+
+
+@dataclass(frozen=True)
+class LogprobVerdict:
+    ok: bool
+    reason: str
+    max_abs_err: float
+    bad_positions: list[int]
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * _C1) & M32
+    x = x ^ (x >> 15)
+    x = (x * _C2) & M32
+    x = x ^ (x >> 16)
+    x = (x * _C3) & M32
+    return x ^ (x >> 15)
+
+
+def row_keys(seeds: torch.Tensor, samples: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per row from (seed: 64-bit, sample index, position), int64 [B]."""
+    seeds = seeds.to(torch.int64)
+    key = _mix((seeds & M32) ^ 0x243F6A88)
+    key = _mix(key ^ ((seeds >> 32) & M32))
+    key = _mix(key ^ (samples.to(torch.int64) & M32))
+    return _mix(key ^ (positions.to(torch.int64) & M32))
+
+
+def gumbel_at(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise in float64 for the token ids `tokens` [B, M] of each row's key [B]:
+    a pure function of (key, token id), so any subset of the vocabulary can be evaluated."""
+    h = _mix(keys[:, None] ^ ((tokens.to(torch.int64) * 0x9E3779B1 + _TOKEN_SALT) & M32))
+    u = (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
+
+
+def ranked_allowed(
+    logits: torch.Tensor, params: SamplingParams, slack: float = 0.0, mass_slack: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens allowed by top-k then top-p, as (columns [B, W] in descending logit order, keep
+    [B, W] bool). Positive slacks widen the set (tokens within `slack` of the top-k cut in
+    scaled logits, or `mass_slack` of the top-p cut in probability mass), negative ones narrow
+    it. Both cuts are by rank, so only the W best-ranked columns are ever touched."""
+    t = params.temperature if params.temperature > 0 else 1.0
+    rows, vocab = logits.shape
+    flat = logits.float()
+    if 0 < params.top_k < vocab:
+        kth = flat.topk(params.top_k, dim=-1).values[:, -1:].double() / t
+        # Ties and the slack can admit more than k tokens: count them on the whole row.
+        bound = ((kth - slack) * t).float()
+        width = int((flat >= bound).sum(dim=-1).max())
+        width = max(1, min(vocab, width))
+        vals, cols = flat.topk(width, dim=-1, sorted=True)
+        scaled = vals.double() / t
+        keep = scaled >= kth - slack
+    elif params.top_p < 1.0:
+        vals, cols = flat.sort(dim=-1, descending=True, stable=True)
+        scaled = vals.double() / t
+        keep = torch.ones_like(scaled, dtype=torch.bool)
+    else:
+        cols = torch.arange(vocab, device=logits.device).expand(rows, -1)
+        return cols, torch.ones((rows, vocab), dtype=torch.bool, device=logits.device)
+    if params.top_p < 1.0:
+        probs = torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly ahead in the order
+        keep &= before < params.top_p + mass_slack
+    return cols, keep
+
+
+def allowed_mask(
+    logits: torch.Tensor, params: SamplingParams, slack: float = 0.0, mass_slack: float = 0.0
+) -> torch.Tensor:
+    """`ranked_allowed` as a [B, V] bool mask."""
+    cols, keep = ranked_allowed(logits, params, slack, mass_slack)
+    return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(1, cols, keep)
+
+
+def _scores_at(
+    logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """logits / T + Gumbel noise at the columns `cols` (plain logits when T = 0), float64."""
+    picked = logits.gather(-1, cols).to(torch.float64)
+    if params.temperature <= 0:
+        return picked
+    return picked / params.temperature + gumbel_at(keys, cols)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seeds: torch.Tensor,
+    samples: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """The seeded sampler: next token ids [B] for logits [B, V]; per-row seed, sample index and
+    completion position (int64 [B])."""
+    cols, keep = ranked_allowed(logits, params)
+    s = _scores_at(logits, params, row_keys(seeds, samples, positions), cols)
+    s = s.masked_fill(~keep, -math.inf)
+    return cols.gather(-1, s.argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) at the chosen tokens (T = 0 counts as 1), float32 [N]: the
+    behaviour logprobs a node reports and the validator recomputes. Masks do not apply, so the
+    trainer's importance ratios see the full distribution."""
+    t = temperature if temperature > 0 else 1.0
+    lp = torch.log_softmax(logits.float() / t, dim=-1)
+    return lp.gather(-1, tokens.view(-1, 1).to(torch.int64)).squeeze(-1)
+
+
+def check_termination(tokens: Sequence[int], params: SamplingParams) -> tuple[bool, str]:
+    """A completion ends at its first EOS (which the sampling check confirms was sampled) or
+    exactly at the length cap; anything else was cut short or ran on."""
+    n = len(tokens)
+    eos = set(params.eos_token_ids)
+    if n == 0:
+        return False, "empty completion"
+    if n > params.max_tokens:
+        return False, f"{n} tokens exceed max_tokens {params.max_tokens}"
+    early = [i for i, t in enumerate(tokens[:-1]) if t in eos]
+    if early:
+        return False, f"tokens continue after EOS at position {early[0]}"
+    if tokens[-1] in eos:
+        return True, "stop"
+    if n == params.max_tokens:
+        return True, "length"
+    return False, f"truncated: {n} < max_tokens {params.max_tokens} without EOS"
+
+
+def verify_sampling(
+    logits: torch.Tensor,
+    tokens: Sequence[int] | torch.Tensor,
+    seed: int,
+    params: SamplingParams,
+    sample_index: int = 0,
+    tolerance: float | None = None,
+    max_violations: int = 0,
+    mass_tolerance: float | None = None,
+) -> SamplingVerdict:
+    """Replay the seeded sampler on the validator's logits [N, V] (rows P-1 .. P+N-2) and
+    check each submitted token, plus the termination rule.
+
+    A position violates when the token is outside the (tolerance-widened) top-k/top-p set, or
+    its score is more than tolerance / T below the best competitor that is surely allowed.
+    `tolerance` is in logit units, `mass_tolerance` in probability mass at the top-p cut;
+    both default by the logits' dtype (DEFAULT_TOLERANCE, DEFAULT_MASS_TOLERANCE).
+    """
+    n, vocab = logits.shape
+    try:
+        toks = torch.as_tensor(tokens, dtype=torch.int64, device=logits.device).view(-1)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return SamplingVerdict(False, "tokens are not a list of ids", n, [], math.inf, False)
+    term_ok, term_reason = check_termination(toks.tolist(), params)
+    if toks.numel() != n:
+        return SamplingVerdict(False, f"{toks.numel()} tokens for {n} rows", n, [], math.inf, False)
+    if n and (toks.min() < 0 or toks.max() >= vocab):
+        return SamplingVerdict(False, "token id outside the vocabulary", n, [], math.inf, False)
+    tol = DEFAULT_TOLERANCE.get(logits.dtype, 1e-3) if tolerance is None else tolerance
+    mass = (
+        DEFAULT_MASS_TOLERANCE.get(logits.dtype, 1e-3) if mass_tolerance is None else mass_tolerance
+    )
+    t = params.temperature if params.temperature > 0 else 1.0
+    score_tol = tol / t
+
+    keys = row_keys(
+        torch.full((n,), seed, dtype=torch.int64, device=logits.device),
+        torch.full((n,), sample_index, dtype=torch.int64, device=logits.device),
+        torch.arange(n, device=logits.device),
+    )
+    relaxed_cols, relaxed_keep = ranked_allowed(logits, params, score_tol, mass)
+    eligible = ((relaxed_cols == toks[:, None]) & relaxed_keep).any(dim=1)
+    cols, keep = ranked_allowed(logits, params, -score_tol, -mass)
+    s = _scores_at(logits, params, keys, torch.cat([cols, toks[:, None]], dim=1))
+    competitors = keep & (cols != toks[:, None])  # the token itself excluded
+    best_other = s[:, :-1].masked_fill(~competitors, -math.inf).max(dim=1).values
+    gap = best_other - s[:, -1]
+    bad = (~eligible) | (gap > score_tol)
+    bad_pos = torch.nonzero(bad).view(-1).tolist()
+    finite = gap[torch.isfinite(gap)]
+    worst = float(finite.max()) if finite.numel() else -math.inf
+    reasons = []
+    if len(bad_pos) > max_violations:
+        reasons.append(
+            f"{len(bad_pos)} positions not chosen by the seeded sampler (first {bad_pos[:5]})"
+        )
+    if not term_ok:
+        reasons.append(term_reason)
+    return SamplingVerdict(
+        ok=not reasons,
+        reason="; ".join(reasons) if reasons else f"ok ({term_reason})",
+        violations=len(bad_pos),
+        violating_positions=bad_pos[:32],
+        worst_gap=worst,
+        termination_ok=term_ok,
+    )
+
+
+def verify_logprobs(
+    logits: torch.Tensor,
+    tokens: Sequence[int] | torch.Tensor,
+    logprobs: Sequence[float] | torch.Tensor,
+    params: SamplingParams,
+    tolerance: float | None = None,
+) -> LogprobVerdict:
+    """Reported behaviour logprobs must match the recomputed ones within `tolerance` (absolute,
+    default by dtype) at every position."""
+    try:
+        toks = torch.as_tensor(tokens, dtype=torch.int64, device=logits.device).view(-1)
+        reported = torch.as_tensor(logprobs, dtype=torch.float32, device=logits.device).view(-1)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return LogprobVerdict(False, "tokens or logprobs are not lists of numbers", math.inf, [])
+    if reported.numel() != toks.numel() or toks.numel() != logits.shape[0]:
+        return LogprobVerdict(False, "logprob count differs from token count", math.inf, [])
+    tol = DEFAULT_LOGPROB_TOLERANCE.get(logits.dtype, 1e-3) if tolerance is None else tolerance
+    err = (token_logprobs(logits, toks, params.temperature) - reported).abs()
+    err = torch.nan_to_num(err, nan=math.inf)
+    bad = torch.nonzero(err > tol).view(-1).tolist()
+    worst = float(err.max()) if err.numel() else 0.0
+    if bad:
+        return LogprobVerdict(False, f"{len(bad)} logprobs off by up to {worst:.3g}", worst, bad)
+    return LogprobVerdict(True, "ok", worst, [])
