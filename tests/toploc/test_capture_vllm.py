@@ -18,7 +18,7 @@ from toploc.capture_hf import generate as hf_generate
 from toploc.capture_hf import prefill
 from toploc.models import eos_token_ids, load_model, model_dir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 TEXTS = [
     "1+1=",
@@ -33,8 +33,6 @@ TEXTS = [
 
 
 def test_vllm_rollouts_verify_against_hf_prefill():
-    # Inside the test, so the fast suite (which deselects slow tests) reports no skip.
-    pytest.importorskip("vllm")
     from toploc.capture_vllm import generate, make_llm
 
     llm = make_llm(str(model_dir("tiny")), dtype="float32", max_model_len=512)
