@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from toploc import SamplingParams, check_termination, sample, verify_logprobs, verify_sampling
@@ -157,3 +158,27 @@ def test_logprob_check():
     assert not v.ok and v.bad_positions == [3]
     assert not verify_logprobs(logits, toks, lp[:-1], params).ok
     assert not verify_logprobs(logits, toks, ["x"] * 40, params).ok
+
+
+@pytest.mark.parametrize("spread", [0.5, 5.0, 20.0])
+def test_pruned_sampler_chooses_exactly_what_the_full_sampler_does(spread):
+    from toploc.sampling import (
+        GUMBEL_SPAN,
+        _scores_at,
+        prune_candidates,
+        ranked_allowed,
+        row_keys,
+    )
+
+    torch.manual_seed(int(spread * 10))
+    logits = torch.randn(64, 5000) * spread
+    params = SamplingParams(temperature=0.8)
+    idx = torch.arange(64)
+    got = sample(logits, params, idx * 31 + 5, idx % 8, idx)
+    # the unpruned argmax over the whole vocabulary
+    cols, _ = ranked_allowed(logits, params)
+    full = _scores_at(logits, params, row_keys(idx * 31 + 5, idx % 8, idx), cols)
+    assert torch.equal(got, cols.gather(-1, full.argmax(-1, keepdim=True)).squeeze(-1))
+    assert 20 < GUMBEL_SPAN < 30
+    pruned, _ = prune_candidates(logits, params, cols, torch.ones_like(cols, dtype=torch.bool))
+    assert (pruned.shape[1] < 5000) == (spread == 20.0)  # the pruned path is what is tested
