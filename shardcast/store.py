@@ -129,7 +129,8 @@ class VersionStore:
     async def wait_newer(self, after: int, timeout: float) -> None:
         """Long-poll: return once a version newer than `after` exists, or after `timeout`."""
         with trio.move_on_after(timeout):
-            while (self.latest() or -1) <= after:
+            # -1 when none is held: version 0 is a version (`latest() or -1` would skip it)
+            while max(self.versions, default=-1) <= after:
                 await self._changed.wait()
 
     async def drop(self, version: int) -> None:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Header, HTTPException, Query
 from fastapi.responses import Response
 
+from trainer.dashboard.series import check_of
+
 if TYPE_CHECKING:
     from trainer.coordinator import Coordinator
 
@@ -172,4 +174,4 @@ def _verdicts(
     coord: Coordinator, node: bytes | None, limit: int, outcome: str | None = None
 ) -> list[dict[str, Any]]:
     rows = coord.ledger.recent_submissions(limit, node, outcome)
-    return [{**r, "node": r["node"].hex()} for r in rows]
+    return [{**r, "node": r["node"].hex(), "check": check_of(r)} for r in rows]

@@ -231,6 +231,10 @@ class Coordinator:
 
     # ------------------------------------------------------------------ handlers
 
+    def relaying_nodes(self) -> dict[bytes, str]:
+        """Nodes that announced a relay (`node join --relay`): key -> URL."""
+        return dict(self._relays)
+
     def weights_urls(self) -> list[str]:
         urls = [self.origin.url] if self.origin.url else []
         return urls + list(self.spec.coordinator.relays) + list(self._relays.values())
@@ -546,7 +550,7 @@ class Coordinator:
         submitted and not yet validated (without these, fast nodes outrun validation and the
         queue's groups are stale by the time they are checked)."""
         pending = self.ledger.count_trainable(self.step + 1 - self.spec.limits.max_staleness)
-        waiting = self.ledger.open_lease_count() + self.ledger.undecided_count()
+        waiting = self.ledger.open_lease_count() + len(self.ledger.pending_submissions())
         return pending + waiting * self.spec.limits.lease_prompts
 
     def _backlog_limit(self) -> int:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +86,10 @@ class Coordinator:
         c.pool_id = re.search(r"pool id: (\w+)", out.stdout).group(1)
         return c
 
-    def start(self, max_steps: int | None = None, timeout: float = 120.0) -> None:
+    def start(
+        self, max_steps: int | None = None, timeout: float = 120.0, args: Sequence[str] = ()
+    ) -> None:
+        """Run `coordinator run` (with `args` added, e.g. an operator token) and wait for it."""
         self.log = self.data.parent / f"coordinator-{self.restarts}.log"
         self.restarts += 1
         cmd = [
@@ -101,6 +105,7 @@ class Coordinator:
         ]
         if max_steps is not None:
             cmd += ["--max-steps", str(max_steps)]
+        cmd += list(args)
         self.proc = subprocess.Popen(
             cmd, env=_env(self.home), stdout=self.log.open("w"), stderr=subprocess.STDOUT
         )
@@ -149,6 +154,8 @@ class Node:
     home: Path
     proc: subprocess.Popen | None = None
     log: Path | None = None
+    module: str = "node"
+    """What `python -m` runs: the node CLI, or a test's variant of it (e.g. a cheating node)."""
 
     def start(self, pool_id: str, bootstrap: str, *extra: str) -> None:
         self.log = self.home / f"{self.name}.log"
@@ -156,7 +163,7 @@ class Node:
         cmd = [
             sys.executable,
             "-m",
-            "node",
+            self.module,
             "join",
             "--pool",
             pool_id,

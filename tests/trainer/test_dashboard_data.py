@@ -1,0 +1,103 @@
+"""The dashboard's data helpers: chart series, verdict buckets, the rate limit, byte counting."""
+
+import json
+
+import trio
+
+from trainer.dashboard.generate import RateLimiter
+from trainer.dashboard.series import (
+    accuracy_by_step,
+    check_of,
+    minute_buckets,
+    read_samples,
+    step_series,
+    verdict_key,
+)
+from trainer.dashboard.traffic import ServedBytes, _Counting
+
+
+def test_minute_buckets_fill_gaps_and_split_by_check():
+    verdicts = [
+        {"outcome": "accept", "decided_at": 600.5, "details": {"check": "reward", "seconds": 0.2}},
+        {"outcome": "hard", "decided_at": 610.0, "details": {"check": "toploc", "seconds": 0.4}},
+        {"outcome": "hard", "decided_at": 790.0, "details": {"code": "bad_request"}},
+        {"outcome": None, "decided_at": None, "details": {}},
+    ]
+    out = minute_buckets(verdicts, 60.0)
+    assert [b["time"] for b in out] == [600.0, 660.0, 720.0, 780.0]
+    assert out[0]["accept"] == 1 and out[0]["hard"] == 1
+    assert out[0]["by_key"] == {"accept": 1, "hard:toploc": 1}
+    assert abs(out[0]["latency_mean"] - 0.3) < 1e-9
+    assert out[0]["latency_max"] == 0.4
+    assert out[1]["accept"] == out[1]["hard"] == 0 and out[1]["latency_mean"] is None
+    assert out[3]["by_key"] == {"hard:transport": 1}
+    assert minute_buckets([]) == []
+
+
+def test_check_of_names_refusals_before_validation():
+    assert check_of({"details": {"check": "sampling"}}) == "sampling"
+    assert check_of({"details": {"lease_id": 3}}) == "lease"
+    assert check_of({"details": {"code": "too_large"}}) == "transport"
+    assert check_of({"details": None}) == "other"
+    assert verdict_key({"outcome": "accept", "details": {}}) == "accept"
+    assert verdict_key({"outcome": "soft", "details": {"check": "staleness"}}) == "soft:staleness"
+
+
+def test_accuracy_pairs_samples_with_the_step_they_fed(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    rows = [
+        {"trainer_step": 0, "rewards": {"exact_numeric": 1.0}},
+        {"trainer_step": 0, "rewards": {"exact_numeric": 0.0}},
+        {"trainer_step": 1, "rewards": {"exact_numeric": 1.0}},
+        {"trainer_step": 1, "verdict": "hard"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"half a li')
+    samples = read_samples(path)
+    assert len(samples) == 4  # the torn last line is skipped
+    assert accuracy_by_step(samples) == {0: 0.5, 1: 1.0}
+    steps = [
+        {"step": 1, "finished_at": 10.0, "metrics": {"reward_mean": 0.5, "tokens_per_s": 9.0}},
+        {"step": 2, "finished_at": 20.0, "metrics": {"reward_mean": 0.7}},
+    ]
+    series = step_series(steps, samples, has_accuracy=True)
+    assert [p["accuracy"] for p in series] == [0.5, 1.0]
+    assert series[0]["tokens_per_s"] == 9.0 and series[1]["tokens_per_s"] is None
+    assert [p["accuracy"] for p in step_series(steps, samples, has_accuracy=False)] == [None] * 2
+    assert read_samples(tmp_path / "missing.jsonl") == []
+
+
+def test_rate_limiter_allows_a_burst_then_one_per_interval():
+    limit = RateLimiter(every_s=2.0, burst=3)
+    assert [limit.allow("a", now=0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = limit.allow("a", now=0.0)
+    assert 1.9 < wait <= 2.0
+    assert limit.allow("b", now=0.0) == 0.0  # per client
+    assert limit.allow("a", now=1.0) > 0
+    assert limit.allow("a", now=2.1) == 0.0
+
+
+def test_served_bytes_are_counted_by_version_and_client():
+    served = ServedBytes()
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 100, "more_body": True})
+        await send({"type": "http.response.body", "body": b"y" * 23})
+
+    async def main():
+        sent = []
+
+        async def send(m):
+            sent.append(m)
+
+        wrapped = _Counting(app, served)
+        scope = {"type": "http", "path": "/v/7/f/model.safetensors", "client": ("10.0.0.2", 5)}
+        await wrapped(scope, None, send)
+        await wrapped({"type": "http", "path": "/versions", "client": ("10.0.0.3", 9)}, None, send)
+        assert len(sent) == 6
+
+    trio.run(main)
+    snap = served.snapshot()
+    assert snap["total"] == 246 and snap["requests"] == 2
+    assert snap["by_version"] == {"7": 123}
+    assert snap["by_client"] == {"10.0.0.2": 123, "10.0.0.3": 123}

@@ -1,0 +1,117 @@
+"""Time series for the dashboard's charts, built from the ledger and the sample log."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+# Reward functions that score correctness as 0 or 1: their mean is the task's accuracy.
+ACCURACY_FUNCS = ("exact_numeric", "math_verify_reward")
+MAX_SAMPLE_LINES = 20_000
+
+
+def read_samples(path: Path, max_lines: int = MAX_SAMPLE_LINES) -> list[dict[str, Any]]:
+    """The newest `max_lines` records of a samples.jsonl, oldest first; bad lines skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines()[-max_lines:]:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being appended right now
+    return out
+
+
+def accuracy_by_step(samples: list[dict[str, Any]]) -> dict[int, float]:
+    """Mean correctness of the accepted samples logged while the trainer was at each step."""
+    hits: dict[int, list[float]] = defaultdict(list)
+    for s in samples:
+        rewards = s.get("rewards") or {}
+        for name in ACCURACY_FUNCS:
+            if rewards.get(name) is not None and s.get("trainer_step") is not None:
+                hits[int(s["trainer_step"])].append(float(rewards[name]))
+                break
+    return {step: sum(v) / len(v) for step, v in sorted(hits.items())}
+
+
+def step_series(
+    steps: list[dict[str, Any]], samples: list[dict[str, Any]], has_accuracy: bool
+) -> list[dict[str, Any]]:
+    """One point per training step: the time it finished and the numbers charted."""
+    acc = accuracy_by_step(samples) if has_accuracy else {}
+    out = []
+    for s in steps:
+        m = s["metrics"]
+        out.append(
+            {
+                "time": s["finished_at"],
+                "step": s["step"],
+                "reward_mean": m.get("reward_mean"),
+                # Samples are logged with the step the trainer was at when they were accepted:
+                # those feeding step n were logged at step n - 1.
+                "accuracy": acc.get(s["step"] - 1),
+                "tokens_per_s": m.get("tokens_per_s"),
+                "staleness_mean": m.get("staleness_mean"),
+                "staleness_max": m.get("staleness_max"),
+            }
+        )
+    return out
+
+
+def check_of(v: dict[str, Any]) -> str:
+    """The check a verdict came from. Refusals before validation carry no `check` in their
+    details: a lease that could not be answered (`lease_id`) or a transport refusal (`code`)."""
+    details = v.get("details") or {}
+    if details.get("check"):
+        return str(details["check"])
+    if "code" in details:
+        return "transport"
+    if "lease_id" in details:
+        return "lease"
+    return "other"
+
+
+def verdict_key(v: dict[str, Any]) -> str:
+    """`accept`, or `soft:<check>` / `hard:<check>` for a rejection."""
+    if v["outcome"] == "accept":
+        return "accept"
+    return f"{v['outcome']}:{check_of(v)}"
+
+
+def minute_buckets(verdicts: list[dict[str, Any]], width: float = 60.0) -> list[dict[str, Any]]:
+    """Verdicts per `width`-second bucket (empty buckets included, so rates read true): counts
+    by outcome and by outcome:check, and validation latency (mean and max seconds)."""
+    decided = [v for v in verdicts if v.get("outcome") and v.get("decided_at")]
+    if not decided:
+        return []
+    buckets: dict[int, dict[str, Any]] = {}
+    for v in decided:
+        b = math.floor(v["decided_at"] / width)
+        cell = buckets.setdefault(
+            b, {"outcomes": defaultdict(int), "keys": defaultdict(int), "lat": []}
+        )
+        cell["outcomes"][v["outcome"]] += 1
+        cell["keys"][verdict_key(v)] += 1
+        seconds = (v.get("details") or {}).get("seconds")
+        if isinstance(seconds, int | float):  # absent for refusals before validation
+            cell["lat"].append(float(seconds))
+    out = []
+    for b in range(min(buckets), max(buckets) + 1):
+        cell = buckets.get(b, {"outcomes": {}, "keys": {}, "lat": []})
+        lat = cell["lat"]
+        out.append(
+            {
+                "time": b * width,
+                "accept": cell["outcomes"].get("accept", 0),
+                "soft": cell["outcomes"].get("soft", 0),
+                "hard": cell["outcomes"].get("hard", 0),
+                "by_key": dict(cell["keys"]),
+                "latency_mean": sum(lat) / len(lat) if lat else None,
+                "latency_max": max(lat) if lat else None,
+            }
+        )
+    return out
