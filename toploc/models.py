@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import blake3
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -45,7 +46,11 @@ _DTYPES = {
 
 # The tiny tokenizer's specials, in id order; ids are part of the tiny model's config.
 TINY_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
-TINY_CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
+# Digits, lowercase and a little punctuation: enough for the toy tasks and the chat template.
+# A small vocabulary is what lets a randomly initialised model find rewards at all: with the
+# 100 printable characters, 2-digit copy went from reward 0.01 to 0.11 in 135 GRPO steps; with
+# these 54 tokens from 0.04 to 0.30 in 314 (measured in bench/learning.py's loop).
+TINY_CHARS = string.digits + string.ascii_lowercase + " =+-*/()?:,.!\n"
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
@@ -188,7 +193,13 @@ def _drop_gguf_entry(config_path: Path) -> None:
 def model_dir(name: str, init_seed: int = 0) -> Path:
     """The on-disk HF folder of a preset (exported into the cache on first use) or a path."""
     if name == TINY:
-        target = cache_root() / f"tiny-seed{init_seed}"
+        # Named by a digest of the vocabulary and config, so a changed preset never reuses a
+        # stale cached folder.
+        tok = tiny_tokenizer()
+        digest = blake3.blake3(
+            (TINY_CHARS + tiny_config(len(tok)).to_json_string()).encode()
+        ).hexdigest()[:10]
+        target = cache_root() / f"tiny-{digest}-seed{init_seed}"
         if not (target / "config.json").exists():
 
             def write(dest: Path) -> None:

@@ -23,7 +23,7 @@ def test_tiny_is_deterministic_from_its_seed():
 
 def test_tiny_tokenizer_round_trips_text():
     _, tok = load_model("tiny")
-    text = "Sort: 3 1 2! (a+b)*c = ?\nyes"
+    text = "sort: 3 1 2! (a+b)*c = ?\nyes"
     ids = tok(text).input_ids
     assert len(ids) == len(text)
     assert tok.decode(ids) == text
