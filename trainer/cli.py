@@ -23,9 +23,9 @@ from protocol.paths import swarmrl_home
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {"name": "tiny", "dtype": "float32"},
-        "task": {"name": "copy", "options": {"digits": 3}},
-        "sampling": {"temperature": 1.0, "max_new_tokens": 6, "group_size": 8},
-        "algorithm": {"lr": 1e-3, "batch_prompts": 16, "micro_batch": 128, "is_cap": 0.0},
+        "task": {"name": "copy", "options": {"digits": 2}},
+        "sampling": {"temperature": 1.0, "max_new_tokens": 4, "group_size": 8},
+        "algorithm": {"lr": 2e-3, "batch_prompts": 16, "micro_batch": 128, "is_cap": 0.0},
         "limits": {"lease_prompts": 4, "lease_timeout_s": 60.0},
     },
     "smollm2-135m": {
