@@ -31,6 +31,7 @@ from protocol.errors import DiscoveryError, RemoteError, SwarmError, TransportEr
 from protocol.host import Host, pool_topic
 from protocol.identity import Identity
 from shardcast.client import Client
+from shardcast.errors import ShardcastError
 from shardcast.relay import Relay
 
 log = logging.getLogger("swarmrl.node")
@@ -175,7 +176,7 @@ class Worker:
         while True:
             try:
                 return await fn(*args)
-            except (TransportError, RemoteError, DiscoveryError) as e:
+            except (TransportError, RemoteError, DiscoveryError, ShardcastError) as e:
                 if isinstance(e, RemoteError) and e.code not in (
                     "rate_limited",
                     "timeout",

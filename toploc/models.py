@@ -77,11 +77,12 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ModelError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer built in memory: one token per character, no files needed."""
+def tiny_tokenizer(chars: str = TINY_CHARS) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer built in memory: one token per character of `chars` after
+    the specials, no files needed."""
     from tokenizers import Tokenizer, decoders, models
 
-    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + tuple(TINY_CHARS))}
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + tuple(chars))}
     # BPE with no merges splits a string into its characters, spaces included, and Fuse
     # joins them back without inserting separators.
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
@@ -117,9 +118,12 @@ def tiny_config(vocab_size: int) -> LlamaConfig:
     )
 
 
-def build_tiny(init_seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """The tiny preset in fp32: weights depend on `init_seed` only, not on the global RNG."""
-    tok = tiny_tokenizer()
+def build_tiny(
+    init_seed: int = 0, chars: str = TINY_CHARS
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """The tiny preset in fp32: weights depend on `init_seed` only, not on the global RNG.
+    `chars` gives a variant with another vocabulary (e.g. digits only, for the fastest demo)."""
+    tok = tiny_tokenizer(chars)
     config = tiny_config(len(tok))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)

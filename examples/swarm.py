@@ -1,0 +1,932 @@
+"""A whole swarmrl network on one machine, as separate OS processes on 127.0.0.1.
+
+    python examples/swarm.py [--nodes N] [--relays R] [--byzantine KIND[,KIND...]]
+        [--model tiny-digits|tiny|smollm2-135m|DIR] [--task NAME] [--steps S] [--chaos]
+        [--report FILE] [--dashboard-port P]
+
+It starts a coordinator (`coordinator run`), SHARDCAST relays (`shardcast relay`), honest nodes
+(`node join`) and cheating nodes (`examples/byzantine.py`), shows progress while the pool trains,
+optionally injects faults (`--chaos`: nodes killed and restarted, a relay killed, the
+coordinator SIGKILLed once and restarted), and ends with a summary table and a JSON report built
+from the coordinator's ledger: reward at the start and the end, per-node verdicts, bans and why,
+bytes published, staleness, and a check that no accepted group was lost or trained twice.
+
+Every process it starts is stopped by its PID when it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+KINDS = (
+    "wrong-model",
+    "perturbed",
+    "tamper-tokens",
+    "cherry-pick",
+    "fabricate",
+    "truncate",
+    "stale",
+    "fake-logprobs",
+    "replay",
+    "forge",
+    "garbage",
+    "flood",
+)
+# Flooding is answered by the rate limiter, not by a ban: an honest node behind a busy NAT
+# may burst too.
+NOT_BANNED = {"flood"}
+
+# The default model: the `tiny` preset's architecture (Llama, hidden 128, 4 layers) with a
+# 20-token vocabulary (digits, the letters of "copy", space, "="). With the preset's ~100-token
+# vocabulary a random policy almost never hits a digit, so the reward starts near zero and rises
+# too slowly for a demo; with 20 tokens it learns 2-digit copying in a few minutes on 2 cores.
+DIGITS_CHARS = "0123456789copy ="
+
+# Pool settings per model, applied with `coordinator init --set` (any can be overridden with
+# --set). Chosen by measurement on 2 CPU cores; see docs/swarm.md.
+PROFILES: dict[str, dict[str, Any]] = {
+    "tiny-digits": {
+        "task": "copy",
+        "steps": 40,
+        "set": [
+            "task.options={ digits = 1 }",
+            "sampling.max_new_tokens=1",
+            "sampling.group_size=8",
+            "algorithm.lr=2e-3",
+            "algorithm.batch_prompts=8",
+            "algorithm.micro_batch=128",
+            "limits.lease_prompts=4",
+            "limits.lease_timeout_s=30.0",
+        ],
+    },
+    "tiny": {
+        "task": "copy",
+        "steps": 40,
+        "set": [
+            "task.options={ digits = 2 }",
+            "sampling.max_new_tokens=2",
+            "sampling.group_size=8",
+            "algorithm.lr=2e-3",
+            "algorithm.batch_prompts=8",
+            "algorithm.micro_batch=128",
+            "limits.lease_prompts=4",
+            "limits.lease_timeout_s=30.0",
+        ],
+    },
+    "smollm2-135m": {
+        "task": "arithmetic",
+        "steps": 10,
+        "timeout": 1800.0,  # ~100 s a step here: validating 16 completions takes ~10 s
+        "set": [
+            'task.options={ op = "+", digits = 2 }',
+            "sampling.max_new_tokens=8",
+            "sampling.group_size=8",
+            "algorithm.lr=1e-5",
+            "algorithm.batch_prompts=4",
+            "algorithm.micro_batch=16",
+            "limits.lease_prompts=2",
+            "limits.lease_timeout_s=300.0",
+        ],
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_digits_model(folder: Path, seed: int = 0) -> Path:
+    """The default model: the `tiny` preset's architecture with a digits-only vocabulary,
+    saved as an HF folder (config, safetensors, tokenizer)."""
+    if (folder / "config.json").exists():
+        return folder
+    from transformers.utils import logging as hf_logging
+
+    from toploc.models import build_tiny
+
+    hf_logging.disable_progress_bar()
+    model, tok = build_tiny(seed, chars=DIGITS_CHARS)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-digits.", dir=folder.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+@dataclass
+class Proc:
+    """One child process: how to start it again, its log, and what it is."""
+
+    name: str
+    role: str  # coordinator, relay, honest, byzantine
+    cmd: list[str]
+    log: Path
+    kind: str = "honest"
+    key: str = ""  # hex public key (nodes)
+    popen: subprocess.Popen | None = None
+    starts: int = 0
+    started_at: float = 0.0
+    ended: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.starts += 1
+        with self.log.open("a") as f:
+            f.write(f"\n===== start {self.starts} at {time.strftime('%H:%M:%S')} =====\n")
+        out = self.log.open("a")
+        # A session of its own: a Ctrl-C in the terminal reaches only this script, which then
+        # stops the children in order (nodes first, so they can release their leases).
+        self.popen = subprocess.Popen(
+            self.cmd,
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        out.close()
+        self.started_at = time.time()
+        self.ended = ""
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                self.popen.send_signal(sig)  # by PID: only what this script started
+
+    def stop(self, grace: float = 10.0) -> None:
+        if not self.alive:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait(timeout=30)
+
+    def kill(self) -> None:
+        if self.alive:
+            self.signal(signal.SIGKILL)
+            self.popen.wait(timeout=30)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Swarm:
+    args: argparse.Namespace
+    work: Path
+    env: dict[str, str] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    pool_id: str = ""
+    bootstrap: str = ""
+    spec_path: Path | None = None
+    t0: float = field(default_factory=time.time)
+    crash_checks: list[dict[str, Any]] = field(default_factory=list)
+    batch_prompts: int = 0
+    model_name: str = ""
+
+    # ------------------------------------------------------------------ setup
+
+    def __post_init__(self) -> None:
+        self.home = self.work / "home"
+        self.data = self.work / "coordinator"
+        self.logs = self.work / "logs"
+        for d in (self.home, self.logs, self.work / "keys", self.work / "nodes"):
+            d.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "SWARMRL_HOME": str(self.home),
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",  # many torch processes share few cores
+            "MKL_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+        }
+        self.p2p_port = free_port()
+        self.origin_port = free_port()
+        self.http_port = self.args.dashboard_port or free_port()
+        self.relay_ports = [free_port() for _ in range(self.args.relays)]
+
+    def say(self, text: str) -> None:
+        print(f"[{time.time() - self.t0:6.1f}s] {text}", flush=True)
+
+    def event(self, what: str, **details: Any) -> None:
+        self.events.append({"t": round(time.time() - self.t0, 1), "event": what, **details})
+        self.say(what + (f" ({details})" if details else ""))
+
+    def init_pool(self) -> None:
+        a = self.args
+        model = a.model
+        profile = PROFILES.get(model, PROFILES["tiny"])
+        if model == "tiny-digits":
+            model_arg = str(build_digits_model(self.work / "models" / "tiny-digits"))
+        else:
+            model_arg = model
+        self.model_name = model
+        task = a.task or profile["task"]
+        self.spec_path = self.work / "pool.toml"
+        cmd = [
+            sys.executable, "-m", "trainer", "init",
+            "--model", model_arg,
+            "--task", task,
+            "--name", f"swarm-{model}-{task}",
+            "--key", str(self.home / "coordinator.key"),
+            "--listen", f"/ip4/127.0.0.1/tcp/{self.p2p_port}",
+            "--origin", f"http://127.0.0.1:{self.origin_port}",
+            "-o", str(self.spec_path),
+        ]  # fmt: skip
+        for port in self.relay_ports:
+            cmd += ["--relay", f"http://127.0.0.1:{port}"]
+        for s in [*profile["set"], *a.set]:
+            cmd += ["--set", s]
+        out = subprocess.run(cmd, env=self.env, cwd=ROOT, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"coordinator init failed:\n{out.stdout}\n{out.stderr}")
+        self.pool_id = re.search(r"pool id: (\w+)", out.stdout).group(1)
+        import tomllib
+
+        spec = tomllib.loads(self.spec_path.read_text())
+        self.batch_prompts = spec["algorithm"]["batch_prompts"]
+        self.spec = spec
+
+    def _key(self, name: str) -> tuple[Path, str]:
+        from protocol.identity import Identity
+
+        path = self.work / "keys" / f"{name}.key"
+        identity, _ = Identity.load_or_create(path)
+        return path, identity.public_key.hex()
+
+    # ------------------------------------------------------------------ processes
+
+    def start_coordinator(self, timeout: float = 180.0) -> None:
+        proc = self.proc("coordinator")
+        if proc is None:
+            cmd = [
+                sys.executable, "-m", "trainer", "run", str(self.spec_path),
+                "--key", str(self.home / "coordinator.key"),
+                "--data-dir", str(self.data),
+                "--http-port", str(self.http_port),
+                "--max-steps", str(self.args.steps),
+            ]  # fmt: skip
+            proc = Proc("coordinator", "coordinator", cmd, self.logs / "coordinator.log")
+            self.procs.append(proc)
+        mark = len(proc.text())
+        proc.start(self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = proc.text()[mark:]
+            if m := re.search(r"libp2p:\s+(\S+)", text):
+                self.bootstrap = m.group(1)
+                return
+            if not proc.alive:
+                raise SystemExit(f"the coordinator exited:\n{text[-3000:]}")
+            time.sleep(0.3)
+        raise SystemExit(f"the coordinator did not start in {timeout:.0f} s")
+
+    def start_relay(self, i: int) -> None:
+        cmd = [
+            sys.executable, "-m", "shardcast", "relay",
+            "--upstream", f"http://127.0.0.1:{self.origin_port}",
+            "--pool", str(self.spec_path),
+            "--root", str(self.work / f"relay-{i}"),
+            "--port", str(self.relay_ports[i]),
+        ]  # fmt: skip
+        proc = Proc(f"relay-{i}", "relay", cmd, self.logs / f"relay-{i}.log")
+        self.procs.append(proc)
+        proc.start(self.env)
+
+    def start_honest(self, i: int) -> Proc:
+        name = f"honest-{i}"
+        key, pub = self._key(name)
+        cmd = [
+            sys.executable, "-m", "node", "join",
+            "--pool", self.pool_id,
+            "--bootstrap", self.bootstrap,
+            "--key", str(key),
+            "--data-dir", str(self.work / "nodes" / name),
+            "--listen", "/ip4/127.0.0.1/tcp/0",
+            "--quiet",
+        ]  # fmt: skip
+        proc = Proc(name, "honest", cmd, self.logs / f"{name}.log", key=pub)
+        self.procs.append(proc)
+        proc.start(self.env)
+        return proc
+
+    def start_byzantine(self, kind: str, n: int) -> Proc:
+        name = f"cheat-{kind}" if n == 0 else f"cheat-{kind}-{n}"
+        key, pub = self._key(name)
+        cmd = [
+            sys.executable, str(HERE / "byzantine.py"), kind,
+            "--pool", self.pool_id,
+            "--bootstrap", self.bootstrap,
+            "--key", str(key),
+            "--data-dir", str(self.work / "nodes" / name),
+            "--stats", str(self.logs / f"{name}.json"),
+        ]  # fmt: skip
+        proc = Proc(name, "byzantine", cmd, self.logs / f"{name}.log", kind=kind, key=pub)
+        self.procs.append(proc)
+        proc.start(self.env)
+        return proc
+
+    def proc(self, name: str) -> Proc | None:
+        return next((p for p in self.procs if p.name == name), None)
+
+    def stop_all(self) -> None:
+        # Nodes first (a stopped node releases its lease), then relays, the coordinator last.
+        order = {"byzantine": 0, "honest": 0, "relay": 1, "coordinator": 2}
+        for rank in (0, 1, 2):
+            group = [p for p in self.procs if order[p.role] == rank and p.alive]
+            for p in group:
+                p.signal(signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            for p in group:
+                try:
+                    p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+    # ------------------------------------------------------------------ observing
+
+    def api(self, path: str) -> Any:
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return self.api("/api/status")
+        except (OSError, ValueError):
+            return None  # restarting, or busy
+
+    def ledger(self) -> sqlite3.Connection:
+        db = sqlite3.connect(f"file:{self.data / 'ledger.sqlite'}?mode=ro", uri=True, timeout=10)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def recent_reward(self) -> float | None:
+        """Mean reward of the accepted groups of the newest two versions (flat groups
+        included: the trainer's own metric sees only the informative ones)."""
+        try:
+            db = self.ledger()
+            try:
+                rows = db.execute(
+                    """SELECT rewards FROM groups WHERE weight_version >=
+                       (SELECT MAX(weight_version) - 1 FROM groups)"""
+                ).fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return None
+        values = [x for r in rows for x in json.loads(r[0])]
+        return sum(values) / len(values) if values else None
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        self.say(f"work folder {self.work}")
+        self.init_pool()
+        self.say(f"pool {self.pool_id}: {self.model_name}, task {self.spec['task']['name']} "
+                 f"{self.spec['task']['options']}, {a.steps} steps")  # fmt: skip
+        self.start_coordinator()
+        api = f"http://127.0.0.1:{self.http_port}"
+        print(f"\n  dashboard:  {api}/   (JSON API {api}/api/status, metrics {api}/metrics)")
+        print(f"  bootstrap:  {self.bootstrap}\n", flush=True)
+        for i in range(a.relays):
+            self.start_relay(i)
+        for i in range(a.nodes):
+            self.start_honest(i)
+        queue = list(a.byzantine)
+        seen_kinds: Counter[str] = Counter()
+        chaos = self.chaos_plan() if a.chaos else []
+        last_print = 0.0
+        done = False
+        status: dict[str, Any] | None = None
+        while time.time() - self.t0 < a.timeout:
+            time.sleep(1.0)
+            # cheaters: at most `cheaters_at_once` at a time, the next as soon as one leaves
+            running = [p for p in self.procs if p.role == "byzantine" and p.alive]
+            for p in self.procs:
+                if p.role == "byzantine" and not p.alive and not p.ended:
+                    p.ended = f"exited {p.popen.returncode}"
+                    self.say(f"{p.name} left ({p.ended})")
+                if p.role == "byzantine" and p.alive and time.time() - p.started_at > a.cheat_s:
+                    p.kill()
+                    p.ended = "killed: still running after --cheat-s"
+                    self.say(f"{p.name} {p.ended}")
+            while queue and len(running) < a.cheaters_at_once:
+                kind = queue.pop(0)
+                running.append(self.start_byzantine(kind, seen_kinds[kind]))
+                seen_kinds[kind] += 1
+                self.event("cheater started", kind=kind)
+            status = self.status() or status
+            step = status["step"] if status else 0
+            if chaos and step >= chaos[0][0]:
+                self.do_chaos(chaos.pop(0)[1])
+                continue
+            # honest nodes that died outside the chaos plan are a failure worth seeing
+            for p in self.procs:
+                if p.role == "honest" and not p.alive and not p.ended:
+                    p.ended = f"exited {p.popen.returncode}"
+                    self.say(f"{p.name} exited unexpectedly ({p.ended}); see {p.log}")
+            if time.time() - last_print >= a.progress_s and status:
+                last_print = time.time()
+                self.print_progress(status)
+            if (
+                step >= a.steps
+                and not queue
+                and not any(p.alive for p in self.procs if p.role == "byzantine")
+            ):
+                done = True
+                break
+        if status:
+            self.print_progress(status)
+        if not done:
+            self.event("timed out", seconds=a.timeout)
+        self.stop_all()
+        return self.report(done)
+
+    def print_progress(self, s: dict[str, Any]) -> None:
+        nodes = {p.key: p for p in self.procs if p.key}
+        banned = []
+        try:
+            for n in self.api("/api/nodes"):
+                if n["status"] == "banned" and n["key"] in nodes:
+                    banned.append(nodes[n["key"]].name.removeprefix("cheat-"))
+        except (OSError, ValueError):
+            pass
+        reward = self.recent_reward()
+        alive = sum(p.alive for p in self.procs if p.role in ("honest", "byzantine"))
+        c = s["counts"]
+        self.say(
+            f"step {s['step']:>3}/{self.args.steps}  v{s['version']:<3} "
+            f"reward {'-' if reward is None else f'{reward:.2f}'}  "
+            f"submissions {c['submissions']:>4}  groups {c['accepted_groups']:>4} "
+            f"(trained {c['trained_groups']})  nodes {alive} up  "
+            f"banned: {', '.join(banned) or '-'}"
+        )
+
+    # ------------------------------------------------------------------ chaos
+
+    def chaos_plan(self) -> list[tuple[int, str]]:
+        """(at step, action): spread over the run so learning has to carry on through each."""
+        n = self.args.steps
+        plan = [
+            (max(1, n // 6), "restart-node"),
+            (max(2, n // 3), "kill-relay"),
+            (max(3, n // 2), "crash-coordinator"),
+            (max(4, 2 * n // 3), "restart-node"),
+        ]
+        if not self.args.relays:
+            plan = [p for p in plan if p[1] != "kill-relay"]
+        return plan
+
+    def do_chaos(self, action: str) -> None:
+        rng = random.Random(len(self.events))
+        if action == "restart-node":
+            live = [p for p in self.procs if p.role == "honest" and p.alive]
+            if not live:
+                return
+            p = rng.choice(live)
+            p.kill()
+            self.event("chaos: SIGKILL node", node=p.name)
+            time.sleep(3.0)
+            p.start(self.env)
+            self.event("chaos: node restarted", node=p.name)
+        elif action == "kill-relay":
+            live = [p for p in self.procs if p.role == "relay" and p.alive]
+            if live:
+                live[0].kill()
+                self.event("chaos: SIGKILL relay", relay=live[0].name)
+                # Back after a while: nodes must cope meanwhile (they fall back to the origin).
+                # It is restarted because a node that joins while it is down can fail its
+                # first fetch (a delta chain older than the origin keeps; see docs/swarm.md).
+                time.sleep(10.0)
+                live[0].start(self.env)
+                self.event("chaos: relay restarted", relay=live[0].name)
+        elif action == "crash-coordinator":
+            before = self.status()
+            coordinator = self.proc("coordinator")
+            coordinator.kill()
+            facts = self.ledger_facts()
+            self.event(
+                "chaos: SIGKILL coordinator",
+                step=facts["steps"][-1] if facts["steps"] else 0,
+                accepted_groups=len(facts["group_ids"]),
+            )
+            time.sleep(2.0)
+            self.start_coordinator()
+            after = None
+            while after is None:
+                time.sleep(0.5)
+                after = self.status()
+            self.crash_checks.append(
+                {
+                    "api_groups_before": before["counts"]["accepted_groups"] if before else None,
+                    "ledger_group_ids": facts["group_ids"],
+                    "ledger_step": facts["steps"][-1] if facts["steps"] else 0,
+                    "resumed_step": after["step"],
+                    "versions_before": facts["max_version"],
+                    "resumed_version": after["version"],
+                }
+            )
+            self.event("chaos: coordinator restarted", step=after["step"], version=after["version"])
+
+    def ledger_facts(self) -> dict[str, Any]:
+        db = self.ledger()
+        try:
+            return {
+                "group_ids": [r[0] for r in db.execute("SELECT id FROM groups ORDER BY id")],
+                "steps": [r[0] for r in db.execute("SELECT step FROM steps ORDER BY step")],
+                "max_version": db.execute("SELECT MAX(version) FROM versions").fetchone()[0],
+            }
+        finally:
+            db.close()
+
+    # ------------------------------------------------------------------ the report
+
+    def report(self, finished: bool) -> dict[str, Any]:
+        db = self.ledger()
+        try:
+            return self._report(db, finished)
+        finally:
+            db.close()
+
+    def _report(self, db: sqlite3.Connection, finished: bool) -> dict[str, Any]:
+        q = db.execute
+        b = self.batch_prompts
+        steps = [
+            {**dict(r), "metrics": json.loads(r["metrics"])}
+            for r in q("SELECT * FROM steps ORDER BY step")
+        ]
+        groups = [dict(r) for r in q("SELECT * FROM groups ORDER BY id")]
+        for g in groups:
+            g["rewards"] = json.loads(g["rewards"])
+
+        # Reward at the start and the end: every accepted group (flat ones too) of the first
+        # and the last versions, taking versions until at least 2 batches' worth of groups.
+        def mean_reward(pick: list[dict[str, Any]]) -> float | None:
+            values = [x for g in pick for x in g["rewards"]]
+            return round(sum(values) / len(values), 4) if values else None
+
+        def window(newest: bool) -> list[dict[str, Any]]:
+            versions = sorted({g["weight_version"] for g in groups}, reverse=newest)
+            chosen: list[dict[str, Any]] = []
+            for v in versions:
+                chosen += [g for g in groups if g["weight_version"] == v]
+                if len(chosen) >= 2 * b:
+                    break
+            return chosen
+
+        start, end = window(False), window(True)
+        by_version: dict[int, list[float]] = {}
+        for g in groups:
+            by_version.setdefault(g["weight_version"], []).extend(g["rewards"])
+
+        # Nodes: verdicts, bans, what caught each cheater.
+        procs = {p.key: p for p in self.procs if p.key}
+        nodes = []
+        for n in q("SELECT * FROM nodes ORDER BY joined_at"):
+            key = n["key"].hex()
+            p = procs.get(key)
+            checks: Counter[str] = Counter()
+            for s in q(
+                "SELECT lease_id, reason, details FROM submissions WHERE node = ? "
+                "AND outcome = 'hard'",
+                (n["key"],),
+            ):
+                d = json.loads(s["details"] or "{}")
+                if "check" in d:
+                    checks[d["check"]] += 1
+                elif "code" in d:
+                    checks[f"transport:{d['code']}"] += 1
+                else:
+                    checks["lease"] += 1
+            stats_file = self.logs / f"{p.name}.json" if p else None
+            stats = json.loads(stats_file.read_text()) if stats_file and stats_file.exists() else {}
+            nodes.append(
+                {
+                    "name": p.name if p else key[:12],
+                    "role": p.role if p else "unknown",
+                    "kind": p.kind if p else "unknown",
+                    "key": key,
+                    "accepted": n["accepted"],
+                    "soft": n["soft_rejected"],
+                    "hard": n["hard_rejected"],
+                    "reputation": n["reputation"],
+                    "banned": n["banned_at"] is not None,
+                    "ban_reason": n["ban_reason"],
+                    "caught_by": dict(checks),
+                    "rate_limited": stats.get("counts", {}).get("rate_limited", 0),
+                    "cheat_counts": stats.get("counts", {}),
+                    "restarts": max(0, p.starts - 1) if p else 0,
+                }
+            )
+        cheaters = {}
+        for p in self.procs:
+            if p.role != "byzantine":
+                continue
+            row = next((n for n in nodes if n["key"] == p.key), None)
+            if p.kind in NOT_BANNED:
+                caught = bool(row and row["rate_limited"] > 0)
+                how = f"rate limited {row['rate_limited']} times" if row else "never joined"
+            else:
+                caught = bool(row and row["banned"])
+                how = (row["ban_reason"] or "not banned") if row else "never joined"
+            cheaters[p.name] = {"kind": p.kind, "caught": caught, "how": how}
+
+        honest_hard = sum(n["hard"] for n in nodes if n["role"] == "honest")
+        honest_hard_details = [
+            {"node": procs[r["node"].hex()].name, "reason": r["reason"]}
+            for r in q("SELECT node, reason FROM submissions WHERE outcome = 'hard'")
+            if r["node"].hex() in procs and procs[r["node"].hex()].role == "honest"
+        ]
+
+        # The ledger's promises: steps 1..N, one batch per step, every accepted group trained
+        # once, dropped with a reason, or still pending; no group recorded twice; no accepted
+        # submission missing groups; nothing seen before a crash missing after it.
+        step_numbers = [s["step"] for s in steps]
+        per_step = Counter(g["trained_step"] for g in groups if g["trained_step"] is not None)
+        dup = q(
+            """SELECT COUNT(*) FROM (SELECT s.lease_id, g.task_index, COUNT(*) c FROM groups g
+               JOIN submissions s ON s.id = g.submission_id
+               GROUP BY s.lease_id, g.task_index HAVING c > 1)"""
+        ).fetchone()[0]
+        missing = 0
+        for s in q(
+            """SELECT s.id, l.tasks, (SELECT COUNT(*) FROM groups g WHERE g.submission_id = s.id)
+               AS n FROM submissions s JOIN leases l ON l.id = s.lease_id
+               WHERE s.outcome = 'accept'"""
+        ):
+            missing += len(json.loads(s["tasks"])) - s["n"]
+        ids = {g["id"] for g in groups}
+        lost_in_crash = sum(len(set(c["ledger_group_ids"]) - ids) for c in self.crash_checks)
+        crash_ok = all(
+            c["resumed_step"] == c["ledger_step"]
+            and (c["resumed_version"] or 0) >= (c["versions_before"] or 0)
+            and (c["api_groups_before"] or 0) <= len(c["ledger_group_ids"])
+            for c in self.crash_checks
+        )
+        ledger_checks = {
+            "steps_contiguous": step_numbers == list(range(1, len(step_numbers) + 1)),
+            "one_batch_per_step": all(per_step.get(n, 0) == b for n in step_numbers),
+            "trained_only_in_committed_steps": set(per_step) <= set(step_numbers),
+            "trained_and_dropped": sum(
+                1 for g in groups if g["trained_step"] is not None and g["dropped"]
+            ),
+            "duplicate_groups": dup,
+            "groups_missing_from_accepted_submissions": missing,
+            "groups_lost_across_crash": lost_in_crash,
+            "crash_resumed_at_committed_step": crash_ok,
+            "trained": sum(1 for g in groups if g["trained_step"] is not None),
+            "dropped": dict(Counter(g["dropped"] for g in groups if g["dropped"])),
+            "pending": sum(1 for g in groups if g["trained_step"] is None and not g["dropped"]),
+        }
+        ledger_ok = (
+            ledger_checks["steps_contiguous"]
+            and ledger_checks["one_batch_per_step"]
+            and ledger_checks["trained_only_in_committed_steps"]
+            and not ledger_checks["trained_and_dropped"]
+            and not dup
+            and not missing
+            and not lost_in_crash
+            and crash_ok
+        )
+
+        versions = [dict(r) for r in q("SELECT * FROM versions ORDER BY version")]
+        published = sum(v["bytes"] for v in versions)
+        honest_count = self.args.nodes
+        stale_mean = [s["metrics"].get("staleness_mean", 0.0) for s in steps]
+        metrics_first = [s["metrics"]["reward_mean"] for s in steps[:3]]
+        metrics_last = [s["metrics"]["reward_mean"] for s in steps[-3:]]
+        reward_start, reward_end = mean_reward(start), mean_reward(end)
+        report = {
+            "finished": finished,
+            "seconds": round(time.time() - self.t0, 1),
+            "pool_id": self.pool_id,
+            "model": self.model_name,
+            "task": self.spec["task"],
+            "settings": {
+                k: self.spec[k] for k in ("sampling", "algorithm", "limits") if k in self.spec
+            },
+            "nodes_honest": self.args.nodes,
+            "relays": self.args.relays,
+            "steps": len(steps),
+            "steps_target": self.args.steps,
+            "version": max((v["version"] for v in versions), default=0),
+            "reward": {
+                "start": reward_start,
+                "end": reward_end,
+                "start_versions": sorted({g["weight_version"] for g in start}),
+                "end_versions": sorted({g["weight_version"] for g in end}),
+                "trainer_batch_first_steps": metrics_first,
+                "trainer_batch_last_steps": metrics_last,
+                "by_version": {v: round(sum(r) / len(r), 4) for v, r in sorted(by_version.items())},
+            },
+            "nodes": nodes,
+            "cheaters": cheaters,
+            "honest_hard_rejects": honest_hard,
+            "honest_hard_reject_details": honest_hard_details[:20],
+            "bytes": {
+                "published": published,
+                "published_full": sum(v["bytes"] for v in versions if v["kind"] == "full"),
+                "published_delta": sum(v["bytes"] for v in versions if v["kind"] != "full"),
+                "distributed_estimate": published * honest_count,
+                "versions": len(versions),
+            },
+            "staleness": {
+                "mean": round(sum(stale_mean) / len(stale_mean), 3) if stale_mean else None,
+                "max": max((s["metrics"].get("staleness_max", 0.0) for s in steps), default=None),
+                "dropped_stale_groups": ledger_checks["dropped"].get("stale", 0),
+            },
+            "submissions": dict(
+                Counter(r[0] or "pending" for r in q("SELECT outcome FROM submissions"))
+            ),
+            "ledger": ledger_checks,
+            "chaos": self.events,
+            "crash_checks": [
+                {k: v for k, v in c.items() if k != "ledger_group_ids"}
+                | {"ledger_groups": len(c["ledger_group_ids"])}
+                for c in self.crash_checks
+            ],
+        }
+        rose = (
+            reward_start is not None
+            and reward_end is not None
+            and reward_end - reward_start >= self.args.min_gain
+        )
+        report["checks"] = {
+            "finished": finished,
+            "reward_rose": rose,
+            "every_cheater_caught": all(c["caught"] for c in cheaters.values()),
+            "no_honest_hard_rejects": honest_hard == 0,
+            "ledger_consistent": ledger_ok,
+        }
+        report["ok"] = all(report["checks"].values())
+        return report
+
+
+def print_summary(r: dict[str, Any]) -> None:
+    line = "-" * 100
+    print(f"\n{line}\nswarm summary: {r['model']} on {r['task']['name']} "
+          f"{r['task'].get('options', {})}, {r['steps']}/{r['steps_target']} steps "
+          f"in {r['seconds']:.0f} s")  # fmt: skip
+    rw = r["reward"]
+    print(
+        f"reward (all accepted samples): start {rw['start']} (v{rw['start_versions']}) -> "
+        f"end {rw['end']} (v{rw['end_versions']})"
+    )
+    print(f"{'node':<22}{'kind':<15}{'accepted':>9}{'soft':>6}{'hard':>6}  {'status / caught by'}")
+    for n in r["nodes"]:
+        if n["banned"]:
+            state = f"BANNED ({', '.join(f'{k} x{v}' for k, v in n['caught_by'].items())})"
+        elif n["rate_limited"]:
+            state = f"rate limited x{n['rate_limited']}"
+        else:
+            state = "ok" if n["role"] == "honest" else "NOT CAUGHT"
+        if n["restarts"]:
+            state += f", restarted x{n['restarts']}"
+        print(f"{n['name']:<22}{n['kind']:<15}{n['accepted']:>9}{n['soft']:>6}{n['hard']:>6}  "
+              f"{state}")  # fmt: skip
+    for name, c in r["cheaters"].items():
+        if c["caught"]:
+            print(f"  {name}: {c['how'][:110]}")
+    b = r["bytes"]
+    print(
+        f"weights: {b['versions']} versions, {b['published'] / 1e6:.2f} MB published "
+        f"({b['published_full'] / 1e6:.2f} full + {b['published_delta'] / 1e6:.2f} delta), "
+        f"~{b['distributed_estimate'] / 1e6:.1f} MB distributed to honest nodes (estimate)"
+    )
+    s = r["staleness"]
+    print(f"staleness: mean {s['mean']}, max {s['max']}, stale groups dropped "
+          f"{s['dropped_stale_groups']}")  # fmt: skip
+    led = r["ledger"]
+    print(
+        f"ledger: {led['trained']} groups trained, {led['pending']} pending, dropped "
+        f"{led['dropped']}; duplicates {led['duplicate_groups']}, missing "
+        f"{led['groups_missing_from_accepted_submissions']}, lost in crashes "
+        f"{led['groups_lost_across_crash']}"
+    )
+    if r["chaos"]:
+        chaos = [e for e in r["chaos"] if e["event"].startswith("chaos")]
+        if chaos:
+            print("chaos: " + "; ".join(f"{e['t']:.0f}s {e['event'][7:]}" for e in chaos))
+    print("checks: " + ", ".join(f"{k} {'OK' if v else 'FAILED'}" for k, v in r["checks"].items()))
+    print(line)
+
+
+def parse_kinds(text: str) -> list[str]:
+    if text in ("", "none"):
+        return []
+    if text == "all":
+        return list(KINDS)
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {bad}; known: {', '.join(KINDS)}")
+    return kinds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--nodes", type=int, default=3, help="honest nodes (default 3)")
+    p.add_argument("--relays", type=int, default=1, help="SHARDCAST relays (default 1)")
+    p.add_argument(
+        "--byzantine",
+        type=parse_kinds,
+        default=["wrong-model"],
+        help=f"cheating nodes, one per kind: {', '.join(KINDS)}; 'all' or 'none' "
+        "(default: wrong-model)",
+    )
+    p.add_argument(
+        "--model",
+        default="tiny-digits",
+        help="tiny-digits (default: the tiny preset's shape with a 20-token vocabulary), tiny, "
+        "smollm2-135m, or an HF model folder",
+    )
+    p.add_argument("--task", help="task name (default: the model's profile)")
+    p.add_argument("--steps", type=int, help="training steps (default: the model's profile)")
+    p.add_argument("--chaos", action="store_true", help="kill and restart processes while it runs")
+    p.add_argument("--report", type=Path, help="JSON report (default: WORK/report.json)")
+    p.add_argument("--dashboard-port", type=int, help="coordinator HTTP port (default: any free)")
+    p.add_argument("--workdir", type=Path, help="folder for everything (default: a new temp one)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="pool spec override"
+    )
+    p.add_argument("--cheaters-at-once", type=int, default=3, help="concurrent cheating nodes")
+    p.add_argument(
+        "--cheat-s", type=float, default=240.0, help="a cheater still running after this is killed"
+    )
+    p.add_argument(
+        "--timeout", type=float, help="give up after this many seconds (default 900; 1800 smollm2)"
+    )
+    p.add_argument("--progress-s", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument(
+        "--min-gain", type=float, default=0.2, help="reward rise the check demands (default 0.2)"
+    )
+    args = p.parse_args(argv)
+    profile = PROFILES.get(args.model, PROFILES["tiny"])
+    args.steps = args.steps or profile["steps"]
+    args.timeout = args.timeout or profile.get("timeout", 900.0)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="swarmrl-swarm-"))
+    work.mkdir(parents=True, exist_ok=True)
+    swarm = Swarm(args, work.resolve())
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; let it finish
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        report = swarm.run()
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping every process", flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        swarm.stop_all()
+        return 130
+    finally:
+        for proc in swarm.procs:  # whatever happened, nothing this script started outlives it
+            proc.kill()
+    path = args.report or work / "report.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print_summary(report)
+    print(f"report: {path}   logs: {swarm.logs}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
