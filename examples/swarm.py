@@ -556,9 +556,11 @@ class Swarm:
                     "api_groups_before": before["counts"]["accepted_groups"] if before else None,
                     "ledger_group_ids": facts["group_ids"],
                     "ledger_step": facts["steps"][-1] if facts["steps"] else 0,
-                    "resumed_step": after["step"],
+                    # Not after["step"]: the restarted coordinator may train on groups it had
+                    # accepted before the kill before this poll first reaches its API.
+                    "resumed_step": after["resumed_from"]["step"],
                     "versions_before": facts["max_version"],
-                    "resumed_version": after["version"],
+                    "resumed_version": after["resumed_from"]["version"],
                 }
             )
             self.event("chaos: coordinator restarted", step=after["step"], version=after["version"])

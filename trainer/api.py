@@ -40,6 +40,7 @@ def create_api(coord: Coordinator) -> FastAPI:
             "algorithm": coord.spec.algorithm.loss_type,
             "step": coord.step,
             "version": coord.version,
+            "resumed_from": coord.resumed_from,
             "max_staleness": coord.spec.limits.max_staleness,
             "peer_id": ends.peer_id if ends else None,
             "addrs": ends.addrs if ends else [],

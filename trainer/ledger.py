@@ -118,6 +118,10 @@ class LedgerError(SwarmError):
     pass
 
 
+class LeaseAnswered(LedgerError):
+    """The lease has a submission already (see `Ledger.answer_of`)."""
+
+
 class Ledger:
     """One pool's ledger. Thread-safe: one connection behind a lock (SQLite writes are serial
     anyway, and each call is short)."""
@@ -315,7 +319,7 @@ class Ledger:
             if row["node"] != node:
                 raise LedgerError(f"lease {lease_id} was issued to another node")
             if row["state"] == "answered":
-                raise LedgerError(f"lease {lease_id} was already answered")
+                raise LeaseAnswered(f"lease {lease_id} was already answered")
             if row["state"] != "open" or row["deadline"] < now:
                 state = row["state"] if row["state"] != "open" else "past its deadline"
                 raise LedgerError(f"lease {lease_id} is {state}")
@@ -324,6 +328,13 @@ class Ledger:
                 "INSERT INTO submissions (lease_id, node, received_at, raw) VALUES (?, ?, ?, ?)",
                 (lease_id, node, now, raw),
             ).lastrowid
+
+    def answer_of(self, lease_id: int) -> tuple[int, bytes] | None:
+        """(submission id, signed envelope) of the submission that answered `lease_id`."""
+        row = self._db.execute(
+            "SELECT id, raw FROM submissions WHERE lease_id = ? ORDER BY id LIMIT 1", (lease_id,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def record_rejected(
         self,

@@ -87,6 +87,6 @@ def test_every_cheater_caught_with_chaos_while_the_pool_learns(tmp_path):
     assert led["duplicate_groups"] == 0
     assert led["groups_missing_from_accepted_submissions"] == 0
     assert led["groups_lost_across_crash"] == 0
-    assert led["crash_resumed_at_committed_step"]
+    assert led["crash_resumed_at_committed_step"], report["crash_checks"]
     assert led["trained_and_dropped"] == 0
     assert report["ok"], report["checks"]

@@ -1,0 +1,114 @@
+"""The coordinator's lease and submission handlers, called in-process: leasing stops where more
+work would go stale; a retried submission (its receipt was lost) is taken once and never
+punished; a second, different answer to the same lease is a hard reject."""
+
+import trio
+
+from node.hardware import probe
+from protocol import messages as msg
+from protocol import poolspec
+from protocol.envelope import EnvelopeVerifier, seal
+from protocol.identity import Identity
+from trainer.coordinator import Coordinator, RunOptions
+
+
+def _coordinator(tmp_path, **limits) -> Coordinator:
+    key = Identity.generate()
+    spec = poolspec.from_dict(
+        {
+            "name": "t",
+            "coordinator": {"public_key": key.public_key.hex()},
+            "model": {"name": "tiny", "dtype": "float32"},
+            "task": {"name": "copy", "options": {"digits": 1}},
+            "sampling": {"group_size": 2, "max_new_tokens": 2},
+            "algorithm": {"batch_prompts": 2},
+            "limits": {"lease_prompts": 1, **limits},
+        }
+    )
+    return Coordinator(spec, key, RunOptions(data_dir=tmp_path))
+
+
+class Member:
+    """A node identity talking to the coordinator's handlers directly."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+        self.identity = Identity.generate()
+        self.verifier = EnvelopeVerifier(coord.pool_id)
+
+    def signed(self, message):
+        raw = seal(self.identity, self.coord.pool_id, message)
+        return self.verifier.open(raw, type(message))
+
+    async def join(self) -> None:
+        hardware = probe("cpu", self_test_s=0.0)
+        joined = await self.coord._on_join(self.signed(msg.JoinRequest(hardware, "hf", "test")))
+        assert joined.accepted, joined.reason
+
+    async def lease(self) -> msg.LeaseReply:
+        return await self.coord._on_lease(self.signed(msg.LeaseRequest(weight_version=0)))
+
+    async def submit(self, lease: msg.Lease, token: int = 5) -> msg.Receipt:
+        done = msg.Completion(
+            tokens=[token, 6], logprobs=[-1.0, -1.0], finish_reason="length", proofs=[]
+        )
+        answer = msg.Submission(
+            lease_id=lease.lease_id,
+            weight_version=0,
+            results=[msg.TaskResult(task_index=0, completions=[done, done])],
+        )
+        return await self.coord._on_submit(self.signed(answer))
+
+
+def test_leasing_stops_at_a_batch_of_done_work_and_at_the_staleness_window(tmp_path):
+    # batch 2, one prompt per lease, max_staleness 3: at most 3 x 2 = 6 groups done + leased,
+    # and no new lease while a batch (2) of done work waits for the trainer
+    coord = _coordinator(tmp_path, max_staleness=3)
+    node = Member(coord)
+
+    async def scenario():
+        await node.join()
+        leases = [(await node.lease()).lease for _ in range(6)]
+        assert all(lease is not None for lease in leases)
+        full = await node.lease()
+        assert full.lease is None and "enough work" in full.reason
+        coord.ledger.release_lease(leases[0].lease_id, node.identity.public_key)
+        coord.ledger.release_lease(leases[1].lease_id, node.identity.public_key)
+        assert (await node.lease()).lease is not None  # 5 leased: room again
+        assert (await node.submit(leases[2])).queued  # 1 done + 4 leased
+        assert (await node.lease()).lease is not None  # 1 done + 5 leased
+        assert (await node.submit(leases[3])).queued  # 2 done: a batch waits
+        waiting = await node.lease()
+        assert waiting.lease is None and "enough work" in waiting.reason
+
+    try:
+        trio.run(scenario)
+    finally:
+        coord.close()
+
+
+def test_resubmission_is_idempotent_and_a_different_answer_is_refused(tmp_path):
+    coord = _coordinator(tmp_path)
+    member = Member(coord)
+    node = member.identity
+
+    async def scenario():
+        await member.join()
+        reply = await member.lease()
+        lease = reply.lease
+        assert lease is not None, reply.reason
+        first = await member.submit(lease)
+        assert first.queued and first.submission_id > 0, first.reason
+        # the same content signed again (a new envelope, as a node's retry makes)
+        again = await member.submit(lease)
+        assert again.queued and again.submission_id == first.submission_id
+        assert coord.ledger.node(node.public_key)["hard_rejected"] == 0
+        # other content for the answered lease
+        refused = await member.submit(lease, token=7)
+        assert not refused.queued and "already answered" in refused.reason
+        assert coord.ledger.node(node.public_key)["hard_rejected"] == 1
+
+    try:
+        trio.run(scenario)
+    finally:
+        coord.close()
