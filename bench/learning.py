@@ -19,32 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/protocol.py shadows protocol
 
 from trainer.local import train_locally
+from trainer.presets import local_config
 
 RESULTS = Path(__file__).parent / "results"
 
-PRESETS = {
-    "tiny": dict(
-        model="tiny",
-        dtype="float32",
-        task="copy",
-        options={"digits": 2},
-        lr=2e-3,
-        prompts=16,
-        group=8,
-        max_new_tokens=4,
-        minutes=4.0,
-    ),
-    "smollm2": dict(
-        model="smollm2-135m",
-        dtype="bfloat16",
-        task="arithmetic",
-        options={"op": "+", "digits": 2},
-        lr=1e-5,
-        prompts=8,
-        group=8,
-        max_new_tokens=16,
-        minutes=6.0,
-    ),
+# Each run is a `coordinator init` preset (trainer/presets.py) with a time budget.
+RUNS = {
+    "tiny": local_config("tiny", minutes=4.0),
+    "smollm2": local_config("smollm2-135m", minutes=6.0),
 }
 
 
@@ -85,7 +67,7 @@ def main() -> None:
     ap.add_argument(
         "--preset",
         action="append",
-        choices=sorted(PRESETS),
+        choices=sorted(RUNS),
         help="which run(s) (default: tiny and smollm2)",
     )
     ap.add_argument("--minutes", type=float, help="override each run's time budget")
@@ -93,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     results = {}
     for name in args.preset or ["tiny", "smollm2"]:
-        cfg = dict(PRESETS[name])
+        cfg = dict(RUNS[name])
         if args.minutes:
             cfg["minutes"] = args.minutes
         print(

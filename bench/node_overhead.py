@@ -30,7 +30,7 @@ import trio
 # The repo root first: bench/protocol.py would otherwise shadow the `protocol` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.engine import HFEngine, sampling_params
+from node.engine import HFEngine, offline_lease, sampling_params
 from protocol import messages as msg
 from protocol.host import Host
 from protocol.identity import Identity
@@ -45,26 +45,12 @@ SINK = "/swarmrl/bench-sink/1.0.0"
 
 def make_lease(tok, eos: list[int], prompts: int, group: int, max_new: int, seed: int) -> msg.Lease:
     task = make_task("arithmetic", seed)
-    tasks = [
-        msg.LeaseTask(
-            prompt_index=i,
-            prompt_ids=tok(task.render(task.train[i], tok), add_special_tokens=False)["input_ids"],
-            seed=1000 + i,
-            group_size=group,
-        )
+    ids = [
+        tok(task.render(task.train[i], tok), add_special_tokens=False)["input_ids"]
         for i in range(prompts)
     ]
-    return msg.Lease(
-        lease_id=1,
-        node=bytes(32),
-        counter=0,
-        weight_version=0,
-        min_version=0,
-        tasks=tasks,
-        sampling=msg.SamplingWire(
-            temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new, eos_token_ids=eos
-        ),
-        deadline_ms=2**62,
+    return offline_lease(
+        ids, group_size=group, max_new_tokens=max_new, eos_token_ids=eos, first_seed=1000
     )
 
 

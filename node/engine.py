@@ -89,6 +89,39 @@ class HFEngine:
         return prove(lease, jobs, rollouts)
 
 
+def offline_lease(
+    prompts: list[list[int]],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    first_seed: int = 0,
+) -> msg.Lease:
+    """An unsigned lease for running an engine outside a pool (benchmarks, tests): prompt i
+    gets seed `first_seed + i`, plain sampling at temperature 1."""
+    return msg.Lease(
+        lease_id=1,
+        node=bytes(32),
+        counter=0,
+        weight_version=0,
+        min_version=0,
+        tasks=[
+            msg.LeaseTask(
+                prompt_index=i, prompt_ids=ids, seed=first_seed + i, group_size=group_size
+            )
+            for i, ids in enumerate(prompts)
+        ],
+        sampling=msg.SamplingWire(
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=eos_token_ids,
+        ),
+        deadline_ms=2**62,
+    )
+
+
 def lease_jobs(lease: msg.Lease) -> list[tuple[int, int, list[int], int]]:
     """(task index, sample index, prompt ids, seed) for every completion a lease asks for."""
     return [

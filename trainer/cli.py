@@ -17,25 +17,8 @@ from protocol.config import apply_overrides
 from protocol.errors import SwarmError
 from protocol.identity import Identity, describe, peer_id_of
 from protocol.paths import swarmrl_home
+from trainer.presets import PRESETS
 
-# What `init` starts from for each model preset, before `--set` overrides: settings that are
-# known to learn (RL.md), so a new pool works without tuning.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "model": {"name": "tiny", "dtype": "float32"},
-        "task": {"name": "copy", "options": {"digits": 2}},
-        "sampling": {"temperature": 1.0, "max_new_tokens": 4, "group_size": 8},
-        "algorithm": {"lr": 2e-3, "batch_prompts": 16, "micro_batch": 128, "is_cap": 0.0},
-        "limits": {"lease_prompts": 4, "lease_timeout_s": 60.0},
-    },
-    "smollm2-135m": {
-        "model": {"name": "smollm2-135m", "dtype": "bfloat16"},
-        "task": {"name": "arithmetic", "options": {"op": "+", "digits": 2}},
-        "sampling": {"temperature": 1.0, "max_new_tokens": 16, "group_size": 8},
-        "algorithm": {"lr": 1e-5, "batch_prompts": 8, "micro_batch": 16},
-        "limits": {"lease_prompts": 2, "lease_timeout_s": 300.0},
-    },
-}
 DEFAULT_KEY = swarmrl_home() / "coordinator.key"
 
 

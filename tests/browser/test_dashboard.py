@@ -173,8 +173,10 @@ def test_try_the_policy_returns_text(pool: Pool, page: Watched) -> None:
     page.page.wait_for_function(
         "document.getElementById('try-status').textContent.includes('tokens')", timeout=60_000
     )
+    # something visible, even when the policy answers with whitespace (shown escaped)
     assert page.page.locator("#completion").inner_text().strip()
-    assert "weights v" in page.page.locator("#try-status").inner_text()
+    status = page.page.locator("#try-status").inner_text()
+    assert "weights v" in status and int(status.split(" tokens")[0].split()[-1]) >= 1
     page.shot("try")
 
 
@@ -217,3 +219,18 @@ def test_pages_use_the_documented_json_api(pool: Pool) -> None:
         "/api/nodes/{key}/ban",
     ):
         assert p in paths, p
+
+
+def test_try_the_policy_shows_a_whitespace_answer(pool: Pool, page: Watched) -> None:
+    # A policy early in training may answer with newlines only: the page must not look empty.
+    answer = {"completion": "\n\n", "version": 3, "tokens": 2, "finish_reason": "length"}
+    page.page.route(
+        "**/api/generate", lambda route: route.fulfill(json={**answer, "seconds": 0.01})
+    )
+    page.goto("#/try")
+    page.page.click("form button[type='submit']")
+    page.page.wait_for_function(
+        "document.getElementById('try-status').textContent.includes('tokens')", timeout=10_000
+    )
+    assert page.page.locator("#completion").inner_text() == '"\\n\\n"'
+    assert "only whitespace" in page.page.locator("#try-status").inner_text()

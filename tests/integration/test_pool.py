@@ -63,21 +63,25 @@ def test_killed_node_lease_goes_to_the_other(pool):
     coordinator.start()
     a, b = Node("a", tmp / "nodes"), Node("b", tmp / "nodes")
     nodes += [a, b]
-    # Kill `a` while it holds an open lease (it may answer one in the instant before: retry).
-    held = None
-    for _ in range(5):
-        a.start(coordinator.pool_id, coordinator.bootstrap)
-        deadline = time.monotonic() + 180
-        while held is None and time.monotonic() < deadline:
-            if (tmp / "nodes" / "a.key").exists() and (coordinator.data / "ledger.sqlite").exists():
-                held = next((x for x in _leases(coordinator.data, _key(a)) if x[1] == "open"), None)
-            time.sleep(0.1)
-        a.kill(signal.SIGKILL)
-        state = {i: st for i, st, _ in _leases(coordinator.data, _key(a))}
-        if held is not None and state[held[0]] == "open":
-            break
-        held = None
-    assert held is not None, "node a never held an open lease"
+    # Kill `a` while it holds an open lease. A lease is open only while a generates (ms on the
+    # tiny model), so freeze a (SIGSTOP) when the ledger shows one, let a submission already on
+    # the wire land, and kill it only if the lease is still open; otherwise let it go on.
+    a.start(coordinator.pool_id, coordinator.bootstrap)
+    held, deadline = None, time.monotonic() + 240
+    while held is None and time.monotonic() < deadline:
+        if (tmp / "nodes" / "a.key").exists() and (coordinator.data / "ledger.sqlite").exists():
+            seen = next((x for x in _leases(coordinator.data, _key(a)) if x[1] == "open"), None)
+            if seen is not None:
+                a.proc.send_signal(signal.SIGSTOP)
+                time.sleep(0.5)
+                state = {i: st for i, st, _ in _leases(coordinator.data, _key(a))}
+                if state[seen[0]] == "open":
+                    held = seen
+                    a.kill(signal.SIGKILL)
+                else:
+                    a.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
+    assert held is not None, "node a was never caught holding an open lease"
     lease_id, _, prompts = held
     b.start(coordinator.pool_id, coordinator.bootstrap)
     # the lease expires (8 s) and its prompts are the first ones leased to b after that

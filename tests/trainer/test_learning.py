@@ -4,22 +4,13 @@ sampler and rewards work together. Deterministic (seeded, one thread), so it can
 import pytest
 
 from trainer.local import train_locally
+from trainer.presets import local_config
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def test_tiny_model_learns_to_copy():
-    cfg = dict(
-        model="tiny",
-        dtype="float32",
-        task="copy",
-        options={"digits": 2},
-        lr=2e-3,
-        prompts=16,
-        group=8,
-        max_new_tokens=4,
-        steps=200,
-    )
+    cfg = local_config("tiny", steps=200)  # what `coordinator init` gives a new pool
     r = train_locally(cfg, eval_limit=20, progress=False)
     assert r["steps"] == 200
     assert r["reward_first_10pct"] < 0.1

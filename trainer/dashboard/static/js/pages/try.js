@@ -22,8 +22,11 @@ export function mount(root) {
           sample: sample.checked,
           template: template.checked,
         });
-        out.textContent = r.completion;
-        status.textContent = `weights v${r.version} · ${r.tokens} tokens (${r.finish_reason}) in ${r.seconds} s`;
+        // Whitespace alone would look like no answer at all: show it escaped, and say so.
+        const blank = r.completion.trim() === "";
+        out.textContent = blank ? JSON.stringify(r.completion) : r.completion;
+        status.textContent = `weights v${r.version} · ${r.tokens} tokens (${r.finish_reason}) in ${r.seconds} s`
+          + (blank ? " · only whitespace, shown escaped" : "");
       } catch (err) {
         status.className = "error";
         status.textContent = err.detail ?? String(err);
