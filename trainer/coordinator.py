@@ -580,7 +580,7 @@ class Coordinator:
         and more would wait its staleness away. Done plus leased work (what nodes are still
         generating) stays within the batches the staleness window can train. Measured on the
         default swarm (docs/swarm.md): a single bound of 6 batches on both dropped 61% of the
-        accepted groups as stale; these two drop ~10% and finish sooner.
+        accepted groups as stale; these two drop ~15% and finish sooner.
         """
         b = self.spec.algorithm.batch_prompts
         per_lease = self.spec.limits.lease_prompts
