@@ -210,6 +210,7 @@ class Swarm:
     spec_path: Path | None = None
     t0: float = field(default_factory=time.time)
     crash_checks: list[dict[str, Any]] = field(default_factory=list)
+    served: dict[str, Any] = field(default_factory=dict)
     batch_prompts: int = 0
     model_name: str = ""
 
@@ -474,8 +475,22 @@ class Swarm:
             self.print_progress(status)
         if not done:
             self.event("timed out", seconds=a.timeout)
+        self.served = self.bytes_served()
         self.stop_all()
         return self.report(done)
+
+    def bytes_served(self) -> dict[str, Any]:
+        """What the origin counted and each relay says it served, from the Weights API (the
+        counters start at zero whenever a server starts)."""
+        try:
+            w = self.api("/api/weights")
+        except (OSError, ValueError):
+            return {"origin": None, "relays": None}
+        relays = [r.get("served") for r in w["relays"]]
+        return {
+            "origin": (w.get("served") or {}).get("total"),
+            "relays": sum(r for r in relays if isinstance(r, int)) if relays else 0,
+        }
 
     def print_progress(self, s: dict[str, Any]) -> None:
         nodes = {p.key: p for p in self.procs if p.key}
@@ -728,7 +743,6 @@ class Swarm:
 
         versions = [dict(r) for r in q("SELECT * FROM versions ORDER BY version")]
         published = sum(v["bytes"] for v in versions)
-        honest_count = self.args.nodes
         stale_mean = [s["metrics"].get("staleness_mean", 0.0) for s in steps]
         metrics_first = [s["metrics"]["reward_mean"] for s in steps[:3]]
         metrics_last = [s["metrics"]["reward_mean"] for s in steps[-3:]]
@@ -764,7 +778,8 @@ class Swarm:
                 "published": published,
                 "published_full": sum(v["bytes"] for v in versions if v["kind"] == "full"),
                 "published_delta": sum(v["bytes"] for v in versions if v["kind"] != "full"),
-                "distributed_estimate": published * honest_count,
+                "served_by_origin": self.served.get("origin"),
+                "served_by_relays": self.served.get("relays"),
                 "versions": len(versions),
             },
             "staleness": {
@@ -799,6 +814,10 @@ class Swarm:
         return report
 
 
+def _mb(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 1e6:.1f} MB"
+
+
 def print_summary(r: dict[str, Any]) -> None:
     line = "-" * 100
     print(f"\n{line}\nswarm summary: {r['model']} on {r['task']['name']} "
@@ -828,7 +847,7 @@ def print_summary(r: dict[str, Any]) -> None:
     print(
         f"weights: {b['versions']} versions, {b['published'] / 1e6:.2f} MB published "
         f"({b['published_full'] / 1e6:.2f} full + {b['published_delta'] / 1e6:.2f} delta), "
-        f"~{b['distributed_estimate'] / 1e6:.1f} MB distributed to honest nodes (estimate)"
+        f"served by the origin {_mb(b['served_by_origin'])}, by relays {_mb(b['served_by_relays'])}"
     )
     s = r["staleness"]
     print(f"staleness: mean {s['mean']}, max {s['max']}, stale groups dropped "

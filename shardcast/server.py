@@ -3,6 +3,7 @@
     GET /versions?after=N&wait=S   JSON listing; long-polls up to S seconds for a version > N
     GET /v/{N}/manifest            the signed manifest bytes
     GET /v/{N}/f/{name}            a payload file, streamed; single-range `Range` supported
+    GET /stats                     bytes served since start: total, requests, by version
     GET /health                    liveness
 
 Files are streamed in chunks read off the event loop, so no shard is ever held in memory
@@ -29,6 +30,7 @@ from shardcast.errors import ManifestError
 from shardcast.manifest import shard_range
 from shardcast.store import StoredVersion, VersionStore
 from shardcast.throttle import UploadThrottle
+from shardcast.traffic import CountServed, ServedBytes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ def create_app(
     store: VersionStore, bucket: UploadThrottle | None = None, shard_wait: float = 30.0
 ) -> FastAPI:
     app = FastAPI(title="shardcast", docs_url=None, redoc_url=None, openapi_url=None)
+    served = ServedBytes()
+    app.add_middleware(CountServed, served=served)
+    app.state.served = served
 
     def version_or_404(version: int) -> StoredVersion:
         sv = store.get(version)
@@ -72,6 +77,11 @@ def create_app(
     @app.get("/health")
     async def health() -> dict:
         return {"ok": True, "latest": store.latest()}
+
+    @app.get("/stats")
+    async def stats() -> dict:
+        """Bytes served since this server started (totals and by version)."""
+        return served.snapshot(clients=False)
 
     @app.get("/versions")
     async def versions(after: int = -1, wait: float = 0.0) -> dict:

@@ -142,6 +142,7 @@ def test_weights_page_shows_versions_tree_and_bytes(pool: Pool, page: Watched) -
     assert tree.count("node ") == 4  # three nodes, and alice named as the relay's node
     relay = next(line for line in tree.splitlines() if line.startswith("relay"))
     assert pool.relay_url in relay and "holds v" in relay, tree
+    assert "served" in relay and "(its own count)" in relay, relay  # the relay's /stats
     assert not page.page.locator("#served-total").inner_text().startswith("0 ")
 
 

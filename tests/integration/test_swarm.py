@@ -89,4 +89,7 @@ def test_every_cheater_caught_with_chaos_while_the_pool_learns(tmp_path):
     assert led["groups_lost_across_crash"] == 0
     assert led["crash_resumed_at_committed_step"], report["crash_checks"]
     assert led["trained_and_dropped"] == 0
+    # weights moved, counted by the servers themselves (since their last restart)
+    served = report["bytes"]
+    assert served["served_by_origin"] > 0 and served["served_by_relays"] is not None
     assert report["ok"], report["checks"]

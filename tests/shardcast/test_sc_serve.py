@@ -380,3 +380,29 @@ async def test_relay_refuses_manifest_of_another_key(tmp_path: Path, identity: I
         assert relay.store.versions == {} and 1 in relay.abandoned
         assert relay.picker.stats[bad_url].corrupt == 1
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_stats_count_the_payload_each_server_sent(tmp_path: Path, identity: Identity) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=1)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
+        url = await nursery.start(origin.serve)
+        kw = dict(public_key=identity.public_key, pool_id=POOL_ID, poll_wait=5, policy=FAST)
+        relay = Relay([url], tmp_path / "r", **kw)
+        relay_url = await nursery.start(relay.run)
+        m = await origin.publish(ck, 1)
+        c = client([relay_url], tmp_path / "c", identity)
+        assert await c.wait_for_newer(-1, timeout=10) == 1
+        await c.fetch(1)
+        relayed = (await http.get(f"{relay_url}/stats")).json()
+        at_origin = (await http.get(f"{url}/stats")).json()
+        # each sent the payload once (the relay to the client, the origin to the relay), plus
+        # manifests and listings; no client addresses in the public view
+        for stats in (relayed, at_origin):
+            assert m.payload_bytes <= stats["by_version"]["1"] < m.payload_bytes + 64 * 1024
+            assert stats["total"] >= stats["by_version"]["1"] and stats["requests"] > 0
+            assert "by_client" not in stats
+        assert "127.0.0.1" in origin.app.state.served.snapshot()["by_client"]
+        await c.aclose()
+        nursery.cancel_scope.cancel()

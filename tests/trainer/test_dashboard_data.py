@@ -4,6 +4,7 @@ import json
 
 import trio
 
+from shardcast.traffic import CountServed, ServedBytes
 from trainer.dashboard.generate import RateLimiter
 from trainer.dashboard.series import (
     accuracy_by_step,
@@ -13,7 +14,6 @@ from trainer.dashboard.series import (
     step_series,
     verdict_key,
 )
-from trainer.dashboard.traffic import ServedBytes, _Counting
 
 
 def test_minute_buckets_fill_gaps_and_split_by_check():
@@ -90,7 +90,7 @@ def test_served_bytes_are_counted_by_version_and_client():
         async def send(m):
             sent.append(m)
 
-        wrapped = _Counting(app, served)
+        wrapped = CountServed(app, served)
         scope = {"type": "http", "path": "/v/7/f/model.safetensors", "client": ("10.0.0.2", 5)}
         await wrapped(scope, None, send)
         await wrapped({"type": "http", "path": "/versions", "client": ("10.0.0.3", 9)}, None, send)

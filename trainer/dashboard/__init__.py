@@ -15,7 +15,6 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from trainer.dashboard.routes import create_router
-from trainer.dashboard.traffic import count_served_bytes
 
 if TYPE_CHECKING:
     from trainer.coordinator import Coordinator
@@ -26,7 +25,7 @@ STATIC = Path(__file__).parent / "static"
 def mount_dashboard(app: FastAPI, coord: Coordinator) -> None:
     """Serve the dashboard at `/` and its API on `app`."""
     origin = getattr(coord, "origin", None)
-    served = count_served_bytes(origin.app) if origin is not None else None
+    served = origin.app.state.served if origin is not None else None
     app.include_router(create_router(coord, served))
     app.mount("/static", StaticFiles(directory=STATIC), name="dashboard-static")
 

@@ -12,6 +12,7 @@ import httpx
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
+from shardcast.traffic import ServedBytes
 from trainer.dashboard.generate import MAX_NEW_TOKENS, RateLimiter, complete
 from trainer.dashboard.series import (
     ACCURACY_FUNCS,
@@ -21,7 +22,6 @@ from trainer.dashboard.series import (
     step_series,
     verdict_key,
 )
-from trainer.dashboard.traffic import ServedBytes
 
 if TYPE_CHECKING:
     from trainer.coordinator import Coordinator
@@ -106,8 +106,8 @@ def create_router(coord: Coordinator, served: ServedBytes | None) -> APIRouter:
 
     @router.get("/weights")
     async def weights() -> dict[str, Any]:
-        """Published versions, what the origin and each relay hold, what each node holds, and
-        the bytes the origin served."""
+        """Published versions, what the origin and each relay hold, what each node holds, the
+        bytes the origin served, and the bytes each relay says it served."""
         from trainer.api import node_json
 
         origin = getattr(coord, "origin", None)
@@ -159,17 +159,27 @@ def create_router(coord: Coordinator, served: ServedBytes | None) -> APIRouter:
 
 
 async def _probe(relays: list[dict[str, Any]]) -> None:
-    """Ask each relay which versions it holds (bounded; a silent relay is marked)."""
+    """Ask each relay which versions it holds and how many bytes it served (bounded; a silent
+    relay is marked)."""
 
     async def one(client: httpx.AsyncClient, r: dict[str, Any]) -> None:
+        base = r["url"].rstrip("/")
         try:
-            resp = await client.get(f"{r['url'].rstrip('/')}/versions")
+            resp = await client.get(f"{base}/versions")
             resp.raise_for_status()
             r["versions"] = resp.json().get("versions", [])
             r["error"] = None
         except (httpx.HTTPError, ValueError) as e:
-            r["versions"] = []
+            r["versions"], r["served"] = [], None
             r["error"] = type(e).__name__
+            return
+        try:  # what it says it served (relays are untrusted: shown, never relied on)
+            resp = await client.get(f"{base}/stats")
+            resp.raise_for_status()
+            total = resp.json().get("total")
+            r["served"] = total if isinstance(total, int) and total >= 0 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            r["served"] = None
 
     if not relays:
         return

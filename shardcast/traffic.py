@@ -1,7 +1,8 @@
-"""Bytes the SHARDCAST origin served, counted in-process for the Weights page.
+"""Bytes a SHARDCAST server sent, counted by an ASGI middleware on origins and relays alike.
 
-The origin's FastAPI app is already being served when the dashboard is mounted, so its
-middleware cannot be added the usual way; instead the app's built ASGI stack is wrapped.
+Totals by weight version and by client address. `/stats` publishes the totals and the
+per-version counts (not the client addresses) so a coordinator can show what each relay
+served; the origin's full counts feed the coordinator's Weights page in-process.
 """
 
 from __future__ import annotations
@@ -29,46 +30,43 @@ class ServedBytes:
                 self.by_version[version] += n
             self.by_client[client] += n
 
-    def snapshot(self) -> dict[str, Any]:
+    def count_request(self) -> None:
         with self._lock:
-            return {
+            self.requests += 1
+
+    def snapshot(self, clients: bool = True) -> dict[str, Any]:
+        """Totals; `clients=False` leaves out who downloaded (for the public `/stats`)."""
+        with self._lock:
+            out: dict[str, Any] = {
                 "total": sum(self.by_client.values()),
                 "requests": self.requests,
                 "by_version": {str(v): n for v, n in sorted(self.by_version.items())},
-                "by_client": dict(self.by_client.most_common(50)),
             }
+            if clients:
+                out["by_client"] = dict(self.by_client.most_common(50))
+            return out
 
 
-class _Counting:
-    def __init__(self, inner: Any, served: ServedBytes) -> None:
-        self.inner = inner
+class CountServed:
+    """ASGI middleware: counts every response body's bytes into `served`."""
+
+    def __init__(self, app: Any, served: ServedBytes) -> None:
+        self.app = app
         self.served = served
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope.get("type") != "http":
-            await self.inner(scope, receive, send)
+            await self.app(scope, receive, send)
             return
         m = _PAYLOAD.match(scope.get("path", ""))
         version = int(m.group(1)) if m else None
         # By host only: a client opens many connections, each from another port.
         where = (scope.get("client") or ("?", 0))[0]
-        with self.served._lock:
-            self.served.requests += 1
+        self.served.count_request()
 
         async def counting_send(message: dict) -> None:
             if message.get("type") == "http.response.body":
                 self.served.add(version, where, len(message.get("body", b"")))
             await send(message)
 
-        await self.inner(scope, receive, counting_send)
-
-
-def count_served_bytes(app: Any) -> ServedBytes | None:
-    """Wrap a Starlette app's ASGI stack so every response body is counted; None if `app` is
-    not a Starlette app."""
-    if not hasattr(app, "build_middleware_stack"):
-        return None
-    served = ServedBytes()
-    stack = app.middleware_stack or app.build_middleware_stack()
-    app.middleware_stack = _Counting(stack, served)
-    return served
+        await self.app(scope, receive, counting_send)
