@@ -406,3 +406,26 @@ async def test_stats_count_the_payload_each_server_sent(tmp_path: Path, identity
         assert "127.0.0.1" in origin.app.state.served.snapshot()["by_client"]
         await c.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_dead_source_first_chain_from_the_origin(tmp_path: Path, identity: Identity) -> None:
+    """A late joiner whose first source (a relay) is down rebuilds the newest version's whole
+    delta chain from the origin."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, keep=4, full_every=10)
+    ck = make_checkpoint(tmp_path / "ck", mb=1)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        for v in range(8):
+            if v:
+                nudge_checkpoint(ck, seed=v)
+            m = await origin.publish(ck, v)
+        assert m.base == 6  # the newest is the 7th delta in a row
+        c = client([dead, url], tmp_path / "c", identity)
+        r = await c.fetch("latest")
+        assert r.version == 7 and same_tree(r.path, ck)
+        await c.aclose()
+        nursery.cancel_scope.cancel()
