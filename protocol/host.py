@@ -113,6 +113,23 @@ Handler = Callable[[Verified[Any]], Awaitable[Message]]
 SignerPolicy = Callable[[bytes], bool]
 
 
+@dataclass(frozen=True)
+class _Route:
+    """What `Host.serve` registered for one protocol."""
+
+    protocol_id: str
+    handler: Handler
+    request_type: type[Message]
+    response_type: type[Message]
+    allowed_signer: SignerPolicy | None
+    timeout: float
+
+    @property
+    def limit(self) -> int:
+        """The largest request frame this route reads."""
+        return self.request_type.max_bytes + ENVELOPE_OVERHEAD
+
+
 def pool_topic(pool_id: str, name: str) -> str:
     """The gossip topic `name` of one pool, so pools sharing peers never mix announcements."""
     return f"/swarmrl/{pool_id}/{name}"
@@ -489,33 +506,20 @@ class Host:
         from libp2p.custom_types import TProtocol
 
         timeout = self.config.handler_timeout_s if timeout_s is None else timeout_s
-
-        async def on_stream(stream: Any) -> None:
-            await self._serve_stream(
-                stream, protocol_id, handler, request_type, response_type, allowed_signer, timeout
-            )
-
-        self._host.set_stream_handler(TProtocol(protocol_id), on_stream)
+        route = _Route(protocol_id, handler, request_type, response_type, allowed_signer, timeout)
+        self._host.set_stream_handler(
+            TProtocol(protocol_id), functools.partial(self._serve_stream, route=route)
+        )
 
     def unserve(self, protocol_id: str) -> None:
         from libp2p.custom_types import TProtocol
 
         self._host.remove_stream_handler(TProtocol(protocol_id))
 
-    async def _serve_stream(
-        self,
-        stream: Any,
-        protocol_id: str,
-        handler: Handler,
-        request_type: type[Message],
-        response_type: type[Message],
-        allowed_signer: SignerPolicy | None,
-        timeout: float,
-    ) -> None:
+    async def _serve_stream(self, stream: Any, *, route: _Route) -> None:
         """Answer requests on one stream until the peer closes it, goes idle, or is refused."""
         peer_id = stream.muxed_conn.peer_id.to_base58()
         receive = _StreamReader(stream).receive
-        limit = request_type.max_bytes + ENVELOPE_OVERHEAD
         first = True
         try:
             while True:
@@ -528,23 +532,12 @@ class Host:
                         await self._send(stream, self._error("timeout", "no request in time"))
                     return
                 first = False
-                reply, ok = await self._answer(
-                    start,
-                    receive,
-                    peer_id,
-                    protocol_id,
-                    handler,
-                    request_type,
-                    response_type,
-                    allowed_signer,
-                    timeout,
-                    limit,
-                )
+                reply, ok = await self._answer(start, receive, peer_id, route)
                 await self._send(stream, reply)
                 if not ok:
                     return  # after a refusal the stream may be out of step: end it
         except Exception as e:
-            log.debug("stream from %s on %s ended: %s", peer_id, protocol_id, e)
+            log.debug("stream from %s on %s ended: %s", peer_id, route.protocol_id, e)
         finally:
             await _close_quietly(stream, reset=False)
 
@@ -553,13 +546,7 @@ class Host:
         start: bytes,
         receive: Callable[[int], Awaitable[bytes]],
         peer_id: str,
-        protocol_id: str,
-        handler: Handler,
-        request_type: type[Message],
-        response_type: type[Message],
-        allowed_signer: SignerPolicy | None,
-        timeout: float,
-        limit: int,
+        route: _Route,
     ) -> tuple[bytes, bool]:
         """One request whose first byte is `start`: (sealed answer, True) or (refusal, False)."""
         wait = self._limiter.check(peer_id)
@@ -571,7 +558,7 @@ class Host:
         try:
             with trio.fail_after(self.config.read_timeout_s):
                 header = start + await read_exactly(receive, HEADER_BYTES - 1)
-                data = await read_exactly(receive, parse_header(header, limit))
+                data = await read_exactly(receive, parse_header(header, route.limit))
         except FrameTooLarge as e:
             return self._error("too_large", str(e), peer_id=peer_id), False
         except ProtocolError as e:
@@ -581,32 +568,33 @@ class Host:
         try:
             verified = self.verifier.open(
                 data,
-                request_type,
+                route.request_type,
                 signer=public_key_of_peer(peer_id),
-                allowed_signer=allowed_signer,
+                allowed_signer=route.allowed_signer,
             )
         except ProtocolError as e:
             return self._error("bad_request", str(e), peer_id=peer_id), False
         try:
-            with trio.fail_after(timeout):
-                response = await handler(verified)
+            with trio.fail_after(route.timeout):
+                response = await route.handler(verified)
             if isinstance(response, ErrorReply):
                 self.stats.refuse(response.code)
                 return seal(self.identity, self.pool_id, response), False
-            if not isinstance(response, response_type):
+            if not isinstance(response, route.response_type):
                 raise TypeError(
-                    f"handler of {protocol_id} returned {type(response).__name__}, "
-                    f"expected {response_type.__name__}"
+                    f"handler of {route.protocol_id} returned {type(response).__name__}, "
+                    f"expected {route.response_type.__name__}"
                 )
             reply = seal(self.identity, self.pool_id, response)
         except trio.TooSlowError:
-            return self._error("timeout", f"no answer within {timeout:g} s", peer_id=peer_id), False
+            reason = f"no answer within {route.timeout:g} s"
+            return self._error("timeout", reason, peer_id=peer_id), False
         except SwarmError as e:
             return self._error("refused", str(e), peer_id=peer_id), False
         except Exception:
             # A bug in one handler must not take the host down; the peer learns only that it
             # failed, the log gets the traceback.
-            log.exception("handler of %s failed on a request from %s", protocol_id, peer_id)
+            log.exception("handler of %s failed on a request from %s", route.protocol_id, peer_id)
             return self._error(
                 "internal", "the server failed to handle this request", peer_id=peer_id
             ), False
