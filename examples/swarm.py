@@ -62,41 +62,34 @@ NOT_BANNED = {"flood"}
 # too slowly for a demo; with 20 tokens it learns 2-digit copying in a few minutes on 2 cores.
 DIGITS_CHARS = "0123456789copy ="
 
+
+def _copy_profile(digits: int) -> dict[str, Any]:
+    """The toy copy task at `digits` digits, one sampled token per digit."""
+    return {
+        "task": "copy",
+        "steps": 40,
+        "set": [
+            f"task.options={{ digits = {digits} }}",
+            f"sampling.max_new_tokens={digits}",
+            "sampling.group_size=8",
+            "algorithm.lr=2e-3",
+            "algorithm.batch_prompts=8",
+            "algorithm.micro_batch=128",
+            "limits.lease_prompts=4",
+            "limits.lease_timeout_s=30.0",
+        ],
+    }
+
+
 # Pool settings per model, applied with `coordinator init --set` (any can be overridden with
 # --set). Chosen by measurement on 2 CPU cores; see docs/swarm.md.
 PROFILES: dict[str, dict[str, Any]] = {
-    "tiny-digits": {
-        "task": "copy",
-        "steps": 40,
-        "set": [
-            "task.options={ digits = 1 }",
-            "sampling.max_new_tokens=1",
-            "sampling.group_size=8",
-            "algorithm.lr=2e-3",
-            "algorithm.batch_prompts=8",
-            "algorithm.micro_batch=128",
-            "limits.lease_prompts=4",
-            "limits.lease_timeout_s=30.0",
-        ],
-    },
-    "tiny": {
-        "task": "copy",
-        "steps": 40,
-        "set": [
-            "task.options={ digits = 2 }",
-            "sampling.max_new_tokens=2",
-            "sampling.group_size=8",
-            "algorithm.lr=2e-3",
-            "algorithm.batch_prompts=8",
-            "algorithm.micro_batch=128",
-            "limits.lease_prompts=4",
-            "limits.lease_timeout_s=30.0",
-        ],
-    },
+    "tiny-digits": _copy_profile(1),
+    "tiny": _copy_profile(2),
     "smollm2-135m": {
         "task": "arithmetic",
         "steps": 10,
-        "timeout": 1800.0,  # ~100 s a step here: validating 16 completions takes ~10 s
+        "timeout": 1800.0,  # ~40 s a step here, mostly validation and generation
         "set": [
             'task.options={ op = "+", digits = 2 }',
             "sampling.max_new_tokens=8",

@@ -36,7 +36,7 @@ from trainer.advantages import group_advantages
 from trainer.checkpoint import latest_committed, load_checkpoint, save_checkpoint
 from trainer.grpo import GRPOTrainer, Sample, TrainGroup
 from trainer.leases import LeaseBook
-from trainer.ledger import LeaseAnswered, Ledger, LedgerError
+from trainer.ledger import LeaseAnswered, LeaseClosed, Ledger, LedgerError
 from trainer.metrics import RunLog
 from trainer.policy import PolicyStore
 from trainer.rewards import parse_rewards
@@ -351,7 +351,7 @@ class Coordinator:
         lease_id = v.message.lease_id
         # Late or revoked: the work is simply not used. Anything else (a lease that does
         # not exist, is someone else's, or was answered already) is a lie or a replay.
-        soft = "deadline" in str(e) or "expired" in str(e) or "revoked" in str(e)
+        soft = isinstance(e, LeaseClosed)
         outcome = "soft" if soft else "hard"
         _, banned = self.ledger.record_rejected(
             v.signer,

@@ -122,6 +122,10 @@ class LeaseAnswered(LedgerError):
     """The lease has a submission already (see `Ledger.answer_of`)."""
 
 
+class LeaseClosed(LedgerError):
+    """The lease ran out (expired, past its deadline) or was revoked: late work, not a lie."""
+
+
 class Ledger:
     """One pool's ledger. Thread-safe: one connection behind a lock (SQLite writes are serial
     anyway, and each call is short)."""
@@ -320,9 +324,11 @@ class Ledger:
                 raise LedgerError(f"lease {lease_id} was issued to another node")
             if row["state"] == "answered":
                 raise LeaseAnswered(f"lease {lease_id} was already answered")
+            if row["state"] == "released":  # the node gave it back, then answered anyway
+                raise LedgerError(f"lease {lease_id} is released")
             if row["state"] != "open" or row["deadline"] < now:
                 state = row["state"] if row["state"] != "open" else "past its deadline"
-                raise LedgerError(f"lease {lease_id} is {state}")
+                raise LeaseClosed(f"lease {lease_id} is {state}")
             db.execute("UPDATE leases SET state = 'answered' WHERE id = ?", (lease_id,))
             return db.execute(
                 "INSERT INTO submissions (lease_id, node, received_at, raw) VALUES (?, ?, ?, ?)",

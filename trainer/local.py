@@ -36,14 +36,18 @@ def train_locally(
     eos = tuple(eos_token_ids(model, tok))
     params = SamplingParams(temperature=1.0, max_tokens=cfg["max_new_tokens"], eos_token_ids=eos)
     dtype = resolve_dtype(cfg["dtype"])
-    before = evaluate(
-        model.to(dtype),
-        tok,
-        task,
-        limit=eval_limit,
-        max_new_tokens=cfg["max_new_tokens"],
-        progress=False,
-    )
+
+    def greedy_accuracy() -> dict[str, Any]:
+        return evaluate(
+            model.to(dtype),
+            tok,
+            task,
+            limit=eval_limit,
+            max_new_tokens=cfg["max_new_tokens"],
+            progress=False,
+        )
+
+    before = greedy_accuracy()
     algo = AlgorithmSection(lr=cfg["lr"], batch_prompts=cfg["prompts"], micro_batch=16, is_cap=0.0)
     trainer = GRPOTrainer(
         model, algo, 1.0, cfg["max_new_tokens"], compute_dtype=dtype, pad_token_id=tok.pad_token_id
@@ -103,14 +107,7 @@ def train_locally(
                 flush=True,
             )
     model.eval()
-    after = evaluate(
-        model.to(dtype),
-        tok,
-        task,
-        limit=eval_limit,
-        max_new_tokens=cfg["max_new_tokens"],
-        progress=False,
-    )
+    after = greedy_accuracy()
     first = curve[: max(1, len(curve) // 10)]
     last = curve[-max(1, len(curve) // 10) :]
     return {

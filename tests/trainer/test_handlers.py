@@ -2,6 +2,8 @@
 work would go stale; a retried submission (its receipt was lost) is taken once and never
 punished; a second, different answer to the same lease is a hard reject."""
 
+import time
+
 import trio
 
 from node.hardware import probe
@@ -107,6 +109,25 @@ def test_resubmission_is_idempotent_and_a_different_answer_is_refused(tmp_path):
         refused = await member.submit(lease, token=7)
         assert not refused.queued and "already answered" in refused.reason
         assert coord.ledger.node(node.public_key)["hard_rejected"] == 1
+
+    try:
+        trio.run(scenario)
+    finally:
+        coord.close()
+
+
+def test_late_answer_is_a_soft_reject(tmp_path):
+    coord = _coordinator(tmp_path)
+    member = Member(coord)
+
+    async def scenario():
+        await member.join()
+        lease = (await member.lease()).lease
+        coord.ledger.expire_leases(time.time() + 3600)
+        late = await member.submit(lease)
+        assert not late.queued and "expired" in late.reason
+        node = coord.ledger.node(member.identity.public_key)
+        assert (node["soft_rejected"], node["hard_rejected"]) == (1, 0)
 
     try:
         trio.run(scenario)
