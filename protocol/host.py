@@ -343,7 +343,12 @@ class Host:
             raise TransportError(f"no known address for peer {peer_id}; dial a multiaddr")
         delay = self.config.backoff_initial_s
         last: BaseException | None = None
+        network = self._host.get_network()
         for attempt in range(self.config.dial_attempts):
+            # libp2p refuses to dial a peer whose addresses all failed in the last 60 s; our
+            # own backoff decides when to retry, so that a coordinator back from a restart is
+            # reachable at once rather than a minute later.
+            network.unblock_peer(info.peer_id)
             try:
                 with trio.fail_after(self.config.dial_timeout_s):
                     await self._host.connect(info)

@@ -364,3 +364,25 @@ async def test_concurrent_requests_share_one_connection():
         assert client.connected_peers() == [server.peer_id]
         assert 1 <= len(client._idle[(server.peer_id, ECHO)]) <= 4  # capped idle pool
         assert client._dial_locks == {}
+
+
+async def test_peer_back_at_its_address_is_reachable_at_once():
+    """A peer that was down (a coordinator restarting) is dialled again as soon as it is back,
+    not after libp2p's one-minute block of peers whose addresses all failed."""
+    server_id = Identity.generate()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{server_id.peer_id()}"
+    async with Host.open(Identity.generate(), POOL, config=FAST) as client:
+        with pytest.raises(TransportError):
+            await client.connect(address)  # nobody there yet
+        async with Host.open(server_id, POOL, [f"/ip4/127.0.0.1/tcp/{port}"], FAST) as server:
+
+            async def echo(request: Verified[Echo]) -> EchoReply:
+                return EchoReply(n=request.message.n, signer=request.signer, size=0)
+
+            server.serve(ECHO, echo, Echo, EchoReply)
+            start = trio.current_time()
+            reply = await client.request(address, ECHO, Echo(n=3), EchoReply)
+            assert reply.message.n == 3 and trio.current_time() - start < 4
