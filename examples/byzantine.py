@@ -14,7 +14,7 @@ code lives here, not in the `node` command. Kinds and the check meant to catch t
     truncate       stops early, claims the length cap             termination
     stale          generates with v0 forever, claims the current  TOPLOC / logprobs
     fake-logprobs  reports made-up logprobs                       logprobs
-    replay         resends an earlier submission                  lease check / TOPLOC
+    replay         resends an earlier submission                  lease's min version / TOPLOC
     forge          signs requests with another key                transport (signer != peer)
     garbage        random and oversized frames to every protocol  transport (framing, decoding)
     flood          requests far above the rate limit              rate limiter (not a ban)

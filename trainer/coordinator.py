@@ -36,7 +36,7 @@ from trainer.advantages import group_advantages
 from trainer.checkpoint import latest_committed, load_checkpoint, save_checkpoint
 from trainer.grpo import GRPOTrainer, Sample, TrainGroup
 from trainer.leases import LeaseBook
-from trainer.ledger import LeaseAnswered, LeaseClosed, Ledger, LedgerError
+from trainer.ledger import Decision, LeaseAnswered, LeaseClosed, Ledger, LedgerError
 from trainer.metrics import RunLog
 from trainer.policy import PolicyStore
 from trainer.rewards import parse_rewards
@@ -353,15 +353,9 @@ class Coordinator:
         # not exist, is someone else's, or was answered already) is a lie or a replay.
         soft = isinstance(e, LeaseClosed)
         outcome = "soft" if soft else "hard"
+        decision = Decision(outcome, str(e), {"lease_id": lease_id}, 0.0 if soft else HARD_PENALTY)
         _, banned = self.ledger.record_rejected(
-            v.signer,
-            v.raw,
-            outcome,
-            str(e),
-            {"lease_id": lease_id},
-            now,
-            0.0 if soft else HARD_PENALTY,
-            self.spec.limits.ban_threshold,
+            v.signer, v.raw, decision, self.spec.limits.ban_threshold, now
         )
         self.run_log.verdict(outcome, "lease", 0.0)
         self._note_ban(v.signer, banned)
@@ -397,15 +391,9 @@ class Coordinator:
         if self.ledger.node(key) is None:
             return  # not a member: nothing to take away
         reason = f"refused by the transport ({code}): {detail}"
+        decision = Decision("hard", reason[:512], {"code": code}, TRANSPORT_PENALTY)
         _, banned = self.ledger.record_rejected(
-            key,
-            detail.encode()[:4096],
-            "hard",
-            reason[:512],
-            {"code": code},
-            time.time(),
-            TRANSPORT_PENALTY,
-            self.spec.limits.ban_threshold,
+            key, detail.encode()[:4096], decision, self.spec.limits.ban_threshold, time.time()
         )
         self.run_log.verdict("hard", "transport", 0.0)
         self._note_ban(key, banned)
@@ -440,16 +428,8 @@ class Coordinator:
             ]
             delta = {"accept": ACCEPT_CREDIT, "soft": 0.0, "hard": HARD_PENALTY}[verdict.outcome]
             details = {**verdict.details, "check": verdict.check, "seconds": round(seconds, 3)}
-            banned = self.ledger.decide(
-                sid,
-                verdict.outcome,
-                verdict.reason,
-                details,
-                groups,
-                delta,
-                self.spec.limits.ban_threshold,
-                time.time(),
-            )
+            decision = Decision(verdict.outcome, verdict.reason, details, delta, groups)
+            banned = self.ledger.decide(sid, decision, self.spec.limits.ban_threshold, time.time())
             self.run_log.verdict(verdict.outcome, verdict.check, seconds)
             self._log_samples(row, verdict, submission)
             self._note_ban(row["node"], banned)
@@ -585,7 +565,7 @@ class Coordinator:
         b = self.spec.algorithm.batch_prompts
         per_lease = self.spec.limits.lease_prompts
         done = self.ledger.count_trainable(self.step + 1 - self.spec.limits.max_staleness)
-        done += len(self.ledger.pending_submissions()) * per_lease
+        done += self.ledger.pending_count() * per_lease
         leased = self.ledger.open_lease_count() * per_lease
         return done >= b or done + leased >= max(1, self.spec.limits.max_staleness) * b
 

@@ -9,12 +9,11 @@ than trusted to callers: a lease is answered at most once, and a group is traine
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +111,19 @@ class GroupRecord:
     weight_version: int
     rewards: list[float]
     payload: bytes
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A verdict on one submission, as the ledger records it."""
+
+    outcome: str
+    """accept, soft or hard."""
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+    reputation_delta: float = 0.0
+    groups: list[tuple[int, int, int, list[float], bytes]] = field(default_factory=list)
+    """Accepted groups: (task index, prompt index, weight version, rewards, payload)."""
 
 
 class LedgerError(SwarmError):
@@ -343,15 +355,7 @@ class Ledger:
         return None if row is None else (row[0], row[1])
 
     def record_rejected(
-        self,
-        node: bytes,
-        raw: bytes,
-        outcome: str,
-        reason: str,
-        details: dict[str, Any],
-        now: float,
-        reputation_delta: float = 0.0,
-        ban_threshold: float = -math.inf,
+        self, node: bytes, raw: bytes, decision: Decision, ban_threshold: float, now: float
     ) -> tuple[int, bool]:
         """Keep a submission refused before it could answer a lease (e.g. a second answer to
         the same lease) as evidence, with its verdict. Returns (id, whether the node got banned)."""
@@ -360,9 +364,7 @@ class Ledger:
                 "INSERT INTO submissions (lease_id, node, received_at, raw) VALUES (NULL, ?, ?, ?)",
                 (node, now, raw),
             ).lastrowid
-            banned = self._decide(
-                db, sid, outcome, reason, details, [], reputation_delta, ban_threshold, now
-            )
+            banned = self._decide(db, sid, decision, ban_threshold, now)
         return sid, banned
 
     def pending_submissions(self) -> list[int]:
@@ -374,6 +376,11 @@ class Ledger:
             )
         ]
 
+    def pending_count(self) -> int:
+        """How many submissions wait for a verdict (the lease hot path asks on every request)."""
+        row = self._db.execute("SELECT COUNT(*) FROM submissions WHERE outcome IS NULL").fetchone()
+        return row[0]
+
     def submission(self, submission_id: int) -> dict[str, Any] | None:
         row = self._db.execute(
             "SELECT * FROM submissions WHERE id = ?", (submission_id,)
@@ -381,44 +388,22 @@ class Ledger:
         return None if row is None else dict(row)
 
     def decide(
-        self,
-        submission_id: int,
-        outcome: str,
-        reason: str,
-        details: dict[str, Any],
-        groups: list[tuple[int, int, int, list[float], bytes]],
-        reputation_delta: float,
-        ban_threshold: float,
-        now: float,
+        self, submission_id: int, decision: Decision, ban_threshold: float, now: float
     ) -> bool:
-        """Record a verdict, its accepted groups (task index, prompt index, weight version,
-        rewards, payload) and the node's reputation, in one transaction. Returns True when this
-        verdict got the node banned."""
+        """Record a verdict, its accepted groups and the node's reputation, in one transaction.
+        Returns True when this verdict got the node banned."""
         with self._tx() as db:
-            return self._decide(
-                db,
-                submission_id,
-                outcome,
-                reason,
-                details,
-                groups,
-                reputation_delta,
-                ban_threshold,
-                now,
-            )
+            return self._decide(db, submission_id, decision, ban_threshold, now)
 
     def _decide(
         self,
         db: sqlite3.Connection,
         submission_id: int,
-        outcome: str,
-        reason: str,
-        details: dict[str, Any],
-        groups: list[tuple[int, int, int, list[float], bytes]],
-        reputation_delta: float,
+        decision: Decision,
         ban_threshold: float,
         now: float,
     ) -> bool:
+        outcome, reason = decision.outcome, decision.reason
         if outcome not in ("accept", "soft", "hard"):
             raise LedgerError(f"unknown outcome {outcome!r}")
         column = {"accept": "accepted", "soft": "soft_rejected", "hard": "hard_rejected"}[outcome]
@@ -432,19 +417,22 @@ class Ledger:
         db.execute(
             """UPDATE submissions SET outcome = ?, reason = ?, details = ?, decided_at = ?
                WHERE id = ?""",
-            (outcome, reason, json.dumps(details), now, submission_id),
+            (outcome, reason, json.dumps(decision.details), now, submission_id),
         )
         db.executemany(
             """INSERT INTO groups (submission_id, task_index, prompt_index, weight_version,
                accepted_at, rewards, payload) VALUES (?, ?, ?, ?, ?, ?, ?)""",
-            [(submission_id, t, p, v, now, json.dumps(r), blob) for t, p, v, r, blob in groups],
+            [
+                (submission_id, t, p, v, now, json.dumps(r), blob)
+                for t, p, v, r, blob in decision.groups
+            ],
         )
         # Good behaviour earns credit only up to a cap, so a long honest history cannot
         # shelter a node that turns to cheating for long.
         db.execute(
             f"""UPDATE nodes SET {column} = {column} + 1,
                 reputation = MIN(reputation + ?, ?) WHERE key = ?""",
-            (reputation_delta, REPUTATION_CAP, row["node"]),
+            (decision.reputation_delta, REPUTATION_CAP, row["node"]),
         )
         rep = db.execute(
             "SELECT reputation, banned_at FROM nodes WHERE key = ?", (row["node"],)

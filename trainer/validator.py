@@ -208,7 +208,18 @@ class Validator:
                 f"claims version {sub.weight_version}, newer than the trainer's {current}",
                 "staleness",
             )
-        if sub.weight_version < lease.min_version or lag > self.spec.limits.max_staleness:
+        if sub.weight_version < lease.min_version:
+            # The lease was only issued to a node holding min_version or newer, and nodes
+            # never go back a version: older content was made for some other lease (a replay).
+            return Verdict(
+                "hard",
+                f"claims version {sub.weight_version}, older than v{lease.min_version}, "
+                "the oldest this lease allowed",
+                "staleness",
+                {"lag": lag},
+            )
+        if lag > self.spec.limits.max_staleness:
+            # The trainer moved on while an honest node worked: the work is just not used.
             return Verdict(
                 "soft",
                 f"version {sub.weight_version} is {lag} behind the trainer's {current} "

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from trainer.ledger import MIGRATIONS, Ledger, LedgerError
+from trainer.ledger import MIGRATIONS, Decision, Ledger, LedgerError
 
 A, B = b"a" * 32, b"b" * 32
 
@@ -58,7 +58,7 @@ def test_lease_answered_once_and_only_by_its_node(ledger):
     sub = ledger.record_submission(lease_id, A, b"raw", 150.0)
     with pytest.raises(LedgerError, match="already answered"):
         ledger.record_submission(lease_id, A, b"raw2", 151.0)
-    assert ledger.pending_submissions() == [sub]
+    assert ledger.pending_submissions() == [sub] and ledger.pending_count() == 1
     with pytest.raises(LedgerError, match="does not exist"):
         ledger.record_submission(999, A, b"raw", 150.0)
 
@@ -82,11 +82,12 @@ def test_verdicts_reputation_and_ban(ledger):
         subs.append(ledger.record_submission(lease_id, A, b"evidence", 150.0))
     open_lease, _, _ = _lease(ledger)
     groups = [(0, 5, 0, [1.0, 0.0], b"payload")]
-    assert not ledger.decide(subs[0], "accept", "ok", {}, groups, 1.0, -2.0, 160.0)
-    assert not ledger.decide(subs[1], "hard", "bad proof", {"chunk": 0}, [], -2.0, -2.0, 161.0)
+    assert not ledger.decide(subs[0], Decision("accept", "ok", {}, 1.0, groups), -2.0, 160.0)
+    bad_proof = Decision("hard", "bad proof", {"chunk": 0}, -2.0)
+    assert not ledger.decide(subs[1], bad_proof, -2.0, 161.0)
     with pytest.raises(LedgerError, match="already decided"):
-        ledger.decide(subs[1], "hard", "again", {}, [], -2.0, -2.0, 161.0)
-    assert ledger.decide(subs[2], "hard", "bad sampling", {}, [], -2.0, -2.0, 162.0)
+        ledger.decide(subs[1], Decision("hard", "again", {}, -2.0), -2.0, 161.0)
+    assert ledger.decide(subs[2], Decision("hard", "bad sampling", {}, -2.0), -2.0, 162.0)
     node = ledger.node(A)
     assert (node["accepted"], node["hard_rejected"], node["reputation"]) == (1, 2, -3.0)
     assert "bad sampling" in node["ban_reason"] and node["ban_evidence"] == subs[2]
@@ -101,7 +102,7 @@ def test_groups_trained_at_most_once_and_stale_dropped(ledger):
     lease_id, _, _ = _lease(ledger)
     sub = ledger.record_submission(lease_id, A, b"r", 150.0)
     groups = [(i, i, v, [float(i), 0.0], b"p") for i, v in enumerate([0, 1, 2, 3])]
-    ledger.decide(sub, "accept", "ok", {}, groups, 1.0, -5.0, 160.0)
+    ledger.decide(sub, Decision("accept", "ok", {}, 1.0, groups), -5.0, 160.0)
     assert ledger.drop_stale(min_version=1) == 1
     ready = ledger.trainable_groups(min_version=1, limit=2)
     assert [g.weight_version for g in ready] == [1, 2]
@@ -118,7 +119,7 @@ def test_groups_trained_at_most_once_and_stale_dropped(ledger):
 WRITER = textwrap.dedent(
     """
     import sys, time
-    from trainer.ledger import Ledger
+    from trainer.ledger import Decision, Ledger
     led = Ledger(sys.argv[1])
     key = b"n" * 32
     led.join(key, "p", {}, "hf", 0.0)
@@ -127,7 +128,8 @@ WRITER = textwrap.dedent(
     while True:
         lease_id, *_ = led.issue_lease(key, 0.0, 1e12, 0, lambda i, c: ([{}], b"s"))
         sub = led.record_submission(lease_id, key, b"raw", 1.0)
-        led.decide(sub, "accept", "ok", {}, [(0, 0, 0, [1.0, 0.0], b"x" * 200)], 0.0, -9.0, 2.0)
+        group = (0, 0, 0, [1.0, 0.0], b"x" * 200)
+        led.decide(sub, Decision("accept", "ok", groups=[group]), -9.0, 2.0)
         groups = led.trainable_groups(0, 3)
         if len(groups) == 3:
             step += 1
@@ -185,9 +187,10 @@ def test_reputation_is_capped_and_early_refusals_count(ledger):
     for _ in range(6):
         lease_id, _, _ = _lease(ledger)
         sub = ledger.record_submission(lease_id, A, b"r", 150.0)
-        ledger.decide(sub, "accept", "ok", {}, [], 1.0, -5.0, 160.0)
+        ledger.decide(sub, Decision("accept", "ok", {}, 1.0), -5.0, 160.0)
     assert ledger.node(A)["reputation"] == 3.0  # capped
-    sid, banned = ledger.record_rejected(A, b"dup", "hard", "answered twice", {}, 170.0, -4.0, -5.0)
+    twice = Decision("hard", "answered twice", {}, -4.0)
+    sid, banned = ledger.record_rejected(A, b"dup", twice, -5.0, 170.0)
     assert not banned and ledger.submission(sid)["outcome"] == "hard"
-    _, banned = ledger.record_rejected(A, b"dup2", "hard", "answered twice", {}, 171.0, -4.0, -5.0)
+    _, banned = ledger.record_rejected(A, b"dup2", twice, -5.0, 171.0)
     assert banned and ledger.node(A)["hard_rejected"] == 2

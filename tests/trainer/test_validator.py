@@ -1,5 +1,7 @@
 """Every validation outcome, on real rollouts of the tiny model."""
 
+import dataclasses
+
 import msgspec
 import pytest
 import torch
@@ -91,10 +93,15 @@ def test_honest_submission_is_accepted_with_rewards(world, good):
     )
 
 
-def test_stale_is_soft_and_future_is_hard(world, good):
+def test_stale_is_soft_and_future_or_older_than_the_lease_is_hard(world, good):
     *_, lease, validator = world
     stale = validator.validate(good, lease, current_version=1 + 3)
     assert (stale.outcome, stale.check) == ("soft", "staleness")
+    # a replay of content made before this lease existed, however stale, costs the sender
+    later = dataclasses.replace(lease, min_version=2)
+    replayed = validator.validate(good, later, current_version=1 + 3)
+    assert (replayed.outcome, replayed.check) == ("hard", "staleness")
+    assert "oldest this lease allowed" in replayed.reason
     future = validator.validate(msgspec.structs.replace(good, weight_version=9), lease, 2)
     assert (future.outcome, future.check) == ("hard", "staleness")
     gone = validator.validate(msgspec.structs.replace(good, weight_version=2), lease, 2)
