@@ -286,24 +286,26 @@ class Worker:
     # ------------------------------------------------------------------ work
 
     async def _heartbeats(self, every_s: float) -> None:
+        # The first goes out at once: the weights are loaded, and the dashboard should say so.
         while True:
-            await trio.sleep(every_s)
             beat = msg.Heartbeat(
                 weight_version=max(self.engine.version, 0),
                 leases_done=self.stats.leases,
                 tokens_per_s=self.stats.tokens_per_s,
+                weights_from=self.client.bytes_by_source() if self.client else {},
             )
             try:
                 reply = await self._call(msg.HEARTBEAT_PROTOCOL, beat, msg.HeartbeatReply, 10.0)
             except SwarmError as e:
                 log.debug("heartbeat failed: %s", e)
-                continue
-            self.stats.accepted, self.stats.soft_rejected = reply.accepted, reply.soft_rejected
-            self.stats.hard_rejected = reply.hard_rejected
-            self.stats.coordinator_version = reply.current_version
-            if reply.banned:
-                log.error("this node was banned: %s", reply.reason)
-                self._stopping = True
+            else:
+                self.stats.accepted, self.stats.soft_rejected = reply.accepted, reply.soft_rejected
+                self.stats.hard_rejected = reply.hard_rejected
+                self.stats.coordinator_version = reply.current_version
+                if reply.banned:
+                    log.error("this node was banned: %s", reply.reason)
+                    self._stopping = True
+            await trio.sleep(every_s)
 
     async def _work(self) -> None:
         idle = 0.5

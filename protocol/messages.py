@@ -18,6 +18,7 @@ Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Version = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Tokens = Annotated[list[TokenId], msgspec.Meta(max_length=1 << 16)]
 Urls = Annotated[list[ShortStr], msgspec.Meta(max_length=32)]
+BytesByUrl = Annotated[dict[ShortStr, UInt], msgspec.Meta(max_length=32)]
 
 # Stream protocols the coordinator serves, and the gossip topic name of version announcements
 # (see `protocol.host.pool_topic`).
@@ -132,6 +133,9 @@ class Heartbeat(Message, tag="heartbeat"):
     weight_version: Version
     leases_done: UInt = 0
     tokens_per_s: float = 0.0
+    weights_from: BytesByUrl = msgspec.field(default_factory=dict)
+    """Verified weight bytes this node fetched from each source URL since it started (the
+    node's word: shown on the dashboard's relay tree, never relied on)."""
 
 
 class HeartbeatReply(Message, tag="heartbeat-reply"):

@@ -109,6 +109,11 @@ class Client:
                 out.append(int(d.name[1:]))
         return sorted(out)
 
+    def bytes_by_source(self, limit: int = 32) -> dict[str, int]:
+        """Verified bytes fetched from each source so far, the `limit` biggest."""
+        served = sorted((s for s in self.picker.stats.values() if s.bytes), key=lambda s: -s.bytes)
+        return {s.url: s.bytes for s in served[:limit]}
+
     def path_of(self, version: int) -> Path:
         return self.dest / f"v{version}"
 

@@ -149,6 +149,7 @@ class Coordinator:
         self.resumed_from = {"step": self.step, "version": self.version}
         self._prompt_ids: dict[int, list[int]] = {}
         self._relays: dict[bytes, str] = {}
+        self._weights_from: dict[bytes, dict[str, int]] = {}
         self._submitted, self._to_validate = trio.open_memory_channel[int](math.inf)
         self._work = trio.Event()
         self._flat_since_step = 0
@@ -237,6 +238,10 @@ class Coordinator:
     def relaying_nodes(self) -> dict[bytes, str]:
         """Nodes that announced a relay (`node join --relay`): key -> URL."""
         return dict(self._relays)
+
+    def weights_sources(self, node: bytes) -> dict[str, int]:
+        """Bytes `node` says it fetched from each weights URL (its latest heartbeat)."""
+        return dict(self._weights_from.get(node, {}))
 
     def weights_urls(self) -> list[str]:
         urls = [self.origin.url] if self.origin.url else []
@@ -366,6 +371,7 @@ class Coordinator:
         if node is None:
             return msg.HeartbeatReply(current_version=self.version, reason="not joined; join first")
         self.ledger.heartbeat(v.signer, v.message.weight_version, time.time())
+        self._weights_from[v.signer] = dict(v.message.weights_from)
         return msg.HeartbeatReply(
             current_version=self.version,
             accepted=node["accepted"],
@@ -572,6 +578,7 @@ class Coordinator:
     def _note_ban(self, node: bytes, banned: bool) -> None:
         if banned:
             self._relays.pop(node, None)
+            self._weights_from.pop(node, None)
             log.warning(
                 "node %s banned: %s",
                 node.hex()[:12],

@@ -143,6 +143,15 @@ def test_weights_page_shows_versions_tree_and_bytes(pool: Pool, page: Watched) -
     relay = next(line for line in tree.splitlines() if line.startswith("relay"))
     assert pool.relay_url in relay and "holds v" in relay, tree
     assert "served" in relay and "(its own count)" in relay, relay  # the relay's /stats
+    # each node sits under the source it reports most of its bytes from: alice fetches
+    # through her own relay first, so she is under it
+    alice = pool.node_key(pool.honest[0])
+    under_relay = f'#relay-tree li.relay li.holder[data-key="{alice}"]'
+    page.page.wait_for_selector(under_relay, timeout=30_000)  # the page polls every 3 s
+    under_relay = page.page.locator(under_relay)
+    assert "% from here" in under_relay.inner_text(), tree
+    for key in (pool.node_key(n) for n in pool.honest):
+        assert "fetched" in page.page.locator(f'li.holder[data-key="{key}"]').inner_text(), tree
     assert not page.page.locator("#served-total").inner_text().startswith("0 ")
 
 

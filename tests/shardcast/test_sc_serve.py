@@ -340,6 +340,10 @@ async def test_cut_transfer_resumes_elsewhere(tmp_path: Path, identity: Identity
         total = sum(f.stat().st_size for f in ck.rglob("*") if f.is_file())
         assert cut.failed > 0 and cut.bytes > 0
         assert cut.bytes + good.bytes == total  # nothing fetched twice
+        # what a node reports on its heartbeats: verified bytes per source, biggest first
+        assert c.bytes_by_source() == {url: good.bytes, cut_url: cut.bytes}
+        most = url if good.bytes > cut.bytes else cut_url
+        assert c.bytes_by_source(limit=1) == {most: max(good.bytes, cut.bytes)}
         await c.aclose()
         nursery.cancel_scope.cancel()
 

@@ -124,7 +124,7 @@ def create_router(coord: Coordinator, served: ServedBytes | None) -> APIRouter:
             },
             "relays": relays,
             "nodes": [
-                {k: n[k] for k in ("key", "status", "weight_version", "engine", "last_seen")}
+                _holder(n, coord.weights_sources(bytes.fromhex(n["key"])))
                 for n in map(node_json, ledger.nodes())
             ],
             "served": served.snapshot() if served is not None else None,
@@ -156,6 +156,15 @@ def create_router(coord: Coordinator, served: ServedBytes | None) -> APIRouter:
         return out.to_json()
 
     return router
+
+
+def _holder(n: dict[str, Any], fetched: dict[str, int]) -> dict[str, Any]:
+    """A node on the relay tree: what it holds, and where it says its weights came from
+    (`source`: the URL it fetched most bytes from, None before its first report)."""
+    out = {k: n[k] for k in ("key", "status", "weight_version", "engine", "last_seen")}
+    out["fetched"] = fetched
+    out["source"] = max(fetched, key=fetched.__getitem__) if fetched else None
+    return out
 
 
 async def _probe(relays: list[dict[str, Any]]) -> None:

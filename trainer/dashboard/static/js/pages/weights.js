@@ -1,4 +1,5 @@
-// Weights: published versions, who holds which version (origin → relays → nodes), bytes served.
+// Weights: published versions, who holds which version and fetched it from where
+// (origin → relays → nodes), bytes served.
 import { bytes, el, getJSON, localTime, pill, short, table } from "../util.js";
 
 const held = (versions) =>
@@ -24,21 +25,37 @@ export function mount(root) {
           cells: [`v${v.version}`, v.kind, v.base === null ? "–" : `v${v.base}`, bytes(v.bytes), localTime(v.published_at, true), atOrigin.has(v.version) ? "yes" : "pruned"],
         })), { numeric: [3] }),
     );
-    const nodeItem = (n) => el("li", {}, "node ", el("a", { href: `#/nodes/${n.key}` }, el("code", {}, short(n.key))),
-      " holds ", el("strong", {}, n.weight_version < 0 ? "nothing yet" : `v${n.weight_version}`), " ", pill(n.status));
+    // Each node sits under the source it says it fetched most of its weights from.
+    const norm = (u) => (u ?? "").replace(/\/+$/, "");
+    const fedBy = (url) => w.nodes.filter((n) => norm(n.source) === norm(url));
+    const isRelay = (url) => w.relays.some((r) => norm(r.url) === norm(url));
+    const fedByOrigin = w.nodes.filter((n) => !isRelay(n.source));  // or unknown, or not reported
+    const fetched = (n) => {
+      if (!n.source) return el("span.muted", {}, " · no download reported yet");
+      const total = Object.values(n.fetched).reduce((a, b) => a + b, 0);
+      const share = `${Math.round((100 * n.fetched[n.source]) / total)}%`;
+      const here = isRelay(n.source) || norm(n.source) === norm(w.origin.url);
+      return el("span.muted", {}, ` · fetched ${bytes(total)}, ${share} `,
+        here ? "from here" : ["from ", el("code", {}, n.source)]);
+    };
+    const nodeItem = (n) => el("li.holder", { "data-key": n.key, "data-source": n.source ?? "" },
+      "node ", el("a", { href: `#/nodes/${n.key}` }, el("code", {}, short(n.key))),
+      " holds ", el("strong", {}, n.weight_version < 0 ? "nothing yet" : `v${n.weight_version}`), " ", pill(n.status), fetched(n));
     tree.replaceChildren(
       el("ul.tree", { id: "relay-tree" },
         el("li", {}, el("strong", {}, "origin "), el("code", {}, w.origin.url ?? "–"), ` holds ${held(w.origin.versions)}`,
           el("ul", {},
-            w.relays.map((r) => el("li", {}, el("strong", {}, "relay "), el("code", {}, r.url),
+            w.relays.map((r) => el("li.relay", { "data-url": r.url }, el("strong", {}, "relay "), el("code", {}, r.url),
               r.node ? [" (node ", el("code", {}, short(r.node)), ")"] : " (from the pool spec)",
               r.error ? el("span.error", {}, ` unreachable: ${r.error}`) : ` holds ${held(r.versions)}`,
-              r.served != null ? el("span.muted", {}, ` · served ${bytes(r.served)} (its own count)`) : null)),
-            w.nodes.map(nodeItem),
+              r.served != null ? el("span.muted", {}, ` · served ${bytes(r.served)} (its own count)`) : null,
+              el("ul", {}, fedBy(r.url).map(nodeItem)))),
+            fedByOrigin.map(nodeItem),
           ),
         ),
       ),
-      el("p.muted", {}, `current version v${w.current}; nodes fetch from the origin or any relay, fastest first`),
+      el("p.muted", {}, `current version v${w.current}; nodes fetch from the origin or any relay, fastest first, `
+        + "and each sits under the source it reports most of its bytes from (its own word)"),
     );
     const s = w.served;
     served.replaceChildren(
