@@ -122,9 +122,12 @@ class Worker:
             if self.options.relay_port is not None:
                 relay_url = await nursery.start(self._relay, sources)
                 # Join again to tell the coordinator where we serve (joining is idempotent),
-                # and fetch through our own relay first: shards cross the network once.
+                # and fetch through our own relay only, so shards cross the network once (the
+                # relay picks among all the upstreams). With the relay merely listed first, it
+                # lacked each new version for the first moment, and nearly every byte came
+                # from the upstreams twice (measured through the relay tree's source counts).
                 await self._join(relay_url)
-                sources.insert(0, relay_url)
+                sources = [relay_url]
             self.client = Client(
                 sources,
                 self.options.data_dir / "weights" / self.pool_id,

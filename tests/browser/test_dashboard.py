@@ -144,7 +144,7 @@ def test_weights_page_shows_versions_tree_and_bytes(pool: Pool, page: Watched) -
     assert pool.relay_url in relay and "holds v" in relay, tree
     assert "served" in relay and "(its own count)" in relay, relay  # the relay's /stats
     # each node sits under the source it reports most of its bytes from: alice fetches
-    # through her own relay first, so she is under it
+    # through her own relay only, so she is under it
     alice = pool.node_key(pool.honest[0])
     under_relay = f'#relay-tree li.relay li.holder[data-key="{alice}"]'
     page.page.wait_for_selector(under_relay, timeout=30_000)  # the page polls every 3 s
@@ -153,6 +153,7 @@ def test_weights_page_shows_versions_tree_and_bytes(pool: Pool, page: Watched) -
     for key in (pool.node_key(n) for n in pool.honest):
         assert "fetched" in page.page.locator(f'li.holder[data-key="{key}"]').inner_text(), tree
     assert not page.page.locator("#served-total").inner_text().startswith("0 ")
+    page.shot("weights")
 
 
 def test_samples_page_shows_and_filters_samples(pool: Pool, page: Watched) -> None:
