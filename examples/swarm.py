@@ -464,6 +464,8 @@ class Swarm:
             ):
                 done = True
                 break
+        if done:
+            self.drain_validation()
         if status:
             self.print_progress(status)
         if not done:
@@ -471,6 +473,18 @@ class Swarm:
         self.served = self.bytes_served()
         self.stop_all()
         return self.report(done)
+
+    def drain_validation(self, limit_s: float = 60.0) -> None:
+        """Let the coordinator decide what it has received before anyone is judged: a
+        cheater's decisive submission may still wait in the validation queue when training
+        ends (no new work is leased after the last step)."""
+        deadline = time.time() + limit_s
+        while time.time() < deadline:
+            status = self.status()
+            if status and status["counts"]["pending"] == 0:
+                return
+            time.sleep(1.0)
+        self.say(f"submissions still awaiting a verdict after {limit_s:.0f} s")
 
     def bytes_served(self) -> dict[str, Any]:
         """What the origin counted and each relay says it served, from the Weights API (the

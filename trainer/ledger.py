@@ -580,6 +580,7 @@ class Ledger:
             "nodes": q("SELECT COUNT(*) FROM nodes").fetchone()[0],
             "banned": q("SELECT COUNT(*) FROM nodes WHERE banned_at IS NOT NULL").fetchone()[0],
             "submissions": q("SELECT COUNT(*) FROM submissions").fetchone()[0],
+            "pending": self.pending_count(),
             "accepted_groups": q("SELECT COUNT(*) FROM groups").fetchone()[0],
             "trained_groups": q(
                 "SELECT COUNT(*) FROM groups WHERE trained_step IS NOT NULL"

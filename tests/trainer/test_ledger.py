@@ -58,7 +58,7 @@ def test_lease_answered_once_and_only_by_its_node(ledger):
     sub = ledger.record_submission(lease_id, A, b"raw", 150.0)
     with pytest.raises(LedgerError, match="already answered"):
         ledger.record_submission(lease_id, A, b"raw2", 151.0)
-    assert ledger.pending_submissions() == [sub] and ledger.pending_count() == 1
+    assert ledger.pending_submissions() == [sub] and ledger.counts()["pending"] == 1
     with pytest.raises(LedgerError, match="does not exist"):
         ledger.record_submission(999, A, b"raw", 150.0)
 

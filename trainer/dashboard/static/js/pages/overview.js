@@ -39,7 +39,7 @@ export function mount(root) {
       card("step", s.step, "step"),
       card("weight version", s.version, "version"),
       card("nodes", `${s.counts.nodes} (${s.counts.banned} banned)`, "nodes"),
-      card("submissions", s.counts.submissions, "submissions"),
+      card("submissions (awaiting a verdict)", `${s.counts.submissions} (${s.counts.pending})`, "submissions"),
       card("groups trained / accepted", `${s.counts.trained_groups} / ${s.counts.accepted_groups}`),
       card("last mean reward", num(lastReward), "reward"),
     );
