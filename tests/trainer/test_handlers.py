@@ -62,6 +62,14 @@ class Member:
         return await self.coord._on_submit(self.signed(answer))
 
 
+def _play(coord: Coordinator, scenario) -> None:
+    """Run one handler scenario against `coord`, then close its ledger whatever happened."""
+    try:
+        trio.run(scenario)
+    finally:
+        coord.close()
+
+
 def test_leasing_stops_at_a_batch_of_done_work_and_at_the_staleness_window(tmp_path):
     # batch 2, one prompt per lease, max_staleness 3: at most 3 x 2 = 6 groups done + leased,
     # and no new lease while a batch (2) of done work waits for the trainer
@@ -83,10 +91,7 @@ def test_leasing_stops_at_a_batch_of_done_work_and_at_the_staleness_window(tmp_p
         waiting = await node.lease()
         assert waiting.lease is None and "enough work" in waiting.reason
 
-    try:
-        trio.run(scenario)
-    finally:
-        coord.close()
+    _play(coord, scenario)
 
 
 def test_resubmission_is_idempotent_and_a_different_answer_is_refused(tmp_path):
@@ -110,10 +115,7 @@ def test_resubmission_is_idempotent_and_a_different_answer_is_refused(tmp_path):
         assert not refused.queued and "already answered" in refused.reason
         assert coord.ledger.node(node.public_key)["hard_rejected"] == 1
 
-    try:
-        trio.run(scenario)
-    finally:
-        coord.close()
+    _play(coord, scenario)
 
 
 def test_late_answer_is_a_soft_reject(tmp_path):
@@ -129,7 +131,4 @@ def test_late_answer_is_a_soft_reject(tmp_path):
         node = coord.ledger.node(member.identity.public_key)
         assert (node["soft_rejected"], node["hard_rejected"]) == (1, 0)
 
-    try:
-        trio.run(scenario)
-    finally:
-        coord.close()
+    _play(coord, scenario)

@@ -124,8 +124,7 @@ def create_router(coord: Coordinator, served: ServedBytes | None) -> APIRouter:
             },
             "relays": relays,
             "nodes": [
-                _holder(n, coord.weights_sources(bytes.fromhex(n["key"])))
-                for n in map(node_json, ledger.nodes())
+                _holder(node_json(n), coord.weights_sources(n["key"])) for n in ledger.nodes()
             ],
             "served": served.snapshot() if served is not None else None,
         }
