@@ -41,7 +41,7 @@ import msgspec
 import torch
 import trio
 
-from node.behaviour import Behaviour
+from node.behaviour import Behaviour, NodeContext
 from node.engine import Engine, HFEngine
 from node.worker import NodeError, Worker, WorkerOptions
 from protocol import messages as msg
@@ -62,14 +62,14 @@ class Cheat(Behaviour):
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
-        self.worker: Worker | None = None
+        self.ctx: NodeContext | None = None
         self.started = time.time()
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
 
-    async def alongside(self, worker: Worker) -> None:
-        self.worker = worker
+    async def alongside(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
 
 
 def _params(engine: Engine) -> list[torch.nn.Parameter]:
@@ -119,7 +119,7 @@ class TamperTokens(Cheat):
 
     def submissions(self, submission: msg.Submission, lease: msg.Lease) -> list[msg.Submission]:
         eos = set(lease.sampling.eos_token_ids)
-        vocab = self.worker.engine.model.config.vocab_size  # type: ignore[union-attr]
+        vocab = self.ctx.engine.model.config.vocab_size  # type: ignore[union-attr]
 
         def edit(c: msg.Completion) -> msg.Completion:
             tokens = list(c.tokens)
@@ -196,7 +196,7 @@ class CherryPick(Cheat):
         from trainer.rewards import score
         from trainer.tasks import make_task
 
-        spec = self.worker.location.spec  # type: ignore[union-attr]
+        spec = self.ctx.spec  # type: ignore[union-attr]
         task = make_task(spec.task.name, spec.seed, dict(spec.task.options), spec.task.limit)
         tokenizer = _tokenizer(engine)
         candidates: list[list[msg.TaskResult]] = [engine.generate(lease)]
@@ -304,12 +304,11 @@ class Replay(Cheat):
 # ---------------------------------------------------------------------- transport-level cheats
 
 
-async def raw_request(worker: Worker, protocol_id: str, frame: bytes) -> str:
+async def raw_request(ctx: NodeContext, protocol_id: str, frame: bytes) -> str:
     """Write `frame` as is on a new stream to the coordinator; return the refusal code, "ok"
     for an answer, or "closed" when the stream ended without one."""
-    host = worker._host  # the real libp2p host: cheaters are allowed to misuse it
-    assert host is not None and worker.location is not None
-    peer_id = await host.connect(worker.location.coordinator_addrs[0])
+    host = ctx.host  # the real libp2p host: cheaters are allowed to misuse it
+    peer_id = await host.connect(ctx.coordinator_addrs()[0])
     stream = await host._open_stream(peer_id, protocol_id)
     try:
         with trio.fail_after(10):
@@ -347,8 +346,8 @@ class Forge(Cheat):
     name = "forge"
     every_s = 0.3  # faster than it earns credit with its honest work
 
-    async def alongside(self, worker: Worker) -> None:
-        self.worker = worker
+    async def alongside(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
         victim = Identity.generate()  # the key whose name it signs in
         forged: list[tuple[str, msg.Message]] = [
             (msg.HEARTBEAT_PROTOCOL, msg.Heartbeat(weight_version=0)),
@@ -360,9 +359,9 @@ class Forge(Cheat):
             await trio.sleep(self.every_s)
             protocol_id, message = forged[i % len(forged)]
             i += 1
-            frame = encode_frame(seal(victim, worker.pool_id, message))
+            frame = encode_frame(seal(victim, ctx.pool_id, message))
             try:
-                code = await raw_request(worker, protocol_id, frame)
+                code = await raw_request(ctx, protocol_id, frame)
             except SwarmError as e:
                 code = f"error ({type(e).__name__})"
             self.count(f"forged:{code}")
@@ -374,8 +373,8 @@ class Garbage(Cheat):
     name = "garbage"
     every_s = 0.5
 
-    async def alongside(self, worker: Worker) -> None:
-        self.worker = worker
+    async def alongside(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
         rng = random.Random(os.getpid())
         i = 0
         while True:
@@ -391,7 +390,7 @@ class Garbage(Cheat):
             else:  # no framing at all
                 frame = rng.randbytes(rng.randint(5, 512))
             try:
-                code = await raw_request(worker, protocol_id, frame)
+                code = await raw_request(ctx, protocol_id, frame)
             except SwarmError as e:
                 code = f"error ({type(e).__name__})"
             self.count(f"{shape}:{code}")
@@ -406,20 +405,20 @@ class Flood(Cheat):
     every_s = 1.0
     flood_s = 30.0
 
-    async def alongside(self, worker: Worker) -> None:
-        self.worker = worker
+    async def alongside(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
         end = trio.current_time() + self.flood_s
         while trio.current_time() < end:
             async with trio.open_nursery() as nursery:
                 for _ in range(self.burst):
-                    nursery.start_soon(self._one, worker)
+                    nursery.start_soon(self._one, ctx)
             await trio.sleep(self.every_s)
-        worker.stop()
+        ctx.stop()
 
-    async def _one(self, worker: Worker) -> None:
-        beat = msg.Heartbeat(weight_version=max(worker.engine.version, 0))
+    async def _one(self, ctx: NodeContext) -> None:
+        beat = msg.Heartbeat(weight_version=max(ctx.engine.version, 0))
         try:
-            await worker._call(msg.HEARTBEAT_PROTOCOL, beat, msg.HeartbeatReply, 10.0)
+            await ctx.call(msg.HEARTBEAT_PROTOCOL, beat, msg.HeartbeatReply, 10.0)
             self.count("served")
         except RemoteError as e:
             self.count(e.code)

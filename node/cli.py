@@ -115,7 +115,7 @@ def _join(args: argparse.Namespace) -> int:
 
     from node.engine import make_engine
     from node.status import show_status
-    from node.worker import Worker, WorkerOptions
+    from node.worker import Worker, WorkerOptions, node_errors_unwrapped
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -168,7 +168,8 @@ def _join(args: argparse.Namespace) -> int:
             await worker.run()
             nursery.cancel_scope.cancel()
 
-    trio.run(main_task)
+    with node_errors_unwrapped():  # a ban or a refusal is reported as the reason, not a trace
+        trio.run(main_task)
     print("\nnode stopped", file=sys.stderr)
     return 0
 

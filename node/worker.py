@@ -1,31 +1,41 @@
 """The node's worker loop: find the pool, join, follow the weights, and turn leases into
 verified rollouts.
 
-    discover (pool id + bootstrap) -> join -> fetch weights -> load engine
+    discover (pool id + bootstrap) -> join (with a proof of work when the pool asks) -> fetch
+    weights -> load engine
     loop: lease -> generate (seeded, captured, proven) -> sign and submit -> receipt
     beside it: heartbeats, and new versions fetched in the background (swapped in between
     leases, never inside one)
 
 Everything the coordinator says is signed and checked (the host pins its key); the spec must
-hash to the pool id; manifests must carry the coordinator's signature. When the coordinator is
-unreachable the node retries with exponential backoff and carries on when it returns.
+hash to the pool id; manifests must carry the coordinator's signature. The node branches on the
+typed `code` of every reply, never on its human-readable `reason`. When the coordinator is
+unreachable the node retries with jittered exponential backoff (so a restarted coordinator is
+not met by every node at once), runs discovery again after repeated failures, and carries on
+when it returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Any, TypeVar
 
 import trio
 
-from node.behaviour import Behaviour
+from node.behaviour import Behaviour, NodeContext
 from node.engine import Engine
 from node.hardware import probe
 from protocol import messages as msg
+from protocol import pow as join_pow
 from protocol.discovery import PoolBook, PoolLocation, discover, serve_discovery
 from protocol.errors import DiscoveryError, RemoteError, SwarmError, TransportError
 from protocol.host import Host, pool_topic
@@ -36,9 +46,59 @@ from shardcast.relay import Relay
 
 log = logging.getLogger("swarmrl.node")
 
+T = TypeVar("T")
+
+# Remote error codes that a later try can succeed after; any other refusal is final.
+RETRYABLE_REMOTE = frozenset({"rate_limited", "timeout", "internal"})
+# Join attempts in a row that got no answer before the node asks its peers again where the
+# coordinator is (it may have moved, or come back on another address).
+REDISCOVER_AFTER = 3
+# Idle waits (no lease to be had) grow to this at most on top of the coordinator's
+# retry_after_s: the coordinator paces the pool, the jitter only spreads nodes apart.
+IDLE_JITTER_MAX_S = 2.0
+
 
 class NodeError(SwarmError):
     """A reason for the node to stop: banned, refused, misconfigured."""
+
+
+@contextlib.contextmanager
+def node_errors_unwrapped() -> Iterator[None]:
+    """Let a `NodeError` out of trio nurseries as itself. A nursery wraps what its tasks raise
+    in an ExceptionGroup; callers of a node want the one reason it stopped."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        found = group.subgroup(lambda e: isinstance(e, NodeError))
+        if found is None:
+            raise
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        raise found from None
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: each wait is drawn uniformly from [0, delay) and
+    the delay doubles up to `cap_s`. Without the jitter, every node that lost a restarted
+    coordinator would come back in the same instant, again and again. A server's
+    `retry_after_s` is a floor; the jitter goes on top of it."""
+
+    first_s: float = 0.5
+    cap_s: float = 30.0
+    rng: random.Random = field(default_factory=random.Random)
+    delay_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.delay_s = self.first_s
+
+    def next(self, retry_after_s: float = 0.0) -> float:
+        wait = max(retry_after_s, 0.0) + self.rng.uniform(0.0, self.delay_s)
+        self.delay_s = min(self.delay_s * 2, self.cap_s)
+        return wait
+
+    def reset(self) -> None:
+        self.delay_s = self.first_s
 
 
 @dataclass
@@ -56,6 +116,8 @@ class NodeStats:
     hard_rejected: int = 0
     coordinator_version: int = 0
     started: float = field(default_factory=time.time)
+    replies: Counter[str] = field(default_factory=Counter)
+    """Replies by kind and code ("lease:quota", "receipt:refused", ...)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -94,8 +156,12 @@ class Worker:
         self.location: PoolLocation | None = None
         self.client: Client | None = None
         self._host: Host | None = None
+        self._book = PoolBook(pool_id)
         self._newest_fetched = -1
+        self._trusted_version = -1
         self._lease: msg.Lease | None = None
+        self._relay_url = ""
+        self._pow_nonce: int | None = None
         self._stopping = False
         self.idle = trio.Event()
         """Set while no lease is being worked on (a stop can proceed at once)."""
@@ -104,17 +170,24 @@ class Worker:
     # ------------------------------------------------------------------ top level
 
     async def run(self) -> None:
+        """Work for the pool until stopped; raises `NodeError` when the node may not go on
+        (banned, refused, misconfigured)."""
+        with node_errors_unwrapped():
+            await self._run()
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def _run(self) -> None:
         async with (
             Host.open(self.identity, self.pool_id, self.options.listen) as host,
             trio.open_nursery() as nursery,
         ):
             self._host = host
             self.stats.state = "discovering"
-            book = PoolBook(self.pool_id)
             self.location = await self._retry(
-                "discovery", partial(discover, host, self.options.bootstrap, book=book)
+                "discovery", partial(discover, host, self.options.bootstrap, book=self._book)
             )
-            serve_discovery(host, book)  # this node now helps newcomers find the pool
+            serve_discovery(host, self._book)  # this node now helps newcomers find the pool
             spec = self.location.spec
             self.stats.state = "joining"
             reply = await self._join()
@@ -135,31 +208,45 @@ class Worker:
                 pool_id=self.pool_id,
                 keep=spec.limits.max_staleness + 1,
             )
+            self._trust_version(reply.current_version)
+            # The behaviour starts before the weights load, so it holds its context before
+            # the first lease (the fetch below yields to it at its first checkpoint).
+            nursery.start_soon(self.behaviour.alongside, self.context())
             self.stats.state = "fetching weights"
             await self._fetch_and_load(initial=True)
             nursery.start_soon(self._heartbeats, reply.heartbeat_s)
             nursery.start_soon(self._follow_versions)
-            nursery.start_soon(self.behaviour.alongside, self)
             await self._work()
             nursery.cancel_scope.cancel()
-        if self.client is not None:
-            await self.client.aclose()
 
     def stop(self) -> None:
         """Finish (or release) the current lease, then leave."""
         self._stopping = True
 
-    # ------------------------------------------------------------------ coordinator calls
+    def context(self) -> NodeContext:
+        """The narrow view of this node that its behaviour gets."""
+        assert self._host is not None and self.location is not None
+        return NodeContext(
+            identity=self.identity,
+            pool_id=self.pool_id,
+            spec=self.location.spec,
+            engine=self.engine,
+            stats=self.stats,
+            call=self._call,
+            lease=lambda: self._lease,
+            rejoin=self._join,
+            release=self._release,
+            stop=self.stop,
+            host=self._host,
+            coordinator_addrs=lambda: list(self.location.coordinator_addrs),
+        )
 
-    @property
-    def _coordinator(self) -> str:
-        assert self.location is not None
-        return self.location.coordinator_addrs[0]
+    # ------------------------------------------------------------------ coordinator calls
 
     async def _call(
         self, protocol_id: str, message: msg.Message, reply_type: type, timeout_s: float = 30.0
-    ):
-        assert self._host is not None
+    ) -> Any:
+        assert self._host is not None and self.location is not None
         last: Exception | None = None
         for addr in self.location.coordinator_addrs:
             try:
@@ -172,42 +259,119 @@ class Worker:
                 last = e
         raise last or TransportError("the coordinator has no address")
 
-    async def _retry(self, what: str, fn, *args):
-        """Run `fn(*args)` until it succeeds, backing off exponentially while the coordinator (or
-        the network) is away. Errors that retrying cannot fix propagate."""
-        delay = 0.5
+    async def _retry(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run `fn(*args)` until it succeeds, backing off while the coordinator (or the
+        network) is away. Errors that retrying cannot fix propagate."""
+        backoff = Backoff(cap_s=self.options.backoff_max_s)
         while True:
             try:
                 return await fn(*args)
             except (TransportError, RemoteError, DiscoveryError, ShardcastError) as e:
-                if isinstance(e, RemoteError) and e.code not in (
-                    "rate_limited",
-                    "timeout",
-                    "internal",
-                ):
+                if isinstance(e, RemoteError) and e.code not in RETRYABLE_REMOTE:
                     raise
-                wait = max(delay, getattr(e, "retry_after_s", 0.0))
-                log.warning("%s failed (%s); retrying in %.1fs", what, e, wait)
-                self.stats.state = f"waiting ({what})"
-                await trio.sleep(wait)
-                delay = min(delay * 2, self.options.backoff_max_s)
+                await self._wait(what, str(e), backoff.next(getattr(e, "retry_after_s", 0.0)))
+
+    async def _wait(self, what: str, why: str, seconds: float) -> None:
+        log.warning("%s failed (%s); retrying in %.1fs", what, why, seconds)
+        self.stats.state = f"waiting ({what})"
+        await trio.sleep(seconds)
 
     async def _join(self, relay_url: str = "") -> msg.JoinReply:
+        """Join the pool (idempotent; again whenever the coordinator forgot this node).
+        Waits out a busy pool; a refusal is final."""
+        self._relay_url = relay_url
         hardware = await trio.to_thread.run_sync(probe, self.options.device)
         request = msg.JoinRequest(
             hardware=hardware,
             engine=self.engine.name,
             software=package_version("swarmrl"),
             relay_url=relay_url,
+            pow_nonce=await self._proof_of_work(),
         )
-        reply = await self._retry("join", self._call, msg.JOIN_PROTOCOL, request, msg.JoinReply)
-        if not reply.accepted:
-            raise NodeError(f"the coordinator refused to let this node join: {reply.reason}")
+        backoff = Backoff(cap_s=self.options.backoff_max_s)
+        unanswered = 0
+        while True:
+            try:
+                reply = await self._call(msg.JOIN_PROTOCOL, request, msg.JoinReply)
+            except (TransportError, RemoteError) as e:
+                if isinstance(e, RemoteError) and e.code not in RETRYABLE_REMOTE:
+                    raise NodeError(f"the coordinator refused this node's join: {e}") from None
+                unanswered += 1
+                if unanswered % REDISCOVER_AFTER == 0:
+                    await self._rediscover()
+                await self._wait("join", str(e), backoff.next(getattr(e, "retry_after_s", 0.0)))
+                continue
+            unanswered = 0
+            self.stats.replies[f"join:{reply.code}"] += 1
+            if reply.accepted:
+                break
+            if reply.code != "busy":
+                raise NodeError(self._join_refusal(reply))
+            wait = backoff.next(reply.retry_after_s)
+            await self._wait("join", f"pool busy: {reply.reason}", wait)
         self.stats.coordinator_version = reply.current_version
+        self._trust_version(reply.current_version)
         log.info("joined pool %s (coordinator at v%d)", self.pool_id, reply.current_version)
         return reply
 
+    def _join_refusal(self, reply: msg.JoinReply) -> str:
+        if reply.code == "banned":
+            return f"this node's key is banned from the pool: {reply.reason}"
+        if reply.code == "bad_pow":
+            return (
+                f"the coordinator rejected this node's join proof of work ({self._pow_bits()} "
+                f"bits, as the pool spec asks): {reply.reason}. The coordinator and this node "
+                "disagree on the spec or the proof; check the pool id and the swarmrl version"
+            )
+        return f"the coordinator refused to let this node join: {reply.reason}"
+
+    def _pow_bits(self) -> int:
+        assert self.location is not None
+        return self.location.spec.admission.join_pow_bits
+
+    async def _proof_of_work(self) -> int:
+        """The nonce that pays for this identity's admission (solved once, off the event loop:
+        it costs about 2**bits hashes)."""
+        bits = self._pow_bits()
+        if self._pow_nonce is None:
+            if bits > 0:
+                log.info("solving the pool's join proof of work (%d bits)", bits)
+                self.stats.state = f"proof of work ({bits} bits)"
+            try:
+                self._pow_nonce = await trio.to_thread.run_sync(
+                    join_pow.solve, self.pool_id, self.identity.public_key, bits
+                )
+            except ValueError as e:
+                raise NodeError(f"cannot pay the pool's join proof of work: {e}") from None
+        return self._pow_nonce
+
+    async def _rediscover(self) -> None:
+        """Ask the pool's members again where the coordinator is (it may have moved); the old
+        location stays when nobody knows better."""
+        assert self._host is not None
+        try:
+            self.location = await discover(self._host, self.options.bootstrap, book=self._book)
+            log.info("rediscovered the coordinator at %s", self.location.coordinator_addrs)
+        except DiscoveryError as e:
+            log.warning("discovery found nothing new: %s", e)
+
+    async def _release(self, lease_id: int) -> str:
+        receipt = await self._call(
+            msg.RELEASE_PROTOCOL, msg.ReleaseLease(lease_id=lease_id), msg.Receipt, 5.0
+        )
+        self.stats.replies[f"release:{receipt.code}"] += 1
+        return receipt.code
+
     # ------------------------------------------------------------------ weights
+
+    def _trust_version(self, version: int) -> None:
+        """Record the newest version named by signed coordinator data (join and heartbeat
+        replies, gossiped announcements). The SHARDCAST client then ignores listings above it:
+        a source's listing is only a claim, and one naming versions nobody signed would send
+        the node after weights that do not exist."""
+        self._trusted_version = max(self._trusted_version, version)
+        if self.client is not None:
+            self.client.trust_version(self._trusted_version)
 
     async def _relay(
         self, upstreams: list[str], *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
@@ -257,6 +421,7 @@ class Worker:
                     self.stats.coordinator_version = max(
                         self.stats.coordinator_version, v.message.version
                     )
+                    self._trust_version(v.message.version)
                     wake.set()
 
         async with trio.open_nursery() as nursery:
@@ -302,16 +467,24 @@ class Worker:
             except SwarmError as e:
                 log.debug("heartbeat failed: %s", e)
             else:
-                self.stats.accepted, self.stats.soft_rejected = reply.accepted, reply.soft_rejected
-                self.stats.hard_rejected = reply.hard_rejected
-                self.stats.coordinator_version = reply.current_version
-                if reply.banned:
-                    log.error("this node was banned: %s", reply.reason)
-                    self._stopping = True
+                await self._on_heartbeat_reply(reply)
             await trio.sleep(every_s)
 
+    async def _on_heartbeat_reply(self, reply: msg.HeartbeatReply) -> None:
+        self.stats.replies[f"heartbeat:{reply.code}"] += 1
+        self.stats.accepted, self.stats.soft_rejected = reply.accepted, reply.soft_rejected
+        self.stats.hard_rejected = reply.hard_rejected
+        self.stats.coordinator_version = reply.current_version
+        self._trust_version(reply.current_version)
+        if reply.code == "banned" or reply.banned:
+            raise NodeError(f"this node was banned: {reply.reason}")
+        if reply.code == "not_joined":
+            # the coordinator lost track of this node (a restart onto another ledger, say)
+            log.info("the coordinator does not know this node; joining again")
+            await self._join(self._relay_url)
+
     async def _work(self) -> None:
-        idle = 0.5
+        idle = Backoff(cap_s=min(IDLE_JITTER_MAX_S, self.options.backoff_max_s))
         while not self._stopping:
             if self.options.max_leases is not None and self.stats.leases >= self.options.max_leases:
                 return
@@ -324,13 +497,32 @@ class Worker:
                 )
             except RemoteError as e:
                 raise NodeError(f"the coordinator refused this node's lease request: {e}") from None
-            if reply.lease is None:
-                self.stats.state = f"idle: {reply.reason}"
-                if "fetch" in reply.reason:
-                    await self._fetch_and_load()
-                await trio.sleep(max(reply.retry_after_s, idle))
-                continue
-            await self._do_lease(reply.lease)
+            self.stats.replies[f"lease:{reply.code}"] += 1
+            if reply.lease is not None:
+                idle.reset()
+                await self._do_lease(reply.lease)
+            elif not await self._without_lease(reply, idle):
+                return
+
+    async def _without_lease(self, reply: msg.LeaseReply, idle: Backoff) -> bool:
+        """Act on a reply that carries no lease; False when the node should leave."""
+        if reply.code == "banned":
+            raise NodeError(f"this node was banned: {reply.reason}")
+        if reply.code == "finished":
+            log.info("the pool finished training; leaving")
+            self.stats.state = "pool finished"
+            return False
+        if reply.code == "fetch_weights":
+            before = self.engine.version
+            self.stats.state = "fetching weights (the coordinator asked)"
+            await self._fetch_and_load()
+            if self.engine.version > before:
+                return True
+            # Nothing newer is served yet: wait before asking again rather than spin.
+        else:  # busy, quota: the coordinator paces the pool through retry_after_s
+            self.stats.state = f"idle ({reply.code}): {reply.reason}"
+        await trio.sleep(idle.next(reply.retry_after_s))
+        return True
 
     async def _do_lease(self, lease: msg.Lease) -> None:
         if lease.node != self.identity.public_key:
@@ -349,18 +541,37 @@ class Worker:
         )
         self.stats.state = f"submitting lease {lease.lease_id}"
         for sub in self.behaviour.submissions(submission, lease):
+            await self._submit(sub, lease)
+        self.stats.leases += 1
+        self._lease = None
+        self.idle.set()
+
+    async def _submit(self, sub: msg.Submission, lease: msg.Lease) -> None:
+        """Send one submission; a full validation queue (busy) is waited out until the
+        lease's deadline, after which the answer would be late anyway."""
+        backoff = Backoff(cap_s=self.options.backoff_max_s)
+        while True:
             try:
                 receipt = await self._retry(
                     "submit", self._call, msg.SUBMIT_PROTOCOL, sub, msg.Receipt, 60.0
                 )
             except RemoteError as e:
                 log.warning("lease %d refused: %s", lease.lease_id, e)
-                continue
-            if not receipt.queued:
-                log.warning("lease %d not taken for validation: %s", lease.lease_id, receipt.reason)
-        self.stats.leases += 1
-        self._lease = None
-        self.idle.set()
+                return
+            self.stats.replies[f"receipt:{receipt.code}"] += 1
+            wait = backoff.next()
+            if receipt.code != "busy" or time.time() + wait > lease.deadline_ms / 1000:
+                break
+            await self._wait("submit", "the validation queue is full", wait)
+        if receipt.code in ("released", "late"):
+            log.info("lease %d closed before its answer came: %s", lease.lease_id, receipt.reason)
+        elif receipt.code not in ("queued", "repeat"):
+            log.warning(
+                "lease %d not taken for validation (%s): %s",
+                lease.lease_id,
+                receipt.code,
+                receipt.reason,
+            )
 
     async def release_current(self) -> None:
         """Give an unfinished lease back so another node does it now, not at its deadline."""
@@ -369,12 +580,7 @@ class Worker:
             return
         with trio.move_on_after(5):
             try:
-                await self._call(
-                    msg.RELEASE_PROTOCOL,
-                    msg.ReleaseLease(lease_id=lease.lease_id),
-                    msg.Receipt,
-                    5.0,
-                )
+                await self._release(lease.lease_id)
                 log.info("released lease %d", lease.lease_id)
             except SwarmError as e:
                 log.warning("could not release lease %d: %s", lease.lease_id, e)

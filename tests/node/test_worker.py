@@ -1,0 +1,141 @@
+"""The worker's side of admission: typed join codes, the join proof of work, rediscovery after
+failed joins, jittered backoff. The coordinator here is a real libp2p host on 127.0.0.1 that
+serves discovery and answers joins from a script, so each code reaches the real worker over
+the real transport."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from node.engine import HFEngine
+from node.worker import Backoff, NodeError, Worker, WorkerOptions, node_errors_unwrapped
+from protocol import messages as msg
+from protocol import poolspec
+from protocol import pow as join_pow
+from protocol.discovery import DISCOVERY_PROTOCOL, PoolInfo, PoolQuery, make_pool_record
+from protocol.envelope import Verified
+from protocol.host import Host
+from protocol.identity import Identity
+
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+POW_BITS = 8
+
+Script = Callable[[int, Verified[msg.JoinRequest]], msg.JoinReply]
+
+
+def test_backoff_is_full_jitter_on_a_doubling_capped_delay():
+    b = Backoff(first_s=0.5, cap_s=4.0, rng=random.Random(1))
+    waits = [b.next() for _ in range(200)]
+    # each wait lies in [0, delay) for the delay of its try: 0.5, 1, 2, 4, 4, ...
+    limits = [min(0.5 * 2**i, 4.0) for i in range(200)]
+    assert all(0 <= w < lim for w, lim in zip(waits, limits, strict=True))
+    # jitter, not a fixed schedule: the capped waits spread over the range
+    assert max(waits[10:]) - min(waits[10:]) > 2.0
+    # the server's retry_after is a floor the jitter goes on top of
+    assert all(5.0 <= b.next(retry_after_s=5.0) < 9.0 for _ in range(50))
+    b.reset()
+    assert b.next() < 0.5
+
+
+def test_a_node_error_leaves_nurseries_as_itself():
+    async def fail() -> None:
+        raise NodeError("banned for cause")
+
+    async def main() -> None:
+        with node_errors_unwrapped():
+            async with trio.open_nursery() as outer:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(fail)
+                    await trio.sleep_forever()
+                outer.cancel_scope.cancel()
+
+    with pytest.raises(NodeError, match="banned for cause"):
+        trio.run(main)
+
+
+async def _run_against(tmp_path: Path, script: Script) -> tuple[NodeError, list, int, str]:
+    """Run a worker against a scripted coordinator until the worker stops with a NodeError;
+    return it, the join requests the coordinator saw, how many discovery queries, the pool."""
+    coordinator = Identity.generate()
+    spec = poolspec.from_dict(
+        {
+            "name": "scripted",
+            "coordinator": {"public_key": coordinator.public_key.hex()},
+            "admission": {"join_pow_bits": POW_BITS},
+        }
+    )
+    pool = poolspec.pool_id(spec)
+    joins: list[Verified[msg.JoinRequest]] = []
+    queries = 0
+    async with Host.open(coordinator, pool, LOCAL) as host:
+        record = make_pool_record(coordinator, spec, host.addrs)
+
+        async def discovery(query: Verified[PoolQuery]) -> PoolInfo:
+            nonlocal queries
+            queries += 1
+            return PoolInfo(record=record)
+
+        host.serve(DISCOVERY_PROTOCOL, discovery, PoolQuery, PoolInfo)
+
+        async def join(request: Verified[msg.JoinRequest]) -> msg.JoinReply:
+            joins.append(request)
+            return script(len(joins), request)
+
+        host.serve(msg.JOIN_PROTOCOL, join, msg.JoinRequest, msg.JoinReply)
+        worker = Worker(
+            Identity.generate(),
+            pool,
+            HFEngine("cpu"),
+            WorkerOptions(
+                bootstrap=[f"{host.addrs[0]}/p2p/{host.peer_id}"],
+                data_dir=tmp_path,
+                listen=LOCAL,
+                backoff_max_s=0.2,
+            ),
+        )
+        with pytest.raises(NodeError) as stopped, trio.fail_after(60):
+            await worker.run()
+    return stopped.value, joins, queries, pool
+
+
+def _refuse(code: str, reason: str) -> msg.JoinReply:
+    return msg.JoinReply(accepted=False, code=code, reason=reason)
+
+
+@pytest.mark.trio
+async def test_busy_is_waited_out_and_every_join_pays_the_proof_of_work(tmp_path):
+    def script(n: int, request: Verified[msg.JoinRequest]) -> msg.JoinReply:
+        if n < 3:
+            return msg.JoinReply(accepted=False, code="busy", reason="full", retry_after_s=0.05)
+        return _refuse("banned", "cheated")
+
+    error, joins, _, pool = await _run_against(tmp_path, script)
+    assert "banned" in str(error) and "cheated" in str(error)
+    assert len(joins) == 3
+    for j in joins:
+        assert join_pow.check(pool, j.signer, j.message.pow_nonce, POW_BITS)
+
+
+@pytest.mark.trio
+async def test_a_rejected_proof_of_work_is_fatal_and_says_so(tmp_path):
+    error, joins, *_ = await _run_against(tmp_path, lambda n, r: _refuse("bad_pow", "no proof"))
+    assert len(joins) == 1
+    assert "proof of work" in str(error) and f"{POW_BITS} bits" in str(error)
+
+
+@pytest.mark.trio
+async def test_repeated_failed_joins_run_discovery_again(tmp_path):
+    def script(n: int, request: Verified[msg.JoinRequest]) -> msg.JoinReply:
+        if n <= 3:
+            raise RuntimeError("coordinator restarting")  # answered as `internal`: retried
+        return _refuse("banned", "enough")
+
+    error, joins, queries, _ = await _run_against(tmp_path, script)
+    assert "enough" in str(error)
+    assert len(joins) == 4
+    assert queries == 2  # the first discovery, and once more after 3 failed joins
