@@ -64,7 +64,7 @@ def test_every_page_loads_and_navigation_works(pool: Pool, page: Watched) -> Non
 def test_node_table_lists_every_node(pool: Pool, page: Watched) -> None:
     keys = {pool.node_key(n): n.name for n in [*pool.honest, pool.cheater]}
     page.goto("#/nodes")
-    rows = page.page.locator("#page tbody tr")
+    rows = page.page.locator("#node-table tbody tr")
     assert rows.count() == 3
     seen = {}
     for i in range(3):
@@ -80,9 +80,18 @@ def test_node_table_lists_every_node(pool: Pool, page: Watched) -> None:
         assert seen[name][1] in ("joined", "healthy")
         assert seen[name][3] == "hf"
         assert int(seen[name][6]) >= 1  # accepted
+    # The contributions ledger: one row per node, most verified tokens first, downloadable.
+    ledger = page.page.locator("#contributions tbody tr")
+    assert sorted(ledger.nth(i).get_attribute("data-id") for i in range(3)) == sorted(keys)
+    rows = pool.api("/api/contributions")
+    assert [r["verified_tokens"] for r in rows] == sorted(
+        (r["verified_tokens"] for r in rows), reverse=True
+    )
+    assert max(r["accepted_groups"] for r in rows) >= 1
+    assert page.page.locator("a[href='/api/contributions?download=1']").count() == 1
     # A row opens the node's page with its verdicts.
     alice = next(k for k, n in keys.items() if n == "alice")
-    page.page.locator(f"#page tr[data-id='{alice}']").click()
+    page.page.locator(f"#node-table tr[data-id='{alice}']").click()
     page.wait_loaded()
     assert page.page.url.endswith(f"#/nodes/{alice}")
     assert page.page.locator("#page tbody tr").count() >= 1
@@ -134,6 +143,11 @@ def test_validation_lists_rejections_with_their_numbers(pool: Pool, page: Watche
 
 def test_weights_page_shows_versions_tree_and_bytes(pool: Pool, page: Watched) -> None:
     page.goto("#/weights")
+    # The coordinator verifies a relay before its URL is shown to anyone without the token.
+    page.page.wait_for_function(
+        f"document.getElementById('relay-tree').textContent.includes({json.dumps(pool.relay_url)})",
+        timeout=30_000,
+    )
     versions = page.page.locator("#page table").first.locator("tbody tr")
     assert versions.count() >= 2
     assert "full" in page.page.locator("#page table").first.inner_text()
@@ -153,7 +167,16 @@ def test_weights_page_shows_versions_tree_and_bytes(pool: Pool, page: Watched) -
     for key in (pool.node_key(n) for n in pool.honest):
         assert "fetched" in page.page.locator(f'li.holder[data-key="{key}"]').inner_text(), tree
     assert not page.page.locator("#served-total").inner_text().startswith("0 ")
+    # Client addresses only with the operator token.
+    assert page.page.locator("#clients-hidden").is_visible()
+    served = pool.api("/api/weights")["served"]
+    assert "by_client" not in served
     page.shot("weights")
+    page.page.fill("#clients-hidden input[name='token']", TOKEN)
+    page.page.locator("#clients-hidden input[name='token']").dispatch_event("change")
+    page.page.wait_for_selector("#clients-hidden", state="hidden", timeout=10_000)
+    clients = page.page.locator("#page table").last.inner_text()
+    assert "127.0.0.1" in clients, clients
 
 
 def test_samples_page_shows_and_filters_samples(pool: Pool, page: Watched) -> None:
@@ -228,6 +251,7 @@ def test_pages_use_the_documented_json_api(pool: Pool) -> None:
         "/api/submissions/{sid}",
         "/api/generate",
         "/api/nodes/{key}/ban",
+        "/api/contributions",
     ):
         assert p in paths, p
 

@@ -1,17 +1,20 @@
-"""The dashboard's data helpers: chart series, verdict buckets, the rate limit, byte counting."""
+"""The dashboard's data helpers: chart series, verdict buckets, the sample log's tail, the rate
+limit, byte counting."""
 
 import json
 
 import trio
 
 from shardcast.traffic import CountServed, ServedBytes
-from trainer.dashboard.generate import RateLimiter
+from trainer.dashboard.limits import RateLimiter, client_key
 from trainer.dashboard.series import (
+    SampleLog,
     accuracy_by_step,
     check_of,
     minute_buckets,
     read_samples,
     step_series,
+    tail_lines,
     verdict_key,
 )
 
@@ -32,6 +35,8 @@ def test_minute_buckets_fill_gaps_and_split_by_check():
     assert out[1]["accept"] == out[1]["hard"] == 0 and out[1]["latency_mean"] is None
     assert out[3]["by_key"] == {"hard:transport": 1}
     assert minute_buckets([]) == []
+    newest = minute_buckets(verdicts, 60.0, max_buckets=2)
+    assert [b["time"] for b in newest] == [720.0, 780.0]
 
 
 def test_check_of_names_refusals_before_validation():
@@ -74,6 +79,45 @@ def test_rate_limiter_allows_a_burst_then_one_per_interval():
     assert limit.allow("b", now=0.0) == 0.0  # per client
     assert limit.allow("a", now=1.0) > 0
     assert limit.allow("a", now=2.1) == 0.0
+
+
+def test_the_tail_drops_the_line_its_window_cuts(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(b'{"i": 0}\n{"i": 1}\n{"i": 2}\n')
+    assert tail_lines(path, 12) == [b'{"i": 2}', b""]  # `1}` of the cut line is left out
+    assert [r["i"] for r in read_samples(path, 12)] == [2]
+    assert [r["i"] for r in read_samples(path)] == [0, 1, 2]
+    path.write_bytes(b'[1, 2]\n"text"\n\xff\xfe\n{"i": 3}\n')  # JSON, but not a record
+    assert read_samples(path) == [{"i": 3}]
+    assert tail_lines(tmp_path / "missing.jsonl") == []
+
+
+def test_the_sample_log_is_reread_only_when_it_changed(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    log = SampleLog(path)
+    assert log.records() == []
+    path.write_text('{"i": 0}\n')
+    first = log.records()
+    assert first == [{"i": 0}] and log.records() is first  # cached
+    with path.open("a") as f:
+        f.write('{"i": 1}\n')
+    assert log.records() == [{"i": 0}, {"i": 1}]
+
+
+def test_rate_limiter_table_stays_bounded_and_forgets_the_oldest():
+    limit = RateLimiter(every_s=2.0, burst=1, max_clients=3)
+    for i in range(10):
+        assert limit.allow(f"10.0.0.{i}", now=float(i)) == 0.0
+    assert len(limit) == 3
+    assert limit.allow("10.0.0.9", now=9.5) > 0  # the newest is remembered
+    assert limit.allow("10.0.0.0", now=9.5) == 0.0  # the oldest was forgotten
+
+
+def test_ipv6_clients_are_counted_by_their_64():
+    assert client_key("2001:db8::1") == client_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert client_key("2001:db8:0:1::1") != client_key("2001:db8::1")
+    assert client_key("10.0.0.2") == "10.0.0.2"
+    assert client_key("testclient") == "testclient"
 
 
 def test_served_bytes_are_counted_by_version_and_client():

@@ -1,32 +1,37 @@
 """The coordinator's dashboard: static pages that read the JSON API, mounted next to it.
 
-`mount_dashboard(app, coord)` adds the dashboard's own JSON endpoints (timeline, validation,
+`mount_dashboard(app, ...)` adds the dashboard's own JSON endpoints (timeline, validation,
 weights, submissions, generate), serves the single-page UI at `/` and its files under
 `/static`. Charts use uPlot (MIT), vendored in `static/vendor/`: the pages work offline.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from trainer.dashboard.routes import create_router
-
-if TYPE_CHECKING:
-    from trainer.coordinator import Coordinator
+from trainer.dashboard.rows import NodeIndex
+from trainer.dashboard.series import SampleLog
+from trainer.view import PoolView
 
 STATIC = Path(__file__).parent / "static"
 
 
-def mount_dashboard(app: FastAPI, coord: Coordinator) -> None:
-    """Serve the dashboard at `/` and its API on `app`."""
-    origin = getattr(coord, "origin", None)
-    served = origin.app.state.served if origin is not None else None
-    app.include_router(create_router(coord, served))
+def mount_dashboard(
+    app: FastAPI,
+    view: PoolView,
+    samples: SampleLog,
+    nodes: NodeIndex,
+    is_operator: Callable[..., bool],
+) -> None:
+    """Serve the dashboard at `/` and its API on `app` (`samples` and `nodes` are the caches
+    the API's own endpoints use too; `is_operator` its token check, as a dependency)."""
+    app.include_router(create_router(view, samples, nodes, is_operator))
     app.mount("/static", StaticFiles(directory=STATIC), name="dashboard-static")
 
     @app.get("/", include_in_schema=False)

@@ -1,33 +1,34 @@
 """The JSON endpoints the dashboard needs beyond trainer/api.py's: chart series, validation
-summaries, the weight-distribution tree, one submission's evidence, and 'try the policy'."""
+summaries, the weight-distribution tree, one submission's evidence, and 'try the policy'.
+
+They read `PoolView` only. Nothing here does network I/O: what the relays hold comes from the
+coordinator's own cached checks (`PoolView.relays`), never from fetching a URL a node named.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import anyio
-import httpx
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from shardcast.traffic import ServedBytes
-from trainer.dashboard.generate import MAX_NEW_TOKENS, RateLimiter, complete
+from trainer.dashboard.limits import MAX_NEW_TOKENS, MAX_WAITING, RateLimiter, client_key
+from trainer.dashboard.rows import NodeIndex, Recent, node_json, parse_json, verdict_json
 from trainer.dashboard.series import (
-    ACCURACY_FUNCS,
-    check_of,
+    SampleLog,
     minute_buckets,
-    read_samples,
     step_series,
     verdict_key,
 )
+from trainer.view import PoolView, RelayStatus
 
-if TYPE_CHECKING:
-    from trainer.coordinator import Coordinator
-
-RELAY_PROBE_S = 1.5
 VERDICT_WINDOW = 5000
+CACHE_S = 2.0
+"""How stale a polled ledger read may be: every open page asks every 3 s."""
 
 
 class GenerateRequest(BaseModel):
@@ -37,38 +38,42 @@ class GenerateRequest(BaseModel):
     template: bool = Field(True, description="wrap the prompt in the task's prompt template")
 
 
-def create_router(coord: Coordinator, served: ServedBytes | None) -> APIRouter:
+def create_router(
+    view: PoolView,
+    samples: SampleLog,
+    nodes: NodeIndex,
+    is_operator: Callable[..., bool],
+) -> APIRouter:
+    """`is_operator` is a FastAPI dependency: True with the operator token, False without any
+    (and it refuses a wrong one)."""
     router = APIRouter(prefix="/api", tags=["dashboard"])
-    ledger = coord.ledger
+    ledger = view.ledger
+    steps = Recent(lambda: ledger.steps(0), CACHE_S)
+    window = Recent(lambda: ledger.recent_submissions(VERDICT_WINDOW), CACHE_S)
     limiter = RateLimiter()
-    one_at_a_time: list[anyio.CapacityLimiter] = []
-
-    def has_accuracy() -> bool:
-        rewards = getattr(coord.task, "rewards", [])
-        return any(getattr(r, "name", "") in ACCURACY_FUNCS for r in rewards)
+    one_at_a_time = anyio.CapacityLimiter(1)
 
     @router.get("/timeline")
     def timeline(bucket: float = Query(60.0, ge=5.0, le=3600.0)) -> dict[str, Any]:
         """Chart series: one point per training step (reward, accuracy where the task has
         one, tokens/s, staleness) and per `bucket` seconds of validation (verdict counts,
         latency)."""
-        samples = read_samples(coord.run_log.folder / "samples.jsonl")
-        acc = has_accuracy()
+        acc = view.info.has_accuracy
         return {
             "has_accuracy": acc,
-            "steps": step_series(ledger.steps(0), samples, acc),
+            "steps": step_series(steps.get(), samples.records() if acc else [], acc),
             "bucket": bucket,
-            "minutes": minute_buckets(ledger.recent_submissions(VERDICT_WINDOW), bucket),
+            "minutes": minute_buckets(window.get(), bucket),
             "time": time.time(),
         }
 
     @router.get("/validation")
     def validation(
-        limit: int = Query(50, le=500), bucket: float = Query(60.0, ge=5.0, le=3600.0)
+        limit: int = Query(50, ge=1, le=500), bucket: float = Query(60.0, ge=5.0, le=3600.0)
     ) -> dict[str, Any]:
         """Verdict counts by outcome and by outcome:check (recent window), per minute, and the
         most recent rejections with their failing check and its numbers."""
-        verdicts = ledger.recent_submissions(VERDICT_WINDOW)
+        verdicts = window.get()
         totals: dict[str, int] = {}
         by_key: dict[str, int] = {}
         for v in verdicts:
@@ -85,7 +90,7 @@ def create_router(coord: Coordinator, served: ServedBytes | None) -> APIRouter:
             "by_key": dict(sorted(by_key.items(), key=lambda kv: -kv[1])),
             "bucket": bucket,
             "minutes": minute_buckets(verdicts, bucket),
-            "rejections": [{**v, "node": v["node"].hex(), "check": check_of(v)} for v in rejected],
+            "rejections": [verdict_json(v) for v in rejected],
         }
 
     @router.get("/submissions/{sid}")
@@ -96,7 +101,7 @@ def create_router(coord: Coordinator, served: ServedBytes | None) -> APIRouter:
             raise HTTPException(404, "no such submission")
         raw: bytes = row.pop("raw")
         row["node"] = row["node"].hex()
-        row["details"] = _json(row.get("details"))
+        row["details"] = parse_json(row.get("details"))
         return {
             **row,
             "raw_bytes": len(raw),
@@ -105,101 +110,78 @@ def create_router(coord: Coordinator, served: ServedBytes | None) -> APIRouter:
         }
 
     @router.get("/weights")
-    async def weights() -> dict[str, Any]:
-        """Published versions, what the origin and each relay hold, what each node holds, the
-        bytes the origin served, and the bytes each relay says it served."""
-        from trainer.api import node_json
-
-        origin = getattr(coord, "origin", None)
-        held = origin.store.listing() if origin is not None else {"versions": []}
-        relays = [{"url": u, "node": None} for u in coord.spec.coordinator.relays]
-        relays += [{"url": u, "node": k.hex()} for k, u in coord.relaying_nodes().items()]
-        await _probe(relays)
+    def weights(as_operator: bool = Depends(is_operator)) -> dict[str, Any]:
+        """Published versions, what the origin and each relay hold (the coordinator's last
+        check of each relay), what each node holds and says it fetched from where, and the
+        bytes the origin served (per client address with the operator token only)."""
+        url, held = view.origin_listing()
+        public = {u.rstrip("/") for u in view.weights_urls()}
         return {
             "versions": ledger.versions(),
-            "current": coord.version,
-            "origin": {
-                "url": origin.url if origin is not None else None,
-                "versions": held["versions"],
-            },
-            "relays": relays,
+            "current": view.progress().version,
+            "origin": {"url": url, "versions": held},
+            "relays": [relay_json(r, as_operator) for r in view.relays()],
             "nodes": [
-                _holder(node_json(n), coord.weights_sources(n["key"])) for n in ledger.nodes()
+                holder(
+                    node_json(n), view.weights_sources(n["key"]), None if as_operator else public
+                )
+                for n in nodes.rows()
             ],
-            "served": served.snapshot() if served is not None else None,
+            "served": view.served(clients=as_operator),
         }
 
     @router.post("/generate")
     async def generate(req: GenerateRequest, request: Request) -> dict[str, Any]:
         """Complete a prompt with the newest published weights (at most 64 new tokens; a few
-        requests per client, then one every 2 s)."""
-        client = request.client.host if request.client else "?"
-        wait = limiter.allow(client)
+        requests per client, then one every 2 s; one at a time, a few waiting)."""
+        wait = limiter.allow(client_key(request.client.host if request.client else "?"))
         if wait > 0:
             raise HTTPException(
                 429, f"too many requests; try again in {wait:.1f}s", {"retry-after": f"{wait:.0f}"}
             )
-        if not one_at_a_time:
-            one_at_a_time.append(anyio.CapacityLimiter(1))
+        if one_at_a_time.statistics().tasks_waiting >= MAX_WAITING:
+            raise HTTPException(503, "busy generating for others; try again", {"retry-after": "5"})
         out = await anyio.to_thread.run_sync(
-            complete,
-            coord,
+            view.complete,
             req.prompt,
             req.max_tokens,
             req.sample,
             req.template,
-            limiter=one_at_a_time[0],
+            limiter=one_at_a_time,
         )
         if out is None:
             raise HTTPException(503, "no weights published yet")
-        return out.to_json()
+        return out
 
     return router
 
 
-def _holder(n: dict[str, Any], fetched: dict[str, int]) -> dict[str, Any]:
+def relay_json(r: RelayStatus, operator: bool) -> dict[str, Any]:
+    """A relay as its last check found it. The URL of one a node advertised but that failed
+    verification is the node's claim, not a service handed to anyone: operator only."""
+    shown = operator or r.verified or r.node is None
+    return {
+        "url": r.url if shown else None,
+        "node": r.node,
+        "verified": r.verified,
+        "checked_at": r.checked_at,
+        "error": r.error,
+        "versions": r.versions,
+        "served": r.served,
+    }
+
+
+def holder(n: dict[str, Any], fetched: dict[str, int], public: set[str] | None) -> dict[str, Any]:
     """A node on the relay tree: what it holds, and where it says its weights came from
-    (`source`: the URL it fetched most bytes from, None before its first report)."""
+    (`source`: the URL it fetched most bytes from, None before its first report). With
+    `public`, URLs outside it (a node's own word: any address at all) count as `other`."""
+    if public is not None:
+        shown: dict[str, int] = {}
+        for url, n_bytes in fetched.items():
+            where = url if url.rstrip("/") in public else "other"
+            shown[where] = shown.get(where, 0) + n_bytes
+        fetched = shown
     out = {k: n[k] for k in ("key", "status", "weight_version", "engine", "last_seen")}
     out["fetched"] = fetched
     out["source"] = max(fetched, key=fetched.__getitem__) if fetched else None
     return out
-
-
-async def _probe(relays: list[dict[str, Any]]) -> None:
-    """Ask each relay which versions it holds and how many bytes it served (bounded; a silent
-    relay is marked)."""
-
-    async def one(client: httpx.AsyncClient, r: dict[str, Any]) -> None:
-        base = r["url"].rstrip("/")
-        try:
-            resp = await client.get(f"{base}/versions")
-            resp.raise_for_status()
-            r["versions"] = resp.json().get("versions", [])
-            r["error"] = None
-        except (httpx.HTTPError, ValueError) as e:
-            r["versions"], r["served"] = [], None
-            r["error"] = type(e).__name__
-            return
-        try:  # what it says it served (relays are untrusted: shown, never relied on)
-            resp = await client.get(f"{base}/stats")
-            resp.raise_for_status()
-            total = resp.json().get("total")
-            r["served"] = total if isinstance(total, int) and total >= 0 else None
-        except (httpx.HTTPError, ValueError, AttributeError):
-            r["served"] = None
-
-    if not relays:
-        return
-    async with httpx.AsyncClient(timeout=RELAY_PROBE_S) as client, anyio.create_task_group() as tg:
-        for r in relays:
-            tg.start_soon(one, client, r)
-
-
-def _json(text: Any) -> Any:
-    import json
-
-    try:
-        return json.loads(text) if isinstance(text, str) else text
-    except ValueError:
-        return text

@@ -4,26 +4,70 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 # Reward functions that score correctness as 0 or 1: their mean is the task's accuracy.
 ACCURACY_FUNCS = ("exact_numeric", "math_verify_reward")
-MAX_SAMPLE_LINES = 20_000
+TAIL_BYTES = 4 << 20
+"""The most of the sample log one read takes (its end): about ten thousand samples."""
+MAX_BUCKETS = 2000
 
 
-def read_samples(path: Path, max_lines: int = MAX_SAMPLE_LINES) -> list[dict[str, Any]]:
-    """The newest `max_lines` records of a samples.jsonl, oldest first; bad lines skipped."""
-    if not path.exists():
+def tail_lines(path: Path, max_bytes: int = TAIL_BYTES) -> list[bytes]:
+    """The lines in the last `max_bytes` of `path`, reading nothing before them. The first is
+    dropped when the window starts inside the file: it is most likely cut."""
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            start = max(0, size - max_bytes)
+            f.seek(start)
+            data = f.read(size - start)  # the size at open: a line appended since waits
+    except FileNotFoundError:
         return []
+    lines = data.split(b"\n")
+    return lines[1:] if start > 0 else lines
+
+
+def read_samples(path: Path, max_bytes: int = TAIL_BYTES) -> list[dict[str, Any]]:
+    """The records in the last `max_bytes` of a samples.jsonl, oldest first; bad lines skipped."""
     out = []
-    for line in path.read_text().splitlines()[-max_lines:]:
+    for line in tail_lines(path, max_bytes):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being appended right now
+            record = json.loads(line)
+        except ValueError:
+            continue  # empty, torn (being appended right now) or not UTF-8
+        if isinstance(record, dict):
+            out.append(record)
     return out
+
+
+class SampleLog:
+    """The sample log's newest records, re-read only when the file changed (size, mtime): every
+    open Overview and Samples page polls them every few seconds."""
+
+    def __init__(self, path: Path, max_bytes: int = TAIL_BYTES) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int] | None = None
+        self._records: list[dict[str, Any]] = []
+
+    def records(self) -> list[dict[str, Any]]:
+        """Oldest first; shared between callers, so read-only."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return []
+        seen = (st.st_size, st.st_mtime_ns)
+        with self._lock:  # one reader at a time; the others then find it cached
+            if seen != self._seen:
+                self._records = read_samples(self.path, self.max_bytes)
+                self._seen = seen
+            return self._records
 
 
 def accuracy_by_step(samples: list[dict[str, Any]]) -> dict[int, float]:
@@ -82,9 +126,12 @@ def verdict_key(v: dict[str, Any]) -> str:
     return f"{v['outcome']}:{check_of(v)}"
 
 
-def minute_buckets(verdicts: list[dict[str, Any]], width: float = 60.0) -> list[dict[str, Any]]:
+def minute_buckets(
+    verdicts: list[dict[str, Any]], width: float = 60.0, max_buckets: int = MAX_BUCKETS
+) -> list[dict[str, Any]]:
     """Verdicts per `width`-second bucket (empty buckets included, so rates read true): counts
-    by outcome and by outcome:check, and validation latency (mean and max seconds)."""
+    by outcome and by outcome:check, and validation latency (mean and max seconds). The newest
+    `max_buckets` only: a quiet pool's window may span weeks, in 5-second buckets."""
     decided = [v for v in verdicts if v.get("outcome") and v.get("decided_at")]
     if not decided:
         return []
@@ -100,7 +147,8 @@ def minute_buckets(verdicts: list[dict[str, Any]], width: float = 60.0) -> list[
         if isinstance(seconds, int | float):  # absent for refusals before validation
             cell["lat"].append(float(seconds))
     out = []
-    for b in range(min(buckets), max(buckets) + 1):
+    last = max(buckets)
+    for b in range(max(min(buckets), last - max_buckets + 1), last + 1):
         cell = buckets.get(b, {"outcomes": {}, "keys": {}, "lat": []})
         lat = cell["lat"]
         out.append(

@@ -14,8 +14,8 @@ async function parse(resp) {
   return body;
 }
 
-export async function getJSON(path) {
-  return parse(await fetch(path, { headers: { accept: "application/json" } }));
+export async function getJSON(path, headers = {}) {
+  return parse(await fetch(path, { headers: { accept: "application/json", ...headers } }));
 }
 
 export async function postJSON(path, body, headers = {}) {

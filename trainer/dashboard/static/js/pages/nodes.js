@@ -3,11 +3,18 @@ import { ago, details, el, getJSON, hardware, localTime, num, pill, postJSON, sh
 import { token, tokenForm } from "../operator.js";
 
 export function mount(root) {
-  const wrap = el("div");
-  root.append(el("h1", {}, "Nodes"), wrap);
+  const wrap = el("div", { id: "node-table" });
+  const ledger = el("div", { id: "contributions" });
+  root.append(
+    el("h1", {}, "Nodes"), wrap,
+    el("h2", {}, "Contributions ", el("a.small", { href: "/api/contributions?download=1", download: "" }, "download JSON")),
+    el("p.muted", {}, "What each node has delivered, most verified tokens first: the base for any reward scheme. "
+      + "Validation seconds are the coordinator's time spent checking its work."),
+    ledger,
+  );
 
   async function refresh() {
-    const nodes = await getJSON("/api/nodes");
+    const [nodes, contributions] = await Promise.all([getJSON("/api/nodes"), getJSON("/api/contributions")]);
     const rows = nodes.map((n) => ({
       id: n.key,
       cells: [
@@ -26,6 +33,26 @@ export function mount(root) {
         ["node", "status", "hardware", "engine", "weights", "last heartbeat", "accepted", "soft-rejected", "hard-rejected", "reputation"],
         rows,
         { rowClick: (r) => (location.hash = `#/nodes/${r.id}`), numeric: [6, 7, 8, 9] },
+      ),
+    );
+    ledger.replaceChildren(
+      table(
+        ["node", "status", "groups accepted / trained", "verified tokens", "validation s",
+          "leases issued / open / expired / released", "soft faults", "rejected hard / soft"],
+        contributions.map((c) => ({
+          id: c.key,
+          cells: [
+            el("a", { href: `#/nodes/${c.key}` }, el("code", {}, short(c.key))),
+            [pill(c.banned ? "banned" : c.status), c.probation ? " probation" : ""],
+            `${c.accepted_groups} / ${c.trained_groups}`,
+            c.verified_tokens,
+            num(c.validation_s, 1),
+            `${c.leases_issued} / ${c.leases_open} / ${c.leases_expired} / ${c.leases_released}`,
+            c.soft_faults,
+            `${c.hard_rejected} / ${c.soft_rejected}`,
+          ],
+        })),
+        { numeric: [2, 3, 4, 5, 6, 7] },
       ),
     );
   }
