@@ -19,8 +19,22 @@ code lives here, not in the `node` command. Kinds and the check meant to catch t
     garbage        random and oversized frames to every protocol  transport (framing, decoding)
     flood          requests far above the rate limit              rate limiter (not a ban)
 
-The process writes what it did (requests sent, refusals by code) as JSON to `--stats`, which
-`examples/swarm.py` folds into its report.
+Cheats on the pool's economics rather than on a result (what admission should do to them):
+
+    sybil              tampers; banned, pays for a fresh key      ban per key on probation,
+                       and does it again                          new keys rate-capped
+    lease-hoarder      takes leases, never answers                quota (1 on probation)
+    seed-reroller      releases unlucky leases to be dealt again  released prompts go elsewhere;
+                                                                  releases over allowance: faults
+    validation-flooder max-size junk that passes cheap checks     ban at the first prefill
+    intermittent       tampers one lease in four                  sliding-window ban
+    lying-relay        advertises a relay listing versions it     relay verified before it is
+                       does not hold                              handed out
+    trickling-relay    advertises a relay serving a byte every    verification deadline;
+                       few seconds                                clients' minimum rate
+
+The process writes what it did (requests sent, replies by code, the keys it used) as JSON to
+`--stats`, which `examples/swarm.py` folds into its report.
 """
 
 from __future__ import annotations
@@ -32,8 +46,12 @@ import logging
 import os
 import random
 import signal
+import struct
 import sys
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +59,7 @@ import msgspec
 import torch
 import trio
 
+import toploc
 from node.behaviour import Behaviour, NodeContext
 from node.engine import Engine, HFEngine
 from node.worker import NodeError, Worker, WorkerOptions
@@ -51,6 +70,7 @@ from protocol.errors import RemoteError, SwarmError
 from protocol.framing import encode_frame, read_frame_or_eof
 from protocol.host import ErrorReply, _StreamReader, public_key_of_peer
 from protocol.identity import Identity
+from toploc.proof import P as TOPLOC_P
 
 log = logging.getLogger("swarmrl.byzantine")
 
@@ -62,8 +82,13 @@ class Cheat(Behaviour):
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
+        self.facts: dict[str, Any] = {}
+        """What the swarm's report needs beyond counts (a relay's URL, the most leases held)."""
         self.ctx: NodeContext | None = None
         self.started = time.time()
+
+    identities = 1
+    """How many keys the process may use, one after another: a new one after each refusal."""
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
@@ -112,27 +137,35 @@ def _replace_completions(sub: msg.Submission, edit) -> msg.Submission:
     return msgspec.structs.replace(sub, results=results)
 
 
+def tamper(submission: msg.Submission, lease: msg.Lease, vocab: int) -> msg.Submission:
+    """The submission with the first token of every completion changed after proving."""
+    eos = set(lease.sampling.eos_token_ids)
+
+    def edit(c: msg.Completion) -> msg.Completion:
+        tokens = list(c.tokens)
+        new = tokens[0]
+        # another ordinary token of the vocabulary (ids 0-3 are the specials), so the
+        # cheap structure check passes and only the proofs and the replay can tell
+        while new == tokens[0] or new in eos or new < 4:
+            new = 4 + (new - 3) % (vocab - 4)
+        tokens[0] = new
+        return msgspec.structs.replace(c, tokens=tokens)
+
+    return _replace_completions(submission, edit)
+
+
+def _vocab(engine: Engine) -> int:
+    return engine.model.config.vocab_size  # type: ignore[attr-defined]
+
+
 class TamperTokens(Cheat):
     """Edits the first token of every completion after the proofs were built."""
 
     name = "tamper-tokens"
 
     def submissions(self, submission: msg.Submission, lease: msg.Lease) -> list[msg.Submission]:
-        eos = set(lease.sampling.eos_token_ids)
-        vocab = self.ctx.engine.model.config.vocab_size  # type: ignore[union-attr]
-
-        def edit(c: msg.Completion) -> msg.Completion:
-            tokens = list(c.tokens)
-            new = tokens[0]
-            # another ordinary token of the vocabulary (ids 0-3 are the specials), so the
-            # cheap structure check passes and only the proofs and the replay can tell
-            while new == tokens[0] or new in eos or new < 4:
-                new = 4 + (new - 3) % (vocab - 4)
-            tokens[0] = new
-            return msgspec.structs.replace(c, tokens=tokens)
-
         self.count("tampered")
-        return [_replace_completions(submission, edit)]
+        return [tamper(submission, lease, _vocab(self.ctx.engine))]  # type: ignore[union-attr]
 
 
 class FakeLogprobs(Cheat):
@@ -426,6 +459,290 @@ class Flood(Cheat):
             self.count(type(e).__name__)
 
 
+# ---------------------------------------------------------------------- open-pool economics
+# Cheats that cost the coordinator time, leases or trust rather than forge a result. Each is
+# meant to be caught (banned) or bounded (what it can take stays small) by admission.
+
+
+class Sybil(Cheat):
+    """Cheats (tampered tokens) under a key; once that key is banned, pays for a fresh one
+    and cheats again. Admission should ban each key at its first proven cheat (probation) and
+    cap how fast new keys get in."""
+
+    name = "sybil"
+    identities = 8
+
+    def submissions(self, submission: msg.Submission, lease: msg.Lease) -> list[msg.Submission]:
+        self.count("tampered")
+        return [tamper(submission, lease, _vocab(self.ctx.engine))]  # type: ignore[union-attr]
+
+
+class LeaseHoarder(Cheat):
+    """Takes every lease it can get and never answers: should hold at most its quota (one
+    lease on probation), which its expiries keep small, and never starve honest nodes."""
+
+    name = "lease-hoarder"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deadlines: list[float] = []
+        self.facts["max_held"] = 0
+
+    def generate(self, engine: Engine, lease: msg.Lease) -> list[msg.TaskResult]:
+        now = time.time()
+        self.deadlines = [d for d in self.deadlines if d > now] + [lease.deadline_ms / 1000]
+        self.facts["max_held"] = max(self.facts["max_held"], len(self.deadlines))
+        self.count("hoarded")
+        return []  # no work done
+
+    def submissions(self, submission: msg.Submission, lease: msg.Lease) -> list[msg.Submission]:
+        return []  # never answered: the lease runs to its deadline
+
+
+def lease_rewards(spec: Any, engine: Engine, lease: msg.Lease, results: list) -> list[float]:
+    """Every sample's reward, scored locally with the pool's own reward functions."""
+    from trainer.rewards import score
+    from trainer.tasks import make_task
+
+    task = make_task(spec.task.name, spec.seed, dict(spec.task.options), spec.task.limit)
+    tokenizer = _tokenizer(engine)
+    out: list[float] = []
+    for r in results:
+        example = task.train[lease.tasks[r.task_index].prompt_index]
+        texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in r.completions]
+        rewards, _ = score(
+            task.rewards,
+            [example.prompt] * len(texts),
+            texts,
+            {k: [v] * len(texts) for k, v in example.columns.items()},
+        )
+        out += rewards
+    return out
+
+
+class SeedReroller(Cheat):
+    """Generates honestly, scores its own samples, and releases the lease unless they look
+    lucky (better than its running mean), hoping to be dealt the prompt again with better
+    seeds. Released prompts must not come back to it inside the pool's window, and releases
+    beyond a small allowance count as soft faults."""
+
+    name = "seed-reroller"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released: dict[int, float] = {}  # prompt index -> when it was given back
+        self.seen: list[float] = []
+        self.keep: set[int] = set()
+        self.facts["prompts_back"] = 0
+
+    def generate(self, engine: Engine, lease: msg.Lease) -> list[msg.TaskResult]:
+        ctx = self.ctx
+        assert ctx is not None
+        now = time.time()
+        window = ctx.spec.admission.window_s
+        back = [t for t in lease.tasks if now - self.released.get(t.prompt_index, -1e18) < window]
+        self.facts["prompts_back"] += len(back)
+        results = engine.generate(lease)
+        rewards = lease_rewards(ctx.spec, engine, lease, results)
+        mean = sum(rewards) / len(rewards)
+        lucky = not self.seen or mean > sum(self.seen) / len(self.seen)
+        self.seen.append(mean)
+        if lucky:
+            self.keep.add(lease.lease_id)
+            return results
+        # from this worker thread into the node's event loop: give the lease back now
+        try:
+            code = trio.from_thread.run(ctx.release, lease.lease_id)
+        except SwarmError as e:  # unanswered: the lease still closes at its deadline
+            code = f"error ({type(e).__name__})"
+        self.count(f"release:{code}")
+        for t in lease.tasks:
+            self.released[t.prompt_index] = now
+        return results
+
+    def submissions(self, submission: msg.Submission, lease: msg.Lease) -> list[msg.Submission]:
+        if lease.lease_id in self.keep:
+            self.count("kept")
+            return [submission]
+        return []
+
+
+def junk_proof(rng: random.Random) -> bytes:
+    """A TOPLOC proof that decodes (modulus and coefficients in range) but proves nothing."""
+    words = [rng.randint(1, TOPLOC_P)] + [rng.randrange(TOPLOC_P) for _ in range(toploc.TOPK)]
+    return struct.pack(f">{len(words)}H", *words)
+
+
+def junk_results(lease: msg.Lease, vocab: int, rng: random.Random) -> list[msg.TaskResult]:
+    """An answer to `lease` that passes every cheap check at the largest size allowed: the
+    full token budget of in-vocabulary tokens, finite negative logprobs, and one well-formed
+    proof per chunk. Only a prefill can tell it is junk."""
+    eos = set(lease.sampling.eos_token_ids)
+    ok = [i for i in range(4, vocab) if i not in eos]
+    n = lease.sampling.max_new_tokens
+    chunks = -(-n // toploc.CHUNK_SIZE)
+
+    def junk() -> msg.Completion:
+        return msg.Completion(
+            tokens=[rng.choice(ok) for _ in range(n)],
+            logprobs=[-rng.uniform(0.05, 4.0) for _ in range(n)],
+            finish_reason="length",
+            proofs=[junk_proof(rng) for _ in range(chunks)],
+        )
+
+    return [
+        msg.TaskResult(task_index=i, completions=[junk() for _ in range(t.group_size)])
+        for i, t in enumerate(lease.tasks)
+    ]
+
+
+class ValidationFlooder(Cheat):
+    """Answers every lease with `junk_results`, so each answer costs the coordinator the most
+    validation it can; probation should ban it at the first."""
+
+    name = "validation-flooder"
+
+    def generate(self, engine: Engine, lease: msg.Lease) -> list[msg.TaskResult]:
+        self.count("junk")
+        return junk_results(lease, _vocab(engine), random.Random(lease.lease_id))
+
+
+class Intermittent(Cheat):
+    """Honest three leases in four; tampers with the fourth. Probation lets the first honest
+    ones through, so the sliding window of its verdicts has to catch it."""
+
+    name = "intermittent"
+    every = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = 0
+
+    def submissions(self, submission: msg.Submission, lease: msg.Lease) -> list[msg.Submission]:
+        self.answered += 1
+        if self.answered % self.every:
+            self.count("honest")
+            return [submission]
+        self.count("tampered")
+        return [tamper(submission, lease, _vocab(self.ctx.engine))]  # type: ignore[union-attr]
+
+
+Handler = Callable[[str, trio.SocketStream], Awaitable[None]]
+
+
+async def serve_http(handler: Handler, *, task_status: trio.TaskStatus[str]) -> None:
+    """A minimal HTTP/1.1 server on 127.0.0.1, one request per connection: enough to pose
+    as a SHARDCAST relay."""
+
+    async def one(stream: trio.SocketStream) -> None:
+        try:
+            head = b""
+            with trio.fail_after(10):
+                while b"\r\n\r\n" not in head and len(head) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+            await handler(head.split(b" ", 2)[1].decode(errors="replace"), stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            pass  # the client gave up on us: what a bad relay is for
+        except IndexError:
+            pass  # not HTTP
+        finally:
+            await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    task_status.started(f"http://127.0.0.1:{port}")
+    await trio.serve_listeners(one, listeners)
+
+
+async def respond(
+    stream: trio.SocketStream, status: int, body: bytes, byte_every_s: float = 0.0
+) -> None:
+    """Send a whole response; with `byte_every_s`, the body one byte at a time."""
+    head = (
+        f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n"
+        "content-type: application/octet-stream\r\nconnection: close\r\n\r\n"
+    )
+    await stream.send_all(head.encode())
+    if not byte_every_s:
+        await stream.send_all(body)
+        return
+    for i in range(len(body)):
+        await stream.send_all(body[i : i + 1])
+        await trio.sleep(byte_every_s)
+
+
+class BadRelay(Cheat):
+    """Honest work, plus a relay URL advertised at join that serves the weights badly (the
+    subclasses say how). The coordinator should verify it before handing it to anyone, so
+    it should never appear among the sources it gives out."""
+
+    name = "bad-relay"
+    recheck_s = 15.0
+
+    async def alongside(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        upstreams = (await ctx.rejoin("")).weights_urls  # where the real weights are
+        self.upstreams = [u for u in upstreams if u]
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve_http, self.serve)
+            self.facts["relay_url"] = url
+            while True:
+                reply = await ctx.rejoin(url)  # joining is idempotent: this advertises it
+                self.count("advertised")
+                if url in reply.weights_urls:
+                    self.count("handed_out")
+                await trio.sleep(self.recheck_s)
+
+    async def serve(self, path: str, stream: trio.SocketStream) -> None:
+        raise NotImplementedError
+
+
+class LyingRelay(BadRelay):
+    """Lists versions it does not hold (the current one and a thousand newer) and answers
+    404 for every one of them."""
+
+    name = "lying-relay"
+
+    async def serve(self, path: str, stream: trio.SocketStream) -> None:
+        self.count("http:" + path.split("?")[0].split("/")[1])
+        if path.startswith("/versions") or path.startswith("/health"):
+            current = self.ctx.stats.coordinator_version  # type: ignore[union-attr]
+            claimed = [current, current + 1000]
+            listing = {
+                "latest": claimed[-1],
+                "versions": [{"version": v, "base": None, "complete": True} for v in claimed],
+            }
+            await respond(stream, 200, json.dumps(listing).encode())
+        else:
+            await respond(stream, 404, b"not held here")
+
+
+class TricklingRelay(BadRelay):
+    """Serves the real weights (fetched from the real sources), but a byte every few seconds:
+    the listing comes at once, so only a transfer deadline tells it from a good relay."""
+
+    name = "trickling-relay"
+    byte_every_s = 3.0
+
+    async def serve(self, path: str, stream: trio.SocketStream) -> None:
+        import httpx
+
+        self.count("http:" + path.split("?")[0].split("/")[1])
+        async with httpx.AsyncClient(timeout=30) as http:
+            for upstream in self.upstreams:
+                try:
+                    r = await http.get(upstream + path)
+                except httpx.HTTPError:
+                    continue
+                slow = 0.0 if path.startswith("/versions") else self.byte_every_s
+                await respond(stream, r.status_code, r.content, slow)
+                return
+        await respond(stream, 503, b"no upstream")
+
+
 KINDS: dict[str, type[Cheat]] = {
     c.name: c
     for c in (
@@ -441,6 +758,13 @@ KINDS: dict[str, type[Cheat]] = {
         Forge,
         Garbage,
         Flood,
+        Sybil,
+        LeaseHoarder,
+        SeedReroller,
+        ValidationFlooder,
+        Intermittent,
+        LyingRelay,
+        TricklingRelay,
     )
 }
 
@@ -456,21 +780,66 @@ def _tokenizer(engine: Engine) -> Any:
     return cached
 
 
-def _write_stats(path: Path | None, cheat: Cheat, worker: Worker, outcome: str) -> None:
+@dataclass
+class Run:
+    """One cheating process: its behaviour and the workers it ran (one per key)."""
+
+    cheat: Cheat
+    workers: list[Worker] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    banned_keys: list[str] = field(default_factory=list)
+
+    def record(self, outcome: str) -> dict[str, Any]:
+        replies: Counter[str] = Counter()
+        for w in self.workers:
+            replies.update(w.stats.replies)
+        return {
+            "kind": self.cheat.name,
+            "outcome": outcome,
+            "counts": self.cheat.counts,
+            "replies": dict(replies),
+            "keys": self.keys,
+            "refused_keys": self.banned_keys,
+            **self.cheat.facts,
+            "leases": sum(w.stats.leases for w in self.workers),
+            "accepted": sum(w.stats.accepted for w in self.workers),
+            "hard_rejected": sum(w.stats.hard_rejected for w in self.workers),
+            "seconds": round(time.time() - self.cheat.started, 1),
+        }
+
+
+def _write_stats(path: Path | None, run: Run, outcome: str) -> None:
     if path is None:
         return
-    record = {
-        "kind": cheat.name,
-        "outcome": outcome,
-        "counts": cheat.counts,
-        "leases": worker.stats.leases,
-        "accepted": worker.stats.accepted,
-        "hard_rejected": worker.stats.hard_rejected,
-        "seconds": round(time.time() - cheat.started, 1),
-    }
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
+    tmp.write_text(json.dumps(run.record(outcome)))
     tmp.replace(path)
+
+
+async def run_keys(args: argparse.Namespace, run: Run, engine: Engine) -> str:
+    """Run the real worker under the key file's identity, then (for a cheat that may use
+    several) under a fresh key after each refusal."""
+    outcome = "stopped"
+    for n in range(run.cheat.identities):
+        identity = Identity.load_or_create(args.key)[0] if n == 0 else Identity.generate()
+        worker = Worker(
+            identity,
+            args.pool,
+            engine,
+            WorkerOptions(bootstrap=args.bootstrap, data_dir=args.data_dir, backoff_max_s=5.0),
+            behaviour=run.cheat,
+        )
+        run.workers.append(worker)
+        run.keys.append(identity.public_key.hex())
+        print(f"byzantine node ({args.kind}) {identity.peer_id()} joining", flush=True)
+        try:
+            await worker.run()
+            return "stopped"
+        except NodeError as e:  # banned or refused: what the swarm expects of a cheater
+            outcome = f"refused: {e}"
+            run.banned_keys.append(identity.public_key.hex())
+            log.info("key %d refused: %s", n + 1, e)
+    return outcome
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,23 +857,15 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    identity, _ = Identity.load_or_create(args.key)
-    cheat = KINDS[args.kind]()
-    worker = Worker(
-        identity,
-        args.pool,
-        HFEngine("cpu", None, args.max_batch),
-        WorkerOptions(bootstrap=args.bootstrap, data_dir=args.data_dir, backoff_max_s=5.0),
-        behaviour=cheat,
-    )
-    print(f"byzantine node ({args.kind}) {identity.peer_id()} joining pool {args.pool}", flush=True)
+    run = Run(KINDS[args.kind]())
+    engine = HFEngine("cpu", None, args.max_batch)
 
-    async def run() -> str:
+    async def main_task() -> str:
         async with trio.open_nursery() as nursery:
 
             async def stats_every() -> None:
                 while True:
-                    _write_stats(args.stats, cheat, worker, "running")
+                    _write_stats(args.stats, run, "running")
                     await trio.sleep(2.0)
 
             async def stop_on_signal() -> None:
@@ -515,16 +876,12 @@ def main(argv: list[str] | None = None) -> int:
 
             nursery.start_soon(stats_every)
             nursery.start_soon(stop_on_signal)
-            try:
-                await worker.run()
-                outcome = "stopped"
-            except NodeError as e:  # banned or refused: what the swarm expects of a cheater
-                outcome = f"refused: {e}"
+            outcome = await run_keys(args, run, engine)
             nursery.cancel_scope.cancel()
             return outcome
 
-    outcome = trio.run(run) or "signalled"
-    _write_stats(args.stats, cheat, worker, outcome)
+    outcome = trio.run(main_task) or "signalled"
+    _write_stats(args.stats, run, outcome)
     print(f"byzantine node ({args.kind}) ends: {outcome}", flush=True)
     return 0
 

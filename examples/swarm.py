@@ -51,10 +51,40 @@ KINDS = (
     "forge",
     "garbage",
     "flood",
+    "sybil",
+    "lease-hoarder",
+    "seed-reroller",
+    "validation-flooder",
+    "intermittent",
+    "lying-relay",
+    "trickling-relay",
 )
-# Flooding is answered by the rate limiter, not by a ban: an honest node behind a busy NAT
-# may burst too.
-NOT_BANNED = {"flood"}
+# What stops each kind: a ban (the default), or a bound on what it can take. Flooding is
+# answered by the rate limiter (an honest node behind a busy NAT may burst too); the others
+# waste the pool's time or misadvertise without a provable lie, so admission keeps what they
+# get small instead.
+EXPECTED: dict[str, str] = {
+    "flood": "rate-limited",
+    "lease-hoarder": "bounded",
+    "seed-reroller": "bounded",
+    "lying-relay": "bounded",
+    "trickling-relay": "bounded",
+}
+# Kinds whose every answer is a cheat: none of their groups may ever be trained. (The others
+# also do honest work, e.g. the intermittent cheat three leases in four, which may be.)
+ALWAYS_CHEATS = {
+    "wrong-model",
+    "tamper-tokens",
+    "fabricate",
+    "truncate",
+    "fake-logprobs",
+    "sybil",
+    "lease-hoarder",
+    "validation-flooder",
+}
+# The costs a node imposed on the coordinator, from /api/contributions.
+COSTS = ("validation_s", "leases_issued", "leases_expired", "leases_released", "soft_faults")
+
 
 # The default model: the `tiny` preset's architecture (Llama, hidden 128, 4 layers) with a
 # 20-token vocabulary (digits, the letters of "copy", space, "="). With the preset's ~100-token
@@ -206,6 +236,8 @@ class Swarm:
     served: dict[str, Any] = field(default_factory=dict)
     batch_prompts: int = 0
     model_name: str = ""
+    urls_handed_out: set[str] = field(default_factory=set)
+    """Every weights URL the coordinator listed as a source while the swarm ran."""
 
     # ------------------------------------------------------------------ setup
 
@@ -445,6 +477,8 @@ class Swarm:
                 seen_kinds[kind] += 1
                 self.event("cheater started", kind=kind)
             status = self.status() or status
+            if status:
+                self.urls_handed_out.update(status.get("weights_urls", []))
             step = status["step"] if status else 0
             if chaos and step >= chaos[0][0]:
                 self.do_chaos(chaos.pop(0)[1])
@@ -471,8 +505,19 @@ class Swarm:
         if not done:
             self.event("timed out", seconds=a.timeout)
         self.served = self.bytes_served()
+        facts = self.api_facts()  # while the coordinator still answers
         self.stop_all()
-        return self.report(done)
+        return self.report(done, facts)
+
+    def api_facts(self) -> dict[str, Any]:
+        """What the report reads from the coordinator's API."""
+        return {
+            "contributions": self.api("/api/contributions"),
+            "hard": self.api("/api/verdicts?outcome=hard&limit=1000"),
+            "verdicts": self.api("/api/verdicts?limit=1000"),
+            "steps": self.api("/api/steps"),
+            "versions": self.api("/api/versions"),
+        }
 
     def drain_validation(self, limit_s: float = 60.0) -> None:
         """Let the coordinator decide what it has received before anyone is judged: a
@@ -588,6 +633,8 @@ class Swarm:
             self.event("chaos: coordinator restarted", step=after["step"], version=after["version"])
 
     def ledger_facts(self) -> dict[str, Any]:
+        """What the ledger on disk holds, read while the coordinator is SIGKILLed (its API is
+        down, and what survived on disk is the point)."""
         db = self.ledger()
         try:
             return {
@@ -600,23 +647,136 @@ class Swarm:
 
     # ------------------------------------------------------------------ the report
 
-    def report(self, finished: bool) -> dict[str, Any]:
+    def report(self, finished: bool, facts: dict[str, Any]) -> dict[str, Any]:
+        # Groups (rewards, training, duplicates) have no API endpoint: read from the ledger.
         db = self.ledger()
         try:
-            return self._report(db, finished)
+            groups = [
+                {**dict(r), "rewards": json.loads(r["rewards"])}
+                for r in db.execute("SELECT * FROM groups ORDER BY id")
+            ]
+            integrity = self.group_integrity(db)
         finally:
             db.close()
+        return self._report(finished, facts, groups, integrity)
 
-    def _report(self, db: sqlite3.Connection, finished: bool) -> dict[str, Any]:
-        q = db.execute
+    @staticmethod
+    def group_integrity(db: sqlite3.Connection) -> dict[str, int]:
+        """No group recorded twice for a lease's task; no accepted submission missing groups."""
+        dup = db.execute(
+            """SELECT COUNT(*) FROM (SELECT s.lease_id, g.task_index, COUNT(*) c FROM groups g
+               JOIN submissions s ON s.id = g.submission_id
+               GROUP BY s.lease_id, g.task_index HAVING c > 1)"""
+        ).fetchone()[0]
+        missing = 0
+        for row in db.execute(
+            """SELECT l.tasks, (SELECT COUNT(*) FROM groups g WHERE g.submission_id = s.id)
+               FROM submissions s JOIN leases l ON l.id = s.lease_id
+               WHERE s.outcome = 'accept'"""
+        ):
+            missing += len(json.loads(row[0])) - row[1]
+        return {"duplicate_groups": dup, "missing": missing}
+
+    def owners(self) -> dict[str, Proc]:
+        """Every key a node process used (a sybil uses several, listed in its stats file)."""
+        out = {p.key: p for p in self.procs if p.key}
+        for p in self.procs:
+            for key in self.cheat_stats(p).get("keys", []):
+                out[key] = p
+        return out
+
+    def cheat_stats(self, p: Proc) -> dict[str, Any]:
+        path = self.logs / f"{p.name}.json"
+        return json.loads(path.read_text()) if p.role == "byzantine" and path.exists() else {}
+
+    def node_rows(self, facts: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per identity: verdicts, ban, what caught it, its cost to the coordinator."""
+        owners = self.owners()
+        checks: dict[str, Counter[str]] = {}
+        for v in facts["hard"]:
+            checks.setdefault(v["node"], Counter())[v["check"] or "lease"] += 1
+        rows = []
+        for c in facts["contributions"]:
+            p = owners.get(c["key"])
+            stats = self.cheat_stats(p) if p else {}
+            rows.append(
+                {
+                    "name": p.name if p else c["key"][:12],
+                    "role": p.role if p else "unknown",
+                    "kind": p.kind if p else "unknown",
+                    "key": c["key"],
+                    "accepted": c["accepted"],
+                    "soft": c["soft_rejected"],
+                    "hard": c["hard_rejected"],
+                    "trained_groups": c["trained_groups"],
+                    "probation": c["probation"],
+                    "banned": c["banned"],
+                    "ban_reason": c["ban_reason"],
+                    "caught_by": dict(checks.get(c["key"], {})),
+                    "cost": {k: c[k] for k in COSTS},
+                    "rate_limited": stats.get("counts", {}).get("rate_limited", 0),
+                    "cheat_counts": stats.get("counts", {}),
+                    "restarts": max(0, p.starts - 1) if p else 0,
+                }
+            )
+        return rows
+
+    def judge(self, p: Proc, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Whether a cheating process was caught or bounded, how, and what it cost."""
+        stats = self.cheat_stats(p)
+        mine = [r for r in rows if r["key"] in set(stats.get("keys", [p.key]))]
+        cost = {k: round(sum(r["cost"][k] for r in mine), 2) for k in COSTS}
+        out = {"kind": p.kind, "expected": EXPECTED.get(p.kind, "banned"), "cost": cost}
+        out["keys"] = {"used": len(stats.get("keys", [])), "admitted": len(mine)}
+        out["keys"]["banned"] = sum(r["banned"] for r in mine)
+        out["trained_groups"] = sum(r["trained_groups"] for r in mine)
+        if not mine:
+            return out | {"caught": False, "how": "never admitted"}
+        caught, how = self.verdict_on(p.kind, stats, mine)
+        return out | {"caught": caught, "how": how}
+
+    def verdict_on(
+        self, kind: str, stats: dict[str, Any], mine: list[dict[str, Any]]
+    ) -> tuple[bool, str]:
+        expected = EXPECTED.get(kind, "banned")
+        if expected == "rate-limited":
+            n = sum(r["rate_limited"] for r in mine)
+            return n > 0, f"rate limited {n} times"
+        if expected == "banned":
+            banned = [r for r in mine if r["banned"]]
+            reason = banned[0]["ban_reason"] if banned else "not banned"
+            return len(banned) == len(mine), f"{len(banned)}/{len(mine)} keys banned: {reason}"
+        if kind == "lease-hoarder":
+            held = stats.get("max_held", 0)
+            expired = sum(r["cost"]["leases_expired"] for r in mine)
+            return held <= 1, f"held at most {held} lease(s) at once; {expired} expired"
+        if kind == "seed-reroller":
+            back = stats.get("prompts_back", 0)
+            releases = sum(
+                v for k, v in stats.get("counts", {}).items() if k.startswith("release:")
+            )
+            faults = sum(r["cost"]["soft_faults"] for r in mine)
+            allowance = self.spec.get("admission", {}).get("release_allowance", 2)
+            bounded = back == 0 and (releases <= allowance or faults > 0)
+            return (
+                bounded,
+                f"{back} released prompts came back; {releases} releases, {faults} soft faults",
+            )
+        url = stats.get("relay_url")
+        handed = stats.get("counts", {}).get("handed_out", 0) + (url in self.urls_handed_out)
+        if not url:
+            return False, "never advertised a relay"
+        return handed == 0, f"relay {url} handed out {handed} times"
+
+    def _report(
+        self,
+        finished: bool,
+        facts: dict[str, Any],
+        groups: list[dict[str, Any]],
+        integrity: dict[str, int],
+    ) -> dict[str, Any]:
         b = self.batch_prompts
-        steps = [
-            {**dict(r), "metrics": json.loads(r["metrics"])}
-            for r in q("SELECT * FROM steps ORDER BY step")
-        ]
-        groups = [dict(r) for r in q("SELECT * FROM groups ORDER BY id")]
-        for g in groups:
-            g["rewards"] = json.loads(g["rewards"])
+        steps = facts["steps"]
 
         # Reward at the start and the end: every accepted group (flat ones too) of the first
         # and the last versions, taking versions until at least 2 batches' worth of groups.
@@ -638,63 +798,19 @@ class Swarm:
         for g in groups:
             by_version.setdefault(g["weight_version"], []).extend(g["rewards"])
 
-        # Nodes: verdicts, bans, what caught each cheater.
-        procs = {p.key: p for p in self.procs if p.key}
-        nodes = []
-        for n in q("SELECT * FROM nodes ORDER BY joined_at"):
-            key = n["key"].hex()
-            p = procs.get(key)
-            checks: Counter[str] = Counter()
-            for s in q(
-                "SELECT lease_id, reason, details FROM submissions WHERE node = ? "
-                "AND outcome = 'hard'",
-                (n["key"],),
-            ):
-                d = json.loads(s["details"] or "{}")
-                if "check" in d:
-                    checks[d["check"]] += 1
-                elif "code" in d:
-                    checks[f"transport:{d['code']}"] += 1
-                else:
-                    checks["lease"] += 1
-            stats_file = self.logs / f"{p.name}.json" if p else None
-            stats = json.loads(stats_file.read_text()) if stats_file and stats_file.exists() else {}
-            nodes.append(
-                {
-                    "name": p.name if p else key[:12],
-                    "role": p.role if p else "unknown",
-                    "kind": p.kind if p else "unknown",
-                    "key": key,
-                    "accepted": n["accepted"],
-                    "soft": n["soft_rejected"],
-                    "hard": n["hard_rejected"],
-                    "reputation": n["reputation"],
-                    "banned": n["banned_at"] is not None,
-                    "ban_reason": n["ban_reason"],
-                    "caught_by": dict(checks),
-                    "rate_limited": stats.get("counts", {}).get("rate_limited", 0),
-                    "cheat_counts": stats.get("counts", {}),
-                    "restarts": max(0, p.starts - 1) if p else 0,
-                }
-            )
-        cheaters = {}
-        for p in self.procs:
-            if p.role != "byzantine":
-                continue
-            row = next((n for n in nodes if n["key"] == p.key), None)
-            if p.kind in NOT_BANNED:
-                caught = bool(row and row["rate_limited"] > 0)
-                how = f"rate limited {row['rate_limited']} times" if row else "never joined"
-            else:
-                caught = bool(row and row["banned"])
-                how = (row["ban_reason"] or "not banned") if row else "never joined"
-            cheaters[p.name] = {"kind": p.kind, "caught": caught, "how": how}
-
+        nodes = self.node_rows(facts)
+        cheaters = {p.name: self.judge(p, nodes) for p in self.procs if p.role == "byzantine"}
+        cheats_trained = {
+            name: c["trained_groups"]
+            for name, c in cheaters.items()
+            if c["kind"] in ALWAYS_CHEATS and c["trained_groups"]
+        }
         honest_hard = sum(n["hard"] for n in nodes if n["role"] == "honest")
+        honest_keys = {n["key"]: n["name"] for n in nodes if n["role"] == "honest"}
         honest_hard_details = [
-            {"node": procs[r["node"].hex()].name, "reason": r["reason"]}
-            for r in q("SELECT node, reason FROM submissions WHERE outcome = 'hard'")
-            if r["node"].hex() in procs and procs[r["node"].hex()].role == "honest"
+            {"node": honest_keys[v["node"]], "reason": v["reason"]}
+            for v in facts["hard"]
+            if v["node"] in honest_keys
         ]
 
         # The ledger's promises: steps 1..N, one batch per step, every accepted group trained
@@ -702,18 +818,7 @@ class Swarm:
         # submission missing groups; nothing seen before a crash missing after it.
         step_numbers = [s["step"] for s in steps]
         per_step = Counter(g["trained_step"] for g in groups if g["trained_step"] is not None)
-        dup = q(
-            """SELECT COUNT(*) FROM (SELECT s.lease_id, g.task_index, COUNT(*) c FROM groups g
-               JOIN submissions s ON s.id = g.submission_id
-               GROUP BY s.lease_id, g.task_index HAVING c > 1)"""
-        ).fetchone()[0]
-        missing = 0
-        for s in q(
-            """SELECT s.id, l.tasks, (SELECT COUNT(*) FROM groups g WHERE g.submission_id = s.id)
-               AS n FROM submissions s JOIN leases l ON l.id = s.lease_id
-               WHERE s.outcome = 'accept'"""
-        ):
-            missing += len(json.loads(s["tasks"])) - s["n"]
+        dup, missing = integrity["duplicate_groups"], integrity["missing"]
         ids = {g["id"] for g in groups}
         lost_in_crash = sum(len(set(c["ledger_group_ids"]) - ids) for c in self.crash_checks)
         crash_ok = all(
@@ -748,7 +853,7 @@ class Swarm:
             and crash_ok
         )
 
-        versions = [dict(r) for r in q("SELECT * FROM versions ORDER BY version")]
+        versions = facts["versions"]
         published = sum(v["bytes"] for v in versions)
         stale_mean = [s["metrics"].get("staleness_mean", 0.0) for s in steps]
         metrics_first = [s["metrics"]["reward_mean"] for s in steps[:3]]
@@ -761,7 +866,9 @@ class Swarm:
             "model": self.model_name,
             "task": self.spec["task"],
             "settings": {
-                k: self.spec[k] for k in ("sampling", "algorithm", "limits") if k in self.spec
+                k: self.spec[k]
+                for k in ("sampling", "algorithm", "limits", "admission")
+                if k in self.spec
             },
             "nodes_honest": self.args.nodes,
             "relays": self.args.relays,
@@ -779,6 +886,7 @@ class Swarm:
             },
             "nodes": nodes,
             "cheaters": cheaters,
+            "cheater_groups_trained": cheats_trained,
             "honest_hard_rejects": honest_hard,
             "honest_hard_reject_details": honest_hard_details[:20],
             "bytes": {
@@ -794,9 +902,7 @@ class Swarm:
                 "max": max((s["metrics"].get("staleness_max", 0.0) for s in steps), default=None),
                 "dropped_stale_groups": ledger_checks["dropped"].get("stale", 0),
             },
-            "submissions": dict(
-                Counter(r[0] or "pending" for r in q("SELECT outcome FROM submissions"))
-            ),
+            "submissions": dict(Counter(v["outcome"] or "pending" for v in facts["verdicts"])),
             "ledger": ledger_checks,
             "chaos": self.events,
             "crash_checks": [
@@ -814,6 +920,7 @@ class Swarm:
             "finished": finished,
             "reward_rose": rose,
             "every_cheater_caught": all(c["caught"] for c in cheaters.values()),
+            "no_cheater_group_trained": not cheats_trained,
             "no_honest_hard_rejects": honest_hard == 0,
             "ledger_consistent": ledger_ok,
         }
@@ -835,21 +942,27 @@ def print_summary(r: dict[str, Any]) -> None:
         f"reward (all accepted samples): start {rw['start']} (v{rw['start_versions']}) -> "
         f"end {rw['end']} (v{rw['end_versions']})"
     )
-    print(f"{'node':<22}{'kind':<15}{'accepted':>9}{'soft':>6}{'hard':>6}  {'status / caught by'}")
+    print(f"{'node':<22}{'kind':<19}{'accepted':>9}{'soft':>6}{'hard':>6}  {'status / caught by'}")
     for n in r["nodes"]:
         if n["banned"]:
             state = f"BANNED ({', '.join(f'{k} x{v}' for k, v in n['caught_by'].items())})"
         elif n["rate_limited"]:
             state = f"rate limited x{n['rate_limited']}"
         else:
-            state = "ok" if n["role"] == "honest" else "NOT CAUGHT"
+            state = "ok" if n["role"] == "honest" else "not banned"
         if n["restarts"]:
             state += f", restarted x{n['restarts']}"
-        print(f"{n['name']:<22}{n['kind']:<15}{n['accepted']:>9}{n['soft']:>6}{n['hard']:>6}  "
+        print(f"{n['name'][:21]:<22}{n['kind']:<19}{n['accepted']:>9}{n['soft']:>6}{n['hard']:>6}  "
               f"{state}")  # fmt: skip
+    print(f"\n{'cheater':<24}{'expected':<13}{'result':<8}{'prefill s':>10}{'leases':>7}"
+          f"{'expired':>8}{'released':>9}{'faults':>7}{'keys':>8}  how")  # fmt: skip
     for name, c in r["cheaters"].items():
-        if c["caught"]:
-            print(f"  {name}: {c['how'][:110]}")
+        cost, keys = c["cost"], c["keys"]
+        result = ("CAUGHT" if c["expected"] == "banned" else "BOUNDED") if c["caught"] else "NOT"
+        print(f"{name[:23]:<24}{c['expected']:<13}{result:<8}{cost['validation_s']:>10.1f}"
+              f"{cost['leases_issued']:>7}{cost['leases_expired']:>8}{cost['leases_released']:>9}"
+              f"{cost['soft_faults']:>7}{keys['banned']:>4}/{keys['admitted']:<3}  "
+              f"{c['how'][:70]}")  # fmt: skip
     b = r["bytes"]
     print(
         f"weights: {b['versions']} versions, {b['published'] / 1e6:.2f} MB published "

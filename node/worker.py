@@ -172,10 +172,12 @@ class Worker:
     async def run(self) -> None:
         """Work for the pool until stopped; raises `NodeError` when the node may not go on
         (banned, refused, misconfigured)."""
-        with node_errors_unwrapped():
-            await self._run()
-        if self.client is not None:
-            await self.client.aclose()
+        try:
+            with node_errors_unwrapped():
+                await self._run()
+        finally:
+            if self.client is not None:
+                await self.client.aclose()
 
     async def _run(self) -> None:
         async with (
