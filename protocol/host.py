@@ -8,9 +8,13 @@ Requests and responses are one frame each (`protocol.framing`) holding one envel
 (`protocol.envelope`), request then answer, in turn on a stream; an answered stream is kept for
 the next request to the same peer and protocol (a new stream per request costs several times
 more). The server refuses, with a signed `ErrorReply` after which it closes the stream, a peer
-above its request rate, a frame above the request type's limit (before reading it), and
-anything that fails to verify; then it goes on serving everyone else. Every network wait is
-bounded by a timeout.
+above its request rate, and anything that fails to verify; then it goes on serving everyone
+else. Every network wait is bounded by a timeout.
+
+What a request may cost us before we know it is welcome is bounded: the header alone decides
+whether the body is read at all. A peer the route does not admit (`allowed_signer`, checked on
+the connection's key), a frame above the route's limit, and a frame that would take the peer or
+the host past its budget of bytes in flight (`protocol.inflight`) are refused unread.
 
 Gossip (gossipsub) is for small signed announcements only: py-libp2p drops large or frequent
 messages without telling the publisher, so payloads go on streams.
@@ -18,6 +22,7 @@ messages without telling the publisher, so payloads go on streams.
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import random
@@ -28,20 +33,24 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic
 
 import multiaddr
+import outcome
 import trio
 
 from protocol.envelope import ENVELOPE_OVERHEAD, Envelope, EnvelopeVerifier, Verified, seal
 from protocol.errors import ProtocolError, RemoteError, SwarmError, TransportError
 from protocol.framing import (
     HEADER_BYTES,
+    MAX_FRAME_BYTES,
     READ_CHUNK,
     FrameTooLarge,
+    Receive,
     encode_frame,
     parse_header,
     read_exactly,
     read_frame_or_eof,
 )
 from protocol.identity import Identity
+from protocol.inflight import InflightBudget, OverBudget
 from protocol.ratelimit import RateLimiter
 from protocol.wire import M, Message, ShortStr
 from protocol.wire import decode as decode_message
@@ -53,13 +62,34 @@ GOSSIP_HARD_LIMIT = 1024 * 1024  # py-libp2p silently drops larger pubsub messag
 MAX_IDLE_STREAMS = 4  # kept open per (peer, protocol) for the next request
 
 
+class ErrorCode(enum.StrEnum):
+    """What `ErrorReply.code` says; callers branch on these, never on the detail's words."""
+
+    RATE_LIMITED = "rate_limited"
+    """Above the per-peer request rate; retry after `retry_after_s`."""
+    TOO_LARGE = "too_large"
+    """The frame header declared more than the route's limit; refused unread."""
+    FORBIDDEN = "forbidden"
+    """The connection's key is not admitted on this route (e.g. not a member, or banned)."""
+    PEER_BUSY = "peer_busy"
+    """This peer already has too many request bytes in flight; retry after `retry_after_s`."""
+    OVERLOADED = "overloaded"
+    """The host has too many request bytes in flight from everyone; retry after
+    `retry_after_s`. Not the peer's fault, so not a mark against it."""
+    BAD_REQUEST = "bad_request"
+    REFUSED = "refused"
+    """The handler refused the request (a `SwarmError`)."""
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
 class ErrorReply(Message, tag="error-reply"):
     """A server's signed refusal of one request: what kind, why, and when to retry."""
 
     max_bytes: ClassVar[int] = 2048
 
     code: ShortStr
-    """`rate_limited`, `too_large`, `bad_request`, `refused`, `timeout` or `internal`."""
+    """One of `ErrorCode` (a handler may return its own codes too)."""
     detail: ShortStr = ""
     retry_after_s: float = 0.0
 
@@ -85,6 +115,17 @@ class HostConfig:
     stream_idle_s: float = 60.0
     """Server side: how long an answered stream stays open for the peer's next request. Clients
     reuse an idle stream only during the first half of this."""
+    max_inflight_bytes_per_peer: int = 32 * 1024 * 1024
+    """Request bytes one peer may have in flight (declared by frame headers, held until each
+    request is answered). An honest node sends one submission at a time (the pool's
+    `limits.max_submission_bytes`, 8 MiB by default) plus small requests; four times that
+    leaves room for a retry overlapping a slow answer. Also the largest frame any route reads."""
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    """Request bytes the host holds in flight from all peers together: the bound on what
+    request buffering can add to its memory, whatever the number of peers or streams."""
+    inflight_retry_s: float = 1.0
+    """`retry_after_s` told to a peer refused for bytes in flight: about the time to read and
+    answer a large frame, so a refused peer comes back when the budget has likely moved."""
     requests_per_s: float = 20.0
     """Per peer, across all protocols this host serves (pool spec: `limits.requests_per_s`)."""
     burst: float = 40.0
@@ -102,6 +143,9 @@ class HostStats:
 
     served: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    request_bytes_read: int = 0
+    """Bytes read off request streams (headers, bodies, and at most one read chunk past a
+    header that was refused)."""
     gossip_accepted: int = 0
     gossip_rejected: int = 0
 
@@ -123,11 +167,11 @@ class _Route:
     response_type: type[Message]
     allowed_signer: SignerPolicy | None
     timeout: float
+    limit: int
+    """The largest request frame (envelope included) this route reads."""
 
-    @property
-    def limit(self) -> int:
-        """The largest request frame this route reads."""
-        return self.request_type.max_bytes + ENVELOPE_OVERHEAD
+    def admits(self, signer: bytes) -> bool:
+        return self.allowed_signer is None or self.allowed_signer(signer)
 
 
 def pool_topic(pool_id: str, name: str) -> str:
@@ -175,6 +219,9 @@ class Host:
         """Called with (peer id, code, detail) whenever this host refuses a peer's request."""
         self._host = libp2p_host
         self._limiter = RateLimiter(config.requests_per_s, config.burst)
+        self._inflight = InflightBudget(
+            config.max_inflight_bytes_per_peer, config.max_inflight_bytes
+        )
         self._pubsub: Any = None
         self._gossipsub: Any = None
         self._dial_locks: dict[str, trio.Lock] = {}
@@ -417,15 +464,7 @@ class Host:
             keep = False
             try:
                 try:
-                    await stream.write(frame)
-                except Exception as e:
-                    if reused:
-                        continue
-                    # A server that refuses early (rate limit, size) answers and closes before
-                    # reading everything; its answer may still be waiting to be read.
-                    log.debug("write to %s failed (%s); reading its answer anyway", peer_id, e)
-                try:
-                    data = await read_frame_or_eof(reader.receive, limit)
+                    data = await _write_while_reading(stream, reader, frame, limit)
                 except ProtocolError:
                     raise
                 except Exception as e:
@@ -504,14 +543,30 @@ class Host:
         *,
         allowed_signer: SignerPolicy | None = None,
         timeout_s: float | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         """Answer requests on `protocol_id`: `handler` gets each verified `request_type` and
         returns a `response_type`. Raising a `SwarmError` refuses that request with its message;
-        any other exception is logged and answered as `internal` without details."""
+        any other exception is logged and answered as `internal` without details.
+
+        `allowed_signer` admits keys; it is asked with the connection's key as soon as a frame
+        header arrives (a peer it refuses costs us no body) and again once the body is read.
+        `max_bytes` caps the request frame (the sealed envelope) below what `request_type`
+        allows, e.g. to the pool's `limits.max_submission_bytes`. No route reads a frame above
+        `HostConfig.max_inflight_bytes_per_peer`, the most one peer may have in flight."""
         from libp2p.custom_types import TProtocol
 
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        limit = min(
+            request_type.max_bytes + ENVELOPE_OVERHEAD,
+            self.config.max_inflight_bytes_per_peer,
+            max_bytes if max_bytes is not None else MAX_FRAME_BYTES,
+        )
         timeout = self.config.handler_timeout_s if timeout_s is None else timeout_s
-        route = _Route(protocol_id, handler, request_type, response_type, allowed_signer, timeout)
+        route = _Route(
+            protocol_id, handler, request_type, response_type, allowed_signer, timeout, limit
+        )
         self._host.set_stream_handler(
             TProtocol(protocol_id), functools.partial(self._serve_stream, route=route)
         )
@@ -521,10 +576,15 @@ class Host:
 
         self._host.remove_stream_handler(TProtocol(protocol_id))
 
+    @property
+    def inflight_bytes(self) -> int:
+        """Request bytes reserved by frames being read or handled right now."""
+        return self._inflight.held
+
     async def _serve_stream(self, stream: Any, *, route: _Route) -> None:
         """Answer requests on one stream until the peer closes it, goes idle, or is refused."""
         peer_id = stream.muxed_conn.peer_id.to_base58()
-        receive = _StreamReader(stream).receive
+        receive = _StreamReader(stream, on_read=self._count_read).receive
         first = True
         try:
             while True:
@@ -544,41 +604,78 @@ class Host:
         except Exception as e:
             log.debug("stream from %s on %s ended: %s", peer_id, route.protocol_id, e)
         finally:
+            # Closed, not reset, even after a refusal: a reset can overtake the error reply in
+            # py-libp2p, and the client, which stops writing once it reads the reply, resets.
             await _close_quietly(stream, reset=False)
 
+    def _count_read(self, n: int) -> None:
+        self.stats.request_bytes_read += n
+
     async def _answer(
-        self,
-        start: bytes,
-        receive: Callable[[int], Awaitable[bytes]],
-        peer_id: str,
-        route: _Route,
+        self, start: bytes, receive: Receive, peer_id: str, route: _Route
     ) -> tuple[bytes, bool]:
-        """One request whose first byte is `start`: (sealed answer, True) or (refusal, False)."""
+        """One request whose first byte is `start`: (sealed answer, True) or (refusal, False).
+
+        Everything that can refuse without the body runs before a byte of it is read."""
+        try:
+            signer = self._admit(peer_id)
+            deadline = trio.current_time() + self.config.read_timeout_s
+            length = await self._read_header(start, receive, deadline, signer, route)
+            self._reserve(peer_id, length)
+            try:
+                with trio.fail_at(deadline):
+                    data = await read_exactly(receive, length)
+                verified = self._verify(data, signer, route)
+                return await self._handle(verified, peer_id, route)
+            finally:
+                self._inflight.release(peer_id, length)
+        except _Refusal as r:
+            return self._error(r.code, r.detail, r.retry_after_s, peer_id=peer_id), False
+        except trio.TooSlowError:
+            return self._error("timeout", "request not received in time", peer_id=peer_id), False
+        except ProtocolError as e:
+            return self._error("bad_request", str(e), peer_id=peer_id), False
+
+    def _admit(self, peer_id: str) -> bytes:
+        """The peer's key, once its request rate allows one more request."""
         wait = self._limiter.check(peer_id)
         if wait > 0:
             # Refused before reading the frame: an over-eager peer costs us one signature.
-            return self._error(
-                "rate_limited", "too many requests; slow down", wait, peer_id=peer_id
-            ), False
+            raise _Refusal(ErrorCode.RATE_LIMITED, "too many requests; slow down", wait)
+        return public_key_of_peer(peer_id)
+
+    async def _read_header(
+        self, start: bytes, receive: Receive, deadline: float, signer: bytes, route: _Route
+    ) -> int:
+        """The body length the header declares, once the route admits the peer and the size."""
+        with trio.fail_at(deadline):
+            header = start + await read_exactly(receive, HEADER_BYTES - 1)
+        self._check_signer(signer, route)
         try:
-            with trio.fail_after(self.config.read_timeout_s):
-                header = start + await read_exactly(receive, HEADER_BYTES - 1)
-                data = await read_exactly(receive, parse_header(header, route.limit))
+            return parse_header(header, route.limit)
         except FrameTooLarge as e:
-            return self._error("too_large", str(e), peer_id=peer_id), False
-        except ProtocolError as e:
-            return self._error("bad_request", str(e), peer_id=peer_id), False
-        except trio.TooSlowError:
-            return self._error("timeout", "request not received in time", peer_id=peer_id), False
+            raise _Refusal(ErrorCode.TOO_LARGE, str(e)) from None
+
+    def _check_signer(self, signer: bytes, route: _Route) -> None:
+        if not route.admits(signer):
+            raise _Refusal(ErrorCode.FORBIDDEN, f"{signer.hex()[:12]} is not admitted here")
+
+    def _reserve(self, peer_id: str, length: int) -> None:
+        """Reserve the body's bytes for as long as the request is read and handled."""
         try:
-            verified = self.verifier.open(
-                data,
-                route.request_type,
-                signer=public_key_of_peer(peer_id),
-                allowed_signer=route.allowed_signer,
-            )
-        except ProtocolError as e:
-            return self._error("bad_request", str(e), peer_id=peer_id), False
+            self._inflight.reserve(peer_id, length)
+        except OverBudget as e:
+            code = ErrorCode.PEER_BUSY if e.scope == "peer" else ErrorCode.OVERLOADED
+            raise _Refusal(code, str(e), self.config.inflight_retry_s) from None
+
+    def _verify(self, data: bytes, signer: bytes, route: _Route) -> Verified[Any]:
+        # The key is checked again: membership may have changed (a ban) while the body arrived.
+        self._check_signer(signer, route)
+        return self.verifier.open(data, route.request_type, signer=signer)
+
+    async def _handle(
+        self, verified: Verified[Any], peer_id: str, route: _Route
+    ) -> tuple[bytes, bool]:
         try:
             with trio.fail_after(route.timeout):
                 response = await route.handler(verified)
@@ -592,17 +689,14 @@ class Host:
                 )
             reply = seal(self.identity, self.pool_id, response)
         except trio.TooSlowError:
-            reason = f"no answer within {route.timeout:g} s"
-            return self._error("timeout", reason, peer_id=peer_id), False
+            raise _Refusal(ErrorCode.TIMEOUT, f"no answer within {route.timeout:g} s") from None
         except SwarmError as e:
-            return self._error("refused", str(e), peer_id=peer_id), False
+            raise _Refusal(ErrorCode.REFUSED, str(e)) from None
         except Exception:
             # A bug in one handler must not take the host down; the peer learns only that it
             # failed, the log gets the traceback.
             log.exception("handler of %s failed on a request from %s", route.protocol_id, peer_id)
-            return self._error(
-                "internal", "the server failed to handle this request", peer_id=peer_id
-            ), False
+            raise _Refusal(ErrorCode.INTERNAL, "the server failed to handle this request") from None
         self.stats.served += 1
         return reply, True
 
@@ -699,6 +793,16 @@ class Host:
         return [p.to_base58() for p in self._gossipsub.mesh.get(topic, ())]
 
 
+class _Refusal(Exception):
+    """Raised inside `Host._answer` to refuse the request with this code."""
+
+    def __init__(self, code: ErrorCode, detail: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
 class Subscription(Generic[M]):
     """Async iterator of the verified announcements of one topic."""
 
@@ -748,9 +852,10 @@ class _StreamReader:
     avoids that. Bytes past the current frame wait here for the next one (at most one chunk).
     """
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, on_read: Callable[[int], None] | None = None) -> None:
         self._stream = stream
         self._buffer = bytearray()
+        self._on_read = on_read
         self.received = 0
         """Bytes read off the stream so far."""
 
@@ -770,12 +875,56 @@ class _StreamReader:
             if not chunk:
                 return b""
             self.received += len(chunk)
+            if self._on_read is not None:
+                self._on_read(len(chunk))
             if len(chunk) <= n:
                 return chunk
             self._buffer += chunk
         out = bytes(self._buffer[:n])
         del self._buffer[:n]
         return out
+
+
+async def _write_while_reading(
+    stream: Any, reader: _StreamReader, frame: bytes, limit: int
+) -> bytes | None:
+    """Send `frame` and read the one answer, or None when the stream ended without one.
+
+    The two run at once because a server refuses on the header alone (rate, membership, size,
+    bytes in flight): it answers before reading the body, then stops reading, so a large body
+    written first would wait on flow control until the muxer gives up. An error reply stops the
+    write; any other answer comes only after the server read the whole frame, so the write has
+    finished and the stream stays in step for reuse.
+    """
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_write_noting_failure, stream, frame)
+        # Captured, not raised here: raised inside the nursery it would come out wrapped in an
+        # exception group, and the caller sorts errors by type.
+        answer = await outcome.acapture(read_frame_or_eof, reader.receive, limit)
+        if not _accepted(answer, limit):
+            # Reset, not cancel: the write stops at its next muxer frame. Cancelled inside a
+            # frame it would leave half a frame on the connection and break every stream on it.
+            await _close_quietly(stream, reset=True)
+    return answer.unwrap()
+
+
+def _accepted(answer: outcome.Outcome, limit: int) -> bool:
+    """Whether `answer` is a well-formed reply other than an `ErrorReply`."""
+    if isinstance(answer, outcome.Error) or answer.value is None:
+        return False
+    try:
+        return peek_kind(answer.value, limit) != ErrorReply.kind()
+    except ProtocolError:
+        return False  # the caller raises it when it looks again
+
+
+async def _write_noting_failure(stream: Any, frame: bytes) -> None:
+    try:
+        await stream.write(frame)
+    except Exception as e:
+        # What the server said, if anything, is read by the other task and decides the outcome;
+        # a failed write matters only through that (a refusal, or no answer at all).
+        log.debug("write of a %d-byte request failed: %r", len(frame), e)
 
 
 async def _close_quietly(stream: Any, reset: bool) -> None:
@@ -794,6 +943,7 @@ async def _close_quietly(stream: Any, reset: bool) -> None:
 
 __all__ = [
     "DEFAULT_LISTEN",
+    "ErrorCode",
     "ErrorReply",
     "Host",
     "HostConfig",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from functools import partial
 from typing import ClassVar
 
 import pytest
@@ -10,13 +12,18 @@ import trio
 from protocol import poolspec
 from protocol.discovery import (
     DISCOVERY_PROTOCOL,
+    MAX_RECORD_TTL_S,
+    RECORD_SKEW_S,
+    RECORD_TTL_S,
     PoolBook,
     PoolInfo,
     PoolQuery,
     PoolRecord,
     discover,
+    follow_pool_record,
     make_pool_record,
     open_pool_record,
+    refresh_record,
     serve_discovery,
 )
 from protocol.envelope import Verified, seal
@@ -72,6 +79,56 @@ def test_pool_record_checks():
     tampered[record.index(b"/ip4/127.0.0.1/tcp/4001") + 19] ^= 1
     with pytest.raises(ProtocolError, match="signature"):
         open_pool_record(bytes(tampered), pool)
+
+
+def test_pool_record_expires_and_may_not_come_from_the_future():
+    coordinator = Identity.generate()
+    spec = make_spec(coordinator)
+    pool = poolspec.pool_id(spec)
+    addrs = ["/ip4/127.0.0.1/tcp/4001"]
+    now = time.time()
+    record = make_pool_record(coordinator, spec, addrs, now=now, ttl_s=600)
+    location = open_pool_record(record, pool, now=now + 600)
+    assert location.expires_ms - location.issued_ms == 600_000
+    open_pool_record(record, pool, now=now + 600 + RECORD_SKEW_S - 1)  # within the slack
+    with pytest.raises(ProtocolError, match="expired"):
+        open_pool_record(record, pool, now=now + 600 + RECORD_SKEW_S + 1)
+    assert location.expired(now + 600 + RECORD_SKEW_S + 1)
+    ahead = make_pool_record(coordinator, spec, addrs, now=now + RECORD_SKEW_S + 5)
+    with pytest.raises(ProtocolError, match="future"):
+        open_pool_record(ahead, pool, now=now)
+    # A record claiming more than the longest lifetime, signed by the coordinator itself.
+    body = open_record_body(record)
+    forever = seal(
+        coordinator,
+        pool,
+        PoolRecord(spec=body.spec, addrs=body.addrs, expires_ms=2**62),
+        now=now,
+    )
+    with pytest.raises(ProtocolError, match="lifetime"):
+        open_pool_record(forever, pool, now=now)
+    with pytest.raises(ValueError):
+        make_pool_record(coordinator, spec, addrs, ttl_s=MAX_RECORD_TTL_S + 1)
+
+
+def test_pool_book_keeps_the_newest_valid_record():
+    coordinator = Identity.generate()
+    spec = make_spec(coordinator)
+    pool = poolspec.pool_id(spec)
+    now = time.time()
+    older = make_pool_record(coordinator, spec, ["/ip4/127.0.0.1/tcp/1"], now=now - 60)
+    newer = make_pool_record(coordinator, spec, ["/ip4/127.0.0.1/tcp/2"], now=now)
+    book = PoolBook(pool)
+    assert book.learn(newer).record == newer
+    assert book.learn(older).record == newer  # an older record never replaces a newer one
+    assert book.location is not None and "/tcp/2/" in book.location.coordinator_addrs[0]
+    then = now - RECORD_TTL_S - 2 * RECORD_SKEW_S
+    stale = make_pool_record(coordinator, spec, ["/ip4/127.0.0.1/tcp/3"], now=then)
+    other = PoolBook(pool)
+    other.learn(stale, now=then)  # valid when learned ...
+    assert other.location is None  # ... and forgotten once expired
+    with pytest.raises(ProtocolError, match="expired"):
+        other.learn(stale)
 
 
 def open_record_body(record: bytes) -> PoolRecord:
@@ -140,7 +197,11 @@ async def test_walks_past_members_without_a_record_and_past_liars():
         evil_record = seal(
             liar_key,
             pool,
-            PoolRecord(spec=poolspec.canonical_bytes(evil_spec), addrs=[liar.addrs[0]]),
+            PoolRecord(
+                spec=poolspec.canonical_bytes(evil_spec),
+                addrs=[liar.addrs[0]],
+                expires_ms=int(time.time() * 1000) + 60_000,
+            ),
         )
 
         async def lie(request: Verified[PoolQuery]) -> PoolInfo:
@@ -221,3 +282,82 @@ async def test_discovery_across_processes_through_a_member():
                 assert reply.signer == coordinator.public_key
         assert member.returncode == 0
     assert coord.returncode == 0
+
+
+async def wait_until(predicate, timeout_s: float = 10.0) -> None:
+    with trio.fail_after(timeout_s):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+@pytest.mark.trio
+async def test_records_are_refreshed_and_members_follow_them():
+    coordinator = Identity.generate()
+    spec = make_spec(coordinator)
+    pool = poolspec.pool_id(spec)
+    async with (
+        Host.open(coordinator, pool, config=FAST) as coord,
+        Host.open(Identity.generate(), pool, config=FAST) as member,
+        Host.open(Identity.generate(), pool, config=FAST) as newcomer,
+        trio.open_nursery() as nursery,
+    ):
+        coord_book = PoolBook(pool)
+        first = await nursery.start(
+            partial(refresh_record, coordinator, spec, coord, coord_book, ttl_s=2.0, every_s=0.2)
+        )
+        serve_discovery(coord, coord_book)
+        assert coord_book.location == first
+        # The member knows the coordinator only through the record (no peers to pass on).
+        member_book = PoolBook(pool)
+        learned = member_book.learn(first.record)
+        serve_discovery(member, member_book)
+        # The member holds a record issued before the coordinator's next one ...
+        await wait_until(lambda: coord_book.location.issued_ms > learned.issued_ms)
+        # ... so asking for something newer than it through the member alone fails, and says so.
+        with pytest.raises(DiscoveryError, match="newer"):
+            await discover(newcomer, member.addrs, newer_than_ms=learned.issued_ms)
+        # Following the record, the member fetches a newer one by half-life.
+        nursery.start_soon(follow_pool_record, member, member_book)
+        await wait_until(lambda: member_book.location.issued_ms > learned.issued_ms)
+        found = await discover(newcomer, member.addrs, newer_than_ms=learned.issued_ms)
+        assert found.coordinator_peer_id == coordinator.peer_id()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_discover_again_with_a_book_asks_the_members_it_knows():
+    coordinator = Identity.generate()
+    spec = make_spec(coordinator)
+    pool = poolspec.pool_id(spec)
+    async with (
+        Host.open(coordinator, pool, config=FAST) as coord,
+        Host.open(Identity.generate(), pool, config=FAST) as node,
+    ):
+        coord_book = PoolBook(pool)
+        coord_book.learn(make_pool_record(coordinator, spec, coord.addrs))
+        serve_discovery(coord, coord_book)
+        book = PoolBook(pool)
+        first = await discover(node, coord.addrs, book=book)
+        # No bootstrap this time (say it went away): the book remembers whom to ask.
+        coord_book.learn(make_pool_record(coordinator, spec, coord.addrs, now=time.time() + 1))
+        again = await discover(node, [], book=book, newer_than_ms=first.issued_ms)
+        assert again.issued_ms > first.issued_ms and book.location == again
+
+
+@pytest.mark.trio
+async def test_an_expired_record_is_not_passed_on():
+    coordinator = Identity.generate()
+    spec = make_spec(coordinator)
+    pool = poolspec.pool_id(spec)
+    async with (
+        Host.open(Identity.generate(), pool, config=FAST) as member,
+        Host.open(Identity.generate(), pool, config=FAST) as newcomer,
+    ):
+        book = PoolBook(pool)
+        issued = time.time() - RECORD_TTL_S - 2 * RECORD_SKEW_S
+        book.learn(
+            make_pool_record(coordinator, spec, ["/ip4/127.0.0.1/tcp/1"], now=issued), now=issued
+        )
+        serve_discovery(member, book)
+        with pytest.raises(DiscoveryError, match="no pool record"):
+            await discover(newcomer, member.addrs)
