@@ -177,6 +177,17 @@ def wait_for_step(swarm: Swarm, step: int, timeout_s: float = 300.0) -> None:
     raise SystemExit(f"the pool did not reach step {step} in {timeout_s:.0f} s")
 
 
+def wait_until_flooding(stats: Path, timeout_s: float = 180.0) -> None:
+    """The window starts once the attacker has a key in play: its start-up (imports, at nice
+    19 on a busy machine) would otherwise eat the window."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if stats.exists() and json.loads(stats.read_text()).get("keys", 0) > 0:
+            return
+        time.sleep(1.0)
+    raise SystemExit(f"the attacker put no key in play within {timeout_s:.0f} s")
+
+
 def measure(swarm: Swarm, window_s: float, known: set[str]) -> dict[str, Any]:
     """One window: coordinator CPU and honest steps per minute; the identities that appeared."""
     pid = swarm.proc("coordinator").popen.pid
@@ -231,10 +242,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for n in args.identities:
             swarm.say(f"attack: {n} sybil identities flooding junk for {args.window_s:.0f} s")
             proc = attack(swarm, n)
+            stats = swarm.logs / f"flood-{n}.json"
+            wait_until_flooding(stats)
             row = {"identities": n, **measure(swarm, args.window_s, known)}
             proc.stop()
-            stats = swarm.logs / f"flood-{n}.json"
-            row["attacker"] = json.loads(stats.read_text()) if stats.exists() else {}
+            row["attacker"] = json.loads(stats.read_text())
             rows.append(row)
             swarm.say(json.dumps(row))
     finally:
