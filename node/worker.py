@@ -350,9 +350,15 @@ class Worker:
     async def _rediscover(self) -> None:
         """Ask the pool's members again where the coordinator is (it may have moved); the old
         location stays when nobody knows better."""
-        assert self._host is not None
+        assert self._host is not None and self.location is not None
         try:
-            self.location = await discover(self._host, self.options.bootstrap, book=self._book)
+            # only a record the coordinator signed since the one that led nowhere counts
+            self.location = await discover(
+                self._host,
+                self.options.bootstrap,
+                book=self._book,
+                newer_than_ms=self.location.issued_ms,
+            )
             log.info("rediscovered the coordinator at %s", self.location.coordinator_addrs)
         except DiscoveryError as e:
             log.warning("discovery found nothing new: %s", e)
