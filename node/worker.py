@@ -36,7 +36,7 @@ from node.engine import Engine
 from node.hardware import probe
 from protocol import messages as msg
 from protocol import pow as join_pow
-from protocol.discovery import PoolBook, PoolLocation, discover, serve_discovery
+from protocol.discovery import PoolBook, PoolLocation, discover, follow_pool_record, serve_discovery
 from protocol.errors import DiscoveryError, RemoteError, SwarmError, TransportError
 from protocol.host import Host, pool_topic
 from protocol.identity import Identity
@@ -190,6 +190,8 @@ class Worker:
                 "discovery", partial(discover, host, self.options.bootstrap, book=self._book)
             )
             serve_discovery(host, self._book)  # this node now helps newcomers find the pool
+            # Records expire: fetch fresh ones, so what we pass on to newcomers stays valid.
+            nursery.start_soon(follow_pool_record, host, self._book, self.options.bootstrap)
             spec = self.location.spec
             self.stats.state = "joining"
             reply = await self._join()

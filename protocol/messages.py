@@ -29,6 +29,17 @@ HEARTBEAT_PROTOCOL = "/swarmrl/heartbeat/1.0.0"
 RELEASE_PROTOCOL = "/swarmrl/release/1.0.0"
 VERSIONS_TOPIC = "versions"
 
+# What a reply means, as a code the receiver branches on; `reason` is only for people.
+JoinCode = Literal["ok", "banned", "busy", "bad_pow"]
+"""busy: the pool admits no more new identities right now (retry after `retry_after_s`)."""
+LeaseCode = Literal["ok", "fetch_weights", "finished", "busy", "quota", "banned"]
+"""fetch_weights: the node's weights are too old; busy: enough work is in flight pool-wide;
+quota: this node holds all the leases its record allows."""
+ReceiptCode = Literal["queued", "repeat", "released", "late", "refused", "too_large", "busy"]
+"""repeat: the same answer was recorded before (its first receipt); late: the lease closed
+(no penalty); refused: a lie or a replay (penalised); busy: the validation queue is full."""
+HeartbeatCode = Literal["ok", "not_joined", "banned"]
+
 
 class Hardware(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device: ShortStr
@@ -45,11 +56,16 @@ class JoinRequest(Message, tag="join"):
     software: ShortStr
     relay_url: ShortStr = ""
     """Where this node re-serves weight shards, if it does (`--relay`)."""
+    pow_nonce: UInt = 0
+    """Proof of work for a new identity: BLAKE3(pool id, key, nonce) must start with the
+    spec's `limits.join_pow_bits` zero bits (see `protocol.pow`)."""
 
 
 class JoinReply(Message, tag="join-reply"):
     accepted: bool
+    code: JoinCode = "ok"
     reason: ShortStr = ""
+    retry_after_s: float = 0.0
     current_version: Version = 0
     heartbeat_s: float = 15.0
     weights_urls: Urls = msgspec.field(default_factory=list)
@@ -94,6 +110,7 @@ class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class LeaseReply(Message, tag="lease-reply"):
     max_bytes = 4 * 1024 * 1024
     lease: Lease | None = None
+    code: LeaseCode = "ok"
     retry_after_s: float = 0.0
     reason: ShortStr = ""
 
@@ -121,6 +138,7 @@ class Submission(Message, tag="submission"):
 class Receipt(Message, tag="receipt"):
     lease_id: UInt
     queued: bool
+    code: ReceiptCode = "queued"
     submission_id: UInt = 0
     reason: ShortStr = ""
 
@@ -144,6 +162,7 @@ class HeartbeatReply(Message, tag="heartbeat-reply"):
     soft_rejected: UInt = 0
     hard_rejected: UInt = 0
     banned: bool = False
+    code: HeartbeatCode = "ok"
     reason: ShortStr = ""
 
 

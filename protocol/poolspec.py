@@ -126,8 +126,38 @@ class LimitsSection(_Section):
     """Largest submission accepted, in bytes."""
     requests_per_s: Positive = 20.0
     """Requests per second allowed per peer."""
-    ban_threshold: float = -5.0
-    """Reputation at or below which a node is banned."""
+
+
+class AdmissionSection(_Section):
+    """How an open pool prices identities and earns trust (docs/security.md has the arithmetic).
+    Part of the pool id: every node can read the rules it is held to."""
+
+    join_pow_bits: Annotated[int, msgspec.Meta(ge=0, le=32)] = 0
+    """Proof of work a new identity pays to join (about 2**bits hashes); 0 turns it off."""
+    new_identities_per_min: Positive = 30.0
+    """New identities admitted per minute, pool-wide (a burst of the same size is allowed)."""
+    probation_accepts: Count = 2
+    """Accepted submissions that end a new identity's probation."""
+    probation_leases: Count = 2
+    """Open leases that all identities on probation share (one each, one prompt each)."""
+    probation_validations_per_min: Positive = 12.0
+    """Validations per minute that all identities on probation share."""
+    max_leases_per_node: Count = 4
+    """Most open leases one trusted node may hold; its quota grows to this with answered
+    leases and shrinks with expired ones."""
+    release_allowance: Annotated[int, msgspec.Meta(ge=0)] = 2
+    """Leases a node may give back per `window_s` before each release counts as a soft fault."""
+    window_s: Positive = 600.0
+    """The sliding window (seconds) of quotas, soft faults and releases."""
+    ban_window: Count = 20
+    """A node is banned when the strikes among its last `ban_window` verdicts reach
+    `ban_strikes` (a proven cheat is 1 strike, a transport refusal 0.5); on probation, one
+    proven cheat bans."""
+    ban_strikes: Positive = 2.0
+    validation_allowance_s: Positive = 10.0
+    """Prefill seconds a node may cost beyond `validation_ratio` x the seconds its accepted
+    work took; past it, its submissions wait for the probation budget."""
+    validation_ratio: Positive = 2.0
 
 
 class VerificationSection(_Section):
@@ -154,6 +184,7 @@ class PoolSpec(_Section):
     sampling: SamplingSection = SamplingSection()
     algorithm: AlgorithmSection = AlgorithmSection()
     limits: LimitsSection = LimitsSection()
+    admission: AdmissionSection = AdmissionSection()
     verification: VerificationSection = VerificationSection()
 
 

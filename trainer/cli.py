@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from protocol.paths import swarmrl_home
 from trainer.presets import PRESETS
 
 DEFAULT_KEY = swarmrl_home() / "coordinator.key"
+OPERATOR_TOKEN_ENV = "SWARMRL_OPERATOR_TOKEN"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--origin-port", type=int, help="SHARDCAST origin port (default: the spec's origin URL)"
     )
-    run.add_argument("--operator-token", help="token that allows state changes through the API")
+    token = run.add_mutually_exclusive_group()
+    token.add_argument(
+        "--operator-token-file",
+        type=Path,
+        help="file holding the token that allows state changes through the API (the "
+        f"environment variable {OPERATOR_TOKEN_ENV} works too; both keep it out of `ps`)",
+    )
+    token.add_argument(
+        "--operator-token", help="the token itself (visible to other local users: prefer a file)"
+    )
     run.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases")
     run.add_argument("--max-steps", type=int, help="stop training after this many steps")
     run.add_argument(
@@ -199,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
         http_host=args.host,
         http_port=args.http_port,
         origin_port=origin_port,
-        operator_token=args.operator_token,
+        operator_token=_operator_token(args),
         wandb_project=args.wandb,
         max_steps=args.max_steps,
     )
@@ -208,7 +219,8 @@ def _run(args: argparse.Namespace) -> int:
     async def main_task() -> None:
         async with trio.open_nursery() as nursery:
             ends = await nursery.start(coordinator.run)
-            step, version = coordinator.step, coordinator.version
+            at = coordinator.training.progress()
+            step, version = at.step, at.version
             print(f"pool {ends.pool_id} ({spec.name}): step {step}, version {version}")
             for a in ends.addrs:
                 print(f"  libp2p:    {a}")
@@ -223,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
                 async for signum in signals:
                     print(
                         f"\n{signal.Signals(signum).name}: stopping (the last checkpoint is step "
-                        f"{coordinator.step})",
+                        f"{coordinator.training.step})",
                         flush=True,
                     )
                     nursery.cancel_scope.cancel()
@@ -234,6 +246,19 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         coordinator.close()
     return 0
+
+
+def _operator_token(args: argparse.Namespace) -> str | None:
+    """From --operator-token-file, --operator-token or $SWARMRL_OPERATOR_TOKEN, in that order."""
+    if args.operator_token_file is not None:
+        try:
+            token = args.operator_token_file.read_text().strip()
+        except OSError as e:
+            raise SwarmError(f"cannot read the operator token file: {e}") from None
+        if not token:
+            raise SwarmError(f"the operator token file {args.operator_token_file} is empty")
+        return token
+    return args.operator_token or os.environ.get(OPERATOR_TOKEN_ENV) or None
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -16,7 +16,6 @@ import torch
 from transformers import PreTrainedModel
 
 from protocol.poolspec import AlgorithmSection
-from trainer.advantages import group_advantages
 from trainer.loss import LossConfig, batch_normaliser, policy_loss
 
 
@@ -31,10 +30,12 @@ class Sample:
 
 @dataclass(frozen=True)
 class TrainGroup:
-    """G samples of one prompt with their coordinator-computed rewards."""
+    """G samples of one prompt with their coordinator-computed rewards and the advantages the
+    group algorithm gave them (trainer.algorithm)."""
 
     samples: list[Sample]
     rewards: list[float]
+    advantages: list[float]
     weight_version: int
     group_id: int = -1
 
@@ -44,8 +45,6 @@ class StepResult:
     metrics: dict[str, float]
     trained: list[int]
     """Group ids the step learned from."""
-    dropped: dict[int, str]
-    """Group ids it filtered out, with why (e.g. zero reward variance)."""
 
 
 class GRPOTrainer:
@@ -86,19 +85,15 @@ class GRPOTrainer:
         )
 
     def step(self, groups: list[TrainGroup], current_version: int) -> StepResult:
-        """Advantages per group, drop groups with equal rewards, then one optimizer step."""
+        """One optimizer step on `groups` (at least one), with their stored advantages."""
+        if not groups:
+            raise ValueError("a step needs at least one group")
         t0 = time.perf_counter()
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
-        advantages, keep = group_advantages(rewards, self.algorithm.scale_rewards)
-        dropped = {
-            g.group_id: "zero reward variance" for g, k in zip(groups, keep, strict=True) if not k
-        }
-        live = [(g, advantages[i]) for i, g in enumerate(groups) if keep[i]]
         staleness = [current_version - g.weight_version for g in groups]
         metrics: dict[str, float] = {
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            "frac_reward_zero_std": 1.0 - float(keep.float().mean()),
             "groups": float(len(groups)),
             "staleness_mean": sum(staleness) / len(staleness),
             "staleness_max": float(max(staleness)),
@@ -110,11 +105,9 @@ class GRPOTrainer:
         metrics["completion_clipped_frac"] = sum(
             s.truncated for g in groups for s in g.samples
         ) / len(lengths)
-        if not live:
-            metrics.update(step_time_s=time.perf_counter() - t0, tokens=0.0, skipped=1.0)
-            return StepResult(metrics, [], dropped)
-
-        samples = [(s, float(a)) for g, adv in live for s, a in zip(g.samples, adv, strict=True)]
+        samples = [
+            (s, float(a)) for g in groups for s, a in zip(g.samples, g.advantages, strict=True)
+        ]
         batch = self._batch([s for s, _ in samples])
         mask = batch["mask"]
         if self.algorithm.mask_truncated:
@@ -170,9 +163,8 @@ class GRPOTrainer:
             tokens=totals["tokens"],
             tokens_per_s=totals["tokens"] / elapsed,
             step_time_s=elapsed,
-            skipped=0.0,
         )
-        return StepResult(metrics, [g.group_id for g, _ in live], dropped)
+        return StepResult(metrics, [g.group_id for g in groups])
 
     def _batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """Right-padded prompt+completion ids, and per target position (shifted by one): the

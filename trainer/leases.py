@@ -1,9 +1,12 @@
-"""What goes into a lease: prompts drawn so a node cannot choose them, and per-task seeds.
+"""What goes into a lease: prompts a node cannot choose, and seeds it cannot re-roll.
 
-Prompt indices and sampling seeds are hashes of (pool seed, node key, lease counter, slot), so
-they are fixed before the node asks and reproducible by anyone auditing the ledger; a node
-cannot pick easy prompts or favourable seeds. Tasks of leases that expired or were released are
-handed out first to the next lease, to any node, with a fresh seed.
+A lease's prompts are hashes of (pool seed, node key, lease counter, slot), fixed before the
+node asks and reproducible by anyone auditing the ledger. A task's sampling seed is a hash of
+(pool seed, prompt, draw), where the prompt's draw counter (kept in the ledger) advances each
+time the prompt is handed out: the same prompt never comes with the same seed twice, and the
+seed does not depend on who asks. Prompts of leases that expired or were released go to the
+next leases first, but never back to the node that gave them up inside the admission window,
+so releasing a lease cannot buy a node a second roll of the same prompt.
 """
 
 from __future__ import annotations
@@ -27,38 +30,60 @@ def draw(pool_seed: int, node: bytes, counter: int, slot: int, what: bytes) -> i
     return _hash64(what, struct.pack(">q", pool_seed), node, struct.pack(">QQ", counter, slot))
 
 
+def task_seed(pool_seed: int, prompt_index: int, draw_number: int) -> int:
+    """The sampling seed of the `draw_number`-th handing out of a prompt (sample i of the
+    group uses index i under it)."""
+    return _hash64(b"seed", struct.pack(">qQQ", pool_seed, prompt_index, draw_number))
+
+
 @dataclass(frozen=True)
-class PlannedTask:
+class _Orphan:
     prompt_index: int
-    seed: int
+    barred: bytes | None
+    """The node that gave it up: it may not get it back before `until`."""
+    until: float
 
 
 class LeaseBook:
-    """Plans the tasks of each new lease."""
+    """Plans the prompts of each new lease."""
 
-    def __init__(self, pool_seed: int, n_prompts: int, tasks_per_lease: int) -> None:
+    def __init__(self, pool_seed: int, n_prompts: int) -> None:
         if n_prompts < 1:
             raise ValueError("the task has no training prompts")
         self.pool_seed = pool_seed
         self.n_prompts = n_prompts
-        self.tasks_per_lease = tasks_per_lease
-        self._orphans: deque[int] = deque()
+        self._orphans: deque[_Orphan] = deque()
 
-    def return_prompts(self, prompt_indices: list[int]) -> None:
-        """Prompts of an expired, released or revoked lease: they go to the next leases."""
-        self._orphans.extend(prompt_indices)
+    def return_prompts(
+        self, prompt_indices: list[int], barred: bytes | None = None, until: float = 0.0
+    ) -> None:
+        """Prompts of an expired, released or revoked lease: they go to the next leases, except
+        to `barred` (the node that gave them up) before `until`."""
+        self._orphans.extend(_Orphan(p, barred, until) for p in prompt_indices)
 
     @property
     def orphan_count(self) -> int:
         return len(self._orphans)
 
-    def plan(self, node: bytes, counter: int) -> list[PlannedTask]:
-        tasks = []
-        for slot in range(self.tasks_per_lease):
-            seed = draw(self.pool_seed, node, counter, slot, b"seed")
-            if self._orphans:
-                index = self._orphans.popleft()
+    def plan(self, node: bytes, counter: int, n_tasks: int, now: float) -> list[int]:
+        """Prompt indices for `node`'s lease number `counter`: orphans it may take first, then
+        fresh draws."""
+        taken = self._take_orphans(node, n_tasks, now)
+        fresh = [
+            draw(self.pool_seed, node, counter, slot, b"prompt") % self.n_prompts
+            for slot in range(len(taken), n_tasks)
+        ]
+        return taken + fresh
+
+    def _take_orphans(self, node: bytes, n: int, now: float) -> list[int]:
+        taken: list[int] = []
+        kept: deque[_Orphan] = deque()
+        while self._orphans and len(taken) < n:
+            o = self._orphans.popleft()
+            if o.barred == node and now < o.until:
+                kept.append(o)
             else:
-                index = draw(self.pool_seed, node, counter, slot, b"prompt") % self.n_prompts
-            tasks.append(PlannedTask(index, seed))
-        return tasks
+                taken.append(o.prompt_index)
+        kept.extend(self._orphans)
+        self._orphans = kept
+        return taken

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from protocol.errors import SwarmError
 
@@ -94,10 +94,24 @@ MIGRATIONS: list[str] = [
         published_at REAL NOT NULL
     );
     """,
+    # Admission (docs/security.md): probation, what each node cost and delivered, when each
+    # lease closed (sliding-window quotas), strikes per verdict (the ban window), a draw
+    # counter per prompt (seeds), the advantages the algorithm gave each group.
+    """
+    ALTER TABLE nodes ADD COLUMN probation INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE nodes ADD COLUMN verified_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN accepted_groups INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN validation_s REAL NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN accepted_validation_s REAL NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN soft_faults INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE leases ADD COLUMN closed_at REAL;
+    ALTER TABLE leases ADD COLUMN probation INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX leases_node ON leases(node, state, closed_at);
+    ALTER TABLE submissions ADD COLUMN strikes REAL NOT NULL DEFAULT 0;
+    ALTER TABLE groups ADD COLUMN advantages TEXT;
+    CREATE TABLE prompts (prompt_index INTEGER PRIMARY KEY, draws INTEGER NOT NULL DEFAULT 0);
+    """,
 ]
-
-
-REPUTATION_CAP = 3.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +124,23 @@ class GroupRecord:
     prompt_index: int
     weight_version: int
     rewards: list[float]
+    advantages: list[float]
     payload: bytes
+
+
+@dataclass(frozen=True)
+class NewGroup:
+    task_index: int
+    prompt_index: int
+    weight_version: int
+    rewards: list[float]
+    advantages: list[float]
+    """What the algorithm gave each sample (trainer.algorithm), stored once, trained as is."""
+    payload: bytes
+    tokens: int
+    """Completion tokens verified (the node's contribution)."""
+    dropped: str | None = None
+    """Why the algorithm keeps it out of training (e.g. zero reward variance)."""
 
 
 @dataclass(frozen=True)
@@ -121,9 +151,50 @@ class Decision:
     """accept, soft or hard."""
     reason: str
     details: dict[str, Any] = field(default_factory=dict)
-    reputation_delta: float = 0.0
-    groups: list[tuple[int, int, int, list[float], bytes]] = field(default_factory=list)
-    """Accepted groups: (task index, prompt index, weight version, rewards, payload)."""
+    strikes: float = 0.0
+    """Weight of this verdict in the node's ban window (admission policy)."""
+    groups: list[NewGroup] = field(default_factory=list)
+    seconds: float = 0.0
+    """Prefill seconds the verdict cost."""
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A node's record as the admission policy reads it (inside the verdict's transaction)."""
+
+    probation: bool
+    accepted: int
+    window_strikes: float
+    """Strikes among its last `window` verdicts."""
+
+
+class Rules(Protocol):
+    """What the ledger needs of the admission policy to judge a node inside a verdict's
+    transaction (trainer.admission.Admission is the implementation)."""
+
+    ban_window: int
+    """How many of a node's latest verdicts its standing counts."""
+    probation_accepts: int
+    """Accepted verdicts that end probation."""
+
+    def ban_reason(self, standing: Standing, decision: Decision) -> str | None:
+        """The reason to ban after `decision`, or None to keep the node."""
+        ...
+
+
+@dataclass(frozen=True)
+class Activity:
+    """A node's leases inside a sliding window, for its quota."""
+
+    open: int
+    answered: int
+    expired: int
+    released: int
+
+    @property
+    def has_work(self) -> bool:
+        """Something it may hand in: an open lease, or an answer it may need to resend."""
+        return self.open > 0 or self.answered > 0
 
 
 class LedgerError(SwarmError):
@@ -202,7 +273,8 @@ class Ledger:
     def join(
         self, key: bytes, peer_id: str, hardware: dict[str, Any], engine: str, now: float
     ) -> bool:
-        """Record a join (or a re-join). Returns False for a banned node, which stays banned."""
+        """Record a join (or a re-join). Returns False for a banned node, which stays banned.
+        A new identity starts on probation (admission policy)."""
         with self._tx() as db:
             row = db.execute("SELECT banned_at FROM nodes WHERE key = ?", (key,)).fetchone()
             if row is not None and row["banned_at"] is not None:
@@ -224,9 +296,19 @@ class Ledger:
     def nodes(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._db.execute("SELECT * FROM nodes ORDER BY joined_at")]
 
+    def is_member(self, key: bytes) -> bool:
+        """Whether `key` ever joined (banned or not)."""
+        return self._db.execute("SELECT 1 FROM nodes WHERE key = ?", (key,)).fetchone() is not None
+
     def is_active(self, key: bytes) -> bool:
         row = self._db.execute("SELECT banned_at FROM nodes WHERE key = ?", (key,)).fetchone()
         return row is not None and row["banned_at"] is None
+
+    def set_probation(self, key: bytes, on: bool) -> bool:
+        """Put a node on probation or vouch for it (the operator's own machines)."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE nodes SET probation = ? WHERE key = ?", (int(on), key))
+        return cur.rowcount == 1
 
     def heartbeat(self, key: bytes, weight_version: int, now: float) -> None:
         with self._tx() as db:
@@ -252,7 +334,17 @@ class Ledger:
             r[0]
             for r in db.execute("SELECT id FROM leases WHERE node = ? AND state = 'open'", (key,))
         ]
-        db.execute("UPDATE leases SET state = 'revoked' WHERE node = ? AND state = 'open'", (key,))
+        db.execute(
+            "UPDATE leases SET state = 'revoked', closed_at = ? WHERE node = ? AND state = 'open'",
+            (now, key),
+        )
+        # What it sent and we have not checked yet is dropped unchecked: a banned node costs no
+        # more prefills.
+        db.execute(
+            """UPDATE submissions SET outcome = 'soft', reason = 'not validated: node banned',
+               details = '{}', decided_at = ? WHERE node = ? AND outcome IS NULL""",
+            (now, key),
+        )
         return revoked
 
     # --- leases ---------------------------------------------------------------------------
@@ -263,31 +355,43 @@ class Ledger:
         issued_at: float,
         deadline: float,
         weight_version: int,
-        build: Callable[[int, int], tuple[list[dict[str, Any]], bytes]],
+        plan: Callable[[int], list[int]],
+        build: Callable[[int, int, list[tuple[int, int]]], tuple[list[dict[str, Any]], bytes]],
     ) -> tuple[int, int, list[dict[str, Any]], bytes]:
-        """Create a lease for `node`. `build(lease_id, counter) -> (tasks, body)` plans its tasks
-        and encodes it inside the transaction, so the id, the node's counter, the tasks and the
-        body are recorded together. Returns (lease id, counter, tasks, body)."""
+        """Create a lease for `node`, in one transaction. `plan(counter)` picks its prompt
+        indices; each prompt's draw counter advances here (seeds derive from it, so a prompt
+        handed out again never gets the seed it had); `build(lease_id, counter, [(prompt,
+        draw)]) -> (tasks, body)` encodes it. Returns (lease id, counter, tasks, body)."""
         with self._tx() as db:
             row = db.execute(
-                "SELECT lease_counter, banned_at FROM nodes WHERE key = ?", (node,)
+                "SELECT lease_counter, banned_at, probation FROM nodes WHERE key = ?", (node,)
             ).fetchone()
             if row is None or row["banned_at"] is not None:
                 raise LedgerError("leases are issued only to joined, unbanned nodes")
             counter = row["lease_counter"]
             lease_id = db.execute(
                 """INSERT INTO leases
-                   (node, counter, issued_at, deadline, weight_version, tasks, body)
-                   VALUES (?, ?, ?, ?, ?, '[]', x'')""",
-                (node, counter, issued_at, deadline, weight_version),
+                   (node, counter, issued_at, deadline, weight_version, tasks, body, probation)
+                   VALUES (?, ?, ?, ?, ?, '[]', x'', ?)""",
+                (node, counter, issued_at, deadline, weight_version, row["probation"]),
             ).lastrowid
-            tasks, body = build(lease_id, counter)
+            draws = [(p, self._next_draw(db, p)) for p in plan(counter)]
+            tasks, body = build(lease_id, counter, draws)
             db.execute(
                 "UPDATE leases SET tasks = ?, body = ? WHERE id = ?",
                 (json.dumps(tasks), body, lease_id),
             )
             db.execute("UPDATE nodes SET lease_counter = lease_counter + 1 WHERE key = ?", (node,))
         return lease_id, counter, tasks, body
+
+    @staticmethod
+    def _next_draw(db: sqlite3.Connection, prompt_index: int) -> int:
+        row = db.execute(
+            """INSERT INTO prompts (prompt_index, draws) VALUES (?, 1)
+               ON CONFLICT(prompt_index) DO UPDATE SET draws = draws + 1 RETURNING draws""",
+            (prompt_index,),
+        ).fetchone()
+        return row[0] - 1
 
     def lease(self, lease_id: int) -> dict[str, Any] | None:
         row = self._db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
@@ -298,28 +402,56 @@ class Ledger:
         return out
 
     def expire_leases(self, now: float) -> list[int]:
-        """Mark open leases past their deadline expired; returns their ids (to re-issue work)."""
+        """Mark open leases past their deadline expired, a soft fault of their node each;
+        returns their ids (to re-issue work)."""
         with self._tx() as db:
-            ids = [
-                r[0]
-                for r in db.execute(
-                    "SELECT id FROM leases WHERE state = 'open' AND deadline < ?", (now,)
-                )
-            ]
-            db.executemany("UPDATE leases SET state = 'expired' WHERE id = ?", [(i,) for i in ids])
-        return ids
+            rows = db.execute(
+                "SELECT id, node FROM leases WHERE state = 'open' AND deadline < ?", (now,)
+            ).fetchall()
+            db.executemany(
+                "UPDATE leases SET state = 'expired', closed_at = ? WHERE id = ?",
+                [(now, r["id"]) for r in rows],
+            )
+            db.executemany(
+                "UPDATE nodes SET soft_faults = soft_faults + 1 WHERE key = ?",
+                [(r["node"],) for r in rows],
+            )
+        return [r["id"] for r in rows]
 
-    def release_lease(self, lease_id: int, node: bytes) -> bool:
-        """A node gives its lease back (e.g. shutting down); its work goes to others."""
+    def release_lease(self, lease_id: int, node: bytes, now: float, fault: bool = False) -> bool:
+        """A node gives its lease back (e.g. shutting down); its work goes to others. `fault`:
+        the release is beyond the node's allowance and counts as a soft fault."""
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE leases SET state = 'released' WHERE id = ? AND node = ? AND state = 'open'",
-                (lease_id, node),
+                """UPDATE leases SET state = 'released', closed_at = ?
+                   WHERE id = ? AND node = ? AND state = 'open'""",
+                (now, lease_id, node),
             )
+            if cur.rowcount == 1 and fault:
+                db.execute("UPDATE nodes SET soft_faults = soft_faults + 1 WHERE key = ?", (node,))
         return cur.rowcount == 1
 
-    def open_lease_count(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM leases WHERE state = 'open'").fetchone()[0]
+    def open_lease_count(self, probation: bool = False) -> int:
+        """Open leases of trusted nodes, or (`probation`) of nodes on probation."""
+        return self._db.execute(
+            "SELECT COUNT(*) FROM leases WHERE state = 'open' AND probation = ?", (int(probation),)
+        ).fetchone()[0]
+
+    def activity(self, node: bytes, since: float) -> Activity:
+        """`node`'s open leases, and those answered, expired or released after `since`."""
+        counts = dict(
+            self._db.execute(
+                """SELECT state, COUNT(*) FROM leases WHERE node = ?
+                   AND (state = 'open' OR closed_at >= ?) GROUP BY state""",
+                (node, since),
+            ).fetchall()
+        )
+        return Activity(
+            counts.get("open", 0),
+            counts.get("answered", 0),
+            counts.get("expired", 0),
+            counts.get("released", 0),
+        )
 
     # --- submissions and verdicts ---------------------------------------------------------
 
@@ -341,7 +473,10 @@ class Ledger:
             if row["state"] != "open" or row["deadline"] < now:
                 state = row["state"] if row["state"] != "open" else "past its deadline"
                 raise LeaseClosed(f"lease {lease_id} is {state}")
-            db.execute("UPDATE leases SET state = 'answered' WHERE id = ?", (lease_id,))
+            db.execute(
+                "UPDATE leases SET state = 'answered', closed_at = ? WHERE id = ?",
+                (now, lease_id),
+            )
             return db.execute(
                 "INSERT INTO submissions (lease_id, node, received_at, raw) VALUES (?, ?, ?, ?)",
                 (lease_id, node, now, raw),
@@ -355,7 +490,7 @@ class Ledger:
         return None if row is None else (row[0], row[1])
 
     def record_rejected(
-        self, node: bytes, raw: bytes, decision: Decision, ban_threshold: float, now: float
+        self, node: bytes, raw: bytes, decision: Decision, rules: Rules, now: float
     ) -> tuple[int, bool]:
         """Keep a submission refused before it could answer a lease (e.g. a second answer to
         the same lease) as evidence, with its verdict. Returns (id, whether the node got banned)."""
@@ -364,7 +499,7 @@ class Ledger:
                 "INSERT INTO submissions (lease_id, node, received_at, raw) VALUES (NULL, ?, ?, ?)",
                 (node, now, raw),
             ).lastrowid
-            banned = self._decide(db, sid, decision, ban_threshold, now)
+            banned = self._decide(db, sid, decision, rules, now)
         return sid, banned
 
     def pending_submissions(self) -> list[int]:
@@ -376,10 +511,15 @@ class Ledger:
             )
         ]
 
-    def pending_count(self) -> int:
-        """How many submissions wait for a verdict (the lease hot path asks on every request)."""
-        row = self._db.execute("SELECT COUNT(*) FROM submissions WHERE outcome IS NULL").fetchone()
-        return row[0]
+    def pending_count(self, node: bytes | None = None) -> int:
+        """How many submissions (of `node`, or of all) wait for a verdict (the lease hot path
+        asks on every request)."""
+        if node is None:
+            query, args = "SELECT COUNT(*) FROM submissions WHERE outcome IS NULL", ()
+        else:
+            query = "SELECT COUNT(*) FROM submissions WHERE outcome IS NULL AND node = ?"
+            args = (node,)
+        return self._db.execute(query, args).fetchone()[0]
 
     def submission(self, submission_id: int) -> dict[str, Any] | None:
         row = self._db.execute(
@@ -387,20 +527,18 @@ class Ledger:
         ).fetchone()
         return None if row is None else dict(row)
 
-    def decide(
-        self, submission_id: int, decision: Decision, ban_threshold: float, now: float
-    ) -> bool:
-        """Record a verdict, its accepted groups and the node's reputation, in one transaction.
-        Returns True when this verdict got the node banned."""
+    def decide(self, submission_id: int, decision: Decision, rules: Rules, now: float) -> bool:
+        """Record a verdict, its accepted groups, what it cost and the node's standing, in one
+        transaction. Returns True when this verdict got the node banned."""
         with self._tx() as db:
-            return self._decide(db, submission_id, decision, ban_threshold, now)
+            return self._decide(db, submission_id, decision, rules, now)
 
     def _decide(
         self,
         db: sqlite3.Connection,
         submission_id: int,
         decision: Decision,
-        ban_threshold: float,
+        rules: Rules,
         now: float,
     ) -> bool:
         outcome, reason = decision.outcome, decision.reason
@@ -414,33 +552,78 @@ class Ledger:
             raise LedgerError(f"submission {submission_id} does not exist")
         if row["outcome"] is not None:
             raise LedgerError(f"submission {submission_id} was already decided")
+        node = row["node"]
         db.execute(
-            """UPDATE submissions SET outcome = ?, reason = ?, details = ?, decided_at = ?
-               WHERE id = ?""",
-            (outcome, reason, json.dumps(decision.details), now, submission_id),
+            """UPDATE submissions SET outcome = ?, reason = ?, details = ?, decided_at = ?,
+               strikes = ? WHERE id = ?""",
+            (outcome, reason, json.dumps(decision.details), now, decision.strikes, submission_id),
         )
         db.executemany(
             """INSERT INTO groups (submission_id, task_index, prompt_index, weight_version,
-               accepted_at, rewards, payload) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+               accepted_at, rewards, advantages, payload, dropped)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             [
-                (submission_id, t, p, v, now, json.dumps(r), blob)
-                for t, p, v, r, blob in decision.groups
+                (
+                    submission_id,
+                    g.task_index,
+                    g.prompt_index,
+                    g.weight_version,
+                    now,
+                    json.dumps(g.rewards),
+                    json.dumps(g.advantages),
+                    g.payload,
+                    g.dropped,
+                )
+                for g in decision.groups
             ],
         )
-        # Good behaviour earns credit only up to a cap, so a long honest history cannot
-        # shelter a node that turns to cheating for long.
+        accepted = outcome == "accept"
         db.execute(
-            f"""UPDATE nodes SET {column} = {column} + 1,
-                reputation = MIN(reputation + ?, ?) WHERE key = ?""",
-            (decision.reputation_delta, REPUTATION_CAP, row["node"]),
+            f"""UPDATE nodes SET {column} = {column} + 1, validation_s = validation_s + ?,
+                accepted_validation_s = accepted_validation_s + ?,
+                verified_tokens = verified_tokens + ?, accepted_groups = accepted_groups + ?
+                WHERE key = ?""",
+            (
+                decision.seconds,
+                decision.seconds if accepted else 0.0,
+                sum(g.tokens for g in decision.groups),
+                len(decision.groups),
+                node,
+            ),
         )
-        rep = db.execute(
-            "SELECT reputation, banned_at FROM nodes WHERE key = ?", (row["node"],)
+        return self._judge(db, node, submission_id, decision, rules, now)
+
+    def _judge(
+        self,
+        db: sqlite3.Connection,
+        node: bytes,
+        submission_id: int,
+        decision: Decision,
+        rules: Rules,
+        now: float,
+    ) -> bool:
+        """Apply the admission policy's ban rule to the node's standing after a verdict."""
+        n = db.execute(
+            "SELECT probation, accepted, banned_at FROM nodes WHERE key = ?", (node,)
         ).fetchone()
-        if rep is not None and rep["banned_at"] is None and rep["reputation"] <= ban_threshold:
-            why = f"reputation {rep['reputation']:.1f} after: {reason}"
-            self._ban(db, row["node"], why, submission_id, now)
+        if n is None or n["banned_at"] is not None:
+            return False
+        window = db.execute(
+            """SELECT COALESCE(SUM(strikes), 0) FROM (SELECT strikes FROM submissions
+               WHERE node = ? AND outcome IS NOT NULL ORDER BY id DESC LIMIT ?)""",
+            (node, rules.ban_window),
+        ).fetchone()[0]
+        standing = Standing(bool(n["probation"]), n["accepted"], float(window))
+        # `reputation` shows the standing on the dashboard: minus the strikes in the window.
+        db.execute(
+            "UPDATE nodes SET reputation = ? WHERE key = ?", (-standing.window_strikes, node)
+        )
+        why = rules.ban_reason(standing, decision)
+        if why is not None:
+            self._ban(db, node, why, submission_id, now)
             return True
+        if standing.probation and standing.accepted >= rules.probation_accepts:
+            db.execute("UPDATE nodes SET probation = 0 WHERE key = ?", (node,))
         return False
 
     # --- training -------------------------------------------------------------------------
@@ -461,10 +644,19 @@ class Ledger:
                 r["prompt_index"],
                 r["weight_version"],
                 json.loads(r["rewards"]),
+                json.loads(r["advantages"] or "[]"),
                 r["payload"],
             )
             for r in rows
         ]
+
+    def dropped_since(self, reason: str, after_group: int) -> tuple[int, int]:
+        """(count, newest id) of groups dropped for `reason` with ids above `after_group`."""
+        row = self._db.execute(
+            "SELECT COUNT(*), MAX(id) FROM groups WHERE dropped = ? AND id > ?",
+            (reason, after_group),
+        ).fetchone()
+        return row[0], row[1] if row[1] is not None else after_group
 
     def count_trainable(self, min_version: int) -> int:
         return self._db.execute(
@@ -500,15 +692,16 @@ class Ledger:
         group_ids: list[int],
         metrics: dict[str, Any],
         now: float,
-        dropped: dict[int, str] | None = None,
+        advantages: dict[int, list[float]] | None = None,
     ) -> None:
         """Record a finished training step: its groups become trained (each at most once, or
-        the whole step is refused), groups it filtered out are marked dropped with the reason."""
+        the whole step is refused), with the advantages they were trained on where the batch
+        changed them (batch-scaled rewards)."""
         with self._tx() as db:
             last = db.execute("SELECT MAX(step) FROM steps").fetchone()[0]
             if last is not None and step <= last:
                 raise LedgerError(f"step {step} is not after the last recorded step {last}")
-            ids = group_ids + list((dropped or {}).keys())
+            ids = group_ids
             if ids:
                 marks = ",".join("?" * len(ids))
                 taken = db.execute(
@@ -524,8 +717,8 @@ class Ledger:
                 "UPDATE groups SET trained_step = ? WHERE id = ?", [(step, g) for g in group_ids]
             )
             db.executemany(
-                "UPDATE groups SET dropped = ? WHERE id = ?",
-                [(why, g) for g, why in (dropped or {}).items()],
+                "UPDATE groups SET advantages = ? WHERE id = ?",
+                [(json.dumps(a), g) for g, a in (advantages or {}).items()],
             )
             db.execute(
                 "INSERT INTO steps VALUES (?, ?, ?, ?)", (step, version, now, json.dumps(metrics))
@@ -573,6 +766,32 @@ class Ledger:
     def steps(self, since: int = 0) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM steps WHERE step > ? ORDER BY step", (since,))
         return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
+
+    def contributions(self) -> list[dict[str, Any]]:
+        """What each node delivered and what it cost (the base for any incentive scheme):
+        verified tokens and groups, prefill seconds, leases, faults; most verified first."""
+        rows = self._db.execute(
+            """SELECT n.key, n.probation, n.accepted_groups, n.verified_tokens, n.validation_s,
+                 n.lease_counter AS leases_issued, n.soft_faults, n.accepted, n.soft_rejected,
+                 n.hard_rejected, n.banned_at, n.ban_reason, n.last_seen, n.weight_version,
+                 (SELECT COUNT(*) FROM groups g JOIN submissions s ON g.submission_id = s.id
+                  WHERE s.node = n.key AND g.trained_step IS NOT NULL) AS trained_groups,
+                 (SELECT COUNT(*) FROM leases l WHERE l.node = n.key AND l.state = 'open')
+                   AS leases_open,
+                 (SELECT COUNT(*) FROM leases l WHERE l.node = n.key AND l.state = 'expired')
+                   AS leases_expired,
+                 (SELECT COUNT(*) FROM leases l WHERE l.node = n.key AND l.state = 'released')
+                   AS leases_released
+               FROM nodes n ORDER BY n.verified_tokens DESC, n.joined_at"""
+        )
+        out = []
+        for r in rows:
+            row = dict(r)
+            row["probation"] = bool(row["probation"])
+            row["banned"] = row.pop("banned_at") is not None
+            row["validation_s"] = round(row["validation_s"], 3)
+            out.append(row)
+        return out
 
     def counts(self) -> dict[str, int]:
         q = self._db.execute

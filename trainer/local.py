@@ -17,6 +17,7 @@ from protocol.poolspec import AlgorithmSection
 from toploc.capture_hf import generate
 from toploc.models import eos_token_ids, load_model, resolve_dtype
 from toploc.sampling import SamplingParams
+from trainer.algorithm import GroupAlgorithm
 from trainer.evaluate import evaluate
 from trainer.grpo import GRPOTrainer, Sample, TrainGroup
 from trainer.rewards import score
@@ -52,6 +53,7 @@ def train_locally(
     trainer = GRPOTrainer(
         model, algo, 1.0, cfg["max_new_tokens"], compute_dtype=dtype, pad_token_id=tok.pad_token_id
     )
+    algorithm = GroupAlgorithm(algo.scale_rewards)
     curve, t0, step = [], time.perf_counter(), 0
     gen_s = train_s = 0.0
     train_tokens = 0
@@ -78,7 +80,7 @@ def train_locally(
                 capture=False,
             )
         gen_s += time.perf_counter() - tg
-        groups = []
+        groups, rewards = [], []
         for i, e in enumerate(examples):
             rs = rollouts[i * g : (i + 1) * g]
             texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in rs]
@@ -89,16 +91,20 @@ def train_locally(
                 Sample(r.prompt_ids, r.completion_ids, r.logprobs, r.finish_reason == "length")
                 for r in rs
             ]
-            groups.append(TrainGroup(samples, totals, step, i))
-        result = trainer.step(groups, step)
+            rewards.append(totals)
+            scored = algorithm.score(totals)
+            if scored.dropped is None:
+                groups.append(TrainGroup(samples, totals, scored.advantages, step, i))
+        if groups:
+            result = trainer.step(algorithm.batch(groups), step)
+            train_s += result.metrics["step_time_s"]
+            train_tokens += int(result.metrics["tokens"])
         step += 1
-        train_s += result.metrics["step_time_s"]
-        train_tokens += int(result.metrics["tokens"])
         point = {
             "step": step,
             "time_s": time.perf_counter() - t0,
-            "reward": result.metrics["reward_mean"],
-            "frac_zero_std": result.metrics["frac_reward_zero_std"],
+            "reward": sum(map(sum, rewards)) / sum(map(len, rewards)),
+            "frac_zero_std": 1.0 - len(groups) / len(rewards),
         }
         curve.append(point)
         if progress and step % 5 == 0:

@@ -64,21 +64,20 @@ def test_orphans_are_deleted_and_old_ones_pruned(tmp_path):
 
 
 def test_lease_book_is_deterministic_and_node_specific():
-    book = LeaseBook(pool_seed=1, n_prompts=1000, tasks_per_lease=4)
+    book = LeaseBook(pool_seed=1, n_prompts=1000)
     a, b = b"a" * 32, b"b" * 32
-    plan = book.plan(a, 0)
-    assert plan == LeaseBook(1, 1000, 4).plan(a, 0)
-    assert plan != book.plan(a, 1) and plan != book.plan(b, 0)
-    assert plan != LeaseBook(2, 1000, 4).plan(a, 0)
-    assert all(0 <= t.prompt_index < 1000 and 0 <= t.seed < 2**63 for t in plan)
-    assert len({t.seed for t in plan}) == 4
+    plan = book.plan(a, 0, 4, now=0.0)
+    assert plan == LeaseBook(1, 1000).plan(a, 0, 4, now=0.0)
+    assert plan != book.plan(a, 1, 4, now=0.0) and plan != book.plan(b, 0, 4, now=0.0)
+    assert plan != LeaseBook(2, 1000).plan(a, 0, 4, now=0.0)
+    assert all(0 <= p < 1000 for p in plan) and len(plan) == 4
 
 
 def test_returned_prompts_go_out_first():
-    book = LeaseBook(pool_seed=1, n_prompts=1000, tasks_per_lease=3)
+    book = LeaseBook(pool_seed=1, n_prompts=1000)
     book.return_prompts([7, 8])
-    plan = book.plan(b"c" * 32, 0)
-    assert [t.prompt_index for t in plan[:2]] == [7, 8]
+    plan = book.plan(b"c" * 32, 0, 3, now=0.0)
+    assert plan[:2] == [7, 8]
     assert book.orphan_count == 0
     with pytest.raises(ValueError, match="no training prompts"):
-        LeaseBook(1, 0, 1)
+        LeaseBook(1, 0)

@@ -3,6 +3,7 @@ import torch
 from protocol.poolspec import AlgorithmSection
 from toploc.models import load_model
 from toploc.sampling import token_logprobs
+from trainer.algorithm import FLAT, GroupAlgorithm
 from trainer.grpo import GRPOTrainer, Sample, TrainGroup
 
 
@@ -11,7 +12,8 @@ def _group(gid, rewards, version=0, prompt=(5, 6, 7)):
         Sample(list(prompt), [10 + i, 11, 2], [-3.0, -3.0, -3.0], False)
         for i in range(len(rewards))
     ]
-    return TrainGroup(samples, rewards, version, gid)
+    advantages = GroupAlgorithm("group").score(rewards).advantages
+    return TrainGroup(samples, rewards, advantages, version, gid)
 
 
 def test_trainer_logprobs_match_what_nodes_report():
@@ -32,27 +34,38 @@ def test_trainer_logprobs_match_what_nodes_report():
             assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_step_drops_flat_groups_and_updates_weights():
+def test_step_trains_on_the_stored_advantages_and_updates_weights():
     model, _ = load_model("tiny")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = GRPOTrainer(
         model, AlgorithmSection(lr=1e-3, micro_batch=3, is_cap=0), temperature=1.0, max_new_tokens=8
     )
-    result = trainer.step([_group(1, [1.0, 0.0, 0.5, 0.0]), _group(2, [1.0] * 4, version=0)], 2)
-    assert result.trained == [1] and result.dropped == {2: "zero reward variance"}
+    result = trainer.step([_group(1, [1.0, 0.0, 0.5, 0.0]), _group(2, [0.0, 1.0, 0.0, 0.0])], 2)
+    assert result.trained == [1, 2]
     m = result.metrics
-    assert m["frac_reward_zero_std"] == 0.5 and m["staleness_max"] == 2.0
-    assert m["tokens"] == 12 and m["grad_norm"] > 0
+    assert m["staleness_max"] == 2.0 and m["groups"] == 2.0
+    assert m["tokens"] == 24 and m["grad_norm"] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_step_with_only_flat_groups_changes_nothing():
-    model, _ = load_model("tiny")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = GRPOTrainer(model, AlgorithmSection(), temperature=1.0, max_new_tokens=8)
-    result = trainer.step([_group(1, [0.5] * 4)], 0)
-    assert result.trained == [] and result.metrics["skipped"] == 1.0
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+def test_algorithm_scores_once_and_drops_flat_groups():
+    algo = GroupAlgorithm("group")
+    flat = algo.score([0.5] * 4)
+    assert flat.dropped == FLAT and flat.advantages == [0.0] * 4
+    # mean 0.375, sample std 0.4787: (1 - 0.375) / (0.4787 + 1e-4) = 1.3053
+    scored = algo.score([1.0, 0.0, 0.5, 0.0])
+    assert scored.dropped is None and abs(scored.advantages[0] - 1.3053) < 1e-3
+    # Dr. GRPO: centred only
+    assert GroupAlgorithm("none").score([1.0, 0.0]).advantages == [0.5, -0.5]
+    # batch scaling: stored centred, divided by the batch's reward std when batched
+    batch = GroupAlgorithm("batch")
+    g1 = TrainGroup([], [1.0, 0.0], batch.score([1.0, 0.0]).advantages, 0, 1)
+    g2 = TrainGroup([], [1.0, 1.0], [0.0, 0.0], 0, 2)
+    assert g1.advantages == [0.5, -0.5]
+    scaled = batch.batch([g1, g2])
+    std = torch.tensor([1.0, 0.0, 1.0, 1.0]).std().item()  # 0.5
+    assert abs(scaled[0].advantages[0] - 0.5 / (std + 1e-4)) < 1e-4
+    assert GroupAlgorithm("group").batch([g1]) == [g1]
 
 
 def test_raising_the_advantaged_sample():

@@ -14,7 +14,7 @@ from protocol.identity import Identity
 from trainer.coordinator import Coordinator, RunOptions
 
 
-def _coordinator(tmp_path, **limits) -> Coordinator:
+def _coordinator(tmp_path, admission=None, batch_prompts=2, **limits) -> Coordinator:
     key = Identity.generate()
     spec = poolspec.from_dict(
         {
@@ -23,8 +23,9 @@ def _coordinator(tmp_path, **limits) -> Coordinator:
             "model": {"name": "tiny", "dtype": "float32"},
             "task": {"name": "copy", "options": {"digits": 1}},
             "sampling": {"group_size": 2, "max_new_tokens": 2},
-            "algorithm": {"batch_prompts": 2},
+            "algorithm": {"batch_prompts": batch_prompts},
             "limits": {"lease_prompts": 1, **limits},
+            "admission": admission or {},
         }
     )
     return Coordinator(spec, key, RunOptions(data_dir=tmp_path))
@@ -38,17 +39,28 @@ class Member:
         self.identity = Identity.generate()
         self.verifier = EnvelopeVerifier(coord.pool_id)
 
+    @property
+    def key(self) -> bytes:
+        return self.identity.public_key
+
     def signed(self, message):
         raw = seal(self.identity, self.coord.pool_id, message)
         return self.verifier.open(raw, type(message))
 
-    async def join(self) -> None:
+    async def join(self, trusted: bool = False) -> msg.JoinReply:
         hardware = probe("cpu", self_test_s=0.0)
-        joined = await self.coord._on_join(self.signed(msg.JoinRequest(hardware, "hf", "test")))
-        assert joined.accepted, joined.reason
+        joined = await self.coord.on_join(self.signed(msg.JoinRequest(hardware, "hf", "test")))
+        if trusted and joined.accepted:
+            self.coord.ledger.set_probation(self.key, False)
+        return joined
 
     async def lease(self) -> msg.LeaseReply:
-        return await self.coord._on_lease(self.signed(msg.LeaseRequest(weight_version=0)))
+        return await self.coord.leases.on_lease(self.signed(msg.LeaseRequest(weight_version=0)))
+
+    async def release(self, lease: msg.Lease) -> msg.Receipt:
+        return await self.coord.leases.on_release(
+            self.signed(msg.ReleaseLease(lease_id=lease.lease_id))
+        )
 
     async def submit(self, lease: msg.Lease, token: int = 5) -> msg.Receipt:
         done = msg.Completion(
@@ -57,9 +69,12 @@ class Member:
         answer = msg.Submission(
             lease_id=lease.lease_id,
             weight_version=0,
-            results=[msg.TaskResult(task_index=0, completions=[done, done])],
+            results=[
+                msg.TaskResult(task_index=i, completions=[done, done])
+                for i in range(len(lease.tasks))
+            ],
         )
-        return await self.coord._on_submit(self.signed(answer))
+        return await self.coord.submissions.on_submit(self.signed(answer))
 
 
 def _play(coord: Coordinator, scenario) -> None:
@@ -72,24 +87,26 @@ def _play(coord: Coordinator, scenario) -> None:
 
 def test_leasing_stops_at_a_batch_of_done_work_and_at_the_staleness_window(tmp_path):
     # batch 2, one prompt per lease, max_staleness 3: at most 3 x 2 = 6 groups done + leased,
-    # and no new lease while a batch (2) of done work waits for the trainer
+    # and no new lease while a batch (2) of done work waits for the trainer. Each trusted
+    # node starts with a quota of one lease, so seven nodes ask.
     coord = _coordinator(tmp_path, max_staleness=3)
-    node = Member(coord)
+    nodes = [Member(coord) for _ in range(7)]
 
     async def scenario():
-        await node.join()
-        leases = [(await node.lease()).lease for _ in range(6)]
+        for n in nodes:
+            assert (await n.join(trusted=True)).accepted
+        leases = [(await n.lease()).lease for n in nodes[:6]]
         assert all(lease is not None for lease in leases)
-        full = await node.lease()
-        assert full.lease is None and "enough work" in full.reason
-        coord.ledger.release_lease(leases[0].lease_id, node.identity.public_key)
-        coord.ledger.release_lease(leases[1].lease_id, node.identity.public_key)
-        assert (await node.lease()).lease is not None  # 5 leased: room again
-        assert (await node.submit(leases[2])).queued  # 1 done + 4 leased
-        assert (await node.lease()).lease is not None  # 1 done + 5 leased
-        assert (await node.submit(leases[3])).queued  # 2 done: a batch waits
-        waiting = await node.lease()
-        assert waiting.lease is None and "enough work" in waiting.reason
+        full = await nodes[6].lease()
+        assert full.lease is None and full.code == "busy"
+        assert (await nodes[0].release(leases[0])).code == "released"
+        assert (await nodes[1].release(leases[1])).code == "released"
+        assert (await nodes[6].lease()).lease is not None  # 5 leased: room again
+        assert (await nodes[2].submit(leases[2])).queued  # 1 done + 4 leased
+        assert (await nodes[0].lease()).lease is not None  # 1 done + 5 leased
+        assert (await nodes[3].submit(leases[3])).queued  # 2 done: a batch waits
+        waiting = await nodes[1].lease()
+        assert waiting.lease is None and waiting.code == "busy"
 
     _play(coord, scenario)
 
@@ -97,23 +114,22 @@ def test_leasing_stops_at_a_batch_of_done_work_and_at_the_staleness_window(tmp_p
 def test_resubmission_is_idempotent_and_a_different_answer_is_refused(tmp_path):
     coord = _coordinator(tmp_path)
     member = Member(coord)
-    node = member.identity
 
     async def scenario():
-        await member.join()
+        await member.join(trusted=True)
         reply = await member.lease()
         lease = reply.lease
         assert lease is not None, reply.reason
         first = await member.submit(lease)
-        assert first.queued and first.submission_id > 0, first.reason
+        assert first.code == "queued" and first.submission_id > 0, first.reason
         # the same content signed again (a new envelope, as a node's retry makes)
         again = await member.submit(lease)
-        assert again.queued and again.submission_id == first.submission_id
-        assert coord.ledger.node(node.public_key)["hard_rejected"] == 0
+        assert again.code == "repeat" and again.submission_id == first.submission_id
+        assert coord.ledger.node(member.key)["hard_rejected"] == 0
         # other content for the answered lease
         refused = await member.submit(lease, token=7)
-        assert not refused.queued and "already answered" in refused.reason
-        assert coord.ledger.node(node.public_key)["hard_rejected"] == 1
+        assert not refused.queued and refused.code == "refused"
+        assert coord.ledger.node(member.key)["hard_rejected"] == 1
 
     _play(coord, scenario)
 
@@ -123,12 +139,12 @@ def test_late_answer_is_a_soft_reject(tmp_path):
     member = Member(coord)
 
     async def scenario():
-        await member.join()
+        await member.join(trusted=True)
         lease = (await member.lease()).lease
         coord.ledger.expire_leases(time.time() + 3600)
         late = await member.submit(lease)
-        assert not late.queued and "expired" in late.reason
-        node = coord.ledger.node(member.identity.public_key)
+        assert not late.queued and late.code == "late"
+        node = coord.ledger.node(member.key)
         assert (node["soft_rejected"], node["hard_rejected"]) == (1, 0)
 
     _play(coord, scenario)

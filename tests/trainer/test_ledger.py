@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from trainer.ledger import MIGRATIONS, Decision, Ledger, LedgerError
+from protocol.poolspec import AdmissionSection
+from trainer.admission import Admission
+from trainer.ledger import MIGRATIONS, Decision, Ledger, LedgerError, NewGroup
 
 A, B = b"a" * 32, b"b" * 32
 
@@ -21,11 +23,19 @@ def ledger(tmp_path):
 
 
 def _lease(led, node=A, now=100.0, deadline=200.0):
-    def build(lease_id, counter):
-        return [{"prompt": 1, "seed": 9}], f"{lease_id}:{counter}".encode()
+    def build(lease_id, counter, draws):
+        return [{"prompt": p, "draw": d} for p, d in draws], f"{lease_id}:{counter}".encode()
 
-    lease_id, counter, _, body = led.issue_lease(node, now, deadline, 0, build)
+    lease_id, counter, _, body = led.issue_lease(node, now, deadline, 0, lambda c: [1], build)
     return lease_id, counter, body
+
+
+def _rules(led, **cfg):
+    return Admission(AdmissionSection(**cfg), "p", led, lease_prompts=1, in_flight_leases=4, now=0)
+
+
+def _group(i, version, rewards, payload=b"p"):
+    return NewGroup(i, i, version, rewards, [0.5, -0.5], payload, 2)
 
 
 def test_schema_is_versioned_and_wal(ledger, tmp_path):
@@ -44,7 +54,9 @@ def test_lease_counter_and_body(ledger):
     second = _lease(ledger)
     assert (first[1], second[1]) == (0, 1)
     assert ledger.lease(first[0])["body"] == f"{first[0]}:0".encode()
-    assert ledger.lease(first[0])["tasks"] == [{"prompt": 1, "seed": 9}]
+    # the prompt's draw counter advanced with each lease: seeds never repeat
+    assert ledger.lease(first[0])["tasks"] == [{"prompt": 1, "draw": 0}]
+    assert ledger.lease(second[0])["tasks"] == [{"prompt": 1, "draw": 1}]
 
 
 def test_lease_answered_once_and_only_by_its_node(ledger):
@@ -69,44 +81,67 @@ def test_expiry_release_and_unknown_nodes(ledger):
     kept, _, _ = _lease(ledger, deadline=500.0)
     assert ledger.expire_leases(now=120.0) == [old]
     assert ledger.lease(old)["state"] == "expired"
-    assert ledger.release_lease(kept, A) and not ledger.release_lease(kept, A)
+    assert ledger.node(A)["soft_faults"] == 1  # an expiry is a soft fault
+    assert ledger.release_lease(kept, A, 130.0) and not ledger.release_lease(kept, A, 131.0)
+    seen = ledger.activity(A, since=115.0)
+    assert (seen.open, seen.expired, seen.released) == (0, 1, 1)
     with pytest.raises(LedgerError, match="joined, unbanned"):
         _lease(ledger, node=B)
 
 
-def test_verdicts_reputation_and_ban(ledger):
+def test_verdicts_strikes_and_ban(ledger):
+    rules = _rules(ledger)
     ledger.join(A, "pA", {}, "hf", 1.0)
+    ledger.set_probation(A, False)
     subs = []
-    for _ in range(3):
+    for _ in range(4):
         lease_id, _, _ = _lease(ledger)
         subs.append(ledger.record_submission(lease_id, A, b"evidence", 150.0))
     open_lease, _, _ = _lease(ledger)
-    groups = [(0, 5, 0, [1.0, 0.0], b"payload")]
-    assert not ledger.decide(subs[0], Decision("accept", "ok", {}, 1.0, groups), -2.0, 160.0)
-    bad_proof = Decision("hard", "bad proof", {"chunk": 0}, -2.0)
-    assert not ledger.decide(subs[1], bad_proof, -2.0, 161.0)
+    accept = Decision("accept", "ok", {}, 0.0, [_group(0, 0, [1.0, 0.0])], seconds=2.0)
+    assert not ledger.decide(subs[0], accept, rules, 160.0)
+    bad_proof = Decision("hard", "bad proof", {"chunk": 0}, 1.0, seconds=1.5)
+    assert not ledger.decide(subs[1], bad_proof, rules, 161.0)
     with pytest.raises(LedgerError, match="already decided"):
-        ledger.decide(subs[1], Decision("hard", "again", {}, -2.0), -2.0, 161.0)
-    assert ledger.decide(subs[2], Decision("hard", "bad sampling", {}, -2.0), -2.0, 162.0)
+        ledger.decide(subs[1], Decision("hard", "again", {}, 1.0), rules, 161.0)
+    assert ledger.decide(subs[2], Decision("hard", "bad sampling", {}, 1.0), rules, 162.0)
     node = ledger.node(A)
-    assert (node["accepted"], node["hard_rejected"], node["reputation"]) == (1, 2, -3.0)
+    assert (node["accepted"], node["hard_rejected"], node["reputation"]) == (1, 2, -2.0)
+    assert (node["verified_tokens"], node["validation_s"], node["accepted_validation_s"]) == (
+        2,
+        3.5,
+        2.0,
+    )
     assert "bad sampling" in node["ban_reason"] and node["ban_evidence"] == subs[2]
     assert ledger.lease(open_lease)["state"] == "revoked"
+    # what it sent and we had not checked is dropped unchecked
+    assert ledger.submission(subs[3])["outcome"] == "soft"
+    assert ledger.pending_count(A) == 0
     assert not ledger.is_active(A)
     assert not ledger.join(A, "pA", {}, "hf", 200.0)  # a banned node stays banned
     assert ledger.submission(subs[2])["raw"] == b"evidence"
+    (row,) = ledger.contributions()
+    assert (row["accepted_groups"], row["verified_tokens"], row["banned"]) == (1, 2, True)
+    assert (row["leases_issued"], row["leases_open"]) == (5, 0)
 
 
 def test_groups_trained_at_most_once_and_stale_dropped(ledger):
     ledger.join(A, "pA", {}, "hf", 1.0)
     lease_id, _, _ = _lease(ledger)
     sub = ledger.record_submission(lease_id, A, b"r", 150.0)
-    groups = [(i, i, v, [float(i), 0.0], b"p") for i, v in enumerate([0, 1, 2, 3])]
-    ledger.decide(sub, Decision("accept", "ok", {}, 1.0, groups), -5.0, 160.0)
+    groups = [_group(i, v, [float(i), 0.0]) for i, v in enumerate([0, 1, 2, 3])]
+    ledger.decide(sub, Decision("accept", "ok", {}, 0.0, groups), _rules(ledger), 160.0)
     assert ledger.drop_stale(min_version=1) == 1
     ready = ledger.trainable_groups(min_version=1, limit=2)
     assert [g.weight_version for g in ready] == [1, 2]
-    ledger.commit_step(1, 1, [g.id for g in ready], {"reward": 0.5}, 170.0)
+    assert ready[0].advantages == [0.5, -0.5]
+    ledger.commit_step(1, 1, [g.id for g in ready], {"reward": 0.5}, 170.0, {ready[0].id: [1, -1]})
+    assert (
+        ledger._db.execute("SELECT advantages FROM groups WHERE id = ?", (ready[0].id,)).fetchone()[
+            0
+        ]
+        == "[1, -1]"
+    )
     with pytest.raises(LedgerError, match="already trained"):
         ledger.commit_step(2, 2, [ready[0].id], {}, 171.0)
     with pytest.raises(LedgerError, match="not after"):
@@ -119,17 +154,20 @@ def test_groups_trained_at_most_once_and_stale_dropped(ledger):
 WRITER = textwrap.dedent(
     """
     import sys, time
-    from trainer.ledger import Decision, Ledger
+    from protocol.poolspec import AdmissionSection
+    from trainer.admission import Admission
+    from trainer.ledger import Decision, Ledger, NewGroup
     led = Ledger(sys.argv[1])
+    rules = Admission(AdmissionSection(), "p", led, lease_prompts=1, in_flight_leases=4, now=0)
     key = b"n" * 32
     led.join(key, "p", {}, "hf", 0.0)
     step = led.last_step()[0]
     print("ready", flush=True)
     while True:
-        lease_id, *_ = led.issue_lease(key, 0.0, 1e12, 0, lambda i, c: ([{}], b"s"))
+        lease_id, *_ = led.issue_lease(key, 0.0, 1e12, 0, lambda c: [0], lambda i, c, d: ([{}], b"s"))
         sub = led.record_submission(lease_id, key, b"raw", 1.0)
-        group = (0, 0, 0, [1.0, 0.0], b"x" * 200)
-        led.decide(sub, Decision("accept", "ok", groups=[group]), -9.0, 2.0)
+        group = NewGroup(0, 0, 0, [1.0, 0.0], [0.5, -0.5], b"x" * 200, 2)
+        led.decide(sub, Decision("accept", "ok", groups=[group]), rules, 2.0)
         groups = led.trainable_groups(0, 3)
         if len(groups) == 3:
             step += 1
@@ -182,15 +220,17 @@ def test_sigkill_at_random_moments_leaves_a_consistent_ledger(tmp_path):
     led.close()
 
 
-def test_reputation_is_capped_and_early_refusals_count(ledger):
+def test_accepted_work_does_not_repay_strikes_and_early_refusals_count(ledger):
+    rules = _rules(ledger)
     ledger.join(A, "pA", {}, "hf", 1.0)
+    ledger.set_probation(A, False)
     for _ in range(6):
         lease_id, _, _ = _lease(ledger)
         sub = ledger.record_submission(lease_id, A, b"r", 150.0)
-        ledger.decide(sub, Decision("accept", "ok", {}, 1.0), -5.0, 160.0)
-    assert ledger.node(A)["reputation"] == 3.0  # capped
-    twice = Decision("hard", "answered twice", {}, -4.0)
-    sid, banned = ledger.record_rejected(A, b"dup", twice, -5.0, 170.0)
+        ledger.decide(sub, Decision("accept", "ok"), rules, 160.0)
+    assert ledger.node(A)["reputation"] == 0.0  # no strikes; nothing banked either
+    twice = Decision("hard", "answered twice", {}, 1.0)
+    sid, banned = ledger.record_rejected(A, b"dup", twice, rules, 170.0)
     assert not banned and ledger.submission(sid)["outcome"] == "hard"
-    _, banned = ledger.record_rejected(A, b"dup2", twice, -5.0, 171.0)
+    _, banned = ledger.record_rejected(A, b"dup2", twice, rules, 171.0)
     assert banned and ledger.node(A)["hard_rejected"] == 2

@@ -1,0 +1,243 @@
+"""The admission policy, case by case with hand-computed numbers (docs/security.md): probation,
+shared newcomer budgets, join proof of work, quotas, releases, seeds, the ban window."""
+
+import time
+
+import pytest
+import trio
+
+from protocol import pow
+from protocol.poolspec import AdmissionSection
+from tests.trainer.test_handlers import Member, _coordinator, _play
+from trainer.admission import PROVEN_CHEAT, TRANSPORT_REFUSAL, Admission, TokenBucket
+from trainer.leases import LeaseBook, task_seed
+from trainer.ledger import Decision, Ledger, Standing
+from trainer.submissions import ValidationQueue
+
+
+def test_probation_one_small_lease_at_a_time_until_its_verdict(tmp_path):
+    coord = _coordinator(tmp_path, lease_prompts=3)
+    node = Member(coord)
+
+    async def scenario():
+        assert (await node.join()).accepted
+        first = await node.lease()
+        assert first.lease is not None and len(first.lease.tasks) == 1  # small: one prompt
+        assert (await node.lease()).code == "quota"  # one at a time
+        assert (await node.submit(first.lease)).code == "queued"
+        # answered, but no verdict yet: still no second lease
+        assert (await node.lease()).code == "quota"
+
+    _play(coord, scenario)
+
+
+def test_newcomers_share_lease_slots_and_trusted_work_is_not_counted_against_them(tmp_path):
+    coord = _coordinator(tmp_path, admission={"probation_leases": 2})
+    newcomers = [Member(coord) for _ in range(3)]
+    veteran = Member(coord)
+
+    async def scenario():
+        for n in newcomers:
+            await n.join()
+        await veteran.join(trusted=True)
+        assert (await newcomers[0].lease()).lease is not None
+        assert (await newcomers[1].lease()).lease is not None
+        assert (await newcomers[2].lease()).code == "busy"  # the 2 shared slots are taken
+        assert (await veteran.lease()).lease is not None  # trusted work is unaffected
+
+    _play(coord, scenario)
+
+
+def test_a_proven_cheat_on_probation_bans_at_once(tmp_path):
+    coord = _coordinator(tmp_path)
+    node = Member(coord)
+
+    async def scenario():
+        await node.join()
+        lease = (await node.lease()).lease
+        assert (await node.submit(lease)).code == "queued"
+        # a second, different answer to the answered lease: a lie (1 strike)
+        assert (await node.submit(lease, token=7)).code == "refused"
+        row = coord.ledger.node(node.key)
+        assert row["banned_at"] is not None and "on probation" in row["ban_reason"]
+        # its queued submission is dropped without a prefill
+        pending = coord.ledger.submission((await node.submit(lease)).submission_id or 1)
+        assert pending["outcome"] == "soft" and "banned" in pending["reason"]
+        assert (await node.join()).code == "banned"
+
+    _play(coord, scenario)
+
+
+def test_new_identities_are_rate_limited_pool_wide_members_rejoin_freely(tmp_path):
+    coord = _coordinator(tmp_path, admission={"new_identities_per_min": 2})
+    members = [Member(coord) for _ in range(3)]
+
+    async def scenario():
+        assert (await members[0].join()).accepted
+        assert (await members[1].join()).accepted
+        third = await members[2].join()
+        assert third.code == "busy" and 0 < third.retry_after_s <= 30  # 2/min: 30 s a token
+        assert (await members[0].join()).accepted  # a member re-joining pays nothing
+
+    _play(coord, scenario)
+
+
+def test_join_proof_of_work(tmp_path):
+    coord = _coordinator(tmp_path, admission={"join_pow_bits": 8})
+    node = Member(coord)
+    nonce = pow.solve(coord.pool_id, node.key, 8)
+    assert pow.check(coord.pool_id, node.key, nonce, 8)
+    assert not pow.check(coord.pool_id, node.key, nonce, 30)
+
+    async def scenario():
+        from node.hardware import probe
+        from protocol import messages as msg
+
+        hw = probe("cpu", self_test_s=0.0)
+        unpaid = await coord.on_join(node.signed(msg.JoinRequest(hw, "hf", "t")))
+        assert unpaid.code == "bad_pow" and not coord.ledger.is_member(node.key)
+        paid = await coord.on_join(node.signed(msg.JoinRequest(hw, "hf", "t", pow_nonce=nonce)))
+        assert paid.accepted
+
+    _play(coord, scenario)
+
+
+def test_quota_grows_with_answered_leases_and_shrinks_with_expiries(tmp_path):
+    # max_staleness 4 x batch 8 / 1 prompt a lease = 32 leases in flight; one node <= 16, and
+    # max_leases_per_node 4. Quota = min(4, 1 + answered // 2) - expired.
+    coord = _coordinator(tmp_path, max_staleness=4, batch_prompts=8)
+    node = Member(coord)
+    adm = coord.admission
+    now = time.time()
+
+    async def scenario():
+        await node.join(trusted=True)
+        assert adm.lease_terms(node.key, now, False).code == "ok"
+        lease = (await node.lease()).lease
+        assert adm.lease_terms(node.key, now, False).code == "quota"  # 1 open of 1
+        await node.submit(lease)
+        lease = (await node.lease()).lease
+        await node.submit(lease)  # 2 answered: quota 2
+        held = [(await node.lease()).lease for _ in range(2)]
+        assert all(held) and (await node.lease()).code == "quota"
+        coord.ledger.expire_leases(time.time() + 3600)  # both expire: quota 2 - 2 = 0
+        assert (await node.lease()).code == "quota"
+        assert coord.ledger.node(node.key)["soft_faults"] == 2
+
+    assert adm.max_open == 4
+    _play(coord, scenario)
+
+
+def test_released_prompts_never_go_back_to_the_releaser_and_excess_releases_are_faults(tmp_path):
+    coord = _coordinator(tmp_path, admission={"release_allowance": 1})
+    rerolled, other = Member(coord), Member(coord)
+
+    async def scenario():
+        await rerolled.join(trusted=True)
+        await other.join(trusted=True)
+        given_up = []
+        for _ in range(3):
+            lease = (await rerolled.lease()).lease
+            given_up.append(lease.tasks[0])
+            assert (await rerolled.release(lease)).code == "released"
+        assert coord.ledger.node(rerolled.key)["soft_faults"] == 2  # allowance 1: 2 beyond
+        again = (await rerolled.lease()).lease
+        assert again.tasks[0].prompt_index not in {t.prompt_index for t in given_up} or (
+            again.tasks[0].seed not in {t.seed for t in given_up}
+        )
+        taken = (await other.lease()).lease.tasks[0]  # an orphan, with a new draw's seed
+        assert taken.prompt_index == given_up[0].prompt_index
+        assert taken.seed != given_up[0].seed
+
+    _play(coord, scenario)
+
+
+def test_seed_depends_on_prompt_and_draw_only():
+    assert task_seed(7, 3, 0) == task_seed(7, 3, 0)
+    assert len({task_seed(7, 3, d) for d in range(50)}) == 50
+    assert task_seed(7, 3, 0) != task_seed(7, 4, 0) != task_seed(8, 3, 0)
+    book = LeaseBook(pool_seed=1, n_prompts=10)
+    book.return_prompts([4, 5], barred=b"a" * 32, until=100.0)
+    assert book.plan(b"a" * 32, 0, 1, now=50.0) != [4]  # barred inside the window
+    assert book.plan(b"b" * 32, 0, 2, now=50.0) == [4, 5]
+    book.return_prompts([6], barred=b"a" * 32, until=100.0)
+    assert book.plan(b"a" * 32, 1, 1, now=150.0) == [6]  # the window is over
+
+
+class _Rules:
+    ban_window = 20
+    probation_accepts = 2
+
+    def __init__(self, adm: Admission) -> None:
+        self.ban_reason = adm.ban_reason
+
+
+def _admission(tmp_path, **cfg) -> Admission:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    return Admission(
+        AdmissionSection(**cfg), "pool", ledger, lease_prompts=4, in_flight_leases=4, now=0.0
+    )
+
+
+def test_ban_rule_hand_computed(tmp_path):
+    adm = _admission(tmp_path)
+    cheat = Decision("hard", "x", strikes=PROVEN_CHEAT)
+    ok = Decision("accept", "ok")
+    # on probation one proven cheat bans; a transport refusal does not
+    assert adm.ban_reason(Standing(True, 0, 1.0), cheat) is not None
+    assert adm.ban_reason(Standing(True, 0, 0.5), Decision("hard", "t", strikes=0.5)) is None
+    # trusted: 2 strikes in the window ban, 1.5 do not
+    assert adm.ban_reason(Standing(False, 9, 1.5), ok) is None
+    assert adm.ban_reason(Standing(False, 9, 2.0), cheat) is not None
+    assert TRANSPORT_REFUSAL * 4 == adm.config.ban_strikes  # four refusals in 20 verdicts ban
+
+
+def test_one_cheat_in_four_is_banned_by_the_window_where_a_running_sum_forgave_it(tmp_path):
+    # The old rule (+1 per accept capped at 3, -3 per cheat, ban at -5) never banned this node.
+    ledger = Ledger(tmp_path / "l.sqlite")
+    adm = Admission(AdmissionSection(), "p", ledger, lease_prompts=1, in_flight_leases=4, now=0)
+    key = b"k" * 32
+    ledger.join(key, "peer", {}, "hf", 0.0)
+    ledger.set_probation(key, False)
+    pattern = ["accept", "accept", "accept", "hard"] * 3
+    banned_at = None
+    for i, outcome in enumerate(pattern):
+        strikes = PROVEN_CHEAT if outcome == "hard" else 0.0
+        _, banned = ledger.record_rejected(
+            key, b"x", Decision(outcome, outcome, {}, strikes), adm, i
+        )
+        if banned:
+            banned_at = i
+            break
+    assert banned_at == 7  # the second cheat, 8 verdicts in
+    ledger.close()
+
+
+def test_validation_order_and_the_shared_budget():
+    async def main():
+        q = ValidationQueue()
+        q.push(5, 1)
+        q.push(6, 0)
+        q.push(3, 1)
+        q.push(9, 0)
+        assert [(await q.pop()).submission_id for _ in range(4)] == [6, 9, 3, 5]
+
+    trio.run(main)
+    bucket = TokenBucket(rate=12 / 60, burst=2, now=0.0)  # 12 a minute, bursts of 2
+    assert [bucket.take(0.0) for _ in range(2)] == [0.0, 0.0]
+    assert bucket.take(0.0) == pytest.approx(5.0)  # one token every 5 s
+    assert bucket.take(5.0) == 0.0
+
+
+def test_prefill_spend_beyond_accepted_work_moves_a_node_behind(tmp_path):
+    adm = _admission(tmp_path, validation_allowance_s=10.0, validation_ratio=2.0)
+    key = b"v" * 32
+    adm.ledger.join(key, "peer", {}, "hf", 0.0)
+    assert adm.tier(key) == 1  # on probation
+    adm.ledger.set_probation(key, False)
+    accept = Decision("accept", "ok", seconds=3.0)
+    adm.ledger.record_rejected(key, b"x", accept, adm, 1.0)  # spent 3, earned 10 + 2 x 3 = 16
+    assert adm.tier(key) == 0
+    junk = Decision("soft", "stale", seconds=14.0)
+    adm.ledger.record_rejected(key, b"x", junk, adm, 2.0)  # spent 17 > 16
+    assert adm.tier(key) == 1

@@ -1,0 +1,200 @@
+"""Admission: who may join, how much work and prefill a node may cost us, and when it is banned.
+
+One policy, in one file (docs/security.md gives the arithmetic). The principle: an identity is
+a free key, so trust is earned. What the coordinator spends on a node (leases held, prefill
+seconds) stays proportional to the useful work the node has delivered, plus a small allowance
+for newcomers that all newcomers SHARE, so a thousand new keys cost what one costs.
+
+- Join: an optional proof of work (`join_pow_bits`) and a pool-wide cap on new identities per
+  minute. A banned key stays banned.
+- Probation: a new identity gets one-prompt leases, one at a time, from a small pool of lease
+  slots all newcomers share; its submissions are validated from a shared per-minute budget,
+  after the trusted nodes' work; one proven cheat bans it. `probation_accepts` accepted
+  submissions end probation.
+- Quota: a trusted node's open leases are capped by what it answered lately (1 + answered / 2,
+  at most `max_leases_per_node` and half the pool's in-flight budget), minus its expiries in
+  the window. Releases beyond `release_allowance` per window are soft faults.
+- Validation order: trusted work first; a node whose prefill seconds exceed
+  `validation_allowance_s + validation_ratio x` the seconds of its accepted work waits for the
+  shared budget, like a newcomer.
+- Ban: the strikes among a node's last `ban_window` verdicts reach `ban_strikes` (a proven
+  cheat is 1, a transport refusal 0.5). Accepted work does not repay a strike; it only pushes
+  it out of the window, so cheating one lease in four is banned within eight.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from protocol import pow
+from protocol.messages import JoinCode, LeaseCode
+from protocol.poolspec import AdmissionSection
+from trainer.ledger import Decision, Ledger, Standing
+
+PROVEN_CHEAT = 1.0
+"""Strikes of a hard verdict: content that fails a check, a lie about a lease."""
+TRANSPORT_REFUSAL = 0.5
+"""Strikes of a request the transport refused (forged, malformed, oversized, replayed): an
+honest node can hit one through a clock skew or a retried stream, so it costs less."""
+QUOTA_RETRY_S = 5.0
+
+Tier = Literal[0, 1]
+"""Validation order: 0 trusted, 1 on probation or over its prefill budget."""
+
+
+@dataclass(frozen=True)
+class JoinTerms:
+    code: JoinCode
+    reason: str = ""
+    retry_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class LeaseTerms:
+    code: LeaseCode
+    prompts: int = 0
+    """Prompts the lease may carry (when `code` is ok)."""
+    reason: str = ""
+    retry_after_s: float = 0.0
+
+
+class TokenBucket:
+    """`rate` per second, bursts of `burst`; refills with the clock it is given."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = burst, now
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken, else the seconds until one is there."""
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class Admission:
+    """The admission policy of one pool (implements `trainer.ledger.Rules`)."""
+
+    def __init__(
+        self,
+        config: AdmissionSection,
+        pool_id: str,
+        ledger: Ledger,
+        *,
+        lease_prompts: int,
+        in_flight_leases: int,
+        now: float | None = None,
+    ) -> None:
+        self.config = config
+        self.pool_id = pool_id
+        self.ledger = ledger
+        self.lease_prompts = lease_prompts
+        # One node never holds more than half of the pool's in-flight budget.
+        self.max_open = max(1, min(config.max_leases_per_node, in_flight_leases // 2))
+        now = time.time() if now is None else now
+        per_min = config.new_identities_per_min
+        self._newcomers = TokenBucket(per_min / 60.0, max(1.0, per_min), now)
+        budget = config.probation_validations_per_min
+        self._probation_checks = TokenBucket(budget / 60.0, max(1.0, budget / 6.0), now)
+
+    # ------------------------------------------------------------------ rules (ledger)
+
+    @property
+    def ban_window(self) -> int:
+        return self.config.ban_window
+
+    @property
+    def probation_accepts(self) -> int:
+        return self.config.probation_accepts
+
+    def ban_reason(self, standing: Standing, decision: Decision) -> str | None:
+        if standing.probation and decision.strikes >= PROVEN_CHEAT:
+            return f"a proven cheat on probation: {decision.reason}"
+        if standing.window_strikes >= self.config.ban_strikes:
+            return (
+                f"reputation: {standing.window_strikes:g} strikes in its last "
+                f"{self.config.ban_window} verdicts, the latest: {decision.reason}"
+            )
+        return None
+
+    # ------------------------------------------------------------------ joining
+
+    def join_terms(self, key: bytes, pow_nonce: int, now: float) -> JoinTerms:
+        """Whether `key` may join now. Members re-join freely (a banned one never); a new
+        identity pays the proof of work and takes a token from the pool-wide newcomer bucket."""
+        node = self.ledger.node(key)
+        if node is not None:
+            if node["banned_at"] is not None:
+                return JoinTerms("banned", f"banned: {node['ban_reason']}")
+            return JoinTerms("ok")
+        bits = self.config.join_pow_bits
+        if not pow.check(self.pool_id, key, pow_nonce, bits):
+            return JoinTerms("bad_pow", f"the join needs a {bits}-bit proof of work")
+        wait = self._newcomers.take(now)
+        if wait > 0:
+            return JoinTerms("busy", "the pool admits no more new identities now", wait)
+        return JoinTerms("ok")
+
+    # ------------------------------------------------------------------ leases
+
+    def lease_terms(self, key: bytes, now: float, pool_busy: bool) -> LeaseTerms:
+        """What lease `key` may have now. `pool_busy`: trusted work in flight already fills
+        what the trainer can use before it goes stale (newcomers' leases are not counted
+        there: they have their own shared slots)."""
+        node = self.ledger.node(key)
+        if node is None or node["banned_at"] is not None:
+            return LeaseTerms("banned", reason="not a member, or banned")
+        seen = self.ledger.activity(key, now - self.config.window_s)
+        if node["probation"]:
+            return self._probation_terms(seen.open + self.ledger.pending_count(key), seen.expired)
+        quota = min(self.max_open, 1 + seen.answered // 2) - seen.expired
+        if seen.open >= max(quota, 0):
+            return LeaseTerms(
+                "quota",
+                reason=f"this node holds {seen.open} of the {max(quota, 0)} leases it may hold",
+                retry_after_s=QUOTA_RETRY_S,
+            )
+        if pool_busy:
+            return LeaseTerms(
+                "busy", reason="enough work in flight; try shortly", retry_after_s=0.5
+            )
+        return LeaseTerms("ok", prompts=self.lease_prompts)
+
+    def _probation_terms(self, unfinished: int, expired: int) -> LeaseTerms:
+        # One lease at a time, and the next only once the last answer has its verdict: a
+        # newcomer cannot queue up work we have not judged yet.
+        if unfinished >= 1 or expired >= 1:
+            why = "one lease at a time on probation" if unfinished else "a lease expired"
+            return LeaseTerms("quota", reason=why, retry_after_s=QUOTA_RETRY_S)
+        if self.ledger.open_lease_count(probation=True) >= self.config.probation_leases:
+            return LeaseTerms(
+                "busy", reason="newcomers' lease slots are taken; try shortly", retry_after_s=2.0
+            )
+        return LeaseTerms("ok", prompts=1)
+
+    def release_is_fault(self, key: bytes, now: float) -> bool:
+        """Whether one more release by `key` goes beyond its allowance (a soft fault)."""
+        seen = self.ledger.activity(key, now - self.config.window_s)
+        return seen.released >= self.config.release_allowance
+
+    # ------------------------------------------------------------------ validation
+
+    def tier(self, key: bytes) -> Tier:
+        """Validation order of `key`'s submissions."""
+        node = self.ledger.node(key)
+        if node is None or node["probation"]:
+            return 1
+        budget = (
+            self.config.validation_allowance_s
+            + self.config.validation_ratio * node["accepted_validation_s"]
+        )
+        return 1 if node["validation_s"] > budget else 0
+
+    def probation_check_wait(self, now: float) -> float:
+        """Take one validation from the shared newcomers' budget: 0, or seconds to wait."""
+        return self._probation_checks.take(now)

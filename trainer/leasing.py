@@ -1,0 +1,161 @@
+"""Leases: issue, release, expiry.
+
+A lease is issued only on the admission policy's terms (probation, quota) and only while more
+work would not go stale before the trainer can use it. Expired, released and revoked leases
+give their prompts back to `LeaseBook`, barred from the node that gave them up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from protocol import messages as msg
+from protocol.poolspec import PoolSpec
+from trainer.admission import Admission
+from trainer.leases import LeaseBook, task_seed
+from trainer.ledger import Ledger
+from trainer.view import Progress
+
+log = logging.getLogger("swarmrl.leases")
+
+
+class LeaseService:
+    def __init__(
+        self,
+        spec: PoolSpec,
+        ledger: Ledger,
+        admission: Admission,
+        n_prompts: int,
+        prompt_ids: Callable[[int], list[int]],
+        sampling: msg.SamplingWire,
+        progress: Callable[[], Progress],
+        max_steps: int | None = None,
+    ) -> None:
+        self.spec = spec
+        self.ledger = ledger
+        self.admission = admission
+        self.book = LeaseBook(spec.seed, n_prompts)
+        self._prompt_ids = prompt_ids
+        self.sampling = sampling
+        self._progress = progress
+        self.max_steps = max_steps
+
+    async def on_lease(self, v: Any) -> msg.LeaseReply:
+        now = time.time()
+        at = self._progress()
+        held = min(v.message.weight_version, at.version)
+        min_version = max(0, at.version - self.spec.limits.max_staleness)
+        if held < min_version:
+            return msg.LeaseReply(
+                code="fetch_weights",
+                retry_after_s=1.0,
+                reason=f"weights v{held} are too old; fetch v{at.version} first",
+            )
+        if self.max_steps is not None and at.step >= self.max_steps:
+            return msg.LeaseReply(code="finished", retry_after_s=5.0, reason="training finished")
+        terms = self.admission.lease_terms(v.signer, now, self._enough_work(at.step))
+        if terms.code != "ok":
+            return msg.LeaseReply(
+                code=terms.code, retry_after_s=terms.retry_after_s, reason=terms.reason
+            )
+        lease = self._issue(v.signer, now, held, min_version, terms.prompts)
+        return msg.LeaseReply(lease=lease)
+
+    def _issue(
+        self, node: bytes, now: float, held: int, min_version: int, n_tasks: int
+    ) -> msg.Lease:
+        deadline = now + self.spec.limits.lease_timeout_s
+
+        def plan(counter: int) -> list[int]:
+            return self.book.plan(node, counter, n_tasks, now)
+
+        def build(
+            lease_id: int, counter: int, draws: list[tuple[int, int]]
+        ) -> tuple[list[dict[str, Any]], bytes]:
+            tasks = [
+                {
+                    "prompt_index": p,
+                    "draw": d,
+                    "prompt_ids": self._prompt_ids(p),
+                    "seed": task_seed(self.spec.seed, p, d),
+                    "group_size": self.spec.sampling.group_size,
+                }
+                for p, d in draws
+            ]
+            lease = msg.Lease(
+                lease_id=lease_id,
+                node=node,
+                counter=counter,
+                weight_version=held,
+                min_version=min_version,
+                tasks=[msg.LeaseTask(**{k: v for k, v in t.items() if k != "draw"}) for t in tasks],
+                sampling=self.sampling,
+                deadline_ms=int(deadline * 1000),
+            )
+            return tasks, msgspec.msgpack.encode(lease)
+
+        _, _, _, body = self.ledger.issue_lease(node, now, deadline, held, plan, build)
+        return msgspec.msgpack.decode(body, type=msg.Lease)
+
+    async def on_release(self, v: Any) -> msg.Receipt:
+        lease_id = v.message.lease_id
+        now = time.time()
+        fault = self.admission.release_is_fault(v.signer, now)
+        if not self.ledger.release_lease(lease_id, v.signer, now, fault=fault):
+            return msg.Receipt(
+                lease_id=lease_id,
+                queued=False,
+                code="refused",
+                reason="no such open lease of yours",
+            )
+        self.give_back([lease_id], now)
+        why = "released (beyond the allowance: a soft fault)" if fault else "released"
+        return msg.Receipt(lease_id=lease_id, queued=False, code="released", reason=why)
+
+    def give_back(self, lease_ids: list[int], now: float) -> None:
+        """The prompts of closed, unanswered leases go to others (never straight back)."""
+        until = now + self.admission.config.window_s
+        for lease_id in lease_ids:
+            lease = self.ledger.lease(lease_id)
+            if lease is not None:
+                prompts = [t["prompt_index"] for t in lease["tasks"]]
+                self.book.return_prompts(prompts, lease["node"], until)
+
+    async def expire_forever(self, every_s: float = 1.0) -> None:
+        while True:
+            now = time.time()
+            expired = self.ledger.expire_leases(now)
+            if expired:
+                log.info("leases %s expired; their prompts go to other nodes", expired)
+                self.give_back(expired, now)
+            await trio.sleep(every_s)
+
+    def _enough_work(self, step: int) -> bool:
+        """Whether another trusted lease would only produce groups that go stale before
+        training.
+
+        Two bounds, in groups. Done work (accepted and trainable, or submitted and not yet
+        validated) waits for the trainer: past one batch of it, the trainer is the bottleneck
+        and more would wait its staleness away. Done plus leased work (what trusted nodes are
+        still generating) stays within the batches the staleness window can train. Measured on
+        the default swarm (docs/swarm.md): a single bound of 6 batches on both dropped 61% of
+        the accepted groups as stale; these two drop ~15% and finish sooner. Newcomers' leases
+        are left out: they have their own shared slots, so they cannot crowd trusted work out.
+        """
+        b = self.spec.algorithm.batch_prompts
+        per_lease = self.spec.limits.lease_prompts
+        done = self.ledger.count_trainable(step + 1 - self.spec.limits.max_staleness)
+        done += self.ledger.pending_count() * per_lease
+        leased = self.ledger.open_lease_count() * per_lease
+        return done >= b or done + leased >= in_flight_groups(self.spec)
+
+
+def in_flight_groups(spec: PoolSpec) -> int:
+    """Groups done or leased that the staleness window can still train."""
+    return max(1, spec.limits.max_staleness) * spec.algorithm.batch_prompts

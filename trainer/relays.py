@@ -1,0 +1,117 @@
+"""The weights sources the coordinator hands out, and what nodes say about where theirs came from.
+
+A relay URL a node advertises is a claim. It is handed to other nodes only after the
+coordinator has checked that it serves the current signed manifest, and it is checked again
+every `recheck_s`: one that lies, stalls or trickles drops out of the list. Checks run in the
+background with an overall deadline each, and the API reads their cached results, so no page
+view ever makes a request to a node-chosen address.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import trio
+
+from trainer.view import RelayStatus
+
+log = logging.getLogger("swarmrl.relays")
+
+Probe = Callable[[str, int], Awaitable[str | None]]
+"""probe(url, version): None when `url` serves `version`'s signed manifest, else a reason code."""
+
+MAX_NODE_RELAYS = 256
+MAX_URLS_HANDED_OUT = 32
+
+
+@dataclass
+class _Relay:
+    url: str
+    node: bytes | None
+    verified: bool = False
+    checked_at: float = 0.0
+    error: str | None = "not checked yet"
+
+
+def acceptable_url(url: str) -> bool:
+    """A plain http(s) URL of bounded length with a host: the only shape we will probe."""
+    if len(url) > 256:
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.username
+
+
+class RelayDirectory:
+    def __init__(self, spec_relays: list[str], probe: Probe, recheck_s: float = 30.0) -> None:
+        # Relays named in the pool spec are the operator's: handed out as they are.
+        self._spec = list(spec_relays)
+        self._probe = probe
+        self.recheck_s = recheck_s
+        self._relays: dict[bytes, _Relay] = {}
+        self._sources: dict[bytes, dict[str, int]] = {}
+        self._changed = trio.Event()
+
+    def advertise(self, node: bytes, url: str) -> bool:
+        """`node` says it relays at `url` (checked before anyone is sent there)."""
+        if not acceptable_url(url):
+            return False
+        known = self._relays.get(node)
+        if known is not None and known.url == url:
+            return True
+        if known is None and len(self._relays) >= MAX_NODE_RELAYS:
+            return False
+        self._relays[node] = _Relay(url, node)
+        self._changed.set()
+        return True
+
+    def forget(self, node: bytes) -> None:
+        """A banned node: its relay and its reports go."""
+        self._relays.pop(node, None)
+        self._sources.pop(node, None)
+
+    def note_sources(self, node: bytes, fetched: dict[str, int]) -> None:
+        """Bytes `node` says it fetched from each URL (its latest heartbeat; shown only)."""
+        self._sources[node] = dict(fetched)
+
+    def sources(self, node: bytes) -> dict[str, int]:
+        return dict(self._sources.get(node, {}))
+
+    def weights_urls(self, origin_url: str | None) -> list[str]:
+        urls = [origin_url] if origin_url else []
+        urls += self._spec
+        urls += [r.url for r in self._relays.values() if r.verified]
+        return urls[:MAX_URLS_HANDED_OUT]
+
+    def statuses(self) -> list[RelayStatus]:
+        out = [RelayStatus(url, None, True, 0.0) for url in self._spec]
+        out += [
+            RelayStatus(r.url, r.node.hex() if r.node else None, r.verified, r.checked_at, r.error)
+            for r in self._relays.values()
+        ]
+        return out
+
+    async def check_forever(self, version: Callable[[], int]) -> None:
+        """Check every advertised relay now and then (new ones at once)."""
+        while True:
+            await self.check_all(version())
+            self._changed = trio.Event()
+            with trio.move_on_after(self.recheck_s):
+                await self._changed.wait()
+
+    async def check_all(self, version: int) -> None:
+        async with trio.open_nursery() as nursery:
+            for relay in list(self._relays.values()):
+                nursery.start_soon(self._check, relay, version)
+
+    async def _check(self, relay: _Relay, version: int) -> None:
+        error = await self._probe(relay.url, version)
+        if relay.verified and error is not None:
+            log.warning("relay %s dropped: %s", relay.url, error)
+        relay.verified, relay.error, relay.checked_at = error is None, error, time.time()
