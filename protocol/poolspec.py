@@ -20,17 +20,20 @@ import msgspec
 from protocol.errors import PoolSpecError
 
 POOL_ID_CHARS = 24
+UNHASHED_TABLES = ("algorithm", "trainer")
+"""Tables of a pool file that hold the coordinator's own settings (trainer/config.py): not part
+of the spec nor of its id, so changing the learning rate keeps the pool."""
 
 Scalar = str | int | float | bool
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     pass
 
 
-class CoordinatorSection(_Section):
+class CoordinatorSection(Section):
     public_key: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
     """Hex ed25519 key that signs leases, manifests and announcements."""
     bootstrap: list[str] = []
@@ -41,7 +44,7 @@ class CoordinatorSection(_Section):
     """SHARDCAST relay URLs nodes may fetch weights from."""
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     name: str = "tiny"
     """A preset (`tiny`, `smollm2-135m`) or a Hugging Face model folder."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -50,7 +53,7 @@ class ModelSection(_Section):
     """Seed of the random initialisation of the `tiny` preset."""
 
 
-class TaskSection(_Section):
+class TaskSection(Section):
     name: str = "sort"
     """Task: copy, sort, mod_add, arithmetic, gsm8k (see `trainer/tasks.py`)."""
     options: dict[str, Scalar] = {}
@@ -63,7 +66,7 @@ class TaskSection(_Section):
     (package.module:function). Empty: the task's own."""
 
 
-class SamplingSection(_Section):
+class SamplingSection(Section):
     temperature: Positive = 1.0
     """Sampling temperature; logprobs and the trainer use the same one."""
     top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -76,46 +79,7 @@ class SamplingSection(_Section):
     """G: completions sampled per prompt."""
 
 
-class AlgorithmSection(_Section):
-    loss_type: Literal["dapo", "grpo", "dr_grpo", "gspo"] = "dapo"
-    """Normalisation: dapo (token-level over the batch), grpo (per sequence), dr_grpo
-    (by the length cap), gspo (sequence-level ratio)."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Divide advantages by the group std, the batch std, or not at all (Dr. GRPO)."""
-    epsilon_low: float = 0.2
-    """Lower clip of the ratio (1 - epsilon_low)."""
-    epsilon_high: float = 0.28
-    """Upper clip of the ratio (1 + epsilon_high; DAPO clip-higher)."""
-    delta: float = 4.0
-    """Upper cap of the ratio for negative advantages (two-sided clipping)."""
-    beta: float = 0.0
-    """KL coefficient to the frozen reference; 0 turns the reference off."""
-    entropy_coef: float = 0.0
-    """Entropy bonus coefficient."""
-    is_cap: float = 4.0
-    """Off-policy trust band: tokens whose ratio pi_theta / pi_behaviour leaves
-    [1/is_cap, is_cap] are masked out of the loss (stale or mismatched samples); 0 disables."""
-    mask_truncated: bool = False
-    """Leave completions cut by the length cap out of the loss (DAPO)."""
-    lr: Positive = 1e-5
-    """AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Gradient norm clip; 0 turns it off."""
-    warmup_steps: int = 0
-    """Linear learning-rate warm-up steps."""
-    batch_prompts: Count = 8
-    """B: validated groups (prompts) per optimizer step."""
-    micro_batch: Count = 8
-    """Sequences per forward/backward pass (gradient accumulation)."""
-    publish_every: Count = 1
-    """Publish new weights every N optimizer steps."""
-    full_every: Count = 10
-    """Publish a full checkpoint every N versions; deltas in between."""
-
-
-class LimitsSection(_Section):
+class LimitsSection(Section):
     max_staleness: Annotated[int, msgspec.Meta(ge=0)] = 2
     """A group generated with version v trains step n only if n - v <= max_staleness."""
     lease_prompts: Count = 4
@@ -128,7 +92,7 @@ class LimitsSection(_Section):
     """Requests per second allowed per peer."""
 
 
-class AdmissionSection(_Section):
+class AdmissionSection(Section):
     """How an open pool prices identities and earns trust (docs/security.md has the arithmetic).
     Part of the pool id: every node can read the rules it is held to."""
 
@@ -140,8 +104,9 @@ class AdmissionSection(_Section):
     """Accepted submissions that end a new identity's probation."""
     probation_leases: Count = 2
     """Open leases that all identities on probation share (one each, one prompt each)."""
-    probation_validations_per_min: Positive = 12.0
-    """Validations per minute that all identities on probation share."""
+    probation_validation_s: Positive = 6.0
+    """Prefill seconds per minute that all identities on probation share (the coordinator's
+    own measured time: a flood of newcomers costs at most this)."""
     max_leases_per_node: Count = 4
     """Most open leases one trusted node may hold; its quota grows to this with answered
     leases and shrinks with expired ones."""
@@ -160,7 +125,7 @@ class AdmissionSection(_Section):
     validation_ratio: Positive = 2.0
 
 
-class VerificationSection(_Section):
+class VerificationSection(Section):
     toploc_max_exp_mismatches: int = 38
     """TOPLOC thresholds per 32-token chunk (the published values for k = 128)."""
     toploc_max_mant_err_mean: float = 10.0
@@ -173,7 +138,7 @@ class VerificationSection(_Section):
     """Largest accepted |reported - recomputed| logprob; 0 takes the calibrated default."""
 
 
-class PoolSpec(_Section):
+class PoolSpec(Section):
     name: str
     """A name for people; the pool id is what identifies the pool."""
     coordinator: CoordinatorSection
@@ -182,7 +147,6 @@ class PoolSpec(_Section):
     model: ModelSection = ModelSection()
     task: TaskSection = TaskSection()
     sampling: SamplingSection = SamplingSection()
-    algorithm: AlgorithmSection = AlgorithmSection()
     limits: LimitsSection = LimitsSection()
     admission: AdmissionSection = AdmissionSection()
     verification: VerificationSection = VerificationSection()
@@ -205,20 +169,32 @@ def from_dict(data: dict[str, Any]) -> PoolSpec:
         raise PoolSpecError(f"invalid pool spec: {e}") from None
 
 
-def loads(text: str) -> PoolSpec:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise PoolSpecError(f"pool spec is not valid TOML: {e}") from None
-    return from_dict(data)
-
-
-def load(path: Path) -> PoolSpec:
+def read_tables(path: Path) -> dict[str, Any]:
+    """A pool file's TOML, whole (the spec and the coordinator's unhashed tables)."""
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise PoolSpecError(f"cannot read pool spec {path}: {e.strerror}") from None
-    return loads(text)
+    return parse_toml(text)
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PoolSpecError(f"pool spec is not valid TOML: {e}") from None
+
+
+def hashed_part(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in tree.items() if k not in UNHASHED_TABLES}
+
+
+def loads(text: str) -> PoolSpec:
+    return from_dict(hashed_part(parse_toml(text)))
+
+
+def load(path: Path) -> PoolSpec:
+    return from_dict(hashed_part(read_tables(path)))
 
 
 def from_canonical(data: bytes, expected_id: str) -> PoolSpec:
@@ -237,11 +213,12 @@ def from_canonical(data: bytes, expected_id: str) -> PoolSpec:
     return spec
 
 
-def dumps(spec: PoolSpec, comments: bool = False) -> str:
+def dumps(spec: Section, comments: bool = False) -> str:
     """TOML text of a spec (every field), which `loads` reads back to an equal spec; with
-    `comments`, each field's documentation is written above it."""
+    `comments`, each field's documentation is written above it. Works for any tree of
+    `Section`s (the trainer's config too)."""
     tree = msgspec.to_builtins(spec)
-    docs = _field_docs() if comments else {}
+    docs = field_docs(type(spec)) if comments else {}
 
     def field_lines(section: str, values: dict[str, Any]) -> list[str]:
         out = []
@@ -260,32 +237,42 @@ def dumps(spec: PoolSpec, comments: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _field_docs() -> dict[str, str]:
-    """The docstrings under fields in this module's classes, keyed "section.field"."""
+def field_docs(root: type[Section]) -> dict[str, str]:
+    """The docstrings under the fields of `root` and of its sections, keyed "section.field"
+    (read from the source of the modules that define them)."""
     import ast
     import inspect
     import sys
 
-    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
-    by_class: dict[str, dict[str, str]] = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            docs = by_class.setdefault(node.name, {})
-            for stmt, nxt in zip(node.body, node.body[1:], strict=False):
-                if (
-                    isinstance(stmt, ast.AnnAssign)
-                    and isinstance(stmt.target, ast.Name)
-                    and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)
-                ):
-                    docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
-    out = {k: v for k, v in by_class.get("PoolSpec", {}).items()}
-    for name, hint in PoolSpec.__annotations__.items():
-        cls_name = hint if isinstance(hint, str) else getattr(hint, "__name__", "")
-        for field_name, doc in by_class.get(cls_name, {}).items():
-            out[f"{name}.{field_name}"] = doc
+    def class_docs(cls: type) -> dict[str, str]:
+        tree = ast.parse(inspect.getsource(sys.modules[cls.__module__]))
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
+                docs = {}
+                for stmt, nxt in zip(node.body, node.body[1:], strict=False):
+                    if (
+                        isinstance(stmt, ast.AnnAssign)
+                        and isinstance(stmt.target, ast.Name)
+                        and isinstance(nxt, ast.Expr)
+                        and isinstance(nxt.value, ast.Constant)
+                        and isinstance(nxt.value.value, str)
+                    ):
+                        docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+                return docs
+        return {}
+
+    out = class_docs(root)
+    for name, hint in _hints(root).items():
+        if isinstance(hint, type) and issubclass(hint, Section):
+            for field_name, doc in class_docs(hint).items():
+                out[f"{name}.{field_name}"] = doc
     return out
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls, include_extras=False)
 
 
 def _toml_value(v: Any) -> str:

@@ -8,9 +8,9 @@ for newcomers that all newcomers SHARE, so a thousand new keys cost what one cos
 - Join: an optional proof of work (`join_pow_bits`) and a pool-wide cap on new identities per
   minute. A banned key stays banned.
 - Probation: a new identity gets one-prompt leases, one at a time, from a small pool of lease
-  slots all newcomers share; its submissions are validated from a shared per-minute budget,
-  after the trusted nodes' work; one proven cheat bans it. `probation_accepts` accepted
-  submissions end probation.
+  slots all newcomers share; its submissions are validated from a shared budget of prefill
+  seconds per minute, after the trusted nodes' work; one proven cheat bans it.
+  `probation_accepts` accepted submissions end probation.
 - Quota: a trusted node's open leases are capped by what it answered lately (1 + answered / 2,
   at most `max_leases_per_node` and half the pool's in-flight budget), minus its expiries in
   the window. Releases beyond `release_allowance` per window are soft faults.
@@ -67,14 +67,27 @@ class TokenBucket:
         self.rate, self.burst = rate, burst
         self.tokens, self.at = burst, now
 
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
+        self.at = max(self.at, now)
+
     def take(self, now: float) -> float:
         """0 when a token was taken, else the seconds until one is there."""
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
+        self._refill(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / self.rate
+
+    def wait(self, now: float) -> float:
+        """0 while any budget is left (it may then be overdrawn by `charge`), else the seconds
+        until it is positive again."""
+        self._refill(now)
+        return 0.0 if self.tokens > 0 else -self.tokens / self.rate + 1e-3
+
+    def charge(self, amount: float, now: float) -> None:
+        self._refill(now)
+        self.tokens -= amount
 
 
 class Admission:
@@ -99,8 +112,8 @@ class Admission:
         now = time.time() if now is None else now
         per_min = config.new_identities_per_min
         self._newcomers = TokenBucket(per_min / 60.0, max(1.0, per_min), now)
-        budget = config.probation_validations_per_min
-        self._probation_checks = TokenBucket(budget / 60.0, max(1.0, budget / 6.0), now)
+        budget = config.probation_validation_s
+        self._probation_seconds = TokenBucket(budget / 60.0, budget / 6.0, now)
 
     # ------------------------------------------------------------------ rules (ledger)
 
@@ -196,5 +209,9 @@ class Admission:
         return 1 if node["validation_s"] > budget else 0
 
     def probation_check_wait(self, now: float) -> float:
-        """Take one validation from the shared newcomers' budget: 0, or seconds to wait."""
-        return self._probation_checks.take(now)
+        """0 when the newcomers' shared prefill budget has seconds left, else how long until
+        it has (charge what the prefill took with `charge_probation`)."""
+        return self._probation_seconds.wait(now)
+
+    def charge_probation(self, seconds: float, now: float) -> None:
+        self._probation_seconds.charge(seconds, now)

@@ -18,6 +18,7 @@ from protocol.config import apply_overrides
 from protocol.errors import SwarmError
 from protocol.identity import Identity, describe, peer_id_of
 from protocol.paths import swarmrl_home
+from trainer import config as trainer_config
 from trainer.presets import PRESETS
 
 DEFAULT_KEY = swarmrl_home() / "coordinator.key"
@@ -122,7 +123,16 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a pool spec field (this changes the pool id)",
+        help="override a setting: algorithm.KEY=VALUE (the training settings) keeps the pool "
+        "id; any other pool spec field changes it",
+    )
+    run.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="TOML with [algorithm] settings over the pool file's (repeat: later files win)",
     )
     run.set_defaults(run=_run)
 
@@ -168,13 +178,25 @@ def _init(args: argparse.Namespace) -> int:
         "origin": args.origin,
         "relays": args.relay,
     }
-    spec = poolspec.from_dict(apply_overrides(tree, args.set))
+    tree = apply_overrides(tree, args.set)
+    spec = poolspec.from_dict(poolspec.hashed_part(tree))
+    config = trainer_config.from_dict(trainer_config.unhashed_part(tree))
     pid = poolspec.pool_id(spec)
     header = (
-        f"# swarmrl pool spec. Its pool id is {pid}: any change of a value changes it.\n"
-        f"# Run it with: coordinator run {args.output}\n\n"
+        f"# swarmrl pool spec. Its pool id is {pid}: any change of a value above the\n"
+        "# [algorithm] table changes it. Run it with: coordinator run "
+        f"{args.output}\n\n"
     )
-    args.output.write_text(header + poolspec.dumps(spec, comments=True))
+    trainer_part = (
+        "\n# The coordinator's own training settings: not part of the pool id, so they can\n"
+        "# change between runs of the same pool (`coordinator run --set algorithm.lr=...`).\n"
+    )
+    args.output.write_text(
+        header
+        + poolspec.dumps(spec, comments=True)
+        + trainer_part
+        + poolspec.dumps(config, comments=True)
+    )
     print(f"wrote {args.output}")
     print(f"pool id: {pid}")
     return 0
@@ -186,9 +208,12 @@ def _run(args: argparse.Namespace) -> int:
     from trainer.coordinator import Coordinator, RunOptions
 
     spec = poolspec.load(args.spec)
-    if args.set:
-        spec = poolspec.from_dict(apply_overrides(msgspec.to_builtins(spec), args.set))
+    spec_sets = [s for s in args.set if s.split(".", 1)[0] not in poolspec.UNHASHED_TABLES]
+    if spec_sets:
+        spec = poolspec.from_dict(apply_overrides(msgspec.to_builtins(spec), spec_sets))
         print("note: --set changed the pool spec, so the pool id changed too", file=sys.stderr)
+    trainer_sets = [s for s in args.set if s not in spec_sets]
+    config = trainer_config.load(args.spec, args.config, trainer_sets)
     pid = poolspec.pool_id(spec)
     identity = Identity.load(args.key)
     listen = (
@@ -214,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
         wandb_project=args.wandb,
         max_steps=args.max_steps,
     )
-    coordinator = Coordinator(spec, identity, options)
+    coordinator = Coordinator(spec, identity, options, config)
 
     async def main_task() -> None:
         async with trio.open_nursery() as nursery:

@@ -40,6 +40,7 @@ from toploc.models import eos_token_ids, load_model, resolve_dtype
 from toploc.sampling import SamplingParams
 from trainer.admission import Admission
 from trainer.algorithm import GroupAlgorithm
+from trainer.config import AlgorithmSection, TrainerConfig
 from trainer.dashboard.generate import complete
 from trainer.dashboard.series import ACCURACY_FUNCS
 from trainer.grpo import GRPOTrainer
@@ -75,13 +76,21 @@ class RunOptions:
 
 
 class Coordinator:
-    def __init__(self, spec: PoolSpec, identity: Identity, options: RunOptions) -> None:
+    def __init__(
+        self,
+        spec: PoolSpec,
+        identity: Identity,
+        options: RunOptions,
+        config: TrainerConfig | None = None,
+    ) -> None:
         if spec.coordinator.public_key != identity.public_key.hex():
             raise LedgerError(
                 "the key given is not the coordinator key named in the pool spec "
                 f"({spec.coordinator.public_key[:12]}...); use the key `coordinator init` made"
             )
         self.spec = spec
+        self.config = config or TrainerConfig()
+        settings = self.config.algorithm
         self.identity = identity
         self.options = options
         self.pool_id = poolspec.pool_id(spec)
@@ -111,7 +120,7 @@ class Coordinator:
             identity,
             self.pool_id,
             keep=keep,
-            full_every=spec.algorithm.full_every,
+            full_every=settings.full_every,
         )
         self.sampling = SamplingParams(
             temperature=spec.sampling.temperature,
@@ -123,7 +132,7 @@ class Coordinator:
         self._prompt_ids: dict[int, list[int]] = {}
         self._host: Host | None = None
         self.endpoints: Endpoints | None = None
-        algorithm = GroupAlgorithm(spec.algorithm.scale_rewards)
+        algorithm = GroupAlgorithm(settings.scale_rewards)
 
         # The services, each given only what it needs of the others.
         self.admission = Admission(
@@ -131,12 +140,14 @@ class Coordinator:
             self.pool_id,
             self.ledger,
             lease_prompts=spec.limits.lease_prompts,
-            in_flight_leases=in_flight_groups(spec) // spec.limits.lease_prompts,
+            in_flight_leases=in_flight_groups(spec, settings.batch_prompts)
+            // spec.limits.lease_prompts,
         )
         self.training = TrainingService(
             spec,
+            settings,
             self.ledger,
-            _trainer(spec, model, self.tokenizer),
+            _trainer(spec, settings, model, self.tokenizer),
             algorithm,
             self.policy,
             self.tokenizer,
@@ -150,6 +161,7 @@ class Coordinator:
         self.relays = RelayDirectory(list(spec.coordinator.relays), self._probe_relay)
         self.leases = LeaseService(
             spec,
+            settings.batch_prompts,
             self.ledger,
             self.admission,
             len(self.task.train),
@@ -366,7 +378,7 @@ class CoordinatorView:
             model=spec.model.name,
             dtype=spec.model.dtype,
             task=spec.task.name,
-            algorithm=spec.algorithm.loss_type,
+            algorithm=coord.config.algorithm.loss_type,
             max_staleness=spec.limits.max_staleness,
             temperature=spec.sampling.temperature,
             top_k=spec.sampling.top_k,
@@ -435,16 +447,16 @@ class CoordinatorView:
         return revoked
 
 
-def _trainer(spec: PoolSpec, model: Any, tokenizer: Any) -> GRPOTrainer:
+def _trainer(spec: PoolSpec, settings: AlgorithmSection, model: Any, tokenizer: Any) -> GRPOTrainer:
     return GRPOTrainer(
         model,
-        spec.algorithm,
+        settings,
         spec.sampling.temperature,
         spec.sampling.max_new_tokens,
         compute_dtype=resolve_dtype(spec.model.dtype),
         pad_token_id=tokenizer.pad_token_id,
         ref_model=load_model(spec.model.name, spec.model.dtype, spec.model.init_seed)[0]
-        if spec.algorithm.beta > 0
+        if settings.beta > 0
         else None,
     )
 

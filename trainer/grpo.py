@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from protocol.poolspec import AlgorithmSection
+from trainer.config import AlgorithmSection
 from trainer.loss import LossConfig, batch_normaliser, policy_loss
 
 
@@ -83,6 +83,14 @@ class GRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
+
+    def set_lr(self, lr: float) -> None:
+        """Use `lr` as the base learning rate from now on (the warm-up still scales it)."""
+        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+        factors = self.scheduler.lr_lambdas
+        step = self.scheduler.last_epoch
+        for group, factor in zip(self.optimizer.param_groups, factors, strict=True):
+            group["lr"] = lr * factor(step)
 
     def step(self, groups: list[TrainGroup], current_version: int) -> StepResult:
         """One optimizer step on `groups` (at least one), with their stored advantages."""

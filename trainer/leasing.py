@@ -29,6 +29,7 @@ class LeaseService:
     def __init__(
         self,
         spec: PoolSpec,
+        batch_prompts: int,
         ledger: Ledger,
         admission: Admission,
         n_prompts: int,
@@ -38,6 +39,7 @@ class LeaseService:
         max_steps: int | None = None,
     ) -> None:
         self.spec = spec
+        self.batch_prompts = batch_prompts
         self.ledger = ledger
         self.admission = admission
         self.book = LeaseBook(spec.seed, n_prompts)
@@ -148,14 +150,14 @@ class LeaseService:
         the accepted groups as stale; these two drop ~15% and finish sooner. Newcomers' leases
         are left out: they have their own shared slots, so they cannot crowd trusted work out.
         """
-        b = self.spec.algorithm.batch_prompts
+        b = self.batch_prompts
         per_lease = self.spec.limits.lease_prompts
         done = self.ledger.count_trainable(step + 1 - self.spec.limits.max_staleness)
         done += self.ledger.pending_count() * per_lease
         leased = self.ledger.open_lease_count() * per_lease
-        return done >= b or done + leased >= in_flight_groups(self.spec)
+        return done >= b or done + leased >= in_flight_groups(self.spec, b)
 
 
-def in_flight_groups(spec: PoolSpec) -> int:
+def in_flight_groups(spec: PoolSpec, batch_prompts: int) -> int:
     """Groups done or leased that the staleness window can still train."""
-    return max(1, spec.limits.max_staleness) * spec.algorithm.batch_prompts
+    return max(1, spec.limits.max_staleness) * batch_prompts

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from protocol.poolspec import AlgorithmSection
 from toploc.capture_hf import generate
 from toploc.models import eos_token_ids, load_model, resolve_dtype
 from toploc.sampling import SamplingParams
 from trainer.algorithm import GroupAlgorithm
+from trainer.config import AlgorithmSection
 from trainer.evaluate import evaluate
 from trainer.grpo import GRPOTrainer, Sample, TrainGroup
 from trainer.rewards import score

@@ -188,7 +188,8 @@ class SubmissionService:
             row = self.ledger.submission(item.submission_id)
             if row is None or row["outcome"] is not None:
                 continue  # decided already (e.g. dropped when its node was banned)
-            if self.admission.tier(row["node"]) > 0:
+            shared = self.admission.tier(row["node"]) > 0
+            if shared:
                 wait = self.admission.probation_check_wait(time.time())
                 if wait > 0:
                     # Out of newcomers' budget: back in line, and trusted work that arrives
@@ -196,9 +197,12 @@ class SubmissionService:
                     self.queue.push(item.submission_id, 1)
                     await self.queue.wait_for_arrival(wait)
                     continue
-            await self._validate_one(row)
+            seconds = await self._validate_one(row)
+            if shared:
+                self.admission.charge_probation(seconds, time.time())
 
-    async def _validate_one(self, row: dict[str, Any]) -> None:
+    async def _validate_one(self, row: dict[str, Any]) -> float:
+        """Validate and record; returns the prefill seconds it took."""
         t0 = time.perf_counter()
         version = self._progress().version
         verdict, submission = await trio.to_thread.run_sync(self._validate, row, version)
@@ -215,6 +219,7 @@ class SubmissionService:
         self._note_ban(row["node"], banned)
         if verdict.outcome == "accept":
             self._on_accept()
+        return seconds
 
     def _validate(self, row: dict[str, Any], current: int) -> tuple[Verdict, msg.Submission | None]:
         env = decode(row["raw"], Envelope, max_bytes=len(row["raw"]))

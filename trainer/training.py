@@ -21,6 +21,7 @@ from protocol.poolspec import PoolSpec
 from shardcast.origin import Origin
 from trainer.algorithm import FLAT, GroupAlgorithm
 from trainer.checkpoint import latest_committed, load_checkpoint, save_checkpoint
+from trainer.config import AlgorithmSection
 from trainer.grpo import GRPOTrainer, Sample, TrainGroup
 from trainer.ledger import GroupRecord, Ledger
 from trainer.metrics import RunLog
@@ -35,6 +36,7 @@ class TrainingService:
     def __init__(
         self,
         spec: PoolSpec,
+        settings: AlgorithmSection,
         ledger: Ledger,
         trainer: GRPOTrainer,
         algorithm: GroupAlgorithm,
@@ -47,6 +49,7 @@ class TrainingService:
         max_steps: int | None = None,
     ) -> None:
         self.spec = spec
+        self.settings = settings
         self.ledger = ledger
         self.trainer = trainer
         self.algorithm = algorithm
@@ -75,6 +78,9 @@ class TrainingService:
             load_checkpoint(
                 ckpt, self.trainer.model, self.trainer.optimizer, self.trainer.scheduler
             )
+            # The checkpoint holds the learning rate it was saved with; the config may have
+            # changed it since (it is not part of the pool id), and the config wins.
+            self.trainer.set_lr(self.settings.lr)
             log.info("resumed at step %d (version %d) from %s", self.step, self.version, ckpt.path)
 
     def wake(self) -> None:
@@ -82,7 +88,7 @@ class TrainingService:
         self._work.set()
 
     async def train_forever(self) -> None:
-        b = self.spec.algorithm.batch_prompts
+        b = self.settings.batch_prompts
         while self.max_steps is None or self.step < self.max_steps:
             n = self.step + 1
             min_version = n - self.spec.limits.max_staleness
@@ -123,7 +129,7 @@ class TrainingService:
             len(chosen),
             metrics["step_time_s"],
         )
-        if n % self.spec.algorithm.publish_every == 0:
+        if n % self.settings.publish_every == 0:
             await self.ensure_published(n)
 
     def _train_group(self, g: GroupRecord) -> TrainGroup:

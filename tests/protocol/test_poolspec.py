@@ -118,7 +118,7 @@ def test_invalid_specs_say_what_is_wrong(tmp_path):
     with pytest.raises(PoolSpecError, match="public_key"):
         poolspec.loads('name = "x"\n[coordinator]\npublic_key = "nothex"\n')
     with pytest.raises(PoolSpecError, match="temprature"):
-        poolspec.loads(TOML_A + "\n[algorithm]\ntemprature = 1\n")
+        poolspec.loads(TOML_A + "\n[limits]\ntemprature = 1\n")
     with pytest.raises(PoolSpecError, match="not valid TOML"):
         poolspec.loads("name = ")
     with pytest.raises(PoolSpecError, match="cannot read"):
@@ -140,3 +140,25 @@ def test_overrides():
         apply_overrides(tree, ["novalue"])
     with pytest.raises(SwarmError, match="is a value"):
         apply_overrides(tree, ["name.sub=1"])
+
+
+def test_training_settings_are_not_part_of_the_pool_id(tmp_path):
+    from trainer import config as trainer_config
+
+    base = poolspec.loads(TOML_A)
+    path = tmp_path / "pool.toml"
+    path.write_text(TOML_A + "\n[algorithm]\nlr = 0.5\nbatch_prompts = 3\n")
+    assert poolspec.pool_id(poolspec.load(path)) == poolspec.pool_id(base)
+    cfg = trainer_config.load(path)
+    assert (cfg.algorithm.lr, cfg.algorithm.batch_prompts) == (0.5, 3)
+    extra = tmp_path / "more.toml"
+    extra.write_text("[algorithm]\nlr = 0.25\n")
+    cfg = trainer_config.load(path, [extra], ["algorithm.micro_batch=2"])
+    assert (cfg.algorithm.lr, cfg.algorithm.batch_prompts, cfg.algorithm.micro_batch) == (
+        0.25,
+        3,
+        2,
+    )
+    extra.write_text("[algorithm]\nlearning_rate = 1\n")
+    with pytest.raises(PoolSpecError, match="learning_rate"):
+        trainer_config.load(path, [extra])

@@ -189,7 +189,7 @@ def test_ban_rule_hand_computed(tmp_path):
     # trusted: 2 strikes in the window ban, 1.5 do not
     assert adm.ban_reason(Standing(False, 9, 1.5), ok) is None
     assert adm.ban_reason(Standing(False, 9, 2.0), cheat) is not None
-    assert TRANSPORT_REFUSAL * 4 == adm.config.ban_strikes  # four refusals in 20 verdicts ban
+    assert adm.config.ban_strikes == TRANSPORT_REFUSAL * 4  # four refusals in 20 verdicts ban
 
 
 def test_one_cheat_in_four_is_banned_by_the_window_where_a_running_sum_forgave_it(tmp_path):
@@ -227,6 +227,12 @@ def test_validation_order_and_the_shared_budget():
     assert [bucket.take(0.0) for _ in range(2)] == [0.0, 0.0]
     assert bucket.take(0.0) == pytest.approx(5.0)  # one token every 5 s
     assert bucket.take(5.0) == 0.0
+    # the newcomers' prefill budget: 6 s a minute, bursts of 1 s, charged after the fact
+    seconds = TokenBucket(rate=6 / 60, burst=1.0, now=0.0)
+    assert seconds.wait(0.0) == 0.0
+    seconds.charge(3.0, 0.0)  # one long prefill overdraws it to -2 s
+    assert seconds.wait(0.0) == pytest.approx(20.0, abs=0.01)  # 2 s at 0.1 s/s
+    assert seconds.wait(20.1) == 0.0
 
 
 def test_prefill_spend_beyond_accepted_work_moves_a_node_behind(tmp_path):

@@ -1,9 +1,9 @@
 import torch
 
-from protocol.poolspec import AlgorithmSection
 from toploc.models import load_model
 from toploc.sampling import token_logprobs
 from trainer.algorithm import FLAT, GroupAlgorithm
+from trainer.config import AlgorithmSection
 from trainer.grpo import GRPOTrainer, Sample, TrainGroup
 
 

@@ -11,6 +11,7 @@ from protocol import messages as msg
 from protocol import poolspec
 from protocol.envelope import EnvelopeVerifier, seal
 from protocol.identity import Identity
+from trainer.config import AlgorithmSection, TrainerConfig
 from trainer.coordinator import Coordinator, RunOptions
 
 
@@ -23,12 +24,12 @@ def _coordinator(tmp_path, admission=None, batch_prompts=2, **limits) -> Coordin
             "model": {"name": "tiny", "dtype": "float32"},
             "task": {"name": "copy", "options": {"digits": 1}},
             "sampling": {"group_size": 2, "max_new_tokens": 2},
-            "algorithm": {"batch_prompts": batch_prompts},
             "limits": {"lease_prompts": 1, **limits},
             "admission": admission or {},
         }
     )
-    return Coordinator(spec, key, RunOptions(data_dir=tmp_path))
+    config = TrainerConfig(algorithm=AlgorithmSection(batch_prompts=batch_prompts))
+    return Coordinator(spec, key, RunOptions(data_dir=tmp_path), config)
 
 
 class Member:
@@ -148,3 +149,27 @@ def test_late_answer_is_a_soft_reject(tmp_path):
         assert (node["soft_rejected"], node["hard_rejected"]) == (1, 0)
 
     _play(coord, scenario)
+
+
+def test_a_new_learning_rate_resumes_the_same_pool(tmp_path):
+    key = Identity.generate()
+    spec = poolspec.from_dict(
+        {
+            "name": "t",
+            "coordinator": {"public_key": key.public_key.hex()},
+            "model": {"name": "tiny"},
+            "task": {"name": "copy", "options": {"digits": 1}},
+        }
+    )
+    first = Coordinator(spec, key, RunOptions(data_dir=tmp_path), TrainerConfig())
+    first.training._checkpoint(1)
+    first.ledger.commit_step(1, 1, [], {}, time.time())
+    first.close()
+    faster = TrainerConfig(algorithm=AlgorithmSection(lr=3e-3, warmup_steps=0))
+    again = Coordinator(spec, key, RunOptions(data_dir=tmp_path), faster)
+    try:
+        again.training.restore()  # the checkpoint was saved with the default lr, 1e-5
+        assert again.training.step == 1 and again.pool_id == first.pool_id
+        assert [g["lr"] for g in again.training.trainer.optimizer.param_groups] == [3e-3]
+    finally:
+        again.close()

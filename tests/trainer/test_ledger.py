@@ -164,7 +164,8 @@ WRITER = textwrap.dedent(
     step = led.last_step()[0]
     print("ready", flush=True)
     while True:
-        lease_id, *_ = led.issue_lease(key, 0.0, 1e12, 0, lambda c: [0], lambda i, c, d: ([{}], b"s"))
+        plan, build = (lambda c: [0]), (lambda i, c, d: ([{}], b"s"))
+        lease_id, *_ = led.issue_lease(key, 0.0, 1e12, 0, plan, build)
         sub = led.record_submission(lease_id, key, b"raw", 1.0)
         group = NewGroup(0, 0, 0, [1.0, 0.0], [0.5, -0.5], b"x" * 200, 2)
         led.decide(sub, Decision("accept", "ok", groups=[group]), rules, 2.0)

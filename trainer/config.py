@@ -1,0 +1,90 @@
+"""The coordinator's own training settings: not part of the pool spec, not part of the pool id.
+
+Nodes must agree with the coordinator on the model, the task, sampling, verification, limits
+and admission (the hashed pool spec). How the coordinator optimises (the loss, the learning
+rate, batch sizes, the publishing cadence) is its own business, so it lives here: in the
+`[algorithm]` table of the pool file (which `coordinator init` writes), overridden by any
+`--config FILE` given to `coordinator run`, then by `--set algorithm.KEY=VALUE`. Changing one
+and restarting keeps the pool id, the data dir and the ledger; the optimizer resumes from its
+checkpoint with the new values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from protocol.config import apply_overrides
+from protocol.errors import PoolSpecError
+from protocol.poolspec import UNHASHED_TABLES, Count, Positive, Section, read_tables
+
+
+class AlgorithmSection(Section):
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "gspo"] = "dapo"
+    """Normalisation: dapo (token-level over the batch), grpo (per sequence), dr_grpo
+    (by the length cap), gspo (sequence-level ratio)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group std, the batch std, or not at all (Dr. GRPO)."""
+    epsilon_low: float = 0.2
+    """Lower clip of the ratio (1 - epsilon_low)."""
+    epsilon_high: float = 0.28
+    """Upper clip of the ratio (1 + epsilon_high; DAPO clip-higher)."""
+    delta: float = 4.0
+    """Upper cap of the ratio for negative advantages (two-sided clipping)."""
+    beta: float = 0.0
+    """KL coefficient to the frozen reference; 0 turns the reference off."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    is_cap: float = 4.0
+    """Off-policy trust band: tokens whose ratio pi_theta / pi_behaviour leaves
+    [1/is_cap, is_cap] are masked out of the loss (stale or mismatched samples); 0 disables."""
+    mask_truncated: bool = False
+    """Leave completions cut by the length cap out of the loss (DAPO)."""
+    lr: Positive = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clip; 0 turns it off."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    batch_prompts: Count = 8
+    """B: validated groups (prompts) per optimizer step."""
+    micro_batch: Count = 8
+    """Sequences per forward/backward pass (gradient accumulation)."""
+    publish_every: Count = 1
+    """Publish new weights every N optimizer steps."""
+    full_every: Count = 10
+    """Publish a full checkpoint every N versions; deltas in between."""
+
+
+class TrainerConfig(Section):
+    algorithm: AlgorithmSection = AlgorithmSection()
+
+
+def from_dict(data: dict[str, Any]) -> TrainerConfig:
+    try:
+        return msgspec.convert(data, TrainerConfig)
+    except msgspec.ValidationError as e:
+        raise PoolSpecError(f"invalid trainer config: {e}") from None
+
+
+def unhashed_part(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in tree.items() if k in UNHASHED_TABLES}
+
+
+def load(pool_file: Path, files: list[Path] = (), overrides: list[str] = ()) -> TrainerConfig:
+    """The pool file's unhashed tables, then each of `files` on top, then `overrides`."""
+    tree = unhashed_part(read_tables(pool_file))
+    for f in files:
+        tree = _merge(tree, read_tables(f))
+    return from_dict(apply_overrides(tree, list(overrides)))
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
