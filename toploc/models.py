@@ -1,6 +1,7 @@
 """Model presets that load offline: `tiny` (random Llama, in-memory tokenizer) and SmolLM2-135M.
 
-`load_model(name)` accepts a preset name or any Hugging Face model folder. `model_dir(name)`
+`load_model(name)` accepts a preset name, any Hugging Face model folder, or a Hugging Face id
+(`org/name[@revision]`, resolved through the HF cache: `toploc/hub.py`). `model_dir(name)`
 returns an on-disk folder for the same model (exported once into the cache), which is what
 SHARDCAST publishes and what vLLM loads.
 """
@@ -29,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from protocol.errors import SwarmError
+from toploc.hub import ModelError, ModelNotFoundError, is_hub_id, resolve_hub_id
 
 TINY = "tiny"
 SMOLLM2 = "smollm2-135m"
@@ -55,10 +56,6 @@ TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-
-
-class ModelError(SwarmError):
-    """A model could not be found, exported or loaded."""
 
 
 def cache_root() -> Path:
@@ -195,7 +192,8 @@ def _drop_gguf_entry(config_path: Path) -> None:
 
 
 def model_dir(name: str, init_seed: int = 0) -> Path:
-    """The on-disk HF folder of a preset (exported into the cache on first use) or a path."""
+    """The on-disk HF folder of a preset (exported into the cache on first use), a path, or a
+    Hugging Face id's cached snapshot."""
     if name == TINY:
         # Named by a digest of the vocabulary and config, so a changed preset never reuses a
         # stale cached folder.
@@ -220,19 +218,26 @@ def model_dir(name: str, init_seed: int = 0) -> Path:
         _drop_gguf_entry(target / "config.json")
         return target
     path = Path(name).expanduser()
-    if not (path / "config.json").exists():
-        raise ModelError(
-            f"unknown model {name!r}: neither a preset ({TINY}, {SMOLLM2}) "
-            "nor a folder with config.json"
-        )
-    return path
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(
+                f"model folder {path} has no config.json: give a Hugging Face model folder "
+                "(config.json, *.safetensors, tokenizer files)"
+            )
+        return path
+    if is_hub_id(name):
+        return resolve_hub_id(name)
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: not a preset ({TINY}, {SMOLLM2}), not a folder, and not a "
+        "Hugging Face id (org/name)"
+    )
 
 
 def load_model(
     name: str, dtype: str | torch.dtype = "float32", init_seed: int = 0, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a preset (`tiny`, `smollm2-135m`) or an HF folder; returns (model in eval mode,
-    tokenizer with a pad token and left padding)."""
+    """Load a preset (`tiny`, `smollm2-135m`), an HF folder or an HF id; returns (model in eval
+    mode, tokenizer with a pad token and left padding)."""
     torch_dtype = resolve_dtype(dtype)
     if name == TINY:
         # Built in memory (no disk round trip); identical to what model_dir("tiny") saves.

@@ -1,17 +1,16 @@
 """Tasks: prompts with their reference columns, reward functions, and how to render a prompt.
 
 Procedural tasks are generated from a seed (same seed, same prompts, on every machine), split
-into disjoint train and test sets. File tasks read GSM8K-style JSONL (`question`, `answer` with
-`#### <number>`), Parquet, or a local Hugging Face `datasets` folder.
+into disjoint train and test sets. The `dataset` task reads any Hugging Face `datasets` source
+(`trainer/data.py`); `gsm8k` is the same with GSM8K's columns (`question`, `answer` with
+`#### <number>`) and math-verify.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from protocol.errors import SwarmError
@@ -24,6 +23,9 @@ class Example:
     """The question, before any chat template."""
     columns: dict[str, Any]
     """Reference fields passed to reward functions by name, e.g. `answer`."""
+    messages: tuple[dict[str, str], ...] | None = None
+    """A conversational prompt (TRL's format), rendered with the chat template; `prompt` is
+    then its last message's text."""
 
 
 @dataclass
@@ -40,9 +42,14 @@ class Task:
 
     def render(self, example: Example, tokenizer: Any) -> str:
         """The exact text the model continues."""
+        if example.messages is not None and not self.chat:
+            raise SwarmError(
+                f"task {self.name!r}: a prompt is a chat conversation but chat is off (the "
+                "model has no chat template): use a model with one, or plain-text prompts"
+            )
         if not self.chat:
             return example.prompt + self.prefill
-        messages = [{"role": "user", "content": example.prompt}]
+        messages = list(example.messages or [{"role": "user", "content": example.prompt}])
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text + self.prefill
 
@@ -129,51 +136,30 @@ def arithmetic_task(
 def gsm8k_task(
     path: str, seed: int, test_fraction: float = 0.1, chat: bool = True, prefill: str = ""
 ) -> Task:
-    """GSM8K-format rows (`question`, `answer` ending in `#### <number>`) from JSONL, Parquet or
-    a local Hugging Face `datasets` folder; the gold answer is the number after ####."""
-    rows = _read_rows(Path(path))
-    examples = []
-    for i, row in enumerate(rows):
-        if "question" not in row or "answer" not in row:
-            raise SwarmError(f"{path}: row {i} lacks a 'question' or an 'answer' field")
-        gold = str(row["answer"]).split("####")[-1].strip().replace(",", "")
-        examples.append(Example(str(row["question"]), {"answer": gold}))
-    random.Random(seed).shuffle(examples)
-    n_test = max(1, int(len(examples) * test_fraction))
-    return Task(
-        "gsm8k",
-        examples[n_test:],
-        examples[:n_test],
-        [WeightedReward(math_verify_reward)],
+    """GSM8K-format rows (`question`, `answer` ending in `#### <number>`) from any dataset
+    source; the gold answer is the number after ####, checked with math-verify."""
+    from trainer.data import NO_EVAL_SPLIT, dataset_task
+
+    task = dataset_task(
+        seed,
+        path,
+        eval_split=NO_EVAL_SPLIT,
+        prompt_column="question",
+        answer_column="answer",
+        test_fraction=test_fraction,
         chat=chat,
         prefill=prefill,
-        options={"path": path},
     )
+    task.name, task.options = "gsm8k", {"path": path}
+    task.rewards = [WeightedReward(math_verify_reward)]
+    return task
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise SwarmError(f"no dataset at {path}")
-    if path.is_dir():
-        import datasets
+def _dataset_task(**options: Any) -> Task:
+    # Imported on use: trainer.data builds on this module's Task and Example.
+    from trainer.data import dataset_task
 
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"]
-        return [dict(r) for r in ds]
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    rows = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SwarmError(f"{path}:{n}: not JSON: {e}") from None
-    return rows
+    return dataset_task(**options)
 
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -182,6 +168,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "mod_add": mod_add_task,
     "arithmetic": arithmetic_task,
     "gsm8k": gsm8k_task,
+    "dataset": _dataset_task,
 }
 
 
@@ -204,4 +191,9 @@ def make_task(
         task.train = task.train[:limit]
     if rewards:
         task.rewards = rewards
+    if not task.rewards:
+        raise SwarmError(
+            f"task {name!r} has no reward: give the dataset an answer column "
+            "(--answer-column) or name reward functions (--reward NAME)"
+        )
     return task
