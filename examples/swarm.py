@@ -420,21 +420,17 @@ class Swarm:
         db.row_factory = sqlite3.Row
         return db
 
-    def recent_reward(self) -> float | None:
+    def recent_reward(self, accepted_groups: int) -> float | None:
         """Mean reward of the accepted groups of the newest two versions (flat groups
         included: the trainer's own metric sees only the informative ones)."""
         try:
-            db = self.ledger()
-            try:
-                rows = db.execute(
-                    """SELECT rewards FROM groups WHERE weight_version >=
-                       (SELECT MAX(weight_version) - 1 FROM groups)"""
-                ).fetchall()
-            finally:
-                db.close()
-        except sqlite3.Error:
+            groups = self.all_groups(max(0, accepted_groups - 8 * self.batch_prompts))
+        except (OSError, ValueError):
             return None
-        values = [x for r in rows for x in json.loads(r[0])]
+        if not groups:
+            return None
+        newest = max(g["weight_version"] for g in groups)
+        values = [x for g in groups if g["weight_version"] >= newest - 1 for x in g["rewards"]]
         return sum(values) / len(values) if values else None
 
     # ------------------------------------------------------------------ the run
@@ -517,7 +513,19 @@ class Swarm:
             "verdicts": self.api("/api/verdicts?limit=1000"),
             "steps": self.api("/api/steps"),
             "versions": self.api("/api/versions"),
+            "groups": self.all_groups(),
+            "integrity": self.api("/api/ledger/integrity"),
         }
+
+    def all_groups(self, since_id: int = 0) -> list[dict[str, Any]]:
+        """Every accepted group after `since_id`, page by page (GET /api/groups)."""
+        out: list[dict[str, Any]] = []
+        while True:
+            page = self.api(f"/api/groups?since_id={since_id}&limit=5000")
+            out += page
+            if len(page) < 5000:
+                return out
+            since_id = page[-1]["id"]
 
     def drain_validation(self, limit_s: float = 60.0) -> None:
         """Let the coordinator decide what it has received before anyone is judged: a
@@ -553,7 +561,7 @@ class Swarm:
                     banned.append(nodes[n["key"]].name.removeprefix("cheat-"))
         except (OSError, ValueError):
             pass
-        reward = self.recent_reward()
+        reward = self.recent_reward(s["counts"]["accepted_groups"])
         alive = sum(p.alive for p in self.procs if p.role in ("honest", "byzantine"))
         c = s["counts"]
         self.say(
@@ -648,34 +656,7 @@ class Swarm:
     # ------------------------------------------------------------------ the report
 
     def report(self, finished: bool, facts: dict[str, Any]) -> dict[str, Any]:
-        # Groups (rewards, training, duplicates) have no API endpoint: read from the ledger.
-        db = self.ledger()
-        try:
-            groups = [
-                {**dict(r), "rewards": json.loads(r["rewards"])}
-                for r in db.execute("SELECT * FROM groups ORDER BY id")
-            ]
-            integrity = self.group_integrity(db)
-        finally:
-            db.close()
-        return self._report(finished, facts, groups, integrity)
-
-    @staticmethod
-    def group_integrity(db: sqlite3.Connection) -> dict[str, int]:
-        """No group recorded twice for a lease's task; no accepted submission missing groups."""
-        dup = db.execute(
-            """SELECT COUNT(*) FROM (SELECT s.lease_id, g.task_index, COUNT(*) c FROM groups g
-               JOIN submissions s ON s.id = g.submission_id
-               GROUP BY s.lease_id, g.task_index HAVING c > 1)"""
-        ).fetchone()[0]
-        missing = 0
-        for row in db.execute(
-            """SELECT l.tasks, (SELECT COUNT(*) FROM groups g WHERE g.submission_id = s.id)
-               FROM submissions s JOIN leases l ON l.id = s.lease_id
-               WHERE s.outcome = 'accept'"""
-        ):
-            missing += len(json.loads(row[0])) - row[1]
-        return {"duplicate_groups": dup, "missing": missing}
+        return self._report(finished, facts, facts["groups"], facts["integrity"])
 
     def owners(self) -> dict[str, Proc]:
         """Every key a node process used (a sybil uses several, listed in its stats file)."""
@@ -818,7 +799,7 @@ class Swarm:
         # submission missing groups; nothing seen before a crash missing after it.
         step_numbers = [s["step"] for s in steps]
         per_step = Counter(g["trained_step"] for g in groups if g["trained_step"] is not None)
-        dup, missing = integrity["duplicate_groups"], integrity["missing"]
+        dup, missing = integrity["duplicate_groups"], integrity["missing_groups"]
         ids = {g["id"] for g in groups}
         lost_in_crash = sum(len(set(c["ledger_group_ids"]) - ids) for c in self.crash_checks)
         crash_ok = all(

@@ -167,6 +167,21 @@ def create_api(view: PoolView, operator: Operator, operator_token: str | None) -
                 break
         return out
 
+    @app.get("/api/groups")
+    def groups(
+        since_id: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=5000)
+    ) -> list[dict[str, Any]]:
+        """Accepted groups after `since_id`, oldest first (page with the last id): the node
+        that sent each, rewards, the advantages it was trained on, the step that trained it
+        or why it was dropped."""
+        return [{**g, "node": g["node"].hex()} for g in ledger.groups_page(since_id, limit)]
+
+    @app.get("/api/ledger/integrity")
+    def integrity() -> dict[str, int]:
+        """The ledger's promises, audited: no group recorded twice for one task of a lease,
+        none missing from an accepted submission."""
+        return ledger.integrity()
+
     @app.get("/api/contributions", response_model=None)
     def contributions_ledger(download: bool = False) -> list[dict[str, Any]] | JSONResponse:
         """What each node contributed, most verified tokens first: groups accepted and trained,

@@ -793,6 +793,44 @@ class Ledger:
             out.append(row)
         return out
 
+    def groups_page(self, since_id: int, limit: int) -> list[dict[str, Any]]:
+        """Accepted groups after `since_id`, oldest first, without payloads: who sent them,
+        rewards, the advantages trained on, when trained or why dropped."""
+        rows = self._db.execute(
+            """SELECT g.id, g.submission_id, s.lease_id, s.node, g.task_index, g.prompt_index,
+                 g.weight_version, g.rewards, g.advantages, g.trained_step, g.dropped,
+                 g.accepted_at
+               FROM groups g JOIN submissions s ON s.id = g.submission_id
+               WHERE g.id > ? ORDER BY g.id LIMIT ?""",
+            (since_id, limit),
+        )
+        out = []
+        for r in rows:
+            row = dict(r)
+            row["rewards"] = json.loads(row["rewards"])
+            row["advantages"] = json.loads(row["advantages"] or "[]")
+            out.append(row)
+        return out
+
+    def integrity(self) -> dict[str, int]:
+        """The ledger's promises, counted: groups recorded twice for one lease task, groups
+        an accepted submission should have and lacks, groups trained in more than one step (by
+        construction 0; this is the audit)."""
+        q = self._db.execute
+        duplicates = q(
+            """SELECT COUNT(*) FROM (SELECT s.lease_id, g.task_index FROM groups g
+               JOIN submissions s ON s.id = g.submission_id
+               GROUP BY s.lease_id, g.task_index HAVING COUNT(*) > 1)"""
+        ).fetchone()[0]
+        missing = 0
+        for tasks, have in q(
+            """SELECT l.tasks, (SELECT COUNT(*) FROM groups g WHERE g.submission_id = s.id)
+               FROM submissions s JOIN leases l ON l.id = s.lease_id
+               WHERE s.outcome = 'accept'"""
+        ):
+            missing += max(0, len(json.loads(tasks)) - have)
+        return {"duplicate_groups": duplicates, "missing_groups": missing}
+
     def counts(self) -> dict[str, int]:
         q = self._db.execute
         return {
@@ -805,4 +843,11 @@ class Ledger:
                 "SELECT COUNT(*) FROM groups WHERE trained_step IS NOT NULL"
             ).fetchone()[0],
             "steps": q("SELECT COUNT(*) FROM steps").fetchone()[0],
+            **{
+                f"outcome_{o}": n
+                for o, n in q(
+                    """SELECT outcome, COUNT(*) FROM submissions WHERE outcome IS NOT NULL
+                       GROUP BY outcome"""
+                )
+            },
         }

@@ -69,7 +69,8 @@ def contribution(key: bytes, tokens: int, **kw: Any) -> dict[str, Any]:
     return {
         **row,
         "key": key,
-        "status": "active",
+        "last_seen": time.time() - 40,  # quiet for 40 s: stale
+        "weight_version": 1,
         "probation": False,
         "banned": False,
         "ban_reason": None,
@@ -106,6 +107,13 @@ class FakeLedger:
 
     def counts(self) -> dict[str, int]:
         return {"nodes": 3, "banned": 0, "submissions": 0, "pending": 0}
+
+    def groups_page(self, since_id: int, limit: int) -> list[dict[str, Any]]:
+        rows = [{"id": i, "node": ALICE, "rewards": [1.0, 0.0], "dropped": None} for i in (1, 2)]
+        return [r for r in rows if r["id"] > since_id][:limit]
+
+    def integrity(self) -> dict[str, int]:
+        return {"duplicate_groups": 0, "missing_groups": 0}
 
     def contributions(self) -> list[dict[str, Any]]:
         return [
@@ -420,3 +428,13 @@ def test_request_bodies_are_bounded(client: TestClient, view: FakeView) -> None:
     )
     assert r.status_code == 413
     assert view.completions == []
+
+
+def test_groups_are_paged_with_hex_keys_and_the_ledger_audit_is_served(client: TestClient) -> None:
+    page = client.get("/api/groups", params={"since_id": 1}).json()
+    assert [g["id"] for g in page] == [2] and page[0]["node"] == ALICE.hex()
+    assert client.get("/api/groups", params={"limit": 5001}).status_code == 422
+    assert client.get("/api/ledger/integrity").json() == {
+        "duplicate_groups": 0,
+        "missing_groups": 0,
+    }

@@ -10,6 +10,7 @@ import pytest
 
 from protocol.poolspec import AdmissionSection
 from trainer.admission import Admission
+from trainer.dashboard.rows import contributions_json
 from trainer.ledger import MIGRATIONS, Decision, Ledger, LedgerError, NewGroup
 
 A, B = b"a" * 32, b"b" * 32
@@ -122,6 +123,8 @@ def test_verdicts_strikes_and_ban(ledger):
     assert ledger.submission(subs[2])["raw"] == b"evidence"
     (row,) = ledger.contributions()
     assert (row["accepted_groups"], row["verified_tokens"], row["banned"]) == (1, 2, True)
+    (shown,) = contributions_json(ledger.contributions())  # what /api/contributions serves
+    assert shown["status"] == "banned" and shown["key"] == A.hex()
     assert (row["leases_issued"], row["leases_open"]) == (5, 0)
 
 
@@ -149,6 +152,11 @@ def test_groups_trained_at_most_once_and_stale_dropped(ledger):
     assert ledger.last_step() == (1, 1)
     assert [g.weight_version for g in ledger.trainable_groups(0, 10)] == [3]
     assert ledger.counts()["trained_groups"] == 2
+    page = ledger.groups_page(since_id=ready[0].id, limit=10)
+    assert [g["weight_version"] for g in page] == [2, 3] and page[0]["trained_step"] == 1
+    assert page[0]["node"] == A and page[0]["lease_id"] == lease_id
+    assert ledger.integrity() == {"duplicate_groups": 0, "missing_groups": 0}
+    assert ledger.counts()["outcome_accept"] == 1
 
 
 WRITER = textwrap.dedent(

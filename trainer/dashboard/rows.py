@@ -108,23 +108,26 @@ def parse_json(text: Any) -> Any:
 
 
 def node_json(n: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-    """A ledger node row as JSON, with its status: joined (no heartbeat yet), healthy, stale
-    (quiet for 30 s), gone (60 s) or banned."""
-    now = time.time() if now is None else now
+    """A ledger node row as JSON, with its status (`status_of`)."""
     out = {k: v for k, v in n.items() if k != "key"}
     out["key"] = n["key"].hex()
     out["hardware"] = parse_json(n["hardware"])
-    if n["banned_at"] is not None:
-        out["status"] = "banned"
-    elif now - n["last_seen"] > GONE_S:
-        out["status"] = "gone"
-    elif now - n["last_seen"] > STALE_S:
-        out["status"] = "stale"
-    elif n["weight_version"] < 0:
-        out["status"] = "joined"
-    else:
-        out["status"] = "healthy"
+    out["status"] = status_of(n, now)
     return out
+
+
+def status_of(n: dict[str, Any], now: float | None = None) -> str:
+    """joined (no heartbeat yet), healthy, stale (quiet for 30 s), gone (60 s) or banned."""
+    now = time.time() if now is None else now
+    # node rows carry `banned_at`; contribution rows a `banned` flag
+    banned = n["banned"] if "banned" in n else n["banned_at"] is not None
+    if banned:
+        return "banned"
+    if now - n["last_seen"] > GONE_S:
+        return "gone"
+    if now - n["last_seen"] > STALE_S:
+        return "stale"
+    return "joined" if n["weight_version"] < 0 else "healthy"
 
 
 def verdict_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -132,6 +135,7 @@ def verdict_json(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def contribution_json(row: dict[str, Any]) -> dict[str, Any]:
+    row = {**row, "status": status_of(row)}
     return {"key": row["key"].hex(), **{k: row[k] for k in CONTRIBUTION_FIELDS}}
 
 
