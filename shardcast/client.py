@@ -9,6 +9,13 @@ Shards are written straight into their final files inside `.v{N}.partial/`; when
 named `v{N}` is always complete. A delta version is rebuilt from `v{base}`; a client without
 the base first fetches the base (recursively down to the last full version, at most
 `full_every` steps back).
+
+Listings are unsigned claims. A node learns the newest real version from signed data (the
+coordinator's join reply or a signed announcement) and passes it to `trust_version`; the
+client then ignores any listed version above it, so a relay that lists v999 cannot make it
+chase a version that does not exist. Without a trusted version, "latest" follows the
+listings, skipping versions that proved fake and, for a while, the sources that listed them.
+Every fetch has an overall deadline (`FetchPolicy.deadline`) and raises `FetchDeadline`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import trio
 from shardcast.delta import apply_delta
 from shardcast.errors import DeltaError, FetchError, ManifestError
 from shardcast.fetcher import (
+    FetchDeadline,
     FetchPolicy,
     ResponseTooLarge,
     ShardFetcher,
@@ -88,6 +96,16 @@ class Client:
         self.picker = SourcePicker(sources)
         self._http = http
         self.bad_shards: list[BadShardReport] = []
+        self.trusted: int | None = None
+        """Newest version known to be real (from signed data); listings above it are lies."""
+
+    def trust_version(self, version: int) -> None:
+        """Tell the client that `version` exists: the caller saw it in signed data (the
+        coordinator's join reply or a signed announcement). Monotonic: an older one is a
+        no-op. From now on listings above the newest trusted version are ignored, and
+        `fetch("latest")` fetches that version even before any source lists it."""
+        if self.trusted is None or version > self.trusted:
+            self.trusted = version
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -133,6 +151,7 @@ class Client:
                 data = json.loads(body)
                 if isinstance(data, dict) and isinstance(data.get("versions"), list):
                     out[url] = data
+                    self.picker.stats[url].note_listing(_listed_versions(data))
             except (httpx.HTTPError, trio.TooSlowError, ValueError, ResponseTooLarge) as e:
                 log.info("listing from %s failed: %s", url, e)
 
@@ -144,17 +163,17 @@ class Client:
     async def latest_version(
         self, after: int = -1, wait: float = 0.0, skip: set[int] = frozenset()
     ) -> int | None:
-        """Newest version any source lists, `skip` aside (a claim, checked when its manifest
-        is fetched)."""
+        """Newest version listed (a claim, checked when its manifest is fetched), `skip`
+        aside, never above the trusted version; sources caught lying are not heard while
+        any other source lists something."""
+        listed = await self.listings(after, wait)
+        now = trio.current_time()
+        heard = {u: d for u, d in listed.items() if self.picker.heard(u, now)}
         best = None
-        for data in (await self.listings(after, wait)).values():
-            for v in data["versions"]:
-                if (
-                    isinstance(v, dict)
-                    and isinstance(v.get("version"), int)
-                    and v["version"] not in skip
-                ):
-                    best = v["version"] if best is None else max(best, v["version"])
+        for data in (heard or listed).values():
+            for v in _listed_versions(data):
+                if v not in skip and (self.trusted is None or v <= self.trusted):
+                    best = v if best is None else max(best, v)
         return best
 
     async def wait_for_newer(self, after: int, timeout: float) -> int | None:
@@ -175,32 +194,46 @@ class Client:
         )
 
     async def fetch(self, version: int | str = "latest", retries_on_gone: int = 3) -> FetchResult:
-        """Fetch `version` (or the newest listed) into `dest/v{N}` and return where it is.
+        """Fetch `version` (or the newest real one) into `dest/v{N}` and return where it is.
 
-        With "latest", a version that disappears from every source mid-fetch is abandoned for
-        the newest one then listed (up to `retries_on_gone` times).
+        "latest" is the trusted version when one is known (nodes should call `trust_version`
+        with the version their signed data names), else the newest listed. A version that
+        turns out gone (or never existed) is skipped for the next newest, up to
+        `retries_on_gone` times plus once per source caught lying. Raises FetchDeadline
+        after `policy.deadline` seconds, FetchError when nothing can be had.
         """
+        try:
+            with trio.fail_after(self.policy.deadline):
+                return await self._fetch_newest(version, retries_on_gone)
+        except trio.TooSlowError:
+            raise FetchDeadline(
+                f"fetch of {version} not done after {self.policy.deadline:.0f}s"
+            ) from None
+
+    async def _fetch_newest(self, version: int | str, retries_on_gone: int) -> FetchResult:
         gone: set[int] = set()
-        for _ in range(retries_on_gone + 1):
-            if version == "latest":
-                # A version that turned out to be gone (or a lie of one source's listing) is
-                # not chosen again.
-                target = await self.latest_version(skip=gone)
-                if target is None:
-                    raise FetchError("no source lists any version")
-            else:
-                target = int(version)
+        # A liar costs one round before it is muted, so rounds scale with the sources.
+        for _ in range(retries_on_gone + len(self.picker.stats) + 1):
+            target = int(version) if version != "latest" else await self._pick_latest(gone)
             try:
                 result = await self._fetch(target, depth=0)
             except VersionGone:
                 if version != "latest":
                     raise
-                log.info("version %d was dropped upstream; moving on to the newest", target)
+                log.info("version %d is not held anywhere; moving on to the newest", target)
                 gone.add(target)
                 continue
             await self.prune(protect={target})
             return result
-        raise FetchError(f"versions kept disappearing; gave up after {retries_on_gone + 1} tries")
+        raise FetchError(f"every version tried was gone: {sorted(gone)}")
+
+    async def _pick_latest(self, gone: set[int]) -> int:
+        if self.trusted is not None and self.trusted not in gone:
+            return self.trusted
+        target = await self.latest_version(skip=gone)
+        if target is None:
+            raise FetchError("no source lists any version")
+        return target
 
     async def _fetch(self, version: int, depth: int) -> FetchResult:
         final = self.path_of(version)
@@ -348,7 +381,7 @@ async def fetch_manifest(
                     http, f"{source.url}/v/{version}/manifest", MAX_MANIFEST_BYTES
                 )
             if status == 404:
-                picker.record_missing(source, version)
+                picker.record_missing(source, version, trio.current_time())
                 errors.append(f"{source.url}: not held")
                 continue
             if status != 200:
@@ -356,7 +389,7 @@ async def fetch_manifest(
             m = open_manifest(body, public_key=public_key, pool_id=pool_id, version=version)
             return m, body
         except (ManifestError, ResponseTooLarge) as e:
-            picker.record_corrupt(source)
+            picker.record_bad_manifest(source, version, trio.current_time())
             errors.append(f"{source.url}: {e}")
         except (httpx.HTTPError, trio.TooSlowError) as e:
             picker.record_failure(source)
@@ -364,3 +397,12 @@ async def fetch_manifest(
     if errors and all(e.endswith("not held") for e in errors):
         raise VersionGone(f"no source holds version {version}")
     raise FetchError(f"no valid manifest for version {version}: {'; '.join(errors)}")
+
+
+def _listed_versions(data: dict) -> list[int]:
+    """The version numbers in an untrusted listing (malformed entries skipped)."""
+    return [
+        v["version"]
+        for v in data["versions"]
+        if isinstance(v, dict) and isinstance(v.get("version"), int)
+    ]

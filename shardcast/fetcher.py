@@ -7,6 +7,14 @@ bytes, off the event loop. A transfer that breaks resumes with `Range` from the 
 received, on another source when there is one. A shard that fails its hash is fetched again
 from a source that did not contribute to it, and every contributor is scored down and
 reported. Retries per shard are bounded, with exponential backoff.
+
+Slow is a fault too. Once a response has started, a transfer must receive `min_rate` bytes/s
+over every `rate_window`; one that falls below is abandoned (its bytes kept) and resumed on
+another source, and its source is not asked for that version again. The floor applies only
+when another source could serve the shard: with one source, slow beats nothing. When every
+remaining shard is already in flight, an idle worker hedges the oldest one on an idle source
+(into a side file, so two writers never share bytes): the first verified copy wins and the
+other transfer is cancelled. That also rescues a shard stuck on a source that never answers.
 """
 
 from __future__ import annotations
@@ -24,20 +32,29 @@ import blake3
 import httpx
 import trio
 
-from shardcast.errors import FetchError, first_error
+from shardcast.errors import FetchError, ShardcastError, first_error
 from shardcast.sources import SourcePicker, SourceStats
 
 log = logging.getLogger(__name__)
 
 FLUSH_BYTES = 2 * 1024 * 1024
+HEDGE_POLL = 0.1  # seconds between an idle worker's looks for a shard to hedge (tail only)
 
 
 class VersionGone(FetchError):
     """No source holds the version any more (every one answered 404)."""
 
 
+class FetchDeadline(FetchError):
+    """A fetch ran past its overall deadline (`FetchPolicy.deadline`)."""
+
+
 class _TransferFailed(Exception):
     """One attempt at one shard failed in a way another attempt may not."""
+
+
+class _TooSlow(_TransferFailed):
+    """The transfer fell below the minimum rate while another source could serve it."""
 
 
 @dataclass
@@ -61,6 +78,31 @@ class ShardJob:
     """Local file the shard is written into, at `offset`."""
 
 
+@dataclass(eq=False)
+class _Race:
+    """One shard's contest between its primary transfer and at most one hedge."""
+
+    job: ShardJob
+    started: float
+    sources: set[str] = field(default_factory=set)
+    """Sources transferring this shard right now (a hedge goes elsewhere)."""
+    hedged: bool = False
+    winner: str | None = None
+    error: ShardcastError | None = None
+    nursery: trio.Nursery | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def side_path(self) -> Path:
+        return self.job.path.with_name(f".{self.job.path.name}.hedge{self.job.index}")
+
+    def win(self, who: str) -> None:
+        if self.winner is None:
+            self.winner = who
+            assert self.nursery is not None
+            self.nursery.cancel_scope.cancel()
+
+
 @dataclass
 class FetchPolicy:
     parallel: int = 8
@@ -70,6 +112,17 @@ class FetchPolicy:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     """Longest silence on one transfer; must exceed a relay's cut-through wait."""
+    min_rate: float = 64 * 1024
+    """Bytes/s a started transfer must keep up over every `rate_window` while another
+    source could serve the shard; 0 turns the floor off."""
+    rate_window: float = 5.0
+    first_byte_timeout: float = 15.0
+    """Longest wait for a response's headers while another source could serve the shard
+    (an honest relay waits for a shard it is still mirroring; a far-behind one is slow)."""
+    hedge_after: float = 1.0
+    """Seconds a shard must have been in flight before an idle worker may hedge it."""
+    deadline: float = 3600.0
+    """Overall limit on one fetch (a version and its delta chain), in seconds."""
 
 
 def prepare_file(path: Path, size: int) -> None:
@@ -102,11 +155,15 @@ class ResponseTooLarge(Exception):
 
 
 async def get_capped(
-    http: httpx.AsyncClient, url: str, cap: int, params: dict | None = None
+    http: httpx.AsyncClient,
+    url: str,
+    cap: int,
+    params: dict | None = None,
+    headers: dict | None = None,
 ) -> tuple[int, bytes]:
     """GET `url`: (status, body), reading at most `cap` bytes, so an untrusted peer cannot
     make us buffer an endless body."""
-    async with http.stream("GET", url, params=params) as r:
+    async with http.stream("GET", url, params=params, headers=headers) as r:
         body = bytearray()
         async for chunk in r.aiter_raw():
             body += chunk
@@ -130,6 +187,27 @@ def _sink(fd: int, chunks: list[bytes], pos: int, hasher: blake3.blake3) -> None
             views[0] = views[0][n:]
 
 
+def _copy_range(side: Path, job: ShardJob) -> None:
+    """Copy a hedge's verified bytes from its side file into the shard's place."""
+    src = os.open(side, os.O_RDONLY)
+    dst = os.open(job.path, os.O_WRONLY)
+    try:
+        pos, end = job.offset, job.offset + job.length
+        while pos < end:
+            data = os.pread(src, min(FLUSH_BYTES, end - pos), pos)
+            if not data:
+                raise OSError(errno.EIO, f"{side} ended early")
+            os.pwrite(dst, data, pos)
+            pos += len(data)
+    finally:
+        os.close(src)
+        os.close(dst)
+
+
+def _unlink_quietly(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
 def http_client(policy: FetchPolicy) -> httpx.AsyncClient:
     timeout = httpx.Timeout(
         connect=policy.connect_timeout, read=policy.read_timeout, write=10.0, pool=None
@@ -150,6 +228,7 @@ class ShardFetcher:
         self.picker = picker
         self.policy = policy
         self.on_corrupt = on_corrupt
+        self._race_ended = trio.Event()
 
     async def fetch(
         self,
@@ -160,13 +239,21 @@ class ShardFetcher:
         """Fetch every job; raises VersionGone or FetchError (and cancels the rest) on the
         first shard that cannot be had."""
         queue = deque(jobs)
+        races: dict[ShardJob, _Race] = {}
 
         async def worker() -> None:
-            while queue:
-                job = queue.popleft()
-                await self._fetch_one(version, job)
-                if on_done is not None:
-                    on_done(job)
+            while queue or races:
+                if queue:
+                    job = queue.popleft()
+                    await self._race(version, job, races)
+                    if on_done is not None:
+                        on_done(job)
+                    continue
+                race = self._hedgeable(races)
+                if race is None or not await self._hedge(version, race):
+                    # Wake when a shard ends (maybe the last), or to look for hedges again.
+                    with trio.move_on_after(HEDGE_POLL):
+                        await self._race_ended.wait()
 
         try:
             async with trio.open_nursery() as nursery:
@@ -175,17 +262,93 @@ class ShardFetcher:
         except BaseExceptionGroup as group:
             raise first_error(group) from None
 
-    async def _fetch_one(self, version: int, job: ShardJob) -> None:
+    async def _race(self, version: int, job: ShardJob, races: dict[ShardJob, _Race]) -> None:
+        """Fetch one shard in place, letting `_hedge` add a second contestant; the first
+        verified copy wins and cancels the other."""
+        race = _Race(job, trio.current_time())
+        races[job] = race
+        try:
+            async with trio.open_nursery() as nursery:
+                race.nursery = nursery
+                nursery.start_soon(self._primary, version, race)
+            if race.winner == "hedge":
+                # The loser has stopped writing (its cancellation waited for its last write).
+                await trio.to_thread.run_sync(_copy_range, race.side_path, job)
+        except OSError as e:
+            raise disk_error(e, job.path) from None
+        finally:
+            del races[job]
+            race.done.set()
+            self._race_ended.set()
+            self._race_ended = trio.Event()
+            if race.hedged:
+                await trio.to_thread.run_sync(_unlink_quietly, race.side_path)
+        if race.winner is None:
+            raise race.error or FetchError(f"v{version} {job.name}: shard {job.index} lost")
+
+    async def _primary(self, version: int, race: _Race) -> None:
+        try:
+            await self._fetch_one(version, race.job, race)
+        except ShardcastError as e:
+            race.error = e  # the hedge, if any, may still win
+            return
+        race.win("primary")
+
+    def _hedgeable(self, races: dict[ShardJob, _Race]) -> _Race | None:
+        """The oldest shard in flight long enough and not hedged yet."""
+        now = trio.current_time()
+        old = [
+            r
+            for r in races.values()
+            if not r.hedged and r.winner is None and now - r.started >= self.policy.hedge_after
+        ]
+        return min(old, key=lambda r: r.started, default=None)
+
+    async def _hedge(self, version: int, race: _Race) -> bool:
+        """One extra request for `race`'s shard on an idle source, into a side file; holds
+        this worker until the race ends, so hedges never exceed `parallel` transfers.
+        False when no source is idle now (try again later)."""
+        source = self.picker.pick_idle(version, race.sources)
+        if source is None:
+            return False
+        race.hedged = True  # one hedge per shard
+        try:
+            await trio.to_thread.run_sync(prepare_file, race.side_path, 0)
+        except OSError as e:
+            raise disk_error(e, race.side_path) from None
+        if race.winner is not None or race.done.is_set():  # decided while the file was made
+            await trio.to_thread.run_sync(_unlink_quietly, race.side_path)
+            return True
+        side = ShardJob(**{**race.job.__dict__, "path": race.side_path})
+        assert race.nursery is not None
+        race.nursery.start_soon(self._hedge_transfer, version, side, source, race)
+        await race.done.wait()
+        return True
+
+    async def _hedge_transfer(
+        self, version: int, side: ShardJob, source: SourceStats, race: _Race
+    ) -> None:
+        log.info("v%d %s shard %d: hedging on %s", version, side.name, side.index, source.url)
+        fd = os.open(side.path, os.O_WRONLY)
+        try:
+            if await self._attempt(version, side, fd, source, _Progress(), race):
+                race.win("hedge")
+        except ShardcastError as e:
+            log.info("v%d %s shard %d: hedge failed: %s", version, side.name, side.index, e)
+        finally:
+            os.close(fd)
+
+    async def _fetch_one(self, version: int, job: ShardJob, race: _Race) -> None:
         try:
             fd = os.open(job.path, os.O_WRONLY)
         except OSError as e:
             raise disk_error(e, job.path) from None
         try:
-            await self._fetch_into(version, job, fd)
+            await self._fetch_into(version, job, fd, race)
         finally:
             os.close(fd)
 
-    async def _fetch_into(self, version: int, job: ShardJob, fd: int) -> None:
+    async def _fetch_into(self, version: int, job: ShardJob, fd: int, race: _Race) -> None:
         prog = _Progress()
         avoid: set[str] = set()
         attempts = 0
@@ -200,41 +363,74 @@ class ShardFetcher:
             if source is None:
                 if all(version in s.missing for s in self.picker.stats.values()):
                     raise VersionGone(f"no source holds version {version} any more")
-                raise FetchError(f"v{version} {job.name}: every source is banned")
+                raise FetchError(f"v{version} {job.name}: every source is banned or at fault")
             attempts += 1
-            source.inflight += 1
-            start = trio.current_time()
-            before = prog.got
             try:
-                await self._transfer(version, job, fd, source, prog)
+                if await self._attempt(version, job, fd, source, prog, race):
+                    return
+                last_error = f"hash mismatch from {sorted(prog.contributors)}"
+                if len(prog.contributors) == 1:
+                    avoid |= prog.contributors
+                prog = _Progress()
             except _TransferFailed as e:
                 last_error = f"{source.url}: {e}"
                 log.info("v%d %s shard %d: %s", version, job.name, job.index, last_error)
-                self.picker.record_partial(source, prog.got - before, trio.current_time() - start)
                 avoid.add(source.url)
                 delay = min(self.policy.max_backoff, self.policy.backoff * 2 ** (attempts - 1))
                 await trio.sleep(delay * random.uniform(0.5, 1.0))
-                continue
-            finally:
-                source.inflight -= 1
-            if prog.hasher.hexdigest() == job.hash:
-                self.picker.record_success(source, prog.got - before, trio.current_time() - start)
-                return
-            last_error = f"hash mismatch from {sorted(prog.contributors)}"
-            if len(prog.contributors) == 1:
-                (url,) = prog.contributors
-                self.picker.record_corrupt(self.picker.stats[url])
-                log.warning("v%d %s shard %d: bad bytes from %s", version, job.name, job.index, url)
-                if self.on_corrupt is not None:
-                    self.on_corrupt(url, version, job)
-                avoid.add(url)
-            else:
-                # Bytes from several sources (a resumed transfer): which one lied is unknown,
-                # and blaming all would let a liar frame an honest source. Fetch the whole
-                # shard again from one source; a second mismatch then names the culprit.
-                for url in prog.contributors:
-                    self.picker.record_failure(self.picker.stats[url])
-            prog = _Progress()
+
+    async def _attempt(
+        self,
+        version: int,
+        job: ShardJob,
+        fd: int,
+        source: SourceStats,
+        prog: _Progress,
+        race: _Race,
+    ) -> bool:
+        """One request to `source` for the rest of the shard, scored: True when the shard is
+        complete and verified, False when it failed its hash (`prog` must then restart);
+        raises _TransferFailed when the transfer broke or was too slow."""
+        source.inflight += 1
+        race.sources.add(source.url)
+        start = trio.current_time()
+        before = prog.got
+        try:
+            await self._transfer(version, job, fd, source, prog)
+        except _TooSlow:
+            self.picker.record_too_slow(
+                source, version, prog.got - before, trio.current_time() - start
+            )
+            raise
+        except _TransferFailed:
+            self.picker.record_partial(source, prog.got - before, trio.current_time() - start)
+            raise
+        except trio.Cancelled:
+            # Lost a hedged race (or the whole fetch ended): its speed so far still counts.
+            self.picker.record_slow(source, prog.got - before, trio.current_time() - start)
+            raise
+        finally:
+            source.inflight -= 1
+            race.sources.discard(source.url)
+        if prog.hasher.hexdigest() == job.hash:
+            self.picker.record_success(source, prog.got - before, trio.current_time() - start)
+            return True
+        self._blame(version, job, prog)
+        return False
+
+    def _blame(self, version: int, job: ShardJob, prog: _Progress) -> None:
+        if len(prog.contributors) == 1:
+            (url,) = prog.contributors
+            self.picker.record_corrupt(self.picker.stats[url])
+            log.warning("v%d %s shard %d: bad bytes from %s", version, job.name, job.index, url)
+            if self.on_corrupt is not None:
+                self.on_corrupt(url, version, job)
+            return
+        # Bytes from several sources (a resumed transfer): which one lied is unknown, and
+        # blaming all would let a liar frame an honest source. The shard is fetched again
+        # whole; a second mismatch from one source then names the culprit.
+        for url in prog.contributors:
+            self.picker.record_failure(self.picker.stats[url])
 
     async def _transfer(
         self,
@@ -264,27 +460,70 @@ class ShardFetcher:
             prog.contributors.add(source.url)
             prog.got += n
 
+        floor = _RateFloor(self.policy, active=self.picker.has_alternative(version, source.url))
         try:
-            headers = {"Range": f"bytes={first}-{last}"}
-            async with self.http.stream("GET", url, headers=headers) as r:
-                if r.status_code == 404:
-                    self.picker.record_missing(source, version)
-                    raise _TransferFailed("404: version not held")
-                if r.status_code != 206:
-                    raise _TransferFailed(f"HTTP {r.status_code}")
-                expect = f"bytes {first}-{last}/"
-                if not r.headers.get("content-range", "").startswith(expect):
-                    raise _TransferFailed(f"wrong Content-Range {r.headers.get('content-range')}")
-                async for chunk in r.aiter_raw():
-                    if prog.got + pending + len(chunk) > job.length:
-                        raise _TransferFailed("more bytes than the range asked for")
-                    chunks.append(chunk)
-                    pending += len(chunk)
-                    if pending >= FLUSH_BYTES:
-                        await flush()
-                await flush()
+            with floor.scope:
+                headers = {"Range": f"bytes={first}-{last}"}
+                async with self.http.stream("GET", url, headers=headers) as r:
+                    self._check_response(r, version, source, first, last)
+                    floor.start()
+                    async for chunk in r.aiter_raw():
+                        if prog.got + pending + len(chunk) > job.length:
+                            raise _TransferFailed("more bytes than the range asked for")
+                        floor.add(len(chunk))
+                        chunks.append(chunk)
+                        pending += len(chunk)
+                        if pending >= FLUSH_BYTES:
+                            await flush()
+                    await flush()
         except (httpx.HTTPError, httpx.StreamError) as e:
             await flush()
             raise _TransferFailed(f"{type(e).__name__}: {e}") from None
+        if floor.scope.cancelled_caught and not floor.body:
+            raise _TransferFailed(f"no answer in {self.policy.first_byte_timeout:.1f}s")
+        if floor.scope.cancelled_caught:
+            await flush()  # what did arrive is good to resume from
+            raise _TooSlow(f"below {self.policy.min_rate:.0f} B/s for {floor.window:.1f}s")
         if prog.got < job.length:
             raise _TransferFailed(f"body ended after {prog.got} of {job.length} bytes")
+
+    def _check_response(
+        self, r: httpx.Response, version: int, source: SourceStats, first: int, last: int
+    ) -> None:
+        if r.status_code == 404:
+            self.picker.record_missing(source, version, trio.current_time())
+            raise _TransferFailed("404: version not held")
+        if r.status_code != 206:
+            raise _TransferFailed(f"HTTP {r.status_code}")
+        expect = f"bytes {first}-{last}/"
+        if not r.headers.get("content-range", "").startswith(expect):
+            raise _TransferFailed(f"wrong Content-Range {r.headers.get('content-range')}")
+
+
+class _RateFloor:
+    """Cancels a transfer whose headers take over `first_byte_timeout`, or whose body
+    brings fewer than `min_rate * rate_window` bytes within a window (each window starts
+    when the previous one's quota was met). Inactive when no other source could serve."""
+
+    def __init__(self, policy: FetchPolicy, active: bool) -> None:
+        self.window = policy.rate_window
+        self.quota = policy.min_rate * policy.rate_window
+        self.active = active
+        self.body = False
+        self.scope = trio.CancelScope()
+        if active:
+            self.scope.deadline = trio.current_time() + policy.first_byte_timeout
+        self._got = 0
+
+    def start(self) -> None:
+        """The body begins (or a window's quota was met): a new window."""
+        self.body = True
+        self.scope.deadline = float("inf")
+        if self.active and self.quota > 0:
+            self._got = 0
+            self.scope.deadline = trio.current_time() + self.window
+
+    def add(self, n: int) -> None:
+        self._got += n
+        if self._got >= self.quota:
+            self.start()

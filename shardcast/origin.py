@@ -25,6 +25,7 @@ import trio
 from protocol.identity import Identity
 from shardcast.delta import encode_delta
 from shardcast.errors import ShardcastError
+from shardcast.limits import ServeLimits
 from shardcast.manifest import (
     DEFAULT_SHARD_SIZE,
     FileEntry,
@@ -60,6 +61,7 @@ class Origin:
         shard_size: int = DEFAULT_SHARD_SIZE,
         full_every: int = 10,
         rate: float | None = None,
+        limits: ServeLimits | None = None,
     ) -> None:
         if keep < 2:
             raise ValueError("keep at least 2 versions (max staleness + 2)")
@@ -70,7 +72,7 @@ class Origin:
         self.store = VersionStore(root, keep)
         self.store.load_existing(identity.public_key, pool_id)
         self.bucket = UploadThrottle(rate) if rate else None
-        self.app = create_app(self.store, self.bucket)
+        self.app = create_app(self.store, self.bucket, limits=limits)
         self.url: str | None = None
         self._lock = trio.Lock()
         self._token: trio.lowlevel.TrioToken | None = None

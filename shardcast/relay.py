@@ -7,6 +7,12 @@ becoming servable the moment it is verified (cut-through): a client or a deeper 
 asks early simply waits for that shard. Per-shard retries are bounded; a version that every
 upstream stops listing or answers 404 for is abandoned and dropped, and the relay goes on
 with newer ones. Its own retention keeps the newest `keep` versions and their delta chains.
+
+Upstreams are untrusted like any source: shard transfers have the client's minimum rate and
+hedging (see fetcher), each version's mirroring has an overall deadline, and an upstream
+that lists a version it cannot serve is muted for a while, so fake versions cannot crowd
+out real ones. `trust_version` (from signed data, where the relay runs inside a node) caps
+which listed versions are believed at all.
 """
 
 from __future__ import annotations
@@ -31,13 +37,16 @@ from shardcast.fetcher import (
     http_client,
     prepare_file,
 )
+from shardcast.limits import ServeLimits
 from shardcast.manifest import Manifest, shard_range
 from shardcast.server import create_app, serve_app
-from shardcast.sources import SourcePicker
+from shardcast.sources import MAX_LISTED, SourcePicker
 from shardcast.store import DEFAULT_KEEP, StoredVersion, VersionStore
 from shardcast.throttle import UploadThrottle
 
 log = logging.getLogger(__name__)
+
+MIN_POLL_GAP = 0.5  # seconds between two polls of one upstream, at least
 
 
 class Relay:
@@ -53,6 +62,7 @@ class Relay:
         policy: FetchPolicy | None = None,
         shard_wait: float = 30.0,
         poll_wait: float = 25.0,
+        limits: ServeLimits | None = None,
     ) -> None:
         if not upstreams:
             raise ShardcastError("a relay needs at least one upstream")
@@ -67,7 +77,7 @@ class Relay:
         self.store = VersionStore(root, keep)
         self.store.load_existing(public_key, pool_id)
         self.bucket = UploadThrottle(rate) if rate else None
-        self.app = create_app(self.store, self.bucket, shard_wait=shard_wait)
+        self.app = create_app(self.store, self.bucket, shard_wait=shard_wait, limits=limits)
         self.picker = SourcePicker(self.upstreams)
         self.url: str | None = None
         self.bad_upstreams: list[tuple[str, int, str, int]] = []
@@ -75,6 +85,13 @@ class Relay:
         self._listed: dict[str, dict[int, int | None]] = {}
         self._mirroring: dict[int, trio.CancelScope] = {}
         self._http: httpx.AsyncClient | None = None
+        self.trusted: int | None = None
+
+    def trust_version(self, version: int) -> None:
+        """`version` is known real (from signed data): listed versions above the newest such
+        one are ignored. Without it, every listing is heard until its source is caught."""
+        if self.trusted is None or version > self.trusted:
+            self.trusted = version
 
     async def run(
         self,
@@ -100,6 +117,7 @@ class Relay:
         after = -1
         failures = 0
         while True:
+            began = trio.current_time()
             try:
                 with trio.fail_after(self.poll_wait + 10):
                     status, body = await get_capped(
@@ -119,17 +137,28 @@ class Relay:
                 continue
             failures = 0
             self._listed[upstream] = listing
+            self.picker.stats[upstream].note_listing(list(listing))
             if listing:
                 after = max(after, max(listing))
             await self._reconcile(nursery)
+            # An upstream that answers at once, every time, must not make us spin.
+            await trio.sleep(max(0.0, MIN_POLL_GAP - (trio.current_time() - began)))
 
     def _wanted(self) -> set[int]:
-        """The newest `keep` versions any upstream lists, plus their delta chains."""
+        """The newest `keep` believable versions listed, plus their delta chains. Listings of
+        upstreams caught lying are not heard while another upstream lists anything."""
+        now = trio.current_time()
+        heard = [x for u, x in self._listed.items() if self.picker.heard(u, now)]
         bases: dict[int, int | None] = {}
-        for listing in self._listed.values():
+        for listing in heard or self._listed.values():
             bases.update(listing)
+        believable = [
+            v
+            for v in bases
+            if v not in self.abandoned and (self.trusted is None or v <= self.trusted)
+        ]
         wanted: set[int] = set()
-        for v in sorted(bases, reverse=True)[: self.store.keep]:
+        for v in sorted(believable, reverse=True)[: self.store.keep]:
             while v is not None and v not in wanted and v in bases:
                 wanted.add(v)
                 v = bases[v]
@@ -155,7 +184,7 @@ class Relay:
         assert self._http is not None
         sv: StoredVersion | None = None
         try:
-            with scope:
+            with scope, trio.fail_after(self.policy.deadline):
                 m, raw = await fetch_manifest(
                     self._http,
                     self.picker,
@@ -189,8 +218,8 @@ class Relay:
             if scope.cancelled_caught:
                 self.abandoned.add(version)
                 await self.store.drop(version)
-        except FetchError as e:
-            log.warning("giving up on v%d: %s", version, e)
+        except (FetchError, trio.TooSlowError) as e:
+            log.warning("giving up on v%d: %s", version, e or "deadline passed")
             self.abandoned.add(version)
             await self.store.drop(version)
         finally:
@@ -214,4 +243,5 @@ def _parse_listing(data: object) -> dict[int, int | None]:
         if isinstance(item, dict) and isinstance(item.get("version"), int):
             base = item.get("base")
             out[item["version"]] = base if isinstance(base, int) else None
-    return out
+    # Only the newest few matter; a huge listing must not grow our tables.
+    return {v: out[v] for v in sorted(out)[-MAX_LISTED:]}

@@ -10,6 +10,11 @@ Files are streamed in chunks read off the event loop, so no shard is ever held i
 and a slow client only slows its own stream. On a relay a requested byte range may cover
 shards not yet held: the response waits for each one to be verified (cut-through) and
 gives up with 503 (before the body) or a cut stream (inside it) after `shard_wait` seconds.
+
+Clients may be hostile (see limits.py): requests in progress are capped per address and in
+total, a client that stops reading is cut after `send_timeout`, headers and path numbers of
+any length or alphabet get a 4xx (never a 500), and `/stats` counts only held versions and
+names no client address unless the operator opts in.
 """
 
 from __future__ import annotations
@@ -17,17 +22,18 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from collections.abc import AsyncIterator
 from functools import partial
 
 import trio
 from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.responses import StreamingResponse
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from shardcast.errors import ManifestError
-from shardcast.manifest import shard_range
+from shardcast.limits import CapConnections, ServeLimits
+from shardcast.manifest import PayloadFile, shard_range
 from shardcast.store import StoredVersion, VersionStore
 from shardcast.throttle import UploadThrottle
 from shardcast.traffic import CountServed, ServedBytes
@@ -36,7 +42,16 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 MAX_LONG_POLL = 60.0
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# ASCII digits only (`\d` would take any script's digits), and at most 18 of them: a longer
+# number is past the end of any file, and int() of thousands of digits raises.
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$", re.ASCII)
+_VERSION = re.compile(r"^[0-9]{1,18}$", re.ASCII)
+MAX_DIGITS = 18
+
+
+def _number(digits: str) -> int:
+    """A Range number; too many digits means "larger than any file"."""
+    return int(digits) if len(digits) <= MAX_DIGITS else 10**MAX_DIGITS
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -50,26 +65,40 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if m is None or (not m.group(1) and not m.group(2)):
         raise HTTPException(416, "only one range of the form bytes=a-b is supported")
     if m.group(1):
-        start = int(m.group(1))
-        end = int(m.group(2)) + 1 if m.group(2) else size
+        start = _number(m.group(1))
+        end = _number(m.group(2)) + 1 if m.group(2) else size
     else:  # suffix range: the last n bytes
-        start, end = max(0, size - int(m.group(2))), size
+        start, end = max(0, size - _number(m.group(2))), size
     end = min(end, size)
     if start >= end:
-        raise HTTPException(416, f"range {header} is outside the {size}-byte file")
+        raise HTTPException(416, f"range {header[:64]!r} is outside the {size}-byte file")
     return start, end
 
 
+def parse_version(text: str) -> int:
+    """A version from a URL path; 400 for anything but a short decimal number."""
+    if not _VERSION.match(text):
+        raise HTTPException(400, "a version is a decimal number of at most 18 digits")
+    return int(text)
+
+
 def create_app(
-    store: VersionStore, bucket: UploadThrottle | None = None, shard_wait: float = 30.0
+    store: VersionStore,
+    bucket: UploadThrottle | None = None,
+    shard_wait: float = 30.0,
+    limits: ServeLimits | None = None,
 ) -> FastAPI:
+    limits = limits or ServeLimits()
     app = FastAPI(title="shardcast", docs_url=None, redoc_url=None, openapi_url=None)
     served = ServedBytes()
-    app.add_middleware(CountServed, served=served)
+    app.add_middleware(CountServed, served=served, held=lambda v: store.get(v) is not None)
+    # Outermost, so a refused request costs nothing else.
+    app.add_middleware(CapConnections, limits=limits)
     app.state.served = served
+    app.state.limits = limits
 
-    def version_or_404(version: int) -> StoredVersion:
-        sv = store.get(version)
+    def version_or_404(version: str) -> StoredVersion:
+        sv = store.get(parse_version(version))
         if sv is None:
             raise HTTPException(404, f"version {version} is not held here")
         return sv
@@ -81,21 +110,21 @@ def create_app(
     @app.get("/stats")
     async def stats() -> dict:
         """Bytes served since this server started (totals and by version)."""
-        return served.snapshot(clients=False)
+        return served.snapshot(clients=limits.stats_clients)
 
     @app.get("/versions")
     async def versions(after: int = -1, wait: float = 0.0) -> dict:
-        if wait > 0:
+        if wait > 0:  # NaN compares false: no wait
             await store.wait_newer(after, min(wait, MAX_LONG_POLL))
         return store.listing()
 
     @app.get("/v/{version}/manifest")
-    async def manifest(version: int) -> Response:
+    async def manifest(version: str) -> Response:
         sv = version_or_404(version)
         return Response(sv.manifest_bytes, media_type="application/octet-stream")
 
     @app.get("/v/{version}/f/{name:path}")
-    async def payload(version: int, name: str, request: Request) -> Response:
+    async def payload(version: str, name: str, request: Request) -> Response:
         sv = version_or_404(version)
         try:
             p = sv.manifest.payload_file(name)
@@ -103,8 +132,7 @@ def create_app(
             raise HTTPException(404, f"version {version} has no payload {name!r}") from None
         rng = parse_range(request.headers.get("range"), p.size)
         start, end = rng if rng is not None else (0, p.size)
-        size = sv.manifest.shard_size
-        first = start // size
+        first = start // sv.manifest.shard_size
         # Before sending headers, make sure the first shard is there: a relay that is behind
         # answers 503 quickly enough for the client to go elsewhere.
         if not await sv.wait_for(name, first, shard_wait):
@@ -116,39 +144,101 @@ def create_app(
         if rng is not None:
             status = 206
             headers["content-range"] = f"bytes {start}-{end - 1}/{p.size}"
-
-        async def body() -> AsyncIterator[bytes]:
-            fd = await trio.to_thread.run_sync(os.open, sv.payload_path(name), os.O_RDONLY)
-            try:
-                pos = start
-                while pos < end:
-                    index = pos // size
-                    s_start, s_len = shard_range(sv.manifest, p, index)
-                    if not await sv.wait_for(name, index, shard_wait):
-                        # Cutting the stream short is the only honest signal left once the
-                        # headers are out; the client sees a short body and resumes elsewhere.
-                        log.info("v%d %s: shard %d never came; cut", version, name, index)
-                        return
-                    stop = min(end, s_start + s_len, pos + READ_CHUNK)
-                    data = await trio.to_thread.run_sync(os.pread, fd, stop - pos, pos)
-                    if not data:
-                        return
-                    if bucket is not None:
-                        await bucket.take(len(data))
-                    yield data
-                    pos += len(data)
-            finally:
-                os.close(fd)
-
-        return StreamingResponse(
-            body(), status_code=status, headers=headers, media_type="application/octet-stream"
-        )
+        body = _FileBody(sv, p, start, end, bucket, shard_wait)
+        return _BoundedStream(body, status, headers)
 
     return app
 
 
-def hypercorn_config(host: str, port: int) -> Config:
-    config = Config()
+class _FileBody:
+    """Bytes [start, end) of one payload file, read in chunks off the event loop, waiting
+    for each shard to be held (cut-through)."""
+
+    def __init__(
+        self,
+        sv: StoredVersion,
+        p: PayloadFile,
+        start: int,
+        end: int,
+        bucket: UploadThrottle | None,
+        shard_wait: float,
+    ) -> None:
+        self.sv, self.p, self.start, self.end = sv, p, start, end
+        self.bucket = bucket
+        self.shard_wait = shard_wait
+
+    async def chunks(self, fd: int) -> AsyncIterator[bytes]:
+        sv, p = self.sv, self.p
+        pos = self.start
+        while pos < self.end:
+            index = pos // sv.manifest.shard_size
+            s_start, s_len = shard_range(sv.manifest, p, index)
+            if not await sv.wait_for(p.name, index, self.shard_wait):
+                # Cutting the stream short is the only honest signal left once the headers
+                # are out; the client sees a short body and resumes elsewhere.
+                log.info("v%d %s: shard %d never came; cut", sv.version, p.name, index)
+                return
+            stop = min(self.end, s_start + s_len, pos + READ_CHUNK)
+            data = await trio.to_thread.run_sync(os.pread, fd, stop - pos, pos)
+            if not data:
+                return
+            if self.bucket is not None:
+                await self.bucket.take(len(data))
+            yield data
+            pos += len(data)
+
+
+class _BoundedStream(Response):
+    """Streams a `_FileBody`, its file open only while the response runs."""
+
+    media_type = "application/octet-stream"
+
+    def __init__(self, body: _FileBody, status: int, headers: dict) -> None:
+        super().__init__(status_code=status, headers=headers)
+        self.file_body = body
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:
+        path = self.file_body.sv.payload_path(self.file_body.p.name)
+        fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            async for data in self.file_body.chunks(fd):
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            os.close(fd)
+
+
+class _Config(Config):
+    """Hypercorn's config, with a kernel send deadline on every connection.
+
+    Hypercorn shields its socket writes from cancellation, so the app cannot time out a
+    send to a client that stopped reading. TCP_USER_TIMEOUT (Linux; inherited by accepted
+    sockets) makes the kernel drop a connection whose data stays unacknowledged, zero-window
+    probes included, for that long: the blocked write then fails and the connection closes.
+    """
+
+    send_timeout: float = 30.0
+
+    def _create_sockets(self, binds: list[str], type_: int = socket.SOCK_STREAM) -> list:
+        sockets = super()._create_sockets(binds, type_)
+        if hasattr(socket, "TCP_USER_TIMEOUT") and type_ == socket.SOCK_STREAM:
+            for sock in sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    ms = int(self.send_timeout * 1000)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
+        return sockets
+
+
+def hypercorn_config(host: str, port: int, send_timeout: float = 30.0) -> Config:
+    config = _Config()
+    config.send_timeout = send_timeout
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -167,5 +257,8 @@ async def serve_app(
 ) -> None:
     """Serve `app` until cancelled; `task_status.started` gets the base URL (real port)."""
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, hypercorn_config(host, port)))
+        # An app wrapped in plain ASGI middleware has no state: the defaults then.
+        limits = getattr(getattr(app, "state", None), "limits", None) or ServeLimits()
+        config = hypercorn_config(host, port, limits.send_timeout)
+        binds = await nursery.start(partial(serve, app, config))
         task_status.started(binds[0])

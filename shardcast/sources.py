@@ -8,6 +8,11 @@ parallel workers spread over sources in proportion to what each delivers; with p
 Failures lower a source's health, which heals back a little on every pick; a source that
 served bytes failing their hash is penalised hard and, after `ban_after` such shards, not
 used again by this picker.
+
+A source is also at fault for a version (and not asked for it again) when it listed the
+version and then answered 404 for it, or when a transfer from it was abandoned for falling
+below the minimum rate. A source caught listing a version it does not hold has its listings
+ignored for a while (doubling with each lie), so a liar cannot steer "latest" forever.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from dataclasses import dataclass, field
 EMA_ALPHA = 0.3
 OPTIMISTIC_PRIOR = 1e9  # bytes/s: higher than any real source, so untried ones go first
 HEAL = 0.05
+LIE_QUARANTINE = 2.0  # seconds a caught liar's listings are ignored, doubled per lie
+MAX_QUARANTINE = 600.0
+MAX_LISTED = 64  # versions remembered per listing: a listing may be long, memory may not
 
 
 @dataclass
@@ -32,6 +40,20 @@ class SourceStats:
     bytes: int = 0
     missing: set[int] = field(default_factory=set)
     """Versions this source said it does not hold (404)."""
+    faulty: set[int] = field(default_factory=set)
+    """Versions this source is at fault for (stalled, trickled): not asked for them again."""
+    listed: frozenset[int] = frozenset()
+    """The newest versions its last listing claimed (a claim, not a fact)."""
+    lies: int = 0
+    """Versions it listed and then said it does not hold."""
+    quiet_until: float = float("-inf")
+    """Its listings are ignored until this time (trio clock)."""
+
+    def listing_trusted(self, now: float) -> bool:
+        return now >= self.quiet_until
+
+    def note_listing(self, versions: list[int]) -> None:
+        self.listed = frozenset(sorted(set(versions))[-MAX_LISTED:])
 
 
 class SourcePicker:
@@ -49,7 +71,7 @@ class SourcePicker:
         live = [
             s
             for s in self.stats.values()
-            if s.corrupt < self.ban_after and version not in s.missing
+            if s.corrupt < self.ban_after and version not in s.missing and version not in s.faulty
         ]
         preferred = [s for s in live if s.url not in avoid]
         return preferred or live
@@ -60,11 +82,25 @@ class SourcePicker:
         candidates = self.usable(version, avoid)
         if not candidates:
             return None
+        # An untried source gets one transfer at a time until one ends: its optimistic
+        # prior is a guess, and a source that never answers would otherwise draw every
+        # worker (exploration included).
+        candidates = [s for s in candidates if not _untried_and_busy(s)] or candidates
         for s in self.stats.values():
             s.health = min(1.0, s.health + HEAL)
         if len(candidates) > 1 and self._rng.random() < self.explore:
             return self._rng.choice(candidates)
         return max(candidates, key=lambda s: s.goodput * s.health / (1 + s.inflight))
+
+    def pick_idle(self, version: int, avoid: set[str]) -> SourceStats | None:
+        """The best source with no transfer running, outside `avoid`: for a hedged request,
+        which must not slow down anyone's first request."""
+        idle = [s for s in self.usable(version, avoid) if s.inflight == 0 and s.url not in avoid]
+        return max(idle, key=lambda s: s.goodput * s.health, default=None)
+
+    def has_alternative(self, version: int, url: str) -> bool:
+        """Whether a source other than `url` could still serve `version`."""
+        return any(s.url != url for s in self.usable(version, {url}))
 
     def record_success(self, s: SourceStats, nbytes: int, seconds: float) -> None:
         sample = nbytes / max(seconds, 1e-6)
@@ -89,5 +125,40 @@ class SourcePicker:
         s.health *= 0.1
         s.goodput *= 0.1
 
-    def record_missing(self, s: SourceStats, version: int) -> None:
+    def record_slow(self, s: SourceStats, nbytes: int, seconds: float) -> None:
+        """A transfer that lost a hedged race: its speed counts, it did nothing wrong."""
+        sample = nbytes / max(seconds, 1e-6)
+        s.goodput = (1 - EMA_ALPHA) * s.goodput + EMA_ALPHA * sample
+
+    def record_too_slow(self, s: SourceStats, version: int, nbytes: int, seconds: float) -> None:
+        """A transfer abandoned below the minimum rate: the source is at fault for `version`."""
+        self.record_partial(s, nbytes, seconds)
+        s.faulty.add(version)
+
+    def heard(self, url: str, now: float) -> bool:
+        """Whether `url`'s listing counts: not banned, not muted for a recent lie."""
+        s = self.stats[url]
+        return s.corrupt < self.ban_after and s.listing_trusted(now)
+
+    def record_missing(self, s: SourceStats, version: int, now: float) -> None:
+        """`s` said it does not hold `version`; if it had listed it, that was a lie."""
         s.missing.add(version)
+        self._check_claim(s, version, now)
+
+    def record_bad_manifest(self, s: SourceStats, version: int, now: float) -> None:
+        self.record_corrupt(s)
+        self._check_claim(s, version, now)
+
+    def _check_claim(self, s: SourceStats, version: int, now: float) -> None:
+        """A source that listed `version` and cannot serve it lied: it is scored down and
+        its listings are ignored for a while, doubling with each lie."""
+        if version not in s.listed:
+            return  # not listed: an honest "not yet" or "no longer"
+        s.lies += 1
+        self.record_failure(s)
+        quiet = min(MAX_QUARANTINE, LIE_QUARANTINE * 2 ** (s.lies - 1))
+        s.quiet_until = max(s.quiet_until, now + quiet)
+
+
+def _untried_and_busy(s: SourceStats) -> bool:
+    return bool(s.inflight) and not (s.ok or s.failed)

@@ -3,6 +3,11 @@
 Totals by weight version and by client address. `/stats` publishes the totals and the
 per-version counts (not the client addresses) so a coordinator can show what each relay
 served; the origin's full counts feed the coordinator's Weights page in-process.
+
+Anyone can send requests, so the tables are bounded: only versions the server holds when the
+request arrives are counted (a 404 for a made-up version adds nothing), at most
+`MAX_VERSIONS` of them (the oldest is folded away), and at most `MAX_CLIENTS` addresses (the
+rest are summed under "other").
 """
 
 from __future__ import annotations
@@ -10,9 +15,13 @@ from __future__ import annotations
 import re
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-_PAYLOAD = re.compile(r"^/v/(\d+)/")
+_PAYLOAD = re.compile(r"^/v/([0-9]{1,18})/")
+MAX_VERSIONS = 64
+MAX_CLIENTS = 1024
+OTHER = "other"
 
 
 class ServedBytes:
@@ -28,6 +37,10 @@ class ServedBytes:
         with self._lock:
             if version is not None:
                 self.by_version[version] += n
+                if len(self.by_version) > MAX_VERSIONS:
+                    del self.by_version[min(self.by_version)]
+            if client not in self.by_client and len(self.by_client) >= MAX_CLIENTS:
+                client = OTHER
             self.by_client[client] += n
 
     def count_request(self) -> None:
@@ -48,11 +61,15 @@ class ServedBytes:
 
 
 class CountServed:
-    """ASGI middleware: counts every response body's bytes into `served`."""
+    """ASGI middleware: counts every response body's bytes into `served`; a version's
+    bytes only when `held(version)` says the server has it (every version without it)."""
 
-    def __init__(self, app: Any, served: ServedBytes) -> None:
+    def __init__(
+        self, app: Any, served: ServedBytes, held: Callable[[int], bool] | None = None
+    ) -> None:
         self.app = app
         self.served = served
+        self.held = held
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope.get("type") != "http":
@@ -60,6 +77,8 @@ class CountServed:
             return
         m = _PAYLOAD.match(scope.get("path", ""))
         version = int(m.group(1)) if m else None
+        if version is not None and self.held is not None and not self.held(version):
+            version = None
         # By host only: a client opens many connections, each from another port.
         where = (scope.get("client") or ("?", 0))[0]
         self.served.count_request()

@@ -1,0 +1,72 @@
+"""Limits a SHARDCAST server puts on its clients, who may be hostile.
+
+Every connection holds a task, a socket and often an open file, so how many a peer may hold
+at once is capped: per client address and in total. A request over a cap is answered at
+once with 503 and `Retry-After` (cheap for us; the client goes to another source). A client
+that stops reading is cut after `send_timeout` seconds without acknowledging our data.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    per_client: int = 64
+    """Requests in progress at once from one address (a client fetches `parallel` shards
+    and long-polls; a relay a few more). Clients behind one NAT or proxy share it."""
+    total: int = 1024
+    """Requests in progress at once from everyone."""
+    send_timeout: float = 30.0
+    """Longest a client may leave sent data unacknowledged (it stopped reading) before the
+    kernel drops the connection (TCP_USER_TIMEOUT, Linux)."""
+    retry_after: int = 1
+    """Seconds suggested to a client turned away."""
+    stats_clients: bool = False
+    """Publish bytes per client address in `/stats` (operator's opt-in: addresses are
+    personal data, and tell an attacker who the relays' clients are)."""
+
+
+class CapConnections:
+    """ASGI middleware: at most `per_client` requests in progress per address, `total` in
+    all; the rest get 503 with Retry-After before any work is done for them."""
+
+    def __init__(self, app: Any, limits: ServeLimits) -> None:
+        self.app = app
+        self.limits = limits
+        self.active: Counter[str] = Counter()
+        self.total = 0
+
+    def busy(self, where: str) -> bool:
+        return self.total >= self.limits.total or self.active[where] >= self.limits.per_client
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        where = (scope.get("client") or ("?", 0))[0]
+        if self.busy(where):
+            await self._refuse(send)
+            return
+        self.active[where] += 1
+        self.total += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.total -= 1
+            self.active[where] -= 1
+            if not self.active[where]:
+                del self.active[where]  # the table holds only addresses with requests open
+
+    async def _refuse(self, send: Any) -> None:
+        body = b"too many requests in progress; retry later or elsewhere"
+        headers = [
+            (b"content-type", b"text/plain"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(self.limits.retry_after).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

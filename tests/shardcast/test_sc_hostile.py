@@ -1,0 +1,416 @@
+"""Hostile sources and hostile clients, over real HTTP servers on loopback.
+
+Each fault source is a small FastAPI app in front of an honest origin: it forwards listings
+and manifests and misbehaves on shard bodies (trickles, stalls, corrupts) or lies in its
+listings. Bounds on time are generous (a loaded 2-core machine): the assertions are about
+outcomes, each of which fails without the defence it tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import StreamingResponse
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sc_helpers import POOL_ID, SHARD, make_checkpoint, same_tree
+
+from protocol.identity import Identity
+from shardcast.client import Client
+from shardcast.fetcher import FetchDeadline, FetchPolicy
+from shardcast.limits import ServeLimits
+from shardcast.origin import Origin
+from shardcast.probe import ProbeStatus, verify_source
+from shardcast.relay import Relay
+from shardcast.server import parse_range, serve_app
+
+# Short windows so a fault shows within a second; the read timeout is long on purpose, so a
+# test passes only if the new defences (not the old per-read timeout) rescue the fetch.
+HOSTILE = FetchPolicy(
+    parallel=4,
+    max_attempts=6,
+    backoff=0.01,
+    read_timeout=60.0,
+    min_rate=200_000,
+    rate_window=0.5,
+    hedge_after=0.2,
+    first_byte_timeout=60.0,
+    deadline=20.0,
+)
+
+
+def fault_proxy(upstream: list[str], mode: str, fake_versions: bool = False) -> FastAPI:
+    """Forwards to `upstream[0]`, misbehaving on payload bodies as `mode` says:
+    "trickle" (1 KB, then a byte every 0.3 s), "stall_body" (1 KB, then silence),
+    "stall_headers" (never answers), "flip" (first byte flipped), "honest".
+    With `fake_versions`, its listing adds a new, never-held version on every call."""
+    app = FastAPI()
+    fake = itertools.count(1000)
+
+    @app.get("/versions")
+    async def versions() -> dict:
+        async with httpx.AsyncClient() as http:
+            listing = (await http.get(f"{upstream[0]}/versions")).json()
+        if fake_versions:
+            v = next(fake)
+            listing["versions"].append({"version": v, "base": None, "complete": True})
+            listing["latest"] = v
+        return listing
+
+    @app.get("/v/{version}/manifest")
+    async def manifest(version: int) -> Response:
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"{upstream[0]}/v/{version}/manifest")
+        return Response(r.content, status_code=r.status_code)
+
+    @app.get("/v/{version}/f/{name:path}")
+    async def payload(version: int, name: str, request: Request) -> Response:
+        if mode == "stall_headers":
+            await trio.sleep_forever()
+        async with httpx.AsyncClient() as http:
+            headers = {"Range": request.headers.get("range", "bytes=0-")}
+            r = await http.get(f"{upstream[0]}/v/{version}/f/{name}", headers=headers)
+        if r.status_code != 206:
+            raise HTTPException(r.status_code)
+        data = r.content
+        if mode == "flip":
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        keep = {k: r.headers[k] for k in ("content-range", "content-length")}
+
+        async def body():
+            if mode in ("trickle", "stall_body"):
+                yield data[:1024]
+                for i in range(1024, len(data)):
+                    if mode == "stall_body":
+                        await trio.sleep_forever()
+                    await trio.sleep(0.3)
+                    yield data[i : i + 1]
+            else:
+                yield data
+
+        return StreamingResponse(body(), status_code=206, headers=keep)
+
+    return app
+
+
+def client(sources: list[str], dest: Path, identity: Identity, **kw) -> Client:
+    kw.setdefault("policy", HOSTILE)
+    return Client(sources, dest, public_key=identity.public_key, pool_id=POOL_ID, **kw)
+
+
+async def origin_and_proxy(nursery, tmp_path, identity, mode, **proxy_kw):
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    url = await nursery.start(origin.serve)
+    ck = make_checkpoint(tmp_path / "ck", mb=0.5)
+    await origin.publish(ck, 1)
+    bad = await nursery.start(serve_app, fault_proxy([url], mode, **proxy_kw), "127.0.0.1", 0)
+    return origin, url, bad, ck
+
+
+# -- the client --------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("mode", ["trickle", "stall_body"])
+async def test_slow_source_is_abandoned_and_at_fault(tmp_path, identity, mode) -> None:
+    """A source that trickles (or goes silent mid-body) would hold each shard for minutes
+    (each read arrives within the read timeout, or the timeout is 60 s); the rate floor
+    moves the rest of the shard to the origin and stops asking that source. (Hedging is
+    off here: it would rescue the tail on its own.)"""
+    policy = replace(HOSTILE, hedge_after=1e6)
+    async with trio.open_nursery() as nursery:
+        _, url, bad, ck = await origin_and_proxy(nursery, tmp_path, identity, mode)
+        c = client([bad, url], tmp_path / "c", identity, policy=policy)
+        t0 = trio.current_time()
+        r = await c.fetch(1)
+        assert same_tree(r.path, ck)
+        assert trio.current_time() - t0 < 30  # the trickle alone takes > 10 min
+        slow = c.picker.stats[bad]
+        assert 1 in slow.faulty and slow.failed > 0
+        assert slow.bytes < c.picker.stats[url].bytes
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_source_that_never_answers_is_hedged(tmp_path, identity) -> None:
+    """A source that accepts requests and never sends headers: with a 60 s read timeout,
+    its shards are hedged on the idle origin instead of waiting."""
+    async with trio.open_nursery() as nursery:
+        _, url, bad, ck = await origin_and_proxy(nursery, tmp_path, identity, "stall_headers")
+        c = client([bad, url], tmp_path / "c", identity)
+        t0 = trio.current_time()
+        r = await c.fetch(1)
+        assert same_tree(r.path, ck) and r.bad_shards == []
+        assert trio.current_time() - t0 < 30
+        assert c.picker.stats[bad].bytes == 0
+        assert not list((tmp_path / "c").rglob("*.hedge*"))  # side files cleaned up
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_hedge_from_a_corrupting_source_is_caught(tmp_path, identity) -> None:
+    """The tail of a fetch is stuck on a stalled source and the hedge goes to a source that
+    corrupts: the bad hedge is reported and the shard still comes from the origin."""
+    async with trio.open_nursery() as nursery:
+        _, url, stall, ck = await origin_and_proxy(nursery, tmp_path, identity, "stall_headers")
+        flip = await nursery.start(serve_app, fault_proxy([url], "flip"), "127.0.0.1", 0)
+        c = client([stall, flip, url], tmp_path / "c", identity)
+        r = await c.fetch(1)
+        assert same_tree(r.path, ck)
+        assert c.picker.stats[flip].corrupt > 0
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_fetch_has_an_overall_deadline(tmp_path, identity) -> None:
+    async with trio.open_nursery() as nursery:
+        _, _, bad, _ = await origin_and_proxy(nursery, tmp_path, identity, "stall_headers")
+        policy = FetchPolicy(read_timeout=60.0, deadline=1.5)
+        c = client([bad], tmp_path / "c", identity, policy=policy)
+        t0 = trio.current_time()
+        with pytest.raises(FetchDeadline):
+            await c.fetch(1)
+        assert trio.current_time() - t0 < 20
+        assert c.local_versions() == []
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_trusted_version_caps_what_listings_can_claim(tmp_path, identity) -> None:
+    """A relay listing a new fake version on every call: with the signed version known,
+    the client neither chases nor even asks for the fakes."""
+    asked: list[str] = []
+    async with trio.open_nursery() as nursery:
+        _, url, liar, ck = await origin_and_proxy(
+            nursery, tmp_path, identity, "honest", fake_versions=True
+        )
+        c = client([liar, url], tmp_path / "c", identity)
+        c.trust_version(1)
+        c.trust_version(0)  # older: no effect
+        assert c.trusted == 1
+        assert await c.latest_version() == 1
+        assert await c.wait_for_newer(1, timeout=1.0) is None
+
+        async def note(request: httpx.Request) -> None:
+            asked.append(request.url.path)
+
+        c.http.event_hooks["request"] = [note]
+        r = await c.fetch("latest")
+        assert r.version == 1 and same_tree(r.path, ck)
+        assert not [p for p in asked if p.startswith("/v/10")]  # no fake manifest asked for
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_listing_liar_is_muted_without_a_trusted_version(tmp_path, identity) -> None:
+    """The observed failure: a relay listing versions it does not hold (a new one each
+    time) made "latest" give up after 4 rounds. Now the liar is caught once, muted, and
+    the version comes from the origin."""
+    async with trio.open_nursery() as nursery:
+        _, url, liar, ck = await origin_and_proxy(
+            nursery, tmp_path, identity, "honest", fake_versions=True
+        )
+        c = client([liar, url], tmp_path / "c", identity)
+        for _ in range(3):  # repeatedly, as a node's retry loop would
+            r = await c.fetch("latest")
+            assert r.version == 1 and same_tree(r.path, ck)
+        stats = c.picker.stats[liar]
+        assert stats.lies >= 1 and stats.failed >= 1
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+# -- the relay ---------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("mode", ["trickle", "stall_headers"])
+async def test_relay_is_not_wedged_by_a_bad_upstream(tmp_path, identity, mode) -> None:
+    """A relay whose first upstream lies in its listing and trickles or stalls shard
+    bodies still mirrors the real version from its other upstream."""
+    async with trio.open_nursery() as nursery:
+        _, url, bad, ck = await origin_and_proxy(
+            nursery, tmp_path, identity, mode, fake_versions=True
+        )
+        relay = Relay(
+            [bad, url],
+            tmp_path / "r",
+            public_key=identity.public_key,
+            pool_id=POOL_ID,
+            poll_wait=1,
+            policy=replace(HOSTILE, parallel=3, first_byte_timeout=1.0),
+        )
+        relay_url = await nursery.start(relay.run)
+        with trio.fail_after(40):
+            while not (relay.store.get(1) and relay.store.get(1).complete):
+                await trio.sleep(0.1)
+        assert relay.picker.stats[bad].lies >= 1
+        assert all(v >= 1000 for v in relay.abandoned)
+        c = client([relay_url], tmp_path / "c", identity)
+        assert same_tree((await c.fetch(1)).path, ck)
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+# -- the probe ---------------------------------------------------------------------------
+
+
+async def _garbage(stream: trio.SocketStream) -> None:
+    try:
+        await stream.receive_some(65536)
+        await stream.send_all(b"\x00\xffnot http at all\r\n\r\n" * 100)
+    except trio.BrokenResourceError:
+        pass
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.trio
+async def test_probe_tells_good_from_bad_relays(tmp_path, identity) -> None:
+    async with trio.open_nursery() as nursery:
+        _, url, liar, _ = await origin_and_proxy(nursery, tmp_path, identity, "honest")
+        flip = await nursery.start(serve_app, fault_proxy([url], "flip"), "127.0.0.1", 0)
+        stall = await nursery.start(serve_app, fault_proxy([url], "stall_headers"), "127.0.0.1", 0)
+        impostor = Origin(tmp_path / "x", Identity.generate(), POOL_ID, shard_size=SHARD)
+        imp_url = await nursery.start(impostor.serve)
+        await impostor.publish(make_checkpoint(tmp_path / "ck2", mb=0.1), 1)
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, _garbage, listeners)
+        garbage = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+        async def probe(u: str, version: int = 1, **kw):
+            kw.setdefault("timeout_s", 3.0)
+            kw.setdefault("max_bytes", 1024 * 1024)
+            return await verify_source(u, identity.public_key, POOL_ID, version, **kw)
+
+        good = await probe(url)
+        assert good.ok and good.shard_checked
+        assert (await probe(url, max_bytes=300)).status is ProbeStatus.TOO_LARGE
+        assert (await probe(liar, version=7)).status is ProbeStatus.NOT_HELD  # lists, lacks
+        assert (await probe(flip)).status is ProbeStatus.BAD_SHARD
+        assert (await probe(imp_url)).status is ProbeStatus.BAD_MANIFEST
+        assert (await probe(garbage)).status is ProbeStatus.UNREACHABLE
+        slow = await probe(stall, timeout_s=1.0)
+        assert slow.status is ProbeStatus.TIMEOUT and slow.seconds < 10
+        nursery.cancel_scope.cancel()
+
+
+# -- the servers -------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_connection_caps_answer_503(tmp_path, identity) -> None:
+    limits = ServeLimits(per_client=2, total=100, retry_after=3)
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, limits=limits)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as http:
+        url = await nursery.start(origin.serve)
+        for _ in range(2):  # two long-polls hold the address's two slots
+            nursery.start_soon(http.get, f"{url}/versions?after=5&wait=20")
+        await trio.sleep(0.5)
+        r = await http.get(f"{url}/health")
+        assert r.status_code == 503 and r.headers["retry-after"] == "3"
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_client_that_stops_reading_is_cut(tmp_path, identity) -> None:
+    """Without the send deadline the server would wait forever with the file open, and the
+    drain below would run into fail_after."""
+    limits = ServeLimits(send_timeout=0.5)
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, limits=limits)
+    ck = make_checkpoint(tmp_path / "ck", mb=16)
+    size = (ck / "model.safetensors").stat().st_size
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        await origin.publish(ck, 1, delta=False)
+        port = int(url.rsplit(":", 1)[1])
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port))
+        await sock.send(b"GET /v/1/f/model.safetensors HTTP/1.1\r\nHost: x\r\n\r\n")
+        await trio.sleep(3.0)  # not reading: the server's sends block, then time out
+        got = 0
+        with trio.fail_after(20):
+            try:
+                while chunk := await sock.recv(1 << 20):
+                    got += len(chunk)
+            except ConnectionResetError:
+                pass  # how the kernel drops it
+        assert got < size  # the connection was closed before the whole body
+        sock.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_stats_are_bounded_and_name_no_one(tmp_path, identity) -> None:
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
+        origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+        url = await nursery.start(origin.serve)
+        await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.1), 1)
+        assert (await http.get(f"{url}/v/1/manifest")).status_code == 200
+        for v in range(2, 50):
+            assert (await http.get(f"{url}/v/{v}/f/x")).status_code == 404
+        stats = (await http.get(f"{url}/stats")).json()
+        assert list(stats["by_version"]) == ["1"]
+        assert "by_client" not in stats and "127.0.0.1" not in str(stats)
+        opted = Origin(tmp_path / "p", identity, POOL_ID, limits=ServeLimits(stats_clients=True))
+        opted_url = await nursery.start(opted.serve)
+        await http.get(f"{opted_url}/health")
+        assert "127.0.0.1" in (await http.get(f"{opted_url}/stats")).json()["by_client"]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_hostile_headers_and_paths_get_4xx(tmp_path, identity) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
+        url = await nursery.start(origin.serve)
+        await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.1), 1)
+        f = f"{url}/v/1/f/config.json"
+        for rng in (b"bytes=99999999999999999999999-", b"bytes=" + b"9" * 5000 + b"-",
+                    "bytes=\u0663-4".encode(), b"bytes=\xff-", b"bytes=0-0,1-1"):  # fmt: skip
+            assert (await http.get(f, headers={"Range": rng})).status_code == 416, rng
+        for path in ("/v/" + "9" * 5000 + "/manifest", "/v/-1/manifest", "/v/\u0663/manifest"):
+            assert (await http.get(url + path)).status_code == 400, path
+        for q in ("wait=nan", "wait=-inf", "after=" + "9" * 5000):
+            assert (await http.get(f"{url}/versions?{q}", timeout=10)).status_code < 500, q
+        nursery.cancel_scope.cancel()
+
+
+@settings(max_examples=300, deadline=None)
+@given(header=st.text(max_size=60), size=st.integers(min_value=1, max_value=2**40))
+def test_range_parsing_never_fails_unexpectedly(header: str, size: int) -> None:
+    try:
+        got = parse_range(header, size)
+    except HTTPException as e:
+        assert e.status_code == 416
+        return
+    assert got is not None
+    start, end = got
+    assert 0 <= start < end <= size
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    a=st.one_of(st.integers(min_value=0), st.text(alphabet="0123456789", max_size=40)),
+    b=st.one_of(st.integers(min_value=0), st.text(alphabet="0123456789", max_size=40)),
+)
+def test_numeric_ranges_of_any_length_parse_or_416(a, b) -> None:
+    try:
+        got = parse_range(f"bytes={a}-{b}", 1000)
+    except HTTPException as e:
+        assert e.status_code == 416
+        return
+    assert got is not None and 0 <= got[0] < got[1] <= 1000
