@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -17,20 +15,31 @@ from protocol import poolspec
 from protocol.config import apply_overrides
 from protocol.errors import SwarmError
 from protocol.identity import Identity, describe, peer_id_of
+from protocol.logs import logging_flags, setup_logging, tame_libp2p
 from protocol.paths import swarmrl_home
 from trainer import config as trainer_config
-from trainer.presets import PRESETS
+from trainer import launch
 
 DEFAULT_KEY = swarmrl_home() / "coordinator.key"
 OPERATOR_TOKEN_ENV = "SWARMRL_OPERATOR_TOKEN"
+INIT_EXAMPLES = """examples:
+  coordinator init --model tiny -o pool.toml
+  coordinator init --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k \\
+      --subset main --limit 1500 -o pool.toml
+  coordinator init --model ./my-model --dataset ./data --prompt-column question \\
+      --answer-column final --set algorithm.lr=2e-6 -o pool.toml
+"""
+RUN_EXAMPLES = """examples:
+  coordinator run pool.toml
+  coordinator run pool.toml --max-steps 100 --set algorithm.lr=5e-6
+  coordinator run pool.toml --announce /ip4/PUBLIC_IP/tcp/4001 --host 0.0.0.0 \\
+      --operator-token-file token.txt --wandb my-project
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args)
     try:
         return args.run(args)
     except SwarmError as e:
@@ -39,17 +48,61 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    flags = logging_flags("coordinator")
     parser = argparse.ArgumentParser(
         prog="coordinator",
         description="The coordinator of a swarmrl pool: leases work to nodes, validates every "
         "submission, trains on validated groups only, and publishes new weights.",
+        parents=[flags],
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    init = sub.add_parser("init", help="write a new pool spec (and the key, if missing)")
-    init.add_argument("--model", default="tiny", help="preset (tiny, smollm2-135m) or HF folder")
-    init.add_argument("--task", help="task name (default: the model preset's)")
+    init = sub.add_parser(
+        "init",
+        help="write a new pool spec (and the key, if missing)",
+        description="Check a model and a task, choose settings for them, and write a pool "
+        "file: the spec nodes must agree with (its hash is the pool id) and the coordinator's "
+        "[algorithm] settings. Refuses, naming what is wrong, before writing anything.",
+        epilog=INIT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[flags],
+    )
+    init.add_argument(
+        "--model",
+        default="tiny",
+        help="a preset (tiny, smollm2-135m), a Hugging Face model folder, or a Hugging Face id "
+        "(org/name[@revision], through the HF cache; offline it must be cached)",
+    )
+    init.add_argument(
+        "--task",
+        help="task: copy, sort, mod_add, arithmetic, gsm8k, dataset (default: the preset's; "
+        "`dataset` with --dataset; else arithmetic)",
+    )
+    data = init.add_argument_group("data (the `dataset` task; all of it goes into the pool id)")
+    data.add_argument(
+        "--dataset", metavar="SOURCE", help="Hugging Face dataset id, folder, or JSONL/Parquet/CSV"
+    )
+    data.add_argument("--subset", help="the hub dataset's configuration, e.g. main")
+    data.add_argument("--split", help="training split (default: train)")
+    data.add_argument(
+        "--eval-split",
+        help="held-out split (default: test or validation if present; `none`: "
+        "hold out 10%% of the training split)",
+    )
+    data.add_argument("--prompt-column", help="default: prompt, question or problem")
+    data.add_argument("--answer-column", help="default: answer, solution or ground_truth")
+    data.add_argument("--limit", type=int, help="train on the first N prompts only")
+    data.add_argument(
+        "--reward",
+        action="append",
+        default=[],
+        metavar="NAME[*WEIGHT]",
+        help="reward function (repeat; default: the task's own; with an answer column, exact "
+        "numeric match or math-verify)",
+    )
+    data.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="any task option"
+    )
     init.add_argument("--name", default="", help="a name for people (default: model-task)")
     init.add_argument(
         "--key", type=Path, default=DEFAULT_KEY, help="coordinator key (default: %(default)s)"
@@ -77,7 +130,17 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("-o", "--output", type=Path, required=True, help="pool spec file to write")
     init.set_defaults(run=_init)
 
-    run = sub.add_parser("run", help="run the pool described by a pool spec")
+    run = sub.add_parser(
+        "run",
+        help="run the pool described by a pool spec",
+        description="Serve a pool: the libp2p host nodes join through, the SHARDCAST weights "
+        "origin, validation of every submission, GRPO training on validated groups, and the "
+        "API, metrics and dashboard. Restarting with the same pool file and --data-dir "
+        "resumes from the last checkpoint.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[flags],
+    )
     run.add_argument("spec", type=Path, help="pool spec TOML")
     run.add_argument(
         "--key", type=Path, default=DEFAULT_KEY, help="coordinator key (default: %(default)s)"
@@ -116,7 +179,12 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--operator-token", help="the token itself (visible to other local users: prefer a file)"
     )
-    run.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases")
+    run.add_argument(
+        "--wandb",
+        metavar="PROJECT",
+        help="also log to Weights & Biases (pip install 'swarmrl[wandb]'; WANDB_MODE=offline "
+        "works without network)",
+    )
     run.add_argument("--max-steps", type=int, help="stop training after this many steps")
     run.add_argument(
         "--set",
@@ -134,10 +202,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="TOML with [algorithm] settings over the pool file's (repeat: later files win)",
     )
+    launch.add_flags(run)
     run.set_defaults(run=_run)
 
-    ev = sub.add_parser("eval", help="greedy accuracy of a model on a task's held-out split")
-    ev.add_argument("--model", required=True, help="preset or HF folder (e.g. a version folder)")
+    ev = sub.add_parser(
+        "eval", help="greedy accuracy of a model on a task's held-out split", parents=[flags]
+    )
+    ev.add_argument(
+        "--model", required=True, help="preset, HF folder (e.g. a version folder) or HF id"
+    )
     ev.add_argument("--task", required=True)
     ev.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="task option"
@@ -150,28 +223,43 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", type=Path, help="also write the JSON here")
     ev.set_defaults(run=_eval)
 
-    keygen = sub.add_parser("keygen", help="create the coordinator's ed25519 signing key")
+    keygen = sub.add_parser(
+        "keygen", help="create the coordinator's ed25519 signing key", parents=[flags]
+    )
     keygen.add_argument(
         "--out", type=Path, default=DEFAULT_KEY, help="key file (default: %(default)s)"
     )
     keygen.set_defaults(run=_keygen)
 
-    pid = sub.add_parser("id", help="print the pool id of a pool spec")
+    pid = sub.add_parser("id", help="print the pool id of a pool spec", parents=[flags])
     pid.add_argument("spec", type=Path, help="pool spec TOML")
     pid.set_defaults(run=_pool_id)
     return parser
 
 
 def _init(args: argparse.Namespace) -> int:
-    identity, created = Identity.load_or_create(args.key)
-    if created:
-        print(f"created the coordinator key {args.key} (keep it private)")
-    tree: dict[str, Any] = msgspec.to_builtins(PRESETS.get(args.model, PRESETS["tiny"]))
-    tree = apply_overrides(tree, [f"model.name={args.model}"])
-    if args.task:
-        tree["task"] = {"name": args.task, "options": {}}
+    from trainer.pool_init import InitRequest, check_task, plan
+
+    request = InitRequest(
+        model=args.model,
+        task=args.task,
+        dataset=args.dataset,
+        dataset_options={
+            "subset": args.subset,
+            "split": args.split,
+            "eval_split": args.eval_split,
+            "prompt_column": args.prompt_column,
+            "answer_column": args.answer_column,
+        },
+        limit=args.limit,
+        rewards=args.reward,
+        options=args.option,
+    )
+    tree, lines = plan(request)
     tree["name"] = args.name or f"{args.model}-{tree['task']['name']}"
     listen = args.listen.split("/p2p/")[0]
+    # The key is made only once every check passed: a refused init leaves nothing behind.
+    identity = Identity.load(args.key) if args.key.exists() else Identity.generate()
     tree["coordinator"] = {
         "public_key": identity.public_key.hex(),
         "bootstrap": [f"{listen}/p2p/{identity.peer_id()}"],
@@ -181,6 +269,10 @@ def _init(args: argparse.Namespace) -> int:
     tree = apply_overrides(tree, args.set)
     spec = poolspec.from_dict(poolspec.hashed_part(tree))
     config = trainer_config.from_dict(trainer_config.unhashed_part(tree))
+    tree["task"], task_lines = check_task(spec)
+    spec = poolspec.from_dict(poolspec.hashed_part(tree))
+    for line in lines + task_lines:
+        print(line)
     pid = poolspec.pool_id(spec)
     header = (
         f"# swarmrl pool spec. Its pool id is {pid}: any change of a value above the\n"
@@ -191,12 +283,16 @@ def _init(args: argparse.Namespace) -> int:
         "\n# The coordinator's own training settings: not part of the pool id, so they can\n"
         "# change between runs of the same pool (`coordinator run --set algorithm.lr=...`).\n"
     )
-    args.output.write_text(
+    text = (
         header
         + poolspec.dumps(spec, comments=True)
         + trainer_part
         + poolspec.dumps(config, comments=True)
     )
+    if not args.key.exists():
+        identity.save(args.key)
+        print(f"created the coordinator key {args.key} (keep it private)")
+    args.output.write_text(text)
     print(f"wrote {args.output}")
     print(f"pool id: {pid}")
     return 0
@@ -207,12 +303,14 @@ def _run(args: argparse.Namespace) -> int:
 
     from trainer.coordinator import Coordinator, RunOptions
 
+    tame_libp2p(args)
+
     spec = poolspec.load(args.spec)
     spec_sets = [s for s in args.set if s.split(".", 1)[0] not in poolspec.UNHASHED_TABLES]
     if spec_sets:
         spec = poolspec.from_dict(apply_overrides(msgspec.to_builtins(spec), spec_sets))
         print("note: --set changed the pool spec, so the pool id changed too", file=sys.stderr)
-    trainer_sets = [s for s in args.set if s not in spec_sets]
+    trainer_sets = [s for s in args.set if s not in spec_sets] + launch.flag_overrides(args)
     config = trainer_config.load(args.spec, args.config, trainer_sets)
     pid = poolspec.pool_id(spec)
     identity = Identity.load(args.key)
@@ -239,7 +337,10 @@ def _run(args: argparse.Namespace) -> int:
         wandb_project=args.wandb,
         max_steps=args.max_steps,
     )
-    coordinator = Coordinator(spec, identity, options, config)
+    trainer = launch.start_trainer(spec, config, options.data_dir)
+    if trainer is None:
+        return 0  # a trainer rank > 0: rank 0 ran the coordinator and has stopped
+    coordinator = Coordinator(spec, identity, options, config, trainer)
 
     async def main_task() -> None:
         async with trio.open_nursery() as nursery:
@@ -260,7 +361,7 @@ def _run(args: argparse.Namespace) -> int:
                 async for signum in signals:
                     print(
                         f"\n{signal.Signals(signum).name}: stopping (the last checkpoint is step "
-                        f"{coordinator.training.step})",
+                        f"{coordinator.training.committed_step})",
                         flush=True,
                     )
                     nursery.cancel_scope.cancel()
@@ -269,6 +370,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         trio.run(main_task)
     finally:
+        launch.stop_trainer(trainer)
         coordinator.close()
     return 0
 

@@ -9,6 +9,7 @@ rows. Nodes never load the data; leases carry the prompt tokens.
 The prompt column holds text or a chat conversation (TRL's conversational format: a list of
 `{"role", "content"}` messages). The answer column, when there is one, becomes the `answer`
 reference column rewards compare with; a GSM8K-style answer keeps only what follows `####`.
+A hub dataset with several configurations takes `subset` (e.g. `main` for `openai/gsm8k`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class DatasetError(SwarmError):
     """A dataset that is missing, unreadable, or lacks a column the task needs."""
 
 
-def load_splits(source: str, revision: str = "") -> dict[str, Any]:
+def load_splits(source: str, revision: str = "", subset: str = "") -> dict[str, Any]:
     """Every split of a source, as `datasets.Dataset`s keyed by split name."""
     import datasets
     from datasets.exceptions import DatasetNotFoundError
@@ -58,7 +59,7 @@ def load_splits(source: str, revision: str = "") -> dict[str, Any]:
                 )
             loaded = datasets.load_dataset(builder, data_files={"train": str(path)})
         elif _is_hub_id(source):
-            loaded = datasets.load_dataset(source, revision=revision or None)
+            loaded = datasets.load_dataset(source, subset or None, revision=revision or None)
         else:
             raise DatasetError(f"no dataset at {source}: not a file, a folder or a hub id")
     except (DatasetNotFoundError, ConnectionError) as e:
@@ -107,10 +108,11 @@ def dataset_task(
     chat: bool = True,
     prefill: str = "",
     revision: str = "",
+    subset: str = "",
 ) -> Task:
     """A task over a dataset's rows. Empty column and eval-split options are detected (see the
     module constants); `coordinator init` writes what it detected into the spec."""
-    splits = load_splits(source, revision)
+    splits = load_splits(source, revision, subset)
     if split not in splits:
         raise DatasetError(f"dataset {source!r} has no split {split!r}; it has {', '.join(splits)}")
     train_rows = splits[split]
@@ -137,7 +139,19 @@ def dataset_task(
         rewards,
         chat=chat,
         prefill=prefill,
-        options={"source": source, "prompt_column": prompt_column, "answer_column": answer_column},
+        # Every value as resolved, so `coordinator init` can write what it detected.
+        options={
+            "source": source,
+            "split": split,
+            "eval_split": eval_split,
+            "prompt_column": prompt_column,
+            "answer_column": answer_column,
+            "test_fraction": test_fraction,
+            "chat": chat,
+            "prefill": prefill,
+            "revision": revision,
+            "subset": subset,
+        },
     )
 
 

@@ -1,8 +1,9 @@
-"""Pool settings known to learn (RL.md), per model preset.
+"""Pool settings known to learn (RL.md), per model preset, and per task for other models.
 
 `coordinator init` starts a pool spec from them (before `--set` overrides), so a new pool works
-without tuning; `local_config` turns one into the bare loop's settings (`trainer.local`), so the
-learning test and benchmark check exactly what a new pool would run.
+without tuning (models that are not a preset get size-aware settings: `trainer/sizing.py`);
+`local_config` turns a preset into the bare loop's settings (`trainer.local`), so the learning
+test and benchmark check exactly what a new pool would run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "limits": {"lease_prompts": 2, "lease_timeout_s": 300.0},
     },
 }
+
+
+MAX_NEW_TOKENS: dict[str, int] = {
+    "copy": 4,
+    "sort": 8,
+    "mod_add": 4,
+    "arithmetic": 16,
+    "gsm8k": 256,
+    "dataset": 256,
+}
+"""Completion length cap per task for models that are not a preset: the procedural answers are
+a few tokens; word problems need room for the working (GSM8K solutions run ~100-200 tokens)."""
+
+CHAT_TASKS = ("arithmetic", "gsm8k", "dataset")
+"""Tasks with a `chat` option: `coordinator init` sets it from the model's chat template."""
 
 
 def local_config(preset: str, **budget: float) -> dict[str, Any]:
