@@ -15,12 +15,21 @@ import msgspec
 from node.config import NodeConfig, default_config_path, load_node_config
 from protocol.errors import SwarmError
 from protocol.identity import Identity, describe
+from protocol.logs import is_quiet, logging_flags, setup_logging, tame_libp2p
 from protocol.paths import swarmrl_home
+
+JOIN_EXAMPLES = """examples:
+  node join --pool POOL_ID --bootstrap /ip4/COORDINATOR_IP/tcp/4001/p2p/12D3KooW...
+  node join --pool POOL_ID --bootstrap ADDR --device cuda --engine vllm --max-batch 64
+  node join --pool POOL_ID --bootstrap ADDR --relay 8602 --relay-host NODE_IP --quiet
+  SWARMRL_BOOTSTRAP=ADDR node join --pool POOL_ID --max-leases 10 --json-log
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    setup_logging(args)
     try:
         return args.run(args)
     except SwarmError as e:
@@ -29,15 +38,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    flags = logging_flags("node")
     parser = argparse.ArgumentParser(
         prog="node",
+        parents=[flags],
         description="A swarmrl node: generates verified RL rollouts for a pool.",
         epilog=f"Files live under $SWARMRL_HOME (now {swarmrl_home()}). "
         "`python -m node` is the same command (this script shadows Node.js's `node`).",
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    keygen = sub.add_parser("keygen", help="create the node's ed25519 identity key")
+    keygen = sub.add_parser(
+        "keygen", help="create the node's ed25519 identity key", parents=[flags]
+    )
     keygen.add_argument("--out", type=Path, help="key file (default: the configured key path)")
     keygen.set_defaults(run=_keygen)
 
@@ -46,7 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         help="join a pool and contribute verified rollouts",
         description="Find the pool's coordinator through a bootstrap peer, check the pool spec "
         "hashes to --pool, join, fetch the weights, and generate rollouts until stopped "
-        "(Ctrl-C finishes or releases the current lease, then exits).",
+        "(Ctrl-C finishes or releases the current lease, then exits). Weights come only "
+        "from the pool's SHARDCAST origin and relays, checked against the coordinator's "
+        "signed manifests.",
+        epilog=JOIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[flags],
     )
     join.add_argument("--pool", required=True, help="the pool id (from `coordinator init` or run)")
     _add_config_args(join)
@@ -57,12 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         default=20.0,
         help="seconds a stop waits for the current lease (default: %(default)s)",
     )
-    join.add_argument("--quiet", action="store_true", help="no status line")
     join.add_argument("--json-log", action="store_true", help="status as JSON lines on stdout")
-    join.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     join.set_defaults(run=_join)
 
-    info = sub.add_parser("info", help="print the identity, the resolved configuration, engines")
+    info = sub.add_parser(
+        "info", help="print the identity, the resolved configuration, engines", parents=[flags]
+    )
     _add_config_args(info)
     info.set_defaults(run=_info)
     return parser
@@ -108,7 +126,6 @@ def _config(args: argparse.Namespace) -> NodeConfig:
 
 
 def _join(args: argparse.Namespace) -> int:
-    import logging
     import signal
 
     import trio
@@ -117,10 +134,7 @@ def _join(args: argparse.Namespace) -> int:
     from node.status import show_status
     from node.worker import Worker, WorkerOptions, node_errors_unwrapped
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    tame_libp2p(args)
     config = _config(args)
     if not config.bootstrap:
         raise SwarmError(
@@ -145,7 +159,7 @@ def _join(args: argparse.Namespace) -> int:
 
     async def main_task() -> None:
         async with trio.open_nursery() as nursery:
-            if not args.quiet:
+            if not is_quiet(args):
                 nursery.start_soon(show_status, worker.stats, args.json_log)
 
             async def stop_on_signal() -> None:

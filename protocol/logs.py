@@ -28,26 +28,29 @@ def swarmrl_version() -> str:
         return "0+unknown"
 
 
-def logging_flags(prog: str) -> argparse.ArgumentParser:
+def logging_flags(prog: str, with_version: bool = True) -> argparse.ArgumentParser:
     """A parent parser with the shared flags. Give it to the main parser and to every
     subparser: its defaults are SUPPRESS, so a flag given in either place wins and an absent
-    one does not overwrite the other's value."""
+    one does not overwrite the other's value. `with_version=False` for subcommands whose own
+    `--version` means something else (`shardcast publish --version N`)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("logging")
-    g.add_argument("--version", action="version", version=f"{prog} (swarmrl) {swarmrl_version()}")
+    if with_version:
+        version = f"{prog} (swarmrl) {swarmrl_version()}"
+        g.add_argument("--version", action="version", version=version)
     g.add_argument(
         "--log-level",
         choices=LEVELS,
         type=str.lower,
         default=argparse.SUPPRESS,
-        help="log level of swarmrl's own logs (default: info)",
+        help="level of swarmrl's own logs (default: info; shardcast: warning)",
     )
     g.add_argument(
         "-q",
         "--quiet",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="errors only: no progress or status lines, no info logs",
+        help="warnings and errors only: no status line, no info logs",
     )
     g.add_argument(
         "--libp2p-log-level",
@@ -65,7 +68,7 @@ def is_quiet(args: argparse.Namespace) -> bool:
 
 def setup_logging(args: argparse.Namespace, default: str = "info") -> None:
     """Configure the root logger from the shared flags (call once, in `main`)."""
-    level = getattr(args, "log_level", None) or ("error" if is_quiet(args) else default)
+    level = getattr(args, "log_level", None) or ("warning" if is_quiet(args) else default)
     numeric = getattr(logging, level.upper())
     logging.basicConfig(level=numeric, format=FORMAT, force=True)
     for name in _CHATTY:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import trio
 from protocol import poolspec
 from protocol.errors import SwarmError
 from protocol.identity import Identity
+from protocol.logs import logging_flags, setup_logging
 from shardcast.manifest import DEFAULT_SHARD_SIZE
 from shardcast.store import DEFAULT_KEEP
 
@@ -67,18 +67,23 @@ def _announce(**fields: object) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="shardcast", description="Signed, sharded checkpoint broadcast over HTTP."
+        prog="shardcast",
+        description="Signed, sharded checkpoint broadcast over HTTP.",
+        parents=[logging_flags("shardcast")],
     )
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ...")
+    # `publish` and `fetch` have their own --version (a checkpoint's): `shardcast --version`.
+    flags = logging_flags("shardcast", with_version=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("origin", help="serve a store of published versions")
+    p = sub.add_parser("origin", help="serve a store of published versions", parents=[flags])
     p.add_argument("--root", type=Path, required=True, help="store folder")
     _pool_args(p, need_key=True)
     _server_args(p, 8600)
     p.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions kept (>= staleness+2)")
 
-    p = sub.add_parser("publish", help="publish a checkpoint folder as a new version")
+    p = sub.add_parser(
+        "publish", help="publish a checkpoint folder as a new version", parents=[flags]
+    )
     p.add_argument("folder", type=Path)
     p.add_argument("--root", type=Path, required=True, help="the origin's store folder")
     p.add_argument("--version", type=int, required=True, help="the training step")
@@ -88,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="publish in full, not as a delta")
     p.add_argument("--full-every", type=int, default=10, help="a full version every N")
 
-    p = sub.add_parser("relay", help="mirror upstreams and re-serve their versions")
+    p = sub.add_parser(
+        "relay", help="mirror upstreams and re-serve their versions", parents=[flags]
+    )
     p.add_argument("--upstream", action="append", required=True, help="origin or relay URL")
     p.add_argument("--root", type=Path, required=True, help="store folder")
     _pool_args(p, need_key=False)
     _server_args(p, 8601)
     p.add_argument("--keep", type=int, default=DEFAULT_KEEP)
 
-    p = sub.add_parser("fetch", help="fetch a version into a folder")
+    p = sub.add_parser("fetch", help="fetch a version into a folder", parents=[flags])
     p.add_argument("--source", action="append", required=True, help="origin or relay URL")
     p.add_argument("--dest", type=Path, required=True, help="folder holding v{N}/ folders")
     p.add_argument("--version", default="latest", help="a version number, or latest")
@@ -202,9 +209,7 @@ COMMANDS = {"origin": _origin, "publish": _publish, "relay": _relay, "fetch": _f
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    setup_logging(args, default="warning")
     try:
         trio.run(COMMANDS[args.command], args)
     except SwarmError as e:

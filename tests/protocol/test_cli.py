@@ -77,3 +77,55 @@ def test_coordinator_keygen_and_pool_id(tmp_path):
     spec.write_text("name = 1\n")
     bad = _run(tmp_path, "trainer", "id", str(spec))
     assert bad.returncode == 2 and "invalid pool spec" in bad.stderr
+
+
+def test_every_command_has_version_and_the_same_logging_flags(tmp_path):
+    for command in ("node", "trainer", "shardcast"):
+        out = _run(tmp_path, command, "--version")
+        assert out.returncode == 0 and "(swarmrl) " in out.stdout, out.stderr
+    for command, sub in (("node", "join"), ("trainer", "run"), ("shardcast", "fetch")):
+        out = _run(tmp_path, command, sub, "--help")
+        for flag in ("--log-level", "--quiet", "--libp2p-log-level"):
+            assert flag in out.stdout, (command, flag)
+    for command, sub in (("node", "join"), ("trainer", "run"), ("trainer", "init")):
+        text = _run(tmp_path, command, sub, "--help").stdout
+        assert (
+            "examples:" in text
+            and f"{'coordinator' if command == 'trainer' else command} {sub}" in text
+        )
+
+
+def test_unreachable_bootstrap_prints_no_libp2p_lines(tmp_path):
+    """py-libp2p logged each failed dial through Python's last-resort handler (64 lines in 25 s
+    with --quiet); now only swarmrl's own warnings remain."""
+    import signal
+
+    env = {**os.environ, "SWARMRL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    peer = "12D3KooWEra97ji9SjpwWBY3hjAi7ANCD6d2J6ZV1EtJAZKxTMUp"
+    bootstrap = f"/ip4/127.0.0.1/tcp/9/p2p/{peer}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "node",
+            "join",
+            "--pool",
+            "a" * 24,
+            "--quiet",
+            "--bootstrap",
+            bootstrap,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    err = ""
+    for line in proc.stderr:  # until the node has tried the bootstrap twice
+        err += line
+        if err.count("discovery failed") >= 2:
+            break
+    proc.send_signal(signal.SIGINT)
+    err += proc.communicate(timeout=60)[1]
+    assert "discovery failed" in err
+    assert "Failed to open TCP stream" not in err and "libp2p" not in err.replace("--libp2p", "")
