@@ -53,7 +53,8 @@ class PayloadFile(_Struct):
     """Name the payload file is served under (URL path below the version)."""
     target: RelPath
     """The file of `files` this payload produces."""
-    encoding: Literal["raw", "xor-zlib"]
+    encoding: Literal["raw", "xor-zstd", "xor-zlib"]
+    """`xor-zstd` for new deltas; `xor-zlib` deltas (before zstd) still decode."""
     size: Size
     hash: Hash
     shards: list[Hash]

@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 from protocol.identity import Identity
-from shardcast.delta import encode_delta
+from shardcast.delta import ENCODINGS, encode_delta
 from shardcast.errors import ShardcastError
 from shardcast.limits import ServeLimits
 from shardcast.manifest import (
@@ -199,13 +199,18 @@ class Origin:
         pname = name + ".xor"
         out = out_dir / pname
         out.parent.mkdir(parents=True, exist_ok=True)
-        encode_delta(base_file, new_file, out)
+        encode_delta(base_file, new_file, out, codec="zstd")
         psize, phash, pshards = hash_and_copy(out, None, self.shard_size)
         if psize >= size:
             out.unlink()
             return None
         return PayloadFile(
-            name=pname, target=name, encoding="xor-zlib", size=psize, hash=phash, shards=pshards
+            name=pname,
+            target=name,
+            encoding=ENCODINGS["zstd"],
+            size=psize,
+            hash=phash,
+            shards=pshards,
         )
 
     def _build_locked(
