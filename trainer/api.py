@@ -3,7 +3,7 @@
 It reads the pool through `PoolView` only and changes it only through `Operator`, after the
 operator token given at `coordinator run` (`Authorization: Bearer <token>`). Everything a
 caller sends is treated as hostile: bodies and query values are bounded, the token is compared
-in constant time, and client addresses are shown to the operator only. docs/security-api.md
+in constant time, and client addresses are shown to the operator only. docs/security.md
 says what each endpoint costs the coordinator.
 """
 
