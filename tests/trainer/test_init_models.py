@@ -30,9 +30,9 @@ def cache_model(hub, repo, model, tokenizer=True):
     return snapshot
 
 
-def llama(vocab=58):
+def llama():
     config = LlamaConfig(
-        vocab_size=vocab,
+        vocab_size=len(tiny_tokenizer()),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -96,7 +96,9 @@ def test_missing_and_unusable_models_are_refused_by_name(hub, tmp_path, capsys):
     code, _ = init(tmp_path, "--model", "acme/no-tokenizer")
     assert code == 2 and "has no tokenizer" in capsys.readouterr().err
 
-    t5 = T5Config(vocab_size=58, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    t5 = T5Config(
+        vocab_size=len(tiny_tokenizer()), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2
+    )
     cache_model(hub, "acme/t5", T5ForConditionalGeneration(t5))
     code, _ = init(tmp_path, "--model", "acme/t5")
     assert code == 2 and "is an encoder-decoder (t5)" in capsys.readouterr().err
