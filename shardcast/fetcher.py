@@ -15,6 +15,12 @@ when another source could serve the shard: with one source, slow beats nothing. 
 remaining shard is already in flight, an idle worker hedges the oldest one on an idle source
 (into a side file, so two writers never share bytes): the first verified copy wins and the
 other transfer is cancelled. That also rescues a shard stuck on a source that never answers.
+
+In a swarm (`Swarming`), sources are of two kinds: seeds (origin, relays) that hold or will
+hold every shard, and peers that hold what their bitfields say. Shards are taken rarest
+first (fewest peers holding them, random among equals), a shard is fetched from a peer
+holding it whenever there is one, and at most `seed_parallel` transfers at once go to the
+seeds, whose upload is the swarm's scarce resource: it should carry shards nobody has yet.
 """
 
 from __future__ import annotations
@@ -101,6 +107,16 @@ class _Race:
             self.winner = who
             assert self.nursery is not None
             self.nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Swarming:
+    holders: Callable[[ShardJob], set[str]]
+    """Peers known (from their bitfields, a claim checked by the hash) to hold a shard."""
+    seeds: set[str]
+    """Sources that hold every shard, or wait for it (cut-through)."""
+    seed_parallel: int = 2
+    """Transfers at once from the seeds (retries of a shard no peer holds aside)."""
 
 
 @dataclass
@@ -223,11 +239,13 @@ class ShardFetcher:
         picker: SourcePicker,
         policy: FetchPolicy,
         on_corrupt: Callable[[str, int, ShardJob], None] | None = None,
+        swarm: Swarming | None = None,
     ) -> None:
         self.http = http
         self.picker = picker
         self.policy = policy
         self.on_corrupt = on_corrupt
+        self.swarm = swarm
         self._race_ended = trio.Event()
 
     async def fetch(
@@ -243,13 +261,13 @@ class ShardFetcher:
 
         async def worker() -> None:
             while queue or races:
-                if queue:
-                    job = queue.popleft()
+                job = self._next_job(queue) if queue else None
+                if job is not None:
                     await self._race(version, job, races)
                     if on_done is not None:
                         on_done(job)
                     continue
-                race = self._hedgeable(races)
+                race = None if queue else self._hedgeable(races)
                 if race is None or not await self._hedge(version, race):
                     # Wake when a shard ends (maybe the last), or to look for hedges again.
                     with trio.move_on_after(HEDGE_POLL):
@@ -261,6 +279,35 @@ class ShardFetcher:
                     nursery.start_soon(worker)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
+
+    def _next_job(self, queue: deque[ShardJob]) -> ShardJob | None:
+        """The next shard to fetch: in order, or in a swarm the rarest one that can start
+        now (None: wait for a seed slot or for a peer to get something)."""
+        if self.swarm is None:
+            return queue.popleft()
+        seeds_busy = (
+            sum(self.picker.stats[u].inflight for u in self.swarm.seeds if u in self.picker.stats)
+            >= self.swarm.seed_parallel
+        )
+        best: tuple[int, float] | None = None
+        chosen = None
+        for job in queue:
+            n = len(self.swarm.holders(job))
+            if n == 0 and seeds_busy:
+                continue
+            key = (n, random.random())
+            if best is None or key < best:
+                best, chosen = key, job
+        if chosen is not None:
+            queue.remove(chosen)
+        return chosen
+
+    def _pick_source(self, version: int, job: ShardJob, avoid: set[str]) -> SourceStats | None:
+        if self.swarm is not None:
+            peers = self.swarm.holders(job) - avoid
+            source = self.picker.pick(version, avoid, among=peers) if peers else None
+            return source or self.picker.pick(version, avoid, among=self.swarm.seeds)
+        return self.picker.pick(version, avoid)
 
     async def _race(self, version: int, job: ShardJob, races: dict[ShardJob, _Race]) -> None:
         """Fetch one shard in place, letting `_hedge` add a second contestant; the first
@@ -308,7 +355,10 @@ class ShardFetcher:
         """One extra request for `race`'s shard on an idle source, into a side file; holds
         this worker until the race ends, so hedges never exceed `parallel` transfers.
         False when no source is idle now (try again later)."""
-        source = self.picker.pick_idle(version, race.sources)
+        among = None
+        if self.swarm is not None:
+            among = self.swarm.holders(race.job) | self.swarm.seeds
+        source = self.picker.pick_idle(version, race.sources, among)
         if source is None:
             return False
         race.hedged = True  # one hedge per shard
@@ -359,7 +409,7 @@ class ShardFetcher:
                     f"v{version} {job.name} shard {job.index}: gave up after {attempts} "
                     f"attempts; last error: {last_error}"
                 )
-            source = self.picker.pick(version, avoid)
+            source = self._pick_source(version, job, avoid)
             if source is None:
                 if all(version in s.missing for s in self.picker.stats.values()):
                     raise VersionGone(f"no source holds version {version} any more")

@@ -34,6 +34,7 @@ from shardcast.manifest import (
     open_manifest,
     sign_manifest,
 )
+from shardcast.peers import PeerTable
 from shardcast.server import create_app, serve_app
 from shardcast.shards import hash_and_copy, list_files
 from shardcast.store import DEFAULT_KEEP, StoredVersion, VersionStore
@@ -72,7 +73,9 @@ class Origin:
         self.store = VersionStore(root, keep)
         self.store.load_existing(identity.public_key, pool_id)
         self.bucket = UploadThrottle(rate) if rate else None
-        self.app = create_app(self.store, self.bucket, limits=limits)
+        # The origin keeps a peer table too: it is where most nodes first hear of each other.
+        self.peers = PeerTable(pool_id)
+        self.app = create_app(self.store, self.bucket, limits=limits, peers=self.peers)
         self.url: str | None = None
         self._lock = trio.Lock()
         self._token: trio.lowlevel.TrioToken | None = None

@@ -13,6 +13,12 @@ hedging (see fetcher), each version's mirroring has an overall deadline, and an 
 that lists a version it cannot serve is muted for a while, so fake versions cannot crowd
 out real ones. `trust_version` (from signed data, where the relay runs inside a node) caps
 which listed versions are believed at all.
+
+Given an `identity`, the relay is a swarm member (what every node runs by default): it
+announces itself, learns peers by gossip, and mirrors each version from its peers as well
+as its upstreams, rarest shard first, sending at most `seed_parallel` transfers at a time
+to the upstreams (see swarm.py). Versions still come only from the upstreams' listings;
+peers are sources of shards, never of versions.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from protocol.identity import Identity
 from shardcast.client import MAX_LISTING_BYTES, fetch_manifest
 from shardcast.errors import FetchError, ShardcastError
 from shardcast.fetcher import (
@@ -32,6 +39,7 @@ from shardcast.fetcher import (
     ResponseTooLarge,
     ShardFetcher,
     ShardJob,
+    Swarming,
     disk_error,
     get_capped,
     http_client,
@@ -39,9 +47,11 @@ from shardcast.fetcher import (
 )
 from shardcast.limits import ServeLimits
 from shardcast.manifest import Manifest, shard_range
+from shardcast.peers import PeerTable
 from shardcast.server import create_app, serve_app
 from shardcast.sources import MAX_LISTED, SourcePicker
 from shardcast.store import DEFAULT_KEEP, StoredVersion, VersionStore
+from shardcast.swarm import PeerWatch, job_holders
 from shardcast.throttle import UploadThrottle
 
 log = logging.getLogger(__name__)
@@ -63,6 +73,10 @@ class Relay:
         shard_wait: float = 30.0,
         poll_wait: float = 25.0,
         limits: ServeLimits | None = None,
+        identity: Identity | None = None,
+        advertise: str | None = None,
+        max_peers: int = 8,
+        seed_parallel: int = 2,
     ) -> None:
         if not upstreams:
             raise ShardcastError("a relay needs at least one upstream")
@@ -72,12 +86,22 @@ class Relay:
         # Few shards in flight upstream: shards then complete one after another and each is
         # re-served at once (cut-through); many parallel shards would all finish together
         # at the end, which is store-and-forward again.
-        self.policy = policy or FetchPolicy(parallel=3)
+        # A swarm member takes shards from many peers at once; its upstream share is capped
+        # by `seed_parallel` instead.
+        self.policy = policy or FetchPolicy(parallel=8 if identity else 3)
         self.poll_wait = poll_wait
         self.store = VersionStore(root, keep)
         self.store.load_existing(public_key, pool_id)
         self.bucket = UploadThrottle(rate) if rate else None
-        self.app = create_app(self.store, self.bucket, shard_wait=shard_wait, limits=limits)
+        self.peers = PeerTable(pool_id, identity.public_key if identity else None)
+        self.app = create_app(
+            self.store, self.bucket, shard_wait=shard_wait, limits=limits, peers=self.peers
+        )
+        self.identity = identity
+        self.advertise = advertise
+        self.max_peers = max_peers
+        self.seed_parallel = seed_parallel
+        self.watch: PeerWatch | None = None
         self.picker = SourcePicker(self.upstreams)
         self.url: str | None = None
         self.bad_upstreams: list[tuple[str, int, str, int]] = []
@@ -105,6 +129,16 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 self.url = await nursery.start(serve_app, self.app, host, port)
+                if self.identity is not None:
+                    self.watch = PeerWatch(
+                        self._http,
+                        self.peers,
+                        self.picker,
+                        self.upstreams,
+                        self.identity,
+                        self.max_peers,
+                    )
+                    nursery.start_soon(self.watch.run, self.advertise or self.url)
                 for url in self.upstreams:
                     nursery.start_soon(self._follow, url, nursery)
                 task_status.started(self.url)
@@ -209,8 +243,18 @@ class Relay:
                 def report(url: str, v: int, job: ShardJob) -> None:
                     self.bad_upstreams.append((url, v, job.name, job.index))
 
-                fetcher = ShardFetcher(self._http, self.picker, self.policy, on_corrupt=report)
-                await fetcher.fetch(version, jobs, on_done=lambda j: sv.mark(j.name, j.index))
+                swarm = None
+                if self.watch is not None:
+                    holders = job_holders(self.watch, version, m)
+                    swarm = Swarming(holders, set(self.upstreams), self.seed_parallel)
+                fetcher = ShardFetcher(
+                    self._http, self.picker, self.policy, on_corrupt=report, swarm=swarm
+                )
+                async with trio.open_nursery() as watching:
+                    if self.watch is not None:
+                        watching.start_soon(self.watch.watch, version, m)
+                    await fetcher.fetch(version, jobs, on_done=lambda j: sv.mark(j.name, j.index))
+                    watching.cancel_scope.cancel()
                 log.info("mirrored v%d (%d bytes)", version, m.payload_bytes)
                 for gone in await self.store.prune():
                     if gone in self._mirroring:

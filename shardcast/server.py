@@ -3,6 +3,9 @@
     GET /versions?after=N&wait=S   JSON listing; long-polls up to S seconds for a version > N
     GET /v/{N}/manifest            the signed manifest bytes
     GET /v/{N}/f/{name}            a payload file, streamed; single-range `Range` supported
+    GET /v/{N}/have?after=K&wait=S  which shards are held (hex bitfield); long-polls up to S s
+                                   for more than K held shards
+    GET|POST /peers                signed peer announcements (servers given a PeerTable)
     GET /stats                     bytes served since start: total, requests, by version
     GET /health                    liveness
 
@@ -34,6 +37,7 @@ from hypercorn.trio import serve
 from shardcast.errors import ManifestError
 from shardcast.limits import CapConnections, ServeLimits
 from shardcast.manifest import PayloadFile, shard_range
+from shardcast.peers import MAX_ANNOUNCEMENT_BYTES, PeerTable
 from shardcast.store import StoredVersion, VersionStore
 from shardcast.throttle import UploadThrottle
 from shardcast.traffic import CountServed, ServedBytes
@@ -87,6 +91,7 @@ def create_app(
     bucket: UploadThrottle | None = None,
     shard_wait: float = 30.0,
     limits: ServeLimits | None = None,
+    peers: PeerTable | None = None,
 ) -> FastAPI:
     limits = limits or ServeLimits()
     app = FastAPI(title="shardcast", docs_url=None, redoc_url=None, openapi_url=None)
@@ -117,6 +122,31 @@ def create_app(
         if wait > 0:  # NaN compares false: no wait
             await store.wait_newer(after, min(wait, MAX_LONG_POLL))
         return store.listing()
+
+    @app.get("/v/{version}/have")
+    async def have(version: str, after: int = -1, wait: float = 0.0) -> dict:
+        sv = version_or_404(version)
+        if wait > 0:
+            await sv.wait_held(after, min(wait, MAX_LONG_POLL))
+        return {"held": sv.held, "bits": sv.bitfield()}
+
+    if peers is not None:
+
+        @app.get("/peers")
+        async def get_peers() -> Response:
+            body = b'{"peers":[' + b",".join(peers.encoded()) + b"]}"
+            return Response(body, media_type="application/json")
+
+        @app.post("/peers", status_code=204)
+        async def post_peer(request: Request) -> Response:
+            data = bytearray()
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > MAX_ANNOUNCEMENT_BYTES:
+                    raise HTTPException(413, "announcement too large")
+            if peers.add(bytes(data)) is None:
+                raise HTTPException(400, "announcement refused")
+            return Response(status_code=204)
 
     @app.get("/v/{version}/manifest")
     async def manifest(version: str) -> Response:

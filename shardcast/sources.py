@@ -67,19 +67,42 @@ class SourcePicker:
         self.ban_after = ban_after
         self._rng = random.Random(seed)
 
-    def usable(self, version: int, avoid: set[str] = frozenset()) -> list[SourceStats]:
+    def add(self, url: str) -> bool:
+        """A source learnt of later (a peer); False if already known."""
+        url = url.rstrip("/")
+        if url in self.stats:
+            return False
+        self.stats[url] = SourceStats(url)
+        return True
+
+    def dropped(self, url: str, version: int) -> bool:
+        """Whether `url` is no longer used for `version` (banned, missing, at fault)."""
+        s = self.stats.get(url)
+        return s is None or not self.usable(version, among={url})
+
+    def usable(
+        self, version: int, avoid: set[str] = frozenset(), among: set[str] | None = None
+    ) -> list[SourceStats]:
+        """Sources that may serve `version`: only those in `among` when given, the ones
+        in `avoid` only when nothing else is left."""
         live = [
             s
             for s in self.stats.values()
-            if s.corrupt < self.ban_after and version not in s.missing and version not in s.faulty
+            if s.corrupt < self.ban_after
+            and version not in s.missing
+            and version not in s.faulty
+            and (among is None or s.url in among)
         ]
         preferred = [s for s in live if s.url not in avoid]
         return preferred or live
 
-    def pick(self, version: int, avoid: set[str] = frozenset()) -> SourceStats | None:
+    def pick(
+        self, version: int, avoid: set[str] = frozenset(), among: set[str] | None = None
+    ) -> SourceStats | None:
         """A source for one transfer of `version`, or None if none is left; `avoid` holds
-        sources that already failed this shard (used only if nothing else is left)."""
-        candidates = self.usable(version, avoid)
+        sources that already failed this shard (used only if nothing else is left);
+        `among`, when given, the only sources that may be picked (those holding it)."""
+        candidates = self.usable(version, avoid, among)
         if not candidates:
             return None
         # An untried source gets one transfer at a time until one ends: its optimistic
@@ -92,10 +115,14 @@ class SourcePicker:
             return self._rng.choice(candidates)
         return max(candidates, key=lambda s: s.goodput * s.health / (1 + s.inflight))
 
-    def pick_idle(self, version: int, avoid: set[str]) -> SourceStats | None:
-        """The best source with no transfer running, outside `avoid`: for a hedged request,
-        which must not slow down anyone's first request."""
-        idle = [s for s in self.usable(version, avoid) if s.inflight == 0 and s.url not in avoid]
+    def pick_idle(
+        self, version: int, avoid: set[str], among: set[str] | None = None
+    ) -> SourceStats | None:
+        """The best source with no transfer running, outside `avoid` (and inside `among`):
+        for a hedged request, which must not slow down anyone's first request."""
+        idle = [
+            s for s in self.usable(version, avoid, among) if s.inflight == 0 and s.url not in avoid
+        ]
         return max(idle, key=lambda s: s.goodput * s.health, default=None)
 
     def has_alternative(self, version: int, url: str) -> bool:

@@ -17,6 +17,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import trio
 
 from shardcast.errors import ManifestError
@@ -50,6 +51,22 @@ class StoredVersion:
 
     def has(self, name: str, index: int) -> bool:
         return self._have[name][index]
+
+    @property
+    def held(self) -> int:
+        return sum(len(p.shards) for p in self.manifest.payload) - self._missing
+
+    def bitfield(self) -> str:
+        """Which shards are held, as hex: bit i (most significant first) is shard i in the
+        manifest's order (payload files in turn). Peers read it to choose rarest-first."""
+        bits = [b for p in self.manifest.payload for b in self._have[p.name]]
+        return np.packbits(np.array(bits, dtype=bool)).tobytes().hex()
+
+    async def wait_held(self, more_than: int, timeout: float) -> None:
+        """Long-poll: return once more than `more_than` shards are held, or on timeout."""
+        with trio.move_on_after(timeout):
+            while self.held <= more_than and not self.dropped:
+                await self._changed.wait()
 
     def mark(self, name: str, index: int) -> None:
         """Record that shard `index` of `name` is on disk and verified; wake waiting servers."""

@@ -71,11 +71,13 @@ def same_tree(a: Path, b: Path) -> bool:
 class Proc:
     """A shardcast process whose first stdout line is a JSON announcement."""
 
-    def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
+    def __init__(
+        self, args: list[str], log: Path, env: dict | None = None, module: str = "shardcast"
+    ) -> None:
         self.log = log
         self.args = args
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "shardcast", *args],
+            [sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,
             stderr=open(log, "w"),  # noqa: SIM115 - lives as long as the process
             text=True,
@@ -117,8 +119,8 @@ def procs(tmp_path: Path) -> Iterator[callable]:
     started: list[Proc] = []
     counter = iter(range(1000))
 
-    def start(*args: str, env: dict | None = None) -> Proc:
-        p = Proc(list(args), tmp_path / f"proc{next(counter)}.log", env)
+    def start(*args: str, env: dict | None = None, module: str = "shardcast") -> Proc:
+        p = Proc(list(args), tmp_path / f"proc{next(counter)}.log", env, module)
         started.append(p)
         return p
 

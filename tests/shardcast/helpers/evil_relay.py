@@ -53,4 +53,5 @@ async def main() -> None:
         print(json.dumps({"role": "evil-relay", "url": url}), flush=True)
 
 
-trio.run(main)
+if __name__ == "__main__":
+    trio.run(main)

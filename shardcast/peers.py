@@ -1,0 +1,113 @@
+"""Who else serves this pool's weights: signed, expiring peer announcements.
+
+Every node that re-serves signs its own reachable URL with its identity key
+(`announce`). Announcements travel by gossip over HTTP: each server (origin, relay,
+node) keeps a `PeerTable`, accepts announcements on `POST /peers` and hands out the fresh
+ones on `GET /peers`; a node pushes its own to the servers it knows and pulls theirs, so a
+late joiner learns the whole swarm from its first source. The origin needs no code of its
+own for this: it is one more table.
+
+An announcement only proves that a key claimed a URL recently. It is never trusted as a
+source of bytes: every shard from a peer is checked against the signed manifest, a peer
+that fails is scored down and dropped by the `SourcePicker`, and an unproven peer gets one
+transfer at a time. Tables are bounded (one entry per key, `MAX_PEERS` entries, newest
+kept) and entries expire, so a flood of announcements costs little.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import msgspec
+
+from protocol.identity import Identity, verify_signature
+from protocol.wire import PublicKey, Signature
+
+DOMAIN = b"swarmrl/shardcast/peer/v1\n"
+TTL = 300.0  # seconds an announcement stays valid; nodes re-announce every TTL / 3
+MAX_SKEW = 30.0  # an announcement dated further into the future than this is refused
+MAX_PEERS = 256
+MAX_ANNOUNCEMENT_BYTES = 2048
+
+Url = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^https?://[^\s/?#]+$")]
+
+
+class Announcement(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pool_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    url: Url
+    public_key: PublicKey
+    issued: float
+    signature: Signature
+
+    def signed_bytes(self) -> bytes:
+        body = msgspec.msgpack.encode([self.pool_id, self.url, self.public_key, self.issued])
+        return DOMAIN + body
+
+
+_decoder = msgspec.json.Decoder(Announcement)
+_encoder = msgspec.json.Encoder()
+
+
+def announce(identity: Identity, pool_id: str, url: str, now: float | None = None) -> bytes:
+    """This node's signed claim that it serves `pool_id`'s weights at `url` (JSON bytes)."""
+    issued = time.time() if now is None else now
+    unsigned = Announcement(
+        pool_id=pool_id,
+        url=url.rstrip("/"),
+        public_key=identity.public_key,
+        issued=issued,
+        signature=bytes(64),
+    )
+    signed = msgspec.structs.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
+    return _encoder.encode(signed)
+
+
+class PeerTable:
+    def __init__(self, pool_id: str, own_key: bytes | None = None) -> None:
+        self.pool_id = pool_id
+        self.own_key = own_key
+        self._by_key: dict[bytes, Announcement] = {}
+
+    def add(self, data: bytes, now: float | None = None) -> Announcement | None:
+        """Check and keep one announcement; None if refused (malformed, badly signed,
+        another pool, stale, from the future, or our own)."""
+        now = time.time() if now is None else now
+        if len(data) > MAX_ANNOUNCEMENT_BYTES:
+            return None
+        try:
+            a = _decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        if a.pool_id != self.pool_id or a.public_key == self.own_key:
+            return None
+        if not (now - TTL < a.issued < now + MAX_SKEW):
+            return None
+        old = self._by_key.get(a.public_key)
+        if old is not None and old.issued >= a.issued:
+            return None  # replayed or older: nothing new
+        if not verify_signature(a.public_key, a.signed_bytes(), a.signature):
+            return None
+        self._by_key[a.public_key] = a
+        self._evict(now)
+        return a
+
+    def fresh(self, now: float | None = None) -> list[Announcement]:
+        now = time.time() if now is None else now
+        self._evict(now)
+        return sorted(self._by_key.values(), key=lambda a: -a.issued)
+
+    def urls(self, now: float | None = None) -> list[str]:
+        return [a.url for a in self.fresh(now)]
+
+    def encoded(self, limit: int = 64) -> list[bytes]:
+        """The newest `limit` announcements, as served on `GET /peers`."""
+        return [_encoder.encode(a) for a in self.fresh()[:limit]]
+
+    def _evict(self, now: float) -> None:
+        for key, a in list(self._by_key.items()):
+            if a.issued <= now - TTL:
+                del self._by_key[key]
+        if len(self._by_key) > MAX_PEERS:
+            keep = sorted(self._by_key.values(), key=lambda a: -a.issued)[:MAX_PEERS]
+            self._by_key = {a.public_key: a for a in keep}

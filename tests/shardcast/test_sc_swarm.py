@@ -1,0 +1,89 @@
+"""Swarm members as real processes: a late joiner fetches from its peers, not the origin,
+and a peer that serves bad bytes is caught and dropped."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from sc_helpers import REPO, SHARD, make_checkpoint
+from test_sc_processes import HELPERS, pool_file, publish, start_origin, wait_listed
+
+from protocol.identity import Identity
+from shardcast.peers import TTL, PeerTable, announce
+
+
+def start_seed(procs, tmp_path: Path, name: str, pid: str, key: str, upstream: str, *extra):
+    p = procs(
+        "--upstream", upstream, "--root", str(tmp_path / name), "--pool-id", pid,
+        "--public-key", key, *extra, module="shardcast.seed",
+    )  # fmt: skip
+    return p, p.announcement()["url"]
+
+
+def payload_files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_late_joiner_fetches_from_peers_and_drops_a_corrupting_one(
+    tmp_path, identity, key_file, procs
+) -> None:
+    pool, pid = pool_file(tmp_path, identity)
+    key = identity.public_key.hex()
+    ck = make_checkpoint(tmp_path / "ck", mb=2)
+    origin = start_origin(procs, tmp_path, key_file, pool, "--rate-mb", "2")
+    # Honest peers are slower than the liar, so the late joiner is sure to try the liar.
+    a, a_url = start_seed(procs, tmp_path, "a", pid, key, origin, "--rate-mb", "2")
+    b, b_url = start_seed(procs, tmp_path, "b", pid, key, origin, "--rate-mb", "2")
+    publish(key_file, pool, tmp_path / "origin", ck, 1)
+    for p in (a, b):
+        assert p.announcement(60)["version"] == 1
+    evil = subprocess.Popen(
+        [sys.executable, str(HELPERS / "evil_seed.py"), origin, str(tmp_path / "evil"), pid,
+         key, str(SHARD)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+        env={"PYTHONPATH": f"{REPO}:{HELPERS}", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    try:
+        evil_url = json.loads(evil.stdout.readline())["url"]
+        wait_listed(evil_url, 1, timeout=60)
+        # The origin has heard of all three peers by gossip.
+        known = {p["url"] for p in httpx.get(f"{origin}/peers", timeout=5).json()["peers"]}
+        assert {a_url, b_url} <= known
+        c, _ = start_seed(procs, tmp_path, "c", pid, key, origin, "--log-level", "INFO")
+        done = c.announcement(90)
+    finally:
+        evil.kill()
+        evil.wait()
+    assert done["version"] == 1, c.stderr()
+    got = payload_files(tmp_path / "c" / "v1" / "payload")
+    assert got == payload_files(tmp_path / "origin" / "v1" / "payload")
+    by_source = done["bytes_by_source"]
+    total = sum(len(v) for v in got.values())
+    from_peers = by_source.get(a_url, 0) + by_source.get(b_url, 0)
+    assert from_peers >= total / 2, by_source
+    assert evil_url in done["bad_sources"]
+
+
+def test_announcements_are_signed_fresh_and_for_this_pool() -> None:
+    me, other = Identity.generate(), Identity.generate()
+    table = PeerTable("pool", own_key=me.public_key)
+    now = 1_000_000.0
+    good = announce(other, "pool", "http://127.0.0.1:9000", now)
+    assert table.add(good, now) is not None
+    assert table.urls(now) == ["http://127.0.0.1:9000"]
+    assert table.add(good, now) is None  # a replay adds nothing
+    assert table.add(announce(me, "pool", "http://127.0.0.1:1", now), now) is None  # ourselves
+    assert table.add(announce(other, "other", "http://127.0.0.1:1", now), now) is None
+    assert table.add(announce(other, "pool", "http://127.0.0.1:1", now - TTL - 1), now) is None
+    assert table.add(announce(other, "pool", "http://127.0.0.1:1", now + 3600), now) is None
+    assert table.add(announce(other, "pool", "file:///etc/passwd", now), now) is None
+    forged = json.loads(announce(other, "pool", "http://127.0.0.1:1", now + 1))
+    forged["url"] = "http://127.0.0.1:6666"
+    assert table.add(json.dumps(forged).encode(), now) is None
+    assert table.urls(now + TTL + 1) == []  # expired
