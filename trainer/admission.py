@@ -12,8 +12,8 @@ for newcomers that all newcomers SHARE, so a thousand new keys cost what one cos
   seconds per minute, after the trusted nodes' work; one proven cheat bans it.
   `probation_accepts` accepted submissions end probation.
 - Quota: a trusted node's open leases are capped by what it answered lately (1 + answered / 2,
-  at most `max_leases_per_node` and half the pool's in-flight budget), minus its expiries in
-  the window. Releases beyond `release_allowance` per window are soft faults.
+  at most `max_leases_per_node` and half the pool's in-flight budget), minus its soft faults in
+  the window: expiries, and releases beyond `release_allowance`.
 - Validation order: trusted work first; a node whose prefill seconds exceed
   `validation_allowance_s + validation_ratio x` the seconds of its accepted work waits for the
   shared budget, like a newcomer.
@@ -163,9 +163,11 @@ class Admission:
         if node is None or node["banned_at"] is not None:
             return LeaseTerms("banned", reason="not a member, or banned")
         seen = self.ledger.activity(key, now - self.config.window_s)
+        # Expiries and releases beyond the allowance are the node's soft faults in the window.
+        faults = seen.expired + max(0, seen.released - self.config.release_allowance)
         if node["probation"]:
-            return self._probation_terms(seen.open + self.ledger.pending_count(key), seen.expired)
-        quota = min(self.max_open, 1 + seen.answered // 2) - seen.expired
+            return self._probation_terms(seen.open + self.ledger.pending_count(key), faults)
+        quota = min(self.max_open, 1 + seen.answered // 2) - faults
         if seen.open >= max(quota, 0):
             return LeaseTerms(
                 "quota",
@@ -178,11 +180,12 @@ class Admission:
             )
         return LeaseTerms("ok", prompts=self.lease_prompts)
 
-    def _probation_terms(self, unfinished: int, expired: int) -> LeaseTerms:
+    def _probation_terms(self, unfinished: int, faults: int) -> LeaseTerms:
         # One lease at a time, and the next only once the last answer has its verdict: a
-        # newcomer cannot queue up work we have not judged yet.
-        if unfinished >= 1 or expired >= 1:
-            why = "one lease at a time on probation" if unfinished else "a lease expired"
+        # newcomer cannot queue up work we have not judged yet. One fault ends its leasing
+        # for the window.
+        if unfinished >= 1 or faults >= 1:
+            why = "one lease at a time on probation" if unfinished else "a soft fault in the window"
             return LeaseTerms("quota", reason=why, retry_after_s=QUOTA_RETRY_S)
         if self.ledger.open_lease_count(probation=True) >= self.config.probation_leases:
             return LeaseTerms(

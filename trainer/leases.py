@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from dataclasses import dataclass
 
 import blake3
 
@@ -36,12 +35,8 @@ def task_seed(pool_seed: int, prompt_index: int, draw_number: int) -> int:
     return _hash64(b"seed", struct.pack(">qQQ", pool_seed, prompt_index, draw_number))
 
 
-@dataclass(frozen=True)
-class _Orphan:
-    prompt_index: int
-    barred: bytes | None
-    """The node that gave it up: it may not get it back before `until`."""
-    until: float
+class NothingToLease(Exception):
+    """Every prompt this node could be given is barred from it for now."""
 
 
 class LeaseBook:
@@ -52,14 +47,20 @@ class LeaseBook:
             raise ValueError("the task has no training prompts")
         self.pool_seed = pool_seed
         self.n_prompts = n_prompts
-        self._orphans: deque[_Orphan] = deque()
+        self._orphans: deque[int] = deque()
+        self._barred: dict[bytes, dict[int, float]] = {}
+        """node -> {prompt index: until}: prompts it gave up, kept from it until then."""
 
     def return_prompts(
         self, prompt_indices: list[int], barred: bytes | None = None, until: float = 0.0
     ) -> None:
-        """Prompts of an expired, released or revoked lease: they go to the next leases, except
-        to `barred` (the node that gave them up) before `until`."""
-        self._orphans.extend(_Orphan(p, barred, until) for p in prompt_indices)
+        """Prompts of an expired, released or revoked lease: they go to the next leases, never
+        to `barred` (the node that gave them up) before `until`, by any draw."""
+        self._orphans.extend(prompt_indices)
+        if barred is not None:
+            bars = self._barred.setdefault(barred, {})
+            for p in prompt_indices:
+                bars[p] = max(bars.get(p, 0.0), until)
 
     @property
     def orphan_count(self) -> int:
@@ -67,23 +68,43 @@ class LeaseBook:
 
     def plan(self, node: bytes, counter: int, n_tasks: int, now: float) -> list[int]:
         """Prompt indices for `node`'s lease number `counter`: orphans it may take first, then
-        fresh draws."""
-        taken = self._take_orphans(node, n_tasks, now)
-        fresh = [
-            draw(self.pool_seed, node, counter, slot, b"prompt") % self.n_prompts
-            for slot in range(len(taken), n_tasks)
-        ]
-        return taken + fresh
+        fresh draws, skipping prompts barred from it. Raises `NothingToLease` when none is
+        left for it."""
+        barred = self._bars(node, now)
+        taken = self._take_orphans(barred, n_tasks)
+        if len(barred) < self.n_prompts:
+            for slot in range(len(taken), n_tasks):
+                start = draw(self.pool_seed, node, counter, slot, b"prompt")
+                taken.append(self._first_free(start, barred))
+        if not taken:
+            raise NothingToLease(f"the {len(barred)} prompts this node gave up are barred from it")
+        return taken
 
-    def _take_orphans(self, node: bytes, n: int, now: float) -> list[int]:
+    def _first_free(self, start: int, barred: set[int]) -> int:
+        """The drawn prompt, or the next one after it that is not barred (one exists)."""
+        for k in range(self.n_prompts):
+            p = (start + k) % self.n_prompts
+            if p not in barred:
+                return p
+        raise NothingToLease("every prompt is barred from this node")
+
+    def _bars(self, node: bytes, now: float) -> set[int]:
+        bars = self._barred.get(node)
+        if not bars:
+            return set()
+        live = {p: t for p, t in bars.items() if t > now}
+        if live:
+            self._barred[node] = live
+        else:
+            del self._barred[node]
+        return set(live)
+
+    def _take_orphans(self, barred: set[int], n: int) -> list[int]:
         taken: list[int] = []
-        kept: deque[_Orphan] = deque()
+        kept: deque[int] = deque()
         while self._orphans and len(taken) < n:
-            o = self._orphans.popleft()
-            if o.barred == node and now < o.until:
-                kept.append(o)
-            else:
-                taken.append(o.prompt_index)
+            p = self._orphans.popleft()
+            (kept if p in barred else taken).append(p)
         kept.extend(self._orphans)
         self._orphans = kept
         return taken

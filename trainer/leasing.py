@@ -17,8 +17,8 @@ import trio
 
 from protocol import messages as msg
 from protocol.poolspec import PoolSpec
-from trainer.admission import Admission
-from trainer.leases import LeaseBook, task_seed
+from trainer.admission import QUOTA_RETRY_S, Admission
+from trainer.leases import LeaseBook, NothingToLease, task_seed
 from trainer.ledger import Ledger
 from trainer.view import Progress
 
@@ -66,7 +66,10 @@ class LeaseService:
             return msg.LeaseReply(
                 code=terms.code, retry_after_s=terms.retry_after_s, reason=terms.reason
             )
-        lease = self._issue(v.signer, now, held, min_version, terms.prompts)
+        try:
+            lease = self._issue(v.signer, now, held, min_version, terms.prompts)
+        except NothingToLease as e:
+            return msg.LeaseReply(code="quota", retry_after_s=QUOTA_RETRY_S, reason=str(e))
         return msg.LeaseReply(lease=lease)
 
     def _issue(
