@@ -105,6 +105,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, help="most sequences generated at once")
     p.add_argument("--relay", type=int, metavar="PORT", help="also serve held weight shards")
     p.add_argument("--relay-host", help="address the relay binds and announces")
+    p.add_argument("--no-reseed", action="store_true", help="do not re-serve held weights")
+    p.add_argument("--upload-cap", type=float, metavar="MB/s", help="cap re-serving upload")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key"
     )
@@ -152,6 +154,8 @@ def _join(args: argparse.Namespace) -> int:
         device=config.device,
         relay_port=config.relay_port,
         relay_host=config.relay_host,
+        reseed=not args.no_reseed,
+        upload_cap_mb=args.upload_cap,
         max_leases=args.max_leases,
     )
     worker = Worker(identity, args.pool, engine, options)

@@ -34,6 +34,7 @@ import trio
 from node.behaviour import Behaviour, NodeContext
 from node.engine import Engine
 from node.hardware import probe
+from node.seeding import make_seeder
 from protocol import messages as msg
 from protocol import pow as join_pow
 from protocol.discovery import PoolBook, PoolLocation, discover, follow_pool_record, serve_discovery
@@ -42,7 +43,6 @@ from protocol.host import Host, pool_topic
 from protocol.identity import Identity
 from shardcast.client import Client
 from shardcast.errors import ShardcastError
-from shardcast.relay import Relay
 
 log = logging.getLogger("swarmrl.node")
 
@@ -133,6 +133,9 @@ class WorkerOptions:
     relay_port: int | None = None
     """Also serve the weights this node holds to other nodes on this HTTP port."""
     relay_host: str = "127.0.0.1"
+    reseed: bool = True
+    """Re-serve held weights to peers (node/seeding.py), on `relay_port` or any free port."""
+    upload_cap_mb: float | None = None
     max_leases: int | None = None
     """Stop after this many leases (tests, benchmarks)."""
     backoff_max_s: float = 30.0
@@ -196,7 +199,7 @@ class Worker:
             self.stats.state = "joining"
             reply = await self._join()
             sources = list(reply.weights_urls)
-            if self.options.relay_port is not None:
+            if self.options.relay_port is not None or self.options.reseed:
                 relay_url = await nursery.start(self._relay, sources)
                 # Join again to tell the coordinator where we serve (joining is idempotent),
                 # and fetch through our own relay only, so shards cross the network once (the
@@ -386,17 +389,20 @@ class Worker:
     async def _relay(
         self, upstreams: list[str], *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Re-serve the pool's weights to other nodes (`--relay PORT`)."""
+        """Re-serve the pool's weights to other nodes (default; `--relay PORT` fixes the port)."""
         spec = self.location.spec
-        relay = Relay(
+        relay = make_seeder(
             upstreams,
             self.options.data_dir / "relay" / self.pool_id,
+            identity=self.identity,
             public_key=bytes.fromhex(spec.coordinator.public_key),
             pool_id=self.pool_id,
             keep=spec.limits.max_staleness + 2,
+            upload_cap_mb=self.options.upload_cap_mb,
         )
         async with trio.open_nursery() as nursery:
-            url = await nursery.start(relay.run, self.options.relay_host, self.options.relay_port)
+            port = self.options.relay_port or 0
+            url = await nursery.start(relay.run, self.options.relay_host, port)
             log.info("relaying weights at %s", url)
             task_status.started(url)
 
