@@ -39,6 +39,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 KINDS = (
+    # The kinds that take many verdicts to judge start first, while training still leases.
+    "intermittent",
+    "sybil",
+    "seed-reroller",
+    "lease-hoarder",
+    "validation-flooder",
     "wrong-model",
     "perturbed",
     "tamper-tokens",
@@ -51,11 +57,6 @@ KINDS = (
     "forge",
     "garbage",
     "flood",
-    "sybil",
-    "lease-hoarder",
-    "seed-reroller",
-    "validation-flooder",
-    "intermittent",
     "lying-relay",
     "trickling-relay",
 )
@@ -724,9 +725,12 @@ class Swarm:
             n = sum(r["rate_limited"] for r in mine)
             return n > 0, f"rate limited {n} times"
         if expected == "banned":
-            banned = [r for r in mine if r["banned"]]
+            # A key admitted after training stopped leasing was never given work to cheat on.
+            worked = [r for r in mine if r["cost"]["leases_issued"] or r["banned"]]
+            banned = [r for r in worked if r["banned"]]
             reason = banned[0]["ban_reason"] if banned else "not banned"
-            return len(banned) == len(mine), f"{len(banned)}/{len(mine)} keys banned: {reason}"
+            caught = bool(worked) and len(banned) == len(worked)
+            return caught, f"{len(banned)}/{len(worked)} keys given work banned: {reason}"
         if kind == "lease-hoarder":
             held = stats.get("max_held", 0)
             expired = sum(r["cost"]["leases_expired"] for r in mine)
