@@ -1,10 +1,15 @@
-"""Trainer checkpoints: model, optimizer, scheduler, RNG and position, written atomically.
+"""Trainer checkpoints with torch.distributed.checkpoint (DCP), written in the background.
 
-A checkpoint is a folder `step-00000042/` made under a temporary name and renamed into place
-after every file is fsynced, so a crash leaves either the whole checkpoint or none of it. On
-restart the coordinator loads the newest checkpoint whose step the ledger has committed; a newer
-one (the process died between saving and committing) is an orphan and is deleted, so no step is
-counted twice.
+`Checkpointer.start` stages the trainer's state to CPU memory (the only part that blocks a
+step) and hands the write to DCP's async save; `finish` waits for it, then makes it visible: a
+checkpoint is a folder `step-00000042/` written under `.step-00000042.tmp` and renamed into place
+after every file is fsynced, so a crash leaves either the whole checkpoint or none of it. The
+same code saves one process's state and a sharded FSDP2 state (each rank writes its shards; DCP
+reshards on load).
+
+The ledger commits a step only once a checkpoint covering it is on disk (trainer.training), so
+on restart the newest checkpoint at or before the ledger's last step is the one to load; a newer
+one (the process died between writing and committing) is an orphan and is deleted.
 """
 
 from __future__ import annotations
@@ -13,17 +18,20 @@ import json
 import os
 import random
 import shutil
-import tempfile
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from protocol.errors import SwarmError
 
 PREFIX = "step-"
+META = "meta.json"
+HOST_STATE = "host.pt"
 
 
 @dataclass(frozen=True)
@@ -34,48 +42,85 @@ class CheckpointInfo:
     extra: dict[str, Any]
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    version: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    extra: dict[str, Any] | None = None,
-    keep: int = 3,
-) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(_untie(state), tmp / "model.safetensors")
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
-            },
-            tmp / "trainer.pt",
+@dataclass
+class PendingCheckpoint:
+    step: int
+    version: int
+    tmp: Path
+    future: Future
+    host: dict[str, Any]
+    """Scheduler and RNG state at `start`, written by rank 0 beside the shards."""
+    extra: dict[str, Any]
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        root: Path,
+        keep: int = 2,
+        rank: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.keep = keep
+        self.rank = rank
+        self.process_group = process_group
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def start(
+        self,
+        step: int,
+        version: int,
+        state: dict[str, Any],
+        scheduler: Any,
+        extra: dict[str, Any] | None = None,
+    ) -> PendingCheckpoint:
+        """Stage `state` (DCP state dicts) and start writing it; every rank calls this."""
+        tmp = self.root / f".{PREFIX}{step:08d}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash at the same step
+        self._barrier()
+        future = dcp.async_save(
+            state, checkpoint_id=tmp, process_group=self.process_group, no_dist=_alone()
         )
-        (tmp / "meta.json").write_text(
-            json.dumps({"step": step, "version": version, "extra": extra or {}})
-        )
-        for f in tmp.iterdir():
-            _fsync(f)
-        if final.exists():  # a leftover orphan of the same step: replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old.path, ignore_errors=True)
-    return final
+        host = {
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+        }
+        return PendingCheckpoint(step, version, tmp, future, host, extra or {})
+
+    def finish(self, pending: PendingCheckpoint) -> Path:
+        """Wait for the write; rank 0 then renames it into place and prunes old ones."""
+        pending.future.result()
+        final = self.root / f"{PREFIX}{pending.step:08d}"
+        if self.rank == 0:
+            torch.save(pending.host, pending.tmp / HOST_STATE)
+            meta = {"step": pending.step, "version": pending.version, "extra": pending.extra}
+            (pending.tmp / META).write_text(json.dumps(meta))
+            for f in pending.tmp.iterdir():
+                _fsync(f)
+            if final.exists():  # an orphan of the same step from before a crash
+                shutil.rmtree(final)
+            pending.tmp.rename(final)
+            _fsync(self.root)
+            for old in list_checkpoints(self.root)[: -self.keep]:
+                shutil.rmtree(old.path, ignore_errors=True)
+        return final
+
+    def load(self, ckpt: CheckpointInfo, state: dict[str, Any], scheduler: Any) -> None:
+        """Fill `state` (DCP state dicts of the live trainer) in place from `ckpt`."""
+        dcp.load(state, checkpoint_id=ckpt.path, process_group=self.process_group, no_dist=_alone())
+        host = torch.load(ckpt.path / HOST_STATE, weights_only=False)
+        scheduler.load_state_dict(host["scheduler"])
+        torch.set_rng_state(host["torch_rng"])
+        random.setstate(host["python_rng"])
+
+    def _barrier(self) -> None:
+        # Rank 0 clears the temporary folder before any rank writes into it.
+        if not _alone():
+            dist.barrier(group=self.process_group)
 
 
 def list_checkpoints(root: Path) -> list[CheckpointInfo]:
@@ -83,7 +128,7 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
     found = []
     for path in sorted(Path(root).glob(f"{PREFIX}*")):
         try:
-            meta = json.loads((path / "meta.json").read_text())
+            meta = json.loads((path / META).read_text())
             found.append(
                 CheckpointInfo(path, int(meta["step"]), int(meta["version"]), meta["extra"])
             )
@@ -93,7 +138,10 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
 
 
 def latest_committed(root: Path, committed_step: int) -> CheckpointInfo | None:
-    """The newest checkpoint at or before `committed_step`; newer (orphan) ones are deleted."""
+    """The newest checkpoint at or before `committed_step`; newer (orphan) ones and unfinished
+    temporary folders are deleted."""
+    for tmp in Path(root).glob(f".{PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
     best = None
     for ckpt in list_checkpoints(root):
         if ckpt.step > committed_step:
@@ -109,40 +157,8 @@ def latest_committed(root: Path, committed_step: int) -> CheckpointInfo | None:
     return best
 
 
-def load_checkpoint(
-    ckpt: CheckpointInfo, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> None:
-    state = load_file(ckpt.path / "model.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied weights are saved once; anything else missing means a different model.
-    if unexpected or any(not _is_tied(model, k) for k in missing):
-        raise SwarmError(
-            f"checkpoint {ckpt.path} does not fit the model (missing {missing}, "
-            f"unexpected {unexpected})"
-        )
-    blob = torch.load(ckpt.path / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
-    random.setstate(blob["python_rng"])
-
-
-def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (tied embeddings): keep the first."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in state.items():
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        out[k] = v
-    return out
-
-
-def _is_tied(model: torch.nn.Module, key: str) -> bool:
-    tied = getattr(model, "_tied_weights_keys", None) or []
-    return key in tied or key.endswith("lm_head.weight")
+def _alone() -> bool:
+    return not dist.is_initialized()
 
 
 def _fsync(path: Path) -> None:

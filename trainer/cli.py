@@ -18,6 +18,7 @@ from protocol.identity import Identity, describe, peer_id_of
 from protocol.logs import logging_flags, setup_logging, tame_libp2p
 from protocol.paths import swarmrl_home
 from trainer import config as trainer_config
+from trainer import launch
 
 DEFAULT_KEY = swarmrl_home() / "coordinator.key"
 OPERATOR_TOKEN_ENV = "SWARMRL_OPERATOR_TOKEN"
@@ -201,6 +202,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="TOML with [algorithm] settings over the pool file's (repeat: later files win)",
     )
+    launch.add_flags(run)
     run.set_defaults(run=_run)
 
     ev = sub.add_parser(
@@ -308,7 +310,7 @@ def _run(args: argparse.Namespace) -> int:
     if spec_sets:
         spec = poolspec.from_dict(apply_overrides(msgspec.to_builtins(spec), spec_sets))
         print("note: --set changed the pool spec, so the pool id changed too", file=sys.stderr)
-    trainer_sets = [s for s in args.set if s not in spec_sets]
+    trainer_sets = [s for s in args.set if s not in spec_sets] + launch.flag_overrides(args)
     config = trainer_config.load(args.spec, args.config, trainer_sets)
     pid = poolspec.pool_id(spec)
     identity = Identity.load(args.key)
@@ -335,7 +337,10 @@ def _run(args: argparse.Namespace) -> int:
         wandb_project=args.wandb,
         max_steps=args.max_steps,
     )
-    coordinator = Coordinator(spec, identity, options, config)
+    learner = launch.start_trainer(spec, config, options.data_dir)
+    if learner is None:
+        return 0  # a trainer rank > 0: rank 0 ran the coordinator and has stopped
+    coordinator = Coordinator(spec, identity, options, config, learner)
 
     async def main_task() -> None:
         async with trio.open_nursery() as nursery:
@@ -356,7 +361,7 @@ def _run(args: argparse.Namespace) -> int:
                 async for signum in signals:
                     print(
                         f"\n{signal.Signals(signum).name}: stopping (the last checkpoint is step "
-                        f"{coordinator.training.step})",
+                        f"{coordinator.training.committed_step})",
                         flush=True,
                     )
                     nursery.cancel_scope.cancel()
@@ -365,6 +370,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         trio.run(main_task)
     finally:
+        launch.stop_trainer(learner)
         coordinator.close()
     return 0
 

@@ -60,8 +60,39 @@ class AlgorithmSection(Section):
     """Publish a full checkpoint every N versions; deltas in between."""
 
 
+class LoraSection(Section):
+    rank: int = 0
+    """LoRA rank r; 0 trains every weight (no adapters)."""
+    alpha: float = 16.0
+    """LoRA alpha: adapters are scaled by alpha / rank."""
+    target_modules: list[str] = msgspec.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    """Names of the linear layers that get adapters (peft's target_modules)."""
+
+
+class TrainerSection(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the trainer computes: auto picks CUDA when this machine has it."""
+    trainer_procs: Count = 1
+    """Trainer ranks (torch.distributed, FSDP2): one process per rank."""
+    checkpoint_every: Count = 1
+    """Write a checkpoint (asynchronously) every N steps; steps after it are committed to the
+    ledger only once it is on disk, so a crash re-queues their groups."""
+    checkpoint_keep: Count = 2
+    """Checkpoints kept on disk."""
+    validators: Count = 1
+    """Validator processes checking submissions in parallel."""
+    validator_device: Literal["auto", "cpu", "cuda"] = "cpu"
+    """Where validators prefill."""
+    validation_batch: Count = 4
+    """Submissions one validator prefills together."""
+    lora: LoraSection = LoraSection()
+
+
 class TrainerConfig(Section):
     algorithm: AlgorithmSection = AlgorithmSection()
+    trainer: TrainerSection = TrainerSection()
 
 
 def from_dict(data: dict[str, Any]) -> TrainerConfig:

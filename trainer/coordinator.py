@@ -36,14 +36,14 @@ from protocol.identity import Identity, peer_id_of
 from protocol.poolspec import PoolSpec
 from shardcast.origin import Origin
 from shardcast.server import serve_app
-from toploc.models import eos_token_ids, load_model, resolve_dtype
+from toploc.models import eos_token_ids
 from toploc.sampling import SamplingParams
 from trainer.admission import Admission
 from trainer.algorithm import GroupAlgorithm
-from trainer.config import AlgorithmSection, TrainerConfig
+from trainer.config import TrainerConfig
 from trainer.dashboard.generate import complete
 from trainer.dashboard.series import ACCURACY_FUNCS
-from trainer.grpo import GRPOTrainer
+from trainer.learner import build_learner
 from trainer.leasing import LeaseService, in_flight_groups
 from trainer.ledger import Ledger, LedgerError
 from trainer.metrics import RunLog
@@ -52,7 +52,7 @@ from trainer.relays import RelayDirectory
 from trainer.rewards import parse_rewards
 from trainer.submissions import SubmissionService
 from trainer.tasks import Example, make_task
-from trainer.training import TrainingService
+from trainer.training import Trainer, TrainingService
 from trainer.validator import Validator
 from trainer.view import Endpoints, PoolInfo, Progress, RelayStatus
 
@@ -82,7 +82,10 @@ class Coordinator:
         identity: Identity,
         options: RunOptions,
         config: TrainerConfig | None = None,
+        learner: Trainer | None = None,
     ) -> None:
+        """`learner`: rank 0's handle when the trainer runs as several ranks
+        (trainer.distributed); by default a learner in this process."""
         if spec.coordinator.public_key != identity.public_key.hex():
             raise LedgerError(
                 "the key given is not the coordinator key named in the pool spec "
@@ -111,8 +114,10 @@ class Coordinator:
             spec.task.limit,
             parse_rewards(spec.task.rewards, spec.sampling.max_new_tokens),
         )
-        model, self.tokenizer = load_model(spec.model.name, "float32", spec.model.init_seed)
-        self.eos = tuple(eos_token_ids(model, self.tokenizer))
+        if learner is None:
+            learner = build_learner(spec, self.config, data / "checkpoints")
+        self.tokenizer = learner.tokenizer
+        self.eos = tuple(eos_token_ids(learner.trainer.model, self.tokenizer))
         keep = spec.limits.max_staleness + 2
         self.policy = PolicyStore(data / "weights", spec.model.dtype, keep, keep)
         self.origin = Origin(
@@ -147,7 +152,7 @@ class Coordinator:
             spec,
             settings,
             self.ledger,
-            _trainer(spec, settings, model, self.tokenizer),
+            learner,
             algorithm,
             self.policy,
             self.tokenizer,
@@ -156,6 +161,7 @@ class Coordinator:
             data / "checkpoints",
             self._announce,
             options.max_steps,
+            self.config.trainer.checkpoint_every,
         )
         progress = self.training.progress
         self.relays = RelayDirectory(list(spec.coordinator.relays), self._probe_relay)
@@ -445,20 +451,6 @@ class CoordinatorView:
         self._coord.relays.forget(key)
         self._coord.leases.give_back(revoked, time.time())
         return revoked
-
-
-def _trainer(spec: PoolSpec, settings: AlgorithmSection, model: Any, tokenizer: Any) -> GRPOTrainer:
-    return GRPOTrainer(
-        model,
-        settings,
-        spec.sampling.temperature,
-        spec.sampling.max_new_tokens,
-        compute_dtype=resolve_dtype(spec.model.dtype),
-        pad_token_id=tokenizer.pad_token_id,
-        ref_model=load_model(spec.model.name, spec.model.dtype, spec.model.init_seed)[0]
-        if settings.beta > 0
-        else None,
-    )
 
 
 def _sampling_wire(p: SamplingParams) -> msg.SamplingWire:

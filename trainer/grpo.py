@@ -3,6 +3,10 @@
 The trainer keeps fp32 master weights and computes in the pool's dtype under autocast, so small
 updates are not rounded away in bf16, while the weights it publishes (cast to the pool's dtype)
 are exactly what nodes generate with and validators recompute with.
+
+Under torch.distributed (FSDP2, trainer.distributed) every rank gets the whole batch and trains
+on its share of the sequences; the loss keeps the whole batch's normaliser and is scaled by the
+world size, so FSDP's gradient averaging yields the gradient one process would compute.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from transformers import PreTrainedModel
 
 from trainer.config import AlgorithmSection
@@ -59,6 +64,9 @@ class GRPOTrainer:
         ref_model: PreTrainedModel | None = None,
     ) -> None:
         self.model = model.float().train()
+        self.rank, self.world = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        )
         self.algorithm = algorithm
         self.temperature = temperature
         self.compute_dtype = compute_dtype
@@ -76,8 +84,11 @@ class GRPOTrainer:
             is_cap=algorithm.is_cap,
             max_completion_len=max_new_tokens,
         )
+        # Frozen weights (a LoRA base) get no optimizer state.
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=algorithm.lr, weight_decay=algorithm.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=algorithm.lr,
+            weight_decay=algorithm.weight_decay,
         )
         warmup = algorithm.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -116,20 +127,19 @@ class GRPOTrainer:
         samples = [
             (s, float(a)) for g in groups for s, a in zip(g.samples, g.advantages, strict=True)
         ]
-        batch = self._batch([s for s, _ in samples])
+        device = self._device()
+        batch = {k: v.to(device) for k, v in self._batch([s for s, _ in samples]).items()}
         mask = batch["mask"]
         if self.algorithm.mask_truncated:
-            truncated = torch.tensor([s.truncated for s, _ in samples])
+            truncated = torch.tensor([s.truncated for s, _ in samples], device=device)
             mask = mask * (~truncated).float()[:, None]
         normaliser = batch_normaliser(self.loss_config, mask)
-        adv = torch.tensor([a for _, a in samples])
+        adv = torch.tensor([a for _, a in samples], device=device)
 
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         loss_sum = 0.0
-        mb = self.algorithm.micro_batch
-        for start in range(0, len(samples), mb):
-            part = slice(start, start + mb)
+        for part, weight in self._passes(len(samples)):
             logp, entropy = self._logprobs(self.model, batch, part, need_entropy=True)
             ref = None
             if self.ref_model is not None:
@@ -145,16 +155,21 @@ class GRPOTrainer:
                 ref_logp=ref,
                 entropy=entropy,
             )
-            loss.backward()
+            (loss * weight * self.world).backward()
+            if weight == 0.0:
+                continue  # a pass that only keeps this rank in step with the others
             loss_sum += float(loss.detach())
             for k, v in stats.items():
                 totals[k] = max(totals.get(k, v), v) if k == "ratio_max" else totals.get(k, 0.0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(),
+            [p for p in self.model.parameters() if p.requires_grad],
             self.algorithm.grad_clip if self.algorithm.grad_clip > 0 else math.inf,
         )
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
+        loss_sum, totals = self._reduce(loss_sum, totals)
 
         tokens = max(totals["tokens"], 1.0)
         elapsed = time.perf_counter() - t0
@@ -173,6 +188,38 @@ class GRPOTrainer:
             step_time_s=elapsed,
         )
         return StepResult(metrics, [g.group_id for g in groups])
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _passes(self, n: int) -> list[tuple[torch.Tensor, float]]:
+        """This rank's micro-batches (index tensors) with a weight: every rank makes the same
+        number of forward/backward passes, since FSDP2 gathers weights collectively in each; a
+        rank short of sequences repeats sequence 0 with weight 0."""
+        mine = list(range(self.rank, n, self.world))
+        mb = self.algorithm.micro_batch
+        count = math.ceil(math.ceil(n / self.world) / mb)
+        out = []
+        for k in range(count):
+            idx = mine[k * mb : (k + 1) * mb]
+            out.append((torch.tensor(idx or [0], device=self._device()), 1.0 if idx else 0.0))
+        return out
+
+    def _reduce(self, loss_sum: float, totals: dict[str, float]) -> tuple[float, dict[str, float]]:
+        """Sum the ranks' statistics (max for ratio_max): metrics describe the whole batch."""
+        if self.world == 1:
+            return loss_sum, totals
+        keys = sorted(k for k in totals if k != "ratio_max")
+        sums = torch.tensor([loss_sum] + [totals.get(k, 0.0) for k in keys], dtype=torch.float64)
+        peak = torch.tensor([totals.get("ratio_max", 0.0)], dtype=torch.float64)
+        # On NCCL the tensors must live on the GPU; gloo takes them on the CPU.
+        device = self._device()
+        sums, peak = sums.to(device), peak.to(device)
+        dist.all_reduce(sums)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        reduced = dict(zip(keys, sums[1:].tolist(), strict=True))
+        reduced["ratio_max"] = float(peak[0])
+        return float(sums[0]), reduced
 
     def _batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """Right-padded prompt+completion ids, and per target position (shifted by one): the

@@ -144,6 +144,18 @@ class NewGroup:
 
 
 @dataclass(frozen=True)
+class StepCommit:
+    """A trained step as the ledger records it."""
+
+    step: int
+    version: int
+    group_ids: list[int]
+    metrics: dict[str, Any]
+    advantages: dict[int, list[float]] = field(default_factory=dict)
+    """The advantages a group was trained on, where the batch changed the stored ones."""
+
+
+@dataclass(frozen=True)
 class Decision:
     """A verdict on one submission, as the ledger records it."""
 
@@ -697,32 +709,39 @@ class Ledger:
         """Record a finished training step: its groups become trained (each at most once, or
         the whole step is refused), with the advantages they were trained on where the batch
         changed them (batch-scaled rewards)."""
+        self.commit_steps([StepCommit(step, version, group_ids, metrics, advantages or {})], now)
+
+    def commit_steps(self, steps: list[StepCommit], now: float) -> None:
+        """Record several finished steps in one transaction (all or none): the trainer commits
+        the steps a checkpoint covers once that checkpoint is on disk."""
         with self._tx() as db:
-            last = db.execute("SELECT MAX(step) FROM steps").fetchone()[0]
-            if last is not None and step <= last:
-                raise LedgerError(f"step {step} is not after the last recorded step {last}")
-            ids = group_ids
-            if ids:
-                marks = ",".join("?" * len(ids))
-                taken = db.execute(
-                    f"""SELECT COUNT(*) FROM groups WHERE id IN ({marks})
-                        AND (trained_step IS NOT NULL OR dropped IS NOT NULL)""",
-                    ids,
-                ).fetchone()[0]
-                if taken:
-                    raise LedgerError(
-                        f"{taken} of the step's groups were already trained or dropped"
-                    )
-            db.executemany(
-                "UPDATE groups SET trained_step = ? WHERE id = ?", [(step, g) for g in group_ids]
-            )
-            db.executemany(
-                "UPDATE groups SET advantages = ? WHERE id = ?",
-                [(json.dumps(a), g) for g, a in (advantages or {}).items()],
-            )
-            db.execute(
-                "INSERT INTO steps VALUES (?, ?, ?, ?)", (step, version, now, json.dumps(metrics))
-            )
+            for s in steps:
+                last = db.execute("SELECT MAX(step) FROM steps").fetchone()[0]
+                if last is not None and s.step <= last:
+                    raise LedgerError(f"step {s.step} is not after the last recorded step {last}")
+                ids = s.group_ids
+                if ids:
+                    marks = ",".join("?" * len(ids))
+                    taken = db.execute(
+                        f"""SELECT COUNT(*) FROM groups WHERE id IN ({marks})
+                            AND (trained_step IS NOT NULL OR dropped IS NOT NULL)""",
+                        ids,
+                    ).fetchone()[0]
+                    if taken:
+                        raise LedgerError(
+                            f"{taken} of the step's groups were already trained or dropped"
+                        )
+                db.executemany(
+                    "UPDATE groups SET trained_step = ? WHERE id = ?", [(s.step, g) for g in ids]
+                )
+                db.executemany(
+                    "UPDATE groups SET advantages = ? WHERE id = ?",
+                    [(json.dumps(a), g) for g, a in s.advantages.items()],
+                )
+                db.execute(
+                    "INSERT INTO steps VALUES (?, ?, ?, ?)",
+                    (s.step, s.version, now, json.dumps(s.metrics)),
+                )
 
     def last_step(self) -> tuple[int, int]:
         """(step, version) of the last committed step, (0, 0) before any."""

@@ -162,7 +162,8 @@ def test_a_new_learning_rate_resumes_the_same_pool(tmp_path):
         }
     )
     first = Coordinator(spec, key, RunOptions(data_dir=tmp_path), TrainerConfig())
-    first.training._checkpoint(1)
+    first.training.learner.start_checkpoint(1, 1)
+    first.training.learner.finish_checkpoint()
     first.ledger.commit_step(1, 1, [], {}, time.time())
     first.close()
     faster = TrainerConfig(algorithm=AlgorithmSection(lr=3e-3, warmup_steps=0))
@@ -170,6 +171,6 @@ def test_a_new_learning_rate_resumes_the_same_pool(tmp_path):
     try:
         again.training.restore()  # the checkpoint was saved with the default lr, 1e-5
         assert again.training.step == 1 and again.pool_id == first.pool_id
-        assert [g["lr"] for g in again.training.trainer.optimizer.param_groups] == [3e-3]
+        assert [g["lr"] for g in again.training.learner.trainer.optimizer.param_groups] == [3e-3]
     finally:
         again.close()

@@ -1,0 +1,170 @@
+"""FSDP2 across real gloo ranks (torchrun): the same weights as one process, and a resume after
+a rank is SIGKILLed. Run as a script, this file is the rank program torchrun starts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from protocol import poolspec
+from trainer.algorithm import GroupAlgorithm
+from trainer.checkpoint import latest_committed
+from trainer.config import from_dict
+from trainer.grpo import Sample, TrainGroup
+from trainer.learner import build_learner
+
+STEPS = 4
+CHECKPOINT_AT = 2
+# fp32 on both sides; only the order of gradient sums differs (a reduce-scatter over 2 ranks
+# against one backward), amplified a little by Adam over the steps.
+ATOL = 2e-5
+
+
+def _spec() -> poolspec.PoolSpec:
+    return poolspec.from_dict({"name": "t", "coordinator": {"public_key": "ab" * 32}})
+
+
+def _config(device: str = "cpu"):
+    return from_dict(
+        {"algorithm": {"lr": 1e-3, "is_cap": 0, "micro_batch": 2}, "trainer": {"device": device}}
+    )
+
+
+def _batch(step: int) -> list[TrainGroup]:
+    """Deterministic groups, 9 samples of uneven lengths: one rank gets fewer (and makes a
+    weightless pass to stay in step)."""
+    g = torch.Generator().manual_seed(step)
+    groups = []
+    for gid in range(3):
+        n = 3
+        rewards = [float(x) for x in torch.rand(n, generator=g)]
+        samples = [
+            Sample(
+                [4, 5 + gid, 6],
+                [int(t) for t in torch.randint(4, 40, (3 + i,), generator=g)],
+                [-3.0] * (3 + i),
+                False,
+            )
+            for i in range(n)
+        ]
+        groups.append(
+            TrainGroup(samples, rewards, GroupAlgorithm("group").score(rewards).advantages, 0, gid)
+        )
+    return groups
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _rank_program(
+    out: Path, checkpoints: Path, resume: bool, die_at: int | None, device: str
+) -> None:
+    from trainer.distributed import RankGroup, follow, join_ranks
+
+    ranks = join_ranks(device)
+    learner = build_learner(
+        _spec(), _config(device), checkpoints, ranks.rank, ranks.world, ranks.checkpoints
+    )
+    if ranks.rank != 0:
+        if die_at is not None:
+            step = learner.step
+
+            def step_or_die(groups: list[TrainGroup], version: int):
+                if version == die_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return step(groups, version)
+
+            learner.step = step_or_die
+        follow(learner, ranks.control)
+        return
+    group = RankGroup(learner, ranks.control)
+    first = 1
+    if resume:
+        ckpt = latest_committed(checkpoints, CHECKPOINT_AT)
+        group.restore(ckpt)
+        first = ckpt.step + 1
+    for step in range(first, STEPS + 1):
+        group.step(_batch(step), step)
+        if step == CHECKPOINT_AT:
+            group.start_checkpoint(step, step)
+            group.finish_checkpoint()
+    model = group.publishable()
+    save_file(_weights(model), out)
+    group.stop()
+
+
+def _torchrun(tmp: Path, *args: str, procs: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={procs}",
+        "--max-restarts=0",
+        __file__,
+        "--out",
+        str(tmp / "ranks.safetensors"),
+        "--checkpoints",
+        str(tmp / "ckpt"),
+        *args,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
+
+
+def _single(tmp: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    learner = build_learner(_spec(), _config(device), tmp / "single")
+    for step in range(1, STEPS + 1):
+        learner.step(_batch(step), step)
+    return _weights(learner.publishable())
+
+
+def _assert_close(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = ATOL
+) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].cpu() - b[k].cpu()).abs().max()) for k in a)
+    assert worst <= atol, f"largest difference {worst}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_gloo_ranks_publish_what_one_process_does_and_resume_after_sigkill(tmp_path):
+    expected = _single(tmp_path)
+    run = _torchrun(tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    _assert_close(load_file(tmp_path / "ranks.safetensors"), expected)
+    start = _weights(build_learner(_spec(), _config(), tmp_path / "x").trainer.model)
+    moved = max(float((expected[k] - v).abs().max()) for k, v in start.items())
+    assert moved > 100 * ATOL, "the steps must change the weights"
+
+    (tmp_path / "ranks.safetensors").unlink()
+    shutil.rmtree(tmp_path / "ckpt")
+    # Rank 1 is SIGKILLed during step 3: torchrun stops rank 0 too, and nothing is published.
+    died = _torchrun(tmp_path, "--die-at", "3")
+    assert died.returncode != 0 and not (tmp_path / "ranks.safetensors").exists()
+    # The restart loads step 2's checkpoint and trains steps 3 and 4 again.
+    resumed = _torchrun(tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_close(load_file(tmp_path / "ranks.safetensors"), expected)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoints", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--die-at", type=int)
+    parser.add_argument("--device", default="cpu")
+    a = parser.parse_args()
+    _rank_program(a.out, a.checkpoints, a.resume, a.die_at, a.device)

@@ -1,0 +1,45 @@
+import argparse
+
+import pytest
+import torch
+
+from protocol.errors import SwarmError
+from toploc.models import load_model
+from trainer import launch
+from trainer.config import LoraSection
+from trainer.learner import resolve_device
+from trainer.lora import add_adapters, save_adapters
+
+
+def test_only_adapters_train_and_a_version_carries_only_them(tmp_path):
+    model, _ = load_model("tiny")
+    full = sum(p.numel() for p in model.parameters())
+    wrapped = add_adapters(model, LoraSection(rank=4, target_modules=["q_proj", "v_proj"]))
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    nbytes = save_adapters(wrapped, tmp_path / "v1", torch.bfloat16)
+    assert (tmp_path / "v1" / "adapter_config.json").exists()
+    assert nbytes < full * 2 * 0.2  # far below a bf16 copy of the whole model
+
+
+def test_an_unknown_target_is_refused_with_the_choices():
+    model, _ = load_model("tiny")
+    with pytest.raises(SwarmError, match=r"\['nope'\].*q_proj"):
+        add_adapters(model, LoraSection(rank=4, target_modules=["q_proj", "nope"]))
+    with pytest.raises(SwarmError, match="lm_head"):
+        add_adapters(model, LoraSection(rank=4, target_modules=["lm_head"]))
+
+
+def test_a_wrong_device_is_refused_with_what_to_do():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SwarmError, match="use --device cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_run_flags_become_trainer_overrides():
+    parser = argparse.ArgumentParser()
+    launch.add_flags(parser)
+    args = parser.parse_args(["--device", "cpu", "--trainer-procs", "2"])
+    assert launch.flag_overrides(args) == ["trainer.device=cpu", "trainer.trainer_procs=2"]

@@ -1,0 +1,60 @@
+"""LoRA adapters through peft: which layers get them, and what a version carries.
+
+Only the adapters train (the base stays frozen in the pool's published base version), so the
+optimizer state, the checkpoints and every version after the base hold only the adapters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from protocol.errors import SwarmError
+from trainer.config import LoraSection
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def linear_names(model: torch.nn.Module) -> set[str]:
+    """The last name part of every linear layer: what `target_modules` may name."""
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+
+
+def add_adapters(model: torch.nn.Module, lora: LoraSection) -> PeftModel:
+    """Wrap `model` with trainable adapters on `lora.target_modules`; anything else frozen. An
+    unknown target, or the tied output head, is refused before any training."""
+    names = linear_names(model) - {"lm_head"}
+    unknown = sorted(set(lora.target_modules) - names)
+    if unknown:
+        raise SwarmError(
+            f"LoRA target_modules {unknown} are not linear layers of this model; pick from "
+            f"{sorted(names)} in [trainer.lora] target_modules"
+        )
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.target_modules),
+        lora_dropout=0.0,  # dropout would make the trainer's logprobs differ from the nodes'
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def save_adapters(model: PeftModel, folder: Path, dtype: torch.dtype) -> int:
+    """Write the adapters (in the pool dtype) and their peft config to `folder`; their bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().to(dtype).contiguous().cpu()
+        for k, v in get_peft_model_state_dict(model).items()
+    }
+    save_file(state, folder / ADAPTER_FILE)
+    model.peft_config["default"].save_pretrained(str(folder))
+    return sum(f.stat().st_size for f in folder.iterdir())
