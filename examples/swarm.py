@@ -39,11 +39,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 KINDS = (
-    # The kinds that take many verdicts to judge start first, while training still leases.
+    # The kinds that take many verdicts or several leases to judge start first, while
+    # training still leases; the relays, judged by what the coordinator hands out, last.
     "intermittent",
     "sybil",
+    "replay",
     "seed-reroller",
     "lease-hoarder",
+    "garbage",
+    "forge",
     "validation-flooder",
     "wrong-model",
     "perturbed",
@@ -53,9 +57,6 @@ KINDS = (
     "truncate",
     "stale",
     "fake-logprobs",
-    "replay",
-    "forge",
-    "garbage",
     "flood",
     "lying-relay",
     "trickling-relay",

@@ -49,7 +49,7 @@ def test_every_cheater_caught_with_chaos_while_the_pool_learns(tmp_path):
         "--nodes", "2",
         "--relays", "1",
         "--byzantine", "all",
-        "--cheaters-at-once", "4",
+        "--cheaters-at-once", "6",
         "--chaos",
         "--steps", "40",
         "--timeout", "1000",
