@@ -98,15 +98,8 @@ class Coordinator:
         self.options = options
         self.pool_id = poolspec.pool_id(spec)
         data = Path(options.data_dir)
-        data.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(data / "ledger.sqlite")
-        stored = self.ledger.get_meta("pool_id")
-        if stored is not None and stored != self.pool_id:
-            raise LedgerError(
-                f"{data} holds pool {stored}, not {self.pool_id}: use another --data-dir"
-            )
-        self.ledger.set_meta("pool_id", self.pool_id)
-        self.run_log = RunLog(data / "logs", options.wandb_project, spec.name)
+        # The task and the model load before the ledger is made: a spec that names a missing
+        # model or dataset fails here and leaves nothing that blocks the next try.
         self.task = make_task(
             spec.task.name,
             spec.seed,
@@ -116,6 +109,16 @@ class Coordinator:
         )
         if learner is None:
             learner = build_learner(spec, self.config, data / "checkpoints")
+        data.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(data / "ledger.sqlite")
+        stored = self.ledger.get_meta("pool_id")
+        if stored is not None and stored != self.pool_id:
+            self.ledger.close()
+            raise LedgerError(
+                f"{data} holds pool {stored}, not {self.pool_id}: use another --data-dir"
+            )
+        self.ledger.set_meta("pool_id", self.pool_id)
+        self.run_log = RunLog(data / "logs", options.wandb_project, spec.name)
         self.tokenizer = learner.tokenizer
         self.eos = tuple(eos_token_ids(learner.trainer.model, self.tokenizer))
         keep = spec.limits.max_staleness + 2

@@ -4,12 +4,14 @@ punished; a second, different answer to the same lease is a hard reject."""
 
 import time
 
+import pytest
 import trio
 
 from node.hardware import probe
 from protocol import messages as msg
 from protocol import poolspec
 from protocol.envelope import EnvelopeVerifier, seal
+from protocol.errors import SwarmError
 from protocol.identity import Identity
 from trainer.config import AlgorithmSection, TrainerConfig
 from trainer.coordinator import Coordinator, RunOptions
@@ -174,3 +176,24 @@ def test_a_new_learning_rate_resumes_the_same_pool(tmp_path):
         assert [g["lr"] for g in again.training.learner.trainer.optimizer.param_groups] == [3e-3]
     finally:
         again.close()
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_next(tmp_path):
+    key = Identity.generate()
+
+    def spec(model: str):
+        return poolspec.from_dict(
+            {
+                "name": "t",
+                "coordinator": {"public_key": key.public_key.hex()},
+                "model": {"name": model},
+                "task": {"name": "copy", "options": {"digits": 1}},
+            }
+        )
+
+    data = tmp_path / "pool"
+    with pytest.raises(SwarmError):
+        Coordinator(spec(str(tmp_path / "no-such-model")), key, RunOptions(data_dir=data))
+    assert not (data / "ledger.sqlite").exists()
+    fixed = Coordinator(spec("tiny"), key, RunOptions(data_dir=data))  # the same data dir
+    fixed.close()
