@@ -184,7 +184,7 @@ class Coordinator:
             self.task,
             self.tokenizer,
             self.policy.model,
-            len(self.tokenizer),
+            vocab_rows(learner.trainer.model, self.tokenizer),
             self.tokenizer.pad_token_id,
         )
         self.submissions = SubmissionService(
@@ -454,6 +454,13 @@ class CoordinatorView:
         self._coord.relays.forget(key)
         self._coord.leases.give_back(revoked, time.time())
         return revoked
+
+
+def vocab_rows(model: Any, tokenizer: Any) -> int:
+    """Token ids a node may sample: every row of the output layer. Real models pad it past the
+    tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens), and the seeded sampler draws over all
+    of them, so bounding by the tokenizer would hard-reject honest nodes."""
+    return max(len(tokenizer), int(model.get_output_embeddings().weight.shape[0]))
 
 
 def _sampling_wire(p: SamplingParams) -> msg.SamplingWire:

@@ -197,3 +197,14 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_next(tmp_path):
     assert not (data / "ledger.sqlite").exists()
     fixed = Coordinator(spec("tiny"), key, RunOptions(data_dir=data))  # the same data dir
     fixed.close()
+
+
+def test_token_ids_are_bounded_by_the_output_layer_not_the_tokenizer():
+    from toploc.models import load_model
+    from trainer.coordinator import vocab_rows
+
+    model, tokenizer = load_model("tiny")
+    assert vocab_rows(model, tokenizer) == len(tokenizer)
+    # padded output rows (Qwen2.5 has 271 of them) can be sampled by an honest node
+    model.resize_token_embeddings(len(tokenizer) + 7, mean_resizing=False)
+    assert vocab_rows(model, tokenizer) == len(tokenizer) + 7
