@@ -93,6 +93,8 @@ class _Race:
     sources: set[str] = field(default_factory=set)
     """Sources transferring this shard right now (a hedge goes elsewhere)."""
     hedged: bool = False
+    """A hedge is in flight (a failed one clears it, so the next idle source may try)."""
+    hedge_over: trio.Event = field(default_factory=trio.Event)
     winner: str | None = None
     error: ShardcastError | None = None
     nursery: trio.Nursery | None = None
@@ -371,11 +373,22 @@ class ShardFetcher:
             return True
         side = ShardJob(**{**race.job.__dict__, "path": race.side_path})
         assert race.nursery is not None
+        race.hedge_over = trio.Event()
         race.nursery.start_soon(self._hedge_transfer, version, side, source, race)
-        await race.done.wait()
+        # The worker is held while its hedge is in flight (hedges never exceed `parallel`
+        # transfers), and freed when the hedge won, lost, failed or was cancelled with its race.
+        await race.hedge_over.wait()
         return True
 
     async def _hedge_transfer(
+        self, version: int, side: ShardJob, source: SourceStats, race: _Race
+    ) -> None:
+        try:
+            await self._hedge_attempt(version, side, source, race)
+        finally:
+            race.hedge_over.set()
+
+    async def _hedge_attempt(
         self, version: int, side: ShardJob, source: SourceStats, race: _Race
     ) -> None:
         log.info("v%d %s shard %d: hedging on %s", version, side.name, side.index, source.url)
@@ -383,8 +396,13 @@ class ShardFetcher:
         try:
             if await self._attempt(version, side, fd, source, _Progress(), race):
                 race.win("hedge")
-        except ShardcastError as e:
+            else:
+                race.hedged = False  # bad bytes: another source may hedge
+        except (ShardcastError, _TransferFailed) as e:
+            # A hedge is a spare: its failure is scored against its source and ends here; the
+            # primary carries on, and another idle source may hedge it.
             log.info("v%d %s shard %d: hedge failed: %s", version, side.name, side.index, e)
+            race.hedged = False
         finally:
             os.close(fd)
 

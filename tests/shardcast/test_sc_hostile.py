@@ -9,6 +9,7 @@ outcomes, each of which fails without the defence it tests.
 from __future__ import annotations
 
 import itertools
+import shutil
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -414,3 +415,22 @@ def test_numeric_ranges_of_any_length_parse_or_416(a, b) -> None:
         assert e.status_code == 416
         return
     assert got is not None and 0 <= got[0] < got[1] <= 1000
+
+
+@pytest.mark.trio
+async def test_a_hedge_to_a_dead_source_does_not_end_the_fetch(tmp_path, identity) -> None:
+    """The tail is stuck on a stalled source and the hedge goes to a source that refuses
+    connections: the hedge's failure is that source's fault, not the fetch's (it used to
+    escape and end the whole node)."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    async with trio.open_nursery() as nursery:
+        _, url, stall, ck = await origin_and_proxy(nursery, tmp_path, identity, "stall_headers")
+        for _ in range(3):  # which idle source takes the hedge is the picker's choice
+            c = client([stall, dead, url], tmp_path / "c", identity)
+            r = await c.fetch(1)
+            assert same_tree(r.path, ck)
+            await c.aclose()
+            shutil.rmtree(tmp_path / "c")
+        nursery.cancel_scope.cancel()
