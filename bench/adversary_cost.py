@@ -71,7 +71,7 @@ async def junk_until_banned(
 
     from protocol import messages as msg
     from protocol import pow as join_pow
-    from protocol.errors import SwarmError
+    from protocol.errors import RemoteError, SwarmError
 
     addr = location.coordinator_addrs[0]
     bits = location.spec.admission.join_pow_bits
@@ -103,7 +103,11 @@ async def junk_until_banned(
                 msg.LeaseRequest(weight_version=version),
                 msg.LeaseReply,
             )
-        except SwarmError:
+        except SwarmError as e:
+            if isinstance(e, RemoteError) and e.code == "forbidden":
+                # a banned key is refused by the transport before its request is read
+                counts["lease:forbidden"] += 1
+                return
             counts["lease:error"] += 1
             await trio.sleep(1.0)
             continue
