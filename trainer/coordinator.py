@@ -48,7 +48,7 @@ from trainer.leasing import LeaseService, in_flight_groups
 from trainer.ledger import Ledger, LedgerError
 from trainer.metrics import RunLog
 from trainer.policy import PolicyStore
-from trainer.relays import RelayDirectory
+from trainer.relays import Checked, RelayDirectory, relay_served
 from trainer.rewards import parse_rewards
 from trainer.submissions import SubmissionService
 from trainer.tasks import Example, make_task
@@ -353,9 +353,10 @@ class Coordinator:
         except Exception as e:  # gossip is best effort: nodes also learn versions by polling
             log.warning("could not announce v%d: %s", version, e)
 
-    async def _probe_relay(self, url: str, version: int) -> str | None:
-        """None when `url` serves the signed manifest of the current version, or of the one
-        before (a relay a moment behind a fresh publish is not a liar), else why not."""
+    async def _probe_relay(self, url: str, version: int) -> Checked:
+        """Whether `url` serves the signed manifest of the current version, or of the one
+        before (a relay a moment behind a fresh publish is not a liar), and what it says it
+        served."""
         from shardcast.probe import ProbeStatus, verify_source
 
         for v in (version, version - 1) if version > 0 else (version,):
@@ -363,10 +364,10 @@ class Coordinator:
                 url, self.identity.public_key, self.pool_id, v, timeout_s=10.0
             )
             if result.ok:
-                return None
+                return Checked(None, v, await relay_served(url))
             if result.status is not ProbeStatus.NOT_HELD:
                 break
-        return result.status.value
+        return Checked(result.status.value)
 
     def _prompt(self, index: int) -> list[int]:
         if index not in self._prompt_ids:
@@ -415,7 +416,7 @@ class CoordinatorView:
 
     def origin_listing(self) -> tuple[str | None, list[int]]:
         origin = self._coord.origin
-        return origin.url, list(origin.store.listing()["versions"])
+        return origin.url, sorted(origin.store.versions)
 
     def served(self, clients: bool) -> dict[str, Any] | None:
         return self._coord.origin.app.state.served.snapshot(clients=clients)

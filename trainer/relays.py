@@ -9,6 +9,7 @@ view ever makes a request to a node-chosen address.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,8 +22,22 @@ from trainer.view import RelayStatus
 
 log = logging.getLogger("swarmrl.relays")
 
-Probe = Callable[[str, int], Awaitable[str | None]]
-"""probe(url, version): None when `url` serves `version`'s signed manifest, else a reason code."""
+
+@dataclass(frozen=True)
+class Checked:
+    """What one check of a relay found."""
+
+    error: str | None
+    """None when it passed, else a reason code."""
+    version: int | None = None
+    """The version whose signed manifest (and a shard) it served."""
+    served: int | None = None
+    """Bytes it says it served (its `/stats`: its own word, shown, never relied on)."""
+
+
+Probe = Callable[[str, int], Awaitable[Checked]]
+"""probe(url, version): whether `url` serves the signed manifest of `version` (or the one
+before)."""
 
 MAX_NODE_RELAYS = 256
 MAX_URLS_HANDED_OUT = 32
@@ -35,6 +50,8 @@ class _Relay:
     verified: bool = False
     checked_at: float = 0.0
     error: str | None = "not checked yet"
+    version: int | None = None
+    served: int | None = None
 
 
 def acceptable_url(url: str) -> bool:
@@ -92,7 +109,15 @@ class RelayDirectory:
     def statuses(self) -> list[RelayStatus]:
         out = [RelayStatus(url, None, True, 0.0) for url in self._spec]
         out += [
-            RelayStatus(r.url, r.node.hex() if r.node else None, r.verified, r.checked_at, r.error)
+            RelayStatus(
+                r.url,
+                r.node.hex() if r.node else None,
+                r.verified,
+                r.checked_at,
+                r.error,
+                [] if r.version is None else [r.version],
+                r.served,
+            )
             for r in self._relays.values()
         ]
         return out
@@ -111,7 +136,35 @@ class RelayDirectory:
                 nursery.start_soon(self._check, relay, version)
 
     async def _check(self, relay: _Relay, version: int) -> None:
-        error = await self._probe(relay.url, version)
-        if relay.verified and error is not None:
-            log.warning("relay %s dropped: %s", relay.url, error)
-        relay.verified, relay.error, relay.checked_at = error is None, error, time.time()
+        found = await self._probe(relay.url, version)
+        if relay.verified and found.error is not None:
+            log.warning("relay %s dropped: %s", relay.url, found.error)
+        relay.verified, relay.error, relay.checked_at = (
+            found.error is None,
+            found.error,
+            time.time(),
+        )
+        relay.version, relay.served = found.version, found.served
+
+
+async def relay_served(url: str, timeout_s: float = 3.0, max_bytes: int = 64 * 1024) -> int | None:
+    """The bytes a verified relay says it served (`GET /stats`), bounded in time and size;
+    None when it does not answer sensibly."""
+    import httpx
+
+    try:
+        with trio.move_on_after(timeout_s):
+            async with (
+                httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as http,
+                http.stream("GET", f"{url.rstrip('/')}/stats") as r,
+            ):
+                body = b""
+                async for chunk in r.aiter_bytes():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        return None
+                total = json.loads(body).get("total")
+                return total if isinstance(total, int) and total >= 0 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return None
