@@ -81,12 +81,6 @@ class TrainerSection(Section):
     ledger only once it is on disk, so a crash re-queues their groups."""
     checkpoint_keep: Count = 2
     """Checkpoints kept on disk."""
-    validators: Count = 1
-    """Validator processes checking submissions in parallel."""
-    validator_device: Literal["auto", "cpu", "cuda"] = "cpu"
-    """Where validators prefill."""
-    validation_batch: Count = 4
-    """Submissions one validator prefills together."""
     lora: LoraSection = LoraSection()
 
 
