@@ -41,7 +41,7 @@ from protocol.discovery import PoolBook, PoolLocation, discover, follow_pool_rec
 from protocol.errors import DiscoveryError, RemoteError, SwarmError, TransportError
 from protocol.host import Host, pool_topic
 from protocol.identity import Identity
-from shardcast.client import Client
+from shardcast.client import Client, FetchResult
 from shardcast.errors import ShardcastError
 
 log = logging.getLogger("swarmrl.node")
@@ -406,9 +406,26 @@ class Worker:
             log.info("relaying weights at %s", url)
             task_status.started(url)
 
+    async def _fetch_latest(self) -> FetchResult:
+        """The newest trusted version; when that fails, ask the coordinator (a signed
+        heartbeat reply) which version is current before the retry: the version trusted at
+        join may have been pruned while this node waited (a restart, a slow start)."""
+        assert self.client is not None
+        try:
+            return await self.client.fetch("latest")
+        except ShardcastError:
+            with trio.move_on_after(10.0):
+                try:
+                    beat = msg.Heartbeat(weight_version=max(self.engine.version, 0))
+                    reply = await self._call(msg.HEARTBEAT_PROTOCOL, beat, msg.HeartbeatReply, 10.0)
+                    self._trust_version(reply.current_version)
+                except SwarmError as e:
+                    log.debug("asking for the current version failed: %s", e)
+            raise
+
     async def _fetch_and_load(self, initial: bool = False) -> None:
         assert self.client is not None
-        result = await self._retry("weights", self.client.fetch, "latest")
+        result = await self._retry("weights", self._fetch_latest)
         self._newest_fetched = max(self._newest_fetched, result.version)
         if initial or result.version > self.engine.version:
             await trio.to_thread.run_sync(self._load, result.path, result.version)
