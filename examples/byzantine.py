@@ -697,6 +697,8 @@ class BadRelay(Cheat):
                 await trio.sleep(self.recheck_s)
 
     async def serve(self, path: str, stream: trio.SocketStream) -> None:
+        """Answer one HTTP request for `path`: what the relay lies with (each kind below
+        overrides it; this base class is never run on its own)."""
         raise NotImplementedError
 
 
