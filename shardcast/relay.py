@@ -33,7 +33,7 @@ import trio
 
 from protocol.identity import Identity
 from shardcast.client import MAX_LISTING_BYTES, fetch_manifest
-from shardcast.errors import FetchError, ShardcastError
+from shardcast.errors import ShardcastError, first_error
 from shardcast.fetcher import (
     FetchPolicy,
     ResponseTooLarge,
@@ -250,11 +250,18 @@ class Relay:
                 fetcher = ShardFetcher(
                     self._http, self.picker, self.policy, on_corrupt=report, swarm=swarm
                 )
-                async with trio.open_nursery() as watching:
-                    if self.watch is not None:
-                        watching.start_soon(self.watch.watch, version, m)
-                    await fetcher.fetch(version, jobs, on_done=lambda j: sv.mark(j.name, j.index))
-                    watching.cancel_scope.cancel()
+                try:
+                    async with trio.open_nursery() as watching:
+                        if self.watch is not None:
+                            watching.start_soon(self.watch.watch, version, m)
+                        await fetcher.fetch(
+                            version, jobs, on_done=lambda j: sv.mark(j.name, j.index)
+                        )
+                        watching.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    # The nursery wraps the fetch's error; unwrapped, a failed mirror is a
+                    # give-up below rather than an error that ends the node it runs in.
+                    raise first_error(group) from None
                 log.info("mirrored v%d (%d bytes)", version, m.payload_bytes)
                 for gone in await self.store.prune():
                     if gone in self._mirroring:
@@ -262,7 +269,7 @@ class Relay:
             if scope.cancelled_caught:
                 self.abandoned.add(version)
                 await self.store.drop(version)
-        except (FetchError, trio.TooSlowError) as e:
+        except (ShardcastError, trio.TooSlowError) as e:
             log.warning("giving up on v%d: %s", version, e or "deadline passed")
             self.abandoned.add(version)
             await self.store.drop(version)

@@ -241,6 +241,7 @@ class Coordinator:
             serve_discovery(host, book)
             self._serve(host)
             self.submissions.requeue_pending()
+            self.leases.grant_outage_grace(time.time())
             nursery.start_soon(self.submissions.validate_forever)
             nursery.start_soon(self.training.train_forever)
             nursery.start_soon(self.leases.expire_forever)

@@ -132,6 +132,14 @@ class LeaseService:
                 prompts = [t["prompt_index"] for t in lease["tasks"]]
                 self.book.return_prompts(prompts, lease["node"], until)
 
+    def grant_outage_grace(self, now: float) -> None:
+        """On start, give every lease still open a full term from now: its node could not
+        submit while the coordinator was down, and an expiry then would be held against it
+        as a soft fault (and bar it from those prompts) for our outage, not its own."""
+        moved = self.ledger.extend_open_leases(now + self.spec.limits.lease_timeout_s)
+        if moved:
+            log.info("%d open leases get a full term after the restart", moved)
+
     async def expire_forever(self, every_s: float = 1.0) -> None:
         while True:
             now = time.time()

@@ -413,6 +413,15 @@ class Ledger:
         out["tasks"] = json.loads(out["tasks"])
         return out
 
+    def extend_open_leases(self, deadline: float) -> int:
+        """Move every open lease's deadline to at least `deadline`; returns how many moved."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE leases SET deadline = ? WHERE state = 'open' AND deadline < ?",
+                (deadline, deadline),
+            )
+        return cur.rowcount
+
     def expire_leases(self, now: float) -> list[int]:
         """Mark open leases past their deadline expired, a soft fault of their node each;
         returns their ids (to re-issue work)."""

@@ -50,7 +50,8 @@ HOSTILE = FetchPolicy(
 def fault_proxy(upstream: list[str], mode: str, fake_versions: bool = False) -> FastAPI:
     """Forwards to `upstream[0]`, misbehaving on payload bodies as `mode` says:
     "trickle" (1 KB, then a byte every 0.3 s), "stall_body" (1 KB, then silence),
-    "stall_headers" (never answers), "flip" (first byte flipped), "honest".
+    "stall_headers" (never answers), "flip" (first byte flipped), "refuse" (HTTP 503),
+    "honest".
     With `fake_versions`, its listing adds a new, never-held version on every call."""
     app = FastAPI()
     fake = itertools.count(1000)
@@ -75,6 +76,8 @@ def fault_proxy(upstream: list[str], mode: str, fake_versions: bool = False) -> 
     async def payload(version: int, name: str, request: Request) -> Response:
         if mode == "stall_headers":
             await trio.sleep_forever()
+        if mode == "refuse":
+            raise HTTPException(503)
         async with httpx.AsyncClient() as http:
             headers = {"Range": request.headers.get("range", "bytes=0-")}
             r = await http.get(f"{upstream[0]}/v/{version}/f/{name}", headers=headers)
@@ -262,6 +265,30 @@ async def test_relay_is_not_wedged_by_a_bad_upstream(tmp_path, identity, mode) -
         c = client([relay_url], tmp_path / "c", identity)
         assert same_tree((await c.fetch(1)).path, ck)
         await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_relay_outlives_a_version_it_cannot_fetch(tmp_path, identity) -> None:
+    """Every shard source failing ends the mirror of that version (given up, logged), never
+    the relay: a node's re-serving relay died with it when its origin restarted."""
+    async with trio.open_nursery() as nursery:
+        _, _, bad, _ = await origin_and_proxy(nursery, tmp_path, identity, "refuse")
+        relay = Relay(
+            [bad],
+            tmp_path / "r",
+            public_key=identity.public_key,
+            pool_id=POOL_ID,
+            poll_wait=1,
+            policy=replace(HOSTILE, max_attempts=2),
+        )
+        relay_url = await nursery.start(relay.run)
+        with trio.fail_after(30):
+            while 1 not in relay.abandoned:
+                await trio.sleep(0.1)
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{relay_url}/versions")).status_code == 200
+        assert relay.store.get(1) is None
         nursery.cancel_scope.cancel()
 
 

@@ -255,3 +255,23 @@ def test_prefill_spend_beyond_accepted_work_moves_a_node_behind(tmp_path):
     junk = Decision("soft", "stale", seconds=14.0)
     adm.ledger.record_rejected(key, b"x", junk, adm, 2.0)  # spent 17 > 16
     assert adm.tier(key) == 1
+
+
+def test_leases_open_at_a_restart_get_a_full_term_not_a_fault(tmp_path):
+    """The coordinator was down past a lease's deadline: on start the lease gets a full term,
+    so its node can still submit and is not charged a soft fault for our outage."""
+    coord = _coordinator(tmp_path, max_staleness=4, batch_prompts=8)
+    node = Member(coord)
+
+    async def scenario():
+        await node.join(trusted=True)
+        lease = (await node.lease()).lease
+        back = lease.deadline_ms / 1000 + 60  # we come back after the deadline
+        coord.leases.grant_outage_grace(back)
+        assert coord.ledger.expire_leases(back + 1) == []
+        assert coord.ledger.node(node.key)["soft_faults"] == 0
+        limit = coord.spec.limits.lease_timeout_s
+        assert coord.ledger.lease(lease.lease_id)["deadline"] == pytest.approx(back + limit)
+        assert coord.ledger.expire_leases(back + limit + 1) == [lease.lease_id]
+
+    _play(coord, scenario)
