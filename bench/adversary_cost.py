@@ -1,10 +1,12 @@
 """What sybil identities flooding junk cost the coordinator, and what they cost honest training.
 
     python bench/adversary_cost.py [--quick] [--json FILE] [--window-s S] [--identities 1,10,100]
+                                   [--attacker-cpu 0.5]
 
 One pool on this machine, built with `examples/swarm.py`'s machinery (its tiny-digits preset): a
-coordinator and honest nodes training throughout. Phases in one run, the attack-free baseline
-first, then one per identity count. Each phase is a fixed window, over which the bench measures
+coordinator and honest nodes training throughout. Phases in one run: an attack-free baseline,
+one phase per identity count, and a second baseline. Each phase is a fixed window, over which
+the bench measures
 
     coordinator CPU   utime + stime of the coordinator process (/proc/PID/stat), per minute
     honest steps      training steps committed (/api/status), per minute
@@ -14,9 +16,14 @@ first, then one per identity count. Each phase is a fixed window, over which the
 The attacker is one process (`adversary_cost.py flood N ...`) holding N identities at once. Each
 discovers the pool, pays the join proof of work, takes a lease, answers it with maximum-size
 junk that passes the cheap checks (`examples/byzantine.py`'s `junk_results`), and when its key
-is banned pays for a fresh one, so N identities stay in play. It runs at nice 19: on one
-machine its own CPU would otherwise be billed to the honest nodes, where on a network it burns
-the attacker's machine.
+is banned pays for a fresh one, so N identities stay in play.
+
+On one machine the attacker's own CPU would be billed to the honest nodes, where on a network
+it burns the attacker's machine. So the attacker runs under a fixed CPU cap (`--attacker-cpu`,
+a share of one core, enforced in-process by pausing), and every baseline phase runs a null load
+(`adversary_cost.py burn`) under the same cap. What differs between a baseline and an attack is
+then what the attack makes the *pool* do. Baselines run first and last; attacks are compared
+with their mean, so drift over the run (the policy learning) is not read as damage.
 """
 
 from __future__ import annotations
@@ -83,8 +90,8 @@ async def junk_until_banned(
     while True:
         try:
             reply = await request(host, addr, msg.JOIN_PROTOCOL, join, msg.JoinReply)
-        except SwarmError:
-            counts["join:error"] += 1
+        except SwarmError as e:
+            counts[f"join:error:{getattr(e, 'code', type(e).__name__)}"] += 1
             await trio.sleep(1.0)
             continue
         counts[f"join:{reply.code}"] += 1
@@ -108,7 +115,7 @@ async def junk_until_banned(
                 # a banned key is refused by the transport before its request is read
                 counts["lease:forbidden"] += 1
                 return
-            counts["lease:error"] += 1
+            counts[f"lease:error:{getattr(e, 'code', type(e).__name__)}"] += 1
             await trio.sleep(1.0)
             continue
         counts[f"lease:{got.code}"] += 1
@@ -133,15 +140,31 @@ async def request(host: Any, addr: str, protocol_id: str, message: Any, reply_ty
     return (await host.request(addr, protocol_id, message, reply_type, timeout_s=30.0)).message
 
 
+def hold_cpu_share(share: float, started: float) -> None:
+    """Pause the whole process (a blocking sleep) until its CPU time is back within `share`
+    of one core since `started`: the cap that keeps the attacker's own work off the honest
+    nodes' cores the same in every phase."""
+    over = time.process_time() - share * (time.monotonic() - started)
+    if over > 0:
+        time.sleep(over / share)
+
+
 def flood(args: argparse.Namespace) -> int:
     """The attacker: `args.n` sybil slots in one process; counts written to `args.stats`."""
     import trio
 
     config = json.loads((Path(args.model) / "config.json").read_text())
     counts: Counter[str] = Counter()
+    started = time.monotonic()
+
+    async def cap() -> None:
+        while True:
+            hold_cpu_share(args.cpu, started)
+            await trio.sleep(0.05)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(cap)
             for i in range(args.n):
                 rng = random.Random(i)
                 nursery.start_soon(
@@ -153,6 +176,15 @@ def flood(args: argparse.Namespace) -> int:
 
     trio.run(main)
     return 0
+
+
+def burn(args: argparse.Namespace) -> int:
+    """The baselines' null load: busy work under the attacker's CPU cap, and nothing else."""
+    started, x = time.monotonic(), 0
+    while True:
+        for _ in range(20_000):
+            x = (x * 31 + 7) % 1_000_003
+        hold_cpu_share(args.cpu, started)
 
 
 # ---------------------------------------------------------------------- the measurement
@@ -215,17 +247,33 @@ def measure(swarm: Swarm, window_s: float, known: set[str]) -> dict[str, Any]:
     return row
 
 
-def attack(swarm: Swarm, n: int) -> Proc:
+def attack(swarm: Swarm, n: int, cpu: float) -> Proc:
     model = swarm.work / "models" / "tiny-digits"
     cmd = [
-        "nice", "-n", "19", sys.executable, str(Path(__file__).resolve()), "flood", str(n),
+        sys.executable, str(Path(__file__).resolve()), "flood", str(n), "--cpu", str(cpu),
         "--pool", swarm.pool_id, "--bootstrap", swarm.bootstrap, "--model", str(model),
         "--stats", str(swarm.logs / f"flood-{n}.json"),
     ]  # fmt: skip
-    proc = Proc(f"flood-{n}", "byzantine", cmd, swarm.logs / f"flood-{n}.log", kind="sybil")
+    return start(swarm, Proc(f"flood-{n}", "byzantine", cmd, swarm.logs / f"flood-{n}.log"))
+
+
+def null_load(swarm: Swarm, cpu: float, name: str) -> Proc:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "burn", "--cpu", str(cpu)]
+    return start(swarm, Proc(name, "load", cmd, swarm.logs / f"{name}.log"))
+
+
+def start(swarm: Swarm, proc: Proc) -> Proc:
     swarm.procs.append(proc)
     proc.start(swarm.env)
     return proc
+
+
+def baseline(swarm: Swarm, args: argparse.Namespace, known: set[str], name: str) -> dict:
+    swarm.say(f"{name}: {args.window_s:.0f} s without attack (null load at {args.attacker_cpu})")
+    load = null_load(swarm, args.attacker_cpu, name)
+    row = {"identities": 0, "phase": name, **measure(swarm, args.window_s, known)}
+    load.stop()
+    return row
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,18 +289,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wait_for_step(swarm, 2)  # nodes have joined and the pool trains
         honest = {p.key for p in swarm.procs if p.role == "honest"}
         known = set(honest)
-        swarm.say(f"baseline: {args.window_s:.0f} s without attack")
-        rows = [{"identities": 0, **measure(swarm, args.window_s, known)}]
+        rows = [baseline(swarm, args, known, "baseline")]
         for n in args.identities:
             swarm.say(f"attack: {n} sybil identities flooding junk for {args.window_s:.0f} s")
-            proc = attack(swarm, n)
+            proc = attack(swarm, n, args.attacker_cpu)
             stats = swarm.logs / f"flood-{n}.json"
             wait_until_flooding(stats)
-            row = {"identities": n, **measure(swarm, args.window_s, known)}
+            row = {"identities": n, "phase": "attack", **measure(swarm, args.window_s, known)}
             proc.stop()
             row["attacker"] = json.loads(stats.read_text())
             rows.append(row)
             swarm.say(json.dumps(row))
+        rows.append(baseline(swarm, args, known, "baseline-after"))
     finally:
         swarm.stop_all()
         for p in swarm.procs:
@@ -261,20 +309,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    base = rows[0]
-    for r in rows[1:]:
-        extra = r["coordinator_cpu_s_per_min"] - base["coordinator_cpu_s_per_min"]
+    bases = [r for r in rows if r["phase"] != "attack"]
+    attacks = [r for r in rows if r["phase"] == "attack"]
+    base_cpu = sum(r["coordinator_cpu_s_per_min"] for r in bases) / len(bases)
+    base_steps = sum(r["honest_steps_per_min"] for r in bases) / len(bases)
+    for r in attacks:
+        extra = r["coordinator_cpu_s_per_min"] - base_cpu
         r["extra_cpu_s_per_min_per_identity"] = round(extra / r["identities"], 3)
-        steps = base["honest_steps_per_min"]
         r["honest_rate_vs_baseline"] = (
-            round(r["honest_steps_per_min"] / steps, 3) if steps else None
+            round(r["honest_steps_per_min"] / base_steps, 3) if base_steps else None
         )
-    at_most = rows[-1]
-    per_identity = [r["extra_cpu_s_per_min_per_identity"] for r in rows[1:]]
+    at_most = attacks[-1]
+    per_identity = [r["extra_cpu_s_per_min_per_identity"] for r in attacks]
     return {
         "window_s": args.window_s,
+        "attacker_cpu_share": args.attacker_cpu,
         "honest_nodes": HONEST_NODES,
         "cores": os.cpu_count(),
+        "baseline": {
+            "coordinator_cpu_s_per_min": round(base_cpu, 2),
+            "honest_steps_per_min": round(base_steps, 2),
+        },
         "rows": rows,
         "goals": {
             "honest_rate_at_most_identities_ge_80pct": (at_most.get("honest_rate_vs_baseline") or 0)
@@ -285,11 +340,11 @@ def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\n{'identities':>10}{'coord CPU s/min':>17}{'extra/identity':>16}"
+    print(f"\n{'phase':>15}{'identities':>11}{'coord CPU s/min':>17}{'extra/identity':>16}"
           f"{'honest steps/min':>18}{'vs base':>9}{'admitted':>10}{'banned':>8}"
           f"{'prefill s':>11}")  # fmt: skip
     for r in result["rows"]:
-        print(f"{r['identities']:>10}{r['coordinator_cpu_s_per_min']:>17.2f}"
+        print(f"{r['phase']:>15}{r['identities']:>11}{r['coordinator_cpu_s_per_min']:>17.2f}"
               f"{r.get('extra_cpu_s_per_min_per_identity', ''):>16}"
               f"{r['honest_steps_per_min']:>18.2f}{r.get('honest_rate_vs_baseline', ''):>9}"
               f"{r.get('identities_admitted', '-'):>10}{r.get('identities_banned', '-'):>8}"
@@ -304,17 +359,28 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["flood"]:
         p = argparse.ArgumentParser(prog="adversary_cost.py flood")
         p.add_argument("n", type=int)
+        p.add_argument("--cpu", type=float, required=True)
         for name in ("--pool", "--bootstrap", "--model", "--stats"):
             p.add_argument(name, required=True)
         return flood(p.parse_args(argv[1:]))
+    if argv[:1] == ["burn"]:
+        p = argparse.ArgumentParser(prog="adversary_cost.py burn")
+        p.add_argument("--cpu", type=float, required=True)
+        return burn(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="40 s windows (about 5 minutes in all)")
+    p.add_argument("--quick", action="store_true", help="40 s windows (about 6 minutes in all)")
     p.add_argument("--window-s", type=float, help="seconds per phase (default 120; quick 40)")
     p.add_argument(
         "--identities",
         default="1,10,100",
         type=lambda s: [int(x) for x in s.split(",")],
         help="attacker identity counts, one phase each (default 1,10,100)",
+    )
+    p.add_argument(
+        "--attacker-cpu",
+        type=float,
+        default=0.5,
+        help="the attacker's CPU cap, and the baselines' null load, in cores (default 0.5)",
     )
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
