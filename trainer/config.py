@@ -38,8 +38,18 @@ class AlgorithmSection(Section):
     entropy_coef: float = 0.0
     """Entropy bonus coefficient."""
     is_cap: float = 4.0
-    """Off-policy trust band: tokens whose ratio pi_theta / pi_behaviour leaves
+    """behaviour: the trust band: tokens whose ratio pi_theta / pi_behaviour leaves
     [1/is_cap, is_cap] are masked out of the loss (stale or mismatched samples); 0 disables."""
+    off_policy: Literal["behaviour", "decoupled"] = "behaviour"
+    """How samples from older weights are corrected: behaviour (the ratio is taken against the
+    node's logprobs, with the is_cap band) or decoupled (the ratio against the trainer's own
+    policy at the step's start, times the truncated weight pi_prox / pi_behaviour)."""
+    tis_cap: float = 2.0
+    """decoupled: truncation of the weight pi_prox / pi_behaviour; 0 leaves it untruncated."""
+    icepop_low: float = 0.5
+    """decoupled: tokens whose pi_prox / pi_behaviour is below this are masked; 0 disables."""
+    icepop_high: float = 5.0
+    """decoupled: tokens whose pi_prox / pi_behaviour is above this are masked; 0 disables."""
     mask_truncated: bool = False
     """Leave completions cut by the length cap out of the loss (DAPO)."""
     lr: Positive = 1e-5
