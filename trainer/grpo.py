@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from trainer.config import AlgorithmSection
 from trainer.loss import LossConfig, batch_normaliser, policy_loss
+from trainer.off_policy import mismatch_kl_sum
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,10 @@ class GRPOTrainer:
             entropy_coef=algorithm.entropy_coef,
             is_cap=algorithm.is_cap,
             max_completion_len=max_new_tokens,
+            off_policy=algorithm.off_policy,
+            tis_cap=algorithm.tis_cap,
+            icepop_low=algorithm.icepop_low,
+            icepop_high=algorithm.icepop_high,
         )
         # Frozen weights (a LoRA base) get no optimizer state.
         self.optimizer = torch.optim.AdamW(
@@ -135,12 +140,22 @@ class GRPOTrainer:
             mask = mask * (~truncated).float()[:, None]
         normaliser = batch_normaliser(self.loss_config, mask)
         adv = torch.tensor([a for _, a in samples], device=device)
+        # Groups generated with the current weights: any gap between the nodes' logprobs and
+        # ours on them is numerics (dtype, kernels), not lag.
+        fresh = torch.tensor(
+            [float(g.weight_version == current_version) for g in groups for _ in g.samples],
+            device=device,
+        )
 
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         loss_sum = 0.0
         for part, weight in self._passes(len(samples)):
             logp, entropy = self._logprobs(self.model, batch, part, need_entropy=True)
+            # The proximal policy is the weights at the step's start; a step makes one optimizer
+            # update, so those are the weights of this very forward: its logprobs, detached,
+            # are the proximal logprobs, with no second forward pass.
+            prox = logp.detach()
             ref = None
             if self.ref_model is not None:
                 with torch.no_grad():
@@ -154,7 +169,12 @@ class GRPOTrainer:
                 normaliser,
                 ref_logp=ref,
                 entropy=entropy,
+                prox_logp=prox,
             )
+            stats["mismatch_kl_sum"] = mismatch_kl_sum(
+                batch["behaviour"][part], prox, batch["mask"][part] * fresh[part, None]
+            )
+            stats["fresh_tokens"] = float((batch["mask"][part] * fresh[part, None]).sum())
             (loss * weight * self.world).backward()
             if weight == 0.0:
                 continue  # a pass that only keeps this rank in step with the others
@@ -181,12 +201,16 @@ class GRPOTrainer:
             clip_low_frac=totals["clipped_low_tokens"] / tokens,
             clip_high_frac=totals["clipped_high_tokens"] / tokens,
             is_masked_frac=totals["masked_tokens"] / tokens,
+            icepop_masked_frac=totals["icepop_masked_tokens"] / tokens,
+            tis_weight_mean=totals["tis_weight_sum"] / max(totals["live_tokens"], 1.0),
             ratio_mean=totals["ratio_sum"] / tokens,
             ratio_max=totals["ratio_max"],
             tokens=totals["tokens"],
             tokens_per_s=totals["tokens"] / elapsed,
             step_time_s=elapsed,
         )
+        if totals["fresh_tokens"] > 0:  # no staleness-0 group: nothing to compare, no value
+            metrics["mismatch_kl"] = totals["mismatch_kl_sum"] / totals["fresh_tokens"]
         return StepResult(metrics, [g.group_id for g in groups])
 
     def _device(self) -> torch.device:

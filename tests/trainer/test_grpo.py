@@ -84,3 +84,50 @@ def test_raising_the_advantaged_sample():
     m = batch["mask"]
     gain = ((after - before) * m).sum(1)
     assert gain[0] > 0 and gain[0] > gain[1:].max()
+
+
+def _own_logprobs(trainer, group):
+    """The group with the trainer's own logprobs as behaviour: what an fp32 node reports."""
+    batch = trainer._batch(group.samples)
+    with torch.no_grad():
+        logp, _ = trainer._logprobs(trainer.model, batch, slice(None), need_entropy=False)
+    samples = [
+        Sample(s.prompt_ids, s.tokens, logp[i][batch["mask"][i] > 0].tolist(), s.truncated)
+        for i, s in enumerate(group.samples)
+    ]
+    return TrainGroup(samples, group.rewards, group.advantages, group.weight_version, 1)
+
+
+def test_decoupled_matches_behaviour_on_policy_and_mismatch_is_zero():
+    """With fresh samples and exact logprobs the weights are 1 and nothing is masked, so both
+    off-policy modes make the same update; the trainer-node mismatch is ~0."""
+    after = []
+    for mode in ("behaviour", "decoupled"):
+        model, _ = load_model("tiny")
+        algo = AlgorithmSection(lr=1e-2, is_cap=0, off_policy=mode)
+        trainer = GRPOTrainer(model, algo, temperature=1.0, max_new_tokens=8)
+        group = _own_logprobs(trainer, _group(1, [1.0, 0.0, 0.0, 0.0], version=3))
+        m = trainer.step([group], 3).metrics
+        assert m["mismatch_kl"] < 1e-9 and m["icepop_masked_frac"] == 0.0
+        assert abs(m["tis_weight_mean"] - 1.0) < 1e-5
+        after.append(model.state_dict())
+    for k, v in after[0].items():
+        assert torch.allclose(v, after[1][k], atol=1e-6), k
+
+
+def test_mismatch_kl_counts_only_fresh_groups():
+    model, _ = load_model("tiny")
+    trainer = GRPOTrainer(
+        model, AlgorithmSection(is_cap=0, off_policy="decoupled"), 1.0, max_new_tokens=8
+    )
+    fresh, stale = _group(1, [1.0, 0.0], version=2), _group(2, [0.0, 1.0], version=0)
+    batch = trainer._batch(fresh.samples)
+    with torch.no_grad():
+        logp, _ = trainer._logprobs(model, batch, slice(None), need_entropy=False)
+    d = logp[batch["mask"] > 0] - (-3.0)  # nodes reported -3.0 for every token
+    expected = float((torch.exp(d) - d - 1).mean())  # k3, over the fresh group's 6 tokens
+    m = trainer.step([fresh, stale], 2).metrics
+    assert abs(m["mismatch_kl"] - expected) < 1e-5 and expected > 0.1
+    assert m["staleness_max"] == 2.0
+    assert 0.0 <= m["icepop_masked_frac"] <= 1.0
+    assert "mismatch_kl" not in trainer.step([stale], 2).metrics  # no fresh group, no value
