@@ -206,7 +206,11 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(run=_run)
 
     ev = sub.add_parser(
-        "eval", help="greedy accuracy of a model on a task's held-out split", parents=[flags]
+        "eval",
+        help="greedy accuracy (and pass@k) of a model on a task's held-out split",
+        description="Greedy accuracy on the held-out split; with --k above 1 also pass@1 and "
+        "pass@k of k seeded samples per prompt (unbiased estimator). Prints JSON.",
+        parents=[flags],
     )
     ev.add_argument(
         "--model", required=True, help="preset, HF folder (e.g. a version folder) or HF id"
@@ -220,6 +224,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="evaluate the first N prompts")
     ev.add_argument("--max-new-tokens", type=int, default=32)
     ev.add_argument("--dtype", default="float32")
+    ev.add_argument(
+        "--k", type=int, default=1, help="samples per prompt for pass@k (default: 1, greedy only)"
+    )
+    ev.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature for --k above 1"
+    )
     ev.add_argument("--output", type=Path, help="also write the JSON here")
     ev.set_defaults(run=_eval)
 
@@ -390,15 +400,31 @@ def _operator_token(args: argparse.Namespace) -> str | None:
 
 def _eval(args: argparse.Namespace) -> int:
     from toploc.models import load_model
+    from toploc.sampling import SamplingParams
     from trainer.evaluate import evaluate
     from trainer.tasks import make_task
 
+    if args.k < 1:
+        raise SwarmError(f"--k must be at least 1, not {args.k}")
+    if args.temperature <= 0 and args.k > 1:
+        raise SwarmError("pass@k samples need a temperature above 0")
     options = apply_overrides({}, args.option)
     task = make_task(args.task, args.seed, options)
     model, tok = load_model(args.model, args.dtype)
+    sampling = SamplingParams(temperature=args.temperature)
     result = {
         "model": args.model,
-        **evaluate(model, tok, task, args.split, args.limit, args.max_new_tokens),
+        **evaluate(
+            model,
+            tok,
+            task,
+            args.split,
+            args.limit,
+            args.max_new_tokens,
+            k=args.k,
+            sampling=sampling,
+            seed=args.seed,
+        ),
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -12,7 +12,7 @@ checkpoint with the new values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -91,6 +91,13 @@ class TrainerSection(Section):
     ledger only once it is on disk, so a crash re-queues their groups."""
     checkpoint_keep: Count = 2
     """Checkpoints kept on disk."""
+    eval_every: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Evaluate every N published versions, in a worker thread, on the held-out split:
+    greedy accuracy, pass@1 and pass@k into the run log; 0 turns it off."""
+    eval_prompts: Count = 32
+    """Held-out prompts per in-run evaluation (the first N, the same ones every time)."""
+    eval_k: Count = 4
+    """Samples per prompt for the in-run pass@k (1: greedy accuracy only)."""
     lora: LoraSection = LoraSection()
 
 

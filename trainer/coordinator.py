@@ -43,6 +43,7 @@ from trainer.algorithm import GroupAlgorithm
 from trainer.config import TrainerConfig
 from trainer.dashboard.generate import complete
 from trainer.dashboard.series import ACCURACY_FUNCS
+from trainer.evaluating import EvalService
 from trainer.learner import build_learner
 from trainer.leasing import LeaseService, in_flight_groups
 from trainer.ledger import Ledger, LedgerError
@@ -165,6 +166,17 @@ class Coordinator:
             self._announce,
             options.max_steps,
             self.config.trainer.checkpoint_every,
+            EvalService(
+                self.task,
+                self.tokenizer,
+                self.policy,
+                self.run_log,
+                self.config.trainer.eval_every,
+                self.config.trainer.eval_prompts,
+                self.config.trainer.eval_k,
+                self.sampling,
+                spec.seed,
+            ),
         )
         progress = self.training.progress
         self.relays = RelayDirectory(list(spec.coordinator.relays), self._probe_relay)
@@ -178,6 +190,7 @@ class Coordinator:
             _sampling_wire(self.sampling),
             progress,
             options.max_steps,
+            full_reward=sum(r.weight for r in self.task.rewards),
         )
         validator = Validator(
             spec,

@@ -1,12 +1,17 @@
-"""Reproducible accuracy: greedy decoding of a task's held-out split with its fixed prompt.
+"""Reproducible accuracy: greedy decoding of a task's held-out split with its fixed prompt,
+and, with k > 1, pass@1 and pass@k over k seeded samples per prompt.
 
 A completion counts as correct when it earns the task's full reward (the sum of its reward
-weights): for the built-in tasks, an exact answer. One answer extractor per task, no sampling,
-so two runs on the same weights give the same number.
+weights): for the built-in tasks, an exact answer. One answer extractor per task; the samples'
+seeds are a hash of (seed, prompt index) with sample i under it, so two runs on the same
+weights give the same numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
+from collections.abc import Sequence
 from typing import Any
 
 from tqdm import tqdm
@@ -15,8 +20,12 @@ from transformers import PreTrainedModel
 from toploc import capture_hf
 from toploc.models import eos_token_ids
 from toploc.sampling import SamplingParams
+from trainer.passk import mean_pass_at_k
 from trainer.rewards import score
-from trainer.tasks import Task
+from trainer.tasks import Example, Task
+
+SHOWN = 5
+"""Greedy completions the result quotes."""
 
 
 def evaluate(
@@ -28,58 +37,123 @@ def evaluate(
     max_new_tokens: int = 32,
     batch_size: int = 32,
     progress: bool = True,
+    k: int = 1,
+    sampling: SamplingParams | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
+    """Greedy accuracy on `split`; with `k` > 1 also pass@1 and pass@k of k samples per prompt
+    drawn with `sampling` (temperature 1 by default; its max_tokens and EOS are replaced)."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
     examples = {"test": task.test, "train": task.train}[split][:limit]
     if not examples:
         raise ValueError(f"task {task.name!r} has no {split} examples")
-    params = SamplingParams(
-        temperature=0.0,
-        max_tokens=max_new_tokens,
-        eos_token_ids=tuple(eos_token_ids(model, tokenizer)),
-    )
-    full = sum(r.weight for r in task.rewards)
-    correct, rewards, shown = 0, [], []
-    bar = tqdm(
-        total=len(examples), desc=f"eval {task.name}/{split}", disable=not progress, unit="prompt"
-    )
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        prompts = [
-            tokenizer(task.render(e, tokenizer), add_special_tokens=False)["input_ids"]
-            for e in batch
-        ]
-        rollouts = capture_hf.generate(
-            model,
-            prompts,
-            params,
-            seeds=[0] * len(batch),
-            pad_token_id=tokenizer.pad_token_id,
-            capture=False,
-        )
-        texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
-        for example, text in zip(batch, texts, strict=True):
-            total, _ = score(
-                task.rewards, [example.prompt], [text], {k: [v] for k, v in example.columns.items()}
-            )
-            rewards.append(total[0])
-            correct += total[0] >= full - 1e-9
-            if len(shown) < 5:
-                shown.append(
-                    {
-                        "prompt": example.prompt,
-                        "completion": text,
-                        **example.columns,
-                        "reward": total[0],
-                    }
-                )
-        bar.update(len(batch))
-    bar.close()
-    return {
+    eos = tuple(eos_token_ids(model, tokenizer))
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, eos_token_ids=eos)
+    rows = len(examples) * (1 if k == 1 else 1 + k)
+    bar = tqdm(total=rows, desc=f"eval {task.name}/{split}", disable=not progress, unit="sample")
+    scorer = _Scorer(model, tokenizer, task, batch_size, bar)
+    prompts = [
+        tokenizer(task.render(e, tokenizer), add_special_tokens=False)["input_ids"]
+        for e in examples
+    ]
+    texts, rewards = scorer.run(examples, prompts, greedy, [0] * len(examples), [0] * len(examples))
+    correct = [scorer.correct(r) for r in rewards]
+    result: dict[str, Any] = {
         "task": task.name,
         "split": split,
         "n": len(examples),
-        "accuracy": correct / len(examples),
+        "accuracy": sum(correct) / len(examples),
         "mean_reward": sum(rewards) / len(rewards),
         "max_new_tokens": max_new_tokens,
-        "examples": shown,
     }
+    if k > 1:
+        base = sampling or SamplingParams()
+        params = SamplingParams(
+            temperature=base.temperature,
+            top_k=base.top_k,
+            top_p=base.top_p,
+            max_tokens=max_new_tokens,
+            eos_token_ids=eos,
+        )
+        seeds = [sample_seed(seed, i) for i in range(len(examples))]
+        _, sampled = scorer.run(
+            [e for e in examples for _ in range(k)],
+            [p for p in prompts for _ in range(k)],
+            params,
+            [s for s in seeds for _ in range(k)],
+            list(range(k)) * len(examples),
+        )
+        counts = [
+            (k, sum(scorer.correct(r) for r in sampled[i * k : (i + 1) * k]))
+            for i in range(len(examples))
+        ]
+        result.update(
+            {
+                "k": k,
+                "temperature": params.temperature,
+                "pass@1": mean_pass_at_k(counts, 1),
+                "pass@k": mean_pass_at_k(counts, k),
+            }
+        )
+    bar.close()
+    result["examples"] = [
+        {"prompt": e.prompt, "completion": t, **e.columns, "reward": r}
+        for e, t, r in zip(examples[:SHOWN], texts, rewards, strict=False)
+    ]
+    return result
+
+
+def sample_seed(seed: int, prompt_index: int) -> int:
+    """The sampling seed of an evaluation prompt (63 bits: the sampler takes an int64)."""
+    digest = hashlib.blake2b(struct.pack(">qQ", seed, prompt_index), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+class _Scorer:
+    """Generates in batches and scores each completion with the task's rewards."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: Any, task: Task, batch_size: int, bar: tqdm
+    ) -> None:
+        self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.batch_size = batch_size
+        self.bar = bar
+        self.full = sum(r.weight for r in task.rewards)
+
+    def correct(self, reward: float) -> bool:
+        return reward >= self.full - 1e-9
+
+    def run(
+        self,
+        examples: Sequence[Example],
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        seeds: Sequence[int],
+        indices: Sequence[int],
+    ) -> tuple[list[str], list[float]]:
+        texts: list[str] = []
+        rewards: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            end = start + self.batch_size
+            rollouts = capture_hf.generate(
+                self.model,
+                prompts[start:end],
+                params,
+                seeds=seeds[start:end],
+                sample_indices=indices[start:end],
+                pad_token_id=self.tokenizer.pad_token_id,
+                capture=False,
+            )
+            for example, r in zip(examples[start:end], rollouts, strict=True):
+                text = self.tokenizer.decode(r.completion_ids, skip_special_tokens=True)
+                total, _ = score(
+                    self.task.rewards,
+                    [example.prompt],
+                    [text],
+                    {c: [v] for c, v in example.columns.items()},
+                )
+                texts.append(text)
+                rewards.append(total[0])
+            self.bar.update(len(rollouts))
+        return texts, rewards

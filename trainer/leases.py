@@ -6,13 +6,15 @@ node asks and reproducible by anyone auditing the ledger. A task's sampling seed
 time the prompt is handed out: the same prompt never comes with the same seed twice, and the
 seed does not depend on who asks. Prompts of leases that expired or were released go to the
 next leases first, but never back to the node that gave them up inside the admission window,
-so releasing a lease cannot buy a node a second roll of the same prompt.
+so releasing a lease cannot buy a node a second roll of the same prompt. A fresh draw passes
+over prompts the curriculum (trainer/curriculum.py) turns down, by a coin anyone can replay.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 
 import blake3
 
@@ -33,6 +35,12 @@ def task_seed(pool_seed: int, prompt_index: int, draw_number: int) -> int:
     """The sampling seed of the `draw_number`-th handing out of a prompt (sample i of the
     group uses index i under it)."""
     return _hash64(b"seed", struct.pack(">qQQ", pool_seed, prompt_index, draw_number))
+
+
+Keep = Callable[[int, int], bool]
+"""keep(prompt index, slot draw): whether a fresh draw that reached this prompt leases it."""
+MAX_SKIPS = 64
+"""Prompts one fresh draw may pass over because `keep` turned them down."""
 
 
 class NothingToLease(Exception):
@@ -66,27 +74,42 @@ class LeaseBook:
     def orphan_count(self) -> int:
         return len(self._orphans)
 
-    def plan(self, node: bytes, counter: int, n_tasks: int, now: float) -> list[int]:
+    def plan(
+        self, node: bytes, counter: int, n_tasks: int, now: float, keep: Keep | None = None
+    ) -> list[int]:
         """Prompt indices for `node`'s lease number `counter`: orphans it may take first, then
-        fresh draws, skipping prompts barred from it. Raises `NothingToLease` when none is
-        left for it."""
+        fresh draws, skipping prompts barred from it and those `keep(prompt, slot draw)`
+        turns down (trainer.curriculum). Raises `NothingToLease` when none is left for it."""
         barred = self._bars(node, now)
         taken = self._take_orphans(barred, n_tasks)
         if len(barred) < self.n_prompts:
             for slot in range(len(taken), n_tasks):
                 start = draw(self.pool_seed, node, counter, slot, b"prompt")
-                taken.append(self._first_free(start, barred))
+                taken.append(self._first_free(start, barred, keep))
         if not taken:
             raise NothingToLease(f"the {len(barred)} prompts this node gave up are barred from it")
         return taken
 
-    def _first_free(self, start: int, barred: set[int]) -> int:
-        """The drawn prompt, or the next one after it that is not barred (one exists)."""
+    def _first_free(self, start: int, barred: set[int], keep: Keep | None) -> int:
+        """The drawn prompt, or the next one after it that is not barred and that `keep`
+        takes. After `MAX_SKIPS` turned down, the first free one: a pool of settled prompts
+        still leases, and a draw costs a bounded walk."""
+        first: int | None = None
+        skipped = 0
         for k in range(self.n_prompts):
             p = (start + k) % self.n_prompts
-            if p not in barred:
+            if p in barred:
+                continue
+            if first is None:
+                first = p
+            if keep is None or keep(p, start):
                 return p
-        raise NothingToLease("every prompt is barred from this node")
+            skipped += 1
+            if skipped == MAX_SKIPS:
+                break
+        if first is None:
+            raise NothingToLease("every prompt is barred from this node")
+        return first
 
     def _bars(self, node: bytes, now: float) -> set[int]:
         bars = self._barred.get(node)

@@ -2,7 +2,8 @@
 
 A lease is issued only on the admission policy's terms (probation, quota) and only while more
 work would not go stale before the trainer can use it. Expired, released and revoked leases
-give their prompts back to `LeaseBook`, barred from the node that gave them up.
+give their prompts back to `LeaseBook`, barred from the node that gave them up. Fresh draws
+pass over most prompts the accepted groups show to be always or never solved (`Curriculum`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import trio
 from protocol import messages as msg
 from protocol.poolspec import PoolSpec
 from trainer.admission import QUOTA_RETRY_S, Admission
+from trainer.curriculum import Curriculum
 from trainer.leases import LeaseBook, NothingToLease, task_seed
 from trainer.ledger import Ledger
 from trainer.view import Progress
@@ -37,12 +39,15 @@ class LeaseService:
         sampling: msg.SamplingWire,
         progress: Callable[[], Progress],
         max_steps: int | None = None,
+        full_reward: float = 1.0,
     ) -> None:
+        """`full_reward`: the reward of a solved sample (the task's weights summed)."""
         self.spec = spec
         self.batch_prompts = batch_prompts
         self.ledger = ledger
         self.admission = admission
         self.book = LeaseBook(spec.seed, n_prompts)
+        self.curriculum = Curriculum(spec.seed, full_reward)
         self._prompt_ids = prompt_ids
         self.sampling = sampling
         self._progress = progress
@@ -76,9 +81,15 @@ class LeaseService:
         self, node: bytes, now: float, held: int, min_version: int, n_tasks: int
     ) -> msg.Lease:
         deadline = now + self.spec.limits.lease_timeout_s
+        # Every group accepted so far, read on the event loop right before the lease: the
+        # curriculum's state at issue time is the ledger's accepted groups up to then.
+        self.curriculum.refresh(self.ledger.accepted_rewards_since)
+
+        def keep(prompt: int, slot_draw: int) -> bool:
+            return self.curriculum.keep(prompt, self.ledger.prompt_draws(prompt), slot_draw)
 
         def plan(counter: int) -> list[int]:
-            return self.book.plan(node, counter, n_tasks, now)
+            return self.book.plan(node, counter, n_tasks, now, keep)
 
         def build(
             lease_id: int, counter: int, draws: list[tuple[int, int]]

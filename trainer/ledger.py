@@ -405,6 +405,13 @@ class Ledger:
         ).fetchone()
         return row[0] - 1
 
+    def prompt_draws(self, prompt_index: int) -> int:
+        """How many times the prompt was handed out (its next draw number)."""
+        row = self._db.execute(
+            "SELECT draws FROM prompts WHERE prompt_index = ?", (prompt_index,)
+        ).fetchone()
+        return 0 if row is None else row[0]
+
     def lease(self, lease_id: int) -> dict[str, Any] | None:
         row = self._db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
         if row is None:
@@ -670,6 +677,19 @@ class Ledger:
             )
             for r in rows
         ]
+
+    def accepted_rewards_since(
+        self, after_group: int, limit: int
+    ) -> list[tuple[int, int, list[float]]]:
+        """(group id, prompt index, rewards) of the groups of accepted submissions with ids
+        above `after_group`, oldest first: dropped ones too (a flat group is evidence)."""
+        rows = self._db.execute(
+            """SELECT g.id, g.prompt_index, g.rewards FROM groups g
+               JOIN submissions s ON s.id = g.submission_id
+               WHERE g.id > ? AND s.outcome = 'accept' ORDER BY g.id LIMIT ?""",
+            (after_group, limit),
+        )
+        return [(r[0], r[1], json.loads(r[2])) for r in rows]
 
     def dropped_since(self, reason: str, after_group: int) -> tuple[int, int]:
         """(count, newest id) of groups dropped for `reason` with ids above `after_group`."""

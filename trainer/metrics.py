@@ -14,6 +14,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 log = logging.getLogger(__name__)
 
+EVALS_FILE = "evals.jsonl"
+"""In-run evaluations, one line per evaluated version (trainer/evaluating.py)."""
+
+# In-run evaluation metrics exported as Prometheus gauges (metric -> gauge name, help).
+EVAL_GAUGES = {
+    "eval_accuracy": ("eval_accuracy", "greedy accuracy on held-out prompts"),
+    "eval_pass@1": ("eval_pass_at_1", "pass@1 of sampled completions on held-out prompts"),
+    "eval_pass@k": ("eval_pass_at_k", "pass@k of sampled completions on held-out prompts"),
+}
+
 # Per-step metrics also exported as Prometheus gauges (name -> help).
 STEP_GAUGES = {
     "reward_mean": "mean reward of the step's groups",
@@ -55,6 +65,14 @@ class RunLog:
             registry=self.registry,
         )
         self.nodes = Gauge("swarmrl_nodes", "nodes by status", ["status"], registry=self.registry)
+        self.eval_gauges = {
+            k: Gauge(f"swarmrl_{name}", h, registry=self.registry)
+            for k, (name, h) in EVAL_GAUGES.items()
+        }
+        self.eval_version = Gauge(
+            "swarmrl_eval_version", "the version evaluated last", registry=self.registry
+        )
+        self._last_step = 0
         self._wandb = _start_wandb(wandb_project, run_name, self.folder) if wandb_project else None
 
     def sample(self, record: dict[str, Any]) -> None:
@@ -74,6 +92,18 @@ class RunLog:
                 g.set(metrics[k])
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+        self._last_step = step
+
+    def evaluated(self, version: int, metrics: dict[str, float]) -> None:
+        """An in-run evaluation of `version` (it finishes steps later than its version was
+        made: logged with the version, and to W&B at the newest step, which only grows)."""
+        self._append(EVALS_FILE, {"version": version, "time": time.time(), **metrics})
+        self.eval_version.set(version)
+        for k, g in self.eval_gauges.items():
+            if k in metrics:
+                g.set(metrics[k])
+        if self._wandb is not None:
+            self._wandb.log({**metrics, "eval_version": version}, step=self._last_step)
 
     def published(self, version: int) -> None:
         self.version.set(version)

@@ -31,6 +31,7 @@ from shardcast.origin import Origin
 from trainer.algorithm import FLAT, GroupAlgorithm
 from trainer.checkpoint import CheckpointInfo, latest_committed
 from trainer.config import AlgorithmSection
+from trainer.evaluating import EvalService
 from trainer.grpo import Sample, StepResult, TrainGroup
 from trainer.ledger import GroupRecord, Ledger, StepCommit
 from trainer.metrics import RunLog
@@ -82,6 +83,7 @@ class TrainingService:
         announce: Callable[[int, int | None], Awaitable[None]],
         max_steps: int | None = None,
         checkpoint_every: int = 1,
+        evaluator: EvalService | None = None,
     ) -> None:
         self.spec = spec
         self.settings = settings
@@ -96,6 +98,7 @@ class TrainingService:
         self._announce = announce
         self.max_steps = max_steps
         self.checkpoint_every = checkpoint_every
+        self.evaluator = evaluator
         self.step, committed = ledger.last_step()
         self.committed_step = self.step
         published = max((v["version"] for v in ledger.versions()), default=0)
@@ -136,6 +139,7 @@ class TrainingService:
     async def train_forever(self) -> None:
         b = self.settings.batch_prompts
         async with trio.open_nursery() as nursery:
+            self._evaluate_if_due(self.version, nursery)  # the starting point of the curve
             while self.max_steps is None or self.step < self.max_steps:
                 version = self._made + 1
                 min_version = version - self.spec.limits.max_staleness
@@ -187,6 +191,7 @@ class TrainingService:
         self.step, self._made = n, version
         if n % self.settings.publish_every == 0:
             await self.ensure_published(version)
+            self._evaluate_if_due(version, nursery)
         if n % self.checkpoint_every == 0:
             await self._checkpoint(n, version, nursery)
             metrics["checkpoint_blocking_s"] = self.checkpoint_blocking_s
@@ -198,6 +203,12 @@ class TrainingService:
             len(chosen),
             metrics["step_time_s"],
         )
+
+    def _evaluate_if_due(self, version: int, nursery: trio.Nursery) -> None:
+        """Start an evaluation of published `version` beside training (trainer/evaluating.py):
+        it loads the published weights itself, so it shares nothing with the steps."""
+        if self.evaluator is not None:
+            self.evaluator.start_if_due(version, nursery)
 
     async def _checkpoint(self, n: int, version: int, nursery: trio.Nursery) -> None:
         """Stage a checkpoint of step `n` and let it be written while training goes on; the

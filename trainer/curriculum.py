@@ -1,0 +1,124 @@
+"""Difficulty-aware leasing: prompts that teach nothing are handed out less often.
+
+A group whose samples all earn the same reward (every sample solved, or none) has zero
+advantage everywhere and trains nothing. Each prompt's estimate is read from the ledger's
+accepted groups only (validated work; a node cannot talk a prompt out of rotation without
+doing the work): its `WINDOW` most recent groups. A prompt is *settled* when it has that many
+and all their samples earned one reward (for 0/1 rewards: pass rate 0 or 1).
+
+A settled prompt drawn for a lease is kept with probability `KEEP`, so its estimate can still
+change as the policy does; otherwise the draw moves on to the next prompt. The coin is a hash
+of (pool seed, prompt index, the prompt's draw counter, the lease slot's draw), never
+`random`: anyone holding the ledger can replay every decision. The slot's draw is in the hash
+because the draw counter advances only when a prompt is handed out; on its own it would give
+a skipped prompt the same coin at every later draw, and skip it for good.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import blake3
+
+WINDOW = 2
+"""Recent accepted groups per prompt an estimate reads."""
+KEEP = 0.2
+"""Chance that a settled prompt is leased when drawn: about one draw in five."""
+PAGE = 5000
+"""Groups read from the ledger per query."""
+
+AcceptedReader = Callable[[int, int], list[tuple[int, int, list[float]]]]
+"""`Ledger.accepted_rewards_since(after, limit)`: (group id, prompt index, rewards) of the
+accepted groups with ids above `after`, oldest first."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A prompt's recent record: samples, how many earned the full reward, and whether every
+    sample earned the same reward."""
+
+    samples: int
+    solved: int
+    groups: int
+    flat: bool
+
+    @property
+    def pass_rate(self) -> float:
+        return self.solved / self.samples if self.samples else 0.0
+
+
+class Curriculum:
+    """Per-prompt estimates from accepted groups, and the rule that thins out settled prompts."""
+
+    def __init__(
+        self, pool_seed: int, full_reward: float = 1.0, window: int = WINDOW, keep: float = KEEP
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"the window must hold at least one group, not {window}")
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"the keep probability must be in (0, 1], not {keep}")
+        self.pool_seed = pool_seed
+        self.full_reward = full_reward
+        self.window = window
+        self.keep_probability = keep
+        self._recent: dict[int, deque[list[float]]] = {}
+        self.last_group = 0
+        """The newest group id read from the ledger."""
+
+    def add(self, group_id: int, prompt_index: int, rewards: list[float]) -> None:
+        """One accepted group, in id order."""
+        self._recent.setdefault(prompt_index, deque(maxlen=self.window)).append(rewards)
+        self.last_group = max(self.last_group, group_id)
+
+    def refresh(self, read: AcceptedReader) -> int:
+        """Read the groups accepted since the last call; returns how many."""
+        n = 0
+        while True:
+            rows = read(self.last_group, PAGE)
+            for group_id, prompt_index, rewards in rows:
+                self.add(group_id, prompt_index, rewards)
+            n += len(rows)
+            if len(rows) < PAGE:
+                return n
+
+    def estimate(self, prompt_index: int) -> Estimate | None:
+        groups = self._recent.get(prompt_index)
+        if not groups:
+            return None
+        rewards = [r for g in groups for r in g]
+        solved = sum(r >= self.full_reward - 1e-9 for r in rewards)
+        flat = max(rewards) - min(rewards) <= 1e-9
+        return Estimate(len(rewards), solved, len(groups), flat)
+
+    def settled(self, prompt_index: int) -> bool:
+        e = self.estimate(prompt_index)
+        return e is not None and e.groups >= self.window and e.flat
+
+    def keep(self, prompt_index: int, draws: int, slot_draw: int) -> bool:
+        """Whether a draw that landed on `prompt_index` leases it: always for an unsettled
+        prompt; for a settled one when its coin falls under the keep probability."""
+        if not self.settled(prompt_index):
+            return True
+        return coin(self.pool_seed, prompt_index, draws, slot_draw) < self.keep_probability
+
+    def counts(self) -> dict[str, int]:
+        """Prompts with an estimate, and how many of them are settled solved or unsolved."""
+        out = {"estimated": 0, "settled_solved": 0, "settled_unsolved": 0}
+        for p in self._recent:
+            out["estimated"] += 1
+            e = self.estimate(p)
+            if e is not None and self.settled(p):
+                out["settled_solved" if e.solved else "settled_unsolved"] += 1
+        return out
+
+
+def coin(pool_seed: int, prompt_index: int, draws: int, slot_draw: int) -> float:
+    """A uniform number in [0, 1) from blake3(b"curriculum", pool seed, prompt, draws, slot
+    draw), each packed big-endian as 8 bytes (the seed signed)."""
+    digest = blake3.blake3(
+        b"curriculum" + struct.pack(">qQQQ", pool_seed, prompt_index, draws, slot_draw)
+    ).digest(8)
+    return int.from_bytes(digest, "big") / 2.0**64
