@@ -8,15 +8,18 @@ import trio
 from shardcast.traffic import CountServed, ServedBytes
 from trainer.dashboard.limits import RateLimiter, client_key
 from trainer.dashboard.series import (
+    OFF_POLICY_KEYS,
     SampleLog,
     accuracy_by_step,
     check_of,
+    eval_series,
     minute_buckets,
     read_samples,
     step_series,
     tail_lines,
     verdict_key,
 )
+from trainer.metrics import EVALS_FILE, RunLog
 
 
 def test_minute_buckets_fill_gaps_and_split_by_check():
@@ -145,3 +148,54 @@ def test_served_bytes_are_counted_by_version_and_client():
     assert snap["total"] == 246 and snap["requests"] == 2
     assert snap["by_version"] == {"7": 123}
     assert snap["by_client"] == {"10.0.0.2": 123, "10.0.0.3": 123}
+
+
+def test_step_series_carries_the_off_policy_statistics_a_step_has():
+    steps = [
+        {"step": 1, "finished_at": 1.0, "metrics": {"staleness_mean": 0.5, "mismatch_kl": 0.01}},
+        {"step": 2, "finished_at": 2.0, "metrics": {"tis_weight_mean": 0.9}},
+    ]
+    a, b = step_series(steps, [], has_accuracy=False)
+    assert a["staleness_mean"] == 0.5 and a["mismatch_kl"] == 0.01 and a["tis_weight_mean"] is None
+    assert b["tis_weight_mean"] == 0.9 and b["icepop_masked_frac"] is None
+    assert all(k in a and k in b for k in OFF_POLICY_KEYS)
+
+
+def test_eval_series_orders_versions_and_keeps_the_newest_record_of_each():
+    records = [
+        {"version": 4, "time": 5.0, "eval_accuracy": 0.5, "eval_k": 4.0, "eval_pass@k": 0.75},
+        {"version": 0, "time": 1.0, "eval_accuracy": 0.0},
+        {"version": 4, "time": 9.0, "eval_accuracy": 0.25},  # re-evaluated after a restart
+        {"time": 3.0, "eval_accuracy": 1.0},  # no version: not a point
+        {"version": "2", "eval_accuracy": 1.0},
+    ]
+    out = eval_series(records)
+    assert [p["version"] for p in out] == [0, 4]
+    assert out[1] == {
+        "version": 4,
+        "time": 9.0,
+        "k": None,
+        "eval_accuracy": 0.25,
+        "eval_pass@1": None,
+        "eval_pass@k": None,
+    }
+    assert out[0]["eval_pass@1"] is None and eval_series([]) == []
+
+
+def test_the_timeline_serves_the_run_logs_evaluations(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tests.trainer.test_api_view import FakeOperator, FakeView
+    from trainer.api import create_api
+
+    view = FakeView(tmp_path)
+    client = TestClient(create_api(view, FakeOperator(), None))
+    assert client.get("/api/timeline").json()["evals"] == []  # no evaluation yet: no file
+    log = RunLog(tmp_path)
+    log.evaluated(0, {"eval_accuracy": 0.0, "eval_pass@1": 0.1, "eval_pass@k": 0.3, "eval_k": 4})
+    log.evaluated(2, {"eval_accuracy": 0.5})
+    assert (tmp_path / EVALS_FILE).exists()
+    body = TestClient(create_api(view, FakeOperator(), None)).get("/api/timeline").json()
+    assert [(p["version"], p["eval_accuracy"]) for p in body["evals"]] == [(0, 0.0), (2, 0.5)]
+    assert body["evals"][0]["eval_pass@k"] == 0.3 and body["evals"][0]["k"] == 4
+    assert body["steps"][0]["mismatch_kl"] is None  # a step without the statistic

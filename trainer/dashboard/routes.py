@@ -19,11 +19,15 @@ from pydantic import BaseModel, Field
 from trainer.dashboard.limits import MAX_NEW_TOKENS, MAX_WAITING, RateLimiter, client_key
 from trainer.dashboard.rows import NodeIndex, Recent, node_json, parse_json, verdict_json
 from trainer.dashboard.series import (
+    EVAL_BYTES,
     SampleLog,
+    eval_series,
     minute_buckets,
+    read_samples,
     step_series,
     verdict_key,
 )
+from trainer.metrics import EVALS_FILE
 from trainer.view import PoolView, RelayStatus
 
 VERDICT_WINDOW = 5000
@@ -50,18 +54,23 @@ def create_router(
     ledger = view.ledger
     steps = Recent(lambda: ledger.steps(0), CACHE_S)
     window = Recent(lambda: ledger.recent_submissions(VERDICT_WINDOW), CACHE_S)
+    # The run log writes its evaluations next to the sample log (trainer/metrics.py).
+    evals_path = view.samples_path.parent / EVALS_FILE
+    evals = Recent(lambda: eval_series(read_samples(evals_path, EVAL_BYTES)), CACHE_S)
     limiter = RateLimiter()
     one_at_a_time = anyio.CapacityLimiter(1)
 
     @router.get("/timeline")
     def timeline(bucket: float = Query(60.0, ge=5.0, le=3600.0)) -> dict[str, Any]:
         """Chart series: one point per training step (reward, accuracy where the task has
-        one, tokens/s, staleness) and per `bucket` seconds of validation (verdict counts,
-        latency)."""
+        one, tokens/s, staleness and the other off-policy statistics), per evaluated version
+        (held-out accuracy, pass@1, pass@k) and per `bucket` seconds of validation (verdict
+        counts, latency)."""
         acc = view.info.has_accuracy
         return {
             "has_accuracy": acc,
             "steps": step_series(steps.get(), samples.records() if acc else [], acc),
+            "evals": evals.get(),
             "bucket": bucket,
             "minutes": minute_buckets(window.get(), bucket),
             "time": time.time(),

@@ -15,6 +15,17 @@ ACCURACY_FUNCS = ("exact_numeric", "math_verify_reward")
 TAIL_BYTES = 4 << 20
 """The most of the sample log one read takes (its end): about ten thousand samples."""
 MAX_BUCKETS = 2000
+OFF_POLICY_KEYS = (
+    "staleness_mean",
+    "staleness_max",
+    "tis_weight_mean",
+    "icepop_masked_frac",
+    "mismatch_kl",
+)
+"""Off-policy statistics a step's metrics may hold (trainer/loss.py): charted where present."""
+EVAL_KEYS = ("eval_accuracy", "eval_pass@1", "eval_pass@k")
+EVAL_BYTES = 1 << 20
+"""The most of the evaluation log one read takes: thousands of evaluations."""
 
 
 def tail_lines(path: Path, max_bytes: int = TAIL_BYTES) -> list[bytes]:
@@ -99,11 +110,25 @@ def step_series(
                 # those feeding step n were logged at step n - 1.
                 "accuracy": acc.get(s["step"] - 1),
                 "tokens_per_s": m.get("tokens_per_s"),
-                "staleness_mean": m.get("staleness_mean"),
-                "staleness_max": m.get("staleness_max"),
+                **{k: m.get(k) for k in OFF_POLICY_KEYS},
             }
         )
     return out
+
+
+def eval_series(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per evaluated version, in version order (the newest record of a version
+    re-evaluated after a restart wins); records without a version are skipped."""
+    by_version: dict[int, dict[str, Any]] = {}
+    for r in records:
+        if isinstance(r.get("version"), int):
+            by_version[r["version"]] = {
+                "version": r["version"],
+                "time": r.get("time"),
+                "k": r.get("eval_k"),
+                **{k: r.get(k) for k in EVAL_KEYS},
+            }
+    return [by_version[v] for v in sorted(by_version)]
 
 
 def check_of(v: dict[str, Any]) -> str:

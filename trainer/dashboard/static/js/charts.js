@@ -1,4 +1,5 @@
-// Time-series charts drawn by uPlot (vendored, MIT); x is unix seconds, shown in local time.
+// Charts drawn by uPlot (vendored, MIT); x is unix seconds, shown in local time, unless the
+// chart is made with { xTime: false } (then x is a plain number, e.g. a weight version).
 
 const COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"];
 
@@ -8,7 +9,7 @@ export function colour(i) {
 
 export class TimeChart {
   // labels: series names (y columns), in order.
-  constructor(container, title, labels, { id, yLabel } = {}) {
+  constructor(container, title, labels, { id, yLabel, xTime = true } = {}) {
     this.box = document.createElement("div");
     this.box.className = "chart";
     if (id) this.box.dataset.chart = id;
@@ -19,6 +20,7 @@ export class TimeChart {
     container.append(this.box);
     this.labels = labels;
     this.yLabel = yLabel;
+    this.xTime = xTime;
     this.plot = null;
     this.resize = new ResizeObserver(() => this.plot && this.plot.setSize(this.size()));
     this.resize.observe(this.box);
@@ -51,7 +53,7 @@ export class TimeChart {
         ...labels.map((label, i) => ({ label, stroke: colour(i), width: 2, points: { size: 5 }, spanGaps: true })),
       ],
       axes: [{}, { label: this.yLabel, size: 56 }],
-      scales: { x: { time: true } },
+      scales: { x: { time: this.xTime } },
       legend: { live: true },
     };
     this.plot = new uPlot(opts, data, this.body);

@@ -9,6 +9,19 @@ export function bucketFor(seconds) {
 
 const col = (rows, key) => rows.map((r) => r[key] ?? null);
 
+// Off-policy statistics beside staleness (its own chart): each drawn only when steps carry it.
+const OFF_POLICY = [
+  ["tis_weight_mean", "TIS weight"],
+  ["icepop_masked_frac", "masked fraction"],
+  ["mismatch_kl", "mismatch KL"],
+];
+
+// Columns of the keys some row holds, and their labels: [[ys...], [labels...]].
+export function present(rows, keys) {
+  const shown = keys.filter(([key]) => rows.some((r) => r[key] != null));
+  return [shown.map(([key]) => col(rows, key)), shown.map(([, label]) => label)];
+}
+
 export function mount(root) {
   const cards = el("div.cards");
   const charts = el("div.charts");
@@ -18,6 +31,8 @@ export function mount(root) {
     tps: new TimeChart(charts, "Trainer tokens/s", ["tokens/s"], { id: "tokens" }),
     rate: new TimeChart(charts, "Submissions per minute", ["accepted", "rejected"], { id: "submissions" }),
     stale: new TimeChart(charts, "Staleness (versions)", ["mean", "max"], { id: "staleness" }),
+    offPolicy: new TimeChart(charts, "Off-policy correction", [], { id: "offpolicy" }),
+    evals: new TimeChart(charts, "Held-out evaluation by weight version", [], { id: "eval", xTime: false }),
     latency: new TimeChart(charts, "Validation latency (s)", ["mean", "max"], { id: "latency" }),
   };
   let span = 0;
@@ -48,6 +63,13 @@ export function mount(root) {
     else c.reward.set([xs, col(steps, "reward_mean")]);
     c.tps.set([xs, col(steps, "tokens_per_s")]);
     c.stale.set([xs, col(steps, "staleness_mean"), col(steps, "staleness_max")]);
+    const [offYs, offLabels] = present(steps, OFF_POLICY);
+    c.offPolicy.set(offLabels.length ? [xs, ...offYs] : [[]], offLabels);
+    const ev = t.evals || [];
+    const k = ev.length ? ev[ev.length - 1].k : null;
+    const evalKeys = [["eval_accuracy", "greedy accuracy"], ["eval_pass@1", "pass@1"], ["eval_pass@k", k ? `pass@${k}` : "pass@k"]];
+    const [evYs, evLabels] = present(ev, evalKeys);
+    c.evals.set(evLabels.length ? [col(ev, "version"), ...evYs] : [[]], evLabels);
     // The newest bucket is still filling: rate it over the time it has covered so far.
     const perMin = (b) => 60 / Math.max(1, Math.min(t.bucket, t.time - b.time));
     const mx = col(m, "time");
