@@ -2,31 +2,40 @@
 
 Checks 1 and 2 (envelope and lease) run when the submission arrives, before the ledger records
 it; what reaches here is signed by a joined node and answers one of its open leases. The order
-is cheap first: staleness and structure need no model; then one prefill per submission feeds
-the TOPLOC, sampling and logprob checks; rewards are computed last, from the coordinator's own
-copy of the prompt and the task's reference columns.
+is cheap first: staleness and structure need no model; then a padded prefill, shared by every
+submission of the batch that claims the same version, feeds the TOPLOC, sampling and logprob
+checks; rewards are computed last, from the coordinator's own copy of the prompt and the task's
+reference columns.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import torch
 from transformers import PreTrainedModel
 
 import toploc
-from protocol.messages import Submission
+from protocol.envelope import Envelope
+from protocol.messages import Completion, Lease, Submission
 from protocol.poolspec import PoolSpec
+from protocol.wire import decode
 from toploc import capture_hf
 from toploc.sampling import SamplingParams
 from trainer.rewards import score
 from trainer.tasks import Task
 
 Outcome = Literal["accept", "soft", "hard"]
+_T = TypeVar("_T")
+
+MAX_PREFILL_BYTES = 1 << 30
+"""Logits one batched prefill may hold (rows x longest completion x vocabulary x dtype size);
+a single rollout is prefilled whatever its size."""
 
 
 class GroupPayload(msgspec.Struct, frozen=True):
@@ -71,6 +80,44 @@ class LeaseView:
     sampling: SamplingParams
 
 
+@dataclass(frozen=True)
+class Job:
+    """A recorded submission as the ledger holds it: plain data, so a worker process can take
+    it (the decoding happens where the validation does)."""
+
+    submission_id: int
+    raw: bytes
+    """The signed envelope, as received."""
+    lease_tasks: list[dict[str, Any]]
+    lease_body: bytes
+    """The lease as signed and sent to the node."""
+
+
+@dataclass
+class Checked:
+    verdict: Verdict
+    version: int
+    """The weight version the submission claims."""
+    seconds: float
+    """What validating it cost: its own checks plus its tokens' share of the batch's prefill."""
+
+
+@dataclass
+class _Row:
+    """One rollout of a batch: which item, task and sample it is."""
+
+    item: int
+    task: int
+    sample: int
+    completion: Completion
+    prompt_ids: list[int]
+
+    @property
+    def tokens(self) -> int:
+        """Prefilled positions: prompt + completion - 1."""
+        return len(self.prompt_ids) + len(self.completion.tokens) - 1
+
+
 class Validator:
     def __init__(
         self,
@@ -80,6 +127,7 @@ class Validator:
         model_for_version: Callable[[int], PreTrainedModel | None],
         vocab_size: int,
         pad_token_id: int,
+        max_prefill_bytes: int = MAX_PREFILL_BYTES,
     ) -> None:
         self.spec = spec
         self.task = task
@@ -87,6 +135,7 @@ class Validator:
         self.model_for_version = model_for_version
         self.vocab_size = vocab_size
         self.pad_token_id = pad_token_id
+        self.max_prefill_bytes = max_prefill_bytes
         v = spec.verification
         self.thresholds = toploc.Thresholds(
             max_exp_mismatches=v.toploc_max_exp_mismatches,
@@ -95,28 +144,143 @@ class Validator:
         )
 
     def validate(self, submission: Submission, lease: LeaseView, current_version: int) -> Verdict:
-        if verdict := self._staleness(submission, lease, current_version):
-            return verdict
-        if verdict := self._structure(submission, lease):
-            return verdict
-        model = self.model_for_version(submission.weight_version)
-        if model is None:
-            return Verdict(
-                "soft",
-                f"weights of version {submission.weight_version} are no longer held",
-                "staleness",
+        """One submission's verdict (`validate_batch` of one)."""
+        return self.validate_batch([(submission, lease)], current_version)[0][0]
+
+    def validate_jobs(
+        self, jobs: Sequence[Job], sampling: SamplingParams, current_version: int
+    ) -> list[Checked]:
+        """Verdicts on recorded submissions (one per job, in order), batched."""
+        items = []
+        for job in jobs:
+            env = decode(job.raw, Envelope, max_bytes=len(job.raw))
+            submission = decode(env.body, Submission)
+            signed = msgspec.msgpack.decode(job.lease_body, type=Lease)  # what the node was sent
+            view = LeaseView(
+                tasks=job.lease_tasks, min_version=signed.min_version, sampling=sampling
             )
-        rollouts = [
-            (task_result.task_index, j, completion)
-            for task_result in submission.results
-            for j, completion in enumerate(task_result.completions)
+            items.append((submission, view))
+        verdicts = self.validate_batch(items, current_version)
+        return [
+            Checked(verdict, submission.weight_version, seconds)
+            for (verdict, seconds), (submission, _) in zip(verdicts, items, strict=True)
         ]
-        prompts = [lease.tasks[t]["prompt_ids"] for t, _, _ in rollouts]
-        recomputed = capture_hf.prefill(
-            model, prompts, [c.tokens for _, _, c in rollouts], pad_token_id=self.pad_token_id
-        )
+
+    def validate_batch(
+        self, items: Sequence[tuple[Submission, LeaseView]], current_version: int
+    ) -> list[tuple[Verdict, float]]:
+        """Verdicts and the seconds each cost, for several submissions: the model-free checks
+        one by one, then one padded prefill per version over every rollout that passed them
+        (split only where the logits would outgrow `max_prefill_bytes`). A submission's
+        verdict does not depend on what it was batched with: the checks read only its own
+        rows, and padding changes them by far less than the tolerances (tests compare)."""
+        verdicts: list[Verdict | None] = []
+        seconds = [0.0] * len(items)
+        by_version: dict[int, list[int]] = {}
+        for i, (submission, lease) in enumerate(items):
+            t0 = time.perf_counter()
+            verdict = self._staleness(submission, lease, current_version) or self._structure(
+                submission, lease
+            )
+            seconds[i] += time.perf_counter() - t0
+            verdicts.append(verdict)
+            if verdict is None:
+                by_version.setdefault(submission.weight_version, []).append(i)
+        for version, members in by_version.items():
+            t0 = time.perf_counter()
+            model = self.model_for_version(version)
+            if model is None:
+                for i in members:
+                    verdicts[i] = Verdict(
+                        "soft", f"weights of version {version} are no longer held", "staleness"
+                    )
+                continue
+            rows = {
+                i: [
+                    _Row(i, t.task_index, j, c, items[i][1].tasks[t.task_index]["prompt_ids"])
+                    for t in items[i][0].results
+                    for j, c in enumerate(t.completions)
+                ]
+                for i in members
+            }
+            loaded = time.perf_counter() - t0
+            total = sum(r.tokens for i in members for r in rows[i])
+            for i in members:  # loading the version is shared like the prefill: by tokens
+                seconds[i] += loaded * sum(r.tokens for r in rows[i]) / total
+            for group in self._groups(members, rows, model.dtype.itemsize):
+                # Recomputed logits are held only for one group of submissions at a time.
+                prefills = iter(self._prefill(model, [r for i in group for r in rows[i]], seconds))
+                for i in group:
+                    t0 = time.perf_counter()
+                    mine = [(r, next(prefills)) for r in rows[i]]
+                    verdicts[i] = self._check(items[i][0], items[i][1], mine)
+                    seconds[i] += time.perf_counter() - t0
+        return [(_decided(v), s) for v, s in zip(verdicts, seconds, strict=True)]
+
+    def _logit_bytes(self, rows: list[_Row], itemsize: int) -> int:
+        """Rows x longest completion x vocabulary: what a padded prefill of `rows` returns."""
+        return len(rows) * max(len(r.completion.tokens) for r in rows) * self.vocab_size * itemsize
+
+    def _groups(
+        self, members: list[int], rows: dict[int, list[_Row]], itemsize: int
+    ) -> list[list[int]]:
+        """Consecutive submissions whose logits fit `max_prefill_bytes` together (a larger one
+        on its own)."""
+        groups: list[list[int]] = []
+        for i in members:
+            joined = [r for j in groups[-1] for r in rows[j]] + rows[i] if groups else []
+            if joined and self._logit_bytes(joined, itemsize) <= self.max_prefill_bytes:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def _prefill(
+        self,
+        model: PreTrainedModel,
+        rows: list[_Row],
+        seconds: list[float],
+    ) -> list[capture_hf.Prefill]:
+        """Prefills of `rows` (in their order), in padded batches of similar lengths; each
+        batch's seconds go to its rows' submissions in proportion to their tokens."""
+        order = sorted(range(len(rows)), key=lambda k: rows[k].tokens)
+        itemsize = model.dtype.itemsize
+        out: list[capture_hf.Prefill | None] = [None] * len(rows)
+        start = 0
+        while start < len(order):
+            end = start + 1  # the batch grows while its logits fit
+            while end < len(order) and (
+                self._logit_bytes([rows[k] for k in order[start : end + 1]], itemsize)
+                <= self.max_prefill_bytes
+            ):
+                end += 1
+            part = order[start:end]
+            t0 = time.perf_counter()
+            done = capture_hf.prefill(
+                model,
+                [rows[k].prompt_ids for k in part],
+                [rows[k].completion.tokens for k in part],
+                pad_token_id=self.pad_token_id,
+            )
+            spent = time.perf_counter() - t0
+            total = sum(rows[k].tokens for k in part)
+            for k, pre in zip(part, done, strict=True):
+                out[k] = pre
+                seconds[rows[k].item] += spent * rows[k].tokens / total
+            start = end
+        return [_decided(p) for p in out]
+
+    def _check(
+        self,
+        submission: Submission,
+        lease: LeaseView,
+        rollouts: list[tuple[_Row, capture_hf.Prefill]],
+    ) -> Verdict:
+        """TOPLOC, sampling, termination and logprobs of each rollout in order (the first
+        failure decides), then rewards."""
         recomputed_logprobs: dict[tuple[int, int], list[float]] = {}
-        for (t, j, completion), pre in zip(rollouts, recomputed, strict=True):
+        for row, pre in rollouts:
+            t, j, completion = row.task, row.sample, row.completion
             where = {"task": t, "sample": j}
             chunks = toploc.verify_proofs(
                 pre.hidden, list(completion.proofs), thresholds=self.thresholds
@@ -279,6 +443,13 @@ class Validator:
         return AcceptedGroup(
             r.task_index, spec_task["prompt_index"], version, totals, per_func, texts, payload
         )
+
+
+def _decided(x: _T | None) -> _T:
+    """Every slot is filled by the time this is called; a None is a bug here, not bad input."""
+    if x is None:
+        raise RuntimeError("validator bug: an item was left without a result")
+    return x
 
 
 def _num(x: float) -> float | None:

@@ -12,7 +12,7 @@ from toploc import capture_hf
 from toploc.models import eos_token_ids, load_model
 from toploc.sampling import SamplingParams
 from trainer.tasks import make_task
-from trainer.validator import LeaseView, Validator
+from trainer.validator import Job, LeaseView, Validator
 
 G = 4
 
@@ -184,3 +184,117 @@ def test_wrong_finish_reason_fails(world, good):
     flipped = "length" if c.finish_reason == "stop" else "stop"
     verdict = validator.validate(edit(good, finish_reason=flipped), lease, 1)
     assert (verdict.outcome, verdict.check) == ("hard", "termination")
+
+
+# ---------------------------------------------------------------- batches of submissions
+
+
+def _summary(verdict):
+    """What must not depend on batching: the outcome, the deciding check, where it failed."""
+    where = {k: verdict.details.get(k) for k in ("task", "sample", "chunk")}
+    return verdict.outcome, verdict.check, where
+
+
+@pytest.fixture(scope="module")
+def mixed(world, good):
+    """Honest and tampered submissions, each kind the serial tests cover."""
+    _, tok, lease, _ = world
+    c = good.results[0].completions[1]
+    tokens = list(c.tokens)
+    tokens[0] = (tokens[0] + 7) % 50 + 5
+    flipped = "length" if good.results[0].completions[0].finish_reason == "stop" else "stop"
+    return [
+        good,
+        edit(good, j=1, tokens=tokens),
+        edit(good, t=1, logprobs=[x * 0.5 for x in good.results[1].completions[0].logprobs]),
+        edit(good, finish_reason=flipped),
+        msgspec.structs.replace(good, weight_version=0),  # same weights, a second version
+        edit(good, proofs=[]),  # malformed: never prefilled
+        msgspec.structs.replace(good, weight_version=2),  # not held
+        honest(load_model("tiny", init_seed=7)[0], tok, lease),  # other weights
+    ]
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = capture_hf.prefill
+
+    def prefill(model, prompts, completions, pad_token_id=0):
+        calls.append(len(prompts))
+        return real(model, prompts, completions, pad_token_id=pad_token_id)
+
+    monkeypatch.setattr(capture_hf, "prefill", prefill)
+    return calls
+
+
+def test_a_batch_gives_the_serial_verdicts_with_one_prefill_per_version(world, mixed, monkeypatch):
+    *_, lease, validator = world
+    serial = [validator.validate(s, lease, current_version=2) for s in mixed]
+    outcomes = ["accept", "hard", "hard", "hard", "accept", "hard", "soft", "hard"]
+    assert [v.outcome for v in serial] == outcomes
+    calls = _counting(monkeypatch)
+    batched = validator.validate_batch([(s, lease) for s in mixed], current_version=2)
+    assert [_summary(v) for v, _ in batched] == [_summary(v) for v in serial]
+    # version 1: five submissions reach the prefill (honest, three tampered, other weights;
+    # the malformed one does not), 2 x G rows each, in one batch; version 0: one submission;
+    # version 2 is not held.
+    assert calls == [5 * 2 * G, 2 * G]
+    assert all(s > 0 for _, s in batched)
+    for (b, _), s in zip(batched, serial, strict=True):
+        for gb, gs in zip(b.groups, s.groups, strict=True):
+            assert gb.rewards == gs.rewards and gb.payload.tokens == gs.payload.tokens
+            for x, y in zip(gb.payload.logprobs, gs.payload.logprobs, strict=True):
+                assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5)
+
+
+@pytest.mark.parametrize("budget_rows, expected", [(0, [1] * 3 * 2 * G), (4 * G, [4 * G, 2 * G])])
+def test_a_prefill_budget_splits_the_batch_without_changing_verdicts(
+    world, mixed, monkeypatch, budget_rows, expected
+):
+    # The first three submissions have the same lengths (a token or logprobs changed), so the
+    # budget counts rows of the longest completion: none (every rollout is prefilled alone),
+    # or two submissions' worth (the first two share a prefill, the third gets its own).
+    _, tok, lease, validator = world
+    longest = max(len(c.tokens) for r in mixed[0].results for c in r.completions)
+    small = Validator(
+        validator.spec,
+        validator.task,
+        tok,
+        validator.model_for_version,
+        len(tok),
+        tok.pad_token_id,
+        max_prefill_bytes=max(1, budget_rows * longest * len(tok) * 4),  # fp32 logits
+    )
+    serial = [validator.validate(s, lease, current_version=2) for s in mixed[:3]]
+    calls = _counting(monkeypatch)
+    batched = small.validate_batch([(s, lease) for s in mixed[:3]], current_version=2)
+    assert calls == expected
+    assert [_summary(v) for v, _ in batched] == [_summary(v) for v in serial]
+
+
+def test_jobs_decode_the_recorded_envelope_and_lease(world, good):
+    *_, lease, validator = world
+    from protocol.envelope import seal
+    from protocol.identity import Identity
+
+    signed = messages.Lease(
+        lease_id=1,
+        node=bytes(32),
+        counter=0,
+        weight_version=1,
+        min_version=0,
+        tasks=[messages.LeaseTask(**t) for t in lease.tasks],
+        sampling=messages.SamplingWire(
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=lease.sampling.max_tokens,
+            eos_token_ids=list(lease.sampling.eos_token_ids),
+        ),
+        deadline_ms=0,
+    )
+    job = Job(
+        7, seal(Identity.generate(), "pool", good), lease.tasks, msgspec.msgpack.encode(signed)
+    )
+    (checked,) = validator.validate_jobs([job], lease.sampling, current_version=2)
+    assert (checked.verdict.outcome, checked.version) == ("accept", 1) and checked.seconds > 0
