@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import toploc
+from node.engine import offline_lease
 from protocol import messages, poolspec
+from protocol.envelope import seal
+from protocol.identity import Identity
 from toploc import capture_hf
 from toploc.models import eos_token_ids, load_model
 from toploc.sampling import SamplingParams
@@ -274,24 +277,12 @@ def test_a_prefill_budget_splits_the_batch_without_changing_verdicts(
 
 def test_jobs_decode_the_recorded_envelope_and_lease(world, good):
     *_, lease, validator = world
-    from protocol.envelope import seal
-    from protocol.identity import Identity
-
-    signed = messages.Lease(
-        lease_id=1,
-        node=bytes(32),
-        counter=0,
-        weight_version=1,
-        min_version=0,
-        tasks=[messages.LeaseTask(**t) for t in lease.tasks],
-        sampling=messages.SamplingWire(
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=lease.sampling.max_tokens,
-            eos_token_ids=list(lease.sampling.eos_token_ids),
-        ),
-        deadline_ms=0,
+    # The ledger's copy of the tasks is what counts; the signed lease gives min_version.
+    signed = offline_lease(
+        [t["prompt_ids"] for t in lease.tasks],
+        group_size=G,
+        max_new_tokens=lease.sampling.max_tokens,
+        eos_token_ids=list(lease.sampling.eos_token_ids),
     )
     job = Job(
         7, seal(Identity.generate(), "pool", good), lease.tasks, msgspec.msgpack.encode(signed)
