@@ -233,6 +233,29 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", type=Path, help="also write the JSON here")
     ev.set_defaults(run=_eval)
 
+    cur = sub.add_parser(
+        "curate",
+        help="keep the prompts a model solves sometimes, not always or never",
+        description="Sample N completions of each prompt with the model (seeded) and write "
+        "the prompts it solves sometimes but not always, each with its pass rate, as JSONL "
+        "(a dataset for `coordinator init --dataset`). Prints a JSON summary.",
+        parents=[flags],
+    )
+    cur.add_argument("--model", required=True, help="preset, HF folder or HF id")
+    cur.add_argument("--task", required=True)
+    cur.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="task option"
+    )
+    cur.add_argument("--seed", type=int, default=0, help="task and sampling seed")
+    cur.add_argument("--split", default="train", choices=["train", "test"])
+    cur.add_argument("--limit", type=int, help="curate the first N prompts")
+    cur.add_argument("--n", type=int, default=8, help="samples per prompt (default: 8)")
+    cur.add_argument("--temperature", type=float, default=1.0)
+    cur.add_argument("--max-new-tokens", type=int, default=32)
+    cur.add_argument("--dtype", default="float32")
+    cur.add_argument("-o", "--output", type=Path, required=True, help="JSONL file to write")
+    cur.set_defaults(run=_curate)
+
     keygen = sub.add_parser(
         "keygen", help="create the coordinator's ed25519 signing key", parents=[flags]
     )
@@ -430,6 +453,42 @@ def _eval(args: argparse.Namespace) -> int:
     print(text)
     if args.output:
         args.output.write_text(text + "\n")
+    return 0
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from toploc.models import load_model
+    from toploc.sampling import SamplingParams
+    from trainer.curate import CurateError, check_samples, curate, write_jsonl
+    from trainer.tasks import make_task
+
+    try:
+        check_samples(args.n)  # before the model loads: a refusal should be quick
+    except CurateError as e:
+        raise SwarmError(str(e)) from None
+    if args.temperature <= 0:
+        raise SwarmError("curating samples: the temperature must be above 0")
+    if args.limit is not None and args.limit < 1:
+        raise SwarmError(f"--limit must be at least 1, not {args.limit}")
+    task = make_task(args.task, args.seed, apply_overrides({}, args.option))
+    model, tok = load_model(args.model, args.dtype)
+    try:
+        curated = curate(
+            model,
+            tok,
+            task,
+            args.n,
+            SamplingParams(temperature=args.temperature),
+            args.max_new_tokens,
+            args.split,
+            args.limit,
+            args.seed,
+            progress=True,
+        )
+    except CurateError as e:
+        raise SwarmError(str(e)) from None
+    write_jsonl(curated.rows, args.output)
+    print(json.dumps({"model": args.model, "n": args.n, **curated.summary()}, indent=2))
     return 0
 
 

@@ -53,10 +53,7 @@ def evaluate(
     rows = len(examples) * (1 if k == 1 else 1 + k)
     bar = tqdm(total=rows, desc=f"eval {task.name}/{split}", disable=not progress, unit="sample")
     scorer = _Scorer(model, tokenizer, task, batch_size, bar)
-    prompts = [
-        tokenizer(task.render(e, tokenizer), add_special_tokens=False)["input_ids"]
-        for e in examples
-    ]
+    prompts = _encode(task, tokenizer, examples)
     texts, rewards = scorer.run(examples, prompts, greedy, [0] * len(examples), [0] * len(examples))
     correct = [scorer.correct(r) for r in rewards]
     result: dict[str, Any] = {
@@ -68,30 +65,12 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
     }
     if k > 1:
-        base = sampling or SamplingParams()
-        params = SamplingParams(
-            temperature=base.temperature,
-            top_k=base.top_k,
-            top_p=base.top_p,
-            max_tokens=max_new_tokens,
-            eos_token_ids=eos,
-        )
-        seeds = [sample_seed(seed, i) for i in range(len(examples))]
-        _, sampled = scorer.run(
-            [e for e in examples for _ in range(k)],
-            [p for p in prompts for _ in range(k)],
-            params,
-            [s for s in seeds for _ in range(k)],
-            list(range(k)) * len(examples),
-        )
-        counts = [
-            (k, sum(scorer.correct(r) for r in sampled[i * k : (i + 1) * k]))
-            for i in range(len(examples))
-        ]
+        solved = _count_solved(scorer, examples, prompts, k, sampling, max_new_tokens, seed)
+        counts = [(k, c) for c in solved]
         result.update(
             {
                 "k": k,
-                "temperature": params.temperature,
+                "temperature": (sampling or SamplingParams()).temperature,
                 "pass@1": mean_pass_at_k(counts, 1),
                 "pass@k": mean_pass_at_k(counts, k),
             }
@@ -102,6 +81,66 @@ def evaluate(
         for e, t, r in zip(examples[:SHOWN], texts, rewards, strict=False)
     ]
     return result
+
+
+def solved_per_prompt(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    n: int,
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[int]:
+    """For each example, how many of `n` seeded samples earn the task's full reward."""
+    bar = tqdm(total=len(examples) * n, desc=task.name, disable=not progress, unit="sample")
+    scorer = _Scorer(model, tokenizer, task, batch_size, bar)
+    solved = _count_solved(
+        scorer, examples, _encode(task, tokenizer, examples), n, sampling, max_new_tokens, seed
+    )
+    bar.close()
+    return solved
+
+
+def _count_solved(
+    scorer: _Scorer,
+    examples: Sequence[Example],
+    prompts: Sequence[list[int]],
+    n: int,
+    sampling: SamplingParams | None,
+    max_new_tokens: int,
+    seed: int,
+) -> list[int]:
+    """Per example, the samples of `n` (sample i under the example's seed) that are right."""
+    base = sampling or SamplingParams()
+    params = SamplingParams(
+        temperature=base.temperature,
+        top_k=base.top_k,
+        top_p=base.top_p,
+        max_tokens=max_new_tokens,
+        eos_token_ids=tuple(eos_token_ids(scorer.model, scorer.tokenizer)),
+    )
+    seeds = [sample_seed(seed, i) for i in range(len(examples))]
+    _, rewards = scorer.run(
+        [e for e in examples for _ in range(n)],
+        [p for p in prompts for _ in range(n)],
+        params,
+        [s for s in seeds for _ in range(n)],
+        list(range(n)) * len(examples),
+    )
+    return [
+        sum(scorer.correct(r) for r in rewards[i * n : (i + 1) * n]) for i in range(len(examples))
+    ]
+
+
+def _encode(task: Task, tokenizer: Any, examples: Sequence[Example]) -> list[list[int]]:
+    return [
+        tokenizer(task.render(e, tokenizer), add_special_tokens=False)["input_ids"]
+        for e in examples
+    ]
 
 
 def sample_seed(seed: int, prompt_index: int) -> int:

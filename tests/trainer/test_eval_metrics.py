@@ -113,3 +113,14 @@ def test_in_run_evaluation_loads_the_published_version_and_logs_it(tmp_path):
     text = log.prometheus().decode()
     assert "swarmrl_eval_version 2.0" in text and "swarmrl_eval_pass_at_k" in text
     assert service.running is None
+
+
+def test_the_eval_command_reports_pass_at_k(tmp_path, capsys):
+    from trainer.cli import main
+
+    args = ["eval", "--model", "tiny", "--task", "copy", "--option", "digits=2", "--limit", "2"]
+    out = tmp_path / "eval.json"
+    assert main([*args, "--max-new-tokens", "2", "--k", "3", "--output", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["k"] == 3 and got["n"] == 2 and {"pass@1", "pass@k", "accuracy"} <= set(got)
+    assert main([*args, "--k", "0"]) == 2 and "--k" in capsys.readouterr().err
