@@ -91,6 +91,9 @@ class TrainerSection(Section):
     ledger only once it is on disk, so a crash re-queues their groups."""
     checkpoint_keep: Count = 2
     """Checkpoints kept on disk."""
+    validators: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    """Validator worker processes (trainer.validator_pool); 0 or 1 validates in a thread of the
+    coordinator."""
     eval_every: Annotated[int, msgspec.Meta(ge=0)] = 0
     """Evaluate every N published versions, in a worker thread, on the held-out split:
     greedy accuracy, pass@1 and pass@k into the run log; 0 turns it off."""
