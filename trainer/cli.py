@@ -212,23 +212,9 @@ def _parser() -> argparse.ArgumentParser:
         "pass@k of k seeded samples per prompt (unbiased estimator). Prints JSON.",
         parents=[flags],
     )
-    ev.add_argument(
-        "--model", required=True, help="preset, HF folder (e.g. a version folder) or HF id"
-    )
-    ev.add_argument("--task", required=True)
-    ev.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="task option"
-    )
-    ev.add_argument("--seed", type=int, default=0, help="task seed (the pool's `seed`)")
-    ev.add_argument("--split", default="test", choices=["test", "train"])
-    ev.add_argument("--limit", type=int, help="evaluate the first N prompts")
-    ev.add_argument("--max-new-tokens", type=int, default=32)
-    ev.add_argument("--dtype", default="float32")
+    _model_task_flags(ev, split="test")
     ev.add_argument(
         "--k", type=int, default=1, help="samples per prompt for pass@k (default: 1, greedy only)"
-    )
-    ev.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature for --k above 1"
     )
     ev.add_argument("--output", type=Path, help="also write the JSON here")
     ev.set_defaults(run=_eval)
@@ -241,18 +227,8 @@ def _parser() -> argparse.ArgumentParser:
         "(a dataset for `coordinator init --dataset`). Prints a JSON summary.",
         parents=[flags],
     )
-    cur.add_argument("--model", required=True, help="preset, HF folder or HF id")
-    cur.add_argument("--task", required=True)
-    cur.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="task option"
-    )
-    cur.add_argument("--seed", type=int, default=0, help="task and sampling seed")
-    cur.add_argument("--split", default="train", choices=["train", "test"])
-    cur.add_argument("--limit", type=int, help="curate the first N prompts")
+    _model_task_flags(cur, split="train")
     cur.add_argument("--n", type=int, default=8, help="samples per prompt (default: 8)")
-    cur.add_argument("--temperature", type=float, default=1.0)
-    cur.add_argument("--max-new-tokens", type=int, default=32)
-    cur.add_argument("--dtype", default="float32")
     cur.add_argument("-o", "--output", type=Path, required=True, help="JSONL file to write")
     cur.set_defaults(run=_curate)
 
@@ -268,6 +244,19 @@ def _parser() -> argparse.ArgumentParser:
     pid.add_argument("spec", type=Path, help="pool spec TOML")
     pid.set_defaults(run=_pool_id)
     return parser
+
+
+def _model_task_flags(p: argparse.ArgumentParser, split: str) -> None:
+    """The model, the task and how to sample it: what `eval` and `curate` share."""
+    p.add_argument("--model", required=True, help="preset, HF folder (e.g. a version) or HF id")
+    p.add_argument("--task", required=True)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option")
+    p.add_argument("--seed", type=int, default=0, help="task and sampling seed (the pool's)")
+    p.add_argument("--split", default=split, choices=["test", "train"])
+    p.add_argument("--limit", type=int, help="the first N prompts only")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0, help="for sampled completions")
+    p.add_argument("--dtype", default="float32")
 
 
 def _init(args: argparse.Namespace) -> int:
