@@ -124,3 +124,34 @@ def test_the_eval_command_reports_pass_at_k(tmp_path, capsys):
     got = json.loads(out.read_text())
     assert got["k"] == 3 and got["n"] == 2 and {"pass@1", "pass@k", "accuracy"} <= set(got)
     assert main([*args, "--k", "0"]) == 2 and "--k" in capsys.readouterr().err
+
+
+def test_the_coordinator_evaluates_its_published_version_when_training_starts(tmp_path):
+    from protocol import poolspec
+    from protocol.identity import Identity
+    from trainer.config import TrainerConfig, TrainerSection
+    from trainer.coordinator import Coordinator, RunOptions
+
+    key = Identity.generate()
+    spec = poolspec.from_dict(
+        {
+            "name": "t",
+            "coordinator": {"public_key": key.public_key.hex()},
+            "model": {"name": "tiny", "dtype": "float32"},
+            "task": {"name": "copy", "options": {"digits": 2}},
+            "sampling": {"group_size": 2, "max_new_tokens": 2},
+        }
+    )
+    config = TrainerConfig(trainer=TrainerSection(eval_every=1, eval_prompts=3, eval_k=2))
+    coord = Coordinator(spec, key, RunOptions(data_dir=tmp_path, max_steps=0), config)
+
+    async def main():
+        await coord.training.ensure_published(0)
+        await coord.training.train_forever()  # no steps to take: only the starting evaluation
+
+    try:
+        trio.run(main)
+    finally:
+        coord.close()
+    (row,) = [json.loads(line) for line in (tmp_path / "logs" / EVALS_FILE).open()]
+    assert row["version"] == 0 and row["eval_prompts"] == 3 and row["eval_k"] == 2
