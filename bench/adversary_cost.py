@@ -4,12 +4,15 @@
                                    [--attacker-cpu 0.5]
 
 One pool on this machine, built with `examples/swarm.py`'s machinery (its tiny-digits preset): a
-coordinator and honest nodes training throughout. Phases in one run: an attack-free baseline,
+coordinator and honest nodes training throughout (at a learning rate of ~0, so every phase sees
+the same policy). Phases in one run: an attack-free baseline,
 one phase per identity count, and a second baseline. Each phase is a fixed window, over which
 the bench measures
 
     coordinator CPU   utime + stime of the coordinator process (/proc/PID/stat), per minute
     honest steps      training steps committed (/api/status), per minute
+    honest work       submissions of the honest nodes accepted, per minute (/api/contributions)
+    newcomer          seconds an honest newcomer takes to discover the coordinator, mid-window
     identities        keys of the attacker the coordinator admitted, banned, and the prefill
                       seconds it spent on them (/api/contributions)
 
@@ -48,6 +51,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 from swarm import Proc, Swarm  # noqa: E402
 
 HONEST_NODES = 2
+STAGGER_S = 0.2
 
 
 # ---------------------------------------------------------------------- the attacker process
@@ -58,14 +62,22 @@ async def sybil_slot(
 ) -> None:
     """One identity at a time, forever: join, answer every lease with junk, and after a ban
     start over under a fresh key."""
+    import trio
+
     from protocol.discovery import discover
+    from protocol.errors import SwarmError
     from protocol.host import Host
     from protocol.identity import Identity
 
     while True:
         identity = Identity.generate()
         async with Host.open(identity, pool, ["/ip4/127.0.0.1/tcp/0"]) as host:
-            location = await discover(host, [bootstrap])
+            try:
+                location = await discover(host, [bootstrap])
+            except SwarmError as e:
+                counts[f"discover:error:{type(e).__name__}"] += 1
+                await trio.sleep(rng.uniform(0, 1))
+                continue
             counts["keys"] += 1
             await junk_until_banned(host, location, identity, vocab, counts, rng)
 
@@ -140,11 +152,12 @@ async def request(host: Any, addr: str, protocol_id: str, message: Any, reply_ty
     return (await host.request(addr, protocol_id, message, reply_type, timeout_s=30.0)).message
 
 
-def hold_cpu_share(share: float, started: float) -> None:
-    """Pause the whole process (a blocking sleep) until its CPU time is back within `share`
-    of one core since `started`: the cap that keeps the attacker's own work off the honest
-    nodes' cores the same in every phase."""
-    over = time.process_time() - share * (time.monotonic() - started)
+def hold_cpu_share(share: float, started: tuple[float, float]) -> None:
+    """Pause the whole process (a blocking sleep) until the CPU time it used since `started`
+    (monotonic and process time then) is back within `share` of one core: the cap that keeps
+    the attacker's own work off the honest nodes' cores the same in every phase."""
+    wall0, cpu0 = started
+    over = time.process_time() - cpu0 - share * (time.monotonic() - wall0)
     if over > 0:
         time.sleep(over / share)
 
@@ -155,7 +168,7 @@ def flood(args: argparse.Namespace) -> int:
 
     config = json.loads((Path(args.model) / "config.json").read_text())
     counts: Counter[str] = Counter()
-    started = time.monotonic()
+    started = (time.monotonic(), time.process_time())
 
     async def cap() -> None:
         while True:
@@ -165,14 +178,20 @@ def flood(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cap)
+            nursery.start_soon(write_stats)
             for i in range(args.n):
                 rng = random.Random(i)
                 nursery.start_soon(
                     sybil_slot, args.pool, args.bootstrap, config["vocab_size"], counts, rng
                 )
-            while True:
-                await trio.sleep(2.0)
-                Path(args.stats).write_text(json.dumps(counts))
+                # Staggered: a hundred libp2p handshakes at once under the CPU cap would all
+                # time out together and keep doing so.
+                await trio.sleep(STAGGER_S)
+
+    async def write_stats() -> None:
+        while True:
+            await trio.sleep(2.0)
+            Path(args.stats).write_text(json.dumps(counts))
 
     trio.run(main)
     return 0
@@ -180,7 +199,7 @@ def flood(args: argparse.Namespace) -> int:
 
 def burn(args: argparse.Namespace) -> int:
     """The baselines' null load: busy work under the attacker's CPU cap, and nothing else."""
-    started, x = time.monotonic(), 0
+    started, x = (time.monotonic(), time.process_time()), 0
     while True:
         for _ in range(20_000):
             x = (x * 31 + 7) % 1_000_003
@@ -213,28 +232,64 @@ def wait_for_step(swarm: Swarm, step: int, timeout_s: float = 300.0) -> None:
     raise SystemExit(f"the pool did not reach step {step} in {timeout_s:.0f} s")
 
 
-def wait_until_flooding(stats: Path, timeout_s: float = 180.0) -> None:
-    """The window starts once the attacker has a key in play: its start-up (imports, at nice
-    19 on a busy machine) would otherwise eat the window."""
+def wait_until_flooding(stats: Path, timeout_s: float = 180.0) -> bool:
+    """The window starts once the attacker has a key in play: its start-up would otherwise
+    eat the window. False when it got none in play in time (the window is measured anyway)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if stats.exists() and json.loads(stats.read_text()).get("keys", 0) > 0:
-            return
+            return True
         time.sleep(1.0)
-    raise SystemExit(f"the attacker put no key in play within {timeout_s:.0f} s")
+    return False
 
 
-def measure(swarm: Swarm, window_s: float, known: set[str]) -> dict[str, Any]:
-    """One window: coordinator CPU and honest steps per minute; the identities that appeared."""
+def newcomer_discovery_s(swarm: Swarm) -> float | None:
+    """Seconds an honest newcomer (a fresh key, outside the attacker's CPU cap) takes to find
+    the coordinator now; None when it could not within 30 s. Sybils must not lock it out."""
+    import trio
+
+    from protocol.discovery import discover
+    from protocol.errors import SwarmError
+    from protocol.host import Host
+    from protocol.identity import Identity
+
+    async def once() -> float | None:
+        t0 = time.monotonic()
+        async with Host.open(Identity.generate(), swarm.pool_id, ["/ip4/127.0.0.1/tcp/0"]) as h:
+            try:
+                await discover(h, [swarm.bootstrap], timeout_s=30.0)
+            except SwarmError:
+                return None
+        return round(time.monotonic() - t0, 2)
+
+    return trio.run(once)
+
+
+def honest_work(rows: list[dict[str, Any]] | None, honest: set[str]) -> tuple[int, int]:
+    """Accepted submissions and verified tokens of the honest nodes so far."""
+    mine = [r for r in rows or [] if r["key"] in honest]
+    return sum(r["accepted"] for r in mine), sum(r["verified_tokens"] for r in mine)
+
+
+def measure(swarm: Swarm, window_s: float, known: set[str], honest: set[str]) -> dict[str, Any]:
+    """One window: coordinator CPU, honest steps and honest accepted work per minute; the
+    identities that appeared."""
     pid = swarm.proc("coordinator").popen.pid
     cpu0, step0, t0 = cpu_seconds(pid), swarm.status()["step"], time.monotonic()
-    time.sleep(window_s)
+    work0 = honest_work(contributions(swarm), honest)
+    time.sleep(window_s / 2)
+    discovery_s = newcomer_discovery_s(swarm)
+    time.sleep(max(0.0, t0 + window_s - time.monotonic()))
     cpu1, step1, minutes = cpu_seconds(pid), swarm.status()["step"], (time.monotonic() - t0) / 60
+    rows = contributions(swarm)
+    work1 = honest_work(rows, honest)
     row: dict[str, Any] = {
         "coordinator_cpu_s_per_min": round((cpu1 - cpu0) / minutes, 2),
         "honest_steps_per_min": round((step1 - step0) / minutes, 2),
+        "honest_accepted_per_min": round((work1[0] - work0[0]) / minutes, 1),
+        "honest_tokens_per_min": round((work1[1] - work0[1]) / minutes),
+        "newcomer_discovery_s": discovery_s,
     }
-    rows = contributions(swarm)
     if rows is not None:
         new = [r for r in rows if r["key"] not in known]
         row |= {
@@ -259,7 +314,8 @@ def attack(swarm: Swarm, n: int, cpu: float) -> Proc:
 
 def null_load(swarm: Swarm, cpu: float, name: str) -> Proc:
     cmd = [sys.executable, str(Path(__file__).resolve()), "burn", "--cpu", str(cpu)]
-    return start(swarm, Proc(name, "load", cmd, swarm.logs / f"{name}.log"))
+    # role "byzantine": stopped first, with the attackers, and never counted as honest
+    return start(swarm, Proc(name, "byzantine", cmd, swarm.logs / f"{name}.log"))
 
 
 def start(swarm: Swarm, proc: Proc) -> Proc:
@@ -268,17 +324,23 @@ def start(swarm: Swarm, proc: Proc) -> Proc:
     return proc
 
 
-def baseline(swarm: Swarm, args: argparse.Namespace, known: set[str], name: str) -> dict:
+def baseline(
+    swarm: Swarm, args: argparse.Namespace, known: set[str], honest: set[str], name: str
+) -> dict:
     swarm.say(f"{name}: {args.window_s:.0f} s without attack (null load at {args.attacker_cpu})")
     load = null_load(swarm, args.attacker_cpu, name)
-    row = {"identities": 0, "phase": name, **measure(swarm, args.window_s, known)}
+    row = {"identities": 0, "phase": name, **measure(swarm, args.window_s, known, honest)}
     load.stop()
     return row
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # A learning rate of ~0 keeps the policy (and so the share of all-equal groups, which are
+    # not trained) the same in every phase: a learning pool trains fewer groups per accepted
+    # submission as it masters the task, which would read as the attack's damage.
+    frozen = ["algorithm.lr=1e-12"]
     swarm_args = argparse.Namespace(
-        model="tiny-digits", task=None, set=[], relays=0, dashboard_port=None, steps=100_000
+        model="tiny-digits", task=None, set=frozen, relays=0, dashboard_port=None, steps=100_000
     )
     swarm = Swarm(swarm_args, Path(tempfile.mkdtemp(prefix="swarmrl-adversary-")).resolve())
     try:
@@ -289,18 +351,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wait_for_step(swarm, 2)  # nodes have joined and the pool trains
         honest = {p.key for p in swarm.procs if p.role == "honest"}
         known = set(honest)
-        rows = [baseline(swarm, args, known, "baseline")]
+        rows = [baseline(swarm, args, known, honest, "baseline")]
         for n in args.identities:
             swarm.say(f"attack: {n} sybil identities flooding junk for {args.window_s:.0f} s")
             proc = attack(swarm, n, args.attacker_cpu)
             stats = swarm.logs / f"flood-{n}.json"
-            wait_until_flooding(stats)
-            row = {"identities": n, "phase": "attack", **measure(swarm, args.window_s, known)}
+            if not wait_until_flooding(stats):
+                swarm.say("the attacker put no key in play in 180 s; measuring anyway")
+            row = {
+                "identities": n,
+                "phase": "attack",
+                **measure(swarm, args.window_s, known, honest),
+            }
             proc.stop()
             row["attacker"] = json.loads(stats.read_text())
             rows.append(row)
             swarm.say(json.dumps(row))
-        rows.append(baseline(swarm, args, known, "baseline-after"))
+        rows.append(baseline(swarm, args, known, honest, "baseline-after"))
     finally:
         swarm.stop_all()
         for p in swarm.procs:
@@ -340,15 +407,16 @@ def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\n{'phase':>15}{'identities':>11}{'coord CPU s/min':>17}{'extra/identity':>16}"
-          f"{'honest steps/min':>18}{'vs base':>9}{'admitted':>10}{'banned':>8}"
-          f"{'prefill s':>11}")  # fmt: skip
+    print(f"\n{'phase':>15}{'ids':>5}{'coord CPU s/min':>16}{'extra/id':>10}"
+          f"{'steps/min':>10}{'vs base':>8}{'honest acc/min':>15}{'newcomer s':>11}"
+          f"{'admitted':>9}{'banned':>7}{'prefill s':>10}")  # fmt: skip
     for r in result["rows"]:
-        print(f"{r['phase']:>15}{r['identities']:>11}{r['coordinator_cpu_s_per_min']:>17.2f}"
-              f"{r.get('extra_cpu_s_per_min_per_identity', ''):>16}"
-              f"{r['honest_steps_per_min']:>18.2f}{r.get('honest_rate_vs_baseline', ''):>9}"
-              f"{r.get('identities_admitted', '-'):>10}{r.get('identities_banned', '-'):>8}"
-              f"{r.get('prefill_s', '-'):>11}")  # fmt: skip
+        print(f"{r['phase']:>15}{r['identities']:>5}{r['coordinator_cpu_s_per_min']:>16.2f}"
+              f"{r.get('extra_cpu_s_per_min_per_identity', ''):>10}"
+              f"{r['honest_steps_per_min']:>10.2f}{r.get('honest_rate_vs_baseline', ''):>8}"
+              f"{r['honest_accepted_per_min']:>15}{r['newcomer_discovery_s'] or 'failed':>11}"
+              f"{r.get('identities_admitted', '-'):>9}{r.get('identities_banned', '-'):>7}"
+              f"{r.get('prefill_s', '-'):>10}")  # fmt: skip
     print(
         "goals: " + ", ".join(f"{k} {'OK' if v else 'MISSED'}" for k, v in result["goals"].items())
     )
