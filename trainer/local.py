@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toploc.capture_hf import generate
 from toploc.models import eos_token_ids, load_model, resolve_dtype
@@ -21,7 +22,7 @@ from trainer.config import AlgorithmSection
 from trainer.evaluate import evaluate
 from trainer.grpo import GRPOTrainer, Sample, TrainGroup
 from trainer.rewards import score
-from trainer.tasks import make_task
+from trainer.tasks import Example, Task, make_task
 
 
 def train_locally(
@@ -62,39 +63,11 @@ def train_locally(
         max_steps is None or step < max_steps
     ):
         examples = rng.sample(task.train, cfg["prompts"])
-        prompts = [
-            tok(task.render(e, tok), add_special_tokens=False)["input_ids"] for e in examples
-        ]
-        g = cfg["group"]
-        # Generation runs on the weights nodes would hold: the pool dtype.
-        model.eval()
         tg = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            rollouts = generate(
-                model,
-                [p for p in prompts for _ in range(g)],
-                params,
-                [rng.getrandbits(62) for _ in range(len(prompts) * g)],
-                sample_indices=[i % g for i in range(len(prompts) * g)],
-                pad_token_id=tok.pad_token_id,
-                capture=False,
-            )
+        groups, rewards = sample_groups(
+            model, tok, task, examples, params, dtype, rng, cfg["group"], step, algorithm
+        )
         gen_s += time.perf_counter() - tg
-        groups, rewards = [], []
-        for i, e in enumerate(examples):
-            rs = rollouts[i * g : (i + 1) * g]
-            texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in rs]
-            totals, _ = score(
-                task.rewards, [e.prompt] * g, texts, {k: [v] * g for k, v in e.columns.items()}
-            )
-            samples = [
-                Sample(r.prompt_ids, r.completion_ids, r.logprobs, r.finish_reason == "length")
-                for r in rs
-            ]
-            rewards.append(totals)
-            scored = algorithm.score(totals)
-            if scored.dropped is None:
-                groups.append(TrainGroup(samples, totals, scored.advantages, step, i))
         if groups:
             result = trainer.step(algorithm.batch(groups), step)
             train_s += result.metrics["step_time_s"]
@@ -133,3 +106,49 @@ def train_locally(
         "curve": curve,
         "examples_after": after["examples"][:3],
     }
+
+
+def sample_groups(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    task: Task,
+    examples: list[Example],
+    params: SamplingParams,
+    dtype: torch.dtype,
+    rng: random.Random,
+    group: int,
+    version: int,
+    algorithm: GroupAlgorithm,
+) -> tuple[list[TrainGroup], list[list[float]]]:
+    """`group` seeded samples of each example from `model` in the pool dtype, scored as the
+    coordinator scores them: the groups that train (tagged with weight `version`) and every
+    group's rewards."""
+    prompts = [tok(task.render(e, tok), add_special_tokens=False)["input_ids"] for e in examples]
+    # Generation runs on the weights nodes would hold: the pool dtype.
+    model.eval()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        rollouts = generate(
+            model,
+            [p for p in prompts for _ in range(group)],
+            params,
+            [rng.getrandbits(62) for _ in range(len(prompts) * group)],
+            sample_indices=[i % group for i in range(len(prompts) * group)],
+            pad_token_id=tok.pad_token_id,
+            capture=False,
+        )
+    groups, rewards = [], []
+    for i, e in enumerate(examples):
+        rs = rollouts[i * group : (i + 1) * group]
+        texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in rs]
+        totals, _ = score(
+            task.rewards, [e.prompt] * group, texts, {k: [v] * group for k, v in e.columns.items()}
+        )
+        samples = [
+            Sample(r.prompt_ids, r.completion_ids, r.logprobs, r.finish_reason == "length")
+            for r in rs
+        ]
+        rewards.append(totals)
+        scored = algorithm.score(totals)
+        if scored.dropped is None:
+            groups.append(TrainGroup(samples, totals, scored.advantages, version, i))
+    return groups, rewards
