@@ -55,6 +55,7 @@ from trainer.submissions import SubmissionService
 from trainer.tasks import Example, make_task
 from trainer.training import Trainer, TrainingService
 from trainer.validator import Validator
+from trainer.validator_pool import validator_pool
 from trainer.view import Endpoints, PoolInfo, Progress, RelayStatus
 
 log = logging.getLogger("swarmrl.coordinator")
@@ -212,6 +213,9 @@ class Coordinator:
             progress,
             on_accept=self.training.wake,
             on_ban=self.relays.forget,
+            pool=validator_pool(
+                self.config.trainer.validators, validator, self.policy, self.sampling
+            ),
         )
 
     # ------------------------------------------------------------------ lifecycle

@@ -1,10 +1,13 @@
 """Submissions: receive, queue in order of trust, validate, record verdicts.
 
 A submission is recorded the moment it answers its lease (so nothing accepted is ever lost),
-then validated by a worker thread. The queue serves trusted nodes first; work of newcomers, and
-of nodes that have cost more prefill than their accepted work justifies, waits for a shared
-per-minute budget (trainer.admission), so junk cannot delay honest verdicts. A banned node's
-queued submissions are dropped unvalidated by the ledger.
+then validated by a worker thread, or by validator worker processes (trainer.validator_pool),
+one lane per worker. The queue serves trusted nodes first; work of newcomers, and of nodes that
+have cost more prefill than their accepted work justifies, waits for a shared per-minute budget
+(trainer.admission), so junk cannot delay honest verdicts. A lane validates what is queued
+already in batches (one padded prefill per version) of one trust tier, with at most one
+submission per newcomer, so one cheat's ban never comes after a prefill of its other work. A
+banned node's queued submissions are dropped unvalidated by the ledger.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +34,21 @@ from trainer.algorithm import GroupAlgorithm
 from trainer.ledger import Decision, LeaseAnswered, LeaseClosed, Ledger, LedgerError, NewGroup
 from trainer.metrics import RunLog
 from trainer.tasks import Task
-from trainer.validator import LeaseView, Validator, Verdict
+from trainer.validator import Checked, Job, Validator, Verdict
+from trainer.validator_pool import ValidatorPool, WorkerLost
 from trainer.view import Progress
 
 log = logging.getLogger("swarmrl.submissions")
 
 # Transport refusals that prove something about the sender; rate limits and timeouts do not.
 PROVING_REFUSALS = ("bad_request", "too_large")
+
+BATCH_SUBMISSIONS = 8
+"""Submissions one lane validates together, of those queued already (batching never waits)."""
+MAX_LOSSES = 2
+"""A submission validated alone whose worker died this many times is not tried again (soft)."""
+
+Validate = Callable[[list[Job], int], Awaitable[list[Checked]]]
 
 
 @dataclass(order=True, frozen=True)
@@ -62,15 +73,23 @@ class ValidationQueue:
 
     async def pop(self) -> _Queued:
         while not self._heap:
-            self._arrived = trio.Event()
-            await self._arrived.wait()
+            await self._next_arrival().wait()
         return heapq.heappop(self._heap)
+
+    def pop_nowait(self) -> _Queued | None:
+        return heapq.heappop(self._heap) if self._heap else None
 
     async def wait_for_arrival(self, timeout_s: float) -> None:
         """Sleep up to `timeout_s`, waking early when something new is queued."""
-        self._arrived = trio.Event()
         with trio.move_on_after(timeout_s):
-            await self._arrived.wait()
+            await self._next_arrival().wait()
+
+    def _next_arrival(self) -> trio.Event:
+        # One event for every waiter (one lane per validator worker): replacing an unset one
+        # would leave the lanes waiting on it asleep for good.
+        if self._arrived.is_set():
+            self._arrived = trio.Event()
+        return self._arrived
 
 
 class SubmissionService:
@@ -87,7 +106,10 @@ class SubmissionService:
         progress: Callable[[], Progress],
         on_accept: Callable[[], None],
         on_ban: Callable[[bytes], None],
+        pool: ValidatorPool | None = None,
+        batch: int = BATCH_SUBMISSIONS,
     ) -> None:
+        """`pool`: validate in its worker processes; None validates in a thread here."""
         self.spec = spec
         self.ledger = ledger
         self.admission = admission
@@ -99,7 +121,11 @@ class SubmissionService:
         self._progress = progress
         self._on_accept = on_accept
         self._on_ban = on_ban
+        self.pool = pool
+        self.batch = batch
         self.queue = ValidationQueue()
+        self._losses: dict[int, int] = {}
+        """Submission id -> how many workers died while holding it."""
 
     def requeue_pending(self) -> None:
         """After a restart: submissions received but not decided go back in the queue."""
@@ -183,30 +209,110 @@ class SubmissionService:
     # ------------------------------------------------------------------ validating
 
     async def validate_forever(self) -> None:
-        while True:
-            item = await self.queue.pop()
-            row = self.ledger.submission(item.submission_id)
-            if row is None or row["outcome"] is not None:
-                continue  # decided already (e.g. dropped when its node was banned)
-            shared = self.admission.tier(row["node"]) > 0
-            if shared:
-                wait = self.admission.probation_check_wait(time.time())
-                if wait > 0:
-                    # Out of newcomers' budget: back in line, and trusted work that arrives
-                    # meanwhile goes first.
-                    self.queue.push(item.submission_id, 1)
-                    await self.queue.wait_for_arrival(wait)
-                    continue
-            seconds = await self._validate_one(row)
-            if shared:
-                self.admission.charge_probation(seconds, time.time())
+        if self.pool is None:
+            await self._lane(None, self._in_process)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                for worker in self.pool.workers:
+                    nursery.start_soon(self._lane, worker.start, worker.validate)
+        finally:
+            self.pool.close()
 
-    async def _validate_one(self, row: dict[str, Any]) -> float:
-        """Validate and record; returns the prefill seconds it took."""
-        t0 = time.perf_counter()
-        version = self._progress().version
-        verdict, submission = await trio.to_thread.run_sync(self._validate, row, version)
-        seconds = time.perf_counter() - t0
+    async def _lane(self, ready: Callable[[], Awaitable[None]] | None, run: Validate) -> None:
+        while True:
+            if ready is not None:
+                await ready()  # (re)start the worker before taking work from the queue
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            jobs = [self._job(row) for row in batch]
+            try:
+                checked = await run(jobs, self._progress().version)
+            except WorkerLost as e:
+                log.warning("%s: %d submissions back in the queue", e, len(batch))
+                self._requeue_lost(batch, str(e))
+                continue
+            now = time.time()
+            for row, c in zip(batch, checked, strict=True):
+                self._record(row, c)
+                if row["shared"]:
+                    self.admission.charge_probation(c.seconds, now)
+
+    async def _next_batch(self) -> list[dict[str, Any]]:
+        """Queued submissions to validate together, in trust order: the first, then more of
+        its tier while they are queued already (a submission a worker died holding goes
+        alone). Empty when the first was decided meanwhile or must wait for the budget."""
+        item = await self.queue.pop()
+        row = self._undecided(item.submission_id)
+        if row is None:
+            return []  # decided already (e.g. dropped when its node was banned)
+        shared = row["shared"] = self.admission.tier(row["node"]) > 0
+        if shared:
+            wait = self.admission.probation_check_wait(time.time())
+            if wait > 0:
+                # Out of newcomers' budget: back in line, and trusted work that arrives
+                # meanwhile goes first.
+                self.queue.push(item.submission_id, 1)
+                await self.queue.wait_for_arrival(wait)
+                return []
+        batch = [row]
+        nodes = {row["node"]}
+        while item.submission_id not in self._losses and len(batch) < self.batch:
+            nxt = self.queue.pop_nowait()
+            if nxt is None:
+                break
+            row = self._undecided(nxt.submission_id)
+            if row is None:
+                continue
+            row["shared"] = self.admission.tier(row["node"]) > 0
+            if (
+                row["shared"] != shared
+                or nxt.submission_id in self._losses
+                or (shared and row["node"] in nodes)
+            ):
+                self.queue.push(nxt.submission_id, nxt.tier)
+                break
+            batch.append(row)
+            nodes.add(row["node"])
+        return batch
+
+    def _undecided(self, submission_id: int) -> dict[str, Any] | None:
+        row = self.ledger.submission(submission_id)
+        return row if row is not None and row["outcome"] is None else None
+
+    def _job(self, row: dict[str, Any]) -> Job:
+        lease = self.ledger.lease(row["lease_id"])
+        if lease is None:  # the ledger records a submission only against its lease
+            raise LedgerError(f"submission {row['id']} answers lease {row['lease_id']}, not held")
+        return Job(row["id"], row["raw"], lease["tasks"], lease["body"])
+
+    async def _in_process(self, jobs: list[Job], current: int) -> list[Checked]:
+        return await trio.to_thread.run_sync(self._validate, jobs, current)
+
+    def _validate(self, jobs: list[Job], current: int) -> list[Checked]:
+        with torch.no_grad():
+            return self.validator.validate_jobs(jobs, self.sampling, current)
+
+    def _requeue_lost(self, batch: list[dict[str, Any]], reason: str) -> None:
+        """A worker died holding `batch`: each goes back in line, to be validated alone; one
+        that was alone and lost a worker `MAX_LOSSES` times is decided soft instead."""
+        for row in batch:
+            sid = row["id"]
+            losses = self._losses.get(sid, 0) + 1
+            if len(batch) == 1 and losses >= MAX_LOSSES:
+                verdict = Verdict("soft", f"not validated: its validator died {losses}x", "worker")
+                self._record(row, Checked(verdict, -1, 0.0))
+                continue
+            self._losses[sid] = losses
+            self.queue.push(sid, 1 if row["shared"] else 0)
+
+    def _record(self, row: dict[str, Any], checked: Checked) -> None:
+        """The verdict into the ledger (with its groups, strikes and cost), logs and bans."""
+        self._losses.pop(row["id"], None)
+        if self._undecided(row["id"]) is None:
+            return  # decided while it was validated: its node was banned meanwhile
+        verdict, seconds = checked.verdict, checked.seconds
         groups = [self._accepted_group(g) for g in verdict.groups]
         strikes = PROVEN_CHEAT if verdict.outcome == "hard" else 0.0
         details = {**verdict.details, "check": verdict.check, "seconds": round(seconds, 3)}
@@ -215,22 +321,10 @@ class SubmissionService:
         )
         banned = self.ledger.decide(row["id"], decision, self.admission, time.time())
         self.run_log.verdict(verdict.outcome, verdict.check, seconds)
-        self._log_samples(row, verdict, submission, groups)
+        self._log_samples(row, verdict, checked.version, groups)
         self._note_ban(row["node"], banned)
         if verdict.outcome == "accept":
             self._on_accept()
-        return seconds
-
-    def _validate(self, row: dict[str, Any], current: int) -> tuple[Verdict, msg.Submission | None]:
-        env = decode(row["raw"], Envelope, max_bytes=len(row["raw"]))
-        submission = decode(env.body, msg.Submission)
-        lease = self.ledger.lease(row["lease_id"])
-        signed = msgspec.msgpack.decode(lease["body"], type=msg.Lease)  # what the node was sent
-        view = LeaseView(
-            tasks=lease["tasks"], min_version=signed.min_version, sampling=self.sampling
-        )
-        with torch.no_grad():
-            return self.validator.validate(submission, view, current), submission
 
     def _accepted_group(self, g: Any) -> NewGroup:
         scored = self.algorithm.score(g.rewards)
@@ -258,7 +352,7 @@ class SubmissionService:
         self,
         row: dict[str, Any],
         verdict: Verdict,
-        submission: msg.Submission | None,
+        version: int,
         groups: list[NewGroup],
     ) -> None:
         at = self._progress()
@@ -271,9 +365,7 @@ class SubmissionService:
             "trainer_step": at.step,
         }
         if verdict.outcome != "accept":
-            self.run_log.sample(
-                {**base, "version": submission.weight_version if submission else None}
-            )
+            self.run_log.sample({**base, "version": version if version >= 0 else None})
             return
         for g, stored in zip(verdict.groups, groups, strict=True):
             example = self.task.train[g.prompt_index]
