@@ -888,6 +888,7 @@ class Swarm:
                 "max": max((s["metrics"].get("staleness_max", 0.0) for s in steps), default=None),
                 "dropped_stale_groups": ledger_checks["dropped"].get("stale", 0),
             },
+            "waste": waste(ledger_checks),
             "submissions": dict(Counter(v["outcome"] or "pending" for v in facts["verdicts"])),
             "ledger": ledger_checks,
             "chaos": self.events,
@@ -912,6 +913,19 @@ class Swarm:
         }
         report["ok"] = all(report["checks"].values())
         return report
+
+
+def waste(ledger_checks: dict[str, Any]) -> dict[str, Any]:
+    """Accepted, validated groups that were never trained (all-equal rewards, stale, ...), as
+    a share of the accepted groups that were decided (trained or dropped)."""
+    dropped = sum(ledger_checks["dropped"].values())
+    accepted = ledger_checks["trained"] + dropped
+    return {
+        "accepted": accepted,
+        "dropped": dropped,
+        "share": round(dropped / accepted, 3) if accepted else 0.0,
+        "by_reason": ledger_checks["dropped"],
+    }
 
 
 def _mb(n: int | None) -> str:
@@ -958,6 +972,9 @@ def print_summary(r: dict[str, Any]) -> None:
     s = r["staleness"]
     print(f"staleness: mean {s['mean']}, max {s['max']}, stale groups dropped "
           f"{s['dropped_stale_groups']}")  # fmt: skip
+    w = r["waste"]
+    print(f"wasted: {w['dropped']} of {w['accepted']} accepted groups ({w['share']:.0%}) were "
+          f"never trained: {w['by_reason']}")  # fmt: skip
     led = r["ledger"]
     print(
         f"ledger: {led['trained']} groups trained, {led['pending']} pending, dropped "
