@@ -1,13 +1,19 @@
 """Scale measurements: checkpoints off the critical path, FSDP2 against one process, bytes per
-LoRA version against a full one, peak training memory.
+LoRA version against a full one, peak training memory, validation throughput.
 
     python bench/scale.py --quick --json bench/results/scale-quick.json    # CPU, a few minutes
+    python bench/scale.py --quick --only validation --json bench/results/scale-validation-quick.json
 
 Fields: fsdp_matches_single (2 gloo ranks vs one process, tiny model, 4 steps),
 fsdp_max_diff, lora_version_bytes / full_version_bytes (SmolLM2-135M, rank 8, the pool dtype
 bf16), checkpoint_blocking_s / step_s (SmolLM2-135M, full fine-tuning in fp32, 16 sequences of
 ~66 tokens, a checkpoint after every step: the time a step waits on checkpointing, and the
-step), peak_rss_gib, validations_per_s (not measured yet: null).
+step), peak_rss_gib; validations_per_s {"1": in-process, "2": 2 worker processes}
+(submissions/s, fp32, 16 submissions of 8 rollouts of up to 32 tokens, batches of 4; the tiny
+model with --quick, else SmolLM2-135M), with
+validation_serial_per_s (one submission per prefill), generation_s_per_rollout (the hf engine,
+batched), validation_s_per_rollout and generation_to_validation (how many rollouts one
+validator checks in the time one is generated).
 """
 
 from __future__ import annotations
@@ -22,22 +28,32 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import torch
+import trio
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from node.engine import HFEngine, offline_lease, sampling_params
+from protocol import messages as msg
 from protocol import poolspec
-from toploc.models import SMOLLM2, TINY, load_model
+from protocol.envelope import seal
+from protocol.identity import Identity
+from toploc.models import SMOLLM2, TINY, eos_token_ids, load_model
 from trainer.algorithm import GroupAlgorithm
 from trainer.config import LoraSection, from_dict
 from trainer.grpo import Sample, TrainGroup
 from trainer.learner import build_learner
 from trainer.lora import add_adapters, save_adapters
 from trainer.policy import PolicyStore
+from trainer.tasks import make_task
+from trainer.validator import Job, Validator
+from trainer.validator_pool import ValidatorPool, worker_setup
 
 FSDP_STEPS = 4
 FSDP_ATOL = 2e-5
+SUBMISSIONS, GROUP, NEW_TOKENS, VALIDATION_BATCH, REPEATS = 16, 8, 32, 4, 5
 
 
 def _spec(model: str, dtype: str) -> poolspec.PoolSpec:
@@ -141,11 +157,101 @@ def _rank_program(out: Path) -> None:
         group.stop()
 
 
+def validation_cost(model: str, dtype: str) -> dict[str, object]:
+    """Generation against validation of the same rollouts: the hf engine answers SUBMISSIONS
+    one-prompt leases of GROUP samples; then one validator in this process (serially, and
+    in batches of VALIDATION_BATCH) and 2 worker processes (one lane each, a shared list of
+    batches) validate them, each REPEATS times (the fastest counts). Workers are started
+    before the clock runs."""
+    # One torch thread per process: on a shared 2-core machine a second OpenMP thread made
+    # small matmuls many times slower (tests/conftest.py), which would flatter the workers.
+    torch.set_num_threads(1)
+    spec = _spec(model, dtype)
+    task = make_task("copy", 0, {"digits": 8})
+    with tempfile.TemporaryDirectory() as tmp:
+        base, tok = load_model(model, dtype)
+        store = PolicyStore(Path(tmp) / "weights", dtype, 2, 2)
+        store.export(base, tok, 0)
+        engine = HFEngine(max_batch=GROUP)
+        engine.load(store.folder(0), 0)
+        eos = list(eos_token_ids(base, tok))
+        node, jobs, t0 = Identity.generate(), [], time.perf_counter()
+        for s in range(SUBMISSIONS):
+            ids = tok(task.render(task.train[s], tok), add_special_tokens=False)["input_ids"]
+            lease = offline_lease(
+                [ids], group_size=GROUP, max_new_tokens=NEW_TOKENS, eos_token_ids=eos
+            )
+            lease = msgspec.structs.replace(
+                lease, tasks=[msgspec.structs.replace(lease.tasks[0], prompt_index=s)]
+            )
+            answer = msg.Submission(lease_id=s, weight_version=0, results=engine.generate(lease))
+            tasks = [msgspec.to_builtins(t) for t in lease.tasks]
+            jobs.append(Job(s, seal(node, "bench", answer), tasks, msgspec.msgpack.encode(lease)))
+        rollouts = SUBMISSIONS * GROUP
+        generation = (time.perf_counter() - t0) / rollouts
+        print(f"generated {rollouts} rollouts: {generation:.3f} s each", file=sys.stderr)
+        sampling = sampling_params(lease)
+        validator = Validator(spec, task, tok, store.model, len(tok), tok.pad_token_id)
+        validator.validate_jobs(jobs[:1], sampling, 0)  # load the version once, off the clock
+        batches = [jobs[i : i + VALIDATION_BATCH] for i in range(0, len(jobs), VALIDATION_BATCH)]
+
+        def in_process(batch_list: list[list[Job]]) -> tuple[float, list[str]]:
+            t0 = time.perf_counter()
+            out = [
+                c.verdict.outcome
+                for b in batch_list
+                for c in validator.validate_jobs(b, sampling, 0)
+            ]
+            return time.perf_counter() - t0, out
+
+        # Best of REPEATS: the machine is shared, and the least disturbed run is the cost.
+        serial_s, serial = min(in_process([[j] for j in jobs]) for _ in range(REPEATS))
+        batched_s, batched = min(in_process(batches) for _ in range(REPEATS))
+        print(f"in-process: serial {serial_s:.2f} s, batched {batched_s:.2f} s", file=sys.stderr)
+        pool = ValidatorPool(2, worker_setup(validator, store, sampling, 2))
+        try:
+            pooled_s, pooled = trio.run(_pooled, pool, batches)
+        finally:
+            pool.close()
+    if not serial == batched == pooled == ["accept"] * SUBMISSIONS:
+        raise RuntimeError(f"verdicts differ: {serial} / {batched} / {pooled}")
+    return {
+        "validations_per_s": {"1": SUBMISSIONS / batched_s, "2": SUBMISSIONS / pooled_s},
+        "validation_serial_per_s": SUBMISSIONS / serial_s,
+        "generation_s_per_rollout": generation,
+        "validation_s_per_rollout": batched_s / rollouts,
+        "generation_to_validation": generation / (batched_s / rollouts),
+    }
+
+
+async def _pooled(pool: ValidatorPool, batches: list[list[Job]]) -> tuple[float, list[str]]:
+    async with trio.open_nursery() as nursery:
+        for w in pool.workers:
+            nursery.start_soon(w.start)
+    runs = []
+    for _ in range(REPEATS):
+        todo = list(enumerate(batches))
+        verdicts: dict[int, list[str]] = {}
+
+        async def lane(worker, todo=todo, verdicts=verdicts) -> None:
+            while todo:
+                i, batch = todo.pop(0)
+                verdicts[i] = [c.verdict.outcome for c in await worker.validate(batch, 0)]
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for w in pool.workers:
+                nursery.start_soon(lane, w)
+        runs.append((time.perf_counter() - t0, [v for i in sorted(verdicts) for v in verdicts[i]]))
+    return min(runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the CPU run (a few minutes)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--only", choices=["validation"], help="run one part alone")
     parser.add_argument("--rank-program", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_program:
@@ -153,15 +259,23 @@ def main() -> None:
         return
     torch.manual_seed(0)
     results: dict[str, object] = {"device": args.device}
-    with tempfile.TemporaryDirectory() as tmp:
-        ok, diff = fsdp_matches_single(Path(tmp))
-    results.update(fsdp_matches_single=ok, fsdp_max_diff=diff)
-    results.update(version_bytes(SMOLLM2, "bfloat16", rank=8))
-    # fp32 compute: bf16 autocast on a CPU without bf16 units (AMD EPYC here) is ~12x slower
-    # than fp32, which would hide the checkpoint's share; the checkpoint is fp32 either way.
-    results.update(checkpoint_cost(SMOLLM2, "float32", 3 if args.quick else 6, args.device))
-    results["validations_per_s"] = None
-    results["lora_fraction"] = results["lora_version_bytes"] / results["full_version_bytes"]
+    t0 = time.perf_counter()
+    if args.only is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ok, diff = fsdp_matches_single(Path(tmp))
+        results.update(fsdp_matches_single=ok, fsdp_max_diff=diff)
+        results.update(version_bytes(SMOLLM2, "bfloat16", rank=8))
+        # fp32 compute: bf16 autocast on a CPU without bf16 units (AMD EPYC here) is ~12x
+        # slower than fp32, which would hide the checkpoint's share; the checkpoint is fp32
+        # either way.
+        results.update(checkpoint_cost(SMOLLM2, "float32", 3 if args.quick else 6, args.device))
+        results["lora_fraction"] = results["lora_version_bytes"] / results["full_version_bytes"]
+    # Validation on the CPU whatever --device: the policy store loads versions there. A quick
+    # run uses the tiny model: SmolLM2 generates ~1 s per step on a shared 2-core machine.
+    results["validation_model"] = TINY if args.quick else SMOLLM2
+    results.update(validation_cost(results["validation_model"], "float32"))
+    results["wall_s"] = time.perf_counter() - t0
+    results["load_average"] = os.getloadavg()[0]
     for k, v in results.items():
         print(f"{k:24} {v}")
     if args.json:
