@@ -51,6 +51,7 @@ from trainer.metrics import RunLog
 from trainer.policy import PolicyStore
 from trainer.relays import Checked, RelayDirectory, relay_served
 from trainer.rewards import parse_rewards
+from trainer.sizing import check_fits
 from trainer.submissions import SubmissionService
 from trainer.tasks import Example, make_task
 from trainer.training import Trainer, TrainingService
@@ -110,6 +111,8 @@ class Coordinator:
             parse_rewards(spec.task.rewards, spec.sampling.max_new_tokens),
         )
         if learner is None:
+            ranks = self.config.trainer.trainer_procs
+            check_fits(spec.model.name, self.config.trainer.device, ranks)
             learner = build_learner(spec, self.config, data / "checkpoints")
         data.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(data / "ledger.sqlite")

@@ -13,12 +13,27 @@ table and where each number comes from:
 
 Every value is a starting point written into the pool file, where `--set` or
 `coordinator run --set algorithm.lr=...` changes it.
+
+`coordinator run` also refuses, before loading anything, a model whose full fine-tuning
+cannot fit the trainer's device (`check_fits`), with what to do instead.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
+
+from protocol.errors import SwarmError
+
+TRAINING_BYTES_PER_PARAMETER = 16
+"""Full fine-tuning: fp32 weights, fp32 gradients and two fp32 AdamW moments (docs/scale.md,
+"What fits where"); activations and the staged checkpoint come on top."""
+
+
+class ModelTooLargeError(SwarmError):
+    """The model's training state cannot fit the trainer's device."""
 
 
 @dataclass(frozen=True)
@@ -57,3 +72,65 @@ def defaults_for(parameters: int) -> tuple[SizeClass, dict[str, Any]]:
         "algorithm": {"lr": c.lr, "batch_prompts": c.batch_prompts, "micro_batch": c.micro_batch},
         "limits": {"lease_prompts": c.lease_prompts, "lease_timeout_s": c.lease_timeout_s},
     }
+
+
+def training_bytes(parameters: int, device_type: str, ranks: int) -> int:
+    """What one device holds for full fine-tuning: FSDP2 shards the state over the ranks, one
+    GPU each on CUDA; on a CPU every rank lives in this host's memory."""
+    total = TRAINING_BYTES_PER_PARAMETER * parameters
+    return math.ceil(total / ranks) if device_type == "cuda" else total
+
+
+def refuse_oversized(
+    model: str, parameters: int, device_type: str, ranks: int, available: int
+) -> None:
+    """Raise `ModelTooLargeError`, saying what to do, when the training state of `parameters`
+    needs more than `available` bytes of the device."""
+    need = training_bytes(parameters, device_type, ranks)
+    if need <= available:
+        return
+    gib = 2**30
+    total = TRAINING_BYTES_PER_PARAMETER * parameters
+    if device_type == "cuda":
+        ranks_needed = math.ceil(total / available)
+        fix = (
+            f"run the trainer on {ranks_needed} or more GPUs (--trainer-procs {ranks_needed} "
+            "shards it with FSDP2), use GPUs with more memory, or pick a smaller model"
+        )
+    else:
+        fix = "train on GPUs (--device cuda, --trainer-procs N), or pick a smaller model"
+    raise ModelTooLargeError(
+        f"{model} has {parameters / 1e9:.2f}B parameters: full fine-tuning holds "
+        f"{TRAINING_BYTES_PER_PARAMETER} bytes each (fp32 weights, gradients, AdamW), "
+        f"{need / gib:.1f} GiB per {device_type} device with {ranks} trainer rank(s), and "
+        f"{available / gib:.1f} GiB is free there. To train it, {fix} "
+        '(docs/scale.md, "What fits where").'
+    )
+
+
+def free_memory(device_type: str) -> int:
+    """Bytes free now: on the current GPU, or what this host can still give (MemAvailable:
+    free pages plus caches it can drop)."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass  # not Linux: free pages only
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(model: str, device: str, ranks: int) -> None:
+    """`refuse_oversized` for the pool's model on the configured trainer device, read from
+    the model's config alone (no weights are loaded)."""
+    from toploc.modelinfo import inspect_model
+    from trainer.learner import resolve_device
+
+    device_type = resolve_device(device).type
+    parameters = inspect_model(model).parameters
+    refuse_oversized(model, parameters, device_type, ranks, free_memory(device_type))
