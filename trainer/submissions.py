@@ -301,7 +301,8 @@ class SubmissionService:
             sid = row["id"]
             losses = self._losses.get(sid, 0) + 1
             if len(batch) == 1 and losses >= MAX_LOSSES:
-                verdict = Verdict("soft", f"not validated: its validator died {losses}x", "worker")
+                why = f"not validated: its validator worker was lost {losses} times ({reason})"
+                verdict = Verdict("soft", why[:512], "worker")
                 self._record(row, Checked(verdict, -1, 0.0))
                 continue
             self._losses[sid] = losses

@@ -211,23 +211,23 @@ class _Admission:
         return 0.0
 
 
-def test_a_batch_is_one_tier_one_submission_per_newcomer_and_a_lost_one_alone():
-    a, b, c, n1, n2 = (bytes([i]) * 32 for i in range(5))
-    nodes = {1: a, 2: b, 3: a, 4: c, 5: n1, 6: n1, 7: n2, 8: a, 9: b}
-    service = SubmissionService(
+def _service(nodes: dict[int, bytes], newcomers: set[bytes]) -> SubmissionService:
+    """The queueing part of a submission service: a ledger of undecided rows, two tiers."""
+    return SubmissionService(
         None,
         _Ledger(nodes),
-        _Admission({n1, n2}),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
+        _Admission(newcomers),
+        *[None] * 6,
         on_accept=lambda: None,
         on_ban=lambda _: None,
         batch=3,
     )
+
+
+def test_a_batch_is_one_tier_one_submission_per_newcomer_and_a_lost_one_alone():
+    a, b, c, n1, n2 = (bytes([i]) * 32 for i in range(5))
+    nodes = {1: a, 2: b, 3: a, 4: c, 5: n1, 6: n1, 7: n2, 8: a, 9: b}
+    service = _service(nodes, {n1, n2})
     for sid, node in nodes.items():
         service.queue.push(sid, 1 if node in (n1, n2) else 0)
     service._losses[8] = 1  # a worker died holding 8 once
@@ -242,3 +242,19 @@ def test_a_batch_is_one_tier_one_submission_per_newcomer_and_a_lost_one_alone():
     # first, up to 3 (a node's several together); 8 was lost once, so it goes alone; 9 is
     # the last trusted one; 6 is n1's second, so 5 goes alone; then 6 and 7.
     assert trio.run(batches) == [[1, 2, 3], [4], [8], [9], [5], [6, 7]]
+
+
+def test_a_batch_whose_worker_is_lost_is_requeued_and_one_lost_twice_alone_is_soft():
+    a, n = bytes(32), bytes([1]) * 32
+    service = _service({1: a, 2: n}, {n})
+    recorded = []
+    service._record = lambda row, c: recorded.append(
+        (row["id"], c.verdict.outcome, c.verdict.check)
+    )
+    rows = [{"id": 1, "node": a, "shared": False}, {"id": 2, "node": n, "shared": True}]
+    service._requeue_lost(rows, "worker 0 exited")
+    assert service._losses == {1: 1, 2: 1} and recorded == []
+    queued = [service.queue.pop_nowait() for _ in range(2)]
+    assert [(q.tier, q.submission_id) for q in queued] == [(0, 1), (1, 2)]
+    service._requeue_lost(rows[:1], "worker 1 exited")  # lost again, alone this time
+    assert recorded == [(1, "soft", "worker")] and len(service.queue) == 0
