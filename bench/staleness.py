@@ -43,6 +43,7 @@ from trainer.presets import PRESETS
 from trainer.tasks import make_task
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("behaviour", "decoupled")
 
 
@@ -241,20 +242,26 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="20 steps, one seed (< 3 min)")
     ap.add_argument("--steps", type=int, help="optimizer steps per run (default 150)")
-    ap.add_argument("--seeds", type=int, help="seeds per cell (default 2)")
+    ap.add_argument("--seeds", type=int, help="seeds per cell (default 3)")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--staleness", type=int, nargs="+", default=[0, 2, 4, 8])
     ap.add_argument("--lr", type=float, default=PRESETS["tiny"]["algorithm"]["lr"])
     ap.add_argument("--prompts", type=int, default=PRESETS["tiny"]["algorithm"]["batch_prompts"])
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--json", type=Path, help="write the cells and the summary here")
-    ap.add_argument("--plot", type=Path, default=DOCS / "staleness.png")
+    ap.add_argument(
+        "--plot", type=Path, help="default: docs/staleness.png, or bench/results/ under --quick"
+    )
     ap.add_argument(
         "--from", dest="sources", type=Path, nargs="+", help="no training: merge these JSONs"
     )
     args = ap.parse_args()
-    steps = args.steps or (20 if args.quick else 150)
-    seeds = args.seeds or (1 if args.quick else 2)
+    steps = args.steps if args.steps is not None else (20 if args.quick else 150)
+    # A smoke run must not overwrite the plot the docs show.
+    plot_path = args.plot or (
+        RESULTS / "staleness_quick.png" if args.quick else DOCS / "staleness.png"
+    )
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     if min(steps, seeds, args.prompts, args.eval_prompts) < 1 or min(args.staleness) < 0:
         ap.error("--steps, --seeds, --prompts, --eval-prompts must be positive, --staleness >= 0")
     if args.sources:
@@ -268,8 +275,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(_rounded({"summary": summary, "cells": cells})))
         print(f"wrote {args.json}")
-    if plot(cells, args.plot):
-        print(f"wrote {args.plot}")
+    if plot(cells, plot_path):
+        print(f"wrote {plot_path}")
 
 
 if __name__ == "__main__":
