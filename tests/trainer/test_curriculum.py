@@ -62,6 +62,8 @@ def test_keep_always_leases_unsettled_prompts_and_flips_the_coin_for_settled_one
     assert all(c.keep(0, 0, s) for s in range(200))
     for draws, s in [(0, 0), (1, 0), (0, 5), (4, 17)]:
         assert c.keep(1, draws, s) == (coin(1, 1, draws, s) < 0.2)
+    c.add(3, 2, [0.0, 0.0])  # settled, never solved: stays in rotation
+    assert c.settled(2) and all(c.keep(2, d, s) for d in range(20) for s in range(20))
     # the draw counter changes the coin: a prompt skipped once is not skipped for good
     assert len({coin(1, 1, d, 0) < 0.2 for d in range(50)}) == 2
 
