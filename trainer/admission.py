@@ -18,8 +18,9 @@ for newcomers that all newcomers SHARE, so a thousand new keys cost what one cos
   `validation_allowance_s + validation_ratio x` the seconds of its accepted work waits for the
   shared budget, like a newcomer.
 - Ban: the strikes among a node's last `ban_window` verdicts reach `ban_strikes` (a proven
-  cheat is 1, a transport refusal 0.5). Accepted work does not repay a strike; it only pushes
-  it out of the window, so cheating one lease in four is banned within eight.
+  cheat is 1; a transport refusal, or a submission that keeps killing validator workers, 0.5).
+  Accepted work does not repay a strike; it only pushes it out of the window, so cheating one
+  lease in four is banned within eight.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ PROVEN_CHEAT = 1.0
 TRANSPORT_REFUSAL = 0.5
 """Strikes of a request the transport refused (forged, malformed, oversized, replayed): an
 honest node can hit one through a clock skew or a retried stream, so it costs less."""
+LOST_WORKERS = 0.5
+"""Strikes of a submission that, validated alone, cost a validator worker `MAX_LOSSES` times
+(trainer/submissions.py): most likely built to crash or stall validation, though a machine
+fault can meet an honest one, so it costs what a transport refusal does."""
 QUOTA_RETRY_S = 5.0
 
 Tier = Literal[0, 1]

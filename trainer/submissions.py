@@ -29,7 +29,7 @@ from protocol.host import public_key_of_peer
 from protocol.poolspec import PoolSpec
 from protocol.wire import decode
 from toploc.sampling import SamplingParams
-from trainer.admission import PROVEN_CHEAT, TRANSPORT_REFUSAL, Admission
+from trainer.admission import LOST_WORKERS, PROVEN_CHEAT, TRANSPORT_REFUSAL, Admission
 from trainer.algorithm import GroupAlgorithm
 from trainer.ledger import Decision, LeaseAnswered, LeaseClosed, Ledger, LedgerError, NewGroup
 from trainer.metrics import RunLog
@@ -46,7 +46,10 @@ PROVING_REFUSALS = ("bad_request", "too_large")
 BATCH_SUBMISSIONS = 8
 """Submissions one lane validates together, of those queued already (batching never waits)."""
 MAX_LOSSES = 2
-"""A submission validated alone whose worker died this many times is not tried again (soft)."""
+"""A submission validated alone whose worker died this many times is not tried again: soft,
+with `LOST_WORKERS` strikes, so a node cannot stall validation with such submissions freely."""
+LOST_WORKER_CHECK = "worker"
+"""The deciding check named in that verdict."""
 
 Validate = Callable[[list[Job], int], Awaitable[list[Checked]]]
 
@@ -55,6 +58,14 @@ Validate = Callable[[list[Job], int], Awaitable[list[Checked]]]
 class _Queued:
     tier: int
     submission_id: int
+
+
+def verdict_strikes(verdict: Verdict) -> float:
+    """Strikes a verdict costs its node: a proven cheat, or a submission that kept killing
+    validator workers (the check `_requeue_lost` names); nothing for other soft verdicts."""
+    if verdict.outcome == "hard":
+        return PROVEN_CHEAT
+    return LOST_WORKERS if verdict.check == LOST_WORKER_CHECK else 0.0
 
 
 class ValidationQueue:
@@ -302,7 +313,7 @@ class SubmissionService:
             losses = self._losses.get(sid, 0) + 1
             if len(batch) == 1 and losses >= MAX_LOSSES:
                 why = f"not validated: its validator worker was lost {losses} times ({reason})"
-                verdict = Verdict("soft", why[:512], "worker")
+                verdict = Verdict("soft", why[:512], LOST_WORKER_CHECK)
                 self._record(row, Checked(verdict, -1, 0.0))
                 continue
             self._losses[sid] = losses
@@ -315,7 +326,7 @@ class SubmissionService:
             return  # decided while it was validated: its node was banned meanwhile
         verdict, seconds = checked.verdict, checked.seconds
         groups = [self._accepted_group(g) for g in verdict.groups]
-        strikes = PROVEN_CHEAT if verdict.outcome == "hard" else 0.0
+        strikes = verdict_strikes(verdict)
         details = {**verdict.details, "check": verdict.check, "seconds": round(seconds, 3)}
         decision = Decision(
             verdict.outcome, verdict.reason, details, strikes, groups, seconds=seconds

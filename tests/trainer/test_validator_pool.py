@@ -18,6 +18,7 @@ from protocol.identity import Identity
 from trainer.config import TrainerConfig, TrainerSection
 from trainer.coordinator import Coordinator, RunOptions
 from trainer.submissions import SubmissionService, ValidationQueue
+from trainer.validator import Verdict
 from trainer.validator_pool import ValidatorPool
 
 
@@ -258,3 +259,13 @@ def test_a_batch_whose_worker_is_lost_is_requeued_and_one_lost_twice_alone_is_so
     assert [(q.tier, q.submission_id) for q in queued] == [(0, 1), (1, 2)]
     service._requeue_lost(rows[:1], "worker 1 exited")  # lost again, alone this time
     assert recorded == [(1, "soft", "worker")] and len(service.queue) == 0
+
+
+def test_a_submission_that_kept_killing_workers_costs_strikes_and_other_soft_ones_none():
+    from trainer.admission import LOST_WORKERS, PROVEN_CHEAT
+    from trainer.submissions import LOST_WORKER_CHECK, verdict_strikes
+
+    assert verdict_strikes(Verdict("soft", "lost twice", LOST_WORKER_CHECK)) == LOST_WORKERS > 0
+    assert verdict_strikes(Verdict("hard", "bad proof", "toploc")) == PROVEN_CHEAT
+    assert verdict_strikes(Verdict("soft", "stale", "staleness")) == 0.0
+    assert verdict_strikes(Verdict("accept", "ok", "reward")) == 0.0
