@@ -17,6 +17,7 @@ import toploc
 from protocol import messages as msg
 from toploc.models import resolve_dtype
 from toploc.sampling import SamplingParams
+from toploc.versions import VersionLoader, adapter_meta
 
 
 class Engine(Protocol):
@@ -52,16 +53,20 @@ class HFEngine:
         self.dtype = resolve_dtype(dtype) if dtype else "auto"
         self.max_batch = max_batch
         self.model = None
+        self._versions = VersionLoader(self.dtype, reuse_base=True)
         self.pad_token_id = 0
         self.version = -1
         self.seconds_generating = 0.0
 
     def load(self, folder: Path, version: int) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype).to(self.device)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # The loader validators use too: adapter versions are merged onto their base bit for
+        # bit as validators merge them, and the base stays loaded for the next version.
+        model = self._versions.load(folder).to(self.device)
+        if self.model is None or adapter_meta(folder) is None:  # adapters keep the tokenizer
+            tokenizer = AutoTokenizer.from_pretrained(self._versions.config_folder)
+            self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.model = model.eval()
         self.version = version
 

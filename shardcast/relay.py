@@ -6,7 +6,9 @@ announces the version at once and mirrors its shards from all upstreams, each sh
 becoming servable the moment it is verified (cut-through): a client or a deeper relay that
 asks early simply waits for that shard. Per-shard retries are bounded; a version that every
 upstream stops listing or answers 404 for is abandoned and dropped, and the relay goes on
-with newer ones. Its own retention keeps the newest `keep` versions and their delta chains.
+with newer ones; an abandoned version still listed is tried again after `RETRY_ABANDONED_S`
+(the upstream may have been restarting), so a node that reads only through its own relay is
+never left without the version its pool trains on. Its own retention keeps the newest `keep` versions and their delta chains.
 
 Upstreams are untrusted like any source: shard transfers have the client's minimum rate and
 hedging (see fetcher), each version's mirroring has an overall deadline, and an upstream
@@ -57,6 +59,10 @@ from shardcast.throttle import UploadThrottle
 log = logging.getLogger(__name__)
 
 MIN_POLL_GAP = 0.5  # seconds between two polls of one upstream, at least
+RETRY_ABANDONED_S = 10.0
+"""Seconds before a version given up on is mirrored again, if an upstream still lists it: long
+enough that a version nobody can serve costs one manifest request per period, short enough
+that a coordinator restart delays a joining node by seconds, not until the next version."""
 
 
 class Relay:
@@ -105,7 +111,8 @@ class Relay:
         self.picker = SourcePicker(self.upstreams)
         self.url: str | None = None
         self.bad_upstreams: list[tuple[str, int, str, int]] = []
-        self.abandoned: set[int] = set()
+        self.abandoned: dict[int, float] = {}
+        """Versions given up on -> trio time before which they are not tried again."""
         self._listed: dict[str, dict[int, int | None]] = {}
         self._mirroring: dict[int, trio.CancelScope] = {}
         self._http: httpx.AsyncClient | None = None
@@ -189,7 +196,7 @@ class Relay:
         believable = [
             v
             for v in bases
-            if v not in self.abandoned and (self.trusted is None or v <= self.trusted)
+            if not self._resting(v, now) and (self.trusted is None or v <= self.trusted)
         ]
         wanted: set[int] = set()
         for v in sorted(believable, reverse=True)[: self.store.keep]:
@@ -200,13 +207,14 @@ class Relay:
 
     async def _reconcile(self, nursery: trio.Nursery) -> None:
         listed = set().union(*(set(x) for x in self._listed.values()))
+        now = trio.current_time()
         # A version still being mirrored that no upstream lists any more will never finish.
         for v, scope in list(self._mirroring.items()):
             if v not in listed:
                 log.info("v%d was dropped upstream; abandoning it", v)
                 scope.cancel()
         for v in sorted(self._wanted()):
-            if v in self.store.versions or v in self._mirroring or v in self.abandoned:
+            if v in self.store.versions or v in self._mirroring or self._resting(v, now):
                 continue
             if self.store.versions and v < min(self.store.retained()):
                 continue  # older than anything we keep: it would be pruned at once
@@ -263,18 +271,26 @@ class Relay:
                     # give-up below rather than an error that ends the node it runs in.
                     raise first_error(group) from None
                 log.info("mirrored v%d (%d bytes)", version, m.payload_bytes)
+                self.abandoned.pop(version, None)
                 for gone in await self.store.prune():
                     if gone in self._mirroring:
                         self._mirroring[gone].cancel()
             if scope.cancelled_caught:
-                self.abandoned.add(version)
+                self._abandon(version)
                 await self.store.drop(version)
         except (ShardcastError, trio.TooSlowError) as e:
             log.warning("giving up on v%d: %s", version, e or "deadline passed")
-            self.abandoned.add(version)
+            self._abandon(version)
             await self.store.drop(version)
         finally:
             self._mirroring.pop(version, None)
+
+    def _abandon(self, version: int) -> None:
+        self.abandoned[version] = trio.current_time() + RETRY_ABANDONED_S
+
+    def _resting(self, version: int, now: float) -> bool:
+        """Whether `version` was given up on too recently to be tried again."""
+        return self.abandoned.get(version, -1.0) > now
 
     @staticmethod
     def _prepare(folder: Path, raw: bytes, m: Manifest) -> None:

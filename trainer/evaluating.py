@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import trio
-from transformers import AutoModelForCausalLM
 
 from toploc.sampling import SamplingParams
 from trainer.evaluate import evaluate
@@ -88,11 +87,10 @@ class EvalService:
     @torch.no_grad()
     def evaluate(self, version: int) -> dict[str, float] | None:
         """The metrics of published `version` (None when its folder is gone: pruned)."""
-        folder = self.policy.folder(version)
-        if not (folder / "config.json").exists():
+        model = self.policy.load(version)  # what nodes and validators load (LoRA merged)
+        if model is None:
             log.info("v%d is no longer on disk: not evaluated", version)
             return None
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.policy.dtype).eval()
         result = evaluate(
             model,
             self.tokenizer,

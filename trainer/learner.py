@@ -28,6 +28,7 @@ from toploc.models import load_model, resolve_dtype
 from trainer.checkpoint import Checkpointer, CheckpointInfo, PendingCheckpoint
 from trainer.config import TrainerConfig
 from trainer.grpo import GRPOTrainer, StepResult, TrainGroup
+from trainer.lora import add_adapters
 
 # Frozen weights (a LoRA base) are in the pool's published base, not in checkpoints.
 _STATE = StateDictOptions(ignore_frozen_params=True)
@@ -129,18 +130,22 @@ def build_learner(
     configured device, sharded with FSDP2 when there are several ranks."""
     from trainer.distributed import shard
 
-    if config.trainer.lora.rank > 0:
-        # trainer.lora builds and measures adapters, but versions, nodes and validators do not
-        # handle adapter-only versions yet: refuse rather than publish what nodes cannot load.
+    lora = config.trainer.lora
+    if lora.rank > 0 and world > 1:
+        # Rank 0 gathers full weights into an unsharded shell to publish; adapter versions
+        # would need the adapters gathered instead, which is not written yet.
         raise SwarmError(
-            "[trainer.lora] rank > 0 is not supported by `coordinator run` yet (adapter-only "
-            "versions are not wired to nodes and validators); set trainer.lora.rank = 0"
+            "[trainer.lora] rank > 0 runs in one trainer process only; set trainer.trainer_procs "
+            "= 1 (or trainer.lora.rank = 0 to shard every weight with FSDP2)"
         )
     device = resolve_device(config.trainer.device)
     if device.type == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
     model, tokenizer = load_model(spec.model.name, "float32", spec.model.init_seed)
+    if lora.rank > 0:
+        # Only the adapters train; versions after the base carry only them (trainer/policy.py).
+        model = add_adapters(model, lora)
     shell = None
     if world > 1:
         if rank == 0:

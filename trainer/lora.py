@@ -1,21 +1,24 @@
 """LoRA adapters through peft: which layers get them, and what a version carries.
 
 Only the adapters train (the base stays frozen in the pool's published base version), so the
-optimizer state, the checkpoints and every version after the base hold only the adapters.
+optimizer state, the checkpoints and every version after the base hold only the adapters. How
+nodes and validators turn an adapter version back into weights: `toploc/versions.py`.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
+from transformers import PreTrainedModel
 
 from protocol.errors import SwarmError
+from toploc.versions import ADAPTER_FILE, write_meta
 from trainer.config import LoraSection
-
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def linear_names(model: torch.nn.Module) -> set[str]:
@@ -57,4 +60,31 @@ def save_adapters(model: PeftModel, folder: Path, dtype: torch.dtype) -> int:
     }
     save_file(state, folder / ADAPTER_FILE)
     model.peft_config["default"].save_pretrained(str(folder))
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
+def scale_of(model: PeftModel) -> float:
+    """peft's factor on B @ A (alpha / rank), the same for every adapted layer here."""
+    scales = {m.scaling["default"] for m in model.modules() if isinstance(m, LoraLayer)}
+    if len(scales) != 1:
+        raise SwarmError(f"expected one LoRA scaling for all layers, found {sorted(scales)}")
+    return scales.pop()
+
+
+def base_model(model: PeftModel, dtype: torch.dtype) -> PreTrainedModel:
+    """A copy of the frozen base without the adapters, in `dtype`: the pool's base version."""
+    return copy.deepcopy(model).unload().to(dtype).eval()
+
+
+def save_adapter_version(
+    model: PeftModel,
+    folder: Path,
+    dtype: torch.dtype,
+    base_version: int,
+    base_files: dict[str, str],
+) -> int:
+    """Write an adapter version bound to the base version whose files hash to `base_files`;
+    its bytes."""
+    save_adapters(model, folder, dtype)
+    write_meta(folder, base_version, base_files, scale_of(model))
     return sum(f.stat().st_size for f in folder.iterdir())
