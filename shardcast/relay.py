@@ -8,7 +8,8 @@ asks early simply waits for that shard. Per-shard retries are bounded; a version
 upstream stops listing or answers 404 for is abandoned and dropped, and the relay goes on
 with newer ones; an abandoned version still listed is tried again after `RETRY_ABANDONED_S`
 (the upstream may have been restarting), so a node that reads only through its own relay is
-never left without the version its pool trains on. Its own retention keeps the newest `keep` versions and their delta chains.
+never left without the version its pool trains on. Its own retention keeps the newest `keep`
+versions and their delta chains.
 
 Upstreams are untrusted like any source: shard transfers have the client's minimum rate and
 hedging (see fetcher), each version's mirroring has an overall deadline, and an upstream

@@ -1,0 +1,52 @@
+"""A relay gives a version up when it cannot mirror it, and tries again while it is listed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+from sc_helpers import POOL_ID, SHARD, make_checkpoint, same_tree
+
+from protocol.identity import Identity
+from shardcast import relay as relay_module
+from shardcast.fetcher import FetchPolicy
+from shardcast.origin import Origin
+from shardcast.relay import Relay
+
+POLICY = FetchPolicy(parallel=4, max_attempts=4, backoff=0.01, read_timeout=5.0)
+
+
+@pytest.mark.trio
+async def test_a_version_given_up_on_is_mirrored_once_it_can_be(
+    tmp_path: Path, identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node reads weights through its own relay only: a version that relay gave up on
+    (its upstream was restarting) must come back, or the node waits for weights forever."""
+    monkeypatch.setattr(relay_module, "RETRY_ABANDONED_S", 0.5)
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=0.2)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        await origin.publish(ck, 1)
+        relay = Relay(
+            [url],
+            tmp_path / "r",
+            public_key=identity.public_key,
+            pool_id=POOL_ID,
+            poll_wait=1,
+            policy=replace(POLICY, deadline=1e-4),  # every mirror runs out of time
+        )
+        await nursery.start(relay.run)
+        with trio.fail_after(20):
+            while 1 not in relay.abandoned:
+                await trio.sleep(0.05)
+        assert relay.store.get(1) is None
+        relay.policy = POLICY  # the upstream can be mirrored again
+        with trio.fail_after(20):
+            while not (relay.store.get(1) and relay.store.get(1).complete):
+                await trio.sleep(0.05)
+        assert 1 not in relay.abandoned
+        assert same_tree(relay.store.get(1).folder / "payload", ck)
+        nursery.cancel_scope.cancel()
