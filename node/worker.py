@@ -34,10 +34,12 @@ import trio
 from node.behaviour import Behaviour, NodeContext
 from node.engine import Engine
 from node.hardware import probe
+from node.multiturn import TurnEngine
 from node.seeding import make_seeder
 from protocol import messages as msg
 from protocol import pow as join_pow
 from protocol.discovery import PoolBook, PoolLocation, discover, follow_pool_record, serve_discovery
+from protocol.environments import environment_for
 from protocol.errors import DiscoveryError, RemoteError, SwarmError, TransportError
 from protocol.host import Host, pool_topic
 from protocol.identity import Identity
@@ -565,7 +567,9 @@ class Worker:
         self.stats.state = f"generating lease {lease.lease_id}"
         t0 = time.perf_counter()
         with trio.CancelScope(shield=True):
-            results = await trio.to_thread.run_sync(self.behaviour.generate, self.engine, lease)
+            results = await trio.to_thread.run_sync(
+                self.behaviour.generate, self._generator(), lease
+            )
         self.stats.seconds_generating += time.perf_counter() - t0
         self.stats.tokens += sum(len(c.tokens) for r in results for c in r.completions)
         self.stats.rollouts += sum(len(r.completions) for r in results)
@@ -578,6 +582,12 @@ class Worker:
         self.stats.leases += 1
         self._lease = None
         self.idle.set()
+
+    def _generator(self) -> Engine:
+        """The engine for a single-turn pool; for a multi-turn one, the turn loop around it."""
+        spec = self.location.spec
+        env = environment_for(spec.task.name, dict(spec.task.options))
+        return TurnEngine(self.engine, env) if env is not None else self.engine
 
     async def _submit(self, sub: msg.Submission, lease: msg.Lease) -> None:
         """Send one submission; a full validation queue (busy) is waited out until the

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from protocol.environments import MAX_TURNS
 from protocol.wire import Message, PublicKey, ShortStr, UInt
 
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
@@ -115,11 +116,19 @@ class LeaseReply(Message, tag="lease-reply"):
     reason: ShortStr = ""
 
 
-class Completion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Completion(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     tokens: Tokens
+    """Single-turn: the completion. Multi-turn: the whole transcript after the prompt, model
+    turns and environment replies (`protocol.transcript`)."""
     logprobs: Annotated[list[float], msgspec.Meta(max_length=1 << 16)]
+    """One per model-generated token."""
     finish_reason: Literal["stop", "length"]
+    """How the (last) model turn ended."""
     proofs: Annotated[list[bytes], msgspec.Meta(max_length=4096)]
+    """TOPLOC proofs of the model-generated tokens' rows, 32 per proof."""
+    segments: Annotated[list[UInt], msgspec.Meta(max_length=2 * MAX_TURNS - 1)] = []
+    """Multi-turn only: lengths of the alternating model / environment segments of `tokens`
+    (left out on the wire when empty, so single-turn bytes are as before)."""
 
 
 class TaskResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.environments import Environment
 from protocol.errors import SwarmError
 from trainer.rewards import WeightedReward, exact_numeric, math_verify_reward, position_match
 
@@ -39,6 +40,9 @@ class Task:
     prefill: str = ""
     """Text that opens the assistant's answer, e.g. "The answer is "."""
     options: dict[str, Any] = field(default_factory=dict)
+    environment: Environment | None = None
+    """Multi-turn tasks: the environment the model's turns are played against (the node runs
+    it, the validator replays it)."""
 
     def render(self, example: Example, tokenizer: Any) -> str:
         """The exact text the model continues."""
@@ -162,6 +166,13 @@ def _dataset_task(**options: Any) -> Task:
     return dataset_task(**options)
 
 
+def _guess_task(**options: Any) -> Task:
+    # Imported on use: trainer.environments builds on this module's Task and Example.
+    from trainer.environments.guess import guess_task
+
+    return guess_task(**options)
+
+
 TASKS: dict[str, Callable[..., Task]] = {
     "copy": copy_task,
     "sort": sort_task,
@@ -169,6 +180,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "arithmetic": arithmetic_task,
     "gsm8k": gsm8k_task,
     "dataset": _dataset_task,
+    "guess": _guess_task,
 }
 
 

@@ -22,8 +22,10 @@ from transformers import PreTrainedModel
 
 import toploc
 from protocol.envelope import Envelope
+from protocol.environments import reply_tokens
 from protocol.messages import Completion, Lease, Submission
 from protocol.poolspec import PoolSpec
+from protocol.transcript import TranscriptError, model_positions, split_segments, turn_seed
 from protocol.wire import decode
 from toploc import capture_hf
 from toploc.sampling import SamplingParams
@@ -46,6 +48,10 @@ class GroupPayload(msgspec.Struct, frozen=True):
     logprobs: list[list[float]]
     """Recomputed by the validator (the node's own values passed the tolerance check)."""
     truncated: list[bool]
+    segments: list[list[int]] = []
+    """Multi-turn: each sample's model / environment segment lengths (`protocol.transcript`);
+    `tokens` then hold the whole transcript and `logprobs` one value per transcript token, and
+    only the model's segments may carry loss. Empty for a single-turn task."""
 
 
 @dataclass
@@ -64,8 +70,8 @@ class Verdict:
     outcome: Outcome
     reason: str
     check: str
-    """The deciding check: staleness, structure, toploc, sampling, termination, logprobs,
-    or reward (an accepted submission)."""
+    """The deciding check: staleness, structure, environment, toploc, sampling, termination,
+    logprobs, or reward (an accepted submission)."""
     details: dict[str, Any] = field(default_factory=dict)
     groups: list[AcceptedGroup] = field(default_factory=list)
 
@@ -179,8 +185,10 @@ class Validator:
         by_version: dict[int, list[int]] = {}
         for i, (submission, lease) in enumerate(items):
             t0 = time.perf_counter()
-            verdict = self._staleness(submission, lease, current_version) or self._structure(
-                submission, lease
+            verdict = (
+                self._staleness(submission, lease, current_version)
+                or self._structure(submission, lease)
+                or self._environment(submission, lease)
             )
             seconds[i] += time.perf_counter() - t0
             verdicts.append(verdict)
@@ -282,8 +290,13 @@ class Validator:
         for row, pre in rollouts:
             t, j, completion = row.task, row.sample, row.completion
             where = {"task": t, "sample": j}
+            rows, turns = self._model_turns(completion, lease.tasks[t]["seed"])
+            # Only the model's tokens were sampled and proven; environment tokens were checked
+            # by the replay before the prefill.
+            hidden = pre.hidden if rows is None else pre.hidden[rows]
+            logits = pre.logits if rows is None else pre.logits[rows]
             chunks = toploc.verify_proofs(
-                pre.hidden, list(completion.proofs), thresholds=self.thresholds
+                hidden, list(completion.proofs), thresholds=self.thresholds
             )
             bad = [c for c in chunks if not c.ok]
             if bad:
@@ -301,30 +314,33 @@ class Validator:
                         "mant_err_median": _num(bad[0].mant_err_median),
                     },
                 )
-            sampled = toploc.verify_sampling(
-                pre.logits,
-                completion.tokens,
-                lease.tasks[t]["seed"],
-                lease.sampling,
-                sample_index=j,
-                tolerance=self.spec.verification.sampling_tolerance or None,
-                max_violations=self.spec.verification.sampling_max_violations,
-            )
-            if not sampled.ok:
-                check = "termination" if not sampled.termination_ok else "sampling"
-                return Verdict(
-                    "hard",
-                    f"sampling check failed: {sampled.reason}",
-                    check,
-                    {
-                        **where,
-                        "violations": sampled.violations,
-                        "positions": sampled.violating_positions[:8],
-                        "worst_gap": _num(sampled.worst_gap),
-                    },
+            for k, (turn_rows, tokens, seed) in enumerate(turns):
+                sampled = toploc.verify_sampling(
+                    pre.logits if turn_rows is None else pre.logits[turn_rows],
+                    tokens,
+                    seed,
+                    lease.sampling,
+                    sample_index=j,
+                    tolerance=self.spec.verification.sampling_tolerance or None,
+                    max_violations=self.spec.verification.sampling_max_violations,
                 )
+                if not sampled.ok:
+                    check = "termination" if not sampled.termination_ok else "sampling"
+                    return Verdict(
+                        "hard",
+                        f"sampling check failed: {sampled.reason}",
+                        check,
+                        {
+                            **where,
+                            **({"turn": k} if completion.segments else {}),
+                            "violations": sampled.violations,
+                            "positions": sampled.violating_positions[:8],
+                            "worst_gap": _num(sampled.worst_gap),
+                        },
+                    )
+            model_tokens = [x for _, tokens, _ in turns for x in tokens]
             if (completion.finish_reason == "stop") != (
-                completion.tokens[-1] in lease.sampling.eos_token_ids
+                model_tokens[-1] in lease.sampling.eos_token_ids
             ):
                 return Verdict(
                     "hard",
@@ -333,8 +349,8 @@ class Validator:
                     where,
                 )
             lp = toploc.verify_logprobs(
-                pre.logits,
-                completion.tokens,
+                logits,
+                model_tokens,
                 completion.logprobs,
                 lease.sampling,
                 tolerance=self.spec.verification.logprob_tolerance or None,
@@ -350,6 +366,8 @@ class Validator:
                         "positions": lp.bad_positions[:8],
                     },
                 )
+            # Every transcript token gets a value (the trainer's layout); only the model's
+            # segments train.
             recomputed_logprobs[(t, j)] = toploc.token_logprobs(
                 pre.logits, torch.tensor(completion.tokens), lease.sampling.temperature
             ).tolist()
@@ -363,6 +381,64 @@ class Validator:
                 for task_result in submission.results
             ],
         )
+
+    def _model_turns(
+        self, completion: Completion, seed: int
+    ) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor | None, list[int], int]]]:
+        """Which prefill rows hold the model's tokens (None: all, a single-turn completion),
+        and each model turn's rows, tokens and sampling seed. Structure has been checked."""
+        if not completion.segments:
+            return None, [(None, list(completion.tokens), seed)]
+        segments = split_segments(completion.tokens, completion.segments)
+        turns = [s for s in segments if s.by_model]
+        return torch.tensor(model_positions(segments)), [
+            (torch.arange(s.start, s.start + len(s.tokens)), s.tokens, turn_seed(seed, k))
+            for k, s in enumerate(turns)
+        ]
+
+    def _environment(self, sub: Submission, lease: LeaseView) -> Verdict | None:
+        """Replays the environment after every model turn and compares its replies with the
+        transcript's, token for token: a faked, edited or missing reply, or a turn the
+        environment did not ask for, is a hard reject. Costs one environment step per turn,
+        bounded by the task's turn limit (structure checked it)."""
+        env = self.task.environment
+        if env is None:
+            return None
+        for r in sub.results:
+            spec_task = lease.tasks[r.task_index]
+            for j, c in enumerate(r.completions):
+                segments = split_segments(c.tokens, c.segments)
+                turns = [s.tokens for s in segments if s.by_model]
+                replies = [s.tokens for s in segments if not s.by_model]
+                where = {"task": r.task_index, "sample": j}
+                for k in range(len(turns)):
+                    try:
+                        expected = reply_tokens(
+                            env,
+                            self.tokenizer,
+                            spec_task["seed"],
+                            spec_task["prompt_ids"],
+                            turns[: k + 1],
+                        )
+                    except (
+                        Exception
+                    ) as e:  # environment code (a plugin) failing is not the node's fault
+                        return Verdict(
+                            "soft",
+                            f"the environment failed on turn {k}: {type(e).__name__}",
+                            "environment",
+                            {**where, "turn": k},
+                        )
+                    got = replies[k] if k < len(replies) else None
+                    if got != expected:
+                        return Verdict(
+                            "hard",
+                            f"transcript disagrees with the environment after turn {k}: "
+                            + _mismatch(expected, got),
+                            "environment",
+                            {**where, "turn": k},
+                        )
+        return None
 
     def _staleness(self, sub: Submission, lease: LeaseView, current: int) -> Verdict | None:
         lag = current - sub.weight_version
@@ -406,20 +482,44 @@ class Validator:
             if len(r.completions) != g:
                 return bad(f"task {r.task_index} has {len(r.completions)} completions, not {g}")
             for j, c in enumerate(r.completions):
-                n = len(c.tokens)
                 where = f"task {r.task_index} sample {j}"
-                if not 1 <= n <= cap:
-                    return bad(f"{where} has {n} tokens (1 to {cap} allowed)")
+                try:
+                    n = self._model_token_count(c, cap)
+                except TranscriptError as e:
+                    return bad(f"{where}: {e}")
                 if min(c.tokens) < 0 or max(c.tokens) >= self.vocab_size:
                     return bad(f"{where} has a token id outside the vocabulary")
                 if len(c.logprobs) != n:
-                    return bad(f"{where} has {len(c.logprobs)} logprobs for {n} tokens")
+                    return bad(f"{where} has {len(c.logprobs)} logprobs for {n} model tokens")
                 if not all(math.isfinite(x) and x <= 0 for x in c.logprobs):
                     return bad(f"{where} has a logprob that is not a finite number <= 0")
                 chunks = -(-n // toploc.CHUNK_SIZE)
                 if len(c.proofs) != chunks:
                     return bad(f"{where} has {len(c.proofs)} proofs for {chunks} chunks")
         return None
+
+    def _model_token_count(self, c: Completion, cap: int) -> int:
+        """How many of the completion's tokens the model generated; raises `TranscriptError`
+        when its length or layout is not what the task allows."""
+        env = self.task.environment
+        if env is None:
+            if c.segments:
+                raise TranscriptError("segments sent for a single-turn task")
+            if not 1 <= len(c.tokens) <= cap:
+                raise TranscriptError(f"{len(c.tokens)} tokens (1 to {cap} allowed)")
+            return len(c.tokens)
+        limit = env.limits.max_transcript_tokens(cap)
+        if not 1 <= len(c.tokens) <= limit:
+            raise TranscriptError(f"a transcript of {len(c.tokens)} tokens (1 to {limit} allowed)")
+        segments = split_segments(c.tokens, c.segments)
+        turns = [s for s in segments if s.by_model]
+        if len(turns) > env.limits.max_turns:
+            raise TranscriptError(f"{len(turns)} model turns (at most {env.limits.max_turns})")
+        if any(len(s.tokens) > cap for s in turns):
+            raise TranscriptError(f"a model turn longer than {cap} tokens")
+        if any(len(s.tokens) > env.limits.max_reply_tokens for s in segments if not s.by_model):
+            raise TranscriptError(f"a reply longer than {env.limits.max_reply_tokens} tokens")
+        return sum(len(s.tokens) for s in turns)
 
     def _reward(
         self, r: Any, lease: LeaseView, version: int, logprobs: dict[tuple[int, int], list[float]]
@@ -428,21 +528,45 @@ class Validator:
         example = self.task.train[spec_task["prompt_index"]]
         texts = [self.tokenizer.decode(c.tokens, skip_special_tokens=True) for c in r.completions]
         g = len(texts)
-        totals, per_func = score(
-            self.task.rewards,
-            [example.prompt] * g,
-            texts,
-            {k: [v] * g for k, v in example.columns.items()},
-        )
+        columns = {k: [v] * g for k, v in example.columns.items()}
+        answers = texts
+        if self.task.environment is not None:
+            # Reward functions judge the model's last turn; the whole game is in `turns`
+            # (the model's turns as text) and `seed` (what the environment was played with).
+            turns = [
+                [
+                    self.tokenizer.decode(s.tokens, skip_special_tokens=True)
+                    for s in segs
+                    if s.by_model
+                ]
+                for segs in (split_segments(c.tokens, c.segments) for c in r.completions)
+            ]
+            answers = [t[-1] for t in turns]
+            columns |= {"turns": turns, "seed": [spec_task["seed"]] * g}
+        totals, per_func = score(self.task.rewards, [example.prompt] * g, answers, columns)
         payload = GroupPayload(
             prompt_ids=list(spec_task["prompt_ids"]),
             tokens=[list(c.tokens) for c in r.completions],
             logprobs=[logprobs[(r.task_index, j)] for j in range(g)],
             truncated=[c.finish_reason == "length" for c in r.completions],
+            segments=[list(c.segments) for c in r.completions if c.segments],
         )
         return AcceptedGroup(
             r.task_index, spec_task["prompt_index"], version, totals, per_func, texts, payload
         )
+
+
+def _mismatch(expected: list[int] | None, got: list[int] | None) -> str:
+    """Why a transcript's environment segment differs from the replay, for people."""
+    if expected is None:
+        return "the transcript goes on where the environment ended the rollout"
+    if got is None:
+        return "the transcript stops where the environment replied (a skipped turn)"
+    at = next(
+        (i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
+        min(len(expected), len(got)),
+    )
+    return f"its reply differs from the environment's at token {at}"
 
 
 def _decided(x: _T | None) -> _T:
