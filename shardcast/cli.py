@@ -13,7 +13,7 @@ from protocol import poolspec
 from protocol.errors import SwarmError
 from protocol.identity import Identity
 from protocol.logs import logging_flags, setup_logging
-from shardcast.manifest import DEFAULT_SHARD_SIZE
+from shardcast.manifest import DEFAULT_PIECE_SIZE, DEFAULT_SHARD_SIZE
 from shardcast.store import DEFAULT_KEEP
 
 # Roles import their stacks lazily: `fetch` needs no web framework, and start-up time counts
@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     _pool_args(p, need_key=True)
     p.add_argument("--keep", type=int, default=DEFAULT_KEEP)
     p.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_SIZE / 2**20)
+    p.add_argument(
+        "--piece-kb",
+        type=int,
+        default=DEFAULT_PIECE_SIZE // 1024,
+        help="piece size (unit of transfer), KiB; 0: none (shards are the unit)",
+    )
     p.add_argument("--full", action="store_true", help="publish in full, not as a delta")
     p.add_argument("--full-every", type=int, default=10, help="a full version every N")
 
@@ -142,6 +148,7 @@ async def _publish(args: argparse.Namespace) -> None:
         pid,
         keep=args.keep,
         shard_size=int(args.shard_mb * 2**20),
+        piece_size=args.piece_kb * 1024 or None,
         full_every=args.full_every,
     )
     m = await origin.publish(args.folder, args.version, delta=not args.full)

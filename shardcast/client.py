@@ -43,8 +43,9 @@ from shardcast.fetcher import (
     get_capped,
     http_client,
     prepare_file,
+    unit_jobs,
 )
-from shardcast.manifest import MAX_MANIFEST_BYTES, Manifest, open_manifest, shard_range
+from shardcast.manifest import MAX_MANIFEST_BYTES, Manifest, open_manifest
 from shardcast.shards import hash_range
 from shardcast.sources import SourcePicker
 
@@ -266,8 +267,8 @@ class Client:
         return ShardFetcher(self.http, self.picker, self.policy, on_corrupt=report)
 
     async def _download(self, m: Manifest, folder: Path, resume: bool) -> None:
-        """Fetch every payload shard of `m` into `folder/<payload name>`, skipping shards a
-        previous, interrupted run already left there intact."""
+        """Fetch every payload unit (piece, or shard) of `m` into `folder/<payload name>`,
+        skipping units a previous, interrupted run already left there intact."""
         jobs = []
         for p in m.payload:
             path = folder / p.name
@@ -277,11 +278,12 @@ class Client:
                     await trio.to_thread.run_sync(prepare_file, path, p.size)
             except OSError as e:
                 raise disk_error(e, path) from None
-            for i, h in enumerate(p.shards):
-                off, length = shard_range(m, p, i)
-                if existed and await trio.to_thread.run_sync(hash_range, path, off, length) == h:
+            for job in unit_jobs(m, p, path):
+                if existed and job.hash == await trio.to_thread.run_sync(
+                    hash_range, path, job.offset, job.length
+                ):
                     continue
-                jobs.append(ShardJob(p.name, i, off, length, h, path))
+                jobs.append(job)
         await self._fetcher().fetch(m.version, jobs)
 
     async def _fetch_full(self, m: Manifest, raw: bytes) -> None:

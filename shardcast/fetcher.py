@@ -17,10 +17,12 @@ remaining shard is already in flight, an idle worker hedges the oldest one on an
 other transfer is cancelled. That also rescues a shard stuck on a source that never answers.
 
 In a swarm (`Swarming`), sources are of two kinds: seeds (origin, relays) that hold or will
-hold every shard, and peers that hold what their bitfields say. Shards are taken rarest
-first (fewest peers holding them, random among equals), a shard is fetched from a peer
-holding it whenever there is one, and at most `seed_parallel` transfers at once go to the
-seeds, whose upload is the swarm's scarce resource: it should carry shards nobody has yet.
+hold every unit, and peers that hold what their bitfields say. Units are taken rarest
+first (fewest peers holding them; this member's share of the first copies, then random,
+among equals), a unit is fetched from a peer holding it whenever there is one, and at most
+`seed_parallel` transfers at once go to the seeds, whose upload is the swarm's scarce
+resource: it should carry each unit once. So a unit that a peer is fetching from a seed
+(its promise, in its `/have`) is left to that peer for a while and taken from it once held.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import httpx
 import trio
 
 from shardcast.errors import FetchError, ShardcastError, first_error
+from shardcast.manifest import Manifest, PayloadFile, unit_range, units
 from shardcast.sources import SourcePicker, SourceStats
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,8 @@ class _Progress:
 
 @dataclass(frozen=True)
 class ShardJob:
+    """One unit of transfer: a piece, or a shard of a manifest without pieces."""
+
     name: str
     """Payload file name, as served under /v/{version}/f/."""
     index: int
@@ -81,7 +86,16 @@ class ShardJob:
     length: int
     hash: str
     path: Path
-    """Local file the shard is written into, at `offset`."""
+    """Local file the unit is written into, at `offset`."""
+
+
+def unit_jobs(m: Manifest, p: PayloadFile, path: Path) -> list[ShardJob]:
+    """A job per unit of payload file `p`, written into `path`."""
+    jobs = []
+    for i, h in enumerate(units(m, p)):
+        off, length = unit_range(m, p, i)
+        jobs.append(ShardJob(p.name, i, off, length, h, path))
+    return jobs
 
 
 @dataclass(eq=False)
@@ -111,14 +125,29 @@ class _Race:
             self.nursery.cancel_scope.cancel()
 
 
+def _never(job: ShardJob) -> bool:
+    return False
+
+
+def _ignore(job: ShardJob) -> None:
+    return None
+
+
 @dataclass
 class Swarming:
     holders: Callable[[ShardJob], set[str]]
-    """Peers known (from their bitfields, a claim checked by the hash) to hold a shard."""
+    """Peers known (from their bitfields, a claim checked by the hash) to hold a unit."""
     seeds: set[str]
-    """Sources that hold every shard, or wait for it (cut-through)."""
+    """Sources that hold every unit, or wait for it (cut-through)."""
     seed_parallel: int = 2
-    """Transfers at once from the seeds (retries of a shard no peer holds aside)."""
+    """Transfers at once from the seeds (retries of a unit no peer holds aside)."""
+    promised: Callable[[ShardJob], bool] = _never
+    """A peer said, recently, that it is fetching this unit from a seed: it is left to that
+    peer (and taken from it once held) rather than copied out of a seed a second time."""
+    preferred: Callable[[ShardJob], bool] = _never
+    """This member's share of the first copies: taken first among units nobody has."""
+    on_seed_fetch: Callable[[ShardJob], None] = _ignore
+    """Called when a transfer of a unit goes to a seed (to advertise the promise)."""
 
 
 @dataclass
@@ -291,13 +320,13 @@ class ShardFetcher:
             sum(self.picker.stats[u].inflight for u in self.swarm.seeds if u in self.picker.stats)
             >= self.swarm.seed_parallel
         )
-        best: tuple[int, float] | None = None
+        best: tuple[int, bool, float] | None = None
         chosen = None
         for job in queue:
             n = len(self.swarm.holders(job))
-            if n == 0 and seeds_busy:
+            if n == 0 and (seeds_busy or self.swarm.promised(job)):
                 continue
-            key = (n, random.random())
+            key = (n, not self.swarm.preferred(job), random.random())
             if best is None or key < best:
                 best, chosen = key, job
         if chosen is not None:
@@ -433,6 +462,8 @@ class ShardFetcher:
                     raise VersionGone(f"no source holds version {version} any more")
                 raise FetchError(f"v{version} {job.name}: every source is banned or at fault")
             attempts += 1
+            if self.swarm is not None and source.url in self.swarm.seeds:
+                self.swarm.on_seed_fetch(job)
             try:
                 if await self._attempt(version, job, fd, source, prog, race):
                     return

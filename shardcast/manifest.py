@@ -4,7 +4,11 @@ A manifest names the files a version ends up as (`files`: path, size, BLAKE3 has
 payload that is transferred to get there (`payload`: for a full version the files themselves,
 for a delta version one encoded delta per file). Each payload file is cut into shards of
 `shard_size` bytes with one BLAKE3 hash each, so a receiver checks every shard as it streams
-and knows exactly which source sent a bad one.
+and knows exactly which source sent a bad one. A manifest may also cut each payload file
+into smaller *pieces* (`piece_size`, a divisor of `shard_size`) with one hash each: pieces
+are then the unit every transfer, bitfield and cut-through wait uses, so a swarm member
+re-serves a piece the moment it is verified. Manifests without pieces (older ones) work
+as before, with the shard as the unit (`units`).
 
 On the wire a manifest is a `SignedManifest`: the msgpack body and the coordinator's ed25519
 signature of `DOMAIN + body`. Nothing in the body is read before the signature and the pool id
@@ -25,6 +29,8 @@ from shardcast.errors import ManifestError
 DOMAIN = b"swarmrl/shardcast/manifest/v1\n"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 DEFAULT_SHARD_SIZE = 16 * 1024 * 1024
+DEFAULT_PIECE_SIZE = 1024 * 1024
+MIN_PIECE_SIZE = 4096
 
 Hash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 Size = Annotated[int, msgspec.Meta(ge=0, le=2**50)]
@@ -38,7 +44,11 @@ RelPath = Annotated[
 ]
 
 
-class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+# omit_defaults: a manifest without pieces encodes exactly as before pieces existed, so
+# receivers that predate them still read it.
+class _Struct(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, omit_defaults=True
+):
     pass
 
 
@@ -59,6 +69,9 @@ class PayloadFile(_Struct):
     hash: Hash
     shards: list[Hash]
     """BLAKE3 of bytes [i * shard_size, (i + 1) * shard_size) of this payload file."""
+    pieces: list[Hash] = []
+    """BLAKE3 of bytes [i * piece_size, (i + 1) * piece_size); empty when the manifest has
+    no `piece_size`."""
 
 
 class Manifest(_Struct):
@@ -70,6 +83,13 @@ class Manifest(_Struct):
     base: Annotated[int, msgspec.Meta(ge=0)] | None = None
     """For a delta: the version whose files the deltas apply to."""
     created: float = 0.0
+    piece_size: Annotated[int, msgspec.Meta(ge=MIN_PIECE_SIZE, le=2**31)] | None = None
+    """Pieces of this many bytes are the unit of transfer; None: the shard is."""
+
+    @property
+    def unit(self) -> int:
+        """Bytes per unit of transfer: a piece, or a shard in manifests without pieces."""
+        return self.piece_size or self.shard_size
 
     @property
     def is_delta(self) -> bool:
@@ -115,6 +135,8 @@ def check_consistent(m: Manifest) -> None:
     names = [p.name for p in m.payload]
     if len(set(names)) != len(names):
         raise ManifestError("manifest lists a payload file twice")
+    if m.piece_size is not None and m.shard_size % m.piece_size:
+        raise ManifestError(f"piece size {m.piece_size} does not divide {m.shard_size}")
     targets = set(paths)
     for p in m.payload:
         if p.target not in targets:
@@ -122,6 +144,9 @@ def check_consistent(m: Manifest) -> None:
         want = max(1, -(-p.size // m.shard_size))
         if len(p.shards) != want:
             raise ManifestError(f"payload {p.name!r} has {len(p.shards)} shards, expected {want}")
+        pieces = 0 if m.piece_size is None else max(1, -(-p.size // m.piece_size))
+        if len(p.pieces) != pieces:
+            raise ManifestError(f"payload {p.name!r} has {len(p.pieces)} pieces, expected {pieces}")
     if {p.target for p in m.payload} != targets:
         raise ManifestError("some files have no payload")
     if m.base is None and any(p.encoding != "raw" for p in m.payload):
@@ -177,3 +202,14 @@ def shard_range(m: Manifest, p: PayloadFile, index: int) -> tuple[int, int]:
     """(offset, length) of shard `index` of payload file `p`."""
     start = index * m.shard_size
     return start, max(0, min(m.shard_size, p.size - start))
+
+
+def units(m: Manifest, p: PayloadFile) -> list[str]:
+    """The hashes of `p`'s units of transfer (its pieces, or its shards without pieces)."""
+    return p.pieces if m.piece_size is not None else p.shards
+
+
+def unit_range(m: Manifest, p: PayloadFile, index: int) -> tuple[int, int]:
+    """(offset, length) of unit `index` of payload file `p`."""
+    start = index * m.unit
+    return start, max(0, min(m.unit, p.size - start))

@@ -27,7 +27,9 @@ from shardcast.delta import ENCODINGS, encode_delta
 from shardcast.errors import ShardcastError
 from shardcast.limits import ServeLimits
 from shardcast.manifest import (
+    DEFAULT_PIECE_SIZE,
     DEFAULT_SHARD_SIZE,
+    MIN_PIECE_SIZE,
     FileEntry,
     Manifest,
     PayloadFile,
@@ -60,6 +62,7 @@ class Origin:
         *,
         keep: int = DEFAULT_KEEP,
         shard_size: int = DEFAULT_SHARD_SIZE,
+        piece_size: int | None = DEFAULT_PIECE_SIZE,
         full_every: int = 10,
         rate: float | None = None,
         limits: ServeLimits | None = None,
@@ -69,6 +72,7 @@ class Origin:
         self.identity = identity
         self.pool_id = pool_id
         self.shard_size = shard_size
+        self.piece_size = piece_grid(shard_size, piece_size)
         self.full_every = max(1, full_every)
         self.store = VersionStore(root, keep)
         self.store.load_existing(identity.public_key, pool_id)
@@ -203,17 +207,18 @@ class Origin:
         out = out_dir / pname
         out.parent.mkdir(parents=True, exist_ok=True)
         encode_delta(base_file, new_file, out, codec="zstd")
-        psize, phash, pshards = hash_and_copy(out, None, self.shard_size)
-        if psize >= size:
+        h = hash_and_copy(out, None, self.shard_size, self.piece_size)
+        if h.size >= size:
             out.unlink()
             return None
         return PayloadFile(
             name=pname,
             target=name,
             encoding=ENCODINGS["zstd"],
-            size=psize,
-            hash=phash,
-            shards=pshards,
+            size=h.size,
+            hash=h.hash,
+            shards=h.shards,
+            pieces=h.pieces,
         )
 
     def _build_locked(
@@ -242,12 +247,12 @@ class Origin:
         for name in names:
             dst = tip / name
             dst.parent.mkdir(parents=True, exist_ok=True)
-            size, digest, shards = hash_and_copy(folder / name, dst, self.shard_size)
-            files.append(FileEntry(path=name, size=size, hash=digest))
+            h = hash_and_copy(folder / name, dst, self.shard_size, self.piece_size)
+            files.append(FileEntry(path=name, size=h.size, hash=h.hash))
             base_file = base[1] / name if base is not None else None
             delta_entry = None
             if base_file is not None and base_file.is_file():
-                delta_entry = self._delta_payload(base_file, dst, vdir / "payload", name, size)
+                delta_entry = self._delta_payload(base_file, dst, vdir / "payload", name, h.size)
             if delta_entry is not None:
                 payload.append(delta_entry)
             else:
@@ -257,9 +262,10 @@ class Origin:
                         name=name,
                         target=name,
                         encoding="raw",
-                        size=size,
-                        hash=digest,
-                        shards=shards,
+                        size=h.size,
+                        hash=h.hash,
+                        shards=h.shards,
+                        pieces=h.pieces,
                     )
                 )
         m = Manifest(
@@ -270,6 +276,7 @@ class Origin:
             payload=payload,
             base=base[0] if base is not None else None,
             created=time.time(),
+            piece_size=self.piece_size,
         )
         data = sign_manifest(m, self.identity)
         # Round-trip through the receivers' own check: never serve what clients would refuse.
@@ -279,3 +286,15 @@ class Origin:
         os.rename(vdir, self.store.folder(version))
         os.rename(tip, self.root / f"tip-v{version}")
         return m, data
+
+
+def piece_grid(shard_size: int, piece_size: int | None) -> int | None:
+    """The piece size a manifest gets: None (shards are the unit) when pieces would not be
+    smaller than shards; refuses a size that does not divide the shard size."""
+    if piece_size is None or piece_size >= shard_size:
+        return None
+    if piece_size < MIN_PIECE_SIZE or shard_size % piece_size:
+        raise ShardcastError(
+            f"piece size {piece_size} must be at least {MIN_PIECE_SIZE} and divide {shard_size}"
+        )
+    return piece_size

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -42,28 +43,29 @@ from shardcast.fetcher import (
     ResponseTooLarge,
     ShardFetcher,
     ShardJob,
-    Swarming,
     disk_error,
     get_capped,
     http_client,
     prepare_file,
+    unit_jobs,
 )
 from shardcast.limits import ServeLimits
-from shardcast.manifest import Manifest, shard_range
+from shardcast.manifest import Manifest
 from shardcast.peers import PeerTable
 from shardcast.server import create_app, serve_app
 from shardcast.sources import MAX_LISTED, SourcePicker
 from shardcast.store import DEFAULT_KEEP, StoredVersion, VersionStore
-from shardcast.swarm import PeerWatch, job_holders
+from shardcast.swarm import PeerWatch, swarming
 from shardcast.throttle import UploadThrottle
 
 log = logging.getLogger(__name__)
-
-MIN_POLL_GAP = 0.5  # seconds between two polls of one upstream, at least
 RETRY_ABANDONED_S = 10.0
 """Seconds before a version given up on is mirrored again, if an upstream still lists it: long
 enough that a version nobody can serve costs one manifest request per period, short enough
 that a coordinator restart delays a joining node by seconds, not until the next version."""
+
+MIN_POLL_GAP = 0.5  # seconds between two polls of one upstream, at least
+WHOLE_SHARDS_IN_FLIGHT = 3
 
 
 class Relay:
@@ -90,12 +92,7 @@ class Relay:
         self.upstreams = [u.rstrip("/") for u in upstreams]
         self.public_key = public_key
         self.pool_id = pool_id
-        # Few shards in flight upstream: shards then complete one after another and each is
-        # re-served at once (cut-through); many parallel shards would all finish together
-        # at the end, which is store-and-forward again.
-        # A swarm member takes shards from many peers at once; its upstream share is capped
-        # by `seed_parallel` instead.
-        self.policy = policy or FetchPolicy(parallel=8 if identity else 3)
+        self.policy = policy or FetchPolicy(parallel=8)
         self.poll_wait = poll_wait
         self.store = VersionStore(root, keep)
         self.store.load_existing(public_key, pool_id)
@@ -242,10 +239,7 @@ class Relay:
                 except OSError as e:
                     raise disk_error(e, folder) from None
                 for p in m.payload:
-                    path = folder / "payload" / p.name
-                    for i, h in enumerate(p.shards):
-                        off, length = shard_range(m, p, i)
-                        jobs.append(ShardJob(p.name, i, off, length, h, path))
+                    jobs += unit_jobs(m, p, folder / "payload" / p.name)
                 sv = StoredVersion(m, raw, folder, complete=False)
                 self.store.add(sv)  # announced now: downstream may start asking for shards
 
@@ -254,10 +248,16 @@ class Relay:
 
                 swarm = None
                 if self.watch is not None:
-                    holders = job_holders(self.watch, version, m)
-                    swarm = Swarming(holders, set(self.upstreams), self.seed_parallel)
+                    swarm = swarming(
+                        self.watch,
+                        version,
+                        m,
+                        set(self.upstreams),
+                        self.seed_parallel,
+                        lambda j: sv.promise(j.name, j.index),
+                    )
                 fetcher = ShardFetcher(
-                    self._http, self.picker, self.policy, on_corrupt=report, swarm=swarm
+                    self._http, self.picker, self._policy_for(m), on_corrupt=report, swarm=swarm
                 )
                 try:
                     async with trio.open_nursery() as watching:
@@ -292,6 +292,17 @@ class Relay:
     def _resting(self, version: int, now: float) -> bool:
         """Whether `version` was given up on too recently to be tried again."""
         return self.abandoned.get(version, -1.0) > now
+
+    def _policy_for(self, m: Manifest) -> FetchPolicy:
+        """Whole shards (a manifest without pieces) go WHOLE_SHARDS_IN_FLIGHT at a time when
+        mirroring from upstreams only: they then complete one after another and each is
+        re-served at once (cut-through); many in parallel would all finish together at the
+        end, which is store-and-forward again. Pieces are small enough to run `parallel`
+        at once and still land in order; a swarm member caps its upstream share by
+        `seed_parallel` instead."""
+        if m.piece_size is not None or self.identity is not None:
+            return self.policy
+        return replace(self.policy, parallel=min(self.policy.parallel, WHOLE_SHARDS_IN_FLIGHT))
 
     @staticmethod
     def _prepare(folder: Path, raw: bytes, m: Manifest) -> None:

@@ -3,15 +3,17 @@
     GET /versions?after=N&wait=S   JSON listing; long-polls up to S seconds for a version > N
     GET /v/{N}/manifest            the signed manifest bytes
     GET /v/{N}/f/{name}            a payload file, streamed; single-range `Range` supported
-    GET /v/{N}/have?after=K&wait=S  which shards are held (hex bitfield); long-polls up to S s
-                                   for more than K held shards
+    GET /v/{N}/have?after=K&wait=S  which pieces are held, and which are being fetched from a
+                                   seed (hex bitfields); long-polls up to S s for more than K
+                                   held pieces (or, with &changes=C, for more than C changes)
     GET|POST /peers                signed peer announcements (servers given a PeerTable)
     GET /stats                     bytes served since start: total, requests, by version
     GET /health                    liveness
 
 Files are streamed in chunks read off the event loop, so no shard is ever held in memory
 and a slow client only slows its own stream. On a relay a requested byte range may cover
-shards not yet held: the response waits for each one to be verified (cut-through) and
+pieces (shards, without pieces) not yet held: the response waits for each one to be
+verified (cut-through) and
 gives up with 503 (before the body) or a cut stream (inside it) after `shard_wait` seconds.
 
 Clients may be hostile (see limits.py): requests in progress are capped per address and in
@@ -36,7 +38,7 @@ from hypercorn.trio import serve
 
 from shardcast.errors import ManifestError
 from shardcast.limits import CapConnections, ServeLimits
-from shardcast.manifest import PayloadFile, shard_range
+from shardcast.manifest import PayloadFile, unit_range
 from shardcast.peers import MAX_ANNOUNCEMENT_BYTES, PeerTable
 from shardcast.store import StoredVersion, VersionStore
 from shardcast.throttle import UploadThrottle
@@ -124,11 +126,22 @@ def create_app(
         return store.listing()
 
     @app.get("/v/{version}/have")
-    async def have(version: str, after: int = -1, wait: float = 0.0) -> dict:
+    async def have(
+        version: str, after: int = -1, wait: float = 0.0, changes: int | None = None
+    ) -> dict:
+        """`bits`: units held; `soon`: units being fetched from a seed. Long-polls for more
+        than `after` held units, or (given `changes`) for any change to either."""
         sv = version_or_404(version)
-        if wait > 0:
+        if wait > 0 and changes is not None:
+            await sv.wait_changes(changes, min(wait, MAX_LONG_POLL))
+        elif wait > 0:
             await sv.wait_held(after, min(wait, MAX_LONG_POLL))
-        return {"held": sv.held, "bits": sv.bitfield()}
+        return {
+            "held": sv.held,
+            "changes": sv.changes,
+            "bits": sv.bitfield(),
+            "soon": sv.soon_bitfield(),
+        }
 
     if peers is not None:
 
@@ -162,13 +175,13 @@ def create_app(
             raise HTTPException(404, f"version {version} has no payload {name!r}") from None
         rng = parse_range(request.headers.get("range"), p.size)
         start, end = rng if rng is not None else (0, p.size)
-        first = start // sv.manifest.shard_size
-        # Before sending headers, make sure the first shard is there: a relay that is behind
+        first = start // sv.manifest.unit
+        # Before sending headers, make sure the first unit is there: a relay that is behind
         # answers 503 quickly enough for the client to go elsewhere.
         if not await sv.wait_for(name, first, shard_wait):
             if sv.dropped:
                 raise HTTPException(404, f"version {version} was dropped")
-            raise HTTPException(503, f"shard {first} of {name!r} is not held yet")
+            raise HTTPException(503, f"piece {first} of {name!r} is not held yet")
         headers = {"content-length": str(end - start), "accept-ranges": "bytes"}
         status = 200
         if rng is not None:
@@ -201,12 +214,12 @@ class _FileBody:
         sv, p = self.sv, self.p
         pos = self.start
         while pos < self.end:
-            index = pos // sv.manifest.shard_size
-            s_start, s_len = shard_range(sv.manifest, p, index)
+            index = pos // sv.manifest.unit
+            s_start, s_len = unit_range(sv.manifest, p, index)
             if not await sv.wait_for(p.name, index, self.shard_wait):
                 # Cutting the stream short is the only honest signal left once the headers
                 # are out; the client sees a short body and resumes elsewhere.
-                log.info("v%d %s: shard %d never came; cut", sv.version, p.name, index)
+                log.info("v%d %s: piece %d never came; cut", sv.version, p.name, index)
                 return
             stop = min(self.end, s_start + s_len, pos + READ_CHUNK)
             data = await trio.to_thread.run_sync(os.pread, fd, stop - pos, pos)

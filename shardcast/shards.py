@@ -7,6 +7,7 @@ These functions block (disk and BLAKE3); async callers run them in a worker thre
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
@@ -18,46 +19,80 @@ def hash_bytes(data: bytes | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def hash_and_copy(src: Path, dst: Path | None, shard_size: int) -> tuple[int, str, list[str]]:
-    """Read `src` once: return (size, file hash, shard hashes); copy it to `dst` if given.
+@dataclass(frozen=True)
+class Hashed:
+    size: int
+    hash: str
+    shards: list[str]
+    pieces: list[str]
+    """Empty unless a piece size was asked for."""
+
+
+class _Grid:
+    """BLAKE3 of consecutive `step`-byte parts of a stream fed in chunks that never cross
+    a part boundary."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.hashes: list[str] = []
+        self._h = blake3.blake3()
+        self._n = 0
+
+    def update(self, chunk: memoryview) -> None:
+        self._h.update(chunk)
+        self._n += len(chunk)
+        if self._n == self.step:
+            self._close()
+
+    def finish(self) -> list[str]:
+        if self._n or not self.hashes:
+            self._close()
+        return self.hashes
+
+    def _close(self) -> None:
+        self.hashes.append(self._h.hexdigest())
+        self._h = blake3.blake3()
+        self._n = 0
+
+
+def hash_and_copy(
+    src: Path, dst: Path | None, shard_size: int, piece_size: int | None = None
+) -> Hashed:
+    """Read `src` once: its size, file hash, shard hashes and (with `piece_size`, which must
+    divide `shard_size`) piece hashes; copy it to `dst` if given.
 
     The copy makes the published bytes the origin's own, so a trainer that overwrites its
     checkpoint folder later cannot change what is being served under a signed hash.
     """
     whole = blake3.blake3()
-    shard_hashes: list[str] = []
-    shard = blake3.blake3()
-    in_shard = 0
+    shards = _Grid(shard_size)
+    pieces = _Grid(piece_size) if piece_size else None
+    step = piece_size or shard_size  # reads never cross a piece (hence shard) boundary
     size = 0
     out = open(dst, "wb") if dst is not None else None  # noqa: SIM115 - closed below
     try:
         with open(src, "rb") as f:
-            buf = bytearray(min(READ_CHUNK, shard_size))
+            buf = bytearray(min(READ_CHUNK, step))
             view = memoryview(buf)
             while True:
-                n = f.readinto(view[: min(len(buf), shard_size - in_shard)])
+                n = f.readinto(view[: min(len(buf), step - size % step)])
                 if not n:
                     break
                 chunk = view[:n]
                 whole.update(chunk)
-                shard.update(chunk)
+                shards.update(chunk)
+                if pieces is not None:
+                    pieces.update(chunk)
                 if out is not None:
                     out.write(chunk)
                 size += n
-                in_shard += n
-                if in_shard == shard_size:
-                    shard_hashes.append(shard.hexdigest())
-                    shard = blake3.blake3()
-                    in_shard = 0
-        if in_shard or not shard_hashes:
-            shard_hashes.append(shard.hexdigest())
         if out is not None:
             out.flush()
             os.fsync(out.fileno())
     finally:
         if out is not None:
             out.close()
-    return size, whole.hexdigest(), shard_hashes
+    return Hashed(size, whole.hexdigest(), shards.finish(), pieces.finish() if pieces else [])
 
 
 def hash_range(path: Path, offset: int, length: int) -> str:

@@ -5,7 +5,8 @@ Layout under a store root:
     v{N}/payload/<name>  payload files (complete, or being filled shard by shard on a relay)
     v{N}/complete        marker: every shard is held and verified
 
-A `StoredVersion` tracks which shards are verified; servers wait on it to serve a shard the
+A `StoredVersion` tracks which units (pieces, or shards in manifests without pieces) are
+verified; servers wait on it to serve a shard the
 moment it lands (cut-through). The store also holds the retention rule: the newest `keep`
 versions stay, and so does every version one of them needs to be rebuilt (its delta base
 chain), so a late joiner can always reach a retained version.
@@ -21,7 +22,7 @@ import numpy as np
 import trio
 
 from shardcast.errors import ManifestError
-from shardcast.manifest import Manifest, open_manifest
+from shardcast.manifest import Manifest, open_manifest, units
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,14 @@ class StoredVersion:
         self.manifest_bytes = manifest_bytes
         self.folder = folder
         self.dropped = False
-        self._have = {p.name: [complete] * len(p.shards) for p in manifest.payload}
-        self._missing = 0 if complete else sum(len(p.shards) for p in manifest.payload)
+        self._have = {p.name: [complete] * len(units(manifest, p)) for p in manifest.payload}
+        self._total = sum(len(held) for held in self._have.values())
+        self._missing = 0 if complete else self._total
+        # Units this server is fetching from a seed right now: peers leave those to it
+        # rather than asking the seed for a second copy (see fetcher, `Swarming`).
+        self._soon = {name: [False] * len(held) for name, held in self._have.items()}
+        self.changes = 0
+        """Units held plus units promised: what a peer's long-poll on `/have` waits on."""
         self._changed = trio.Event()
 
     @property
@@ -54,27 +61,49 @@ class StoredVersion:
 
     @property
     def held(self) -> int:
-        return sum(len(p.shards) for p in self.manifest.payload) - self._missing
+        return self._total - self._missing
 
     def bitfield(self) -> str:
-        """Which shards are held, as hex: bit i (most significant first) is shard i in the
+        """Which units are held, as hex: bit i (most significant first) is unit i in the
         manifest's order (payload files in turn). Peers read it to choose rarest-first."""
-        bits = [b for p in self.manifest.payload for b in self._have[p.name]]
-        return np.packbits(np.array(bits, dtype=bool)).tobytes().hex()
+        return _hex_bits(self._have, self.manifest)
+
+    def soon_bitfield(self) -> str:
+        """Which units this server is fetching from a seed, as `bitfield` (held ones
+        cleared)."""
+        return _hex_bits(self._soon, self.manifest)
 
     async def wait_held(self, more_than: int, timeout: float) -> None:
-        """Long-poll: return once more than `more_than` shards are held, or on timeout."""
+        """Long-poll: return once more than `more_than` units are held, or on timeout."""
         with trio.move_on_after(timeout):
             while self.held <= more_than and not self.dropped:
                 await self._changed.wait()
 
+    async def wait_changes(self, more_than: int, timeout: float) -> None:
+        """Long-poll: return once `changes` exceeds `more_than`, or on timeout."""
+        with trio.move_on_after(timeout):
+            while self.changes <= more_than and not self.dropped:
+                await self._changed.wait()
+
+    def promise(self, name: str, index: int) -> None:
+        """Record that unit `index` of `name` is being fetched from a seed."""
+        if not self._have[name][index] and not self._soon[name][index]:
+            self._soon[name][index] = True
+            self.changes += 1
+            self._wake()
+
     def mark(self, name: str, index: int) -> None:
-        """Record that shard `index` of `name` is on disk and verified; wake waiting servers."""
+        """Record that unit `index` of `name` is on disk and verified; wake waiting servers."""
         if not self._have[name][index]:
             self._have[name][index] = True
+            self._soon[name][index] = False
             self._missing -= 1
+            self.changes += 1
             if self._missing == 0:
                 (self.folder / "complete").touch()
+        self._wake()
+
+    def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
@@ -83,7 +112,7 @@ class StoredVersion:
         self._changed.set()
 
     async def wait_for(self, name: str, index: int, timeout: float) -> bool:
-        """Wait until the shard is held; False on timeout or if the version was dropped."""
+        """Wait until the unit is held; False on timeout or if the version was dropped."""
         with trio.move_on_after(timeout):
             while not self._have[name][index]:
                 if self.dropped:
@@ -91,6 +120,11 @@ class StoredVersion:
                 await self._changed.wait()
             return not self.dropped
         return False
+
+
+def _hex_bits(flags: dict[str, list[bool]], m: Manifest) -> str:
+    bits = [b for p in m.payload for b in flags[p.name]]
+    return np.packbits(np.array(bits, dtype=bool)).tobytes().hex()
 
 
 class VersionStore:

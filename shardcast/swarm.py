@@ -9,10 +9,11 @@ what it holds. `PeerWatch` keeps that going:
   (`GET /peers`); every announcement that checks out makes its URL a source. A late joiner
   therefore learns the swarm from its first pull of the origin.
 - **Bitfields** (`watch`): while a version is mirrored, one long-poll per active peer on
-  `GET /v/{N}/have` tells which shards that peer holds; the fetcher takes the rarest
-  first and asks a peer that holds it. At most `max_peers` peers are watched at once
-  (those not dropped by the picker for bad bytes, stalls or lies), so the cost per member
-  stays bounded however large the swarm.
+  `GET /v/{N}/have` tells which units (pieces, or shards) that peer holds and which it is
+  fetching from a seed; the fetcher takes the rarest first, asks a peer that holds it,
+  and leaves a unit a peer is fetching from a seed to that peer for `PROMISE_WAIT` s. At
+  most `max_peers` peers are watched at once (those not dropped by the picker for bad
+  bytes, stalls or lies), so the cost per member stays bounded however large the swarm.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import numpy as np
 import trio
 
 from protocol.identity import Identity
-from shardcast.fetcher import ResponseTooLarge, ShardJob, get_capped
-from shardcast.manifest import Manifest
+from shardcast.fetcher import ResponseTooLarge, ShardJob, Swarming, get_capped
+from shardcast.manifest import Manifest, units
 from shardcast.peers import PeerTable, announce
 from shardcast.sources import SourcePicker
 
@@ -41,6 +42,7 @@ WATCH_REFRESH = 1.0  # how often the set of watched peers is revisited
 MAX_PEERS_BYTES = 256 * 1024
 MAX_HAVE_BYTES = 1024 * 1024
 REQUEST_TIMEOUT = 10.0
+PROMISE_WAIT = 5.0  # seconds a peer's "fetching it from a seed" keeps others off the seeds
 
 
 class PeerWatch:
@@ -60,8 +62,12 @@ class PeerWatch:
         self.identity = identity
         self.max_peers = max_peers
         self.own_url: str | None = None
-        # version -> peer url -> set of global shard indices it holds (its latest bitfield)
+        # version -> peer url -> set of global unit indices it holds (its latest bitfield)
         self._have: dict[int, dict[str, set[int]]] = {}
+        # version -> global unit index -> trio time a peer first said it is fetching it
+        # from a seed
+        self._promised: dict[int, dict[int, float]] = {}
+        self._rank = (0, 1)  # (this member's place, members) in the known swarm
 
     def peers(self) -> list[str]:
         return [u for u in self.table.urls() if u != self.own_url and u not in self.upstreams]
@@ -102,15 +108,36 @@ class PeerWatch:
         have = self._have.get(version, {})
         return {u for u, held in have.items() if index in held}
 
+    def promised(self, version: int, index: int) -> bool:
+        """Whether a peer said, less than `PROMISE_WAIT` s ago, that it is fetching the unit
+        from a seed. Only the first claim per unit counts, so a peer that claims everything
+        and delivers nothing delays each unit once, by `PROMISE_WAIT`."""
+        since = self._promised.get(version, {}).get(index)
+        return since is not None and trio.current_time() - since < PROMISE_WAIT
+
+    def preferred(self, index: int) -> bool:
+        """Whether the unit is this member's share of the first copies: units are dealt
+        round-robin over the members known here (peers and self, by URL; recounted by
+        `watch`), so that members asking a seed for units nobody has ask for different
+        ones."""
+        rank, members = self._rank
+        return index % members == rank
+
+    def _count_members(self) -> None:
+        members = sorted({*self.peers(), self.own_url or ""})
+        self._rank = (members.index(self.own_url or ""), len(members))
+
     async def watch(self, version: int, m: Manifest) -> None:
         """Follow the bitfields of up to `max_peers` usable peers while `version` is
         mirrored (until cancelled)."""
         self._have[version] = {}
-        total = sum(len(p.shards) for p in m.payload)
+        self._promised[version] = {}
+        total = sum(len(units(m, p)) for p in m.payload)
         watched: dict[str, trio.CancelScope] = {}
         try:
             async with trio.open_nursery() as nursery:
                 while True:
+                    self._count_members()
                     for url, scope in list(watched.items()):
                         if self.picker.dropped(url, version):
                             scope.cancel()  # bad bytes, stalls or lies: not asked again
@@ -128,11 +155,13 @@ class PeerWatch:
                     await trio.sleep(WATCH_REFRESH)
         finally:
             self._have.pop(version, None)
+            self._promised.pop(version, None)
 
     async def _follow_have(
         self, version: int, url: str, total: int, scope: trio.CancelScope
     ) -> None:
         held = -1
+        changes = -1
         failures = 0
         with scope:
             while held < total and failures < 3:
@@ -142,7 +171,7 @@ class PeerWatch:
                             self.http,
                             f"{url}/v/{version}/have",
                             MAX_HAVE_BYTES,
-                            {"after": held, "wait": HAVE_WAIT},
+                            {"after": held, "changes": changes, "wait": HAVE_WAIT},
                         )
                     if status == 404:  # not mirroring it (yet): ask again later
                         await trio.sleep(WATCH_REFRESH)
@@ -151,15 +180,23 @@ class PeerWatch:
                         raise ValueError(f"HTTP {status}")
                     data = json.loads(body)
                     bits = _bits(str(data["bits"]), total)
-                    held = len(bits)
+                    soon = _bits(str(data.get("soon", "")), total) if "soon" in data else set()
+                    held, changes = len(bits), int(data.get("changes", len(bits)))
                     failures = 0
-                    if version in self._have:
-                        self._have[version][url] = bits
+                    self._note(version, url, bits, soon)
                 except (httpx.HTTPError, trio.TooSlowError, ValueError, KeyError, TypeError):
                     failures += 1
                     await trio.sleep(WATCH_REFRESH)
                 except ResponseTooLarge:
                     return
+
+    def _note(self, version: int, url: str, bits: set[int], soon: set[int]) -> None:
+        if version not in self._have:
+            return  # the version's watch ended while the request ran
+        self._have[version][url] = bits
+        now = trio.current_time()
+        for index in soon:
+            self._promised[version].setdefault(index, now)
 
 
 def _bits(hexbits: str, total: int) -> set[int]:
@@ -171,19 +208,34 @@ def _bits(hexbits: str, total: int) -> set[int]:
 
 
 def shard_index(m: Manifest) -> dict[str, int]:
-    """Global index of each payload file's first shard, as in bitfields."""
+    """Global index of each payload file's first unit (piece, or shard), as in bitfields."""
     out, n = {}, 0
     for p in m.payload:
         out[p.name] = n
-        n += len(p.shards)
+        n += len(units(m, p))
     return out
 
 
-def job_holders(watch: PeerWatch, version: int, m: Manifest) -> Callable[[ShardJob], set[str]]:
-    """For the fetcher: the peers holding a job's shard of `version`."""
+def swarming(
+    watch: PeerWatch,
+    version: int,
+    m: Manifest,
+    seeds: set[str],
+    seed_parallel: int,
+    promise: Callable[[ShardJob], None],
+) -> Swarming:
+    """The fetcher's view of the swarm for `version`: who holds a unit, whether a peer
+    promised it, whether it is this member's share; `promise` advertises our own."""
     first = shard_index(m)
 
-    def holders(job: ShardJob) -> set[str]:
-        return watch.holders(version, first[job.name] + job.index)
+    def index(job: ShardJob) -> int:
+        return first[job.name] + job.index
 
-    return holders
+    return Swarming(
+        holders=lambda job: watch.holders(version, index(job)),
+        seeds=seeds,
+        seed_parallel=seed_parallel,
+        promised=lambda job: watch.promised(version, index(job)),
+        preferred=lambda job: watch.preferred(index(job)),
+        on_seed_fetch=promise,
+    )

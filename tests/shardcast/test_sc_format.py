@@ -22,6 +22,8 @@ from shardcast.manifest import (
     SignedManifest,
     open_manifest,
     sign_manifest,
+    unit_range,
+    units,
 )
 from shardcast.shards import hash_and_copy, list_files
 
@@ -124,17 +126,74 @@ def test_inconsistent_manifest_is_refused(identity: Identity) -> None:
         sign_manifest(bad, identity)
 
 
+def with_pieces(piece_size: int, pieces: list[str]) -> Manifest:
+    """20000 bytes in two 16 KiB shards, and in pieces of `piece_size`."""
+    m = manifest(shard_size=16384, files=[FileEntry(path="a/model.bin", size=20000, hash=H)])
+    p = msgspec.structs.replace(m.payload[0], size=20000, pieces=pieces)
+    return msgspec.structs.replace(m, piece_size=piece_size, payload=[p])
+
+
+def test_manifest_with_pieces_round_trips_and_uses_them(identity: Identity) -> None:
+    m = with_pieces(4096, [H] * 5)
+    opened = open_manifest(sign_manifest(m, identity), public_key=identity.public_key, pool_id="p")
+    assert opened == m
+    assert (opened.unit, units(opened, opened.payload[0])) == (4096, [H] * 5)
+    assert unit_range(opened, opened.payload[0], 4) == (16384, 3616)
+
+
+def test_manifest_without_pieces_encodes_as_before_pieces(identity: Identity) -> None:
+    """Backward compatibility: no piece fields on the wire, so receivers that predate
+    pieces (which refuse unknown fields) still read it, and the shard is the unit."""
+    m = open_manifest(
+        sign_manifest(manifest(), identity), public_key=identity.public_key, pool_id="p"
+    )
+    body = msgspec.msgpack.decode(msgspec.msgpack.decode(sign_manifest(m, identity))["body"])
+    assert "piece_size" not in body and "pieces" not in body["payload"][0]
+    assert (m.unit, units(m, m.payload[0])) == (4096, [H, H])
+
+
+@pytest.mark.parametrize(
+    ("piece_size", "pieces", "error"),
+    [(4096, [H] * 4, "4 pieces, expected 5"), (5000, [H] * 4, "does not divide")],
+)
+def test_inconsistent_pieces_are_refused(
+    identity: Identity, piece_size: int, pieces: list[str], error: str
+) -> None:
+    with pytest.raises(ManifestError, match=error):
+        sign_manifest(with_pieces(piece_size, pieces), identity)
+
+
+def test_pieces_without_a_piece_size_are_refused(identity: Identity) -> None:
+    m = msgspec.structs.replace(
+        manifest(), payload=[msgspec.structs.replace(manifest().payload[0], pieces=[H])]
+    )
+    with pytest.raises(ManifestError, match="1 pieces, expected 0"):
+        sign_manifest(m, identity)
+
+
 @settings(max_examples=30, deadline=None)
-@given(size=st.integers(0, 20000), shard=st.sampled_from([4096, 5000, 8192]))
-def test_shard_hashes_cover_the_file(tmp_path_factory, size: int, shard: int) -> None:
+@given(
+    size=st.integers(0, 20000),
+    shard=st.sampled_from([4096, 5000, 8192]),
+    split=st.sampled_from([None, 1, 2]),
+)
+def test_shard_and_piece_hashes_cover_the_file(
+    tmp_path_factory, size: int, shard: int, split: int | None
+) -> None:
     d = tmp_path_factory.mktemp("h")
     data = os.urandom(size)
     (d / "f").write_bytes(data)
-    got_size, digest, shards = hash_and_copy(d / "f", d / "copy", shard)
-    assert got_size == size
-    assert digest == blake3.blake3(data).hexdigest()
-    want = [blake3.blake3(data[i : i + shard]).hexdigest() for i in range(0, size, shard)]
-    assert shards == (want or [blake3.blake3(b"").hexdigest()])
+    piece = shard // split if split else None
+    got = hash_and_copy(d / "f", d / "copy", shard, piece)
+    assert got.size == size
+    assert got.hash == blake3.blake3(data).hexdigest()
+    empty = [blake3.blake3(b"").hexdigest()]
+
+    def grid(step: int) -> list[str]:
+        return [blake3.blake3(data[i : i + step]).hexdigest() for i in range(0, size, step)]
+
+    assert got.shards == (grid(shard) or empty)
+    assert got.pieces == ((grid(piece) or empty) if piece else [])
     assert (d / "copy").read_bytes() == data
 
 
