@@ -1,0 +1,73 @@
+"""Adapter versions: merged as peft computes them, bound to their exact base, and the base kept
+for as long as they need it."""
+
+import shutil
+
+import pytest
+import torch
+from lora_helpers import publish, trained_adapters
+
+from protocol import poolspec
+from protocol.errors import SwarmError
+from toploc.models import load_model
+from toploc.versions import BaseMismatchError, BaseMissingError, VersionLoader, adapter_meta
+from trainer.config import from_dict
+from trainer.learner import build_learner
+from trainer.policy import PolicyStore
+
+IDS = torch.tensor([[1, 5, 9, 13, 7, 2]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_the_merged_version_computes_what_peft_computes(tmp_path):
+    (wrapped,) = publish(tmp_path, [1])
+    merged = VersionLoader(torch.float32, reuse_base=False).load(tmp_path / "v1")
+    base = VersionLoader(torch.float32, reuse_base=False).load(tmp_path / "v0")
+    assert torch.allclose(logits(merged), logits(wrapped), atol=1e-5)
+    assert not torch.allclose(logits(base), logits(wrapped), atol=1e-3)
+
+
+def test_a_missing_or_other_base_is_refused(tmp_path):
+    publish(tmp_path / "pool", [1])
+    alone = tmp_path / "alone"
+    shutil.copytree(tmp_path / "pool" / "v1", alone / "v1")
+    with pytest.raises(BaseMissingError, match="base version v0"):
+        VersionLoader(torch.float32, reuse_base=False).load(alone / "v1")
+    # A base of other bytes under the right number (a relay's or a disk's doing) is refused.
+    other, tok = load_model("tiny", "float32", 7)
+    other.save_pretrained(alone / "v0")
+    tok.save_pretrained(alone / "v0")
+    with pytest.raises(BaseMismatchError, match=r"model\.safetensors"):
+        VersionLoader(torch.float32, reuse_base=False).load(alone / "v1")
+
+
+def test_an_engine_keeps_the_base_after_its_folder_is_pruned(tmp_path):
+    publish(tmp_path, [1, 2])
+    fresh = logits(VersionLoader(torch.float32, reuse_base=False).load(tmp_path / "v2"))
+    engine = VersionLoader(torch.float32, reuse_base=True)
+    first = engine.load(tmp_path / "v1")
+    shutil.rmtree(tmp_path / "v0")
+    second = engine.load(tmp_path / "v2")
+    assert second is first  # the base stayed loaded; only the adapted weights changed
+    assert torch.equal(logits(second), fresh)  # merged onto the base, not onto v1
+
+
+def test_the_store_keeps_the_base_while_adapter_versions_apply_to_it(tmp_path):
+    wrapped, tok = trained_adapters(1)
+    store = PolicyStore(tmp_path, "float32", keep=2, cache_models=0)
+    for v in range(4):
+        store.export(wrapped, tok, v)
+    assert store.versions() == [0, 2, 3]
+    assert adapter_meta(store.folder(0)) is None
+    assert adapter_meta(store.folder(3)).base_version == 0
+
+
+def test_lora_across_several_trainer_ranks_is_refused(tmp_path):
+    spec = poolspec.from_dict({"name": "t", "coordinator": {"public_key": "ab" * 32}})
+    config = from_dict({"trainer": {"lora": {"rank": 4}}})
+    with pytest.raises(SwarmError, match="trainer_procs = 1"):
+        build_learner(spec, config, tmp_path, rank=0, world=2)
