@@ -556,8 +556,12 @@ class SeedReroller(Cheat):
         except SwarmError as e:  # unanswered: the lease still closes at its deadline
             code = f"error ({type(e).__name__})"
         self.count(f"release:{code}")
-        for t in lease.tasks:
-            self.released[t.prompt_index] = now
+        # Only a release the coordinator acknowledged bars the prompts from now; an unanswered
+        # one leaves the lease open (its prompts may be dealt to us again while it is) until it
+        # expires, when the coordinator bars them instead.
+        if code == "released":
+            for t in lease.tasks:
+                self.released[t.prompt_index] = now
         return results
 
     def submissions(self, submission: msg.Submission, lease: msg.Lease) -> list[msg.Submission]:

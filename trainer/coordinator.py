@@ -474,7 +474,7 @@ class CoordinatorView:
     def ban(self, key: bytes, reason: str) -> list[int]:
         revoked = self._coord.ledger.ban(key, reason, None, time.time())
         self._coord.relays.forget(key)
-        self._coord.leases.give_back(revoked, time.time())
+        self._coord.leases.give_back(revoked)
         return revoked
 
 

@@ -6,8 +6,12 @@ node asks and reproducible by anyone auditing the ledger. A task's sampling seed
 time the prompt is handed out: the same prompt never comes with the same seed twice, and the
 seed does not depend on who asks. Prompts of leases that expired or were released go to the
 next leases first, but never back to the node that gave them up inside the admission window,
-so releasing a lease cannot buy a node a second roll of the same prompt. A fresh draw passes
-over prompts the curriculum (trainer/curriculum.py) turns down, by a coin anyone can replay.
+so releasing a lease cannot buy a node a second roll of the same prompt; nor does a fresh draw
+deal a node a prompt it holds in an open lease, while any other is free (two seeds of one
+prompt at once are a re-roll too: it could submit the luckier and let the other expire). Both
+sets come from the ledger at each lease, so they survive a restart and can be audited. A fresh
+draw passes over prompts the curriculum (trainer/curriculum.py) turns down, by a coin anyone
+can replay.
 """
 
 from __future__ import annotations
@@ -56,45 +60,48 @@ class LeaseBook:
         self.pool_seed = pool_seed
         self.n_prompts = n_prompts
         self._orphans: deque[int] = deque()
-        self._barred: dict[bytes, dict[int, float]] = {}
-        """node -> {prompt index: until}: prompts it gave up, kept from it until then."""
 
-    def return_prompts(
-        self, prompt_indices: list[int], barred: bytes | None = None, until: float = 0.0
-    ) -> None:
-        """Prompts of an expired, released or revoked lease: they go to the next leases, never
-        to `barred` (the node that gave them up) before `until`, by any draw."""
+    def return_prompts(self, prompt_indices: list[int]) -> None:
+        """Prompts of an expired, released or revoked lease: they go to the next leases (to
+        nodes they are not barred from)."""
         self._orphans.extend(prompt_indices)
-        if barred is not None:
-            bars = self._barred.setdefault(barred, {})
-            for p in prompt_indices:
-                bars[p] = max(bars.get(p, 0.0), until)
 
     @property
     def orphan_count(self) -> int:
         return len(self._orphans)
 
     def plan(
-        self, node: bytes, counter: int, n_tasks: int, now: float, keep: Keep | None = None
+        self,
+        node: bytes,
+        counter: int,
+        n_tasks: int,
+        keep: Keep | None = None,
+        barred: frozenset[int] = frozenset(),
+        held: frozenset[int] = frozenset(),
     ) -> list[int]:
         """Prompt indices for `node`'s lease number `counter`: orphans it may take first, then
-        fresh draws, skipping prompts barred from it and those `keep(prompt, slot draw)`
-        turns down (trainer.curriculum). Raises `NothingToLease` when none is left for it."""
-        barred = self._bars(node, now)
+        fresh draws. `barred`: prompts it gave up in the window, never dealt to it. `held`:
+        prompts of its open leases, passed over (like those already in this lease) while
+        another is free. Draws also pass over prompts `keep(prompt, slot draw)` turns down
+        (trainer.curriculum). Raises `NothingToLease` when none is left for it."""
         taken = self._take_orphans(barred, n_tasks)
         if len(barred) < self.n_prompts:
             for slot in range(len(taken), n_tasks):
                 start = draw(self.pool_seed, node, counter, slot, b"prompt")
-                taken.append(self._first_free(start, barred, keep))
+                taken.append(self._first_free(start, barred, held | set(taken), keep))
         if not taken:
             raise NothingToLease(f"the {len(barred)} prompts this node gave up are barred from it")
         return taken
 
-    def _first_free(self, start: int, barred: set[int], keep: Keep | None) -> int:
-        """The drawn prompt, or the next one after it that is not barred and that `keep`
-        takes. After `MAX_SKIPS` turned down, the first free one: a pool of settled prompts
-        still leases, and a draw costs a bounded walk."""
+    def _first_free(
+        self, start: int, barred: frozenset[int], held: frozenset[int], keep: Keep | None
+    ) -> int:
+        """The drawn prompt, or the next one after it that is neither barred nor held and
+        that `keep` takes. After `MAX_SKIPS` turned down, the first one neither barred nor
+        held (a pool of settled prompts still leases, and a draw costs a bounded walk); when
+        every free prompt is held, the first free one (a pool smaller than a node's leases)."""
         first: int | None = None
+        first_unheld: int | None = None
         skipped = 0
         for k in range(self.n_prompts):
             p = (start + k) % self.n_prompts
@@ -102,6 +109,10 @@ class LeaseBook:
                 continue
             if first is None:
                 first = p
+            if p in held:
+                continue
+            if first_unheld is None:
+                first_unheld = p
             if keep is None or keep(p, start):
                 return p
             skipped += 1
@@ -109,20 +120,9 @@ class LeaseBook:
                 break
         if first is None:
             raise NothingToLease("every prompt is barred from this node")
-        return first
+        return first if first_unheld is None else first_unheld
 
-    def _bars(self, node: bytes, now: float) -> set[int]:
-        bars = self._barred.get(node)
-        if not bars:
-            return set()
-        live = {p: t for p, t in bars.items() if t > now}
-        if live:
-            self._barred[node] = live
-        else:
-            del self._barred[node]
-        return set(live)
-
-    def _take_orphans(self, barred: set[int], n: int) -> list[int]:
+    def _take_orphans(self, barred: frozenset[int], n: int) -> list[int]:
         taken: list[int] = []
         kept: deque[int] = deque()
         while self._orphans and len(taken) < n:

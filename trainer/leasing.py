@@ -88,8 +88,11 @@ class LeaseService:
         def keep(prompt: int, slot_draw: int) -> bool:
             return self.curriculum.keep(prompt, self.ledger.prompt_draws(prompt), slot_draw)
 
+        window_start = now - self.admission.config.window_s
+        gave_up, holding = self.ledger.withheld_prompts(node, window_start)
+
         def plan(counter: int) -> list[int]:
-            return self.book.plan(node, counter, n_tasks, now, keep)
+            return self.book.plan(node, counter, n_tasks, keep, gave_up, holding)
 
         def build(
             lease_id: int, counter: int, draws: list[tuple[int, int]]
@@ -130,18 +133,17 @@ class LeaseService:
                 code="refused",
                 reason="no such open lease of yours",
             )
-        self.give_back([lease_id], now)
+        self.give_back([lease_id])
         why = "released (beyond the allowance: a soft fault)" if fault else "released"
         return msg.Receipt(lease_id=lease_id, queued=False, code="released", reason=why)
 
-    def give_back(self, lease_ids: list[int], now: float) -> None:
-        """The prompts of closed, unanswered leases go to others (never straight back)."""
-        until = now + self.admission.config.window_s
+    def give_back(self, lease_ids: list[int]) -> None:
+        """The prompts of closed, unanswered leases go to others (never straight back: the
+        ledger bars them from their node for the window)."""
         for lease_id in lease_ids:
             lease = self.ledger.lease(lease_id)
             if lease is not None:
-                prompts = [t["prompt_index"] for t in lease["tasks"]]
-                self.book.return_prompts(prompts, lease["node"], until)
+                self.book.return_prompts([t["prompt_index"] for t in lease["tasks"]])
 
     def grant_outage_grace(self, now: float) -> None:
         """On start, give every lease still open a full term from now: its node could not
@@ -157,7 +159,7 @@ class LeaseService:
             expired = self.ledger.expire_leases(now)
             if expired:
                 log.info("leases %s expired; their prompts go to other nodes", expired)
-                self.give_back(expired, now)
+                self.give_back(expired)
             await trio.sleep(every_s)
 
     def _enough_work(self, step: int) -> bool:

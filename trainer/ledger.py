@@ -465,6 +465,21 @@ class Ledger:
             "SELECT COUNT(*) FROM leases WHERE state = 'open' AND probation = ?", (int(probation),)
         ).fetchone()[0]
 
+    def withheld_prompts(self, node: bytes, since: float) -> tuple[frozenset[int], frozenset[int]]:
+        """(prompts `node` gave up after `since`: its leases expired, released or revoked
+        since; prompts of its open leases). What trainer.leases keeps from it."""
+        rows = self._db.execute(
+            """SELECT state, tasks FROM leases WHERE node = ? AND (state = 'open'
+               OR (state IN ('expired', 'released', 'revoked') AND closed_at >= ?))""",
+            (node, since),
+        ).fetchall()
+        gave_up: set[int] = set()
+        held: set[int] = set()
+        for r in rows:
+            into = held if r["state"] == "open" else gave_up
+            into.update(t["prompt_index"] for t in json.loads(r["tasks"]))
+        return frozenset(gave_up), frozenset(held)
+
     def activity(self, node: bytes, since: float) -> Activity:
         """`node`'s open leases, and those answered, expired or released after `since`."""
         counts = dict(

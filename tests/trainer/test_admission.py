@@ -10,7 +10,8 @@ from protocol import pow
 from protocol.poolspec import AdmissionSection
 from tests.trainer.test_handlers import Member, _coordinator, _play
 from trainer.admission import PROVEN_CHEAT, TRANSPORT_REFUSAL, Admission, TokenBucket
-from trainer.leases import LeaseBook, NothingToLease, task_seed
+from trainer.coordinator import Coordinator
+from trainer.leases import LeaseBook, NothingToLease, draw, task_seed
 from trainer.ledger import Decision, Ledger, Standing
 from trainer.submissions import ValidationQueue
 
@@ -148,10 +149,12 @@ def test_released_prompts_never_go_back_to_the_releaser_and_excess_releases_are_
         assert taken.prompt_index == given_up[0].prompt_index
         assert taken.seed != given_up[0].seed
         # whatever it is dealt later in the window, it is never a prompt it gave up
-        book = coord.leases.book
+        book, window = coord.leases.book, coord.spec.admission.window_s
+        barred, _ = coord.ledger.withheld_prompts(rerolled.key, time.time() - window)
+        assert barred == {t.prompt_index for t in given_up}
         for counter in range(50):
-            for p in book.plan(rerolled.key, 100 + counter, 1, time.time()):
-                assert p not in {t.prompt_index for t in given_up}
+            for p in book.plan(rerolled.key, 100 + counter, 1, barred=barred):
+                assert p not in barred
 
     _play(coord, scenario)
 
@@ -162,14 +165,14 @@ def test_seed_depends_on_prompt_and_draw_only():
     assert task_seed(7, 3, 0) != task_seed(7, 4, 0) != task_seed(8, 3, 0)
     book = LeaseBook(pool_seed=1, n_prompts=3)
     a, b = b"a" * 32, b"b" * 32
-    book.return_prompts([0, 1], barred=a, until=100.0)
-    # inside the window `a` is never dealt 0 or 1, by orphan or by a fresh draw
-    assert all(book.plan(a, c, 1, now=50.0) == [2] for c in range(20))
-    assert book.plan(b, 0, 2, now=50.0) == [0, 1]  # the orphans go to others first
-    book.return_prompts([2], barred=a, until=100.0)
+    book.return_prompts([0, 1])
+    # `a` gave 0 and 1 up: it is never dealt them, by orphan or by a fresh draw
+    assert all(book.plan(a, c, 1, barred=frozenset({0, 1})) == [2] for c in range(20))
+    assert book.plan(b, 0, 2) == [0, 1]  # the orphans go to others first
+    book.return_prompts([2])
     with pytest.raises(NothingToLease):
-        book.plan(a, 99, 1, now=50.0)  # everything is barred from it
-    assert book.plan(a, 1, 1, now=150.0) == [2]  # the window is over: the orphan is its
+        book.plan(a, 99, 1, barred=frozenset({0, 1, 2}))  # everything is barred from it
+    assert book.plan(a, 1, 1) == [2]  # nothing barred any more: the orphan is its
 
 
 class _Rules:
@@ -275,3 +278,51 @@ def test_leases_open_at_a_restart_get_a_full_term_not_a_fault(tmp_path):
         assert coord.ledger.expire_leases(back + limit + 1) == [lease.lease_id]
 
     _play(coord, scenario)
+
+
+def test_prompts_given_up_stay_barred_across_a_coordinator_restart(tmp_path):
+    # The bars come from the ledger: a coordinator started again on the same data never
+    # deals a node the prompts it gave up in the window (they were kept in memory before).
+    coord = _coordinator(tmp_path, batch_prompts=100, lease_prompts=2)
+    node = Member(coord)
+    given_up: set[int] = set()
+
+    async def release_two():
+        await node.join(trusted=True)
+        for _ in range(2):
+            lease = (await node.lease()).lease
+            given_up.update(t.prompt_index for t in lease.tasks)
+            assert (await node.release(lease)).code == "released"
+
+    _play(coord, release_two)
+    again = Coordinator(coord.spec, coord.identity, coord.options, coord.config)
+    node.coord = again
+    n_prompts = again.leases.book.n_prompts
+    assert 0 < len(given_up) < n_prompts
+
+    async def lease_after_restart():
+        dealt = set()
+        for _ in range(4):
+            reply = await node.lease()
+            assert reply.lease is not None, reply.reason
+            dealt.update(t.prompt_index for t in reply.lease.tasks)
+            await node.submit(reply.lease)
+        assert dealt and not dealt & given_up
+
+    _play(again, lease_after_restart)
+
+
+def test_a_draw_passes_over_prompts_the_node_holds_while_another_is_free():
+    book = LeaseBook(pool_seed=5, n_prompts=4)
+    node = b"h" * 32
+    start = draw(5, node, 0, 0, b"prompt") % 4
+    assert book.plan(node, 0, 1) == [start]
+    held = frozenset({start, (start + 1) % 4})
+    assert book.plan(node, 0, 1, held=held) == [(start + 2) % 4]
+    # one lease never holds a prompt twice while another is free
+    assert len(set(book.plan(node, 0, 4))) == 4
+    # every free prompt held (a pool smaller than a node's leases): it still leases
+    assert book.plan(node, 0, 1, held=frozenset(range(4))) == [start]
+    assert book.plan(node, 0, 1, barred=frozenset({start}), held=frozenset(range(4))) == [
+        (start + 1) % 4
+    ]

@@ -89,17 +89,17 @@ def test_orphans_are_deleted_and_old_ones_pruned(tmp_path):
 def test_lease_book_is_deterministic_and_node_specific():
     book = LeaseBook(pool_seed=1, n_prompts=1000)
     a, b = b"a" * 32, b"b" * 32
-    plan = book.plan(a, 0, 4, now=0.0)
-    assert plan == LeaseBook(1, 1000).plan(a, 0, 4, now=0.0)
-    assert plan != book.plan(a, 1, 4, now=0.0) and plan != book.plan(b, 0, 4, now=0.0)
-    assert plan != LeaseBook(2, 1000).plan(a, 0, 4, now=0.0)
+    plan = book.plan(a, 0, 4)
+    assert plan == LeaseBook(1, 1000).plan(a, 0, 4)
+    assert plan != book.plan(a, 1, 4) and plan != book.plan(b, 0, 4)
+    assert plan != LeaseBook(2, 1000).plan(a, 0, 4)
     assert all(0 <= p < 1000 for p in plan) and len(plan) == 4
 
 
 def test_returned_prompts_go_out_first():
     book = LeaseBook(pool_seed=1, n_prompts=1000)
     book.return_prompts([7, 8])
-    plan = book.plan(b"c" * 32, 0, 3, now=0.0)
+    plan = book.plan(b"c" * 32, 0, 3)
     assert plan[:2] == [7, 8]
     assert book.orphan_count == 0
     with pytest.raises(ValueError, match="no training prompts"):

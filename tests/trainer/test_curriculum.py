@@ -75,14 +75,15 @@ def _book_start(book: LeaseBook, counter: int) -> int:
 def test_a_draw_passes_over_prompts_keep_turns_down():
     book = LeaseBook(pool_seed=3, n_prompts=5)
     p0 = _book_start(book, 0) % 5
-    assert book.plan(NODE, 0, 1, now=0.0) == [p0]
-    assert book.plan(NODE, 0, 1, now=0.0, keep=lambda p, s: p != p0) == [(p0 + 1) % 5]
+    assert book.plan(NODE, 0, 1) == [p0]
+    assert book.plan(NODE, 0, 1, keep=lambda p, s: p != p0) == [(p0 + 1) % 5]
     # a barred prompt is passed over before keep is asked
-    book.return_prompts([(p0 + 1) % 5], barred=NODE, until=10.0)
-    assert book.plan(b"o" * 32, 0, 1, now=0.0) == [(p0 + 1) % 5]  # the orphan goes elsewhere
-    assert book.plan(NODE, 0, 1, now=0.0, keep=lambda p, s: p != p0) == [(p0 + 2) % 5]
+    book.return_prompts([(p0 + 1) % 5])
+    barred = frozenset({(p0 + 1) % 5})
+    assert book.plan(b"o" * 32, 0, 1) == [(p0 + 1) % 5]  # the orphan goes elsewhere
+    assert book.plan(NODE, 0, 1, keep=lambda p, s: p != p0, barred=barred) == [(p0 + 2) % 5]
     # when keep turns every prompt down, the draw leases the first free one
-    assert book.plan(NODE, 0, 1, now=0.0, keep=lambda p, s: False) == [p0]
+    assert book.plan(NODE, 0, 1, keep=lambda p, s: False) == [p0]
 
 
 def test_a_draw_walks_at_most_max_skips_prompts():
@@ -93,7 +94,7 @@ def test_a_draw_walks_at_most_max_skips_prompts():
         asked.append(p)
         return False
 
-    assert book.plan(NODE, 0, 1, now=0.0, keep=never) == [_book_start(book, 0) % 1000]
+    assert book.plan(NODE, 0, 1, keep=never) == [_book_start(book, 0) % 1000]
     assert len(asked) == MAX_SKIPS
 
 
@@ -106,9 +107,7 @@ def test_settled_prompts_are_leased_about_as_often_as_the_hand_computed_share():
     for p in range(10):
         c.add(p + 1, p, [1.0, 1.0] if p < 5 else [0.0, 1.0])
     book = LeaseBook(pool_seed=11, n_prompts=10)
-    picks = [
-        book.plan(NODE, n, 1, now=0.0, keep=lambda p, s: c.keep(p, 0, s))[0] for n in range(4000)
-    ]
+    picks = [book.plan(NODE, n, 1, keep=lambda p, s: c.keep(p, 0, s))[0] for n in range(4000)]
     share = sum(p < 5 for p in picks) / len(picks)
     assert 0.21 < share < 0.25
 
