@@ -3,16 +3,18 @@ LoRA version against a full one, peak training memory, validation throughput.
 
     python bench/scale.py --quick --json bench/results/scale-quick.json    # CPU, a few minutes
     python bench/scale.py --quick --only validation --json bench/results/scale-validation-quick.json
+    python bench/scale.py --only lora --json bench/results/scale-lora.json    # ~1 minute
 
 Fields: fsdp_matches_single (2 gloo ranks vs one process, tiny model, 4 steps),
-fsdp_max_diff, lora_version_bytes / full_version_bytes (SmolLM2-135M, rank 8, the pool dtype
-bf16), checkpoint_blocking_s / step_s (SmolLM2-135M, full fine-tuning in fp32, 16 sequences of
-~66 tokens, a checkpoint after every step: the time a step waits on checkpointing, and the
-step), peak_rss_gib; validations_per_s {"1": in-process, "2": 2 worker processes}
-(submissions/s, fp32, 16 submissions of 8 rollouts of up to 32 tokens, batches of 4; the tiny
-model with --quick, else SmolLM2-135M), with
-validation_serial_per_s (one submission per prefill), generation_s_per_rollout (the hf engine,
-batched), validation_s_per_rollout and generation_to_validation (how many rollouts one
+fsdp_max_diff, lora_version_bytes / full_version_bytes and lora_fraction (SmolLM2-135M, rank 8
+on q/k/v/o, the pool dtype bf16: the SHARDCAST payload of each version as published),
+checkpoint_blocking_s / step_s (SmolLM2-135M, full fine-tuning in fp32, 16 sequences of ~66
+tokens, a checkpoint after every step: the time a step waits on checkpointing, and the step),
+peak_rss_gib; validations_per_s {"1": in-process, "2": 2 worker processes} (submissions/s,
+fp32, 16 submissions of 8 rollouts of up to 32 tokens, batches of 4; the tiny model with
+--quick, else SmolLM2-135M), with validation_serial_per_s (one submission per prefill),
+generation_s_per_rollout (the hf engine, batched), validation_s_per_rollout and
+generation_to_validation (how many rollouts one
 validator checks in the time one is generated).
 """
 
@@ -40,12 +42,13 @@ from protocol import messages as msg
 from protocol import poolspec
 from protocol.envelope import seal
 from protocol.identity import Identity
+from shardcast.origin import Origin
 from toploc.models import SMOLLM2, TINY, eos_token_ids, load_model
 from trainer.algorithm import GroupAlgorithm
 from trainer.config import LoraSection, from_dict
 from trainer.grpo import Sample, TrainGroup
 from trainer.learner import build_learner
-from trainer.lora import add_adapters, save_adapters
+from trainer.lora import add_adapters
 from trainer.policy import PolicyStore
 from trainer.tasks import make_task
 from trainer.validator import Job, Validator
@@ -109,14 +112,28 @@ def checkpoint_cost(model: str, dtype: str, steps: int, device: str) -> dict[str
 
 
 def version_bytes(model: str, dtype: str, rank: int) -> dict[str, int]:
-    """A full version (the HF folder nodes load) against a LoRA version (adapters only)."""
+    """SHARDCAST payload bytes of a full version against an adapter version (LoRA at `rank` on
+    trainer.lora's default targets), each exported by the policy store and published by an
+    origin as `coordinator run` does: the full version first, the adapter version after it."""
     base, tok = load_model(model, "float32")
+
+    async def publish(tmp: Path) -> dict[str, int]:
+        origin = Origin(tmp / "origin", Identity.generate(), "bench", keep=4)
+        full = PolicyStore(tmp / "full", dtype, 4, 0).export(base, tok, 0)
+        full_bytes = (await origin.publish(full, 0, delta=True)).payload_bytes
+        lora = PolicyStore(tmp / "lora", dtype, 4, 0)
+        wrapped = add_adapters(base, LoraSection(rank=rank))
+        lora.export(wrapped, tok, 0)  # the pool's base, published once (the version above)
+        with torch.no_grad():  # as after a step: B leaves zero
+            for name, p in wrapped.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 1e-3)
+        adapters = lora.export(wrapped, tok, 1)
+        lora_bytes = (await origin.publish(adapters, 1, delta=True)).payload_bytes
+        return {"full_version_bytes": full_bytes, "lora_version_bytes": lora_bytes}
+
     with tempfile.TemporaryDirectory() as tmp:
-        full = PolicyStore(Path(tmp) / "full", dtype, 1, 0).export(base, tok, 1)
-        full_bytes = sum(f.stat().st_size for f in full.iterdir())
-        peft_model = add_adapters(base, LoraSection(rank=rank))
-        lora_bytes = save_adapters(peft_model, Path(tmp) / "lora", torch.bfloat16)
-    return {"full_version_bytes": full_bytes, "lora_version_bytes": lora_bytes}
+        return trio.run(publish, Path(tmp))
 
 
 def fsdp_matches_single(tmp: Path) -> tuple[bool, float]:
@@ -251,7 +268,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the CPU run (a few minutes)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--only", choices=["validation"], help="run one part alone")
+    parser.add_argument("--only", choices=["validation", "lora"], help="run one part alone")
     parser.add_argument("--rank-program", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_program:
@@ -260,20 +277,23 @@ def main() -> None:
     torch.manual_seed(0)
     results: dict[str, object] = {"device": args.device}
     t0 = time.perf_counter()
+    if args.only in (None, "lora"):
+        results.update(version_bytes(SMOLLM2, "bfloat16", rank=8))
+        results["lora_fraction"] = results["lora_version_bytes"] / results["full_version_bytes"]
     if args.only is None:
         with tempfile.TemporaryDirectory() as tmp:
             ok, diff = fsdp_matches_single(Path(tmp))
         results.update(fsdp_matches_single=ok, fsdp_max_diff=diff)
-        results.update(version_bytes(SMOLLM2, "bfloat16", rank=8))
         # fp32 compute: bf16 autocast on a CPU without bf16 units (AMD EPYC here) is ~12x
         # slower than fp32, which would hide the checkpoint's share; the checkpoint is fp32
         # either way.
         results.update(checkpoint_cost(SMOLLM2, "float32", 3 if args.quick else 6, args.device))
-        results["lora_fraction"] = results["lora_version_bytes"] / results["full_version_bytes"]
-    # Validation on the CPU whatever --device: the policy store loads versions there. A quick
-    # run uses the tiny model: SmolLM2 generates ~1 s per step on a shared 2-core machine.
-    results["validation_model"] = TINY if args.quick else SMOLLM2
-    results.update(validation_cost(results["validation_model"], "float32"))
+    if args.only in (None, "validation"):
+        # Validation on the CPU whatever --device: the policy store loads versions there. A
+        # quick run uses the tiny model: SmolLM2 generates ~1 s per step on a shared 2-core
+        # machine.
+        results["validation_model"] = TINY if args.quick else SMOLLM2
+        results.update(validation_cost(results["validation_model"], "float32"))
     results["wall_s"] = time.perf_counter() - t0
     results["load_average"] = os.getloadavg()[0]
     for k, v in results.items():
