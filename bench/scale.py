@@ -3,7 +3,7 @@ LoRA version against a full one, peak training memory, validation throughput.
 
     python bench/scale.py --quick --json bench/results/scale-quick.json    # CPU, a few minutes
     python bench/scale.py --quick --only validation --json bench/results/scale-validation-quick.json
-    python bench/scale.py --only lora --json bench/results/scale-lora.json    # ~1 minute
+    python bench/scale.py --only lora --json bench/results/scale-lora.json    # ~15 s
 
 Fields: fsdp_matches_single (2 gloo ranks vs one process, tiny model, 4 steps),
 fsdp_max_diff, lora_version_bytes / full_version_bytes and lora_fraction (SmolLM2-135M, rank 8
@@ -14,8 +14,8 @@ peak_rss_gib; validations_per_s {"1": in-process, "2": 2 worker processes} (subm
 fp32, 16 submissions of 8 rollouts of up to 32 tokens, batches of 4; the tiny model with
 --quick, else SmolLM2-135M), with validation_serial_per_s (one submission per prefill),
 generation_s_per_rollout (the hf engine, batched), validation_s_per_rollout and
-generation_to_validation (how many rollouts one
-validator checks in the time one is generated).
+generation_to_validation (how many rollouts one validator checks in the time one is
+generated).
 """
 
 from __future__ import annotations
