@@ -811,6 +811,7 @@ class Run:
             "accepted": sum(w.stats.accepted for w in self.workers),
             "hard_rejected": sum(w.stats.hard_rejected for w in self.workers),
             "seconds": round(time.time() - self.cheat.started, 1),
+            "states": [w.stats.state for w in self.workers],
         }
 
 

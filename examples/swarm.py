@@ -730,6 +730,9 @@ class Swarm:
             worked = [r for r in mine if r["cost"]["leases_issued"] or r["banned"]]
             banned = [r for r in worked if r["banned"]]
             reason = banned[0]["ban_reason"] if banned else "not banned"
+            if not worked:  # why it got no work: what the coordinator told it, in its stats
+                reason += f"; its replies {stats.get('replies')}, states {stats.get('states')}, "
+                reason += f"{stats.get('seconds')} s"
             caught = bool(worked) and len(banned) == len(worked)
             return caught, f"{len(banned)}/{len(worked)} keys given work banned: {reason}"
         if kind == "lease-hoarder":
