@@ -33,6 +33,16 @@ Cheats on the pool's economics rather than on a result (what admission should do
     trickling-relay    advertises a relay serving a byte every    verification deadline;
                        few seconds                                clients' minimum rate
 
+Cheats on multi-turn rollouts (a pool whose task has an environment); each is caught by the
+validator's replay of the environment:
+
+    fake-observation   plays its turns against a lying environment     environment replay
+                       (feedback inverted), so every later turn is
+                       honestly sampled and proven for the fake
+    skip-turn          stops after the first turn where the            environment replay
+                       environment would answer (saves generation)
+    edit-tool-result   edits the environment's replies after proving   environment replay
+
 The process writes what it did (requests sent, replies by code, the keys it used) as JSON to
 `--stats`, which `examples/swarm.py` folds into its report.
 """
@@ -50,7 +60,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,10 +72,12 @@ import trio
 import toploc
 from node.behaviour import Behaviour, NodeContext
 from node.engine import Engine, HFEngine
+from node.multiturn import TurnEngine, generate_turns
 from node.worker import NodeError, Worker, WorkerOptions
 from protocol import messages as msg
 from protocol.discovery import DISCOVERY_PROTOCOL
 from protocol.envelope import seal
+from protocol.environments import Environment
 from protocol.errors import RemoteError, SwarmError
 from protocol.framing import encode_frame, read_frame_or_eof
 from protocol.host import ErrorReply, _StreamReader, public_key_of_peer
@@ -749,6 +761,88 @@ class TricklingRelay(BadRelay):
         await respond(stream, 503, b"no upstream")
 
 
+class _OtherGame:
+    """An environment that answers with another game's reply (the next seed's) where the real
+    one would answer: plausible text, not what the environment said."""
+
+    def __init__(self, env: Environment) -> None:
+        self.env = env
+        self.limits = env.limits
+
+    def reply(self, seed: int, prompt: str, turns: Sequence[str]) -> str | None:
+        real = self.env.reply(seed, prompt, turns)
+        if real is None:
+            return None
+        return self.env.reply(seed + 1, prompt, turns) or real
+
+
+class _OneTurn:
+    """An environment that ends every rollout after the model's first turn."""
+
+    def __init__(self, env: Environment) -> None:
+        self.limits = env.limits
+
+    def reply(self, seed: int, prompt: str, turns: Sequence[str]) -> str | None:
+        return None
+
+
+class MultiTurnCheat(Cheat):
+    """Plays against `stand_in(the pool's environment)` instead of the environment itself; on
+    a single-turn pool it works honestly."""
+
+    stand_in: Callable[[Environment], Environment]
+
+    def generate(self, engine: Engine, lease: msg.Lease) -> list[msg.TaskResult]:
+        if not isinstance(engine, TurnEngine):
+            self.count("single-turn pool")
+            return engine.generate(lease)
+        self.count(self.name)
+        fake = type(self).stand_in(engine.env)
+        return generate_turns(engine.engine, fake, engine.tokenizer(), lease)
+
+
+class FakeObservation(MultiTurnCheat):
+    """Generates every turn after the first against made-up environment feedback (another
+    game's), sampled and proven honestly for that fake context."""
+
+    name = "fake-observation"
+    stand_in = _OtherGame
+
+
+class SkipTurn(MultiTurnCheat):
+    """Stops each rollout after the model's first turn although the environment would answer
+    it: less generation, a transcript that looks finished."""
+
+    name = "skip-turn"
+    stand_in = _OneTurn
+
+
+def edit_replies(submission: msg.Submission, vocab: int) -> msg.Submission:
+    """The submission with the first token of every environment reply changed (another
+    ordinary token), the model's tokens, logprobs and proofs untouched."""
+
+    def edit(c: msg.Completion) -> msg.Completion:
+        tokens, start = list(c.tokens), 0
+        for i, n in enumerate(c.segments):
+            if i % 2:  # an environment reply
+                tokens[start] = 4 + (tokens[start] - 3) % (vocab - 4)
+            start += n
+        return msgspec.structs.replace(c, tokens=tokens)
+
+    return _replace_completions(submission, edit)
+
+
+class EditToolResult(Cheat):
+    """Plays honestly, then edits what the environment answered (a tool result that suits the
+    node better) in the transcript it submits."""
+
+    name = "edit-tool-result"
+
+    def submissions(self, submission: msg.Submission, lease: msg.Lease) -> list[msg.Submission]:
+        self.count("edited")
+        return [edit_replies(submission, _vocab(self.ctx.engine))]  # type: ignore[union-attr]
+
+
 KINDS: dict[str, type[Cheat]] = {
     c.name: c
     for c in (
@@ -771,6 +865,9 @@ KINDS: dict[str, type[Cheat]] = {
         Intermittent,
         LyingRelay,
         TricklingRelay,
+        FakeObservation,
+        SkipTurn,
+        EditToolResult,
     )
 }
 

@@ -79,10 +79,13 @@ class TurnEngine:
         self.engine.load(folder, version)
 
     def generate(self, lease: msg.Lease) -> list[msg.TaskResult]:
+        return generate_turns(self.engine, self.env, self.tokenizer(), lease)
+
+    def tokenizer(self) -> Any:
+        """The loaded weights' tokenizer (the environment's text becomes tokens with it)."""
         if self.engine.model is None:
             raise RuntimeError("no weights loaded")
-        tokenizer = _tokenizer(str(self.engine.model.name_or_path))
-        return generate_turns(self.engine, self.env, tokenizer, lease)
+        return _tokenizer(str(self.engine.model.name_or_path))
 
 
 @lru_cache(maxsize=2)
