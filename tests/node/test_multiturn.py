@@ -9,12 +9,10 @@ import pytest
 
 from node.engine import HFEngine, offline_lease
 from node.multiturn import generate_turns
-from protocol import messages, poolspec
+from protocol import messages
 from protocol.environments import EnvError, TurnLimits, environment_for
 from toploc.models import eos_token_ids, load_model
-from toploc.sampling import SamplingParams
 from trainer.tasks import make_task
-from trainer.validator import LeaseView, Validator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
@@ -28,9 +26,6 @@ MAX_NEW = 8
 def world():
     model, tok = load_model("tiny")
     task = make_task("guess", 0, {"max_turns": 4})
-    spec = poolspec.from_dict(
-        {"name": "t", "coordinator": {"public_key": "ab" * 32}, "task": {"name": "guess"}}
-    )
     eos = eos_token_ids(model, tok)
     ids = tok(task.render(task.train[0], tok), add_special_tokens=False)["input_ids"]
     lease = offline_lease(
@@ -38,21 +33,18 @@ def world():
     )
     engine = HFEngine()
     engine.model, engine.pad_token_id, engine.version = model, tok.pad_token_id, 0
-    view = LeaseView(
-        tasks=[
-            {
-                "prompt_index": t.prompt_index,
-                "prompt_ids": list(t.prompt_ids),
-                "seed": t.seed,
-                "group_size": t.group_size,
-            }
-            for t in lease.tasks
-        ],
-        min_version=0,
-        sampling=SamplingParams(temperature=1.0, max_tokens=MAX_NEW, eos_token_ids=tuple(eos)),
-    )
-    validator = Validator(spec, task, tok, lambda v: model, len(tok), tok.pad_token_id)
-    return engine, tok, task, lease, view, validator
+    return engine, tok, task, lease
+
+
+@pytest.fixture
+def check(world, validate):
+    """The coordinator's verdict on a submission for the world's lease (`task`: another)."""
+    engine, tok, task, lease = world
+
+    def verdict(sub, other_task=None):
+        return validate(engine.model, tok, other_task or task, lease, sub.results, 0)
+
+    return verdict
 
 
 def submit(results) -> messages.Submission:
@@ -61,15 +53,22 @@ def submit(results) -> messages.Submission:
 
 @pytest.fixture(scope="module")
 def honest(world):
-    engine, tok, task, lease, _, _ = world
+    engine, tok, task, lease = world
     return submit(generate_turns(engine, task.environment, tok, lease))
 
 
 def edit(sub, t=0, j=0, **changes):
-    results = list(sub.results)
-    comps = list(results[t].completions)
-    comps[j] = msgspec.structs.replace(comps[j], **changes)
-    results[t] = msgspec.structs.replace(results[t], completions=comps)
+    """`sub` with completion j of task t changed."""
+    results = [
+        msgspec.structs.replace(
+            r,
+            completions=[
+                msgspec.structs.replace(c, **changes) if (i, k) == (t, j) else c
+                for k, c in enumerate(r.completions)
+            ],
+        )
+        for i, r in enumerate(sub.results)
+    ]
     return msgspec.structs.replace(sub, results=results)
 
 
@@ -81,11 +80,10 @@ def longest(sub) -> tuple[int, int]:
     )
 
 
-def test_honest_transcripts_pass_every_check_and_train_only_on_model_tokens(world, honest):
-    *_, view, validator = world
+def test_honest_transcripts_pass_every_check_and_train_only_on_model_tokens(check, honest):
     t, j = longest(honest)
     assert len(honest.results[t].completions[j].segments) >= 3, "no multi-turn rollout drawn"
-    verdict = validator.validate(honest, view, 0)
+    verdict = check(honest)
     assert verdict.outcome == "accept", verdict
     for group, result in zip(verdict.groups, honest.results, strict=True):
         p = group.payload
@@ -93,14 +91,13 @@ def test_honest_transcripts_pass_every_check_and_train_only_on_model_tokens(worl
         assert [len(x) for x in p.logprobs] == [len(x) for x in p.tokens]
 
 
-def test_rewards_replay_the_game(world, honest):
-    *_, view, validator = world
-    env = world[2].environment
-    verdict = validator.validate(honest, view, 0)
-    reward = world[2].rewards[0].func
+def test_rewards_replay_the_game(world, check, honest):
+    _, tok, task, lease = world
+    env = task.environment
+    verdict = check(honest)
+    reward = task.rewards[0].func
     for group, result in zip(verdict.groups, honest.results, strict=True):
-        seed = view.tasks[group.task_index]["seed"]
-        tok = world[1]
+        seed = lease.tasks[group.task_index].seed
         turns = [
             [tok.decode(c.tokens[:n], skip_special_tokens=True)]
             for c in result.completions
@@ -117,36 +114,33 @@ def test_rewards_replay_the_game(world, honest):
 
 
 @pytest.mark.parametrize("cheat", [FakeObservation, SkipTurn])
-def test_cheats_that_play_a_fake_environment_are_caught(world, honest, cheat):
-    engine, tok, task, lease, view, validator = world
+def test_cheats_that_play_a_fake_environment_are_caught(world, check, honest, cheat):
+    engine, tok, task, lease = world
     faked = submit(generate_turns(engine, cheat.stand_in(task.environment), tok, lease))
     assert faked != honest, "the cheat changed nothing on these seeds"
-    verdict = validator.validate(faked, view, 0)
+    verdict = check(faked)
     assert (verdict.outcome, verdict.check) == ("hard", "environment"), verdict
 
 
-def test_edited_tool_result_is_caught(world, honest):
-    engine, *_, view, validator = world
-    edited = edit_replies(honest, engine.model.config.vocab_size)
+def test_edited_tool_result_is_caught(world, check, honest):
+    edited = edit_replies(honest, world[0].model.config.vocab_size)
     assert edited != honest
-    verdict = validator.validate(edited, view, 0)
+    verdict = check(edited)
     assert (verdict.outcome, verdict.check) == ("hard", "environment"), verdict
 
 
-def test_a_model_token_edited_in_a_later_turn_fails_the_proof_or_the_sampler(world, honest):
-    *_, view, validator = world
+def test_a_model_token_edited_in_a_later_turn_fails_the_proof_or_the_sampler(check, honest):
     t, j = longest(honest)
     c = honest.results[t].completions[j]
     at = c.segments[0] + c.segments[1]  # first token of the second model turn
     tokens = list(c.tokens)
     tokens[at] = 4 + (tokens[at] - 3) % 50
-    verdict = validator.validate(edit(honest, t, j, tokens=tokens), view, 0)
+    verdict = check(edit(honest, t, j, tokens=tokens))
     assert verdict.outcome == "hard" and verdict.check in ("toploc", "sampling"), verdict
 
 
-def test_a_reply_dropped_with_its_turn_is_caught(world, honest):
+def test_a_reply_dropped_with_its_turn_is_caught(check, honest):
     """Cutting the transcript back to its first turn (a skipped turn, claimed finished)."""
-    *_, view, validator = world
     t, j = longest(honest)
     c = honest.results[t].completions[j]
     first = c.segments[0]
@@ -159,7 +153,7 @@ def test_a_reply_dropped_with_its_turn_is_caught(world, honest):
         logprobs=c.logprobs[:first],
         proofs=c.proofs[: -(-first // 32)],
     )
-    verdict = validator.validate(cut, view, 0)
+    verdict = check(cut)
     assert (verdict.outcome, verdict.check) == ("hard", "environment"), verdict
 
 
@@ -176,31 +170,23 @@ def test_a_reply_dropped_with_its_turn_is_caught(world, honest):
         {"logprobs": []},  # logprobs not one per model token
     ],
 )
-def test_malformed_transcripts_are_refused_by_structure(world, honest, change):
-    *_, view, validator = world
-    verdict = validator.validate(edit(honest, **change), view, 0)
+def test_malformed_transcripts_are_refused_by_structure(check, honest, change):
+    verdict = check(edit(honest, **change))
     assert (verdict.outcome, verdict.check) == ("hard", "structure"), verdict
 
 
-def test_segments_on_a_single_turn_task_are_refused(world, honest):
-    engine, tok, _, _, view, _ = world
-    spec = poolspec.from_dict({"name": "t", "coordinator": {"public_key": "ab" * 32}})
-    single = Validator(
-        spec, make_task("copy", 0), tok, lambda v: engine.model, len(tok), tok.pad_token_id
-    )
-    verdict = single.validate(honest, view, 0)
+def test_segments_on_a_single_turn_task_are_refused(check, honest):
+    verdict = check(honest, make_task("copy", 0))
     assert (verdict.outcome, verdict.check) == ("hard", "structure"), verdict
     assert "single-turn" in verdict.reason
 
 
-def test_an_environment_that_fails_is_a_soft_reject(world, honest, monkeypatch):
-    *_, view, validator = world
-
+def test_an_environment_that_fails_is_a_soft_reject(world, check, honest, monkeypatch):
     def broken(*_args):
         raise ValueError("environment bug")
 
-    monkeypatch.setattr(validator.task.environment, "reply", broken)
-    verdict = validator.validate(honest, view, 0)
+    monkeypatch.setattr(world[2].environment, "reply", broken)
+    verdict = check(honest)
     assert (verdict.outcome, verdict.check) == ("soft", "environment"), verdict
 
 
