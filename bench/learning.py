@@ -7,19 +7,32 @@ step. The swarm adds network, proofs and validation on top; this is the curve it
 
     python bench/learning.py --preset tiny        # toy task, a few minutes
     python bench/learning.py --preset smollm2     # SmolLM2-135M on 2-digit addition
+    python bench/learning.py --preset smollm2 --step-speed 840a85e
+        # one optimizer step, this tree's trainer against trainer/grpo.py at a git revision,
+        # alternated in one process on the same batch (the ratio survives a noisy machine)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
+import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/protocol.py shadows protocol
 
-from trainer.local import train_locally
+import torch
+
+from toploc.models import load_model, resolve_dtype
+from trainer.grpo import GRPOTrainer, Sample, TrainGroup
+from trainer.local import local_algorithm, train_locally
 from trainer.presets import local_config
+from trainer.tasks import make_task
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -60,6 +73,79 @@ def plot(results: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def trainer_at(revision: str) -> type:
+    """`GRPOTrainer` as trainer/grpo.py was at a git revision (the rest of the tree as now)."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{revision}:trainer/grpo.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = types.ModuleType(f"grpo_{revision}")
+    exec(compile(source, f"{revision}:trainer/grpo.py", "exec"), module.__dict__)
+    return module.GRPOTrainer
+
+
+def synthetic_groups(cfg: dict, tok, vocab: int, seed: int = 0) -> list[TrainGroup]:
+    """A batch shaped like the preset's (its prompts, `group` completions of max_new_tokens / 2
+    to max_new_tokens random tokens each): a step's cost depends on shapes, not on text."""
+    rng = random.Random(seed)
+    task = make_task(cfg["task"], seed, cfg["options"])
+    groups = []
+    for i, example in enumerate(rng.sample(task.train, cfg["prompts"])):
+        prompt = tok(task.render(example, tok), add_special_tokens=False)["input_ids"]
+        lengths = [
+            rng.randint(cfg["max_new_tokens"] // 2, cfg["max_new_tokens"])
+            for _ in range(cfg["group"])
+        ]
+        samples = [
+            Sample(prompt, [rng.randrange(vocab) for _ in range(n)], [-1.0] * n, False)
+            for n in lengths
+        ]
+        rewards = [float(j % 2) for j in range(cfg["group"])]
+        groups.append(TrainGroup(samples, rewards, [r - 0.5 for r in rewards], 0, i))
+    return groups
+
+
+def step_speed(cfg: dict, revision: str, repeats: int) -> dict:
+    """Seconds per `GRPOTrainer.step` for this tree and for `revision`, alternated in one
+    process on one batch, the first step of each left out (allocator warm-up)."""
+    model, tok = load_model(cfg["model"], "float32")
+    groups = synthetic_groups(cfg, tok, model.config.vocab_size)
+    algo = local_algorithm(cfg)
+    kinds = {"baseline": trainer_at(revision), "current": GRPOTrainer}
+    trainers = {
+        name: kind(
+            load_model(cfg["model"], "float32")[0],
+            algo,
+            1.0,
+            cfg["max_new_tokens"],
+            compute_dtype=resolve_dtype(cfg["dtype"]),
+            pad_token_id=tok.pad_token_id,
+        )
+        for name, kind in kinds.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for _ in range(repeats + 1):
+        for name, trainer in trainers.items():
+            t0 = time.perf_counter()
+            trainer.step(groups, 0)
+            times[name].append(time.perf_counter() - t0)
+            print(f"  {name} step {times[name][-1]:.2f}s", flush=True)
+    median = {name: statistics.median(t[1:]) for name, t in times.items()}
+    return {
+        "revision": revision,
+        "tokens": sum(len(s.tokens) for g in groups for s in g.samples),
+        "sequences": sum(len(g.samples) for g in groups),
+        "torch_threads": torch.get_num_threads(),
+        "seconds": times,
+        "median_s": median,
+        "speedup": median["baseline"] / median["current"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,7 +158,26 @@ def main() -> None:
     )
     ap.add_argument("--minutes", type=float, help="override each run's time budget")
     ap.add_argument("--eval-limit", type=int, default=100)
+    ap.add_argument("--step-speed", metavar="REV", help="time steps against grpo.py at REV")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps each (--step-speed)")
     args = ap.parse_args()
+    if args.step_speed:
+        speed = {
+            name: step_speed(RUNS[name], args.step_speed, args.repeats)
+            for name in args.preset or ["tiny", "smollm2"]
+        }
+        print("| run | sequences x tokens | baseline s/step | current s/step | speed-up |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, r in speed.items():
+            print(
+                f"| {name} | {r['sequences']} x {r['tokens']} | {r['median_s']['baseline']:.2f} "
+                f"| {r['median_s']['current']:.2f} | {r['speedup']:.2f}x |"
+            )
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"step_speed_{'_'.join(speed)}.json"
+        out.write_text(json.dumps(speed, indent=2))
+        print(f"wrote {out}")
+        return
     results = {}
     for name in args.preset or ["tiny", "smollm2"]:
         cfg = dict(RUNS[name])

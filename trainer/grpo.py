@@ -89,11 +89,14 @@ class GRPOTrainer:
             icepop_low=algorithm.icepop_low,
             icepop_high=algorithm.icepop_high,
         )
-        # Frozen weights (a LoRA base) get no optimizer state.
+        # Frozen weights (a LoRA base) get no optimizer state. The fused kernel (one pass over
+        # each tensor instead of a dozen elementwise ops) made SmolLM2's AdamW step several times
+        # faster on CPU (docs/learning.md); FSDP2's sharded weights keep torch's default.
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=algorithm.lr,
             weight_decay=algorithm.weight_decay,
+            fused=True if self.world == 1 else None,
         )
         warmup = algorithm.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -246,21 +249,30 @@ class GRPOTrainer:
         return float(sums[0]), reduced
 
     def _batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        """Right-padded prompt+completion ids, and per target position (shifted by one): the
-        completion mask and the behaviour logprobs."""
+        """Right-padded prompt+completion ids, and over the target window (the positions from
+        the shortest prompt's last token on, whose next tokens can be completion tokens): the
+        target ids, the completion mask and the behaviour logprobs. Positions before the window
+        predict prompt tokens only, so the loss never reads their logits."""
         width = max(len(s.prompt_ids) + len(s.tokens) for s in samples)
+        start = min(len(s.prompt_ids) for s in samples) - 1
         ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(samples), width), dtype=torch.long)
-        mask = torch.zeros((len(samples), width - 1))
-        behaviour = torch.zeros((len(samples), width - 1))
+        mask = torch.zeros((len(samples), width - 1 - start))
+        behaviour = torch.zeros((len(samples), width - 1 - start))
         for i, s in enumerate(samples):
             p, n = len(s.prompt_ids), len(s.tokens)
             ids[i, : p + n] = torch.tensor(s.prompt_ids + s.tokens)
             attention[i, : p + n] = 1
-            # target position j predicts ids[j + 1]; completion token t sits at p + t
-            mask[i, p - 1 : p - 1 + n] = 1
-            behaviour[i, p - 1 : p - 1 + n] = torch.tensor(s.behaviour_logprobs)
-        return {"ids": ids, "attention": attention, "mask": mask, "behaviour": behaviour}
+            # window column j predicts ids[start + j + 1]; completion token t sits at p + t
+            mask[i, p - 1 - start : p - 1 - start + n] = 1
+            behaviour[i, p - 1 - start : p - 1 - start + n] = torch.tensor(s.behaviour_logprobs)
+        return {
+            "ids": ids,
+            "attention": attention,
+            "targets": ids[:, start + 1 :],
+            "mask": mask,
+            "behaviour": behaviour,
+        }
 
     def _logprobs(
         self,
@@ -277,11 +289,21 @@ class GRPOTrainer:
             if self.compute_dtype != torch.float32
             else contextlib.nullcontext()
         )
+        targets = batch["targets"][part]
+        window = targets.shape[1]
         with autocast:
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            # Only the window's hidden states go through the lm_head (one extra position at the
+            # end, as `logits_to_keep` counts from the last): on SmolLM2's 49k vocabulary the
+            # prompt positions' logits would be most of the head's work and memory.
+            logits = model(
+                input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=window + 1
+            ).logits
+        if logits.shape[1] not in (window + 1, ids.shape[1]):
+            raise ValueError(f"the model returned logits for {logits.shape[1]} positions")
         t = self.temperature if self.temperature > 0 else 1.0
-        log_probs = torch.log_softmax(logits[:, :-1].float() / t, dim=-1)
-        logp = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        # A model that ignores `logits_to_keep` returns every position: the slice agrees.
+        log_probs = torch.log_softmax(logits[:, -(window + 1) : -1].float() / t, dim=-1)
+        logp = log_probs.gather(-1, targets[:, :, None]).squeeze(-1)
         entropy = None
         if need_entropy:
             # Entropy is only logged unless the bonus is on: keep it out of the graph then.

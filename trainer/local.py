@@ -39,35 +39,25 @@ def train_locally(
     params = SamplingParams(temperature=1.0, max_tokens=cfg["max_new_tokens"], eos_token_ids=eos)
     dtype = resolve_dtype(cfg["dtype"])
 
-    def greedy_accuracy() -> dict[str, Any]:
-        return evaluate(
-            model.to(dtype),
-            tok,
-            task,
-            limit=eval_limit,
-            max_new_tokens=cfg["max_new_tokens"],
-            progress=False,
-        )
-
-    before = greedy_accuracy()
-    algo = AlgorithmSection(lr=cfg["lr"], batch_prompts=cfg["prompts"], micro_batch=16, is_cap=0.0)
+    before = greedy_accuracy(model, tok, task, cfg, eval_limit)
+    algo = local_algorithm(cfg)
     trainer = GRPOTrainer(
         model, algo, 1.0, cfg["max_new_tokens"], compute_dtype=dtype, pad_token_id=tok.pad_token_id
     )
     algorithm = GroupAlgorithm(algo.scale_rewards)
     curve, t0, step = [], time.perf_counter(), 0
     gen_s = train_s = 0.0
-    train_tokens = 0
+    train_tokens = sampled_tokens = 0
     max_steps = cfg.get("steps")
     while time.perf_counter() - t0 < cfg.get("minutes", 1e9) * 60 and (
         max_steps is None or step < max_steps
     ):
         examples = rng.sample(task.train, cfg["prompts"])
         tg = time.perf_counter()
-        groups, rewards = sample_groups(
-            model, tok, task, examples, params, dtype, rng, cfg["group"], step, algorithm
-        )
+        samples = sample(model, tok, task, examples, params, dtype, rng, cfg["group"])
         gen_s += time.perf_counter() - tg
+        sampled_tokens += sum(len(s.tokens) for group in samples for s in group)
+        groups, rewards = score_groups(tok, task, examples, samples, step, algorithm)
         if groups:
             result = trainer.step(algorithm.batch(groups), step)
             train_s += result.metrics["step_time_s"]
@@ -85,8 +75,9 @@ def train_locally(
                 f"  step {step:4d}  {point['time_s']:6.0f}s  reward {point['reward']:.3f}",
                 flush=True,
             )
+    loop_s = time.perf_counter() - t0
     model.eval()
-    after = greedy_accuracy()
+    after = greedy_accuracy(model, tok, task, cfg, eval_limit)
     first = curve[: max(1, len(curve) // 10)]
     last = curve[-max(1, len(curve) // 10) :]
     return {
@@ -103,9 +94,35 @@ def train_locally(
         "generation_s": gen_s,
         "train_s": train_s,
         "trainer_tokens_per_s": train_tokens / train_s if train_s else 0.0,
+        "loop_s": loop_s,
+        "sampled_tokens": sampled_tokens,
         "curve": curve,
         "examples_after": after["examples"][:3],
     }
+
+
+def greedy_accuracy(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    task: Task,
+    cfg: dict[str, Any],
+    eval_limit: int,
+) -> dict[str, Any]:
+    """`coordinator eval`'s greedy accuracy on the held-out split, on the weights in the pool
+    dtype (what nodes would generate with)."""
+    return evaluate(
+        model.to(resolve_dtype(cfg["dtype"])),
+        tok,
+        task,
+        limit=eval_limit,
+        max_new_tokens=cfg["max_new_tokens"],
+        progress=False,
+    )
+
+
+def local_algorithm(cfg: dict[str, Any]) -> AlgorithmSection:
+    """The bare loop's algorithm settings: on-policy, so no trust band on the ratio."""
+    return AlgorithmSection(lr=cfg["lr"], batch_prompts=cfg["prompts"], micro_batch=16, is_cap=0.0)
 
 
 def sample_groups(
@@ -123,8 +140,22 @@ def sample_groups(
     """`group` seeded samples of each example from `model` in the pool dtype, scored as the
     coordinator scores them: the groups that train (tagged with weight `version`) and every
     group's rewards."""
+    samples = sample(model, tok, task, examples, params, dtype, rng, group)
+    return score_groups(tok, task, examples, samples, version, algorithm)
+
+
+def sample(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    task: Task,
+    examples: list[Example],
+    params: SamplingParams,
+    dtype: torch.dtype,
+    rng: random.Random,
+    group: int,
+) -> list[list[Sample]]:
+    """`group` seeded samples of each example, generated as a node would: the pool dtype."""
     prompts = [tok(task.render(e, tok), add_special_tokens=False)["input_ids"] for e in examples]
-    # Generation runs on the weights nodes would hold: the pool dtype.
     model.eval()
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         rollouts = generate(
@@ -136,19 +167,33 @@ def sample_groups(
             pad_token_id=tok.pad_token_id,
             capture=False,
         )
-    groups, rewards = [], []
-    for i, e in enumerate(examples):
-        rs = rollouts[i * group : (i + 1) * group]
-        texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in rs]
-        totals, _ = score(
-            task.rewards, [e.prompt] * group, texts, {k: [v] * group for k, v in e.columns.items()}
-        )
-        samples = [
+    return [
+        [
             Sample(r.prompt_ids, r.completion_ids, r.logprobs, r.finish_reason == "length")
-            for r in rs
+            for r in rollouts[i * group : (i + 1) * group]
         ]
+        for i in range(len(examples))
+    ]
+
+
+def score_groups(
+    tok: PreTrainedTokenizerBase,
+    task: Task,
+    examples: list[Example],
+    samples: list[list[Sample]],
+    version: int,
+    algorithm: GroupAlgorithm,
+) -> tuple[list[TrainGroup], list[list[float]]]:
+    """Rewards of each example's samples, as the coordinator computes them: the groups that
+    train (tagged with weight `version`) and every group's rewards."""
+    groups, rewards = [], []
+    for i, (e, group) in enumerate(zip(examples, samples, strict=True)):
+        texts = [tok.decode(s.tokens, skip_special_tokens=True) for s in group]
+        n = len(group)
+        columns = {k: [v] * n for k, v in e.columns.items()}
+        totals, _ = score(task.rewards, [e.prompt] * n, texts, columns)
         rewards.append(totals)
         scored = algorithm.score(totals)
         if scored.dropped is None:
-            groups.append(TrainGroup(samples, totals, scored.advantages, version, i))
+            groups.append(TrainGroup(group, totals, scored.advantages, version, i))
     return groups, rewards
