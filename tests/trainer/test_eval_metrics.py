@@ -127,23 +127,11 @@ def test_the_eval_command_reports_pass_at_k(tmp_path, capsys):
 
 
 def test_the_coordinator_evaluates_its_published_version_when_training_starts(tmp_path):
-    from protocol import poolspec
-    from protocol.identity import Identity
+    from tests.trainer.pools import tiny_coordinator
     from trainer.config import TrainerConfig, TrainerSection
-    from trainer.coordinator import Coordinator, RunOptions
 
-    key = Identity.generate()
-    spec = poolspec.from_dict(
-        {
-            "name": "t",
-            "coordinator": {"public_key": key.public_key.hex()},
-            "model": {"name": "tiny", "dtype": "float32"},
-            "task": {"name": "copy", "options": {"digits": 2}},
-            "sampling": {"group_size": 2, "max_new_tokens": 2},
-        }
-    )
     config = TrainerConfig(trainer=TrainerSection(eval_every=1, eval_prompts=3, eval_k=2))
-    coord = Coordinator(spec, key, RunOptions(data_dir=tmp_path, max_steps=0), config)
+    coord = tiny_coordinator(tmp_path, config, digits=2, max_steps=0)
 
     async def main():
         await coord.training.ensure_published(0)

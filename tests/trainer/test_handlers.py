@@ -13,25 +13,16 @@ from protocol import poolspec
 from protocol.envelope import EnvelopeVerifier, seal
 from protocol.errors import SwarmError
 from protocol.identity import Identity
+from tests.trainer.pools import tiny_coordinator
 from trainer.config import AlgorithmSection, TrainerConfig
 from trainer.coordinator import Coordinator, RunOptions
 
 
 def _coordinator(tmp_path, admission=None, batch_prompts=2, **limits) -> Coordinator:
-    key = Identity.generate()
-    spec = poolspec.from_dict(
-        {
-            "name": "t",
-            "coordinator": {"public_key": key.public_key.hex()},
-            "model": {"name": "tiny", "dtype": "float32"},
-            "task": {"name": "copy", "options": {"digits": 1}},
-            "sampling": {"group_size": 2, "max_new_tokens": 2},
-            "limits": {"lease_prompts": 1, **limits},
-            "admission": admission or {},
-        }
-    )
     config = TrainerConfig(algorithm=AlgorithmSection(batch_prompts=batch_prompts))
-    return Coordinator(spec, key, RunOptions(data_dir=tmp_path), config)
+    return tiny_coordinator(
+        tmp_path, config, limits={"lease_prompts": 1, **limits}, admission=admission or {}
+    )
 
 
 class Member:

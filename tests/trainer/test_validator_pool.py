@@ -12,30 +12,21 @@ import trio
 from node.engine import HFEngine
 from node.hardware import probe
 from protocol import messages as msg
-from protocol import poolspec
 from protocol.envelope import EnvelopeVerifier, seal
 from protocol.identity import Identity
+from tests.trainer.pools import tiny_coordinator
 from trainer.config import TrainerConfig, TrainerSection
-from trainer.coordinator import Coordinator, RunOptions
+from trainer.coordinator import Coordinator
 from trainer.submissions import SubmissionService, ValidationQueue
 from trainer.validator import Verdict
 from trainer.validator_pool import ValidatorPool
 
 
 def _coordinator(tmp_path, validators: int) -> Coordinator:
-    key = Identity.generate()
-    spec = poolspec.from_dict(
-        {
-            "name": "t",
-            "coordinator": {"public_key": key.public_key.hex()},
-            "model": {"name": "tiny", "dtype": "float32"},
-            "task": {"name": "copy", "options": {"digits": 2}},
-            "sampling": {"group_size": 2, "max_new_tokens": 8},
-            "limits": {"lease_prompts": 1},
-        }
-    )
     config = TrainerConfig(trainer=TrainerSection(validators=validators))
-    coord = Coordinator(spec, key, RunOptions(data_dir=tmp_path), config)
+    coord = tiny_coordinator(
+        tmp_path, config, digits=2, max_new_tokens=8, limits={"lease_prompts": 1}
+    )
     coord.policy.export(coord.training.learner.publishable(), coord.tokenizer, 0)
     return coord
 
