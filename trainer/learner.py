@@ -32,6 +32,9 @@ from trainer.lora import add_adapters
 
 # Frozen weights (a LoRA base) are in the pool's published base, not in checkpoints.
 _STATE = StateDictOptions(ignore_frozen_params=True)
+# Restoring sets the trainable weights only; the frozen base stays as loaded. (DCP has already
+# filled every key of the live trainable state, or failed, so nothing trainable is skipped.)
+_RESTORE = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class Learner:
@@ -82,7 +85,7 @@ class Learner:
             self.trainer.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
-            options=_STATE,
+            options=_RESTORE,
         )
 
     def publishable(self) -> PreTrainedModel | None:
