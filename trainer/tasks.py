@@ -173,6 +173,13 @@ def _guess_task(**options: Any) -> Task:
     return guess_task(**options)
 
 
+def _verifiers_task(**options: Any) -> Task:
+    # Imported on use: the verifiers package is optional.
+    from trainer.environments.verifiers_task import verifiers_task
+
+    return verifiers_task(**options)
+
+
 TASKS: dict[str, Callable[..., Task]] = {
     "copy": copy_task,
     "sort": sort_task,
@@ -181,6 +188,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "gsm8k": gsm8k_task,
     "dataset": _dataset_task,
     "guess": _guess_task,
+    "verifiers": _verifiers_task,
 }
 
 

@@ -85,6 +85,20 @@ class LeaseView:
     min_version: int
     sampling: SamplingParams
 
+    @classmethod
+    def of(cls, lease: Lease, sampling: SamplingParams) -> LeaseView:
+        """The view of a lease message (tools and benchmarks that issue their own leases)."""
+        tasks = [
+            {
+                "prompt_index": t.prompt_index,
+                "prompt_ids": list(t.prompt_ids),
+                "seed": t.seed,
+                "group_size": t.group_size,
+            }
+            for t in lease.tasks
+        ]
+        return cls(tasks=tasks, min_version=lease.min_version, sampling=sampling)
+
 
 @dataclass(frozen=True)
 class Job:
