@@ -112,8 +112,11 @@ def check_base(meta: AdapterMeta, base_folder: Path | None) -> Path:
             f"this adapter version applies to base version v{meta.base_version}, which is not "
             "held here; fetch the base version first"
         )
+    root = base_folder.resolve()
     for name, want in meta.base_files.items():
         path = base_folder / name
+        if not path.resolve().is_relative_to(root):
+            raise BaseMismatchError(f"the base binding names {name!r}, outside the base folder")
         got = hash_file(path) if path.is_file() else "missing"
         if got != want:
             raise BaseMismatchError(
@@ -180,9 +183,13 @@ class VersionLoader:
         originals = self._originals if self.reuse_base else {}
         params = dict(model.named_parameters())
         pairs = adapter_pairs(folder)
-        unknown = sorted(set(pairs) - set(params))
-        if unknown:
-            raise BaseMismatchError(f"adapters for weights the base has not: {unknown[:3]}")
+        unfit = sorted(
+            name
+            for name, (a, b) in pairs.items()
+            if name not in params or params[name].shape != (b.shape[0], a.shape[1])
+        )
+        if unfit:
+            raise BaseMismatchError(f"adapters that fit no weight of the base: {unfit[:3]}")
         with torch.no_grad():
             for name, (a, b) in pairs.items():
                 original = originals.setdefault(name, params[name].detach().cpu().clone())

@@ -6,11 +6,18 @@ import shutil
 import pytest
 import torch
 from lora_helpers import publish, trained_adapters
+from safetensors.torch import load_file, save_file
 
 from protocol import poolspec
 from protocol.errors import SwarmError
 from toploc.models import load_model
-from toploc.versions import BaseMismatchError, BaseMissingError, VersionLoader, adapter_meta
+from toploc.versions import (
+    ADAPTER_FILE,
+    BaseMismatchError,
+    BaseMissingError,
+    VersionLoader,
+    adapter_meta,
+)
 from trainer.config import from_dict
 from trainer.learner import build_learner
 from trainer.policy import PolicyStore
@@ -21,6 +28,17 @@ IDS = torch.tensor([[1, 5, 9, 13, 7, 2]])
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(IDS).logits
+
+
+def test_adapters_that_fit_no_weight_of_the_base_are_refused(tmp_path):
+    publish(tmp_path, [1])
+    tensors = load_file(tmp_path / "v1" / ADAPTER_FILE)
+    for key in tensors:
+        if key.endswith("lora_A.weight"):
+            tensors[key] = torch.zeros(4, 3)  # the base's q_proj takes wider inputs
+    save_file(tensors, tmp_path / "v1" / ADAPTER_FILE)
+    with pytest.raises(BaseMismatchError, match="fit no weight"):
+        VersionLoader(torch.float32, reuse_base=False).load(tmp_path / "v1")
 
 
 def test_the_merged_version_computes_what_peft_computes(tmp_path):
