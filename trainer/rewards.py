@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from protocol.environments.guess import first_integer, secret
 from protocol.errors import SwarmError
+from trainer.environments.verifiers_reward import verifiers_reward
 
 RewardFunc = Callable[..., Any]
 
@@ -107,11 +109,37 @@ def position_match(
     return out
 
 
+GUESS_TURN_COST = 0.2
+"""Finding the number on turn k (from 0) earns 1 - GUESS_TURN_COST * k: fewer guesses, more
+reward, so a policy that uses the feedback beats one that guesses blindly."""
+
+
+def guess_found(
+    prompts: list[str],
+    completions: list[str],
+    turns: list[list[str]],
+    seed: list[int],
+    low: list[int],
+    high: list[int],
+    **_: Any,
+) -> list[float]:
+    """The guessing game (`protocol.environments.guess`): how early a model turn named the
+    secret of the game's seed, 0 if none did."""
+    out = []
+    for texts, s, lo, hi in zip(turns, seed, low, high, strict=True):
+        target = secret(s, lo, hi)
+        hit = next((k for k, t in enumerate(texts) if first_integer(t) == target), None)
+        out.append(0.0 if hit is None else max(1.0 - GUESS_TURN_COST * hit, 0.0))
+    return out
+
+
 BUILTIN: dict[str, RewardFunc] = {
     "exact_numeric": exact_numeric,
     "math_verify": math_verify_reward,
     "format": format_reward,
     "position_match": position_match,
+    "guess_found": guess_found,
+    "verifiers": verifiers_reward,
 }
 
 

@@ -29,8 +29,7 @@ class GuessEnvironment:
 
     def secret(self, seed: int) -> int:
         """The number to find in the game of `seed`."""
-        digest = hashlib.blake2b(seed.to_bytes(8, "big"), digest_size=8).digest()
-        return self.low + int.from_bytes(digest, "big") % (self.high - self.low + 1)
+        return secret(seed, self.low, self.high)
 
     def reply(self, seed: int, prompt: str, turns: Sequence[str]) -> str | None:
         """Higher or lower; None (the game is over) on a hit or on a turn without a number."""
@@ -44,6 +43,12 @@ class GuessEnvironment:
 
     def prompt(self) -> str:
         return f"guess {self.low}-{self.high}:"
+
+
+def secret(seed: int, low: int, high: int) -> int:
+    """The number to find in the game of `seed` on [low, high]."""
+    digest = hashlib.blake2b(seed.to_bytes(8, "big"), digest_size=8).digest()
+    return low + int.from_bytes(digest, "big") % (high - low + 1)
 
 
 def first_integer(text: str) -> int | None:

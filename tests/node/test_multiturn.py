@@ -103,14 +103,14 @@ def test_rewards_replay_the_game(world, check, honest):
             for c in result.completions
             for n in [c.segments[0]]
         ]
-        firsts = reward([""] * G, [""] * G, turns=turns, seed=[seed] * G)
+        firsts = reward([""] * G, [""] * G, turns=turns, seed=[seed] * G, low=[0] * G, high=[9] * G)
         # a game won on the first turn is worth the same whatever came after
         assert [r == 1.0 for r in group.rewards] == [f == 1.0 for f in firsts]
     # a transcript that names the secret on its first turn earns the top reward
     secret = env.secret(7)
-    assert reward([""], [""], turns=[[str(secret)]], seed=[7]) == [1.0]
-    assert reward([""], [""], turns=[["x", str(secret)]], seed=[7]) == [0.8]
-    assert reward([""], [""], turns=[["x"]], seed=[7]) == [0.0]
+    assert reward([""], [""], turns=[[str(secret)]], seed=[7], low=[0], high=[9]) == [1.0]
+    assert reward([""], [""], turns=[["x", str(secret)]], seed=[7], low=[0], high=[9]) == [0.8]
+    assert reward([""], [""], turns=[["x"]], seed=[7], low=[0], high=[9]) == [0.0]
 
 
 @pytest.mark.parametrize("cheat", [FakeObservation, SkipTurn])

@@ -8,7 +8,7 @@ import pytest
 from node.engine import HFEngine, offline_lease
 from protocol.errors import SwarmError
 from toploc.models import eos_token_ids
-from trainer.environments.verifiers_task import VerifiersError
+from trainer.environments.verifiers_reward import VerifiersError
 from trainer.tasks import make_task
 
 pytest.importorskip("verifiers.v1", reason='needs pip install "verifiers>=0.4,<0.5"')
@@ -60,7 +60,9 @@ def test_taskset_prompts_and_rewards_come_from_verifiers(tasksets):
     assert task.train[3].prompt == "parity of 3"
     reward = task.rewards[0].func
     # the task's weight (2) applies, as verifiers totals it
-    assert reward(["", "", ""], ["even", "odd", "odd"], vf_index=[0, 0, 3]) == [2.0, 0.0, 2.0]
+    names = ["swarmrl_vf_parity"] * 3
+    got = reward(["", "", ""], ["even", "odd", "odd"], vf_taskset=names, vf_index=[0, 0, 3])
+    assert got == [2.0, 0.0, 2.0]
 
 
 def test_the_validator_scores_rollouts_with_the_taskset_rewards(tasksets, tiny, validate):
@@ -79,7 +81,7 @@ def test_the_validator_scores_rollouts_with_the_taskset_rewards(tasksets, tiny, 
         example = task.train[group.prompt_index]
         want = "even" if example.columns["vf_index"] % 2 == 0 else "odd"
         assert group.rewards == [2.0 * (c.strip() == want) for c in group.completions]
-        assert list(group.per_func) == ["verifiers"]
+        assert list(group.per_func) == ["verifiers_reward"]
 
 
 def test_unusable_tasksets_are_refused(tasksets):
