@@ -11,10 +11,12 @@ every shard checked against the signed manifest (and, after the run, every node'
 files compared with the origin's by BLAKE3). Bounds:
 
   swarm: max(S/U, N*S/((N+1)*U))    the origin must send S once; N*S must be uploaded
-  tree:  N*S/(R*U) + one shard crossing the origin at U/R
+  tree:  N*S/(R*U) + one unit (a piece; a shard without pieces) crossing the origin at U/R
 
     python bench/shardcast_swarm.py                      # S=256 MiB, U=50 MB/s, N=8 and 32
     python bench/shardcast_swarm.py --quick --json F     # S=32 MiB, U=10 MB/s, N=8
+
+16 MiB shards and 1 MiB pieces unless --shard-mb / --piece-kb say otherwise.
 """
 
 from __future__ import annotations
@@ -87,10 +89,11 @@ def _origin(work: Path, tag: str, key: Path, pool: Path, rate_mb: float) -> tupl
     return o, o.first_json()["url"]
 
 
-def _publish(work: Path, tag: str, ck: Path, key: Path, pool: Path, shard_mb: float) -> None:
+def _publish(work: Path, tag: str, ck: Path, key: Path, pool: Path, args) -> None:
     run_cli(
         "publish", str(ck), "--root", str(work / f"{tag}-origin"), "--key", str(key),
-        "--pool", str(pool), "--version", "1", "--full", "--shard-mb", str(shard_mb),
+        "--pool", str(pool), "--version", "1", "--full", "--shard-mb", str(args.shard_mb),
+        "--piece-kb", str(args.piece_kb),
     )  # fmt: skip
 
 
@@ -113,7 +116,7 @@ def run_swarm(work: Path, ck: Path, key: Path, pool: Path, pid: str, n: int, arg
         for s in seeds:
             s.wait_lines(1, 120)
         time.sleep(3.0)  # gossip: every node hears of the others before the version exists
-        _publish(work, tag, ck, key, pool, args.shard_mb)
+        _publish(work, tag, ck, key, pool, args)
         t0 = time.time()
         done = [s.wait_lines(2, 900) for s in seeds]
         last = max(d["done_at"] for d in done) - t0
@@ -150,7 +153,7 @@ def run_tree(work: Path, ck: Path, key: Path, pool: Path, n: int, args) -> float
             n,
             -1,
             tag,
-            lambda: _publish(work, tag, ck, key, pool, args.shard_mb),
+            lambda: _publish(work, tag, ck, key, pool, args),
         )
         return last
     finally:
@@ -166,8 +169,10 @@ def main() -> None:
     ap.add_argument("--rate-mb", type=float)
     ap.add_argument("--nodes", type=int, action="append")
     ap.add_argument("--relays", type=int, default=2)
-    ap.add_argument("--shard-mb", type=float, default=1.0, help="shard (= piece) size, MiB")
+    ap.add_argument("--shard-mb", type=float, default=16.0, help="shard size, MiB")
+    ap.add_argument("--piece-kb", type=int, default=1024, help="piece size, KiB (0: none)")
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--skip-tree", action="store_true", help="measure the swarm only")
     args = ap.parse_args()
     size = int((args.size_mb or (32 if args.quick else 256)) * 2**20)
     args.rate_mb = args.rate_mb or (10.0 if args.quick else 50.0)
@@ -183,15 +188,15 @@ def main() -> None:
         total = sum(p.stat().st_size for p in ck.iterdir())
         for n in nodes:
             swarm = run_swarm(work, ck, key, pool, pid, n, args)
-            tree_s = run_tree(work, ck, key, pool, n, args)
+            tree_s = float("nan") if args.skip_tree else run_tree(work, ck, key, pool, n, args)
             swarm_bound = max(total / rate, n * total / ((n + 1) * rate))
-            tree_bound = n * total / (args.relays * rate) + args.shard_mb * 2**20 / (
-                rate / args.relays
-            )
+            unit = args.piece_kb * 1024 or args.shard_mb * 2**20
+            tree_bound = n * total / (args.relays * rate) + unit / (rate / args.relays)
             run = {
                 **swarm,
                 "swarm_bound_s": swarm_bound,
                 "swarm_over_bound": swarm["last_client_s"] / swarm_bound,
+                "origin_sent_over_s": swarm["origin_bytes"] / total,
                 "tree_last_client_s": tree_s,
                 "tree_bound_s": tree_bound,
             }
@@ -211,6 +216,7 @@ def main() -> None:
         "bytes": total,
         "rate_bytes_per_s": rate,
         "shard_bytes": int(args.shard_mb * 2**20),
+        "piece_bytes": args.piece_kb * 1024,
         "last_client_s": first["last_client_s"],
         "swarm_bound_s": first["swarm_bound_s"],
         "tree_bound_s": first["tree_bound_s"],

@@ -278,6 +278,9 @@ class ShardFetcher:
         self.on_corrupt = on_corrupt
         self.swarm = swarm
         self._race_ended = trio.Event()
+        # Units taken because no peer held them (bound for a seed), until their race ends:
+        # counted at the pick, since workers pick before any transfer has started.
+        self._for_seeds: set[ShardJob] = set()
 
     async def fetch(
         self,
@@ -316,10 +319,7 @@ class ShardFetcher:
         now (None: wait for a seed slot or for a peer to get something)."""
         if self.swarm is None:
             return queue.popleft()
-        seeds_busy = (
-            sum(self.picker.stats[u].inflight for u in self.swarm.seeds if u in self.picker.stats)
-            >= self.swarm.seed_parallel
-        )
+        seeds_busy = len(self._for_seeds) >= self.swarm.seed_parallel
         best: tuple[int, bool, float] | None = None
         chosen = None
         for job in queue:
@@ -331,6 +331,8 @@ class ShardFetcher:
                 best, chosen = key, job
         if chosen is not None:
             queue.remove(chosen)
+            if best is not None and best[0] == 0:
+                self._for_seeds.add(chosen)
         return chosen
 
     def _pick_source(self, version: int, job: ShardJob, avoid: set[str]) -> SourceStats | None:
@@ -356,6 +358,7 @@ class ShardFetcher:
             raise disk_error(e, job.path) from None
         finally:
             del races[job]
+            self._for_seeds.discard(job)
             race.done.set()
             self._race_ended.set()
             self._race_ended = trio.Event()
@@ -388,7 +391,9 @@ class ShardFetcher:
         False when no source is idle now (try again later)."""
         among = None
         if self.swarm is not None:
-            among = self.swarm.holders(race.job) | self.swarm.seeds
+            # A hedge on a seed is a second copy out of the swarm's scarcest upload: only
+            # for a unit no peer holds.
+            among = self.swarm.holders(race.job) or self.swarm.seeds
         source = self.picker.pick_idle(version, race.sources, among)
         if source is None:
             return False
@@ -463,6 +468,7 @@ class ShardFetcher:
                 raise FetchError(f"v{version} {job.name}: every source is banned or at fault")
             attempts += 1
             if self.swarm is not None and source.url in self.swarm.seeds:
+                log.debug("v%d %s unit %d: from seed %s", version, job.name, job.index, source.url)
                 self.swarm.on_seed_fetch(job)
             try:
                 if await self._attempt(version, job, fd, source, prog, race):

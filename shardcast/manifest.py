@@ -21,9 +21,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from protocol.identity import Identity, verify_signature
-from protocol.wire import PublicKey, Signature
+from protocol.identity import Identity
 from shardcast.errors import ManifestError
+from shardcast.signed import Envelope, seal, unseal
 
 # Domain separation: a manifest signature can never be replayed as another signed message.
 DOMAIN = b"swarmrl/shardcast/manifest/v1\n"
@@ -116,14 +116,11 @@ class Manifest(_Struct):
         raise ManifestError(f"version {self.version} has no payload file {name!r}")
 
 
-class SignedManifest(_Struct):
-    body: bytes
-    public_key: PublicKey
-    signature: Signature
+SignedManifest = Envelope
+"""The manifest as served: its msgpack body in the coordinator's signed envelope."""
 
 
 _body_decoder = msgspec.msgpack.Decoder(Manifest)
-_signed_decoder = msgspec.msgpack.Decoder(SignedManifest)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -158,11 +155,7 @@ def check_consistent(m: Manifest) -> None:
 def sign_manifest(m: Manifest, identity: Identity) -> bytes:
     """Encode and sign `m`; returns the bytes that are served as the version's manifest."""
     check_consistent(m)
-    body = _encoder.encode(m)
-    signed = SignedManifest(
-        body=body, public_key=identity.public_key, signature=identity.sign(DOMAIN + body)
-    )
-    return _encoder.encode(signed)
+    return seal(_encoder.encode(m), identity, DOMAIN)
 
 
 def open_manifest(
@@ -173,21 +166,16 @@ def open_manifest(
     Refuses (ManifestError) anything too large or malformed, signed by another key than the
     pool's coordinator, for another pool, or (if `version` is given) for another version.
     """
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"manifest of {len(data)} bytes exceeds {MAX_MANIFEST_BYTES}")
+    body = unseal(
+        data,
+        public_key=public_key,
+        domain=DOMAIN,
+        max_bytes=MAX_MANIFEST_BYTES,
+        what="manifest",
+        error=ManifestError,
+    )
     try:
-        signed = _signed_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise ManifestError(f"malformed manifest envelope: {e}") from None
-    if signed.public_key != public_key:
-        raise ManifestError(
-            f"manifest signed by {signed.public_key.hex()[:12]}, "
-            f"not by the pool's coordinator {public_key.hex()[:12]}"
-        )
-    if not verify_signature(public_key, DOMAIN + signed.body, signed.signature):
-        raise ManifestError("manifest signature does not verify")
-    try:
-        m = _body_decoder.decode(signed.body)
+        m = _body_decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise ManifestError(f"malformed manifest: {e}") from None
     if m.pool_id != pool_id:

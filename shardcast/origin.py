@@ -36,6 +36,7 @@ from shardcast.manifest import (
     open_manifest,
     sign_manifest,
 )
+from shardcast.peerlist import DEFAULT_TTL, PeerListHolder, sign_peer_list
 from shardcast.peers import PeerTable
 from shardcast.server import create_app, serve_app
 from shardcast.shards import hash_and_copy, list_files
@@ -79,7 +80,10 @@ class Origin:
         self.bucket = UploadThrottle(rate) if rate else None
         # The origin keeps a peer table too: it is where most nodes first hear of each other.
         self.peers = PeerTable(pool_id)
-        self.app = create_app(self.store, self.bucket, limits=limits, peers=self.peers)
+        self.peer_list = PeerListHolder(identity.public_key, pool_id)
+        self.app = create_app(
+            self.store, self.bucket, limits=limits, peers=self.peers, peer_list=self.peer_list
+        )
         self.url: str | None = None
         self._lock = trio.Lock()
         self._token: trio.lowlevel.TrioToken | None = None
@@ -163,6 +167,15 @@ class Origin:
                 break
             v = sv.manifest.base
         return steps >= self.full_every
+
+    def publish_peers(self, urls: list[str], ttl: float = DEFAULT_TTL) -> bytes:
+        """Sign `urls` (the relays and nodes the coordinator checked) as the pool's peer list
+        and serve it on `/peerlist`; returns the signed bytes (for a join reply, say).
+        `seq` is the clock in ns, so lists signed after a restart still supersede older
+        ones."""
+        data = sign_peer_list(self.identity, self.pool_id, urls, time.time_ns(), ttl)
+        self.peer_list.offer(data)  # the receivers' own check: never serve what they refuse
+        return data
 
     async def publish(self, folder: Path, version: int, *, delta: bool = True) -> Manifest:
         """Publish `folder` as `version` (newer than any published one); returns its manifest.

@@ -51,6 +51,7 @@ from shardcast.fetcher import (
 )
 from shardcast.limits import ServeLimits
 from shardcast.manifest import Manifest
+from shardcast.peerlist import PeerListHolder
 from shardcast.peers import PeerTable
 from shardcast.server import create_app, serve_app
 from shardcast.sources import MAX_LISTED, SourcePicker
@@ -98,8 +99,14 @@ class Relay:
         self.store.load_existing(public_key, pool_id)
         self.bucket = UploadThrottle(rate) if rate else None
         self.peers = PeerTable(pool_id, identity.public_key if identity else None)
+        self.peer_list = PeerListHolder(public_key, pool_id)
         self.app = create_app(
-            self.store, self.bucket, shard_wait=shard_wait, limits=limits, peers=self.peers
+            self.store,
+            self.bucket,
+            shard_wait=shard_wait,
+            limits=limits,
+            peers=self.peers,
+            peer_list=self.peer_list,
         )
         self.identity = identity
         self.advertise = advertise
@@ -142,6 +149,7 @@ class Relay:
                         self.upstreams,
                         self.identity,
                         self.max_peers,
+                        self.peer_list,
                     )
                     nursery.start_soon(self.watch.run, self.advertise or self.url)
                 for url in self.upstreams:

@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed-hex", default=None, help="identity seed (32 bytes hex)")
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_main, args)
 

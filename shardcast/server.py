@@ -7,6 +7,7 @@
                                    seed (hex bitfields); long-polls up to S s for more than K
                                    held pieces (or, with &changes=C, for more than C changes)
     GET|POST /peers                signed peer announcements (servers given a PeerTable)
+    GET /peerlist                  the coordinator's signed peer list, if one is held
     GET /stats                     bytes served since start: total, requests, by version
     GET /health                    liveness
 
@@ -39,6 +40,7 @@ from hypercorn.trio import serve
 from shardcast.errors import ManifestError
 from shardcast.limits import CapConnections, ServeLimits
 from shardcast.manifest import PayloadFile, unit_range
+from shardcast.peerlist import PeerListHolder
 from shardcast.peers import MAX_ANNOUNCEMENT_BYTES, PeerTable
 from shardcast.store import StoredVersion, VersionStore
 from shardcast.throttle import UploadThrottle
@@ -94,6 +96,7 @@ def create_app(
     shard_wait: float = 30.0,
     limits: ServeLimits | None = None,
     peers: PeerTable | None = None,
+    peer_list: PeerListHolder | None = None,
 ) -> FastAPI:
     limits = limits or ServeLimits()
     app = FastAPI(title="shardcast", docs_url=None, redoc_url=None, openapi_url=None)
@@ -142,6 +145,15 @@ def create_app(
             "bits": sv.bitfield(),
             "soon": sv.soon_bitfield(),
         }
+
+    if peer_list is not None:
+
+        @app.get("/peerlist")
+        async def get_peer_list() -> Response:
+            """The newest coordinator-signed peer list held here (receivers verify it)."""
+            if peer_list.raw is None:
+                raise HTTPException(404, "no peer list held")
+            return Response(peer_list.raw, media_type="application/octet-stream")
 
     if peers is not None:
 

@@ -30,6 +30,7 @@ import trio
 from protocol.identity import Identity
 from shardcast.fetcher import ResponseTooLarge, ShardJob, Swarming, get_capped
 from shardcast.manifest import Manifest, units
+from shardcast.peerlist import MAX_PEER_LIST_BYTES, PeerListError, PeerListHolder
 from shardcast.peers import PeerTable, announce
 from shardcast.sources import SourcePicker
 
@@ -54,6 +55,7 @@ class PeerWatch:
         upstreams: list[str],
         identity: Identity,
         max_peers: int = 8,
+        peer_list: PeerListHolder | None = None,
     ) -> None:
         self.http = http
         self.table = table
@@ -61,6 +63,7 @@ class PeerWatch:
         self.upstreams = upstreams
         self.identity = identity
         self.max_peers = max_peers
+        self.peer_list = peer_list
         self.own_url: str | None = None
         # version -> peer url -> set of global unit indices it holds (its latest bitfield)
         self._have: dict[int, dict[str, set[int]]] = {}
@@ -70,7 +73,10 @@ class PeerWatch:
         self._rank = (0, 1)  # (this member's place, members) in the known swarm
 
     def peers(self) -> list[str]:
-        return [u for u in self.table.urls() if u != self.own_url and u not in self.upstreams]
+        """Members heard of: by their own announcements, or in the coordinator's list."""
+        vouched = self.peer_list.urls() if self.peer_list is not None else []
+        urls = dict.fromkeys([*vouched, *self.table.urls()])
+        return [u for u in urls if u != self.own_url and u not in self.upstreams]
 
     # -- gossip ------------------------------------------------------------------------------
 
@@ -85,6 +91,9 @@ class PeerWatch:
             async with trio.open_nursery() as nursery:
                 for url in targets:
                     nursery.start_soon(self._exchange, url, mine)
+                if self.peer_list is not None:
+                    for url in self.upstreams:
+                        nursery.start_soon(self._pull_peer_list, url)
             await trio.sleep(GOSSIP_EVERY * random.uniform(0.8, 1.2))
 
     async def _exchange(self, url: str, mine: bytes) -> None:
@@ -101,6 +110,22 @@ class PeerWatch:
             a = self.table.add(json.dumps(item).encode())
             if a is not None and a.url != self.own_url and self.picker.add(a.url):
                 log.info("learnt peer %s", a.url)
+
+    async def _pull_peer_list(self, url: str) -> None:
+        """Take `url`'s copy of the coordinator's signed list if it is newer than ours: its
+        members become sources (and we re-serve the list)."""
+        assert self.peer_list is not None
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                status, body = await get_capped(self.http, f"{url}/peerlist", MAX_PEER_LIST_BYTES)
+            if status != 200 or body == self.peer_list.raw:
+                return
+            pl = self.peer_list.offer(body)
+        except (httpx.HTTPError, trio.TooSlowError, ResponseTooLarge, PeerListError):
+            return  # no list, an old one, or a forged one: ours stays as it was
+        for member in pl.urls:
+            if member != self.own_url and self.picker.add(member):
+                log.info("peer %s from the coordinator's list", member)
 
     # -- bitfields ---------------------------------------------------------------------------
 

@@ -47,14 +47,18 @@ HOSTILE = FetchPolicy(
 )
 
 
-def fault_proxy(upstream: list[str], mode: str, fake_versions: bool = False) -> FastAPI:
+def fault_proxy(
+    upstream: list[str], mode: str, fake_versions: bool = False, flip_at: int = 0
+) -> FastAPI:
     """Forwards to `upstream[0]`, misbehaving on payload bodies as `mode` says:
     "trickle" (1 KB, then a byte every 0.3 s), "stall_body" (1 KB, then silence),
-    "stall_headers" (never answers), "flip" (first byte flipped), "refuse" (HTTP 503),
+    "stall_headers" (never answers), "flip" (first byte flipped), "flip_at" (the byte at
+    file offset `flip_at` flipped, the first time a response covers it), "refuse" (503),
     "honest".
     With `fake_versions`, its listing adds a new, never-held version on every call."""
     app = FastAPI()
     fake = itertools.count(1000)
+    flipped_at: list[int] = []
 
     @app.get("/versions")
     async def versions() -> dict:
@@ -86,6 +90,11 @@ def fault_proxy(upstream: list[str], mode: str, fake_versions: bool = False) -> 
         data = r.content
         if mode == "flip":
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        first = int(r.headers["content-range"].split()[1].split("-")[0])
+        if mode == "flip_at" and not flipped_at and first <= flip_at < first + len(data):
+            flipped_at.append(flip_at)
+            i = flip_at - first
+            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
         keep = {k: r.headers[k] for k in ("content-range", "content-length")}
 
         async def body():

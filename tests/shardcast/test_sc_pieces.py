@@ -1,0 +1,138 @@
+"""Sub-shard pieces: the unit of transfer, verification, blame and cut-through, and what a
+swarm member does with its peers' promises."""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from sc_helpers import POOL_ID, make_checkpoint, same_tree
+from test_sc_hostile import client, fault_proxy
+
+from protocol.identity import Identity
+from shardcast.fetcher import FetchPolicy, ShardFetcher, ShardJob, Swarming
+from shardcast.origin import Origin
+from shardcast.relay import Relay
+from shardcast.server import serve_app
+from shardcast.sources import SourcePicker
+from shardcast.store import StoredVersion
+
+SHARD = 256 * 1024
+PIECE = 16 * 1024
+WEIGHTS = "model.safetensors"
+
+
+@pytest.mark.trio
+async def test_a_bad_piece_is_caught_alone_and_blamed(tmp_path: Path, identity: Identity) -> None:
+    """The only source flips one byte inside the first shard, once: the fetch blames exactly
+    the piece holding that byte (not the shard), refetches that piece and ends with exact
+    files."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, piece_size=PIECE)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        ck = make_checkpoint(tmp_path / "ck", mb=0.5)
+        m = await origin.publish(ck, 1)
+        assert m.piece_size == PIECE
+        at = 3 * PIECE + 100
+        bad = await nursery.start(
+            serve_app, fault_proxy([url], "flip_at", flip_at=at), "127.0.0.1", 0
+        )
+        c = client([bad], tmp_path / "c", identity)
+        r = await c.fetch(1)
+        assert same_tree(r.path, ck)
+        assert [(b.source, b.payload, b.shard) for b in r.bad_shards] == [
+            (bad, WEIGHTS, at // PIECE)
+        ]
+        assert c.picker.stats[bad].corrupt == 1
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_relay_serves_a_piece_before_its_shard_is_complete(
+    tmp_path: Path, identity: Identity
+) -> None:
+    """Cut-through at piece granularity: the relay hands out a verified piece while the
+    origin has not yet sent the whole shard it belongs to."""
+    origin = Origin(
+        tmp_path / "o", identity, POOL_ID, shard_size=SHARD, piece_size=PIECE, rate=200_000
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        relay = Relay([url], tmp_path / "r", public_key=identity.public_key, pool_id=POOL_ID)
+        r_url = await nursery.start(relay.run)
+        await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.5), 1)
+        async with httpx.AsyncClient(timeout=30) as http:
+            for _ in range(200):
+                if (await http.get(f"{r_url}/v/1/have")).status_code == 200:
+                    break
+                await trio.sleep(0.05)
+            first = f"bytes=0-{PIECE - 1}"
+            got = await http.get(f"{r_url}/v/1/f/{WEIGHTS}", headers={"Range": first})
+        sent = origin.app.state.served.by_version[1]
+        assert got.status_code == 206 and len(got.content) == PIECE
+        assert sent < SHARD, sent  # shard granularity would need the whole shard first
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_old_manifests_keep_shard_granularity(tmp_path: Path, identity: Identity) -> None:
+    """Publishing without pieces gives the manifest of before (shards are the unit)."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, piece_size=None)
+    m = await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.5), 1)
+    assert m.piece_size is None and m.unit == SHARD
+    assert all(p.pieces == [] for p in m.payload)
+
+
+@pytest.mark.trio
+async def test_a_promise_is_counted_and_cleared_when_held(
+    tmp_path: Path, identity: Identity
+) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, piece_size=PIECE)
+    m = await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.5), 1)
+    sv = StoredVersion(m, b"", tmp_path / "x", complete=False)
+    first = m.payload[0].name  # bit 0 of the bitfields
+    sv.promise(first, 0)
+    sv.promise(first, 0)  # once is enough
+    assert (sv.changes, sv.soon_bitfield()[:2]) == (1, "80")
+    sv.mark(first, 0)
+    assert (sv.changes, sv.soon_bitfield()[:2], sv.bitfield()[:2]) == (2, "00", "80")
+
+
+def _fetcher(promised: set[int], preferred: set[int]) -> ShardFetcher:
+    swarm = Swarming(
+        holders=lambda job: set(),
+        seeds={"http://seed"},
+        promised=lambda job: job.index in promised,
+        preferred=lambda job: job.index in preferred,
+    )
+    picker = SourcePicker(["http://seed"])
+    return ShardFetcher(httpx.AsyncClient(), picker, FetchPolicy(), swarm=swarm)
+
+
+def _jobs(n: int) -> deque[ShardJob]:
+    return deque(ShardJob("f", i, i * PIECE, PIECE, "0" * 64, Path("f")) for i in range(n))
+
+
+def test_a_promised_piece_is_left_to_the_peer_fetching_it() -> None:
+    fetcher = _fetcher(promised={0, 1, 2}, preferred=set())
+    queue = _jobs(4)
+    assert fetcher._next_job(queue).index == 3
+    assert fetcher._next_job(queue) is None  # only promised ones left: wait for a holder
+
+
+def test_first_copies_from_a_seed_are_this_members_share_first() -> None:
+    fetcher = _fetcher(promised=set(), preferred={5})
+    assert fetcher._next_job(_jobs(8)).index == 5
+
+
+def test_seed_slots_are_counted_at_the_pick() -> None:
+    """Workers pick before any transfer starts: without counting picks, every worker of a
+    member would go to the seed at once (seen: the origin sent each unit ~3 times)."""
+    fetcher = _fetcher(promised=set(), preferred=set())
+    queue = _jobs(8)
+    assert fetcher._next_job(queue) is not None and fetcher._next_job(queue) is not None
+    assert fetcher._next_job(queue) is None  # seed_parallel = 2
