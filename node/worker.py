@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import trio
 
 from node.behaviour import Behaviour, NodeContext
-from node.engine import Engine
+from node.engine import Engine, HFEngine
 from node.hardware import probe
 from node.multiturn import TurnEngine
 from node.seeding import make_seeder
@@ -587,7 +587,11 @@ class Worker:
         """The engine for a single-turn pool; for a multi-turn one, the turn loop around it."""
         spec = self.location.spec
         env = environment_for(spec.task.name, dict(spec.task.options))
-        return TurnEngine(self.engine, env) if env is not None else self.engine
+        if env is None:
+            return self.engine
+        if not isinstance(self.engine, HFEngine):
+            raise NodeError(f"task {spec.task.name!r} is multi-turn: it needs --engine hf")
+        return TurnEngine(self.engine, env)
 
     async def _submit(self, sub: msg.Submission, lease: msg.Lease) -> None:
         """Send one submission; a full validation queue (busy) is waited out until the
