@@ -7,8 +7,8 @@ step. The swarm adds network, proofs and validation on top; this is the curve it
 
     python bench/learning.py --preset tiny        # toy task, a few minutes
     python bench/learning.py --preset smollm2     # SmolLM2-135M on 2-digit addition
-    python bench/learning.py --preset smollm2 --step-speed 840a85e
-        # one optimizer step, this tree's trainer against trainer/grpo.py at a git revision,
+    python bench/learning.py --preset smollm2 --step-speed 840a85e --prompts 2
+        # optimizer steps of this tree's trainer against trainer/grpo.py at a git revision,
         # alternated in one process on the same batch (the ratio survives a noisy machine)
 """
 
@@ -84,6 +84,7 @@ def trainer_at(revision: str) -> type:
         check=True,
     ).stdout
     module = types.ModuleType(f"grpo_{revision}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
     exec(compile(source, f"{revision}:trainer/grpo.py", "exec"), module.__dict__)
     return module.GRPOTrainer
 
@@ -137,6 +138,7 @@ def step_speed(cfg: dict, revision: str, repeats: int) -> dict:
     median = {name: statistics.median(t[1:]) for name, t in times.items()}
     return {
         "revision": revision,
+        "dtype": cfg["dtype"],
         "tokens": sum(len(s.tokens) for g in groups for s in g.samples),
         "sequences": sum(len(g.samples) for g in groups),
         "torch_threads": torch.get_num_threads(),
@@ -144,6 +146,34 @@ def step_speed(cfg: dict, revision: str, repeats: int) -> dict:
         "median_s": median,
         "speedup": median["baseline"] / median["current"],
     }
+
+
+def report_step_speed(args: argparse.Namespace) -> None:
+    """--step-speed: time each preset's step against the revision; print a table, write JSON."""
+    speed = {
+        name: step_speed(
+            {
+                **RUNS[name],
+                "prompts": args.prompts or RUNS[name]["prompts"],
+                "dtype": args.dtype or RUNS[name]["dtype"],
+            },
+            args.step_speed,
+            args.repeats,
+        )
+        for name in args.preset or ["tiny", "smollm2"]
+    }
+    print("| run | dtype | sequences, tokens | baseline s/step | current s/step | speed-up |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name, r in speed.items():
+        print(
+            f"| {name} | {r['dtype']} | {r['sequences']}, {r['tokens']} "
+            f"| {r['median_s']['baseline']:.2f} "
+            f"| {r['median_s']['current']:.2f} | {r['speedup']:.2f}x |"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"step_speed_{'_'.join(speed)}.json"
+    out.write_text(json.dumps(speed, indent=2))
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -160,23 +190,11 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=100)
     ap.add_argument("--step-speed", metavar="REV", help="time steps against grpo.py at REV")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps each (--step-speed)")
+    ap.add_argument("--prompts", type=int, help="override the batch's prompts (--step-speed)")
+    ap.add_argument("--dtype", help="override the compute dtype (--step-speed)")
     args = ap.parse_args()
     if args.step_speed:
-        speed = {
-            name: step_speed(RUNS[name], args.step_speed, args.repeats)
-            for name in args.preset or ["tiny", "smollm2"]
-        }
-        print("| run | sequences x tokens | baseline s/step | current s/step | speed-up |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for name, r in speed.items():
-            print(
-                f"| {name} | {r['sequences']} x {r['tokens']} | {r['median_s']['baseline']:.2f} "
-                f"| {r['median_s']['current']:.2f} | {r['speedup']:.2f}x |"
-            )
-        RESULTS.mkdir(exist_ok=True)
-        out = RESULTS / f"step_speed_{'_'.join(speed)}.json"
-        out.write_text(json.dumps(speed, indent=2))
-        print(f"wrote {out}")
+        report_step_speed(args)
         return
     results = {}
     for name in args.preset or ["tiny", "smollm2"]:

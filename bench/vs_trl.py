@@ -129,6 +129,8 @@ def swarmrl_run(cfg: dict[str, Any], seconds: float, eval_limit: int, seed: int)
     return {
         "steps": r["steps"],
         "loop_s": r["loop_s"],
+        "generation_s": r["generation_s"],
+        "train_s": r["train_s"],
         "sampled_tokens": r["sampled_tokens"],
         "mean_train_reward": sum(rewards) / max(len(rewards), 1),
         "accuracy_before": r["accuracy_before"],
