@@ -37,8 +37,8 @@ from trainer.tasks import make_task
 from trainer.validator import LeaseView, Validator
 
 ROOT = Path(__file__).resolve().parents[1]
-GAME_CHARS = "0123456789+- :egsu"
-"""Every character of the prompt "guess 0-9:" and of the replies "+" and "-"."""
+GAME_CHARS = "0123456789+-= :egsu"
+"""Every character of the prompt "guess 0-9:" and of the replies ("+", "-", "=7")."""
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     # The small vocabulary (what the game's text needs) lets a random model find digits at all.
     model, tok = build_tiny(args.seed, GAME_CHARS) if args.small_vocab else load_model("tiny")
-    task = make_task("guess", args.seed, {"max_turns": args.max_turns})
+    task = make_task("guess", args.seed, {"max_turns": args.max_turns, "feedback": args.feedback})
     eos = eos_token_ids(model, tok)
     params = SamplingParams(
         temperature=1.0, max_tokens=args.max_new_tokens, eos_token_ids=tuple(eos)
@@ -149,7 +149,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylim(0, 1.05)
     s = result["settings"]
     vocab = "game-character vocabulary" if s["small_vocab"] else "tiny preset"
-    ax.set_title(f"guess 0-9 in <= {s['max_turns']} turns, {vocab}, every check on")
+    ax.set_title(
+        f"guess 0-9 ({s['feedback']}) in <= {s['max_turns']} turns, {vocab}, every check on"
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -164,6 +166,7 @@ def main() -> None:
     p.add_argument("--max-turns", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--feedback", default="direction", choices=["direction", "reveal"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--small-vocab",
@@ -172,8 +175,9 @@ def main() -> None:
     )
     args = p.parse_args()
     result = run(args)
-    (ROOT / "bench/results/multiturn_learning.json").write_text(json.dumps(result, indent=1))
-    plot(result, ROOT / "docs/multiturn_learning.png")
+    name = f"multiturn_learning_{args.feedback}"
+    (ROOT / f"bench/results/{name}.json").write_text(json.dumps(result, indent=1))
+    plot(result, ROOT / f"docs/{name}.png")
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=1))
 
 

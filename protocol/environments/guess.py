@@ -16,15 +16,26 @@ from protocol.environments import EnvError, TurnLimits
 
 _INTEGER = re.compile(r"\d+")
 HIGHER, LOWER = "+", "-"
+FEEDBACK = ("direction", "reveal")
+"""direction: the environment says + (higher) or - (lower); reveal: it says the number (`=7`), a
+lookup tool whose answer the model has to read and repeat: the easiest way to learn from an
+environment's tokens."""
 
 
 class GuessEnvironment:
     def __init__(
-        self, low: int = 0, high: int = 9, max_turns: int = 4, max_reply_tokens: int = 4
+        self,
+        low: int = 0,
+        high: int = 9,
+        max_turns: int = 4,
+        max_reply_tokens: int = 4,
+        feedback: str = "direction",
     ) -> None:
         if not 0 <= low < high < 10**6:
             raise EnvError(f"guess needs 0 <= low < high < 10**6, not low={low} high={high}")
-        self.low, self.high = low, high
+        if feedback not in FEEDBACK:
+            raise EnvError(f"guess feedback must be one of {FEEDBACK}, not {feedback!r}")
+        self.low, self.high, self.feedback = low, high, feedback
         self.limits = TurnLimits(max_turns, max_reply_tokens)
 
     def secret(self, seed: int) -> int:
@@ -32,13 +43,16 @@ class GuessEnvironment:
         return secret(seed, self.low, self.high)
 
     def reply(self, seed: int, prompt: str, turns: Sequence[str]) -> str | None:
-        """Higher or lower; None (the game is over) on a hit or on a turn without a number."""
+        """Higher or lower (or the number); None (the game is over) on a hit or on a turn
+        without a number."""
         guess = first_integer(turns[-1])
         if guess is None:
             return None
         target = self.secret(seed)
         if guess == target:
             return None
+        if self.feedback == "reveal":
+            return f"={target}"
         return HIGHER if target > guess else LOWER
 
     def prompt(self) -> str:

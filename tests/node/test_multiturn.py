@@ -196,5 +196,18 @@ def test_environment_options_are_checked():
     with pytest.raises(EnvError):
         environment_for("guess", {"no_such_option": 1})
     with pytest.raises(EnvError):
+        environment_for("guess", {"feedback": "loud"})
+    with pytest.raises(EnvError):
         TurnLimits(max_reply_tokens=0)
     assert environment_for("copy", {}) is None
+
+
+@pytest.mark.parametrize("feedback", ["direction", "reveal"])
+def test_the_game_answers_a_miss_and_ends_on_a_hit_or_no_number(feedback):
+    env = environment_for("guess", {"feedback": feedback})
+    target = env.secret(11)
+    miss = (target + 1) % 10
+    answer = {"direction": "-" if miss > target else "+", "reveal": f"={target}"}[feedback]
+    assert env.reply(11, "", [f"{miss}"]) == answer
+    assert env.reply(11, "", [f"{miss}", f"x{target}"]) is None
+    assert env.reply(11, "", ["no number"]) is None
