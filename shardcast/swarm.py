@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 GOSSIP_EVERY = 2.0
 GOSSIP_FANOUT = 3  # peers pushed to and pulled from per round, besides the upstreams
 HAVE_WAIT = 10.0  # long-poll of a peer's bitfield
+HAVE_MIN_GAP = 0.5  # seconds between two polls of one peer's bitfield, at least
 WATCH_REFRESH = 1.0  # how often the set of watched peers is revisited
 MAX_PEERS_BYTES = 256 * 1024
 MAX_HAVE_BYTES = 1024 * 1024
@@ -148,7 +149,7 @@ class PeerWatch:
         rank, members = self._rank
         return index % members == rank
 
-    def _count_members(self) -> None:
+    def count_members(self) -> None:
         members = sorted({*self.peers(), self.own_url or ""})
         self._rank = (members.index(self.own_url or ""), len(members))
 
@@ -162,7 +163,7 @@ class PeerWatch:
         try:
             async with trio.open_nursery() as nursery:
                 while True:
-                    self._count_members()
+                    self.count_members()
                     for url, scope in list(watched.items()):
                         if self.picker.dropped(url, version):
                             scope.cancel()  # bad bytes, stalls or lies: not asked again
@@ -209,6 +210,9 @@ class PeerWatch:
                     held, changes = len(bits), int(data.get("changes", len(bits)))
                     failures = 0
                     self._note(version, url, bits, soon)
+                    # Batches a busy peer's changes: one answer per gap, not one per piece
+                    # (each answer is an HTTP round trip on two CPU-bound Python servers).
+                    await trio.sleep(HAVE_MIN_GAP)
                 except (httpx.HTTPError, trio.TooSlowError, ValueError, KeyError, TypeError):
                     failures += 1
                     await trio.sleep(WATCH_REFRESH)
@@ -252,6 +256,7 @@ def swarming(
     """The fetcher's view of the swarm for `version`: who holds a unit, whether a peer
     promised it, whether it is this member's share; `promise` advertises our own."""
     first = shard_index(m)
+    watch.count_members()  # before the first picks, not at the watch's first round
 
     def index(job: ShardJob) -> int:
         return first[job.name] + job.index
