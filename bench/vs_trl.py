@@ -11,7 +11,7 @@ End-to-end tokens/s = completion tokens sampled / wall time of the training loop
 rewards and optimizer steps; model loading and evaluation excluded).
 
     pip install -e '.[bench]'                 # TRL
-    python bench/vs_trl.py --quick            # tiny preset, 3 minutes each: under 10 minutes
+    python bench/vs_trl.py --quick --threads 1   # tiny preset, 3 minutes each: under 10 minutes
     python bench/vs_trl.py                    # SmolLM2-135M on 2-digit addition, 10 min each
 """
 
@@ -152,7 +152,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, help="training wall time of each side")
     ap.add_argument("--eval-limit", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        # On a shared machine a second thread on small matrices mostly waits for the first.
+        torch.set_num_threads(args.threads)
     preset = "tiny" if args.quick else "smollm2-135m"
     minutes = args.minutes or (3.0 if args.quick else 10.0)
     cfg = local_config(preset)
