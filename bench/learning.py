@@ -162,7 +162,9 @@ def report_step_speed(args: argparse.Namespace) -> None:
         )
         for name in args.preset or ["tiny", "smollm2"]
     }
-    print("| run | dtype | sequences, tokens | baseline s/step | current s/step | speed-up |")
+    print(
+        "| run | dtype | sequences, completion tokens | before s/step | after s/step | speed-up |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name, r in speed.items():
         print(
