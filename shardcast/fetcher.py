@@ -148,6 +148,10 @@ class Swarming:
     """This member's share of the first copies: taken first among units nobody has."""
     on_seed_fetch: Callable[[ShardJob], None] = _ignore
     """Called when a transfer of a unit goes to a seed (to advertise the promise)."""
+    share_grace: float = 5.0
+    """Seconds from the start of a fetch during which units nobody holds that are another
+    member's share are left to it: several members copying the same unit out of a seed
+    cost the seed's upload, while fewer streams to a capped seed lose it nothing."""
 
 
 @dataclass
@@ -281,6 +285,7 @@ class ShardFetcher:
         # Units taken because no peer held them (bound for a seed), until their race ends:
         # counted at the pick, since workers pick before any transfer has started.
         self._for_seeds: set[ShardJob] = set()
+        self._started = float("-inf")  # trio time the current fetch began
 
     async def fetch(
         self,
@@ -292,6 +297,7 @@ class ShardFetcher:
         first shard that cannot be had."""
         queue = deque(jobs)
         races: dict[ShardJob, _Race] = {}
+        self._started = trio.current_time()
 
         async def worker() -> None:
             while queue or races:
@@ -320,11 +326,16 @@ class ShardFetcher:
         if self.swarm is None:
             return queue.popleft()
         seeds_busy = len(self._for_seeds) >= self.swarm.seed_parallel
+        in_grace = trio.current_time() - self._started < self.swarm.share_grace
         best: tuple[int, bool, float] | None = None
         chosen = None
         for job in queue:
             n = len(self.swarm.holders(job))
-            if n == 0 and (seeds_busy or self.swarm.promised(job)):
+            if n == 0 and (
+                seeds_busy
+                or self.swarm.promised(job)
+                or (in_grace and not self.swarm.preferred(job))
+            ):
                 continue
             key = (n, not self.swarm.preferred(job), random.random())
             if best is None or key < best:

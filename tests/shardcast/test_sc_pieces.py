@@ -117,22 +117,36 @@ def _jobs(n: int) -> deque[ShardJob]:
     return deque(ShardJob("f", i, i * PIECE, PIECE, "0" * 64, Path("f")) for i in range(n))
 
 
-def test_a_promised_piece_is_left_to_the_peer_fetching_it() -> None:
+@pytest.mark.trio
+async def test_a_promised_piece_is_left_to_the_peer_fetching_it() -> None:
     fetcher = _fetcher(promised={0, 1, 2}, preferred=set())
     queue = _jobs(4)
     assert fetcher._next_job(queue).index == 3
     assert fetcher._next_job(queue) is None  # only promised ones left: wait for a holder
 
 
-def test_first_copies_from_a_seed_are_this_members_share_first() -> None:
+@pytest.mark.trio
+async def test_first_copies_from_a_seed_are_this_members_share_first() -> None:
     fetcher = _fetcher(promised=set(), preferred={5})
     assert fetcher._next_job(_jobs(8)).index == 5
 
 
-def test_seed_slots_are_counted_at_the_pick() -> None:
+@pytest.mark.trio
+async def test_seed_slots_are_counted_at_the_pick() -> None:
     """Workers pick before any transfer starts: without counting picks, every worker of a
     member would go to the seed at once (seen: the origin sent each unit ~3 times)."""
     fetcher = _fetcher(promised=set(), preferred=set())
     queue = _jobs(8)
     assert fetcher._next_job(queue) is not None and fetcher._next_job(queue) is not None
     assert fetcher._next_job(queue) is None  # seed_parallel = 2
+
+
+@pytest.mark.trio
+async def test_another_members_share_is_left_to_it_for_a_grace() -> None:
+    fetcher = _fetcher(promised=set(), preferred={5})
+    fetcher._started = trio.current_time()  # a fetch that has just begun
+    queue = _jobs(8)
+    assert fetcher._next_job(queue).index == 5
+    assert fetcher._next_job(queue) is None  # the rest is other members' share, for now
+    fetcher._started -= fetcher.swarm.share_grace
+    assert fetcher._next_job(queue) is not None
