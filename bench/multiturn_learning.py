@@ -31,8 +31,8 @@ from toploc.models import build_tiny, eos_token_ids, load_model
 from toploc.sampling import SamplingParams
 from trainer.algorithm import GroupAlgorithm
 from trainer.config import AlgorithmSection
-from trainer.environments.turns import turn_groups, turn_samples
-from trainer.grpo import GRPOTrainer
+from trainer.environments.turns import transcript_sample
+from trainer.grpo import GRPOTrainer, TrainGroup
 from trainer.tasks import make_task
 from trainer.validator import LeaseView, Validator
 
@@ -92,12 +92,12 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             p = g.payload
             samples = [
-                turn_samples(p.prompt_ids, tokens, lp, segs, tr)
+                transcript_sample(p.prompt_ids, tokens, lp, segs, tr)
                 for tokens, lp, segs, tr in zip(
                     p.tokens, p.logprobs, p.segments, p.truncated, strict=True
                 )
             ]
-            batch += turn_groups(samples, g.rewards, scored.advantages, step)
+            batch.append(TrainGroup(samples, g.rewards, scored.advantages, step))
         t = time.perf_counter()
         if batch:
             trainer.step(batch, step)

@@ -56,6 +56,11 @@ def split_segments(tokens: Sequence[int], segments: Sequence[int]) -> list[Segme
     return out
 
 
+def model_mask(segments: Sequence[Segment]) -> list[bool]:
+    """Per transcript token: whether the model generated it (what may carry loss)."""
+    return [s.by_model for s in segments for _ in s.tokens]
+
+
 def model_positions(segments: Sequence[Segment]) -> list[int]:
     """Transcript offsets of the model's tokens, in order."""
     return [s.start + k for s in segments if s.by_model for k in range(len(s.tokens))]

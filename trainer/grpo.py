@@ -32,6 +32,9 @@ class Sample:
     behaviour_logprobs: list[float]
     truncated: bool
     """Ended at the length cap rather than with EOS."""
+    loss_mask: list[bool] | None = None
+    """Per token, whether it carries loss: a multi-turn transcript's environment replies are
+    context, not the policy's actions. None: every token does."""
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,9 @@ class GRPOTrainer:
             ids[i, : p + n] = torch.tensor(s.prompt_ids + s.tokens)
             attention[i, : p + n] = 1
             # window column j predicts ids[start + j + 1]; completion token t sits at p + t
-            mask[i, p - 1 - start : p - 1 - start + n] = 1
+            mask[i, p - 1 - start : p - 1 - start + n] = (
+                1.0 if s.loss_mask is None else torch.tensor(s.loss_mask, dtype=mask.dtype)
+            )
             behaviour[i, p - 1 - start : p - 1 - start + n] = torch.tensor(s.behaviour_logprobs)
         return {
             "ids": ids,

@@ -31,8 +31,9 @@ from shardcast.origin import Origin
 from trainer.algorithm import FLAT, GroupAlgorithm
 from trainer.checkpoint import CheckpointInfo, latest_committed
 from trainer.config import AlgorithmSection
+from trainer.environments.turns import transcript_sample
 from trainer.evaluating import EvalService
-from trainer.grpo import Sample, StepResult, TrainGroup
+from trainer.grpo import StepResult, TrainGroup
 from trainer.ledger import GroupRecord, Ledger, StepCommit
 from trainer.metrics import RunLog
 from trainer.policy import PolicyStore
@@ -236,9 +237,10 @@ class TrainingService:
 
     def _train_group(self, g: GroupRecord) -> TrainGroup:
         p = msgspec.msgpack.decode(g.payload, type=GroupPayload)
+        segments = p.segments or [[]] * len(p.tokens)
         samples = [
-            Sample(p.prompt_ids, t, lp, tr)
-            for t, lp, tr in zip(p.tokens, p.logprobs, p.truncated, strict=True)
+            transcript_sample(p.prompt_ids, t, lp, seg, tr)
+            for t, lp, tr, seg in zip(p.tokens, p.logprobs, p.truncated, segments, strict=True)
         ]
         # Groups accepted before the ledger stored advantages are scored now, once.
         advantages = g.advantages or self.algorithm.score(g.rewards).advantages

@@ -1,46 +1,61 @@
 """Multi-turn transcripts as training samples: only model turns carry loss."""
 
 import pytest
+import torch
 
 from protocol.transcript import TranscriptError
-from trainer.environments.turns import turn_groups, turn_samples
+from toploc.models import load_model
+from trainer.config import AlgorithmSection
+from trainer.environments.turns import transcript_sample
+from trainer.grpo import GRPOTrainer, Sample, TrainGroup
 
 PROMPT = [1, 2]
 # model [10, 11] | env [20] | model [12] | env [21, 22] | model [13, 14]
 TOKENS = [10, 11, 20, 12, 21, 22, 13, 14]
 SEGMENTS = [2, 1, 1, 2, 2]
-LOGPROBS = [-0.1, -0.2, -9.0, -0.3, -9.0, -9.0, -0.4, -0.5]
+LOGPROBS = [-2.1, -2.2, -9.0, -2.3, -9.0, -9.0, -2.4, -2.5]
+MODEL = [True, True, False, True, False, False, True, True]
 
 
-def test_each_model_turn_is_a_sample_with_the_transcript_before_it_as_context():
-    samples = turn_samples(PROMPT, TOKENS, LOGPROBS, SEGMENTS, truncated=True)
-    assert [s.prompt_ids for s in samples] == [
-        [1, 2],
-        [1, 2, 10, 11, 20],
-        [1, 2, 10, 11, 20, 12, 21, 22],
-    ]
-    assert [s.tokens for s in samples] == [[10, 11], [12], [13, 14]]
-    # environment tokens' logprobs (-9) never reach a sample
-    assert [s.behaviour_logprobs for s in samples] == [[-0.1, -0.2], [-0.3], [-0.4, -0.5]]
-    # only the last turn can have hit the length cap of the rollout
-    assert [s.truncated for s in samples] == [False, False, True]
-
-
-def test_model_only_logprobs_are_read_in_order():
-    model_only = [-0.1, -0.2, -0.3, -0.4, -0.5]
-    samples = turn_samples(PROMPT, TOKENS, model_only, SEGMENTS, truncated=False)
-    assert [s.behaviour_logprobs for s in samples] == [[-0.1, -0.2], [-0.3], [-0.4, -0.5]]
-
-
-def test_groups_per_turn_keep_each_transcripts_advantage():
-    long = turn_samples(PROMPT, TOKENS, LOGPROBS, SEGMENTS, truncated=False)
-    short = turn_samples(PROMPT, [10, 11], [-0.1, -0.2], [2], truncated=False)
-    groups = turn_groups([long, short], [1.0, 0.0], [0.7, -0.7], weight_version=3)
-    assert [len(g.samples) for g in groups] == [2, 1, 1]
-    assert [g.advantages for g in groups] == [[0.7, -0.7], [0.7], [0.7]]
-    assert all(g.rewards == [1.0, 0.0] and g.weight_version == 3 for g in groups)
-
-
-def test_a_bad_layout_is_refused():
+def test_a_transcript_is_one_sample_whose_environment_tokens_carry_no_loss():
+    s = transcript_sample(PROMPT, TOKENS, LOGPROBS, SEGMENTS, truncated=True)
+    assert (s.prompt_ids, s.tokens, s.truncated) == (PROMPT, TOKENS, True)
+    assert s.loss_mask == MODEL
+    assert transcript_sample(PROMPT, [10, 11], [-0.1, -0.2], [], False).loss_mask is None
     with pytest.raises(TranscriptError):
-        turn_samples(PROMPT, TOKENS, LOGPROBS, [2, 1, 1], truncated=False)
+        transcript_sample(PROMPT, TOKENS, LOGPROBS, [2, 1, 1], truncated=False)
+
+
+def _trainer() -> GRPOTrainer:
+    model, _ = load_model("tiny")
+    torch.manual_seed(0)
+    settings = AlgorithmSection(lr=1e-3, is_cap=0, loss_type="dapo")
+    return GRPOTrainer(model, settings, temperature=1.0, max_new_tokens=8)
+
+
+def _grads(trainer: GRPOTrainer, groups: list[TrainGroup]) -> torch.Tensor:
+    """The flat gradient one step takes (the step is undone: only its gradient is kept)."""
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.step(groups, current_version=0)
+    grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    trainer.model.load_state_dict(before)
+    return grad
+
+
+def test_the_masked_transcript_trains_as_its_model_turns_would_alone():
+    # Under the token-level loss, the transcript with its environment replies masked is the
+    # sum over its model turns, each trained as a completion of the transcript before it.
+    # Without the mask, the environment tokens would add their own gradient.
+    trainer = _trainer()
+    whole = transcript_sample(PROMPT, TOKENS, LOGPROBS, SEGMENTS, truncated=False)
+    masked = _grads(trainer, [TrainGroup([whole], [1.0], [0.7], 0)])
+    turns = [
+        Sample(PROMPT, [10, 11], LOGPROBS[0:2], False),
+        Sample(PROMPT + TOKENS[:3], [12], LOGPROBS[3:4], False),
+        Sample(PROMPT + TOKENS[:6], [13, 14], LOGPROBS[6:8], False),
+    ]
+    per_turn = _grads(trainer, [TrainGroup([t], [1.0], [0.7], 0) for t in turns])
+    assert torch.allclose(masked, per_turn, rtol=1e-4, atol=1e-7)
+    unmasked = Sample(PROMPT, TOKENS, LOGPROBS, False)
+    plain = _grads(trainer, [TrainGroup([unmasked], [1.0], [0.7], 0)])
+    assert not torch.allclose(masked, plain, rtol=1e-3, atol=1e-6)
