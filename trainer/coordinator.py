@@ -112,7 +112,8 @@ class Coordinator:
         )
         if learner is None:
             ranks = self.config.trainer.trainer_procs
-            check_fits(spec.model.name, self.config.trainer.device, ranks)
+            lora = self.config.trainer.lora.rank > 0
+            check_fits(spec.model.name, self.config.trainer.device, ranks, lora)
             learner = build_learner(spec, self.config, data / "checkpoints")
         data.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(data / "ledger.sqlite")

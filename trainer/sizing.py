@@ -30,6 +30,9 @@ from protocol.errors import SwarmError
 TRAINING_BYTES_PER_PARAMETER = 16
 """Full fine-tuning: fp32 weights, fp32 gradients and two fp32 AdamW moments (docs/scale.md,
 "What fits where"); activations and the staged checkpoint come on top."""
+LORA_BYTES_PER_PARAMETER = 4
+"""LoRA: the frozen fp32 weights only; the adapters' weights, gradients and moments are a few
+percent of that at ranks up to 64 and are left in the margin with the activations."""
 
 
 class ModelTooLargeError(SwarmError):
@@ -74,34 +77,57 @@ def defaults_for(parameters: int) -> tuple[SizeClass, dict[str, Any]]:
     }
 
 
-def training_bytes(parameters: int, device_type: str, ranks: int) -> int:
-    """What one device holds for full fine-tuning: FSDP2 shards the state over the ranks, one
-    GPU each on CUDA; on a CPU every rank lives in this host's memory."""
-    total = TRAINING_BYTES_PER_PARAMETER * parameters
+def per_parameter(lora: bool) -> int:
+    return LORA_BYTES_PER_PARAMETER if lora else TRAINING_BYTES_PER_PARAMETER
+
+
+def training_bytes(parameters: int, device_type: str, ranks: int, lora: bool = False) -> int:
+    """What one device holds for training (full, or `lora` adapters on a frozen base): FSDP2
+    shards the state over the ranks, one GPU each on CUDA; on a CPU every rank lives in this
+    host's memory."""
+    total = per_parameter(lora) * parameters
     return math.ceil(total / ranks) if device_type == "cuda" else total
 
 
 def refuse_oversized(
-    model: str, parameters: int, device_type: str, ranks: int, available: int
+    model: str,
+    parameters: int,
+    device_type: str,
+    ranks: int,
+    available: int,
+    lora: bool = False,
 ) -> None:
     """Raise `ModelTooLargeError`, saying what to do, when the training state of `parameters`
     needs more than `available` bytes of the device."""
-    need = training_bytes(parameters, device_type, ranks)
+    need = training_bytes(parameters, device_type, ranks, lora)
     if need <= available:
         return
     gib = 2**30
-    total = TRAINING_BYTES_PER_PARAMETER * parameters
-    if device_type == "cuda":
+    total = per_parameter(lora) * parameters
+    if lora:  # one trainer process (LoRA is not sharded over ranks yet)
+        fix = "use a device with more free memory, or pick a smaller model"
+    elif device_type == "cuda":
         ranks_needed = math.ceil(total / available)
         fix = (
             f"run the trainer on {ranks_needed} or more GPUs (--trainer-procs {ranks_needed} "
-            "shards it with FSDP2), use GPUs with more memory, or pick a smaller model"
+            "shards it with FSDP2), use GPUs with more memory, train LoRA adapters "
+            f"(--set trainer.lora.rank=8: {LORA_BYTES_PER_PARAMETER} bytes per parameter), "
+            "or pick a smaller model"
         )
     else:
-        fix = "train on GPUs (--device cuda, --trainer-procs N), or pick a smaller model"
+        fix = (
+            "train on GPUs (--device cuda, --trainer-procs N), train LoRA adapters "
+            f"(--set trainer.lora.rank=8: {LORA_BYTES_PER_PARAMETER} bytes per parameter), "
+            "or pick a smaller model"
+        )
+    what = (
+        "LoRA holds its frozen fp32 weights"
+        if lora
+        else "full fine-tuning holds fp32 weights, gradients and AdamW moments"
+    )
     raise ModelTooLargeError(
-        f"{model} has {parameters / 1e9:.2f}B parameters: full fine-tuning holds "
-        f"{TRAINING_BYTES_PER_PARAMETER} bytes each (fp32 weights, gradients, AdamW), "
+        f"{model} has {parameters / 1e9:.2f}B parameters: {what}, "
+        f"{per_parameter(lora)} bytes each, "
         f"{need / gib:.1f} GiB per {device_type} device with {ranks} trainer rank(s), and "
         f"{available / gib:.1f} GiB is free there. To train it, {fix} "
         '(docs/scale.md, "What fits where").'
@@ -125,7 +151,7 @@ def free_memory(device_type: str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(model: str, device: str, ranks: int) -> None:
+def check_fits(model: str, device: str, ranks: int, lora: bool = False) -> None:
     """`refuse_oversized` for the pool's model on the configured trainer device, read from
     the model's config alone (no weights are loaded)."""
     from toploc.modelinfo import inspect_model
@@ -133,4 +159,4 @@ def check_fits(model: str, device: str, ranks: int) -> None:
 
     device_type = resolve_device(device).type
     parameters = inspect_model(model).parameters
-    refuse_oversized(model, parameters, device_type, ranks, free_memory(device_type))
+    refuse_oversized(model, parameters, device_type, ranks, free_memory(device_type), lora)

@@ -27,3 +27,14 @@ def test_a_model_that_fits_passes_and_one_that_does_not_says_what_to_do():
 
 def test_the_tiny_model_fits_this_machine():
     check_fits("tiny", "cpu", 1)
+
+
+def test_lora_holds_a_quarter_of_full_training_and_is_offered_when_full_does_not_fit():
+    # 7B: full 16 bytes each = 112 GB; LoRA keeps the frozen fp32 weights only, 28 GB
+    assert training_bytes(7_000_000_000, "cuda", 1, lora=True) == 28_000_000_000
+    with pytest.raises(ModelTooLargeError, match=r"trainer\.lora\.rank"):
+        refuse_oversized("m", 7_000_000_000, "cuda", 1, 40 * GIB)
+    refuse_oversized("m", 7_000_000_000, "cuda", 1, 40 * GIB, lora=True)  # 28e9 fits 42.9e9
+    with pytest.raises(ModelTooLargeError, match="frozen fp32 weights") as e:
+        refuse_oversized("m", 7_000_000_000, "cuda", 1, 16 * GIB, lora=True)
+    assert "--trainer-procs" not in str(e.value)
