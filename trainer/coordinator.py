@@ -266,7 +266,11 @@ class Coordinator:
             nursery.start_soon(self.submissions.validate_forever)
             nursery.start_soon(self.training.train_forever)
             nursery.start_soon(self.leases.expire_forever)
-            nursery.start_soon(self.relays.check_forever, lambda: self.training.version)
+            # Each round of relay checks re-signs the pool's peer list (shardcast/peerlist.py):
+            # what swarm members, late joiners included, learn their first peers from.
+            nursery.start_soon(
+                self.relays.check_forever, lambda: self.training.version, self.origin.publish_peers
+            )
             self.endpoints = Endpoints(self.pool_id, host.peer_id, host.addrs, api_url, origin_url)
             task_status.started(self.endpoints)
 

@@ -122,10 +122,14 @@ class RelayDirectory:
         ]
         return out
 
-    async def check_forever(self, version: Callable[[], int]) -> None:
-        """Check every advertised relay now and then (new ones at once)."""
+    async def check_forever(
+        self, version: Callable[[], int], checked: Callable[[list[str]], object]
+    ) -> None:
+        """Check every advertised relay now and then (new ones at once); after each round,
+        `checked(the verified relays' URLs)`."""
         while True:
             await self.check_all(version())
+            checked(self.weights_urls(None))
             self._changed = trio.Event()
             with trio.move_on_after(self.recheck_s):
                 await self._changed.wait()
