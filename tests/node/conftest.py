@@ -33,19 +33,7 @@ def validate():
     def check(model, tok, task, lease: msg.Lease, results, version: int):
         spec = poolspec.from_dict({"name": "t", "coordinator": {"public_key": "ab" * 32}})
         validator = Validator(spec, task, tok, lambda v: model, len(tok), tok.pad_token_id)
-        view = LeaseView(
-            tasks=[
-                {
-                    "prompt_index": t.prompt_index,
-                    "prompt_ids": list(t.prompt_ids),
-                    "seed": t.seed,
-                    "group_size": t.group_size,
-                }
-                for t in lease.tasks
-            ],
-            min_version=0,
-            sampling=sampling_params(lease),
-        )
+        view = LeaseView.of(lease, sampling_params(lease))
         sub = msg.Submission(lease_id=1, weight_version=version, results=results)
         return validator.validate(sub, view, current_version=version)
 
