@@ -49,11 +49,14 @@ class VLLMEngine:
         """The last adapter version written out merged, for a rebuild (removed on the next)."""
 
     def load(self, folder: Path, version: int) -> None:
-        merged = None if adapter_meta(folder) is None else self._versions.load(folder)
+        if adapter_meta(folder) is not None:
+            # Merged by the validators' loader and written out as a full version: from here on
+            # it loads exactly as one (vLLM's in-place loader refused the merged model's own
+            # tensors on the CPU backend: a parameter without `weight_loader`).
+            folder = self._write_merged(self._versions.load(folder))
         if self.llm is not None and self.in_place:
             try:
-                weights = folder_weights(folder) if merged is None else merged.state_dict()
-                self._load_in_place(weights)
+                self._load_in_place(folder_weights(folder))
                 self.version = version
                 return
             except (AssertionError, RuntimeError, ValueError) as e:
@@ -63,7 +66,7 @@ class VLLMEngine:
                     e,
                 )
                 self.in_place = False
-        self._build(folder if merged is None else self._write_merged(merged))
+        self._build(folder)
         self.version = version
 
     def _write_merged(self, model: Any) -> Path:

@@ -14,7 +14,7 @@ run() {
 run python -m pytest
 run python -m pytest -m "slow and not vllm"
 if [ -x .venv-vllm/bin/python ]; then
-    run .venv-vllm/bin/python -m pytest -m vllm
+    run .venv-vllm/bin/python -m pytest -m "vllm and not gpu"
 else
     echo "=== .venv-vllm not set up (SWARMRL_SKIP_VLLM=1?): the vLLM tests were not run"
 fi
