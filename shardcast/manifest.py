@@ -166,20 +166,16 @@ def open_manifest(
     Refuses (ManifestError) anything too large or malformed, signed by another key than the
     pool's coordinator, for another pool, or (if `version` is given) for another version.
     """
-    body = unseal(
+    m = unseal(
         data,
         public_key=public_key,
+        pool_id=pool_id,
         domain=DOMAIN,
         max_bytes=MAX_MANIFEST_BYTES,
+        body=_body_decoder,
         what="manifest",
         error=ManifestError,
     )
-    try:
-        m = _body_decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise ManifestError(f"malformed manifest: {e}") from None
-    if m.pool_id != pool_id:
-        raise ManifestError(f"manifest is for pool {m.pool_id!r}, not {pool_id!r}")
     if version is not None and m.version != version:
         raise ManifestError(f"asked for version {version}, got a manifest for {m.version}")
     check_consistent(m)

@@ -82,20 +82,16 @@ def open_peer_list(
 ) -> PeerList:
     """Check and decode peer-list bytes from anyone; PeerListError if they are not a fresh
     list signed by the pool's coordinator with a `seq` above `newer_than`."""
-    body = unseal(
+    pl = unseal(
         data,
         public_key=public_key,
+        pool_id=pool_id,
         domain=DOMAIN,
         max_bytes=MAX_PEER_LIST_BYTES,
+        body=_body_decoder,
         what="peer list",
         error=PeerListError,
     )
-    try:
-        pl = _body_decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise PeerListError(f"malformed peer list: {e}") from None
-    if pl.pool_id != pool_id:
-        raise PeerListError(f"peer list is for pool {pl.pool_id!r}, not {pool_id!r}")
     now = time.time() if now is None else now
     if pl.issued > now + MAX_SKEW:
         raise PeerListError("peer list is dated in the future")

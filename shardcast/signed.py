@@ -4,6 +4,8 @@ a signature for one kind of object can never pass as another."""
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import msgspec
 
 from protocol.identity import Identity, verify_signature
@@ -16,6 +18,8 @@ class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     public_key: PublicKey
     signature: Signature
 
+
+T = TypeVar("T")
 
 _decoder = msgspec.msgpack.Decoder(Envelope)
 _encoder = msgspec.msgpack.Encoder()
@@ -32,13 +36,15 @@ def unseal(
     data: bytes,
     *,
     public_key: bytes,
+    pool_id: str,
     domain: bytes,
     max_bytes: int,
+    body: msgspec.msgpack.Decoder[T],
     what: str,
     error: type[ShardcastError],
-) -> bytes:
-    """The body of `data` if it is at most `max_bytes`, well formed and signed by
-    `public_key` under `domain`; else `error` (naming `what`)."""
+) -> T:
+    """The decoded body of `data` if it is at most `max_bytes`, well formed, signed by
+    `public_key` under `domain`, and for pool `pool_id`; else `error` (naming `what`)."""
     if len(data) > max_bytes:
         raise error(f"{what} of {len(data)} bytes exceeds {max_bytes}")
     try:
@@ -52,4 +58,10 @@ def unseal(
         )
     if not verify_signature(public_key, domain + env.body, env.signature):
         raise error(f"{what} signature does not verify")
-    return env.body
+    try:
+        out: Any = body.decode(env.body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise error(f"malformed {what}: {e}") from None
+    if out.pool_id != pool_id:
+        raise error(f"{what} is for pool {out.pool_id!r}, not {pool_id!r}")
+    return out
