@@ -19,7 +19,7 @@ MODEL = [True, True, False, True, False, False, True, True]
 
 def test_a_transcript_is_one_sample_whose_environment_tokens_carry_no_loss():
     s = transcript_sample(PROMPT, TOKENS, LOGPROBS, SEGMENTS, truncated=True)
-    assert (s.prompt_ids, s.tokens, s.truncated) == (PROMPT, TOKENS, True)
+    assert (s.prompt_ids, s.tokens) == (PROMPT, TOKENS) and s.truncated
     assert s.loss_mask == MODEL
     assert transcript_sample(PROMPT, [10, 11], [-0.1, -0.2], [], False).loss_mask is None
     with pytest.raises(TranscriptError):
