@@ -168,8 +168,7 @@ class Client:
         aside, never above the trusted version; sources caught lying are not heard while
         any other source lists something."""
         listed = await self.listings(after, wait)
-        now = trio.current_time()
-        heard = {u: d for u, d in listed.items() if self.picker.heard(u, now)}
+        heard = {u: d for u, d in listed.items() if self.picker.heard(u)}
         best = None
         for data in (heard or listed).values():
             for v in _listed_versions(data):
@@ -383,7 +382,7 @@ async def fetch_manifest(
                     http, f"{source.url}/v/{version}/manifest", MAX_MANIFEST_BYTES
                 )
             if status == 404:
-                picker.record_missing(source, version, trio.current_time())
+                picker.record_missing(source, version)
                 errors.append(f"{source.url}: not held")
                 continue
             if status != 200:
@@ -391,7 +390,7 @@ async def fetch_manifest(
             m = open_manifest(body, public_key=public_key, pool_id=pool_id, version=version)
             return m, body
         except (ManifestError, ResponseTooLarge) as e:
-            picker.record_bad_manifest(source, version, trio.current_time())
+            picker.record_bad_manifest(source, version)
             errors.append(f"{source.url}: {e}")
         except (httpx.HTTPError, trio.TooSlowError) as e:
             picker.record_failure(source)

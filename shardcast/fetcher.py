@@ -474,7 +474,7 @@ class ShardFetcher:
                 )
             source = self._pick_source(version, job, avoid)
             if source is None:
-                if all(version in s.missing for s in self.picker.stats.values()):
+                if self.picker.all_lack(version):
                     raise VersionGone(f"no source holds version {version} any more")
                 raise FetchError(f"v{version} {job.name}: every source is banned or at fault")
             attempts += 1
@@ -607,7 +607,7 @@ class ShardFetcher:
         self, r: httpx.Response, version: int, source: SourceStats, first: int, last: int
     ) -> None:
         if r.status_code == 404:
-            self.picker.record_missing(source, version, trio.current_time())
+            self.picker.record_missing(source, version)
             raise _TransferFailed("404: version not held")
         if r.status_code != 206:
             raise _TransferFailed(f"HTTP {r.status_code}")

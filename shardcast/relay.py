@@ -195,7 +195,7 @@ class Relay:
         """The newest `keep` believable versions listed, plus their delta chains. Listings of
         upstreams caught lying are not heard while another upstream lists anything."""
         now = trio.current_time()
-        heard = [x for u, x in self._listed.items() if self.picker.heard(u, now)]
+        heard = [x for u, x in self._listed.items() if self.picker.heard(u)]
         bases: dict[int, int | None] = {}
         for listing in heard or self._listed.values():
             bases.update(listing)

@@ -9,15 +9,20 @@ Failures lower a source's health, which heals back a little on every pick; a sou
 served bytes failing their hash is penalised hard and, after `ban_after` such shards, not
 used again by this picker.
 
-A source is also at fault for a version (and not asked for it again) when it listed the
-version and then answered 404 for it, or when a transfer from it was abandoned for falling
-below the minimum rate. A source caught listing a version it does not hold has its listings
-ignored for a while (doubling with each lie), so a liar cannot steer "latest" forever.
+A source is not asked for a version for a while after it answered 404 for it
+(`MISSING_RECHECK_S`), or after a transfer from it was abandoned for falling below the
+minimum rate (`FAULTY_RECHECK_S`). Both marks expire: a picker lives as long as its client
+or relay, and a source that lacked a version a moment ago (its own upstream was down, say)
+may hold it now; a permanent mark left a node whose only source is its own relay unable to
+fetch that version ever again. A source caught listing a version it does not hold has its
+listings ignored for a while (doubling with each lie), so a liar cannot steer "latest"
+forever.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 
 EMA_ALPHA = 0.3
@@ -26,6 +31,8 @@ HEAL = 0.05
 LIE_QUARANTINE = 2.0  # seconds a caught liar's listings are ignored, doubled per lie
 MAX_QUARANTINE = 600.0
 MAX_LISTED = 64  # versions remembered per listing: a listing may be long, memory may not
+MISSING_RECHECK_S = 5.0  # a 404 is often "not yet": ask again after this long
+FAULTY_RECHECK_S = 30.0  # a source too slow for a version gets another chance after this long
 
 
 @dataclass
@@ -38,19 +45,24 @@ class SourceStats:
     failed: int = 0
     corrupt: int = 0
     bytes: int = 0
-    missing: set[int] = field(default_factory=set)
-    """Versions this source said it does not hold (404)."""
-    faulty: set[int] = field(default_factory=set)
-    """Versions this source is at fault for (stalled, trickled): not asked for them again."""
+    missing: dict[int, float] = field(default_factory=dict)
+    """Versions this source said it does not hold (404) -> when it may be asked again."""
+    faulty: dict[int, float] = field(default_factory=dict)
+    """Versions this source is at fault for (stalled, trickled) -> when it may be asked again."""
     listed: frozenset[int] = frozenset()
     """The newest versions its last listing claimed (a claim, not a fact)."""
     lies: int = 0
     """Versions it listed and then said it does not hold."""
     quiet_until: float = float("-inf")
-    """Its listings are ignored until this time (trio clock)."""
+    """Its listings are ignored until this time (`time.monotonic`)."""
 
-    def listing_trusted(self, now: float) -> bool:
-        return now >= self.quiet_until
+    def lacks(self, version: int, now: float) -> bool:
+        """Whether it said lately that it does not hold `version`."""
+        return self.missing.get(version, float("-inf")) > now
+
+    def excluded(self, version: int, now: float) -> bool:
+        """Whether it is not to be asked for `version` now (missing or at fault lately)."""
+        return self.lacks(version, now) or self.faulty.get(version, float("-inf")) > now
 
     def note_listing(self, versions: list[int]) -> None:
         self.listed = frozenset(sorted(set(versions))[-MAX_LISTED:])
@@ -85,12 +97,12 @@ class SourcePicker:
     ) -> list[SourceStats]:
         """Sources that may serve `version`: only those in `among` when given, the ones
         in `avoid` only when nothing else is left."""
+        now = time.monotonic()
         live = [
             s
             for s in self.stats.values()
             if s.corrupt < self.ban_after
-            and version not in s.missing
-            and version not in s.faulty
+            and not s.excluded(version, now)
             and (among is None or s.url in among)
         ]
         preferred = [s for s in live if s.url not in avoid]
@@ -160,21 +172,27 @@ class SourcePicker:
     def record_too_slow(self, s: SourceStats, version: int, nbytes: int, seconds: float) -> None:
         """A transfer abandoned below the minimum rate: the source is at fault for `version`."""
         self.record_partial(s, nbytes, seconds)
-        s.faulty.add(version)
+        s.faulty[version] = time.monotonic() + FAULTY_RECHECK_S
 
-    def heard(self, url: str, now: float) -> bool:
+    def heard(self, url: str) -> bool:
         """Whether `url`'s listing counts: not banned, not muted for a recent lie."""
         s = self.stats[url]
-        return s.corrupt < self.ban_after and s.listing_trusted(now)
+        return s.corrupt < self.ban_after and time.monotonic() >= s.quiet_until
 
-    def record_missing(self, s: SourceStats, version: int, now: float) -> None:
+    def all_lack(self, version: int) -> bool:
+        """Whether every source said lately that it does not hold `version`."""
+        now = time.monotonic()
+        return all(s.lacks(version, now) for s in self.stats.values())
+
+    def record_missing(self, s: SourceStats, version: int) -> None:
         """`s` said it does not hold `version`; if it had listed it, that was a lie."""
-        s.missing.add(version)
+        now = time.monotonic()
+        s.missing[version] = now + MISSING_RECHECK_S
         self._check_claim(s, version, now)
 
-    def record_bad_manifest(self, s: SourceStats, version: int, now: float) -> None:
+    def record_bad_manifest(self, s: SourceStats, version: int) -> None:
         self.record_corrupt(s)
-        self._check_claim(s, version, now)
+        self._check_claim(s, version, time.monotonic())
 
     def _check_claim(self, s: SourceStats, version: int, now: float) -> None:
         """A source that listed `version` and cannot serve it lied: it is scored down and

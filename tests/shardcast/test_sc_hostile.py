@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import socket
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -146,7 +147,7 @@ async def test_slow_source_is_abandoned_and_at_fault(tmp_path, identity, mode) -
         assert same_tree(r.path, ck)
         assert trio.current_time() - t0 < 30  # the trickle alone takes > 10 min
         slow = c.picker.stats[bad]
-        assert 1 in slow.faulty and slow.failed > 0
+        assert slow.excluded(1, time.monotonic()) and slow.failed > 0
         assert slow.bytes < c.picker.stats[url].bytes
         await c.aclose()
         nursery.cancel_scope.cancel()

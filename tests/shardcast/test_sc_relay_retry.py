@@ -1,4 +1,5 @@
-"""A relay gives a version up when it cannot mirror it, and tries again while it is listed."""
+"""A relay gives a version up when it cannot mirror it, and tries again while it is listed;
+a client asks a source again for a version it lacked a moment ago."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from sc_helpers import POOL_ID, SHARD, make_checkpoint, same_tree
 
 from protocol.identity import Identity
 from shardcast import relay as relay_module
+from shardcast import sources as sources_module
+from shardcast.client import Client
+from shardcast.errors import FetchError
 from shardcast.fetcher import FetchPolicy
 from shardcast.origin import Origin
 from shardcast.relay import Relay
@@ -49,4 +53,34 @@ async def test_a_version_given_up_on_is_mirrored_once_it_can_be(
                 await trio.sleep(0.05)
         assert 1 not in relay.abandoned
         assert same_tree(relay.store.get(1).folder / "payload", ck)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_source_that_lacked_a_version_is_asked_again_later(
+    tmp_path: Path, identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's only source is its own relay, which answers 404 while its upstream is down
+    (a coordinator restart); that 404 once barred the source for the version for the life
+    of the client, and the node never fetched that version again (a CI failure)."""
+    monkeypatch.setattr(sources_module, "MISSING_RECHECK_S", 0.3)
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=0.2)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        await origin.publish(ck, 0)
+        c = Client(
+            [url], tmp_path / "c", public_key=identity.public_key, pool_id=POOL_ID, policy=POLICY
+        )
+        with pytest.raises(FetchError):
+            await c.fetch(1)  # not published yet: 404
+        assert c.picker.all_lack(1)
+        await origin.publish(make_checkpoint(tmp_path / "ck1", seed=1, mb=0.2), 1)
+        with pytest.raises(FetchError):
+            await c.fetch(1)  # still barred: a 404 is not re-asked at once
+        await trio.sleep(0.35)
+        assert not c.picker.all_lack(1)
+        r = await c.fetch(1)
+        assert r.version == 1 and same_tree(r.path, tmp_path / "ck1")
+        await c.aclose()
         nursery.cancel_scope.cancel()
