@@ -91,6 +91,14 @@ class LimitsSection(Section):
     requests_per_s: Positive = 20.0
     """Requests per second allowed per peer."""
 
+    def oldest_trainable(self, current_version: int) -> int:
+        """The oldest weight version whose groups the next step (making `current_version` +
+        1) can still train. Leasing and validation use it too: a lease or a validation for
+        work the trainer is bound to drop is spent for nothing (the three once disagreed by
+        one version, and nodes one version too old were leased work that was always
+        dropped)."""
+        return current_version + 1 - self.max_staleness
+
 
 class AdmissionSection(Section):
     """How an open pool prices identities and earns trust (docs/security.md has the arithmetic).

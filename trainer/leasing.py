@@ -57,7 +57,7 @@ class LeaseService:
         now = time.time()
         at = self._progress()
         held = min(v.message.weight_version, at.version)
-        min_version = max(0, at.version - self.spec.limits.max_staleness)
+        min_version = max(0, self.spec.limits.oldest_trainable(at.version))
         if held < min_version:
             return msg.LeaseReply(
                 code="fetch_weights",

@@ -143,7 +143,7 @@ class TrainingService:
             self._evaluate_if_due(self.version, nursery)  # the starting point of the curve
             while self.max_steps is None or self.step < self.max_steps:
                 version = self._made + 1
-                min_version = version - self.spec.limits.max_staleness
+                min_version = self.spec.limits.oldest_trainable(self._made)
                 # Groups held by uncommitted steps are trained already: never drop them.
                 stale = self.ledger.drop_stale(min([min_version, *self._held.values()]))
                 if stale:

@@ -472,11 +472,12 @@ class Validator:
                 "staleness",
                 {"lag": lag},
             )
-        if lag > self.spec.limits.max_staleness:
+        if sub.weight_version < self.spec.limits.oldest_trainable(current):
             # The trainer moved on while an honest node worked: the work is just not used.
             return Verdict(
                 "soft",
-                f"version {sub.weight_version} is {lag} behind the trainer's {current} "
+                f"version {sub.weight_version} is {lag} behind the trainer's {current}: the "
+                f"next step trains v{self.spec.limits.oldest_trainable(current)} or newer "
                 f"(max staleness {self.spec.limits.max_staleness})",
                 "staleness",
                 {"lag": lag},

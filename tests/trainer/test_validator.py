@@ -23,7 +23,10 @@ G = 4
 @pytest.fixture(scope="module")
 def world():
     model, tok = load_model("tiny")
-    spec = poolspec.from_dict({"name": "t", "coordinator": {"public_key": "ab" * 32}})
+    # max_staleness 3: a submission of version 0 is still trainable while the trainer is at 2
+    spec = poolspec.from_dict(
+        {"name": "t", "coordinator": {"public_key": "ab" * 32}, "limits": {"max_staleness": 3}}
+    )
     task = make_task("copy", 0, {"digits": 3})
     params = SamplingParams(
         temperature=1.0, max_tokens=40, eos_token_ids=tuple(eos_token_ids(model, tok))
