@@ -91,6 +91,9 @@ class TrainerSection(Section):
     ledger only once it is on disk, so a crash re-queues their groups."""
     checkpoint_keep: Count = 2
     """Checkpoints kept on disk."""
+    validator_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where validators (and in-run evaluation) load published versions and prefill: auto
+    picks CUDA when this machine has it. Every validator worker holds its own copies there."""
     validators: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     """Validator worker processes (trainer.validator_pool); 0 or 1 validates in a thread of the
     coordinator."""

@@ -44,7 +44,7 @@ from trainer.config import TrainerConfig
 from trainer.dashboard.generate import complete
 from trainer.dashboard.series import ACCURACY_FUNCS
 from trainer.evaluating import EvalService
-from trainer.learner import build_learner
+from trainer.learner import build_learner, resolve_device
 from trainer.leasing import LeaseService, in_flight_groups
 from trainer.ledger import Ledger, LedgerError
 from trainer.metrics import RunLog
@@ -110,6 +110,9 @@ class Coordinator:
             spec.task.limit,
             parse_rewards(spec.task.rewards, spec.sampling.max_new_tokens),
         )
+        validator_device = resolve_device(
+            self.config.trainer.validator_device, "--validator-device"
+        )
         if learner is None:
             ranks = self.config.trainer.trainer_procs
             lora = self.config.trainer.lora.rank > 0
@@ -128,7 +131,9 @@ class Coordinator:
         self.tokenizer = learner.tokenizer
         self.eos = tuple(eos_token_ids(learner.trainer.model, self.tokenizer))
         keep = spec.limits.max_staleness + 2
-        self.policy = PolicyStore(data / "weights", spec.model.dtype, keep, keep)
+        self.policy = PolicyStore(
+            data / "weights", spec.model.dtype, keep, keep, device=validator_device
+        )
         self.origin = Origin(
             data / "shardcast",
             identity,

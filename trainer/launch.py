@@ -1,7 +1,7 @@
 """How `coordinator run` starts its trainer: in this process, or as torchrun ranks.
 
-The run flags `--device` and `--trainer-procs` are the `[trainer]` table's settings given on
-the command line. With more than one trainer process the
+The run flags `--device`, `--validator-device` and `--trainer-procs` are the `[trainer]`
+table's settings given on the command line. With more than one trainer process the
 command re-executes itself under torchrun; there rank 0 goes on to run the coordinator and the
 other ranks follow its calls until it stops.
 """
@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # torch is imported only by the commands that train, not by t
     from trainer.config import TrainerConfig
     from trainer.training import Trainer
 
-FLAGS = ("device", "trainer_procs")
+FLAGS = ("device", "validator_device", "trainer_procs")
 
 
 def add_flags(run: argparse.ArgumentParser) -> None:
@@ -27,6 +27,11 @@ def add_flags(run: argparse.ArgumentParser) -> None:
         "--device",
         choices=["auto", "cpu", "cuda"],
         help="trainer device (default: the config's [trainer] device, auto = CUDA if present)",
+    )
+    run.add_argument(
+        "--validator-device",
+        choices=["auto", "cpu", "cuda"],
+        help="where validators prefill (default: the config's [trainer] validator_device)",
     )
     run.add_argument(
         "--trainer-procs",
@@ -55,6 +60,7 @@ def start_trainer(spec: PoolSpec, config: TrainerConfig, data_dir: Path) -> Trai
 
     section = config.trainer
     device = resolve_device(section.device)  # refuse a wrong --device before any loading
+    resolve_device(section.validator_device, "--validator-device")
     checkpoints = Path(data_dir) / "checkpoints"
     if section.trainer_procs == 1:
         return build_learner(spec, config, checkpoints)

@@ -108,14 +108,15 @@ class Learner:
         return {"model": model_state, "optim": optim_state}
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto`, `cpu` or `cuda`; a CUDA request on a machine without it is refused."""
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """`auto`, `cpu` or `cuda`; a CUDA request on a machine without it is refused, naming
+    `flag` (the option that asked for it)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
         raise SwarmError(
-            f"--device cuda: CUDA is not available here ({why}); use --device cpu, or install "
+            f"{flag} cuda: CUDA is not available here ({why}); use {flag} cpu, or install "
             "a CUDA build of torch on a machine with a GPU"
         )
     return torch.device(name)

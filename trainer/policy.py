@@ -31,8 +31,18 @@ from trainer.lora import base_model, save_adapter_version
 
 
 class PolicyStore:
-    def __init__(self, root: Path, dtype: str, keep: int, cache_models: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        dtype: str,
+        keep: int,
+        cache_models: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """`device`: where loaded models are placed (validators prefill there); versions are
+        merged and checked on the CPU first, as nodes do, then moved."""
         self.root = Path(root)
+        self.device = torch.device(device)
         self.root.mkdir(parents=True, exist_ok=True)
         self.dtype = resolve_dtype(dtype)
         self.keep = keep
@@ -119,7 +129,7 @@ class PolicyStore:
     def load(self, version: int) -> PreTrainedModel | None:
         """A model of its own for `version` (adapters merged onto the base); None if not held."""
         folder = self._held(version)
-        return None if folder is None else self._loader.load(folder)
+        return None if folder is None else self._loader.load(folder).to(self.device)
 
     @torch.no_grad()
     def latest_model(self) -> tuple[int, PreTrainedModel] | None:

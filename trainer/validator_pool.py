@@ -63,6 +63,8 @@ class WorkerSetup:
     weights: Path
     """The coordinator's policy store: one HF folder per published version."""
     cache_models: int
+    device: str
+    """Where the worker places the versions it loads (the coordinator's validator device)."""
     threads: int
     """torch threads in the worker (the coordinator's cores shared among the workers)."""
 
@@ -80,6 +82,7 @@ def worker_setup(
         sampling=sampling,
         weights=policy.root,
         cache_models=policy.cache_models,
+        device=str(policy.device),
         threads=max(1, torch.get_num_threads() // workers),
     )
 
@@ -100,7 +103,9 @@ def _serve(conn: Connection) -> None:
     try:
         setup: WorkerSetup = conn.recv()
         torch.set_num_threads(setup.threads)
-        store = PolicyStore(setup.weights, setup.spec.model.dtype, 0, setup.cache_models)
+        store = PolicyStore(
+            setup.weights, setup.spec.model.dtype, 0, setup.cache_models, device=setup.device
+        )
         validator = Validator(
             setup.spec,
             setup.task,
