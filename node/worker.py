@@ -10,16 +10,15 @@ verified rollouts.
 Everything the coordinator says is signed and checked (the host pins its key); the spec must
 hash to the pool id; manifests must carry the coordinator's signature. The node branches on the
 typed `code` of every reply, never on its human-readable `reason`. When the coordinator is
-unreachable the node retries with jittered exponential backoff (so a restarted coordinator is
-not met by every node at once), runs discovery again after repeated failures, and carries on
-when it returns.
+unreachable the node retries with jittered exponential backoff through tenacity (so a restarted
+coordinator is not met by every node at once), runs discovery again after repeated failures, and
+carries on when it returns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,6 +29,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    retry_if_result,
+    wait_random_exponential,
+)
+from tenacity.retry import retry_base
+from tenacity.wait import wait_base
 
 from node.behaviour import Behaviour, NodeContext
 from node.engine import Engine, HFEngine
@@ -58,6 +66,8 @@ REDISCOVER_AFTER = 3
 # Idle waits (no lease to be had) grow to this at most on top of the coordinator's
 # retry_after_s: the coordinator paces the pool, the jitter only spreads nodes apart.
 IDLE_JITTER_MAX_S = 2.0
+# The first retry waits less than this; the window doubles with each try up to a cap.
+FIRST_RETRY_S = 0.5
 
 
 class NodeError(SwarmError):
@@ -79,28 +89,35 @@ def node_errors_unwrapped() -> Iterator[None]:
         raise found from None
 
 
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter: each wait is drawn uniformly from [0, delay) and
-    the delay doubles up to `cap_s`. Without the jitter, every node that lost a restarted
-    coordinator would come back in the same instant, again and again. A server's
-    `retry_after_s` is a floor; the jitter goes on top of it."""
+def retryable(error: BaseException) -> bool:
+    """Whether a later try can succeed: the coordinator or the network was away, or the
+    coordinator said "later". Any other refusal is final."""
+    if isinstance(error, RemoteError):
+        return error.code in RETRYABLE_REMOTE
+    return isinstance(error, (TransportError, DiscoveryError, ShardcastError))
 
-    first_s: float = 0.5
-    cap_s: float = 30.0
-    rng: random.Random = field(default_factory=random.Random)
-    delay_s: float = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.delay_s = self.first_s
+def retry_after_s(state: RetryCallState) -> float:
+    """The wait the coordinator named for the last try (an error's or a reply's
+    `retry_after_s`); 0 when it named none."""
+    outcome = state.outcome
+    assert outcome is not None
+    said = outcome.exception() if outcome.failed else outcome.result()
+    return max(getattr(said, "retry_after_s", 0.0), 0.0)
 
-    def next(self, retry_after_s: float = 0.0) -> float:
-        wait = max(retry_after_s, 0.0) + self.rng.uniform(0.0, self.delay_s)
-        self.delay_s = min(self.delay_s * 2, self.cap_s)
-        return wait
 
-    def reset(self) -> None:
-        self.delay_s = self.first_s
+def jittered(cap_s: float) -> wait_base:
+    """Full jitter: each wait is drawn uniformly below a window that doubles from
+    `FIRST_RETRY_S` up to `cap_s`, on top of the coordinator's `retry_after_s` (a floor).
+    Without the jitter, every node that lost a restarted coordinator would come back in the
+    same instant, again and again."""
+    return wait_random_exponential(multiplier=FIRST_RETRY_S, max=cap_s) + retry_after_s
+
+
+def retrying(cap_s: float, retry: retry_base, **options: Any) -> AsyncRetrying:
+    """A fresh retry loop on trio with jittered waits. One per call: tenacity keeps the state
+    of a loop in its retrying object, so concurrent calls must not share one."""
+    return AsyncRetrying(sleep=trio.sleep, wait=jittered(cap_s), retry=retry, **options)
 
 
 @dataclass
@@ -271,19 +288,21 @@ class Worker:
     async def _retry(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run `fn(*args)` until it succeeds, backing off while the coordinator (or the
         network) is away. Errors that retrying cannot fix propagate."""
-        backoff = Backoff(cap_s=self.options.backoff_max_s)
-        while True:
-            try:
-                return await fn(*args)
-            except (TransportError, RemoteError, DiscoveryError, ShardcastError) as e:
-                if isinstance(e, RemoteError) and e.code not in RETRYABLE_REMOTE:
-                    raise
-                await self._wait(what, str(e), backoff.next(getattr(e, "retry_after_s", 0.0)))
+        attempts = retrying(
+            self.options.backoff_max_s,
+            retry_if_exception(retryable),
+            before_sleep=partial(self._waiting, what, str),
+        )
+        return await attempts(fn, *args)
 
-    async def _wait(self, what: str, why: str, seconds: float) -> None:
-        log.warning("%s failed (%s); retrying in %.1fs", what, why, seconds)
+    def _waiting(self, what: str, why: Callable[[Any], str], state: RetryCallState) -> None:
+        """Say why the last try failed and how long the node waits (`why` words a reply that
+        asked to wait; an error speaks for itself)."""
+        outcome = state.outcome
+        assert outcome is not None
+        reason = str(outcome.exception()) if outcome.failed else why(outcome.result())
+        log.warning("%s failed (%s); retrying in %.1fs", what, reason, state.upcoming_sleep)
         self.stats.state = f"waiting ({what})"
-        await trio.sleep(seconds)
 
     async def _join(self, relay_url: str = "") -> msg.JoinReply:
         """Join the pool (idempotent; again whenever the coordinator forgot this node).
@@ -297,30 +316,35 @@ class Worker:
             relay_url=relay_url,
             pow_nonce=await self._proof_of_work(),
         )
-        backoff = Backoff(cap_s=self.options.backoff_max_s)
         unanswered = 0
-        while True:
-            try:
-                reply = await self._call(msg.JOIN_PROTOCOL, request, msg.JoinReply)
-            except (TransportError, RemoteError) as e:
-                if isinstance(e, RemoteError) and e.code not in RETRYABLE_REMOTE:
-                    raise NodeError(f"the coordinator refused this node's join: {e}") from None
-                unanswered += 1
-                if unanswered % REDISCOVER_AFTER == 0:
-                    await self._rediscover()
-                await self._wait("join", str(e), backoff.next(getattr(e, "retry_after_s", 0.0)))
-                continue
-            unanswered = 0
-            self.stats.replies[f"join:{reply.code}"] += 1
-            if reply.accepted:
-                break
-            if reply.code != "busy":
-                raise NodeError(self._join_refusal(reply))
-            wait = backoff.next(reply.retry_after_s)
-            await self._wait("join", f"pool busy: {reply.reason}", wait)
+
+        async def before_retry(state: RetryCallState) -> None:
+            nonlocal unanswered
+            assert state.outcome is not None
+            unanswered = unanswered + 1 if state.outcome.failed else 0
+            if unanswered and unanswered % REDISCOVER_AFTER == 0:
+                await self._rediscover()
+            self._waiting("join", lambda reply: f"pool busy: {reply.reason}", state)
+
+        attempts = retrying(
+            self.options.backoff_max_s,
+            retry_if_exception(retryable) | retry_if_result(_join_busy),
+            before_sleep=before_retry,
+        )
+        try:
+            reply = await attempts(self._ask_to_join, request)
+        except RemoteError as e:
+            raise NodeError(f"the coordinator refused this node's join: {e}") from None
+        if not reply.accepted:
+            raise NodeError(self._join_refusal(reply))
         self.stats.coordinator_version = reply.current_version
         self._trust_version(reply.current_version)
         log.info("joined pool %s (coordinator at v%d)", self.pool_id, reply.current_version)
+        return reply
+
+    async def _ask_to_join(self, request: msg.JoinRequest) -> msg.JoinReply:
+        reply = await self._call(msg.JOIN_PROTOCOL, request, msg.JoinReply)
+        self.stats.replies[f"join:{reply.code}"] += 1
         return reply
 
     def _join_refusal(self, reply: msg.JoinReply) -> str:
@@ -519,45 +543,69 @@ class Worker:
             await self._join(self._relay_url)
 
     async def _work(self) -> None:
-        idle = Backoff(cap_s=min(IDLE_JITTER_MAX_S, self.options.backoff_max_s))
-        while not self._stopping:
-            if self.options.max_leases is not None and self.stats.leases >= self.options.max_leases:
+        while not self._stopping and not self._leases_done():
+            lease = await self._next_lease()
+            if lease is None:
                 return
-            await self._swap_if_newer()
-            request = msg.LeaseRequest(weight_version=max(self.engine.version, 0))
-            self.stats.state = "asking for work"
-            try:
-                reply = await self._retry(
-                    "lease", self._call, msg.LEASE_PROTOCOL, request, msg.LeaseReply
-                )
-            except RemoteError as e:
-                raise NodeError(f"the coordinator refused this node's lease request: {e}") from None
-            self.stats.replies[f"lease:{reply.code}"] += 1
-            if reply.lease is not None:
-                idle.reset()
-                await self._do_lease(reply.lease)
-            elif not await self._without_lease(reply, idle):
-                return
+            await self._do_lease(lease)
 
-    async def _without_lease(self, reply: msg.LeaseReply, idle: Backoff) -> bool:
-        """Act on a reply that carries no lease; False when the node should leave."""
-        if reply.code == "banned":
-            raise NodeError(f"this node was banned: {reply.reason}")
+    def _leases_done(self) -> bool:
+        return self.options.max_leases is not None and self.stats.leases >= self.options.max_leases
+
+    async def _next_lease(self) -> msg.Lease | None:
+        """Ask for work until a lease comes; None when the node should leave (stopping, or
+        the pool finished). A reply without a lease is waited out: its `retry_after_s` plus a
+        jitter of at most `IDLE_JITTER_MAX_S` (the coordinator paces the pool; the jitter
+        only spreads nodes apart)."""
+        attempts = retrying(
+            min(IDLE_JITTER_MAX_S, self.options.backoff_max_s),
+            retry_if_result(_idle),
+        )
+        reply = await attempts(self._ask_for_lease)
+        if reply is None:
+            return None
         if reply.code == "finished":
             log.info("the pool finished training; leaving")
             self.stats.state = "pool finished"
-            return False
-        if reply.code == "fetch_weights":
-            before = self.engine.version
-            self.stats.state = "fetching weights (the coordinator asked)"
-            await self._fetch_and_load()
-            if self.engine.version > before:
-                return True
-            # Nothing newer is served yet: wait before asking again rather than spin.
-        else:  # busy, quota: the coordinator paces the pool through retry_after_s
+            return None
+        return reply.lease
+
+    async def _ask_for_lease(self) -> msg.LeaseReply | None:
+        """One lease request, asked again at once when the coordinator's demand for newer
+        weights was met; None when the node is stopping (a stop may come while it waits)."""
+        while not self._stopping:
+            reply = await self._request_lease()
+            if reply.code != "fetch_weights" or not await self._fetch_asked():
+                return reply
+        return None
+
+    async def _request_lease(self) -> msg.LeaseReply:
+        await self._swap_if_newer()
+        request = msg.LeaseRequest(weight_version=max(self.engine.version, 0))
+        self.stats.state = "asking for work"
+        try:
+            reply = await self._retry(
+                "lease", self._call, msg.LEASE_PROTOCOL, request, msg.LeaseReply
+            )
+        except RemoteError as e:
+            raise NodeError(f"the coordinator refused this node's lease request: {e}") from None
+        self.stats.replies[f"lease:{reply.code}"] += 1
+        if reply.lease is not None:
+            return reply
+        if reply.code == "banned":
+            raise NodeError(f"this node was banned: {reply.reason}")
+        if reply.code not in ("finished", "fetch_weights"):
+            # busy, quota: the coordinator paces the pool through retry_after_s
             self.stats.state = f"idle ({reply.code}): {reply.reason}"
-        await trio.sleep(idle.next(reply.retry_after_s))
-        return True
+        return reply
+
+    async def _fetch_asked(self) -> bool:
+        """Fetch and load the newest weights, as the coordinator asked; False when nothing
+        newer is served yet (the node then waits before asking again rather than spin)."""
+        before = self.engine.version
+        self.stats.state = "fetching weights (the coordinator asked)"
+        await self._fetch_and_load()
+        return self.engine.version > before
 
     async def _do_lease(self, lease: msg.Lease) -> None:
         if lease.node != self.identity.public_key:
@@ -596,20 +644,24 @@ class Worker:
     async def _submit(self, sub: msg.Submission, lease: msg.Lease) -> None:
         """Send one submission; a full validation queue (busy) is waited out until the
         lease's deadline, after which the answer would be late anyway."""
-        backoff = Backoff(cap_s=self.options.backoff_max_s)
-        while True:
-            try:
-                receipt = await self._retry(
-                    "submit", self._call, msg.SUBMIT_PROTOCOL, sub, msg.Receipt, 60.0
-                )
-            except RemoteError as e:
-                log.warning("lease %d refused: %s", lease.lease_id, e)
-                return
-            self.stats.replies[f"receipt:{receipt.code}"] += 1
-            wait = backoff.next()
-            if receipt.code != "busy" or time.time() + wait > lease.deadline_ms / 1000:
-                break
-            await self._wait("submit", "the validation queue is full", wait)
+        deadline_s = lease.deadline_ms / 1000
+
+        def past_deadline(state: RetryCallState) -> bool:
+            assert state.outcome is not None  # an unreachable coordinator is waited out
+            return not state.outcome.failed and time.time() + state.upcoming_sleep > deadline_s
+
+        attempts = retrying(
+            self.options.backoff_max_s,
+            retry_if_exception(retryable) | retry_if_result(lambda r: r.code == "busy"),
+            stop=past_deadline,
+            retry_error_callback=lambda state: state.outcome.result(),  # the last busy receipt
+            before_sleep=partial(self._waiting, "submit", lambda r: "the validation queue is full"),
+        )
+        try:
+            receipt = await attempts(self._send, sub)
+        except RemoteError as e:
+            log.warning("lease %d refused: %s", lease.lease_id, e)
+            return
         if receipt.code in ("released", "late"):
             log.info("lease %d closed before its answer came: %s", lease.lease_id, receipt.reason)
         elif receipt.code not in ("queued", "repeat"):
@@ -619,6 +671,11 @@ class Worker:
                 receipt.code,
                 receipt.reason,
             )
+
+    async def _send(self, sub: msg.Submission) -> msg.Receipt:
+        receipt = await self._call(msg.SUBMIT_PROTOCOL, sub, msg.Receipt, 60.0)
+        self.stats.replies[f"receipt:{receipt.code}"] += 1
+        return receipt
 
     async def release_current(self) -> None:
         """Give an unfinished lease back so another node does it now, not at its deadline."""
@@ -631,3 +688,14 @@ class Worker:
                 log.info("released lease %d", lease.lease_id)
             except SwarmError as e:
                 log.warning("could not release lease %d: %s", lease.lease_id, e)
+
+
+def _join_busy(reply: msg.JoinReply) -> bool:
+    """The pool admits no new identities right now: a later join can succeed."""
+    return not reply.accepted and reply.code == "busy"
+
+
+def _idle(reply: msg.LeaseReply | None) -> bool:
+    """No lease, but the pool goes on: busy, quota, or newer weights not served yet (None: the
+    node is stopping)."""
+    return reply is not None and reply.lease is None and reply.code != "finished"

@@ -1,11 +1,10 @@
 """The worker's side of admission: typed join codes, the join proof of work, rediscovery after
-failed joins, jittered backoff. The coordinator here is a real libp2p host on 127.0.0.1 that
-serves discovery and answers joins from a script, so each code reaches the real worker over
-the real transport."""
+failed joins (the retries' jitter is in test_retries.py). The coordinator here is a real libp2p
+host on 127.0.0.1 that serves discovery and answers joins from a script, so each code reaches
+the real worker over the real transport."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import trio
 
 from node.engine import HFEngine
-from node.worker import Backoff, NodeError, Worker, WorkerOptions, node_errors_unwrapped
+from node.worker import NodeError, Worker, WorkerOptions, node_errors_unwrapped
 from protocol import messages as msg
 from protocol import poolspec
 from protocol import pow as join_pow
@@ -26,20 +25,6 @@ LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 POW_BITS = 8
 
 Script = Callable[[int, Verified[msg.JoinRequest]], msg.JoinReply]
-
-
-def test_backoff_is_full_jitter_on_a_doubling_capped_delay():
-    b = Backoff(first_s=0.5, cap_s=4.0, rng=random.Random(1))
-    waits = [b.next() for _ in range(200)]
-    # each wait lies in [0, delay) for the delay of its try: 0.5, 1, 2, 4, 4, ...
-    limits = [min(0.5 * 2**i, 4.0) for i in range(200)]
-    assert all(0 <= w < lim for w, lim in zip(waits, limits, strict=True))
-    # jitter, not a fixed schedule: the capped waits spread over the range
-    assert max(waits[10:]) - min(waits[10:]) > 2.0
-    # the server's retry_after is a floor the jitter goes on top of
-    assert all(5.0 <= b.next(retry_after_s=5.0) < 9.0 for _ in range(50))
-    b.reset()
-    assert b.next() < 0.5
 
 
 def test_a_node_error_leaves_nurseries_as_itself():
