@@ -11,8 +11,8 @@ itself imports nothing, so `shardcast fetch` starts without loading the web serv
 
     Origin(root, identity, pool_id, keep=4, shard_size=16 MiB, full_every=10, rate=None)
         await origin.serve(host, port)              (nursery.start: gives the URL)
-        await origin.publish(folder, version, delta=True) -> Manifest
-        origin.publish_from_thread(folder, version, delta=True) -> Manifest
+        await origin.publish(folder, version, delta=True, requires=None) -> Manifest
+        origin.publish_from_thread(folder, version, delta=True, requires=None) -> Manifest
     Relay(upstreams, root, public_key=, pool_id=, keep=4, rate=None)
         await relay.run(host, port)                 (nursery.start: gives the URL)
     Client(sources, dest, public_key=, pool_id=, keep=3)

@@ -8,7 +8,9 @@ Shards are written straight into their final files inside `.v{N}.partial/`; when
 (or every rebuilt file) is verified, the folder is renamed to `v{N}` in one step, so a folder
 named `v{N}` is always complete. A delta version is rebuilt from `v{base}`; a client without
 the base first fetches the base (recursively down to the last full version, at most
-`full_every` steps back).
+`full_every` steps back). A version is fetched together with the versions its manifest
+`requires` (a LoRA adapter version's base), and `prune` keeps those while a kept version
+requires them, however old they are.
 
 Listings are unsigned claims. A node learns the newest real version from signed data (the
 coordinator's join reply or a signed announcement) and passes it to `trust_version`; the
@@ -31,7 +33,7 @@ import httpx
 import trio
 
 from shardcast.delta import apply_delta
-from shardcast.errors import DeltaError, FetchError, ManifestError
+from shardcast.errors import DeltaError, FetchError, ManifestError, ShardcastError
 from shardcast.fetcher import (
     FetchDeadline,
     FetchPolicy,
@@ -45,7 +47,7 @@ from shardcast.fetcher import (
     prepare_file,
     unit_jobs,
 )
-from shardcast.manifest import MAX_MANIFEST_BYTES, Manifest, open_manifest
+from shardcast.manifest import MAX_MANIFEST_BYTES, Manifest, open_manifest, with_requirements
 from shardcast.shards import hash_range
 from shardcast.sources import SourcePicker
 
@@ -238,12 +240,15 @@ class Client:
     async def _fetch(self, version: int, depth: int) -> FetchResult:
         final = self.path_of(version)
         if (final / MANIFEST_FILE).exists():
+            # Held, but perhaps from before its requirements were kept: fetch them again.
+            await self._fetch_required(version, self.local_requires(version), depth)
             return FetchResult(version, final, 0, 0.0)
         if depth > 1000:
             raise FetchError("delta chain too long")
         start = trio.current_time()
         m, raw = await self.fetch_manifest(version)
         reports_before = len(self.bad_shards)
+        await self._fetch_required(version, m.requires, depth)
         if m.is_delta:
             assert m.base is not None
             if not (self.path_of(m.base) / MANIFEST_FILE).exists():
@@ -258,6 +263,26 @@ class Client:
             trio.current_time() - start,
             self.bad_shards[reports_before:],
         )
+
+    async def _fetch_required(self, version: int, requires: list[int], depth: int) -> None:
+        """Fetch what `version` requires (its manifest checked each is older, so this ends)."""
+        for r in requires:
+            try:
+                await self._fetch(r, depth + 1)
+            except VersionGone:
+                # Not "v{version} is gone": the next newest would require the same.
+                raise FetchError(f"v{version} requires v{r}, which no source holds") from None
+
+    def local_requires(self, version: int) -> list[int]:
+        """What held `version` requires, from the manifest kept beside it; none when that
+        cannot be read (it was checked when fetched: only a damaged disk gets here)."""
+        try:
+            raw = (self.path_of(version) / MANIFEST_FILE).read_bytes()
+            m = open_manifest(raw, public_key=self.public_key, pool_id=self.pool_id)
+        except (OSError, ShardcastError) as e:
+            log.warning("cannot read the manifest of held v%d: %s", version, e)
+            return []
+        return m.requires
 
     def _fetcher(self) -> ShardFetcher:
         def report(url: str, version: int, job: ShardJob) -> None:
@@ -343,15 +368,21 @@ class Client:
             raise disk_error(e, partial) from None
 
     async def prune(self, protect: set[int] = frozenset()) -> list[int]:
-        """Delete all but the newest `keep` complete versions (and stale partial folders)."""
+        """Delete all but the newest `keep` complete versions, `protect` and what they
+        require (and stale partial folders)."""
         held = self.local_versions()
-        gone = [v for v in held[: max(0, len(held) - self.keep)] if v not in protect]
+        old = held[: max(0, len(held) - self.keep)]
+        kept = with_requirements(
+            (set(held) - set(old)) | set(protect),
+            lambda v: self.local_requires(v) if v in held else [],
+        )
+        gone = [v for v in old if v not in kept]
         for v in gone:
             await trio.to_thread.run_sync(shutil.rmtree, self.path_of(v), True)
         newest = held[-1] if held else -1
         for d in self.dest.glob(".v*.*"):
             num = d.name[2:].split(".")[0]
-            if num.isdigit() and int(num) < newest and int(num) not in protect:
+            if num.isdigit() and int(num) < newest and int(num) not in kept:
                 await trio.to_thread.run_sync(shutil.rmtree, d, True)
         return gone
 

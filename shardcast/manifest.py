@@ -10,6 +10,12 @@ are then the unit every transfer, bitfield and cut-through wait uses, so a swarm
 re-serves a piece the moment it is verified. Manifests without pieces (older ones) work
 as before, with the shard as the unit (`units`).
 
+A version may name other versions it is unusable without (`requires`: a LoRA adapter
+version requires its base). Every holder retains them while a version it keeps requires
+them, and a client fetches them with the version, so a node that joins long after the base
+was published still gets it. Each requirement is older than the version, so requirements
+never form a cycle.
+
 On the wire a manifest is a `SignedManifest`: the msgpack body and the coordinator's ed25519
 signature of `DOMAIN + body`. Nothing in the body is read before the signature and the pool id
 are checked (`open_manifest`).
@@ -17,6 +23,8 @@ are checked (`open_manifest`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
@@ -31,6 +39,12 @@ MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 DEFAULT_SHARD_SIZE = 16 * 1024 * 1024
 DEFAULT_PIECE_SIZE = 1024 * 1024
 MIN_PIECE_SIZE = 4096
+MAX_REQUIRES = 4
+"""Versions one version may require: a LoRA version needs one; a few leave room, not a list
+that makes every holder keep the whole history."""
+REQUIRES_FILE = ".shardcast-requires"
+"""In a folder to publish: the versions it requires, as a JSON list (hidden, so it is tool
+state rather than a file of the version)."""
 
 Hash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 Size = Annotated[int, msgspec.Meta(ge=0, le=2**50)]
@@ -85,6 +99,10 @@ class Manifest(_Struct):
     created: float = 0.0
     piece_size: Annotated[int, msgspec.Meta(ge=MIN_PIECE_SIZE, le=2**31)] | None = None
     """Pieces of this many bytes are the unit of transfer; None: the shard is."""
+    requires: Annotated[
+        list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_REQUIRES)
+    ] = []
+    """Older versions this one is unusable without (a LoRA adapter version's base)."""
 
     @property
     def unit(self) -> int:
@@ -94,6 +112,11 @@ class Manifest(_Struct):
     @property
     def is_delta(self) -> bool:
         return self.base is not None
+
+    @property
+    def needs(self) -> list[int]:
+        """The versions a holder must keep for this one to be rebuilt and used."""
+        return ([] if self.base is None else [self.base]) + self.requires
 
     @property
     def payload_bytes(self) -> int:
@@ -150,6 +173,46 @@ def check_consistent(m: Manifest) -> None:
         raise ManifestError("a full version carries only raw payload")
     if m.base is not None and m.base >= m.version:
         raise ManifestError("a delta's base must be an earlier version")
+    check_requires(m.version, m.requires)
+
+
+def check_requires(version: int, requires: list[int]) -> None:
+    """Refuse requirements a holder could not honour: too many, repeated, or not older than
+    `version` (only older ones, so that requirements can never form a cycle)."""
+    if len(requires) > MAX_REQUIRES:
+        raise ManifestError(f"v{version} requires {len(requires)} versions, at most {MAX_REQUIRES}")
+    if len(set(requires)) != len(requires):
+        raise ManifestError(f"v{version} requires a version twice: {requires}")
+    if any(not 0 <= r < version for r in requires):
+        raise ManifestError(f"v{version} may require only earlier versions, not {requires}")
+
+
+def with_requirements(versions: Iterable[int], needs: Callable[[int], Iterable[int]]) -> set[int]:
+    """`versions` and, transitively, every version they need (`needs(v)`: v's own needs)."""
+    out: set[int] = set()
+    todo = list(versions)
+    while todo:
+        v = todo.pop()
+        if v not in out:
+            out.add(v)
+            todo.extend(needs(v))
+    return out
+
+
+def declare_requires(folder: Path, versions: list[int]) -> None:
+    """Record in a folder about to be published the versions it requires (`REQUIRES_FILE`)."""
+    (Path(folder) / REQUIRES_FILE).write_bytes(msgspec.json.encode(sorted(versions)))
+
+
+def declared_requires(folder: Path) -> list[int]:
+    """The versions `folder` declares it requires; none without a `REQUIRES_FILE`."""
+    path = Path(folder) / REQUIRES_FILE
+    if not path.exists():
+        return []
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=list[int])
+    except msgspec.DecodeError as e:  # ValidationError is a DecodeError
+        raise ManifestError(f"{path}: not a JSON list of versions: {e}") from None
 
 
 def sign_manifest(m: Manifest, identity: Identity) -> bytes:

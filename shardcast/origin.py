@@ -8,6 +8,10 @@ published in order, one at a time.
 
 The origin keeps the final files of its newest version in `tip-v{N}/` as the base of the next
 delta; full versions hardlink their payload to those files rather than storing them twice.
+
+A version's signed manifest names the versions it `requires` (a LoRA adapter version: its
+base), given to `publish` or declared by the folder itself (`REQUIRES_FILE`, which the
+trainer writes); the store retains them as long as a kept version requires them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from shardcast.manifest import (
     FileEntry,
     Manifest,
     PayloadFile,
+    check_requires,
+    declared_requires,
     open_manifest,
     sign_manifest,
 )
@@ -115,11 +121,14 @@ class Origin:
             self.url = await nursery.start(serve_app, self.app, host, port)
             task_status.started(self.url)
 
-    def publish_from_thread(self, folder: Path, version: int, *, delta: bool = True) -> Manifest:
+    def publish_from_thread(
+        self, folder: Path, version: int, *, delta: bool = True, requires: list[int] | None = None
+    ) -> Manifest:
         """`publish` for a synchronous caller (a trainer loop in its own thread): runs on the
         origin's event loop, which keeps serving, and returns once the version is live."""
         return trio.from_thread.run(
-            partial(self.publish, folder, version, delta=delta), trio_token=self._token
+            partial(self.publish, folder, version, delta=delta, requires=requires),
+            trio_token=self._token,
         )
 
     async def follow_disk(self, interval: float = 0.25) -> None:
@@ -177,11 +186,14 @@ class Origin:
         self.peer_list.offer(data)  # the receivers' own check: never serve what they refuse
         return data
 
-    async def publish(self, folder: Path, version: int, *, delta: bool = True) -> Manifest:
+    async def publish(
+        self, folder: Path, version: int, *, delta: bool = True, requires: list[int] | None = None
+    ) -> Manifest:
         """Publish `folder` as `version` (newer than any published one); returns its manifest.
 
         With `delta`, the version is a delta against the previous one unless `full_every`
         says it is time for a full one, or there is no previous version to diff against.
+        `requires` (None: what the folder declares) must name versions this origin holds.
         """
         folder = Path(folder)
         async with self._lock:
@@ -190,10 +202,15 @@ class Origin:
                 raise ShardcastError(f"version {version} is not newer than {latest}")
             if not folder.is_dir():
                 raise ShardcastError(f"{folder} is not a folder")
+            if requires is None:
+                requires = declared_requires(folder)
+            self._check_held(version, requires)
             full = self._next_is_full(version, delta)
             base = None if full else self._tip
             t0 = time.perf_counter()
-            m, data = await trio.to_thread.run_sync(self._build_locked, folder, version, base)
+            m, data = await trio.to_thread.run_sync(
+                self._build_locked, folder, version, base, requires
+            )
             log.info(
                 "published v%d (%s, %.1f MB payload of %.1f MB) in %.2fs",
                 version,
@@ -210,6 +227,14 @@ class Origin:
                 await trio.to_thread.run_sync(shutil.rmtree, old_tip[1], True)
             await self.store.prune()
             return m
+
+    def _check_held(self, version: int, requires: list[int]) -> None:
+        """Refuse to publish a version nobody could use: one that requires a version this
+        origin no longer holds."""
+        check_requires(version, requires)
+        missing = [r for r in requires if self.store.get(r) is None]
+        if missing:
+            raise ShardcastError(f"v{version} requires {missing}, which this origin does not hold")
 
     def _delta_payload(
         self, base_file: Path, new_file: Path, out_dir: Path, name: str, size: int
@@ -235,17 +260,17 @@ class Origin:
         )
 
     def _build_locked(
-        self, folder: Path, version: int, base: tuple[int, Path] | None
+        self, folder: Path, version: int, base: tuple[int, Path] | None, requires: list[int]
     ) -> tuple[Manifest, bytes]:
         # Another process (a second `shardcast publish`) may share this store.
         with open(self.root / ".publish.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.store.folder(version).exists():
                 raise ShardcastError(f"version {version} already exists in {self.root}")
-            return self._build(folder, version, base)
+            return self._build(folder, version, base, requires)
 
     def _build(
-        self, folder: Path, version: int, base: tuple[int, Path] | None
+        self, folder: Path, version: int, base: tuple[int, Path] | None, requires: list[int]
     ) -> tuple[Manifest, bytes]:
         """Blocking: copy + hash the files, write the payload and signed manifest."""
         names = list_files(folder)
@@ -290,6 +315,7 @@ class Origin:
             base=base[0] if base is not None else None,
             created=time.time(),
             piece_size=self.piece_size,
+            requires=sorted(requires),
         )
         data = sign_manifest(m, self.identity)
         # Round-trip through the receivers' own check: never serve what clients would refuse.

@@ -9,7 +9,8 @@ upstream stops listing or answers 404 for is abandoned and dropped, and the rela
 with newer ones; an abandoned version still listed is tried again after `RETRY_ABANDONED_S`
 (the upstream may have been restarting), so a node that reads only through its own relay is
 never left without the version its pool trains on. Its own retention keeps the newest `keep`
-versions and their delta chains.
+versions, their delta chains, and the versions their signed manifests `requires` (a LoRA
+base), which it mirrors as soon as it reads a manifest that requires them.
 
 Upstreams are untrusted like any source: shard transfers have the client's minimum rate and
 hedging (see fetcher), each version's mirroring has an overall deadline, and an upstream
@@ -50,7 +51,7 @@ from shardcast.fetcher import (
     unit_jobs,
 )
 from shardcast.limits import ServeLimits
-from shardcast.manifest import Manifest
+from shardcast.manifest import Manifest, with_requirements
 from shardcast.peerlist import PeerListHolder
 from shardcast.peers import PeerTable
 from shardcast.server import create_app, serve_app
@@ -192,8 +193,10 @@ class Relay:
             await trio.sleep(max(0.0, MIN_POLL_GAP - (trio.current_time() - began)))
 
     def _wanted(self) -> set[int]:
-        """The newest `keep` believable versions listed, plus their delta chains. Listings of
-        upstreams caught lying are not heard while another upstream lists anything."""
+        """The newest `keep` believable versions listed, plus their delta chains and what the
+        manifests of those held (or being mirrored) require. Listings of upstreams caught
+        lying are not heard while another upstream lists anything; requirements come from
+        signed manifests only, never from a listing."""
         now = trio.current_time()
         heard = [x for u, x in self._listed.items() if self.picker.heard(u)]
         bases: dict[int, int | None] = {}
@@ -209,7 +212,11 @@ class Relay:
             while v is not None and v not in wanted and v in bases:
                 wanted.add(v)
                 v = bases[v]
-        return wanted
+        return with_requirements(wanted, self._signed_requires)
+
+    def _signed_requires(self, version: int) -> list[int]:
+        sv = self.store.versions.get(version)
+        return sv.manifest.requires if sv is not None else []
 
     async def _reconcile(self, nursery: trio.Nursery) -> None:
         listed = set().union(*(set(x) for x in self._listed.values()))
@@ -226,9 +233,9 @@ class Relay:
                 continue  # older than anything we keep: it would be pruned at once
             scope = trio.CancelScope()
             self._mirroring[v] = scope
-            nursery.start_soon(self._mirror, v, scope)
+            nursery.start_soon(self._mirror, v, scope, nursery)
 
-    async def _mirror(self, version: int, scope: trio.CancelScope) -> None:
+    async def _mirror(self, version: int, scope: trio.CancelScope, nursery: trio.Nursery) -> None:
         assert self._http is not None
         sv: StoredVersion | None = None
         try:
@@ -250,6 +257,8 @@ class Relay:
                     jobs += unit_jobs(m, p, folder / "payload" / p.name)
                 sv = StoredVersion(m, raw, folder, complete=False)
                 self.store.add(sv)  # announced now: downstream may start asking for shards
+                if any(r not in self.store.versions for r in m.requires):
+                    await self._reconcile(nursery)  # now `_wanted` knows what `m` requires
 
                 def report(url: str, v: int, job: ShardJob) -> None:
                     self.bad_upstreams.append((url, v, job.name, job.index))

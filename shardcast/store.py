@@ -8,8 +8,9 @@ Layout under a store root:
 A `StoredVersion` tracks which units (pieces, or shards in manifests without pieces) are
 verified; servers wait on it to serve a shard the
 moment it lands (cut-through). The store also holds the retention rule: the newest `keep`
-versions stay, and so does every version one of them needs to be rebuilt (its delta base
-chain), so a late joiner can always reach a retained version.
+versions stay, and so does every version one of them needs (its delta base chain, and what
+its signed manifest `requires`, such as a LoRA base), so a late joiner can always reach a
+retained version and use it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import trio
 
 from shardcast.errors import ManifestError
-from shardcast.manifest import Manifest, open_manifest, units
+from shardcast.manifest import Manifest, open_manifest, units, with_requirements
 
 log = logging.getLogger(__name__)
 
@@ -193,17 +194,18 @@ class VersionStore:
             await trio.to_thread.run_sync(shutil.rmtree, sv.folder, True)
 
     def retained(self) -> set[int]:
-        """The newest `keep` versions and every version their delta chains need."""
-        keep: set[int] = set()
-        for v in sorted(self.versions, reverse=True)[: self.keep]:
-            while v is not None and v not in keep:
-                keep.add(v)
-                sv = self.versions.get(v)
-                v = sv.manifest.base if sv is not None else None
-        return keep
+        """The newest `keep` versions and every version they need (delta bases, required
+        versions), held or not."""
+
+        def needs(v: int) -> list[int]:
+            sv = self.versions.get(v)
+            return sv.manifest.needs if sv is not None else []
+
+        return with_requirements(sorted(self.versions, reverse=True)[: self.keep], needs)
 
     async def prune(self) -> list[int]:
-        gone = [v for v in self.versions if v not in self.retained()]
+        kept = self.retained()
+        gone = [v for v in self.versions if v not in kept]
         for v in gone:
             await self.drop(v)
         return gone

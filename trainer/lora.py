@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from protocol.errors import SwarmError
+from shardcast.manifest import declare_requires
 from toploc.versions import ADAPTER_FILE, write_meta
 from trainer.config import LoraSection
 
@@ -84,7 +85,9 @@ def save_adapter_version(
     base_files: dict[str, str],
 ) -> int:
     """Write an adapter version bound to the base version whose files hash to `base_files`;
-    its bytes."""
+    its bytes. SHARDCAST publishes it as requiring that base, so holders keep the base for
+    as long as they keep the version, and nodes that join late still fetch it."""
     save_adapters(model, folder, dtype)
     write_meta(folder, base_version, base_files, scale_of(model))
+    declare_requires(folder, [base_version])
     return sum(f.stat().st_size for f in folder.iterdir())

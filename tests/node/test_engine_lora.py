@@ -11,6 +11,7 @@ from node.engine import HFEngine, offline_lease
 from protocol import poolspec
 from protocol.identity import Identity
 from shardcast.client import Client
+from shardcast.manifest import REQUIRES_FILE
 from toploc.models import eos_token_ids
 from toploc.versions import (
     ADAPTER_FILE,
@@ -23,7 +24,7 @@ from trainer.grpo import Sample, TrainGroup
 RANK = 4
 
 
-def lora_coordinator(tmp_path: Path) -> Coordinator:
+def lora_coordinator(tmp_path: Path, max_staleness: int = 2, full_every: int = 10) -> Coordinator:
     key = Identity.generate()
     spec = poolspec.from_dict(
         {
@@ -32,11 +33,12 @@ def lora_coordinator(tmp_path: Path) -> Coordinator:
             "model": {"name": "tiny", "dtype": "float32"},
             "task": {"name": "copy", "options": {"digits": 2}},
             "sampling": {"group_size": 4, "max_new_tokens": 8},
+            "limits": {"max_staleness": max_staleness},
         }
     )
     config = from_dict(
         {
-            "algorithm": {"lr": 1e-2, "micro_batch": 8},
+            "algorithm": {"lr": 1e-2, "micro_batch": 8, "full_every": full_every},
             "trainer": {"device": "cpu", "lora": {"rank": RANK, "target_modules": ["q_proj"]}},
         }
     )
@@ -68,7 +70,7 @@ def train_groups(lease, results, version: int) -> list[TrainGroup]:
     return groups
 
 
-def fetch(coord: Coordinator, versions: list[int], dest: Path) -> Client:
+def fetch(coord: Coordinator, versions: list[int | str], dest: Path, keep: int = 10) -> Client:
     """A node's SHARDCAST client that fetched `versions` from the coordinator's origin."""
     holder: list[Client] = []
 
@@ -76,7 +78,7 @@ def fetch(coord: Coordinator, versions: list[int], dest: Path) -> Client:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(coord.origin.serve)
             key = coord.identity.public_key
-            client = Client([url], dest, public_key=key, pool_id=coord.pool_id, keep=10)
+            client = Client([url], dest, public_key=key, pool_id=coord.pool_id, keep=keep)
             for v in versions:
                 await client.fetch(v)
             await client.aclose()
@@ -105,7 +107,7 @@ def test_a_lora_pool_publishes_adapters_that_nodes_load_as_validators_do(tmp_pat
     base_files = {p.name for p in coord.policy.folder(0).iterdir()}
     assert "model.safetensors" in base_files
     adapter_files = {p.name for p in coord.policy.folder(2).iterdir()}
-    assert adapter_files == {ADAPTER_FILE, META_FILE, "adapter_config.json"}
+    assert adapter_files == {ADAPTER_FILE, META_FILE, "adapter_config.json", REQUIRES_FILE}
     full_bytes = sum(p.stat().st_size for p in coord.policy.folder(0).iterdir())
     adapter_bytes = sum(p.stat().st_size for p in coord.policy.folder(2).iterdir())
     assert adapter_bytes < 0.1 * full_bytes
@@ -134,3 +136,23 @@ def test_a_lora_pool_publishes_adapters_that_nodes_load_as_validators_do(tmp_pat
     results = engine.generate(lease)
     verdict = validate(validator_model, coord.tokenizer, coord.task, lease, results, 2)
     assert verdict.outcome == "accept", verdict.reason
+
+
+def test_a_node_that_joins_after_keep_versions_still_loads_an_adapter_version(tmp_path):
+    """The origin keeps max_staleness + 2 versions and the client fewer; the base must
+    outlive both, or a node that joins late cannot load anything (`BaseMissingError`)."""
+    coord = lora_coordinator(tmp_path, max_staleness=0, full_every=1)  # no delta chain
+    try:
+        for version in range(5):
+            trio.run(coord.training.ensure_published, version)
+    finally:
+        coord.close()
+    assert set(coord.origin.store.versions) == {0, 3, 4}
+
+    client = fetch(coord, ["latest"], tmp_path / "node", keep=1)
+    assert client.local_versions() == [0, 4]
+    engine = HFEngine("cpu")
+    engine.load(client.path_of(4), 4)
+    ids = torch.tensor([[1, 5, 9, 13, 7]])
+    with torch.no_grad():
+        assert torch.equal(engine.model(ids).logits, coord.policy.model(4)(ids).logits)
