@@ -83,8 +83,11 @@ def bare(model, tok, lease: msg.Lease, batch: int) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def engine_loop(engine: HFEngine, lease: msg.Lease, batch: int) -> tuple[float, int]:
-    """The node's generation loop without capture or proofs; (seconds, tokens)."""
+def engine_loop(
+    engine: HFEngine, lease: msg.Lease, batch: int, share_prefill: bool = True
+) -> tuple[float, int]:
+    """The node's generation loop without capture or proofs; (seconds, tokens).
+    `share_prefill=False`: every sample prefills its prompt again (before the shared prefill)."""
     jobs = [(t.prompt_ids, t.seed, j) for t in lease.tasks for j in range(t.group_size)]
     params, tokens, t0 = sampling_params(lease), 0, time.perf_counter()
     for start in range(0, len(jobs), batch):
@@ -97,6 +100,7 @@ def engine_loop(engine: HFEngine, lease: msg.Lease, batch: int) -> tuple[float, 
             sample_indices=[j for *_, j in part],
             pad_token_id=engine.pad_token_id,
             capture=False,
+            share_prefill=share_prefill,
         )
         tokens += sum(len(r.completion_ids) for r in rollouts)
     return time.perf_counter() - t0, tokens
@@ -175,6 +179,7 @@ def main() -> None:
     for r in range(args.rounds):
         b_s, b_tok = bare(model, tok, lease, args.batch)
         e_s, e_tok = engine_loop(engine, lease, args.batch)
+        u_s, u_tok = engine_loop(engine, lease, args.batch, share_prefill=False)
         n_s, n_tok, parts = trio.run(node_path, engine, lease, "a" * 24)
         rows.append(
             {
@@ -183,13 +188,16 @@ def main() -> None:
                 "bare_tokens": b_tok,
                 "engine_s": e_s,
                 "engine_tokens": e_tok,
+                "unshared_s": u_s,
+                "unshared_tokens": u_tok,
                 "node_s": n_s,
                 "node_tokens": n_tok,
                 **parts,
             }
         )
         print(
-            f"round {r}: transformers {b_tok / b_s:.1f}, engine {e_tok / e_s:.1f}, "
+            f"round {r}: transformers {b_tok / b_s:.1f}, engine {e_tok / e_s:.1f} "
+            f"(every sample prefilled: {u_tok / u_s:.1f}), "
             f"node {n_tok / n_s:.1f} tok/s",
             flush=True,
         )
@@ -202,6 +210,7 @@ def main() -> None:
     (bare_tps, bare_rps), (engine_tps, engine_rps), (node_tps, node_rps) = map(
         med, ("bare", "engine", "node")
     )
+    unshared_tps, unshared_rps = med("unshared")
     send = statistics.median(r["sign_send_s"] / r["node_s"] for r in rows)
     overhead = 1 - node_tps / engine_tps
     sampler = sampler_cost(len(tok), args.batch)
@@ -213,12 +222,18 @@ def main() -> None:
     print("| path | tokens/s | rollouts/s |")
     print("| --- | ---: | ---: |")
     print(f"| transformers generate | {bare_tps:.1f} | {bare_rps:.2f} |")
+    print(
+        f"| engine loop, every sample prefilled (before) | {unshared_tps:.1f} | "
+        f"{unshared_rps:.2f} |"
+    )
     print(f"| engine loop (seeded sampler, no capture) | {engine_tps:.1f} | {engine_rps:.2f} |")
     print(f"| node (+ capture, proofs, sign, send) | {node_tps:.1f} | {node_rps:.2f} |")
     print(
         f"node overhead over the engine: {overhead:+.1%} of tokens/s (target <= 10%); "
         f"signing and sending {send:.1%} of the node's time"
     )
+    speedup = engine_tps / unshared_tps
+    print(f"prompt prefilled once per group: {speedup:.2f}x the engine's tokens/s")
     print(
         f"seeded sampler {sampler['seeded_ms']:.2f} ms vs multinomial "
         f"{sampler['multinomial_ms']:.2f} ms per step of {args.batch} x {len(tok)} logits"
@@ -237,6 +252,8 @@ def main() -> None:
                 "rounds": rows,
                 "transformers_tokens_per_s": bare_tps,
                 "engine_tokens_per_s": engine_tps,
+                "engine_every_sample_prefilled_tokens_per_s": unshared_tps,
+                "shared_prefill_speedup": engine_tps / unshared_tps,
                 "node_tokens_per_s": node_tps,
                 "transformers_rollouts_per_s": bare_rps,
                 "engine_rollouts_per_s": engine_rps,

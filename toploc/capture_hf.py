@@ -4,7 +4,8 @@ Both paths read the input of the LM head (the output of the final norm) through 
 hook, so they capture exactly the rows that produced the logits:
 
 - `generate`: a padded batch of prompts of different lengths, decoded with a KV cache and
-  the seeded sampler; for each completion token the row that produced it.
+  the seeded sampler; for each completion token the row that produced it. A prompt repeated
+  in the batch (a group's G samples) is prefilled once and its cache rows copied.
 - `prefill`: one forward pass over prompt + completion[:-1] per rollout; rows P-1 .. P+N-2
   with their logits, for TOPLOC, the sampling check and the logprob check.
 """
@@ -73,9 +74,16 @@ def generate(
     sample_indices: Sequence[int] | None = None,
     pad_token_id: int = 0,
     capture: bool = True,
+    share_prefill: bool = True,
 ) -> list[Rollout]:
     """Sample one completion per prompt (a padded batch, KV cache, seeded Gumbel-max) and
-    capture, for each completion token, the final-norm row that produced it."""
+    capture, for each completion token, the final-norm row that produced it.
+
+    The first forward runs over the distinct prompts only, and its cache, logits and rows
+    are then copied to every row that repeats one: a group's G samples share their prompt,
+    and its prefill was most of the work (75% on the demo task). Validation does not depend
+    on it: the validator recomputes every row with its own full prefill. `share_prefill=False`
+    prefills every row (what benchmarks compare against)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if len(seeds) != len(prompts):
@@ -86,9 +94,16 @@ def generate(
     seed_t = torch.as_tensor(list(seeds), dtype=torch.int64, device=device)
     eos = torch.as_tensor(list(params.eos_token_ids) or [-1], dtype=torch.int64, device=device)
 
-    ids, mask = _left_pad(prompts, pad_token_id)
+    distinct: dict[tuple[int, ...], int] = {}
+    row_of = [
+        distinct.setdefault(tuple(p) if share_prefill else (i, *p), len(distinct))
+        for i, p in enumerate(prompts)
+    ]
+    firsts = [prompts[row_of.index(k)] for k in range(len(distinct))]
+    ids, mask = _left_pad(firsts, pad_token_id)  # as wide as the whole batch would be
     ids, mask = ids.to(device), mask.to(device)
     pos = _positions(mask)
+    copies = torch.as_tensor(row_of, dtype=torch.int64, device=device)
     cache = DynamicCache()
     tokens: list[torch.Tensor] = []
     logps: list[torch.Tensor] = []
@@ -107,6 +122,12 @@ def generate(
                 logits_to_keep=1,
             )
             logits = out.logits[:, -1, :]
+            if t == 0 and len(distinct) < b:  # one row per distinct prompt: copy to its rows
+                logits = logits[copies]
+                cache.batch_select_indices(copies)
+                mask, pos = mask[copies], pos[copies]
+                if capture:
+                    seen[-1] = seen[-1][copies]
             step_pos = torch.full((b,), t, dtype=torch.int64, device=device)
             nxt = sample(logits, params, seed_t, samples, step_pos)
             nxt = torch.where(done, torch.as_tensor(pad_token_id, device=device), nxt)

@@ -92,3 +92,35 @@ def test_eos_stops_a_row_and_finish_reason():
         assert all(t not in eos for t in r.completion_ids[:-1])
         if r.finish_reason == "length":
             assert len(r.completion_ids) == 200
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_repeated_prompt_is_prefilled_once_and_samples_as_if_it_were_not(dtype):
+    """Groups of G samples of one prompt, mixed with prompts of other lengths: the shared
+    prefill gives each row what generating it alone gives, and it passes verification."""
+    model, tok = load_model("tiny", dtype=dtype, init_seed=4)
+    params = SamplingParams(
+        temperature=1.0, max_tokens=24, eos_token_ids=tuple(eos_token_ids(model, tok))
+    )
+    a, b, c = (tok(TEXTS[i]).input_ids for i in (3, 0, 5))
+    prompts = [a, a, a, b, a, c, b, c]
+    seeds = [7, 7, 7, 9, 7, 11, 9, 11]
+    indices = [0, 1, 2, 0, 3, 0, 1, 1]
+    calls = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _args, kw: calls.append(kw["input_ids"]), with_kwargs=True
+    )
+    try:
+        grouped = generate(model, prompts, params, seeds, indices, tok.pad_token_id)
+    finally:
+        hook.remove()
+    assert calls[0].shape[0] == 3  # three distinct prompts prefilled, not eight
+    for r, p, s, j in zip(grouped, prompts, seeds, indices, strict=True):
+        (alone,) = generate(model, [p], params, [s], [j], tok.pad_token_id)
+        assert r.prompt_ids == p and r.completion_ids == alone.completion_ids
+        tol = 1e-4 if dtype == "float32" else 5e-2
+        assert torch.allclose(torch.tensor(r.logprobs), torch.tensor(alone.logprobs), atol=tol)
+        (pf,) = prefill(model, [r.prompt_ids], [r.completion_ids])
+        assert all_ok(verify_proofs(pf.hidden, build_proofs(r.hidden)))
+        assert verify_sampling(pf.logits, r.completion_ids, s, params, j).ok
+    assert len({tuple(r.completion_ids) for r in grouped[:3]}) > 1  # samples differ
