@@ -100,6 +100,8 @@ class Client:
         self._http = http
         self.bad_shards: list[BadShardReport] = []
         self.trusted: int | None = None
+        self._fetching: dict[int, trio.Lock] = {}
+        """One lock per version being fetched (see `_fetch`)."""
         """Newest version known to be real (from signed data); listings above it are lies."""
 
     def trust_version(self, version: int) -> None:
@@ -238,6 +240,20 @@ class Client:
         return target
 
     async def _fetch(self, version: int, depth: int) -> FetchResult:
+        """`version` fetched by one task at a time: a node fetches from its background
+        follower and from its work loop at once, and two fetches of one version would build
+        the same partial folder (one failed on the other's `mkdir`, killing a swarm node).
+        The second finds the version held once the first is done. Locks are taken from newer
+        to older versions only (bases and requirements are older), so they cannot deadlock."""
+        lock = self._fetching.setdefault(version, trio.Lock())
+        try:
+            async with lock:
+                return await self._fetch_one(version, depth)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._fetching.pop(version, None)
+
+    async def _fetch_one(self, version: int, depth: int) -> FetchResult:
         final = self.path_of(version)
         if (final / MANIFEST_FILE).exists():
             # Held, but perhaps from before its requirements were kept: fetch them again.
