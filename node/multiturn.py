@@ -1,10 +1,11 @@
 """The node's turn loop for multi-turn tasks: generate a turn, let the environment answer,
 generate the next, and submit the whole transcript with proofs of the model's tokens.
 
-Each model turn is an ordinary seeded generation (the engine's own sampler and capture) over the
-prompt and the transcript so far, with the turn's seed (`protocol.transcript.turn_seed`); the
-environment's replies come from `protocol.environments.reply_tokens`, the function the
-coordinator replays with. All rollouts of a lease advance turn by turn in batches.
+The loop itself is `protocol.environments.episodes.play` (the coordinator's evaluation plays
+with it too): each model turn is an ordinary seeded generation (the engine's own sampler and
+capture) over the prompt and the transcript so far, with the turn's seed; the environment's
+replies come from the function the coordinator replays with. All rollouts of a lease advance
+turn by turn in batches.
 """
 
 from __future__ import annotations
@@ -20,37 +21,22 @@ import torch
 import toploc
 from node.engine import HFEngine, lease_jobs, sampling_params
 from protocol import messages as msg
-from protocol.environments import Environment, reply_tokens
-from protocol.transcript import turn_seed
+from protocol.environments import Environment
+from protocol.environments.episodes import Episode, play
 
 
 @dataclass
-class _Transcript:
-    """One rollout in progress."""
+class _Transcript(Episode):
+    """One rollout in progress, with what its proofs and logprobs need."""
 
-    task: int
-    sample: int
-    prompt_ids: list[int]
-    seed: int
-    tokens: list[int] = field(default_factory=list)
-    segments: list[int] = field(default_factory=list)
-    turns: list[list[int]] = field(default_factory=list)
+    task: int = 0
     logprobs: list[float] = field(default_factory=list)
     hidden: list[torch.Tensor] = field(default_factory=list)
-    finish_reason: str = "length"
 
     def add_turn(self, rollout: Any) -> None:
-        ids = list(rollout.completion_ids)
-        self.tokens += ids
-        self.segments.append(len(ids))
-        self.turns.append(ids)
+        super().add_turn(rollout)
         self.logprobs += rollout.logprobs
         self.hidden.append(rollout.hidden)
-        self.finish_reason = rollout.finish_reason
-
-    def add_reply(self, ids: list[int]) -> None:
-        self.tokens += ids
-        self.segments.append(len(ids))
 
     def completion(self) -> msg.Completion:
         return msg.Completion(
@@ -103,29 +89,18 @@ def generate_turns(
     from toploc import capture_hf
 
     params = sampling_params(lease)
-    rollouts = [_Transcript(t, j, prompt, seed) for t, j, prompt, seed in lease_jobs(lease)]
+    rollouts = [
+        _Transcript(prompt, seed, sample=j, task=t) for t, j, prompt, seed in lease_jobs(lease)
+    ]
+    pad = engine.pad_token_id
+
+    def turn(contexts: list[list[int]], seeds: list[int], samples: list[int]) -> list[Any]:
+        return capture_hf.generate(
+            engine.model, contexts, params, seeds, sample_indices=samples, pad_token_id=pad
+        )
+
     t0 = time.perf_counter()
-    active, turn = rollouts, 0
-    while active:
-        for start in range(0, len(active), engine.max_batch):
-            part = active[start : start + engine.max_batch]
-            made = capture_hf.generate(
-                engine.model,
-                [r.prompt_ids + r.tokens for r in part],
-                params,
-                [turn_seed(r.seed, turn) for r in part],
-                sample_indices=[r.sample for r in part],
-                pad_token_id=engine.pad_token_id,
-            )
-            for r, m in zip(part, made, strict=True):
-                r.add_turn(m)
-        going = []
-        for r in active:
-            reply = reply_tokens(env, tokenizer, r.seed, r.prompt_ids, r.turns)
-            if reply is not None:
-                r.add_reply(reply)
-                going.append(r)
-        active, turn = going, turn + 1
+    play(rollouts, env, tokenizer, turn, engine.max_batch)
     engine.seconds_generating += time.perf_counter() - t0
     done = {(r.task, r.sample): r.completion() for r in rollouts}
     return [

@@ -209,7 +209,9 @@ def _parser() -> argparse.ArgumentParser:
         "eval",
         help="greedy accuracy (and pass@k) of a model on a task's held-out split",
         description="Greedy accuracy on the held-out split; with --k above 1 also pass@1 and "
-        "pass@k of k seeded samples per prompt (unbiased estimator). Prints JSON.",
+        "pass@k of k seeded samples per prompt (unbiased estimator). A multi-turn task (guess) "
+        "plays whole episodes against its environment and adds mean_turns and rewarded. "
+        "Prints JSON.",
         parents=[flags],
     )
     _model_task_flags(ev, split="test")

@@ -5,6 +5,13 @@ A completion counts as correct when it earns the task's full reward (the sum of 
 weights): for the built-in tasks, an exact answer. One answer extractor per task; the samples'
 seeds are a hash of (seed, prompt index) with sample i under it, so two runs on the same
 weights give the same numbers.
+
+A multi-turn task (one with an environment) is evaluated on whole episodes, played by the turn
+loop nodes roll out with (`protocol.environments.episodes`): the prompt's seed draws its game
+(the same one for its greedy episode and its k samples) and each episode is scored as the
+coordinator scores a transcript: the model's last turn as the completion, with columns `turns`
+and `seed`. The result adds `mean_turns` and `rewarded` (episodes with a positive reward: for
+the guessing game, games won).
 """
 
 from __future__ import annotations
@@ -12,11 +19,14 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from protocol.environments import Environment
+from protocol.environments.episodes import Episode, play
 from toploc import capture_hf
 from toploc.models import eos_token_ids
 from toploc.sampling import SamplingParams
@@ -50,20 +60,25 @@ def evaluate(
         raise ValueError(f"task {task.name!r} has no {split} examples")
     eos = tuple(eos_token_ids(model, tokenizer))
     greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, eos_token_ids=eos)
-    rows = len(examples) * (1 if k == 1 else 1 + k)
-    bar = tqdm(total=rows, desc=f"eval {task.name}/{split}", disable=not progress, unit="sample")
+    count = len(examples) * (1 if k == 1 else 1 + k)
+    bar = tqdm(total=count, desc=f"eval {task.name}/{split}", disable=not progress, unit="sample")
     scorer = _Scorer(model, tokenizer, task, batch_size, bar)
     prompts = _encode(task, tokenizer, examples)
-    texts, rewards = scorer.run(examples, prompts, greedy, [0] * len(examples), [0] * len(examples))
-    correct = [scorer.correct(r) for r in rewards]
+    # Greedy decoding ignores the seeds; a multi-turn prompt's game is drawn from its seed.
+    seeds = [sample_seed(seed, i) for i in range(len(examples))]
+    rows = scorer.run(examples, prompts, greedy, seeds, [0] * len(examples))
+    rewards = [r.reward for r in rows]
     result: dict[str, Any] = {
         "task": task.name,
         "split": split,
         "n": len(examples),
-        "accuracy": sum(correct) / len(examples),
+        "accuracy": sum(scorer.correct(r) for r in rewards) / len(examples),
         "mean_reward": sum(rewards) / len(rewards),
         "max_new_tokens": max_new_tokens,
     }
+    if task.environment is not None:
+        result["mean_turns"] = sum(r.turns for r in rows) / len(rows)
+        result["rewarded"] = sum(r > 0 for r in rewards) / len(rewards)
     if k > 1:
         solved = _count_solved(scorer, examples, prompts, k, sampling, max_new_tokens, seed)
         counts = [(k, c) for c in solved]
@@ -77,8 +92,8 @@ def evaluate(
         )
     bar.close()
     result["examples"] = [
-        {"prompt": e.prompt, "completion": t, **e.columns, "reward": r}
-        for e, t, r in zip(examples[:SHOWN], texts, rewards, strict=False)
+        {"prompt": e.prompt, "completion": r.text, **e.columns, "reward": r.reward}
+        for e, r in zip(examples[:SHOWN], rows, strict=False)
     ]
     return result
 
@@ -124,7 +139,7 @@ def _count_solved(
         eos_token_ids=tuple(eos_token_ids(scorer.model, scorer.tokenizer)),
     )
     seeds = [sample_seed(seed, i) for i in range(len(examples))]
-    _, rewards = scorer.run(
+    rows = scorer.run(
         [e for e in examples for _ in range(n)],
         [p for p in prompts for _ in range(n)],
         params,
@@ -132,7 +147,8 @@ def _count_solved(
         list(range(n)) * len(examples),
     )
     return [
-        sum(scorer.correct(r) for r in rewards[i * n : (i + 1) * n]) for i in range(len(examples))
+        sum(scorer.correct(r.reward) for r in rows[i * n : (i + 1) * n])
+        for i in range(len(examples))
     ]
 
 
@@ -149,8 +165,27 @@ def sample_seed(seed: int, prompt_index: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+@dataclass(frozen=True)
+class _Played:
+    """One completion or episode, as the task's rewards take it."""
+
+    text: str
+    """What the model produced: the completion, or the whole transcript of an episode."""
+    turns: list[str] | None = None
+    """An episode's model turns (the last one is its answer); None for a completion."""
+    seed: int = 0
+    """The episode's seed (its game)."""
+
+
+@dataclass(frozen=True)
+class _Row:
+    text: str
+    reward: float
+    turns: int
+
+
 class _Scorer:
-    """Generates in batches and scores each completion with the task's rewards."""
+    """Generates (or plays episodes) in batches and scores each with the task's rewards."""
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: Any, task: Task, batch_size: int, bar: tqdm
@@ -170,29 +205,75 @@ class _Scorer:
         params: SamplingParams,
         seeds: Sequence[int],
         indices: Sequence[int],
-    ) -> tuple[list[str], list[float]]:
-        texts: list[str] = []
-        rewards: list[float] = []
+    ) -> list[_Row]:
+        rows: list[_Row] = []
+        env = self.task.environment
         for start in range(0, len(prompts), self.batch_size):
-            end = start + self.batch_size
-            rollouts = capture_hf.generate(
-                self.model,
-                prompts[start:end],
-                params,
-                seeds=seeds[start:end],
-                sample_indices=indices[start:end],
-                pad_token_id=self.tokenizer.pad_token_id,
-                capture=False,
-            )
-            for example, r in zip(examples[start:end], rollouts, strict=True):
-                text = self.tokenizer.decode(r.completion_ids, skip_special_tokens=True)
-                total, _ = score(
-                    self.task.rewards,
-                    [example.prompt],
-                    [text],
-                    {c: [v] for c, v in example.columns.items()},
-                )
-                texts.append(text)
-                rewards.append(total[0])
-            self.bar.update(len(rollouts))
-        return texts, rewards
+            part = slice(start, start + self.batch_size)
+            batch = (prompts[part], params, seeds[part], indices[part])
+            played = self._completions(*batch) if env is None else self._episodes(env, *batch)
+            rows += [self._score(e, p) for e, p in zip(examples[part], played, strict=True)]
+            self.bar.update(len(played))
+        return rows
+
+    def _generate(
+        self,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        seeds: Sequence[int],
+        indices: Sequence[int],
+    ) -> list[Any]:
+        return capture_hf.generate(
+            self.model,
+            prompts,
+            params,
+            seeds=seeds,
+            sample_indices=indices,
+            pad_token_id=self.tokenizer.pad_token_id,
+            capture=False,
+        )
+
+    def _completions(
+        self,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        seeds: Sequence[int],
+        indices: Sequence[int],
+    ) -> list[_Played]:
+        rollouts = self._generate(prompts, params, seeds, indices)
+        return [_Played(self._decode(r.completion_ids)) for r in rollouts]
+
+    def _episodes(
+        self,
+        env: Environment,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        seeds: Sequence[int],
+        indices: Sequence[int],
+    ) -> list[_Played]:
+        episodes = [Episode(list(p), s, i) for p, s, i in zip(prompts, seeds, indices, strict=True)]
+        play(
+            episodes,
+            env,
+            self.tokenizer,
+            lambda ctx, s, i: self._generate(ctx, params, s, i),
+            self.batch_size,
+        )
+        return [
+            _Played(self._decode(e.tokens), [self._decode(t) for t in e.turns], e.seed)
+            for e in episodes
+        ]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _score(self, example: Example, played: _Played) -> _Row:
+        columns = {c: [v] for c, v in example.columns.items()}
+        answer = played.text
+        if played.turns is not None:
+            # As the coordinator scores a transcript (`trainer.validator`): the last model
+            # turn is the completion, the whole game is in `turns` and `seed`.
+            answer = played.turns[-1]
+            columns |= {"turns": [played.turns], "seed": [played.seed]}
+        total, _ = score(self.task.rewards, [example.prompt], [answer], columns)
+        return _Row(played.text, total[0], 1 if played.turns is None else len(played.turns))

@@ -1,5 +1,6 @@
 """In-run evaluation: greedy accuracy, pass@1 and pass@k of published versions on the task's
-held-out split, while training goes on.
+held-out split, while training goes on (a multi-turn task plays whole episodes, and adds the
+mean number of turns and the share of rewarded episodes: `trainer.evaluate`).
 
 Every `eval_every` published versions, one evaluation runs in a worker thread on the first
 `eval_prompts` held-out prompts (the same ones each time, so the numbers compare). It loads
@@ -103,7 +104,16 @@ class EvalService:
             sampling=self.sampling,
             seed=self.seed,
         )
-        metrics = {"eval_accuracy": result["accuracy"], "eval_prompts": float(result["n"])}
+        metrics = {
+            "eval_accuracy": result["accuracy"],
+            "eval_mean_reward": result["mean_reward"],
+            "eval_prompts": float(result["n"]),
+        }
+        if self.task.environment is not None:
+            metrics |= {
+                "eval_mean_turns": result["mean_turns"],
+                "eval_rewarded": result["rewarded"],
+            }
         if self.k > 1:
             metrics.update(
                 {

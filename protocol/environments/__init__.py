@@ -7,9 +7,9 @@ deterministic function of the lease seed, the prompt and the model's turns so fa
 randomness of its own, no network. Nodes and the coordinator both build it from the pool spec's
 task name and options (node and trainer never import each other, so it lives here).
 
-`reply_tokens` is the one place where an environment's answer becomes token ids; the node's turn
-loop and the validator's replay both call it, so they cannot disagree on the rules (turn cap,
-reply cap, tokenisation).
+`reply_tokens` is the one place where an environment's answer becomes token ids; the turn loop
+(`episodes.play`: the node's rollouts and the coordinator's evaluation) and the validator's
+replay both call it, so they cannot disagree on the rules (turn cap, reply cap, tokenisation).
 """
 
 from __future__ import annotations
