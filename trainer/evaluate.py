@@ -31,7 +31,7 @@ from toploc import capture_hf
 from toploc.models import eos_token_ids
 from toploc.sampling import SamplingParams
 from trainer.passk import mean_pass_at_k
-from trainer.rewards import score
+from trainer.rewards import score, score_games
 from trainer.tasks import Example, Task
 
 SHOWN = 5
@@ -269,11 +269,9 @@ class _Scorer:
 
     def _score(self, example: Example, played: _Played) -> _Row:
         columns = {c: [v] for c, v in example.columns.items()}
-        answer = played.text
-        if played.turns is not None:
-            # As the coordinator scores a transcript (`trainer.validator`): the last model
-            # turn is the completion, the whole game is in `turns` and `seed`.
-            answer = played.turns[-1]
-            columns |= {"turns": [played.turns], "seed": [played.seed]}
-        total, _ = score(self.task.rewards, [example.prompt], [answer], columns)
+        if played.turns is None:
+            total, _ = score(self.task.rewards, [example.prompt], [played.text], columns)
+        else:  # as validation scores a transcript
+            games = ([played.turns], [played.seed])
+            total, _ = score_games(self.task.rewards, [example.prompt], *games, columns)
         return _Row(played.text, total[0], 1 if played.turns is None else len(played.turns))

@@ -222,6 +222,20 @@ def score(
     return totals, per_func
 
 
+def score_games(
+    rewards: Sequence[WeightedReward],
+    prompts: list[str],
+    turns: list[list[str]],
+    seeds: list[int],
+    columns: dict[str, list[Any]],
+) -> tuple[list[float], dict[str, list[float | None]]]:
+    """`score` for played games (multi-turn), as validation and evaluation both judge them:
+    the model's last turn is the completion, and the whole game is in the `turns` column (the
+    model's turns as text) and `seed` (what the environment was played with)."""
+    answers = [t[-1] for t in turns]
+    return score(rewards, prompts, answers, columns | {"turns": turns, "seed": seeds})
+
+
 def _call(
     func: RewardFunc, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]
 ):

@@ -29,7 +29,7 @@ from protocol.transcript import TranscriptError, model_positions, split_segments
 from protocol.wire import decode
 from toploc import capture_hf
 from toploc.sampling import SamplingParams
-from trainer.rewards import score
+from trainer.rewards import score, score_games
 from trainer.tasks import Task
 
 Outcome = Literal["accept", "soft", "hard"]
@@ -544,10 +544,10 @@ class Validator:
         texts = [self.tokenizer.decode(c.tokens, skip_special_tokens=True) for c in r.completions]
         g = len(texts)
         columns = {k: [v] * g for k, v in example.columns.items()}
-        answers = texts
-        if self.task.environment is not None:
-            # Reward functions judge the model's last turn; the whole game is in `turns`
-            # (the model's turns as text) and `seed` (what the environment was played with).
+        prompts = [example.prompt] * g
+        if self.task.environment is None:
+            totals, per_func = score(self.task.rewards, prompts, texts, columns)
+        else:
             turns = [
                 [
                     self.tokenizer.decode(s.tokens, skip_special_tokens=True)
@@ -556,9 +556,8 @@ class Validator:
                 ]
                 for segs in (split_segments(c.tokens, c.segments) for c in r.completions)
             ]
-            answers = [t[-1] for t in turns]
-            columns |= {"turns": turns, "seed": [spec_task["seed"]] * g}
-        totals, per_func = score(self.task.rewards, [example.prompt] * g, answers, columns)
+            seeds = [spec_task["seed"]] * g
+            totals, per_func = score_games(self.task.rewards, prompts, turns, seeds, columns)
         payload = GroupPayload(
             prompt_ids=list(spec_task["prompt_ids"]),
             tokens=[list(c.tokens) for c in r.completions],
