@@ -22,6 +22,8 @@ EVAL_GAUGES = {
     "eval_accuracy": ("eval_accuracy", "greedy accuracy on held-out prompts"),
     "eval_pass@1": ("eval_pass_at_1", "pass@1 of sampled completions on held-out prompts"),
     "eval_pass@k": ("eval_pass_at_k", "pass@k of sampled completions on held-out prompts"),
+    "eval_mean_reward": ("eval_mean_reward", "mean greedy reward on held-out prompts"),
+    "eval_rewarded": ("eval_rewarded", "share of greedy games won (multi-turn tasks)"),
 }
 
 # Per-step metrics also exported as Prometheus gauges (name -> help).

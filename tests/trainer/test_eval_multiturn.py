@@ -111,6 +111,8 @@ def test_in_run_evaluation_of_a_guess_pool(tiny, tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "logs" / EVALS_FILE).open()]
     assert row["eval_prompts"] == 4 and 1 < row["eval_mean_turns"] <= 3
     assert {"eval_accuracy", "eval_mean_reward", "eval_rewarded", "eval_pass@k"} <= set(row)
+    text = log.prometheus().decode()  # the games won reach Prometheus (and the dashboard)
+    assert f"swarmrl_eval_rewarded {float(row['eval_rewarded'])}" in text
 
 
 def test_the_eval_command_plays_a_guess_pool(tmp_path):

@@ -23,7 +23,7 @@ OFF_POLICY_KEYS = (
     "mismatch_kl",
 )
 """Off-policy statistics a step's metrics may hold (trainer/loss.py): charted where present."""
-EVAL_KEYS = ("eval_accuracy", "eval_pass@1", "eval_pass@k")
+EVAL_KEYS = ("eval_accuracy", "eval_pass@1", "eval_pass@k", "eval_mean_reward", "eval_rewarded")
 EVAL_BYTES = 1 << 20
 """The most of the evaluation log one read takes: thousands of evaluations."""
 

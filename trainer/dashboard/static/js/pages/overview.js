@@ -67,7 +67,7 @@ export function mount(root) {
     c.offPolicy.set(offLabels.length ? [xs, ...offYs] : [[]], offLabels);
     const ev = t.evals || [];
     const k = ev.length ? ev[ev.length - 1].k : null;
-    const evalKeys = [["eval_accuracy", "greedy accuracy"], ["eval_pass@1", "pass@1"], ["eval_pass@k", k ? `pass@${k}` : "pass@k"]];
+    const evalKeys = [["eval_accuracy", "greedy accuracy"], ["eval_pass@1", "pass@1"], ["eval_pass@k", k ? `pass@${k}` : "pass@k"], ["eval_mean_reward", "mean reward"], ["eval_rewarded", "games won"]];
     const [evYs, evLabels] = present(ev, evalKeys);
     c.evals.set(evLabels.length ? [col(ev, "version"), ...evYs] : [[]], evLabels);
     // The newest bucket is still filling: rate it over the time it has covered so far.
