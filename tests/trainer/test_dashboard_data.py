@@ -178,6 +178,8 @@ def test_eval_series_orders_versions_and_keeps_the_newest_record_of_each():
         "eval_accuracy": 0.25,
         "eval_pass@1": None,
         "eval_pass@k": None,
+        "eval_mean_reward": None,
+        "eval_rewarded": None,
     }
     assert out[0]["eval_pass@1"] is None and eval_series([]) == []
 
