@@ -36,6 +36,25 @@ def _server_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--rate-mb", type=float, help="cap this server's upload at MB/s (1e6 B)")
 
 
+def _p2p_args(p: argparse.ArgumentParser, member: bool) -> None:
+    g = p.add_argument_group("libp2p (members behind NAT; see docs/shardcast.md)")
+    g.add_argument(
+        "--p2p-peer",
+        action="append",
+        default=[],
+        help="address of a p2p://peer/<id> source (a multiaddr ending in /p2p/<id>, "
+        "often a relay's /p2p-circuit one)",
+    )
+    g.add_argument("--p2p-listen", help="libp2p listen multiaddr (default: any port)")
+    if member:
+        g.add_argument(
+            "--p2p-relay",
+            action="append",
+            default=[],
+            help="relay hop to reserve a slot on and serve through (repeatable)",
+        )
+
+
 def _pool(args: argparse.Namespace, identity: Identity | None = None) -> tuple[str, bytes]:
     """(pool id, coordinator public key) from the arguments."""
     if args.pool is not None:
@@ -107,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     _pool_args(p, need_key=False)
     _server_args(p, 8601)
     p.add_argument("--keep", type=int, default=DEFAULT_KEEP)
+    _p2p_args(p, member=True)
+
+    p = sub.add_parser("hop", help="relay libp2p circuits for members behind NAT", parents=[flags])
+    p.add_argument("--listen", default="/ip4/0.0.0.0/tcp/4601", help="libp2p multiaddr")
+    p.add_argument("--announce", action="append", help="address to print instead (public)")
 
     p = sub.add_parser("fetch", help="fetch a version into a folder", parents=[flags])
     p.add_argument("--source", action="append", required=True, help="origin or relay URL")
@@ -122,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--after", type=int, default=-1, help="with --wait: newer than this one")
     p.add_argument("--follow", action="store_true", help="keep fetching each new version")
+    _p2p_args(p, member=False)
     return parser
 
 
@@ -162,28 +187,73 @@ async def _publish(args: argparse.Namespace) -> None:
 
 
 async def _relay(args: argparse.Namespace) -> None:
+    from shardcast.nat import open_cli_node, serve_over_p2p
     from shardcast.relay import Relay
 
     pid, key = _pool(args)
-    relay = Relay(
-        args.upstream, args.root, public_key=key, pool_id=pid, keep=args.keep, rate=_rate(args)
-    )
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(relay.run, args.host, args.port)
-        _announce(role="relay", url=url)
+    async with open_cli_node(args, args.p2p_relay) as (node, mounts):
+        relay = Relay(
+            args.upstream,
+            args.root,
+            public_key=key,
+            pool_id=pid,
+            keep=args.keep,
+            rate=_rate(args),
+            mounts=mounts,
+        )
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(relay.run, args.host, args.port)
+            if node is None:
+                _announce(role="relay", url=url)
+                return
+            gateway = serve_over_p2p(node, url)
+            try:
+                circuits = [await node.reserve(a) for a in args.p2p_relay]
+                _announce(
+                    role="relay",
+                    url=url,
+                    peer_id=node.peer_id,
+                    p2p_addrs=circuits,
+                    direct_addrs=node.addrs,
+                )
+                await trio.sleep_forever()
+            finally:
+                await gateway.aclose()
+
+
+async def _hop(args: argparse.Namespace) -> None:
+    from shardcast.nat import HopLimits, open_node
+
+    async with open_node(Identity.generate(), [args.listen], hop=HopLimits()) as node:
+        addrs = [f"{a}/p2p/{node.peer_id}" for a in args.announce] if args.announce else None
+        _announce(role="hop", peer_id=node.peer_id, addrs=addrs or node.addrs)
+        await trio.sleep_forever()
 
 
 async def _fetch(args: argparse.Namespace) -> None:
+    from shardcast.nat import open_cli_node
+
+    async with open_cli_node(args, []) as (_, mounts):
+        await _fetch_with(args, mounts)
+
+
+async def _fetch_with(args: argparse.Namespace, mounts: dict | None) -> None:
     from shardcast.client import Client
     from shardcast.errors import FetchError
-    from shardcast.fetcher import FetchPolicy
+    from shardcast.fetcher import FetchPolicy, http_client
 
     pid, key = _pool(args)
     policy = FetchPolicy(
         parallel=args.parallel, max_attempts=args.attempts, read_timeout=args.read_timeout
     )
     client = Client(
-        args.source, args.dest, public_key=key, pool_id=pid, keep=args.keep, policy=policy
+        args.source,
+        args.dest,
+        public_key=key,
+        pool_id=pid,
+        keep=args.keep,
+        policy=policy,
+        http=http_client(policy, mounts),
     )
     try:
         version: int | str = "latest" if args.version == "latest" else int(args.version)
@@ -211,7 +281,13 @@ async def _fetch(args: argparse.Namespace) -> None:
         await client.aclose()
 
 
-COMMANDS = {"origin": _origin, "publish": _publish, "relay": _relay, "fetch": _fetch}
+COMMANDS = {
+    "origin": _origin,
+    "publish": _publish,
+    "relay": _relay,
+    "hop": _hop,
+    "fetch": _fetch,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

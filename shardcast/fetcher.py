@@ -259,12 +259,16 @@ def _unlink_quietly(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def http_client(policy: FetchPolicy) -> httpx.AsyncClient:
+def http_client(
+    policy: FetchPolicy, mounts: dict[str, httpx.AsyncBaseTransport] | None = None
+) -> httpx.AsyncClient:
+    """The fetch path's HTTP client; `mounts` adds transports for other URL schemes (a
+    `p2p://` source: `shardcast.p2p.P2PTransport`)."""
     timeout = httpx.Timeout(
         connect=policy.connect_timeout, read=policy.read_timeout, write=10.0, pool=None
     )
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False, mounts=mounts)
 
 
 class ShardFetcher:

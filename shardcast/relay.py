@@ -88,6 +88,7 @@ class Relay:
         advertise: str | None = None,
         max_peers: int = 8,
         seed_parallel: int = 2,
+        mounts: dict[str, httpx.AsyncBaseTransport] | None = None,
     ) -> None:
         if not upstreams:
             raise ShardcastError("a relay needs at least one upstream")
@@ -122,6 +123,8 @@ class Relay:
         self._listed: dict[str, dict[int, int | None]] = {}
         self._mirroring: dict[int, trio.CancelScope] = {}
         self._http: httpx.AsyncClient | None = None
+        self.mounts = mounts
+        """Transports for upstreams of other schemes (`p2p://`: members behind NAT)."""
         self.trusted: int | None = None
 
     def trust_version(self, version: int) -> None:
@@ -138,7 +141,7 @@ class Relay:
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve and follow the upstreams until cancelled; `task_status` gets the URL."""
-        self._http = http_client(self.policy)
+        self._http = http_client(self.policy, self.mounts)
         try:
             async with trio.open_nursery() as nursery:
                 self.url = await nursery.start(serve_app, self.app, host, port)

@@ -1,0 +1,245 @@
+"""A libp2p host for SHARDCAST across NATs: circuit relay v2 (hop and client), streams to
+peers by id, and a dial-back reachability check.
+
+A node behind NAT cannot be dialled, so it holds a reservation on a public relay hop and
+advertises `<relay addr>/p2p-circuit/p2p/<its id>`; a peer that wants its pieces dials that
+address, and the relay splices the two streams (bytes stay end-to-end encrypted: the relay
+sees only ciphertext, and every byte is still checked against the signed manifest). The hop
+is bounded (`HopLimits`): an open network's peers may be hostile, and a relay's upload is
+the swarm's to spend once per circuit, not an attacker's to exhaust.
+
+py-libp2p (0.8.1) provides the relay protocol; this module wires it up, with our timeouts
+around every call into it (it is not consistent about raising on a dead peer).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import multiaddr
+import trio
+
+from protocol.errors import TransportError
+from protocol.identity import Identity
+from shardcast.p2p import (
+    PROTOCOL_ID,
+    SCHEME,
+    P2PTransport,
+    StreamGateway,
+    StreamLimits,
+    close_stream,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HopLimits:
+    """What a relay hop spends on strangers (see docs/security.md, "NAT traversal")."""
+
+    reservations: int = 64
+    """Nodes holding a slot at once: each costs one idle connection and a table entry."""
+    circuits: int = 16
+    """Circuits per reserved node at once (a circuit is one dialler's connection to it)."""
+    circuit_bytes: int = 256 * 1024 * 1024
+    """Bytes one circuit may carry, both directions together; then it is reset and the
+    dialler must open another (which counts against `circuits` again)."""
+    circuit_seconds: int = 600
+    """Longest a circuit lives."""
+
+
+@dataclass(frozen=True)
+class NatConfig:
+    dial_timeout_s: float = 10.0
+    stream_timeout_s: float = 10.0
+    """Opening a stream on an existing connection (protocol negotiation included)."""
+    reserve_timeout_s: float = 15.0
+
+
+class P2PNode:
+    """A running libp2p host with circuit relay v2; make one with `open_node`."""
+
+    def __init__(self, raw: Any, relay: Any, transport: Any, config: NatConfig) -> None:
+        self.raw = raw
+        self._relay = relay
+        self._transport = transport
+        self.config = config
+        self._known: dict[str, list[str]] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self.nursery: trio.Nursery | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.raw.get_id().to_base58()
+
+    @property
+    def addrs(self) -> list[str]:
+        """Direct addresses, each ending in /p2p/<id>."""
+        return [str(a) for a in self.raw.get_addrs()]
+
+    def learn(self, peer_id: str, addrs: Sequence[str]) -> None:
+        """Remember where `peer_id` may be dialled (direct or /p2p-circuit addresses)."""
+        known = self._known.setdefault(peer_id, [])
+        for a in addrs:
+            if a not in known:
+                known.append(a)
+
+    def serve(self, protocol_id: str, handler: Callable[[Any], Awaitable[None]]) -> None:
+        from libp2p.custom_types import TProtocol
+
+        self.raw.set_stream_handler(TProtocol(protocol_id), handler)
+
+    async def reserve(self, relay_addr: str) -> str:
+        """Hold a slot on the relay hop at `relay_addr` (a multiaddr ending in /p2p/<id>):
+        returns the /p2p-circuit address others reach this node at."""
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+        from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID
+
+        info = info_from_p2p_addr(multiaddr.Multiaddr(relay_addr))
+        assert self.nursery is not None
+        with trio.move_on_after(self.config.reserve_timeout_s) as scope:
+            await self.raw.connect(info)
+            stream = await self.raw.new_stream(info.peer_id, [PROTOCOL_ID])
+            try:
+                ok = await self._transport.reserve(stream, info.peer_id, self.nursery)
+            finally:
+                await close_stream(stream)
+        if scope.cancelled_caught:
+            raise TransportError(f"no reservation from {relay_addr} in time")
+        if not ok:
+            raise TransportError(f"relay {relay_addr} refused a reservation")
+        return f"{relay_addr}/p2p-circuit/p2p/{self.peer_id}"
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> Any:
+        """A new stream to `peer_id`: over the connection we have, else dialled on a known
+        direct address, else through a known relay circuit."""
+        from libp2p.custom_types import TProtocol
+        from libp2p.peer.id import ID
+
+        pid = ID.from_base58(peer_id)
+        with trio.move_on_after(self.config.dial_timeout_s + self.config.stream_timeout_s):
+            async with self._locks.setdefault(peer_id, trio.Lock()):
+                if not self.raw.get_network().connections.get(pid):
+                    await self._dial(peer_id)
+            return await self.raw.new_stream(pid, [TProtocol(protocol_id)])
+        raise TransportError(f"no stream to {peer_id} in time")
+
+    async def _dial(self, peer_id: str) -> None:
+        from libp2p.peer.id import ID
+        from libp2p.peer.peerinfo import PeerInfo
+
+        addrs = self._known.get(peer_id, [])
+        if not addrs:
+            raise TransportError(f"no known address for peer {peer_id}")
+        direct = [a for a in addrs if "/p2p-circuit" not in a]
+        circuits = [a for a in addrs if "/p2p-circuit" in a]
+        errors = []
+        if direct:
+            info = PeerInfo(ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in direct])
+            with trio.move_on_after(self.config.dial_timeout_s) as scope:
+                try:
+                    await self.raw.connect(info)
+                    return
+                except Exception as e:  # libp2p raises whatever the socket layer gave it
+                    errors.append(f"direct: {type(e).__name__}: {e}")
+            if scope.cancelled_caught:
+                errors.append("direct: timed out")
+        for a in circuits:
+            with trio.move_on_after(self.config.dial_timeout_s) as scope:
+                try:
+                    await self._transport.dial(multiaddr.Multiaddr(a))
+                    return
+                except Exception as e:
+                    errors.append(f"{a}: {type(e).__name__}: {e}")
+            if scope.cancelled_caught:
+                errors.append(f"{a}: timed out")
+        raise TransportError(f"cannot reach {peer_id}: {'; '.join(errors)}")
+
+
+@asynccontextmanager
+async def open_node(
+    identity: Identity,
+    listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    *,
+    hop: HopLimits | None = None,
+    config: NatConfig | None = None,
+) -> AsyncIterator[P2PNode]:
+    """Start a libp2p host: a relay hop for others when `hop` is given, and in any case a
+    relay client (it may reserve slots and dial /p2p-circuit addresses)."""
+    from libp2p import new_host
+    from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+    from libp2p.relay.circuit_v2.resources import RelayLimits
+    from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+    from libp2p.tools.anyio_service import background_trio_service
+
+    config = config or NatConfig()
+    limits = hop or HopLimits()
+    relay_limits = RelayLimits(
+        duration=limits.circuit_seconds,
+        data=limits.circuit_bytes,
+        max_circuit_conns=limits.circuits,
+        max_reservations=limits.reservations,
+    )
+    addrs = [multiaddr.Multiaddr(a) for a in listen]
+    raw = new_host(key_pair=identity.libp2p_key_pair(), listen_addrs=addrs)
+    relay = CircuitV2Protocol(raw, limits=relay_limits, allow_hop=hop is not None)
+    roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
+    rconfig = RelayConfig(roles=roles, limits=relay_limits)
+    async with raw.run(addrs), background_trio_service(relay):
+        transport = CircuitV2Transport(raw, relay, rconfig)
+        node = P2PNode(raw, relay, transport, config)
+        try:
+            async with trio.open_nursery() as nursery:
+                node.nursery = nursery
+                yield node
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(5.0) as scope:
+                scope.shield = True
+                await raw.close()
+
+
+def p2p_mounts(
+    node: P2PNode, limits: StreamLimits | None = None
+) -> dict[str, httpx.AsyncBaseTransport]:
+    """httpx mounts that send `p2p://peer/<id>` sources over `node`'s streams."""
+    return {f"{SCHEME}://": P2PTransport(node.open_stream, limits)}
+
+
+def serve_over_p2p(
+    node: P2PNode, base_url: str, limits: StreamLimits | None = None
+) -> StreamGateway:
+    """Answer SHARDCAST streams on `node` from the member's HTTP server at `base_url`; the
+    caller closes the returned gateway when done."""
+    gateway = StreamGateway(base_url, limits)
+    node.serve(PROTOCOL_ID, gateway.handle)
+    return gateway
+
+
+def peer_of(addr: str) -> str:
+    """The peer id a multiaddr ends in (`.../p2p/<id>`), after any /p2p-circuit."""
+    _, sep, peer = addr.rstrip("/").rpartition("/p2p/")
+    if not sep or not peer or "/" in peer:
+        raise TransportError(f"{addr!r} does not end in /p2p/<peer id>")
+    return peer
+
+
+@asynccontextmanager
+async def open_cli_node(
+    args: Any, relays: Sequence[str]
+) -> AsyncIterator[tuple[P2PNode | None, dict[str, httpx.AsyncBaseTransport] | None]]:
+    """For the command line: a libp2p node and its fetch mounts when any p2p flag asks for
+    one (a relay to reserve on, peers to reach, a listen address), else (None, None)."""
+    if not (relays or args.p2p_peer or args.p2p_listen):
+        yield None, None
+        return
+    async with open_node(Identity.generate(), [args.p2p_listen or "/ip4/0.0.0.0/tcp/0"]) as node:
+        for addr in args.p2p_peer:
+            node.learn(peer_of(addr), [addr])
+        yield node, p2p_mounts(node)
