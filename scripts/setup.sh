@@ -9,6 +9,9 @@
 #   - Chromium and its driver, through apt when run as root (the dashboard's browser tests drive
 #     it; Playwright's own browser download is unreachable on many machines). Not root: it says
 #     what to install. SWARMRL_SKIP_BROWSER=1 skips it.
+#   - iproute2 and iptables, through apt when run as root: SHARDCAST's NAT tests
+#     (tests/shardcast/test_sc_nat.py) build network namespaces behind a masquerading router.
+#     Not root: it says what to install (the tests then skip, saying why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +23,15 @@ if [ "${SWARMRL_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2
         echo "setup: Chromium is missing; the 12 browser tests need it. Install it with" >&2
         echo "  sudo apt-get install chromium chromium-driver   (Debian/Ubuntu)" >&2
         echo "or set SWARMRL_SKIP_BROWSER=1 to skip this check." >&2
+    fi
+fi
+if ! command -v ip >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables
+    else
+        echo "setup: ip or iptables is missing; the SHARDCAST NAT tests need both. Install with" >&2
+        echo "  sudo apt-get install iproute2 iptables   (Debian/Ubuntu)" >&2
     fi
 fi
 python -m pip install -e '.[dev,smollm2,verifiers,bench]'

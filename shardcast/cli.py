@@ -51,7 +51,8 @@ def _p2p_args(p: argparse.ArgumentParser, member: bool) -> None:
             "--p2p-relay",
             action="append",
             default=[],
-            help="relay hop to reserve a slot on and serve through (repeatable)",
+            help="relay hop (repeatable): checks whether this node is reachable (AutoNAT), "
+            "and if not, reserves a slot on each and serves through it",
         )
 
 
@@ -187,7 +188,7 @@ async def _publish(args: argparse.Namespace) -> None:
 
 
 async def _relay(args: argparse.Namespace) -> None:
-    from shardcast.nat import open_cli_node, serve_over_p2p
+    from shardcast.nat import open_cli_node, reachable_addrs, serve_over_p2p
     from shardcast.relay import Relay
 
     pid, key = _pool(args)
@@ -208,13 +209,13 @@ async def _relay(args: argparse.Namespace) -> None:
                 return
             gateway = serve_over_p2p(node, url)
             try:
-                circuits = [await node.reserve(a) for a in args.p2p_relay]
+                reach, addrs = await reachable_addrs(node, args.p2p_relay)
                 _announce(
                     role="relay",
                     url=url,
                     peer_id=node.peer_id,
-                    p2p_addrs=circuits,
-                    direct_addrs=node.addrs,
+                    reachability=reach.value,
+                    p2p_addrs=addrs,
                 )
                 await trio.sleep_forever()
             finally:

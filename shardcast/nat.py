@@ -14,7 +14,9 @@ around every call into it (it is not consistent about raising on a dead peer).
 
 from __future__ import annotations
 
+import enum
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from shardcast.p2p import (
     StreamGateway,
     StreamLimits,
     close_stream,
+    reset_stream,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,23 @@ class HopLimits:
     dialler must open another (which counts against `circuits` again)."""
     circuit_seconds: int = 600
     """Longest a circuit lives."""
+    reservation_ttl_s: int = 900
+    """A slot lapses unless its holder refreshes it (py-libp2p refreshes before expiry): a
+    node that vanished frees its slot within this time."""
+    circuits_per_source: int = 8
+    """Hop requests (circuits being made or carried) at once from one dialling peer:
+    py-libp2p bounds circuits per destination only, so a dialler could otherwise hold
+    `circuits` on every reserved node at once."""
+
+
+class Reachability(enum.Enum):
+    PUBLIC = "public"
+    """A dial-back on the address we advertised reached us."""
+    PRIVATE = "private"
+    """The dial-back failed, or was refused because we advertised no address at the IP the
+    server sees us at (behind NAT, we advertise a private one)."""
+    UNKNOWN = "unknown"
+    """The server could not be asked, or gave no verdict."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,32 @@ class P2PNode:
         for a in addrs:
             if a not in known:
                 known.append(a)
+
+    async def reachability(self, server_addr: str) -> Reachability:
+        """Ask the AutoNAT server at `server_addr` (a relay hop runs one) to dial us back on
+        the addresses we listen on.
+
+        py-libp2p's server (0.8.1) may answer over the connection we already hold to it
+        rather than a fresh dial, so PUBLIC is only trusted as far as that goes; PRIVATE
+        (the case that matters: then reserve a relay slot) is reliable."""
+        from libp2p.host.autonat.autonat import AutoNATService
+        from libp2p.host.autonat.pb.autonat_pb2 import Message
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+
+        info = info_from_p2p_addr(multiaddr.Multiaddr(server_addr))
+        client = AutoNATService(self.raw, serve=False)
+        with trio.move_on_after(self.config.reserve_timeout_s):
+            try:
+                await self.raw.connect(info)
+                status, _ = await client.query_server(info.peer_id)
+            except Exception as e:  # a dead or hostile server: no verdict
+                log.info("reachability check via %s failed: %s", server_addr, e)
+                return Reachability.UNKNOWN
+            if status == Message.OK:
+                return Reachability.PUBLIC
+            if status in (Message.E_DIAL_ERROR, Message.E_DIAL_REFUSED):
+                return Reachability.PRIVATE
+        return Reachability.UNKNOWN
 
     def serve(self, protocol_id: str, handler: Callable[[Any], Awaitable[None]]) -> None:
         from libp2p.custom_types import TProtocol
@@ -167,12 +213,16 @@ async def open_node(
     listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
     *,
     hop: HopLimits | None = None,
+    admit: Callable[[str], bool] | None = None,
     config: NatConfig | None = None,
 ) -> AsyncIterator[P2PNode]:
-    """Start a libp2p host: a relay hop for others when `hop` is given, and in any case a
+    """Start a libp2p host: a relay hop and AutoNAT server for others when `hop` is given
+    (for the peers `admit` accepts, when given: e.g. the pool's members), and in any case a
     relay client (it may reserve slots and dial /p2p-circuit addresses)."""
     from libp2p import new_host
+    from libp2p.host.autonat.autonat import AutoNATService
     from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+    from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
     from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
     from libp2p.relay.circuit_v2.resources import RelayLimits
     from libp2p.relay.circuit_v2.transport import CircuitV2Transport
@@ -185,6 +235,7 @@ async def open_node(
         data=limits.circuit_bytes,
         max_circuit_conns=limits.circuits,
         max_reservations=limits.reservations,
+        reservation_ttl=limits.reservation_ttl_s,
     )
     addrs = [multiaddr.Multiaddr(a) for a in listen]
     raw = new_host(key_pair=identity.libp2p_key_pair(), listen_addrs=addrs)
@@ -192,6 +243,11 @@ async def open_node(
     roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
     rconfig = RelayConfig(roles=roles, limits=relay_limits)
     async with raw.run(addrs), background_trio_service(relay):
+        if hop is not None:
+            await relay.event_started.wait()
+            # Replaces the handler the relay service registered: same protocol, gated.
+            raw.set_stream_handler(HOP_PROTOCOL_ID, _HopGate(relay, hop, admit).handle)
+            AutoNATService(raw, serve=True)
         transport = CircuitV2Transport(raw, relay, rconfig)
         node = P2PNode(raw, relay, transport, config)
         try:
@@ -203,6 +259,33 @@ async def open_node(
             with trio.move_on_after(5.0) as scope:
                 scope.shield = True
                 await raw.close()
+
+
+class _HopGate:
+    """In front of the relay hop: refuses peers `admit` rejects, and bounds each dialling
+    peer's hop requests in progress (a CONNECT holds its stream for the circuit's life)."""
+
+    def __init__(self, relay: Any, limits: HopLimits, admit: Callable[[str], bool] | None) -> None:
+        self.relay = relay
+        self.limits = limits
+        self.admit = admit
+        self.active: Counter[str] = Counter()
+        self.refused = 0
+
+    async def handle(self, stream: Any) -> None:
+        peer = stream.muxed_conn.peer_id.to_base58()
+        over = self.active[peer] >= self.limits.circuits_per_source
+        if over or (self.admit is not None and not self.admit(peer)):
+            self.refused += 1
+            await reset_stream(stream)
+            return
+        self.active[peer] += 1
+        try:
+            await self.relay._handle_hop_stream(stream)
+        finally:
+            self.active[peer] -= 1
+            if not self.active[peer]:
+                del self.active[peer]
 
 
 def p2p_mounts(
@@ -220,6 +303,25 @@ def serve_over_p2p(
     gateway = StreamGateway(base_url, limits)
     node.serve(PROTOCOL_ID, gateway.handle)
     return gateway
+
+
+async def reachable_addrs(node: P2PNode, relays: Sequence[str]) -> tuple[Reachability, list[str]]:
+    """Where others reach `node`: its own addresses when the first relay's dial-back check
+    found it reachable, else a /p2p-circuit address on every relay that gave it a slot."""
+    if not relays:
+        return Reachability.UNKNOWN, node.addrs
+    reach = await node.reachability(relays[0])
+    if reach is Reachability.PUBLIC:
+        return reach, node.addrs
+    circuits = []
+    for relay in relays:
+        try:
+            circuits.append(await node.reserve(relay))
+        except TransportError as e:  # one relay down or full: the others may do
+            log.warning("no slot on %s: %s", relay, e)
+    if not circuits:
+        raise TransportError(f"not reachable ({reach.value}) and no relay gave a slot")
+    return reach, circuits
 
 
 def peer_of(addr: str) -> str:

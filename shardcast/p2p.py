@@ -178,7 +178,7 @@ class StreamGateway:
         peer = stream.muxed_conn.peer_id.to_base58()
         if self.total >= self.limits.total or self.active[peer] >= self.limits.per_peer:
             self.refused += 1
-            await _reset(stream)
+            await reset_stream(stream)
             return
         self.active[peer] += 1
         self.total += 1
@@ -233,7 +233,8 @@ async def close_stream(stream: Any) -> None:
         await stream.close()
 
 
-async def _reset(stream: Any) -> None:
+async def reset_stream(stream: Any) -> None:
+    """Reset `stream` (the peer sees an abort, not an end), quietly."""
     with trio.move_on_after(2.0), contextlib.suppress(Exception):
         await stream.reset()
 
@@ -286,7 +287,7 @@ class P2PTransport(httpx.AsyncBaseTransport):
                 raise ProtocolError(f"bad status {status!r}")
             out = _headers(answer.get("headers", {}), RESPONSE_HEADERS)
         except BaseException as e:
-            await _reset(stream)
+            await reset_stream(stream)
             if isinstance(e, trio.TooSlowError):
                 raise httpx.ReadTimeout(f"{peer}: no answer", request=request) from None
             if isinstance(e, ProtocolError):
@@ -334,4 +335,4 @@ class _Body(httpx.AsyncByteStream):
         if self._ended:
             await close_stream(self._stream)
         else:
-            await _reset(self._stream)
+            await reset_stream(self._stream)
