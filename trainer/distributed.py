@@ -55,7 +55,14 @@ def join_ranks(device_type: str) -> Ranks:
 
 def shard(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: each transformer block is its own unit (gathered only while it computes), then
-    the rest (embeddings, final norm, head) as the root."""
+    the rest (embeddings, final norm, head) as the root.
+
+    A LoRA (peft) model is sharded the same way, frozen base and adapters alike: the frozen
+    base is nearly all of its memory, so sharding it is what lets a model too large for one
+    device train adapters on several; FSDP2 reduce-scatters gradients of the adapters only (the
+    base has none) and the optimizer holds their shards. Replicating the base on every rank
+    (DDP-style, reducing only adapter gradients) would be simpler but needs the whole base on
+    each device, and a second code path beside full training's."""
     blocks = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     if not blocks:
         raise SwarmError(

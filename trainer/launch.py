@@ -57,14 +57,18 @@ def start_trainer(spec: PoolSpec, config: TrainerConfig, data_dir: Path) -> Trai
     and this is not one of them yet."""
     from trainer.distributed import RankGroup, follow, join_ranks, torchrun_argv
     from trainer.learner import build_learner, resolve_device
+    from trainer.sizing import check_fits
 
     section = config.trainer
     device = resolve_device(section.device)  # refuse a wrong --device before any loading
     resolve_device(section.validator_device, "--validator-device")
     checkpoints = Path(data_dir) / "checkpoints"
+    ranked = "LOCAL_RANK" in os.environ
+    if not ranked:  # once, before any rank loads weights (the ranks were checked before start)
+        check_fits(spec.model.name, section.device, section.trainer_procs, section.lora.rank > 0)
     if section.trainer_procs == 1:
         return build_learner(spec, config, checkpoints)
-    if "LOCAL_RANK" not in os.environ:
+    if not ranked:
         sys.stdout.flush()
         os.execv(sys.executable, torchrun_argv(section.trainer_procs, sys.argv[1:]))
     ranks = join_ranks(device.type)

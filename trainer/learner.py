@@ -2,8 +2,9 @@
 
 One process (rank 0, the coordinator) or N torch.distributed ranks (trainer.distributed) run
 the same `Learner`; under FSDP2 each rank holds a shard of every weight and of the optimizer,
-DCP writes and reads the shards, and the full weights are gathered once, on rank 0, when a
-version is published.
+DCP writes and reads the shards, and the trainable weights are gathered once, on rank 0, when a
+version is published: every weight, or with LoRA only the adapters (rank 0's publishing copy
+holds the frozen base from the start), which it publishes as one process does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ _STATE = StateDictOptions(ignore_frozen_params=True)
 # Restoring sets the trainable weights only; the frozen base stays as loaded. (DCP has already
 # filled every key of the live trainable state, or failed, so nothing trainable is skipped.)
 _RESTORE = StateDictOptions(ignore_frozen_params=True, strict=False)
+# Publishing gathers the trainable weights only: frozen ones (a LoRA base) never change, so
+# rank 0's shell already holds them, and a LoRA version gathers just the adapters.
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
 class Learner:
@@ -93,12 +97,10 @@ class Learner:
         FSDP2: a collective, so every rank calls it); None on the others."""
         if not self.sharded:
             return self.trainer.model
-        full = get_model_state_dict(
-            self.trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        trained = get_model_state_dict(self.trainer.model, options=_GATHER)
         if self._shell is None:
             return None
-        self._shell.load_state_dict(full)
+        _load_trained(self._shell, trained)
         return self._shell
 
     def _state(self) -> dict[str, Any]:
@@ -106,6 +108,19 @@ class Learner:
             self.trainer.model, self.trainer.optimizer, options=_STATE
         )
         return {"model": model_state, "optim": optim_state}
+
+
+def _load_trained(shell: torch.nn.Module, trained: dict[str, torch.Tensor]) -> None:
+    """Copy gathered trainable weights into `shell`, which must take every one of them and
+    have no trainable weight left out (else it would publish a stale one)."""
+    result = shell.load_state_dict(trained, strict=False)
+    trainable = {n for n, p in shell.named_parameters() if p.requires_grad}
+    stale = sorted(trainable & set(result.missing_keys))
+    if stale or result.unexpected_keys:
+        raise SwarmError(
+            f"the gathered weights do not match the publishing copy: missing {stale[:3]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:3]}"
+        )
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
@@ -135,13 +150,6 @@ def build_learner(
     from trainer.distributed import shard
 
     lora = config.trainer.lora
-    if lora.rank > 0 and world > 1:
-        # Rank 0 gathers full weights into an unsharded shell to publish; adapter versions
-        # would need the adapters gathered instead, which is not written yet.
-        raise SwarmError(
-            "[trainer.lora] rank > 0 runs in one trainer process only; set trainer.trainer_procs "
-            "= 1 (or trainer.lora.rank = 0 to shard every weight with FSDP2)"
-        )
     device = resolve_device(config.trainer.device)
     if device.type == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -149,7 +157,7 @@ def build_learner(
     model, tokenizer = load_model(spec.model.name, "float32", spec.model.init_seed)
     if lora.rank > 0:
         # Only the adapters train; versions after the base carry only them (trainer/policy.py).
-        model = add_adapters(model, lora)
+        model = add_adapters(model, lora, spec.model.init_seed)
     shell = None
     if world > 1:
         if rank == 0:

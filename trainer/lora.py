@@ -31,9 +31,11 @@ def linear_names(model: torch.nn.Module) -> set[str]:
     }
 
 
-def add_adapters(model: torch.nn.Module, lora: LoraSection) -> PeftModel:
+def add_adapters(model: torch.nn.Module, lora: LoraSection, seed: int = 0) -> PeftModel:
     """Wrap `model` with trainable adapters on `lora.target_modules`; anything else frozen. An
-    unknown target, or the tied output head, is refused before any training."""
+    unknown target, or the tied output head, is refused before any training. The adapters'
+    random start depends on `seed` only: every trainer rank must start from the same adapters
+    (FSDP2 shards each rank's own copy, it does not broadcast rank 0's)."""
     names = linear_names(model) - {"lm_head"}
     unknown = sorted(set(lora.target_modules) - names)
     if unknown:
@@ -49,7 +51,9 @@ def add_adapters(model: torch.nn.Module, lora: LoraSection) -> PeftModel:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def save_adapters(model: PeftModel, folder: Path, dtype: torch.dtype) -> int:
@@ -60,7 +64,11 @@ def save_adapters(model: PeftModel, folder: Path, dtype: torch.dtype) -> int:
         for k, v in get_peft_model_state_dict(model).items()
     }
     save_file(state, folder / ADAPTER_FILE)
-    model.peft_config["default"].save_pretrained(str(folder))
+    # peft holds target_modules as a set and writes it in hash order, which changes from one
+    # process to the next; sorted, a version's bytes do not depend on which process wrote it.
+    config = copy.copy(model.peft_config["default"])
+    config.target_modules = sorted(config.target_modules)
+    config.save_pretrained(str(folder))
     return sum(f.stat().st_size for f in folder.iterdir())
 
 

@@ -31,8 +31,9 @@ TRAINING_BYTES_PER_PARAMETER = 16
 """Full fine-tuning: fp32 weights, fp32 gradients and two fp32 AdamW moments (docs/scale.md,
 "What fits where"); activations and the staged checkpoint come on top."""
 LORA_BYTES_PER_PARAMETER = 4
-"""LoRA: the frozen fp32 weights only; the adapters' weights, gradients and moments are a few
-percent of that at ranks up to 64 and are left in the margin with the activations."""
+"""LoRA: the frozen fp32 weights only (FSDP2 shards them over the ranks as it shards a full
+model); the adapters' weights, gradients and moments are a few percent of that at ranks up to
+64 and are left in the margin with the activations."""
 
 
 class ModelTooLargeError(SwarmError):
@@ -83,8 +84,8 @@ def per_parameter(lora: bool) -> int:
 
 def training_bytes(parameters: int, device_type: str, ranks: int, lora: bool = False) -> int:
     """What one device holds for training (full, or `lora` adapters on a frozen base): FSDP2
-    shards the state over the ranks, one GPU each on CUDA; on a CPU every rank lives in this
-    host's memory."""
+    shards the state, the frozen base included, over the ranks, one GPU each on CUDA; on a CPU
+    every rank lives in this host's memory."""
     total = per_parameter(lora) * parameters
     return math.ceil(total / ranks) if device_type == "cuda" else total
 
@@ -103,23 +104,7 @@ def refuse_oversized(
     if need <= available:
         return
     gib = 2**30
-    total = per_parameter(lora) * parameters
-    if lora:  # one trainer process (LoRA is not sharded over ranks yet)
-        fix = "use a device with more free memory, or pick a smaller model"
-    elif device_type == "cuda":
-        ranks_needed = math.ceil(total / available)
-        fix = (
-            f"run the trainer on {ranks_needed} or more GPUs (--trainer-procs {ranks_needed} "
-            "shards it with FSDP2), use GPUs with more memory, train LoRA adapters "
-            f"(--set trainer.lora.rank=8: {LORA_BYTES_PER_PARAMETER} bytes per parameter), "
-            "or pick a smaller model"
-        )
-    else:
-        fix = (
-            "train on GPUs (--device cuda, --trainer-procs N), train LoRA adapters "
-            f"(--set trainer.lora.rank=8: {LORA_BYTES_PER_PARAMETER} bytes per parameter), "
-            "or pick a smaller model"
-        )
+    fix = _what_to_do(per_parameter(lora) * parameters, available, device_type, lora)
     what = (
         "LoRA holds its frozen fp32 weights"
         if lora
@@ -131,6 +116,25 @@ def refuse_oversized(
         f"{need / gib:.1f} GiB per {device_type} device with {ranks} trainer rank(s), and "
         f"{available / gib:.1f} GiB is free there. To train it, {fix} "
         '(docs/scale.md, "What fits where").'
+    )
+
+
+def _what_to_do(total: int, available: int, device_type: str, lora: bool) -> str:
+    """The ways out for a training state of `total` bytes: more GPUs shard it (more ranks on
+    one host do not: they share its memory), and LoRA when it is not LoRA already."""
+    if device_type == "cuda":
+        ranks_needed = math.ceil(total / available)
+        more = (
+            f"run the trainer on {ranks_needed} or more GPUs (--trainer-procs {ranks_needed} "
+            "shards it with FSDP2), use GPUs with more memory"
+        )
+    else:
+        more = "train on GPUs (--device cuda, --trainer-procs N)"
+    if lora:
+        return f"{more}, or pick a smaller model"
+    return (
+        f"{more}, train LoRA adapters (--set trainer.lora.rank=8: {LORA_BYTES_PER_PARAMETER} "
+        "bytes per parameter), or pick a smaller model"
     )
 
 

@@ -8,8 +8,6 @@ import torch
 from lora_helpers import publish, trained_adapters
 from safetensors.torch import load_file, save_file
 
-from protocol import poolspec
-from protocol.errors import SwarmError
 from toploc.models import load_model
 from toploc.versions import (
     ADAPTER_FILE,
@@ -18,8 +16,6 @@ from toploc.versions import (
     VersionLoader,
     adapter_meta,
 )
-from trainer.config import from_dict
-from trainer.learner import build_learner
 from trainer.policy import PolicyStore
 
 IDS = torch.tensor([[1, 5, 9, 13, 7, 2]])
@@ -82,10 +78,3 @@ def test_the_store_keeps_the_base_while_adapter_versions_apply_to_it(tmp_path):
     assert store.versions() == [0, 2, 3]
     assert adapter_meta(store.folder(0)) is None
     assert adapter_meta(store.folder(3)).base_version == 0
-
-
-def test_lora_across_several_trainer_ranks_is_refused(tmp_path):
-    spec = poolspec.from_dict({"name": "t", "coordinator": {"public_key": "ab" * 32}})
-    config = from_dict({"trainer": {"lora": {"rank": 4}}})
-    with pytest.raises(SwarmError, match="trainer_procs = 1"):
-        build_learner(spec, config, tmp_path, rank=0, world=2)

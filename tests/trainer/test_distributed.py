@@ -1,5 +1,6 @@
-"""FSDP2 across real gloo ranks (torchrun): the same weights as one process, and a resume after
-a rank is SIGKILLed. Run as a script, this file is the rank program torchrun starts."""
+"""FSDP2 across real gloo ranks (torchrun): the same weights as one process (every weight, or
+LoRA adapters on a frozen base with the adapter versions rank 0 publishes), and a resume after a
+rank is SIGKILLed. Run as a script, this file is the rank program torchrun starts."""
 
 from __future__ import annotations
 
@@ -13,29 +14,37 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from protocol import poolspec
+from shardcast.manifest import REQUIRES_FILE
+from toploc.versions import ADAPTER_FILE, META_FILE
 from trainer.algorithm import GroupAlgorithm
 from trainer.checkpoint import latest_committed
 from trainer.config import from_dict
 from trainer.grpo import Sample, TrainGroup
 from trainer.learner import build_learner
+from trainer.policy import PolicyStore
 
 STEPS = 4
 CHECKPOINT_AT = 2
 # fp32 on both sides; only the order of gradient sums differs (a reduce-scatter over 2 ranks
 # against one backward), amplified a little by Adam over the steps.
 ATOL = 2e-5
+WEIGHTS = "weights.safetensors"
 
 
 def _spec() -> poolspec.PoolSpec:
     return poolspec.from_dict({"name": "t", "coordinator": {"public_key": "ab" * 32}})
 
 
-def _config(device: str = "cpu"):
+def _config(device: str = "cpu", lora_rank: int = 0):
     return from_dict(
-        {"algorithm": {"lr": 1e-3, "is_cap": 0, "micro_batch": 2}, "trainer": {"device": device}}
+        {
+            "algorithm": {"lr": 1e-3, "is_cap": 0, "micro_batch": 2},
+            "trainer": {"device": device, "lora": {"rank": lora_rank}},
+        }
     )
 
 
@@ -66,14 +75,26 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def _publish(model: torch.nn.Module, tokenizer, out: Path) -> None:
+    """What the tests compare: every weight, and for LoRA the base and adapter versions the
+    policy store writes (as `coordinator run` publishes them)."""
+    out.mkdir(parents=True)
+    save_file(_weights(model), out / WEIGHTS)
+    if isinstance(model, PeftModel):
+        store = PolicyStore(out / "versions", "float32", keep=2, cache_models=0)
+        store.export(model, tokenizer, 0)
+        store.export(model, tokenizer, STEPS)
+
+
 def _rank_program(
-    out: Path, checkpoints: Path, resume: bool, die_at: int | None, device: str
+    out: Path, checkpoints: Path, resume: bool, die_at: int | None, device: str, lora_rank: int
 ) -> None:
     from trainer.distributed import RankGroup, follow, join_ranks
 
     ranks = join_ranks(device)
+    config = _config(device, lora_rank)
     learner = build_learner(
-        _spec(), _config(device), checkpoints, ranks.rank, ranks.world, ranks.checkpoints
+        _spec(), config, checkpoints, ranks.rank, ranks.world, ranks.checkpoints
     )
     if ranks.rank != 0:
         if die_at is not None:
@@ -98,8 +119,7 @@ def _rank_program(
         if step == CHECKPOINT_AT:
             group.start_checkpoint(step, step)
             group.finish_checkpoint()
-    model = group.publishable()
-    save_file(_weights(model), out)
+    _publish(group.publishable(), group.tokenizer, out)
     group.stop()
 
 
@@ -114,7 +134,7 @@ def _torchrun(tmp: Path, *args: str, procs: int = 2) -> subprocess.CompletedProc
         "--max-restarts=0",
         __file__,
         "--out",
-        str(tmp / "ranks.safetensors"),
+        str(tmp / "ranks"),
         "--checkpoints",
         str(tmp / "ckpt"),
         *args,
@@ -122,11 +142,20 @@ def _torchrun(tmp: Path, *args: str, procs: int = 2) -> subprocess.CompletedProc
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
 
 
-def _single(tmp: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    learner = build_learner(_spec(), _config(device), tmp / "single")
+def _single(tmp: Path, device: str = "cpu", lora_rank: int = 0) -> Path:
+    """One process's run of the same steps, published to `tmp/single`."""
+    learner = build_learner(_spec(), _config(device, lora_rank), tmp / "single-ckpt")
     for step in range(1, STEPS + 1):
         learner.step(_batch(step), step)
-    return _weights(learner.publishable())
+    _publish(learner.publishable(), learner.tokenizer, tmp / "single")
+    return tmp / "single"
+
+
+def _ranks_match(tmp: Path, single: Path, lora_rank: int = 0, atol: float = ATOL) -> None:
+    """The ranks published (`tmp/ranks`) what one process did (`single`)."""
+    _assert_close(load_file(tmp / "ranks" / WEIGHTS), load_file(single / WEIGHTS), atol)
+    if lora_rank > 0:
+        _adapter_version_matches(tmp, single, atol)
 
 
 def _assert_close(
@@ -137,26 +166,51 @@ def _assert_close(
     assert worst <= atol, f"largest difference {worst}"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_two_gloo_ranks_publish_what_one_process_does_and_resume_after_sigkill(tmp_path):
-    expected = _single(tmp_path)
-    run = _torchrun(tmp_path)
+def _adapter_version_matches(tmp: Path, single: Path, atol: float = ATOL) -> None:
+    """Rank 0 published the adapter version one process does: the same files, the adapters
+    within `atol`, the same base binding and SHARDCAST requirement byte for byte."""
+    name = f"v{STEPS:08d}"
+    mine, theirs = tmp / "ranks" / "versions" / name, single / "versions" / name
+    files = sorted(p.name for p in theirs.iterdir())
+    assert {ADAPTER_FILE, META_FILE, REQUIRES_FILE} <= set(files)
+    assert sorted(p.name for p in mine.iterdir()) == files
+    _assert_close(load_file(mine / ADAPTER_FILE), load_file(theirs / ADAPTER_FILE), atol)
+    for f in set(files) - {ADAPTER_FILE}:
+        assert (mine / f).read_bytes() == (theirs / f).read_bytes(), f
+
+
+def _ranks_match_one_process_and_resume(tmp: Path, lora_rank: int = 0) -> None:
+    single = _single(tmp, lora_rank=lora_rank)
+    lora = ("--lora-rank", str(lora_rank))
+    run = _torchrun(tmp, *lora)
     assert run.returncode == 0, run.stderr[-3000:]
-    _assert_close(load_file(tmp_path / "ranks.safetensors"), expected)
-    start = _weights(build_learner(_spec(), _config(), tmp_path / "x").trainer.model)
+    _ranks_match(tmp, single, lora_rank)
+    expected = load_file(single / WEIGHTS)
+    start = _weights(build_learner(_spec(), _config("cpu", lora_rank), tmp / "x").trainer.model)
     moved = max(float((expected[k] - v).abs().max()) for k, v in start.items())
     assert moved > 100 * ATOL, "the steps must change the weights"
 
-    (tmp_path / "ranks.safetensors").unlink()
-    shutil.rmtree(tmp_path / "ckpt")
+    shutil.rmtree(tmp / "ranks")
+    shutil.rmtree(tmp / "ckpt")
     # Rank 1 is SIGKILLed during step 3: torchrun stops rank 0 too, and nothing is published.
-    died = _torchrun(tmp_path, "--die-at", "3")
-    assert died.returncode != 0 and not (tmp_path / "ranks.safetensors").exists()
+    died = _torchrun(tmp, "--die-at", "3", *lora)
+    assert died.returncode != 0 and not (tmp / "ranks").exists()
     # The restart loads step 2's checkpoint and trains steps 3 and 4 again.
-    resumed = _torchrun(tmp_path, "--resume")
+    resumed = _torchrun(tmp, "--resume", *lora)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_close(load_file(tmp_path / "ranks.safetensors"), expected)
+    _ranks_match(tmp, single, lora_rank)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_gloo_ranks_publish_what_one_process_does_and_resume_after_sigkill(tmp_path):
+    _ranks_match_one_process_and_resume(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_gloo_lora_ranks_publish_the_adapter_version_one_process_does_and_resume(tmp_path):
+    _ranks_match_one_process_and_resume(tmp_path, lora_rank=4)
 
 
 if __name__ == "__main__":
@@ -166,5 +220,6 @@ if __name__ == "__main__":
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--die-at", type=int)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lora-rank", type=int, default=0)
     a = parser.parse_args()
-    _rank_program(a.out, a.checkpoints, a.resume, a.die_at, a.device)
+    _rank_program(a.out, a.checkpoints, a.resume, a.die_at, a.device, a.lora_rank)

@@ -3,12 +3,14 @@ import argparse
 import pytest
 import torch
 
+from protocol import poolspec
 from protocol.errors import SwarmError
 from toploc.models import load_model
-from trainer import launch
-from trainer.config import LoraSection
+from trainer import launch, sizing
+from trainer.config import LoraSection, from_dict
 from trainer.learner import resolve_device
 from trainer.lora import add_adapters, save_adapters
+from trainer.sizing import ModelTooLargeError
 
 
 def test_only_adapters_train_and_a_version_carries_only_them(tmp_path):
@@ -43,3 +45,32 @@ def test_run_flags_become_trainer_overrides():
     launch.add_flags(parser)
     args = parser.parse_args(["--device", "cpu", "--trainer-procs", "2"])
     assert launch.flag_overrides(args) == ["trainer.device=cpu", "trainer.trainer_procs=2"]
+
+
+def test_the_adapters_start_from_the_seed_alone():
+    """Every trainer rank must build the same adapters, whatever its RNG went through before."""
+    lora = LoraSection(rank=4, target_modules=["q_proj"])
+
+    def start(seed: int) -> dict[str, torch.Tensor]:
+        wrapped = add_adapters(load_model("tiny")[0], lora, seed)
+        return {n: p.detach() for n, p in wrapped.named_parameters() if "lora_A" in n}
+
+    first = start(3)
+    torch.rand(100)  # move the global RNG on
+    again, other = start(3), start(4)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
+def test_a_lora_pool_too_large_for_its_ranks_is_refused_before_torchrun(tmp_path, monkeypatch):
+    spec = poolspec.from_dict({"name": "t", "coordinator": {"public_key": "ab" * 32}})
+    config = from_dict({"trainer": {"device": "cpu", "trainer_procs": 2, "lora": {"rank": 4}}})
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(sizing, "free_memory", lambda device_type: 1024)
+
+    def no_exec(*args):
+        raise AssertionError("torchrun was started before the size check")
+
+    monkeypatch.setattr(launch.os, "execv", no_exec)
+    with pytest.raises(ModelTooLargeError, match="LoRA holds its frozen fp32 weights"):
+        launch.start_trainer(spec, config, tmp_path)

@@ -37,4 +37,7 @@ def test_lora_holds_a_quarter_of_full_training_and_is_offered_when_full_does_not
     refuse_oversized("m", 7_000_000_000, "cuda", 1, 40 * GIB, lora=True)  # 28e9 fits 42.9e9
     with pytest.raises(ModelTooLargeError, match="frozen fp32 weights") as e:
         refuse_oversized("m", 7_000_000_000, "cuda", 1, 16 * GIB, lora=True)
-    assert "--trainer-procs" not in str(e.value)
+    # 28e9 / 17.2e9 = 1.63: FSDP2 shards the frozen base over two GPUs; LoRA is not re-offered
+    assert "--trainer-procs 2" in str(e.value) and "lora.rank" not in str(e.value)
+    refuse_oversized("m", 7_000_000_000, "cuda", 2, 16 * GIB, lora=True)
+    assert training_bytes(7_000_000_000, "cpu", 2, lora=True) == 28_000_000_000
