@@ -1,0 +1,138 @@
+"""The SHARDCAST libp2p stream protocol and the relay hop's gate, in one process on loopback:
+what a hostile peer on either end of a stream, or at the hop, can and cannot make us do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from protocol.errors import TransportError
+from protocol.identity import Identity
+from shardcast.nat import HopLimits, P2PNode, open_node, p2p_mounts, serve_over_p2p
+from shardcast.p2p import PROTOCOL_ID, StreamLimits, p2p_url
+from shardcast.server import serve_app
+
+BODY = bytes(range(256)) * 1024
+
+
+async def _app(scope: dict, receive: Any, send: Any) -> None:
+    """A member's HTTP server, reduced to what the tests need."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] == "/stall":
+        await trio.sleep_forever()
+    status, body = (200, BODY) if scope["path"] == "/v/1/f/x" else (404, b"no")
+    headers = [(b"content-length", str(len(body)).encode()), (b"x-secret", b"internal")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _pair(nursery: trio.Nursery, limits: StreamLimits) -> tuple[P2PNode, P2PNode, object]:
+    """A serving node (gateway in front of `_app`) and a fetching node that knows its address."""
+    base = await nursery.start(serve_app, _app, "127.0.0.1", 0)
+    server = await nursery.start(_node)
+    client = await nursery.start(_node)
+    gateway = serve_over_p2p(server, base, limits)
+    client.learn(server.peer_id, server.addrs)
+    return server, client, gateway
+
+
+async def _node(task_status: trio.TaskStatus[P2PNode] = trio.TASK_STATUS_IGNORED) -> None:
+    async with open_node(Identity.generate()) as node:
+        task_status.started(node)
+        await trio.sleep_forever()
+
+
+async def _read_all(stream: Any) -> bytes:
+    """Everything the other end sends until it closes or resets the stream."""
+    got = b""
+    with trio.fail_after(5):
+        while True:
+            try:
+                data = await stream.read(65536)
+            except Exception:  # StreamEOF or StreamReset: the end, either way
+                return got
+            if not data:
+                return got
+            got += data
+
+
+def test_nat_stream_serves_what_http_serves_and_only_that() -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            server, client, gateway = await _pair(nursery, StreamLimits(read_timeout_s=1.0))
+            async with httpx.AsyncClient(mounts=p2p_mounts(client)) as http:
+                url = p2p_url(server.peer_id)
+                r = await http.get(f"{url}/v/1/f/x")
+                assert r.status_code == 200 and r.content == BODY
+                assert "x-secret" not in r.headers  # only the listed headers cross
+                assert (await http.get(f"{url}/v/2/f/x")).status_code == 404
+                # A path that names another host is refused, not fetched.
+                with pytest.raises(httpx.HTTPError):
+                    await http.get(f"{url}//example.invalid/x")
+                # A head over the cap is refused unread: the stream ends with no answer.
+                stream = await client.open_stream(server.peer_id, PROTOCOL_ID)
+                await stream.write((1 << 20).to_bytes(4, "big"))
+                assert await _read_all(stream) == b""
+            assert gateway.served == 2
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_nat_stream_stall_and_per_peer_cap() -> None:
+    async def main() -> None:
+        limits = StreamLimits(read_timeout_s=1.0, per_peer=1, deadline_s=3.0)
+        async with trio.open_nursery() as nursery:
+            server, client, gateway = await _pair(nursery, limits)
+            timeout = httpx.Timeout(5.0, read=1.0)
+            async with httpx.AsyncClient(mounts=p2p_mounts(client), timeout=timeout) as http:
+                url = p2p_url(server.peer_id)
+                # A member that stalls is a read timeout to the fetcher (scored as a stall).
+                t0 = trio.current_time()
+                with pytest.raises(httpx.ReadTimeout):
+                    await http.get(f"{url}/stall")
+                assert trio.current_time() - t0 < 3.0
+                # Its stream stays counted until the gateway's own deadline ends it: while
+                # it does, this peer's second request is refused (per-peer cap of 1)...
+                with pytest.raises(httpx.HTTPError):
+                    await http.get(f"{url}/v/1/f/x")
+                assert gateway.refused >= 1
+                # ...and once the deadline freed it, the peer is served again.
+                with trio.fail_after(10):
+                    while gateway.total:
+                        await trio.sleep(0.1)
+                assert (await http.get(f"{url}/v/1/f/x")).content == BODY
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_nat_hop_admits_only_chosen_peers() -> None:
+    async def main() -> None:
+        member, stranger = Identity.generate(), Identity.generate()
+        async with (
+            open_node(
+                Identity.generate(),
+                hop=HopLimits(),
+                admit=lambda peer: peer == member.peer_id(),
+            ) as hop,
+            open_node(member) as m,
+            open_node(stranger) as s,
+        ):
+            circuit = await m.reserve(hop.addrs[0])
+            assert circuit.endswith(f"/p2p-circuit/p2p/{m.peer_id}")
+            with pytest.raises(TransportError):
+                await s.reserve(hop.addrs[0])
+            # The stranger cannot use the hop to reach the member either.
+            s.learn(m.peer_id, [circuit])
+            with pytest.raises(TransportError):
+                await s.open_stream(m.peer_id, PROTOCOL_ID)
+
+    trio.run(main)
