@@ -44,6 +44,11 @@ LOST_WORKERS = 0.5
 (trainer/submissions.py): most likely built to crash or stall validation, though a machine
 fault can meet an honest one, so it costs what a transport refusal does."""
 QUOTA_RETRY_S = 5.0
+VERDICT_RETRY_S = 1.0
+"""A newcomer that has answered and awaits only its verdict asks again this soon: verdicts
+take well under a second when validation keeps up, and waiting `QUOTA_RETRY_S` made every
+newcomer's first leases (and so the pool's first step) 5 s apart. A lease request costs the
+coordinator two indexed queries, and the per-peer rate limit bounds them anyway."""
 
 Tier = Literal[0, 1]
 """Validation order: 0 trusted, 1 on probation or over its prefill budget."""
@@ -171,7 +176,7 @@ class Admission:
         # Expiries and releases beyond the allowance are the node's soft faults in the window.
         faults = seen.expired + max(0, seen.released - self.config.release_allowance)
         if node["probation"]:
-            return self._probation_terms(seen.open + self.ledger.pending_count(key), faults)
+            return self._probation_terms(seen.open, self.ledger.pending_count(key), faults)
         quota = min(self.max_open, 1 + seen.answered // 2) - faults
         if seen.open >= max(quota, 0):
             return LeaseTerms(
@@ -185,13 +190,20 @@ class Admission:
             )
         return LeaseTerms("ok", prompts=self.lease_prompts)
 
-    def _probation_terms(self, unfinished: int, faults: int) -> LeaseTerms:
+    def _probation_terms(self, open_leases: int, pending: int, faults: int) -> LeaseTerms:
         # One lease at a time, and the next only once the last answer has its verdict: a
         # newcomer cannot queue up work we have not judged yet. One fault ends its leasing
         # for the window.
-        if unfinished >= 1 or faults >= 1:
-            why = "one lease at a time on probation" if unfinished else "a soft fault in the window"
-            return LeaseTerms("quota", reason=why, retry_after_s=QUOTA_RETRY_S)
+        if faults >= 1:
+            return LeaseTerms(
+                "quota", reason="a soft fault in the window", retry_after_s=QUOTA_RETRY_S
+            )
+        if open_leases or pending:
+            # Its own lease still open: it is working; only a verdict to come: soon.
+            wait = QUOTA_RETRY_S if open_leases else VERDICT_RETRY_S
+            return LeaseTerms(
+                "quota", reason="one lease at a time on probation", retry_after_s=wait
+            )
         if self.ledger.open_lease_count(probation=True) >= self.config.probation_leases:
             return LeaseTerms(
                 "busy", reason="newcomers' lease slots are taken; try shortly", retry_after_s=2.0

@@ -9,7 +9,14 @@ import trio
 from protocol import pow
 from protocol.poolspec import AdmissionSection
 from tests.trainer.test_handlers import Member, _coordinator, _play
-from trainer.admission import PROVEN_CHEAT, TRANSPORT_REFUSAL, Admission, TokenBucket
+from trainer.admission import (
+    PROVEN_CHEAT,
+    QUOTA_RETRY_S,
+    TRANSPORT_REFUSAL,
+    VERDICT_RETRY_S,
+    Admission,
+    TokenBucket,
+)
 from trainer.coordinator import Coordinator
 from trainer.leases import LeaseBook, NothingToLease, draw, task_seed
 from trainer.ledger import Decision, Ledger, Standing
@@ -24,10 +31,14 @@ def test_probation_one_small_lease_at_a_time_until_its_verdict(tmp_path):
         assert (await node.join()).accepted
         first = await node.lease()
         assert first.lease is not None and len(first.lease.tasks) == 1  # small: one prompt
-        assert (await node.lease()).code == "quota"  # one at a time
+        working = await node.lease()
+        assert working.code == "quota"  # one at a time
+        assert working.retry_after_s == QUOTA_RETRY_S  # it holds a lease it should work on
         assert (await node.submit(first.lease)).code == "queued"
-        # answered, but no verdict yet: still no second lease
-        assert (await node.lease()).code == "quota"
+        # answered, but no verdict yet: still no second lease, and the verdict comes soon
+        judging = await node.lease()
+        assert judging.code == "quota"
+        assert judging.retry_after_s == VERDICT_RETRY_S < QUOTA_RETRY_S
 
     _play(coord, scenario)
 
