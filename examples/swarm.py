@@ -32,8 +32,11 @@ import time
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import prefork
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -161,6 +164,15 @@ def build_digits_model(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def init_main(digits: Path | None, argv: list[str]) -> int:
+    """`coordinator init` (after building the tiny-digits model, if it is the one)."""
+    if digits:
+        build_digits_model(digits)
+    from trainer.cli import main
+
+    return main(["init", *argv])
+
+
 @dataclass
 class Proc:
     """One child process: how to start it again, its log, and what it is."""
@@ -171,7 +183,7 @@ class Proc:
     log: Path
     kind: str = "honest"
     key: str = ""  # hex public key (nodes)
-    popen: subprocess.Popen | None = None
+    popen: subprocess.Popen | prefork.Forked | None = None
     starts: int = 0
     started_at: float = 0.0
     ended: str = ""
@@ -180,22 +192,34 @@ class Proc:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def start(self, env: dict[str, str]) -> None:
+    def entry(self) -> tuple[str, list[str]]:
+        """The module whose `main(argv)` `cmd` runs, and the argv: `python -m trainer ...` runs
+        `trainer.cli`, `python examples/byzantine.py ...` runs the script's module."""
+        if self.cmd[1] == "-m":
+            return f"{self.cmd[2]}.cli", self.cmd[3:]
+        return Path(self.cmd[1]).stem, self.cmd[2:]
+
+    def start(self, env: dict[str, str], forking: bool) -> None:
+        """Start `cmd`: forked from this (preloaded) process, or as a fresh interpreter."""
         self.starts += 1
         with self.log.open("a") as f:
             f.write(f"\n===== start {self.starts} at {time.strftime('%H:%M:%S')} =====\n")
-        out = self.log.open("a")
-        # A session of its own: a Ctrl-C in the terminal reaches only this script, which then
-        # stops the children in order (nodes first, so they can release their leases).
-        self.popen = subprocess.Popen(
-            self.cmd,
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        out.close()
+        if forking:
+            module, argv = self.entry()
+            self.popen = prefork.fork_main(sys.modules[module].main, argv, self.log)
+        else:
+            out = self.log.open("a")
+            # A session of its own: a Ctrl-C in the terminal reaches only this script, which
+            # then stops the children in order (nodes first, so they can release their leases).
+            self.popen = subprocess.Popen(
+                self.cmd,
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            out.close()
         self.started_at = time.time()
         self.ended = ""
 
@@ -239,7 +263,12 @@ class Swarm:
     batch_prompts: int = 0
     model_name: str = ""
     urls_handed_out: set[str] = field(default_factory=set)
+    coordinator_log_mark: int = 0
     """Every weights URL the coordinator listed as a source while the swarm ran."""
+    forking: bool = False
+    """Children are forked from this process after it imported their modules (`prefork`)."""
+    startup: dict[str, float] = field(default_factory=dict)
+    """Seconds from the start to each start-up milestone, first time seen."""
 
     # ------------------------------------------------------------------ setup
 
@@ -261,6 +290,8 @@ class Swarm:
                 [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
             ),
         }
+        if self.args.spawn == "fork":
+            os.environ.update(self.env)  # before the imports: some read the environment then
         self.p2p_port = free_port()
         self.origin_port = free_port()
         self.http_port = self.args.dashboard_port or free_port()
@@ -269,18 +300,22 @@ class Swarm:
     def say(self, text: str) -> None:
         print(f"[{time.time() - self.t0:6.1f}s] {text}", flush=True)
 
+    def milestone(self, name: str) -> None:
+        self.startup.setdefault(name, round(time.time() - self.t0, 1))
+
     def event(self, what: str, **details: Any) -> None:
         self.events.append({"t": round(time.time() - self.t0, 1), "event": what, **details})
         self.say(what + (f" ({details})" if details else ""))
 
     def init_pool(self) -> None:
+        """`coordinator init` for the chosen model and task. When forking, it runs in a child
+        forked before this process imports anything heavy, so its imports and `preload`'s run
+        on two cores at once."""
         a = self.args
         model = a.model
         profile = PROFILES.get(model, PROFILES["tiny"])
-        if model == "tiny-digits":
-            model_arg = str(build_digits_model(self.work / "models" / "tiny-digits"))
-        else:
-            model_arg = model
+        digits = self.work / "models" / "tiny-digits" if model == "tiny-digits" else None
+        model_arg = str(digits) if digits else model
         self.model_name = model
         task = a.task or profile["task"]
         self.spec_path = self.work / "pool.toml"
@@ -298,15 +333,30 @@ class Swarm:
             cmd += ["--relay", f"http://127.0.0.1:{port}"]
         for s in [*profile["set"], *a.set]:
             cmd += ["--set", s]
-        out = subprocess.run(cmd, env=self.env, cwd=ROOT, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise SystemExit(f"coordinator init failed:\n{out.stdout}\n{out.stderr}")
-        self.pool_id = re.search(r"pool id: (\w+)", out.stdout).group(1)
+        init = Proc("init", "init", cmd, self.logs / "init.log")
+        if a.spawn == "fork":
+            init.popen = prefork.fork_main(partial(init_main, digits), cmd[4:], init.log)
+            self.preload()
+        else:
+            if digits:
+                build_digits_model(digits)
+            init.start(self.env, forking=False)
+        if init.popen.wait() != 0:
+            raise SystemExit(f"coordinator init failed:\n{init.text()[-3000:]}")
+        self.pool_id = re.search(r"pool id: (\w+)", init.text()).group(1)
         import tomllib
 
         spec = tomllib.loads(self.spec_path.read_text())
         self.batch_prompts = spec["algorithm"]["batch_prompts"]
         self.spec = spec
+
+    def preload(self) -> None:
+        """Import what every child runs, so that children forked from here skip it."""
+        try:
+            prefork.preload({"byzantine": HERE / "byzantine.py"})
+            self.forking = True
+        except prefork.PreforkError as e:
+            print(f"starting every process by exec instead of fork: {e}", flush=True)
 
     def _key(self, name: str) -> tuple[Path, str]:
         from protocol.identity import Identity
@@ -318,6 +368,10 @@ class Swarm:
     # ------------------------------------------------------------------ processes
 
     def start_coordinator(self, timeout: float = 180.0) -> None:
+        self.launch_coordinator()
+        self.wait_for_coordinator(timeout)
+
+    def launch_coordinator(self) -> None:
         proc = self.proc("coordinator")
         if proc is None:
             cmd = [
@@ -329,8 +383,12 @@ class Swarm:
             ]  # fmt: skip
             proc = Proc("coordinator", "coordinator", cmd, self.logs / "coordinator.log")
             self.procs.append(proc)
-        mark = len(proc.text())
-        proc.start(self.env)
+        self.coordinator_log_mark = len(proc.text())
+        proc.start(self.env, self.forking)
+
+    def wait_for_coordinator(self, timeout: float) -> None:
+        """Until the coordinator prints its libp2p address (nodes may already be dialing it)."""
+        proc, mark = self.proc("coordinator"), self.coordinator_log_mark
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = proc.text()[mark:]
@@ -352,7 +410,7 @@ class Swarm:
         ]  # fmt: skip
         proc = Proc(f"relay-{i}", "relay", cmd, self.logs / f"relay-{i}.log")
         self.procs.append(proc)
-        proc.start(self.env)
+        proc.start(self.env, self.forking)
 
     def start_honest(self, i: int) -> Proc:
         name = f"honest-{i}"
@@ -368,7 +426,7 @@ class Swarm:
         ]  # fmt: skip
         proc = Proc(name, "honest", cmd, self.logs / f"{name}.log", key=pub)
         self.procs.append(proc)
-        proc.start(self.env)
+        proc.start(self.env, self.forking)
         return proc
 
     def start_byzantine(self, kind: str, n: int) -> Proc:
@@ -384,7 +442,7 @@ class Swarm:
         ]  # fmt: skip
         proc = Proc(name, "byzantine", cmd, self.logs / f"{name}.log", kind=kind, key=pub)
         self.procs.append(proc)
-        proc.start(self.env)
+        proc.start(self.env, self.forking)
         return proc
 
     def proc(self, name: str) -> Proc | None:
@@ -441,16 +499,22 @@ class Swarm:
         a = self.args
         self.say(f"work folder {self.work}")
         self.init_pool()
+        self.milestone("pool_init")
         self.say(f"pool {self.pool_id}: {self.model_name}, task {self.spec['task']['name']} "
                  f"{self.spec['task']['options']}, {a.steps} steps")  # fmt: skip
-        self.start_coordinator()
-        api = f"http://127.0.0.1:{self.http_port}"
-        print(f"\n  dashboard:  {api}/   (JSON API {api}/api/status, metrics {api}/metrics)")
-        print(f"  bootstrap:  {self.bootstrap}\n", flush=True)
+        # Everything starts at once: the nodes' start-up (imports, model load) overlaps the
+        # coordinator's, and their joins retry until it listens.
+        self.bootstrap = self.spec["coordinator"]["bootstrap"][0]
+        self.launch_coordinator()
         for i in range(a.relays):
             self.start_relay(i)
         for i in range(a.nodes):
             self.start_honest(i)
+        self.wait_for_coordinator(180.0)
+        self.milestone("coordinator_up")
+        api = f"http://127.0.0.1:{self.http_port}"
+        print(f"\n  dashboard:  {api}/   (JSON API {api}/api/status, metrics {api}/metrics)")
+        print(f"  bootstrap:  {self.bootstrap}\n", flush=True)
         queue = list(a.byzantine)
         seen_kinds: Counter[str] = Counter()
         chaos = self.chaos_plan() if a.chaos else []
@@ -478,6 +542,10 @@ class Swarm:
             if status:
                 self.urls_handed_out.update(status.get("weights_urls", []))
             step = status["step"] if status else 0
+            if status and status["counts"]["accepted_groups"]:
+                self.milestone("first_accepted_group")
+            if step >= 1:
+                self.milestone("first_step")
             if chaos and step >= chaos[0][0]:
                 self.do_chaos(chaos.pop(0)[1])
                 continue
@@ -599,7 +667,7 @@ class Swarm:
             p.kill()
             self.event("chaos: SIGKILL node", node=p.name)
             time.sleep(3.0)
-            p.start(self.env)
+            p.start(self.env, self.forking)
             self.event("chaos: node restarted", node=p.name)
         elif action == "kill-relay":
             live = [p for p in self.procs if p.role == "relay" and p.alive]
@@ -610,7 +678,7 @@ class Swarm:
                 # It is restarted because a node that joins while it is down can fail its
                 # first fetch (a delta chain older than the origin keeps; see docs/swarm.md).
                 time.sleep(10.0)
-                live[0].start(self.env)
+                live[0].start(self.env, self.forking)
                 self.event("chaos: relay restarted", relay=live[0].name)
         elif action == "crash-coordinator":
             before = self.status()
@@ -892,6 +960,7 @@ class Swarm:
                 "dropped_stale_groups": ledger_checks["dropped"].get("stale", 0),
             },
             "waste": waste(ledger_checks),
+            "startup_s": self.startup,
             "submissions": dict(Counter(v["outcome"] or "pending" for v in facts["verdicts"])),
             "ledger": ledger_checks,
             "chaos": self.events,
@@ -975,6 +1044,8 @@ def print_summary(r: dict[str, Any]) -> None:
     s = r["staleness"]
     print(f"staleness: mean {s['mean']}, max {s['max']}, stale groups dropped "
           f"{s['dropped_stale_groups']}")  # fmt: skip
+    print("start-up (s from launch): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in
+                                                r["startup_s"].items()))  # fmt: skip
     w = r["waste"]
     print(f"wasted: {w['dropped']} of {w['accepted']} accepted groups ({w['share']:.0%}) were "
           f"never trained: {w['by_reason']}")  # fmt: skip
@@ -1041,6 +1112,13 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, help="give up after this many seconds (default 900; 1800 smollm2)"
     )
     p.add_argument("--progress-s", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument(
+        "--spawn",
+        choices=("fork", "exec"),
+        default="fork",
+        help="start processes forked from this one after it imported their modules (default: "
+        "fast), or each as a fresh interpreter (exec)",
+    )
     p.add_argument(
         "--min-gain", type=float, default=0.2, help="reward rise the check demands (default 0.2)"
     )
