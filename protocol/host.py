@@ -245,7 +245,6 @@ class Host:
         `announce` replaces the listen addresses in `addrs` (e.g. the public address of a host
         that listens on 0.0.0.0 behind a port forward)."""
         from libp2p import new_host
-        from libp2p.network.config import ConnectionConfig
         from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
         from libp2p.pubsub.pubsub import Pubsub
         from libp2p.tools.anyio_service import background_trio_service
@@ -256,16 +255,7 @@ class Host:
             key_pair=identity.libp2p_key_pair(),
             listen_addrs=addrs,
             announce_addrs=[parse_multiaddr(a) for a in announce] if announce else None,
-            connection_config=ConnectionConfig(
-                # One connection per peer: without it every connect() waits ~250 ms for a second.
-                max_connections_per_peer=1,
-                dial_timeout=config.dial_timeout_s,
-                # libp2p's auto-connector would otherwise dial every peer it has heard of, and
-                # poll fast while below 50 connections; a pool dials whom it needs, itself.
-                min_connections=0,
-                low_watermark=0,
-                auto_connect_interval=3600.0,
-            ),
+            connection_config=connection_config(config.dial_timeout_s),
         )
         host = cls(identity, pool_id, raw, config, verifier or EnvelopeVerifier(pool_id))
         if config.gossip:
@@ -835,6 +825,23 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     for e in group.exceptions:
         out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
     return out
+
+
+def connection_config(dial_timeout_s: float) -> Any:
+    """py-libp2p's connection settings for our hosts (a `libp2p.network.config.ConnectionConfig`,
+    imported lazily: a heavy import)."""
+    from libp2p.network.config import ConnectionConfig
+
+    return ConnectionConfig(
+        # One connection per peer: without it every connect() waits ~250 ms for a second.
+        max_connections_per_peer=1,
+        dial_timeout=dial_timeout_s,
+        # libp2p's auto-connector would otherwise dial every peer it has heard of, and
+        # poll fast while below 50 connections; a pool dials whom it needs, itself.
+        min_connections=0,
+        low_watermark=0,
+        auto_connect_interval=3600.0,
+    )
 
 
 def parse_multiaddr(text: str) -> multiaddr.Multiaddr:

@@ -27,6 +27,7 @@ import multiaddr
 import trio
 
 from protocol.errors import TransportError
+from protocol.host import connection_config
 from protocol.identity import Identity
 from shardcast.p2p import (
     PROTOCOL_ID,
@@ -221,7 +222,6 @@ async def open_node(
     relay client (it may reserve slots and dial /p2p-circuit addresses)."""
     from libp2p import new_host
     from libp2p.host.autonat.autonat import AutoNATService
-    from libp2p.network.config import ConnectionConfig
     from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
     from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
     from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
@@ -242,15 +242,7 @@ async def open_node(
     raw = new_host(
         key_pair=identity.libp2p_key_pair(),
         listen_addrs=addrs,
-        connection_config=ConnectionConfig(
-            max_connections_per_peer=1,
-            dial_timeout=config.dial_timeout_s,
-            # py-libp2p's auto-connector would dial every peer it ever heard of; a member
-            # dials the peers it fetches from, itself (as `protocol.host` does).
-            min_connections=0,
-            low_watermark=0,
-            auto_connect_interval=3600.0,
-        ),
+        connection_config=connection_config(config.dial_timeout_s),
     )
     relay = CircuitV2Protocol(raw, limits=relay_limits, allow_hop=hop is not None)
     roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
