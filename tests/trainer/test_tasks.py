@@ -1,9 +1,10 @@
 import json
+import random
 
 import pytest
 
 from protocol.errors import SwarmError
-from trainer.tasks import make_task
+from trainer.tasks import Example, _split, make_task
 
 
 @pytest.mark.parametrize("name", ["copy", "sort", "mod_add", "arithmetic"])
@@ -99,3 +100,15 @@ def test_pool_spec_rewards_replace_the_tasks(tmp_path):
         parse_rewards(["format*x"])
     with pytest.raises(SwarmError, match="cannot be imported"):
         parse_rewards(["no_such_module:f"])
+
+
+def test_a_known_prompt_space_stops_the_draw_without_changing_the_split():
+    def make(rng: random.Random) -> Example:
+        s = str(rng.randrange(100))
+        return Example(f"copy {s}=", {"answer": s})
+
+    drawn_on = _split(make, 3, n_train=150, n_test=20)
+    stopped = _split(make, 3, n_train=150, n_test=20, space=100)
+    assert [e.prompt for e in stopped[0]] == [e.prompt for e in drawn_on[0]]
+    assert [e.prompt for e in stopped[1]] == [e.prompt for e in drawn_on[1]]
+    assert len(stopped[0]) + len(stopped[1]) == 100
