@@ -12,9 +12,11 @@ hook, so they capture exactly the rows that produced the logits:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -48,6 +50,15 @@ def lm_head_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
         yield seen
     finally:
         handle.remove()
+
+
+@cache
+def _cache_argument(model_class: type) -> str:
+    """The forward argument that takes the KV cache: transformers 5.2x renamed
+    `past_key_values` to `cache` (the old name warns that it will go), older versions know only
+    the old one."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +115,8 @@ def generate(
     ids, mask = ids.to(device), mask.to(device)
     pos = _positions(mask)
     copies = torch.as_tensor(row_of, dtype=torch.int64, device=device)
-    cache = DynamicCache()
+    past = DynamicCache()
+    cache_arg = {_cache_argument(type(model)): past}
     tokens: list[torch.Tensor] = []
     logps: list[torch.Tensor] = []
     rows: list[torch.Tensor] = []
@@ -117,14 +129,14 @@ def generate(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=cache,
+                **cache_arg,
                 use_cache=True,
                 logits_to_keep=1,
             )
             logits = out.logits[:, -1, :]
             if t == 0 and len(distinct) < b:  # one row per distinct prompt: copy to its rows
                 logits = logits[copies]
-                cache.batch_select_indices(copies)
+                past.batch_select_indices(copies)
                 mask, pos = mask[copies], pos[copies]
                 if capture:
                     seen[-1] = seen[-1][copies]
