@@ -315,6 +315,12 @@ class Host:
         return self._host.get_id().to_base58()
 
     @property
+    def libp2p(self) -> Any:
+        """The py-libp2p host underneath, for protocols served beside the pool's (SHARDCAST
+        over streams and circuit relay: `shardcast.nat.attach_node`)."""
+        return self._host
+
+    @property
     def addrs(self) -> list[str]:
         """Dialable multiaddrs of this host, each ending in `/p2p/<peer id>`."""
         return [str(a) for a in self._host.get_addrs()]

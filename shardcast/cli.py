@@ -188,7 +188,7 @@ async def _publish(args: argparse.Namespace) -> None:
 
 
 async def _relay(args: argparse.Namespace) -> None:
-    from shardcast.nat import open_cli_node, reachable_addrs, serve_over_p2p
+    from shardcast.nat import open_cli_node
     from shardcast.relay import Relay
 
     pid, key = _pool(args)
@@ -207,19 +207,15 @@ async def _relay(args: argparse.Namespace) -> None:
             if node is None:
                 _announce(role="relay", url=url)
                 return
-            gateway = serve_over_p2p(node, url)
-            try:
-                reach, addrs = await reachable_addrs(node, args.p2p_relay)
-                _announce(
-                    role="relay",
-                    url=url,
-                    peer_id=node.peer_id,
-                    reachability=reach.value,
-                    p2p_addrs=addrs,
-                )
-                await trio.sleep_forever()
-            finally:
-                await gateway.aclose()
+            reach, addrs = await node.serve_member(url, args.p2p_relay)
+            _announce(
+                role="relay",
+                url=url,
+                peer_id=node.peer_id,
+                reachability=reach.value,
+                p2p_addrs=addrs,
+            )
+            await trio.sleep_forever()
 
 
 async def _hop(args: argparse.Namespace) -> None:

@@ -93,6 +93,9 @@ class P2PNode:
         self._known: dict[str, list[str]] = {}
         self._locks: dict[str, trio.Lock] = {}
         self.nursery: trio.Nursery | None = None
+        self.served: list[Any] = []
+        """Protocols this node added handlers for (removed when it is detached)."""
+        self.gateways: list[StreamGateway] = []
 
     @property
     def peer_id(self) -> str:
@@ -140,6 +143,18 @@ class P2PNode:
         from libp2p.custom_types import TProtocol
 
         self.raw.set_stream_handler(TProtocol(protocol_id), handler)
+        self.served.append(TProtocol(protocol_id))
+
+    async def serve_member(
+        self, base_url: str, relays: Sequence[str], limits: StreamLimits | None = None
+    ) -> tuple[Reachability, list[str]]:
+        """Serve the SHARDCAST member at `base_url` over streams, and make it reachable:
+        (what the dial-back check said, the addresses to advertise for `p2p_url(peer_id)`).
+        With no relays there is no check, and the direct addresses are advertised."""
+        gateway = StreamGateway(base_url, limits)
+        self.gateways.append(gateway)
+        self.serve(PROTOCOL_ID, gateway.handle)
+        return await reachable_addrs(self, relays)
 
     async def reserve(self, relay_addr: str) -> str:
         """Hold a slot on the relay hop at `relay_addr` (a multiaddr ending in /p2p/<id>):
@@ -217,11 +232,41 @@ async def open_node(
     admit: Callable[[str], bool] | None = None,
     config: NatConfig | None = None,
 ) -> AsyncIterator[P2PNode]:
-    """Start a libp2p host: a relay hop and AutoNAT server for others when `hop` is given
-    (for the peers `admit` accepts, when given: e.g. the pool's members), and in any case a
-    relay client (it may reserve slots and dial /p2p-circuit addresses)."""
+    """Start a libp2p host of its own and `attach_node` to it (a member without one, the
+    command line, a standalone hop)."""
     from libp2p import new_host
-    from libp2p.host.autonat.autonat import AutoNATService
+
+    config = config or NatConfig()
+    addrs = [multiaddr.Multiaddr(a) for a in listen]
+    raw = new_host(
+        key_pair=identity.libp2p_key_pair(),
+        listen_addrs=addrs,
+        connection_config=connection_config(config.dial_timeout_s),
+    )
+    async with raw.run(addrs):
+        try:
+            async with attach_node(raw, hop=hop, admit=admit, config=config) as node:
+                yield node
+        finally:
+            with trio.move_on_after(5.0) as scope:
+                scope.shield = True
+                await raw.close()
+
+
+@asynccontextmanager
+async def attach_node(
+    raw: Any,
+    *,
+    hop: HopLimits | None = None,
+    admit: Callable[[str], bool] | None = None,
+    config: NatConfig | None = None,
+) -> AsyncIterator[P2PNode]:
+    """Add circuit relay v2 to a running py-libp2p host `raw` (e.g. a node's `Host.libp2p`,
+    so one identity serves the pool protocol and SHARDCAST): a relay hop and AutoNAT server
+    for others when `hop` is given (for the peers `admit` accepts, when given: e.g. the
+    pool's members), and in any case a relay client (it may reserve slots and dial
+    /p2p-circuit addresses). Removes what it added when the block ends."""
+    from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
     from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
     from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
     from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
@@ -238,37 +283,36 @@ async def open_node(
         max_reservations=limits.reservations,
         reservation_ttl=limits.reservation_ttl_s,
     )
-    addrs = [multiaddr.Multiaddr(a) for a in listen]
-    raw = new_host(
-        key_pair=identity.libp2p_key_pair(),
-        listen_addrs=addrs,
-        connection_config=connection_config(config.dial_timeout_s),
-    )
     relay = CircuitV2Protocol(raw, limits=relay_limits, allow_hop=hop is not None)
     roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
     rconfig = RelayConfig(roles=roles, limits=relay_limits)
-    async with raw.run(addrs), background_trio_service(relay):
+    async with background_trio_service(relay):
         if hop is not None:
             await relay.event_started.wait()
             # Replaces the handler the relay service registered: same protocol, gated.
             raw.set_stream_handler(HOP_PROTOCOL_ID, _HopGate(relay, hop, admit).handle)
             AutoNATService(raw, serve=True)
-        transport = CircuitV2Transport(raw, relay, rconfig)
-        node = P2PNode(raw, relay, transport, config)
+        node = P2PNode(raw, relay, CircuitV2Transport(raw, relay, rconfig), config)
         try:
             async with trio.open_nursery() as nursery:
                 node.nursery = nursery
                 yield node
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.move_on_after(5.0) as scope:
-                scope.shield = True
-                await raw.close()
+            for gateway in node.gateways:
+                with trio.move_on_after(5.0) as scope:
+                    scope.shield = True
+                    await gateway.aclose()
+            for protocol_id in node.served:
+                raw.remove_stream_handler(protocol_id)
+            if hop is not None:
+                raw.remove_stream_handler(AUTONAT_PROTOCOL_ID)
 
 
 class _HopGate:
-    """In front of the relay hop: refuses peers `admit` rejects, and bounds each dialling
-    peer's hop requests in progress (a CONNECT holds its stream for the circuit's life)."""
+    """In front of the relay hop: refuses peers `admit` rejects, bounds each dialling peer's
+    hop requests in progress (a CONNECT holds its stream for the circuit's life), and ends
+    any circuit after `circuit_seconds` of wall time, idle or not."""
 
     def __init__(self, relay: Any, limits: HopLimits, admit: Callable[[str], bool] | None) -> None:
         self.relay = relay
@@ -286,7 +330,12 @@ class _HopGate:
             return
         self.active[peer] += 1
         try:
-            await self.relay._handle_hop_stream(stream)
+            # A CONNECT holds this handler for its circuit's life; py-libp2p checks the
+            # circuit's duration only when a chunk passes, so an idle circuit would stay.
+            with trio.move_on_after(self.limits.circuit_seconds) as scope:
+                await self.relay._handle_hop_stream(stream)
+            if scope.cancelled_caught:
+                await reset_stream(stream)
         finally:
             self.active[peer] -= 1
             if not self.active[peer]:
@@ -298,16 +347,6 @@ def p2p_mounts(
 ) -> dict[str, httpx.AsyncBaseTransport]:
     """httpx mounts that send `p2p://peer/<id>` sources over `node`'s streams."""
     return {f"{SCHEME}://": P2PTransport(node.open_stream, limits)}
-
-
-def serve_over_p2p(
-    node: P2PNode, base_url: str, limits: StreamLimits | None = None
-) -> StreamGateway:
-    """Answer SHARDCAST streams on `node` from the member's HTTP server at `base_url`; the
-    caller closes the returned gateway when done."""
-    gateway = StreamGateway(base_url, limits)
-    node.serve(PROTOCOL_ID, gateway.handle)
-    return gateway
 
 
 async def reachable_addrs(node: P2PNode, relays: Sequence[str]) -> tuple[Reachability, list[str]]:

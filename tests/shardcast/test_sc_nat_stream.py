@@ -9,9 +9,11 @@ import httpx
 import pytest
 import trio
 
+from node.seeding import seed_behind_nat
 from protocol.errors import TransportError
+from protocol.host import Host
 from protocol.identity import Identity
-from shardcast.nat import HopLimits, P2PNode, open_node, p2p_mounts, serve_over_p2p
+from shardcast.nat import HopLimits, P2PNode, Reachability, open_node, p2p_mounts
 from shardcast.p2p import PROTOCOL_ID, StreamLimits, p2p_url
 from shardcast.server import serve_app
 
@@ -38,7 +40,8 @@ async def _pair(nursery: trio.Nursery, limits: StreamLimits) -> tuple[P2PNode, P
     base = await nursery.start(serve_app, _app, "127.0.0.1", 0)
     server = await nursery.start(_node)
     client = await nursery.start(_node)
-    gateway = serve_over_p2p(server, base, limits)
+    await server.serve_member(base, [], limits)
+    gateway = server.gateways[-1]
     client.learn(server.peer_id, server.addrs)
     return server, client, gateway
 
@@ -134,5 +137,32 @@ def test_nat_hop_admits_only_chosen_peers() -> None:
             s.learn(m.peer_id, [circuit])
             with pytest.raises(TransportError):
                 await s.open_stream(m.peer_id, PROTOCOL_ID)
+
+    trio.run(main)
+
+
+def test_nat_node_host_serves_shardcast_beside_the_pool_protocol() -> None:
+    """`node.seeding.seed_behind_nat` on a node's own `Host`: one identity, one host, and
+    SHARDCAST streams served next to the pool's protocol; detached cleanly."""
+
+    async def main() -> None:
+        identity = Identity.generate()
+        async with (
+            Host.open(identity, "testpool") as host,
+            trio.open_nursery() as nursery,
+        ):
+            base = await nursery.start(serve_app, _app, "127.0.0.1", 0)
+            client = await nursery.start(_node)
+            async with seed_behind_nat(host.libp2p) as node:
+                assert node.peer_id == host.peer_id == identity.peer_id()
+                reach, addrs = await node.serve_member(base, [])
+                assert reach is Reachability.UNKNOWN  # no relay given: nothing was checked
+                assert addrs == host.addrs
+                client.learn(node.peer_id, addrs)
+                async with httpx.AsyncClient(mounts=p2p_mounts(client)) as http:
+                    r = await http.get(f"{p2p_url(node.peer_id)}/v/1/f/x")
+                    assert r.content == BODY
+            assert PROTOCOL_ID not in [str(p) for p in host.libp2p.get_mux().get_protocols()]
+            nursery.cancel_scope.cancel()
 
     trio.run(main)

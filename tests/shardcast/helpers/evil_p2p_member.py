@@ -16,7 +16,7 @@ import trio
 from evil_relay import corrupting
 
 from protocol.identity import Identity
-from shardcast.nat import open_node, serve_over_p2p
+from shardcast.nat import open_node
 from shardcast.relay import Relay
 
 
@@ -31,14 +31,10 @@ async def main() -> None:
         trio.open_nursery() as nursery,
     ):
         url = await nursery.start(relay.run, host, 0)
-        gateway = serve_over_p2p(node, url)
-        try:
-            circuit = await node.reserve(hop)
-            fields = {"role": "evil-relay", "url": url, "peer_id": node.peer_id}
-            print(json.dumps({**fields, "p2p_addrs": [circuit]}), flush=True)
-            await trio.sleep_forever()
-        finally:
-            await gateway.aclose()
+        _, addrs = await node.serve_member(url, [hop])
+        fields = {"role": "evil-relay", "url": url, "peer_id": node.peer_id}
+        print(json.dumps({**fields, "p2p_addrs": addrs}), flush=True)
+        await trio.sleep_forever()
 
 
 if __name__ == "__main__":
