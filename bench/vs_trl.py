@@ -10,8 +10,14 @@ of wall-clock minutes. The final models are scored by one function
 End-to-end tokens/s = completion tokens sampled / wall time of the training loop (generation,
 rewards and optimizer steps; model loading and evaluation excluded).
 
+The third side, `swarm`, is the simulated swarm (`examples/swarm.py`) on the same settings:
+honest nodes generate, the coordinator validates every rollout (TOPLOC, sampling replay,
+logprobs) and trains, all as processes on this machine. Its loop runs from the first lease to
+the last submission received and counts only tokens the coordinator verified.
+
     pip install -e '.[bench]'                 # TRL
-    python bench/vs_trl.py --quick --threads 1   # tiny preset, 3 minutes each: under 10 minutes
+    python bench/vs_trl.py --quick --threads 1   # tiny preset, 3 minutes each: ~13 minutes
+    python bench/vs_trl.py --quick --sides swarmrl,trl   # without the swarm: under 10 minutes
     python bench/vs_trl.py                    # SmolLM2-135M on 2-digit addition, 10 min each
 """
 
@@ -37,6 +43,8 @@ from trainer.rewards import score
 from trainer.tasks import Task, make_task
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+SWARM_NODES = 2
 
 
 def trl_run(cfg: dict[str, Any], seconds: float, eval_limit: int, seed: int) -> dict[str, Any]:
@@ -138,6 +146,59 @@ def swarmrl_run(cfg: dict[str, Any], seconds: float, eval_limit: int, seed: int)
     }
 
 
+def swarm_run(cfg: dict[str, Any], seconds: float, eval_limit: int, seed: int) -> dict[str, Any]:
+    """The simulated swarm (`examples/swarm.py`: a coordinator that validates every rollout with
+    every check on, honest nodes, no relay, no cheaters) with `seconds` of wall time from the
+    coordinator being up; its newest published version scored with the same harness.
+
+    Its loop time runs from the first lease to the last submission received, its tokens are
+    the ones the coordinator verified (work still in flight at the end is not counted)."""
+    import sqlite3
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="vs_trl_swarm_"))
+    options = ", ".join(f"{k} = {json.dumps(v)}" for k, v in cfg["options"].items())
+    settings = {
+        "seed": seed,
+        "task.options": f"{{ {options} }}",
+        "algorithm.lr": cfg["lr"],
+        "algorithm.batch_prompts": cfg["prompts"],
+        "sampling.group_size": cfg["group"],
+        "sampling.max_new_tokens": cfg["max_new_tokens"],
+        "model.dtype": cfg["dtype"],
+    }
+    cmd = [
+        sys.executable, str(ROOT / "examples" / "swarm.py"),
+        "--model", cfg["model"], "--task", cfg["task"],
+        "--nodes", str(SWARM_NODES), "--relays", "0", "--byzantine", "none",
+        "--steps", "1000000", "--train-s", str(seconds), "--timeout", str(seconds + 600),
+        "--workdir", str(work), "--report", str(work / "report.json"), "--progress-s", "60",
+    ]  # fmt: skip
+    for key, value in settings.items():
+        cmd += ["--set", f"{key}={value}"]
+    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 900)
+    report = json.loads((work / "report.json").read_text())
+    db = sqlite3.connect(work / "coordinator" / "ledger.sqlite")
+    first_lease = db.execute("SELECT MIN(issued_at) FROM leases").fetchone()[0]
+    last_answer = db.execute("SELECT MAX(received_at) FROM submissions").fetchone()[0]
+    tokens = db.execute("SELECT SUM(verified_tokens) FROM nodes").fetchone()[0] or 0
+    rewards = [r for (row,) in db.execute("SELECT rewards FROM groups") for r in json.loads(row)]
+    db.close()
+    newest = max((work / "coordinator" / "weights").iterdir())
+    model, tok = load_model(str(newest), "float32")
+    task = make_task(cfg["task"], seed, cfg["options"])
+    return {
+        "steps": report["steps"],
+        "loop_s": last_answer - first_lease,
+        "sampled_tokens": tokens,
+        "mean_train_reward": sum(rewards) / max(len(rewards), 1),
+        "nodes": SWARM_NODES,
+        "wasted_share": report["waste"]["share"],
+        "startup_s": report["startup_s"],
+        "accuracy_after": greedy_accuracy(model.eval(), tok, task, cfg, eval_limit)["accuracy"],
+    }
+
+
 def untrained_accuracy(cfg: dict[str, Any], eval_limit: int, seed: int) -> float:
     model, tok = load_model(cfg["model"], "float32")
     task: Task = make_task(cfg["task"], seed, cfg["options"])
@@ -153,6 +214,13 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's)")
+    ap.add_argument("--json", type=Path, help="write the results here (default: results/)")
+    ap.add_argument(
+        "--sides",
+        default="swarmrl,trl,swarm",
+        help="which to run, comma-separated: swarmrl (the bare loop), trl, swarm (the "
+        "simulated swarm with every check on; its processes take one torch thread each)",
+    )
     args = ap.parse_args()
     if args.threads:
         # On a shared machine a second thread on small matrices mostly waits for the first.
@@ -165,12 +233,18 @@ def main() -> None:
     print(f"load average before: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
     before = untrained_accuracy(cfg, args.eval_limit, args.seed)
     sides = {}
-    for name, run in (("swarmrl", swarmrl_run), ("trl", trl_run)):
+    runs = {"swarmrl": swarmrl_run, "trl": trl_run, "swarm": swarm_run}
+    for name in args.sides.split(","):
+        run = runs[name.strip()]
         torch.manual_seed(args.seed)
         sides[name] = run(cfg, minutes * 60, args.eval_limit, args.seed)
         sides[name]["tokens_per_s"] = sides[name]["sampled_tokens"] / sides[name]["loop_s"]
         print(f"  {name}: {json.dumps(sides[name])}", flush=True)
-    ratio = sides["swarmrl"]["tokens_per_s"] / sides["trl"]["tokens_per_s"]
+    ratios = {
+        name: s["tokens_per_s"] / sides["trl"]["tokens_per_s"]
+        for name, s in sides.items()
+        if name != "trl" and "trl" in sides
+    }
     print()
     print("| side | steps | loop s | sampled tokens | tokens/s | train reward | accuracy |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
@@ -180,7 +254,8 @@ def main() -> None:
             f"| {s['tokens_per_s']:.0f} | {s['mean_train_reward']:.3f} "
             f"| {before:.0%} -> {s['accuracy_after']:.0%} |"
         )
-    print(f"swarmrl / TRL end-to-end tokens/s: {ratio:.2f}x")
+    for name, ratio in ratios.items():
+        print(f"{name} / TRL end-to-end tokens/s: {ratio:.2f}x")
     result = {
         "preset": preset,
         "config": cfg,
@@ -190,10 +265,11 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "accuracy_before": before,
         "sides": sides,
-        "tokens_per_s_ratio": ratio,
+        "tokens_per_s_ratio": ratios.get("swarmrl"),
+        "tokens_per_s_ratios": ratios,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"vs_trl_{preset}.json"
+    out = args.json or RESULTS / f"vs_trl_{preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 

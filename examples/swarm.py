@@ -557,8 +557,12 @@ class Swarm:
             if time.time() - last_print >= a.progress_s and status:
                 last_print = time.time()
                 self.print_progress(status)
+            budget_spent = (
+                a.train_s is not None
+                and time.time() - self.t0 - self.startup["coordinator_up"] >= a.train_s
+            )
             if (
-                step >= a.steps
+                (step >= a.steps or budget_spent)
                 and not queue
                 and not any(p.alive for p in self.procs if p.role == "byzantine")
             ):
@@ -757,6 +761,7 @@ class Swarm:
                     "kind": p.kind if p else "unknown",
                     "key": c["key"],
                     "accepted": c["accepted"],
+                    "verified_tokens": c["verified_tokens"],
                     "soft": c["soft_rejected"],
                     "hard": c["hard_rejected"],
                     "trained_groups": c["trained_groups"],
@@ -1097,6 +1102,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--task", help="task name (default: the model's profile)")
     p.add_argument("--steps", type=int, help="training steps (default: the model's profile)")
+    p.add_argument(
+        "--train-s",
+        type=float,
+        help="also end this many seconds after the coordinator is up (a wall-time budget, "
+        "as bench/vs_trl.py gives every side)",
+    )
     p.add_argument("--chaos", action="store_true", help="kill and restart processes while it runs")
     p.add_argument("--report", type=Path, help="JSON report (default: WORK/report.json)")
     p.add_argument("--dashboard-port", type=int, help="coordinator HTTP port (default: any free)")
