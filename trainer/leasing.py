@@ -19,6 +19,7 @@ import trio
 from protocol import messages as msg
 from protocol.poolspec import PoolSpec
 from trainer.admission import QUOTA_RETRY_S, Admission
+from trainer.algorithm import FLAT
 from trainer.curriculum import Curriculum
 from trainer.leases import LeaseBook, NothingToLease, task_seed
 from trainer.ledger import Ledger
@@ -174,12 +175,43 @@ class LeaseService:
         the accepted groups as stale; these two drop ~15% and finish sooner. Newcomers' leases
         are left out: they have their own shared slots, so they cannot crowd trusted work out.
         """
-        b = self.batch_prompts
-        per_lease = self.spec.limits.lease_prompts
-        done = self.ledger.count_trainable(step + 1 - self.spec.limits.max_staleness)
-        done += self.ledger.pending_count() * per_lease
-        leased = self.ledger.open_lease_count() * per_lease
-        return done >= b or done + leased >= in_flight_groups(self.spec, b)
+        informative = self.ledger.share_not_dropped_for(FLAT, INFORMATIVE_WINDOW)
+        return enough_work(
+            trainable=self.ledger.count_trainable(step + 1 - self.spec.limits.max_staleness),
+            pending=self.ledger.pending_count(),
+            leased=self.ledger.open_lease_count(),
+            per_lease=self.spec.limits.lease_prompts,
+            batch=self.batch_prompts,
+            window=in_flight_groups(self.spec, self.batch_prompts),
+            informative=1.0 if informative is None else informative,
+        )
+
+
+def enough_work(
+    *,
+    trainable: int,
+    pending: int,
+    leased: int,
+    per_lease: int,
+    batch: int,
+    window: int,
+    informative: float,
+) -> bool:
+    """`LeaseService._enough_work`'s rule, in groups. `trainable`: accepted groups the trainer
+    can still use; `pending` submissions and `leased` open leases will bring `per_lease` groups
+    each, of which only the `informative` share (not all rewards equal) can train. Counting
+    every coming group as trainable starved the trainer whenever most groups were flat: on the
+    default demo 70% were at the start, so the pool leased a third of what the trainer could
+    use and a step waited seconds for its batch. The share has a floor, so a run where nearly
+    every group is flat (all prompts solved) leases at most 1 / floor times its window."""
+    expected = per_lease * max(informative, MIN_INFORMATIVE)
+    done = trainable + pending * expected
+    return done >= batch or done + leased * expected >= window
+
+
+INFORMATIVE_WINDOW = 64
+"""Accepted groups (the newest) whose share of informative ones paces leasing."""
+MIN_INFORMATIVE = 0.125
 
 
 def in_flight_groups(spec: PoolSpec, batch_prompts: int) -> int:

@@ -706,6 +706,17 @@ class Ledger:
         )
         return [(r[0], r[1], json.loads(r[2])) for r in rows]
 
+    def share_not_dropped_for(self, reason: str, newest: int) -> float | None:
+        """The share of the `newest` groups of accepted submissions not dropped for `reason`;
+        None before there is any."""
+        row = self._db.execute(
+            """SELECT COUNT(*), SUM(dropped IS NULL OR dropped != ?) FROM (
+                 SELECT g.dropped FROM groups g JOIN submissions s ON s.id = g.submission_id
+                 WHERE s.outcome = 'accept' ORDER BY g.id DESC LIMIT ?)""",
+            (reason, newest),
+        ).fetchone()
+        return row[1] / row[0] if row[0] else None
+
     def dropped_since(self, reason: str, after_group: int) -> tuple[int, int]:
         """(count, newest id) of groups dropped for `reason` with ids above `after_group`."""
         row = self._db.execute(

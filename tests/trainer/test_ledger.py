@@ -243,3 +243,18 @@ def test_accepted_work_does_not_repay_strikes_and_early_refusals_count(ledger):
     assert not banned and ledger.submission(sid)["outcome"] == "hard"
     _, banned = ledger.record_rejected(A, b"dup2", twice, rules, 171.0)
     assert banned and ledger.node(A)["hard_rejected"] == 2
+
+
+def test_share_of_groups_not_dropped_for_a_reason_over_the_newest(ledger):
+    assert ledger.share_not_dropped_for("flat", newest=4) is None
+    ledger.join(A, "pA", {}, "hf", 1.0)
+    for dropped in (["flat", "flat", None], ["flat", "stale", None]):
+        lease_id, _, _ = _lease(ledger)
+        sub = ledger.record_submission(lease_id, A, b"r", 150.0)
+        groups = [NewGroup(i, i, 0, [1, 0], [0.5, -0.5], b"p", 2, d) for i, d in enumerate(dropped)]
+        ledger.decide(sub, Decision("accept", "ok", {}, 0.0, groups), _rules(ledger), 160.0)
+    # the six groups in order: flat, flat, None, flat, stale, None; the newest four hold
+    # one flat
+    assert ledger.share_not_dropped_for("flat", newest=4) == 3 / 4
+    assert ledger.share_not_dropped_for("flat", newest=100) == 3 / 6
+    assert ledger.share_not_dropped_for("stale", newest=100) == 5 / 6
