@@ -11,10 +11,16 @@ prefill) harmless: the next step overwrites it.
 Rows travel through module globals, so the engine core and the model must run in this
 process: `make_llm` sets VLLM_ENABLE_V1_MULTIPROCESSING=0 and turns async scheduling off (an
 asynchronous step could pair one step's rows with another step's tokens).
+
+`prefill_rows` is the validator's side (`toploc.prefill_vllm`): it needs the row of every
+position, not only the sampled ones the logits processor sees, so a second hook on the model's
+own forward (whose output is the final norm's) files each step's rows with the step's input ids
+and positions while a prefill is open.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import uuid
@@ -43,11 +49,28 @@ class _Track:
 
 _TRACKS: dict[str, _Track] = {}
 _LAST_HIDDEN: list[torch.Tensor | None] = [None]
+_PREFILLS: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+"""Open `prefill_rows` calls: each step's (input ids, positions, final-norm rows), on CPU."""
+
+
+class CaptureError(RuntimeError):
+    """vLLM did not prefill a sequence whole in one step, so its rows cannot be told apart."""
 
 
 def _hidden_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
     # LogitsProcessor.forward(lm_head, hidden_states, ...): the rows about to be sampled.
     _LAST_HIDDEN[0] = args[1].detach()
+
+
+def _forward_hook(
+    _module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> None:
+    # Model.forward(input_ids, positions, ...) returns the final-norm rows of every token.
+    if not _PREFILLS:
+        return
+    ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+    positions = kwargs["positions"] if "positions" in kwargs else args[1]
+    _PREFILLS[-1].append((ids.to("cpu"), positions.to("cpu"), output.detach().to("cpu")))
 
 
 def _processor_class() -> type:
@@ -123,7 +146,59 @@ def make_llm(model: str, dtype: str = "float32", **kwargs: Any) -> Any:
     options.update(kwargs)
     llm = LLM(model=str(model), logits_processors=[_processor_class()], **options)
     llm.apply_model(lambda m: m.logits_processor.register_forward_pre_hook(_hidden_hook) and None)
+    llm.apply_model(lambda m: m.register_forward_hook(_forward_hook, with_kwargs=True) and None)
     return llm
+
+
+def close_llm(llm: Any) -> None:
+    """Shut `llm`'s engine down now. vLLM's parallel state is global to the process: an old
+    engine left to the garbage collector would tear it down under a newer one whenever it is
+    collected (later than expected where anything, e.g. a traceback, still holds it)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
+def prefill_rows(llm: Any, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """The final-norm row of every position of each sequence ([len, H] each, CPU, in order):
+    one request per sequence with max_tokens=1. The engine must prefill each request whole in
+    one step (`make_llm(..., enable_chunked_prefill=False)`): a step's tokens then split into
+    requests where the position is 0, and each piece is matched to its sequence by its ids
+    (equal sequences have equal rows, so which takes which does not matter)."""
+    from vllm import SamplingParams as VllmParams
+    from vllm.inputs import TokensPrompt
+
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    _PREFILLS.append(steps)
+    try:
+        llm.generate(
+            [TokensPrompt(prompt_token_ids=list(s)) for s in sequences],
+            VllmParams(temperature=0.0, max_tokens=1, detokenize=False),
+            use_tqdm=False,
+        )
+    finally:
+        _PREFILLS.remove(steps)
+    return _match_rows(sequences, steps)
+
+
+def _match_rows(
+    sequences: Sequence[Sequence[int]], steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> list[torch.Tensor]:
+    waiting: dict[tuple[int, ...], list[int]] = {}
+    for i, seq in enumerate(sequences):
+        waiting.setdefault(tuple(seq), []).append(i)
+    rows: list[torch.Tensor | None] = [None] * len(sequences)
+    for ids, positions, hidden in steps:
+        starts = [*(positions == 0).nonzero().flatten().tolist(), len(positions)]
+        for a, b in itertools.pairwise(starts):
+            owners = waiting.get(tuple(ids[a:b].tolist()))
+            if owners:
+                rows[owners.pop()] = hidden[a:b]
+    missing = [i for i, r in enumerate(rows) if r is None]
+    if missing:
+        raise CaptureError(
+            f"no whole prefill of {len(missing)} of {len(sequences)} sequences (first: "
+            f"#{missing[0]}, {len(sequences[missing[0]])} tokens); was chunked prefill on?"
+        )
+    return [r for r in rows if r is not None]
 
 
 def generate(

@@ -203,6 +203,11 @@ def _parser() -> argparse.ArgumentParser:
         help="TOML with [algorithm] settings over the pool file's (repeat: later files win)",
     )
     launch.add_flags(run)
+    run.add_argument(
+        "--validator-backend",
+        choices=["hf", "vllm"],
+        help="what validators prefill with (default: the config's [trainer] validator_backend)",
+    )
     run.set_defaults(run=_run)
 
     ev = sub.add_parser(
@@ -325,6 +330,7 @@ def _init(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import trio
 
+    from toploc.prefill_vllm import require_vllm
     from trainer.coordinator import Coordinator, RunOptions
 
     tame_libp2p(args)
@@ -335,7 +341,11 @@ def _run(args: argparse.Namespace) -> int:
         spec = poolspec.from_dict(apply_overrides(msgspec.to_builtins(spec), spec_sets))
         print("note: --set changed the pool spec, so the pool id changed too", file=sys.stderr)
     trainer_sets = [s for s in args.set if s not in spec_sets] + launch.flag_overrides(args)
+    if args.validator_backend is not None:
+        trainer_sets.append(f"trainer.validator_backend={args.validator_backend}")
     config = trainer_config.load(args.spec, args.config, trainer_sets)
+    if config.trainer.validator_backend == "vllm":
+        require_vllm()  # refused before any model loads
     pid = poolspec.pool_id(spec)
     identity = Identity.load(args.key)
     listen = (

@@ -94,6 +94,9 @@ class TrainerSection(Section):
     validator_device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where validators (and in-run evaluation) load published versions and prefill: auto
     picks CUDA when this machine has it. Every validator worker holds its own copies there."""
+    validator_backend: Literal["hf", "vllm"] = "hf"
+    """What validators prefill with: hf (transformers) or vllm (vLLM's prefill, the logits from
+    the version's own LM head: toploc/prefill_vllm.py; needs vLLM installed)."""
     validators: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     """Validator worker processes (trainer.validator_pool); 0 or 1 validates in a thread of the
     coordinator."""

@@ -33,7 +33,13 @@ from trainer.rewards import score, score_games
 from trainer.tasks import Task
 
 Outcome = Literal["accept", "soft", "hard"]
+Backend = Literal["hf", "vllm"]
 _T = TypeVar("_T")
+PrefillFn = Callable[
+    [PreTrainedModel, Sequence[Sequence[int]], Sequence[Sequence[int]], int],
+    list[capture_hf.Prefill],
+]
+"""(model, prompts, completions, pad token id) -> each rollout's rows and logits."""
 
 MAX_PREFILL_BYTES = 1 << 30
 """Logits one batched prefill may hold (rows x longest completion x vocabulary x dtype size);
@@ -148,7 +154,9 @@ class Validator:
         vocab_size: int,
         pad_token_id: int,
         max_prefill_bytes: int = MAX_PREFILL_BYTES,
+        backend: Backend = "hf",
     ) -> None:
+        """`backend`: what recomputes the rows and logits (`prefill_backend`)."""
         self.spec = spec
         self.task = task
         self.tokenizer = tokenizer
@@ -156,6 +164,8 @@ class Validator:
         self.vocab_size = vocab_size
         self.pad_token_id = pad_token_id
         self.max_prefill_bytes = max_prefill_bytes
+        self.backend = backend
+        self.prefill = prefill_backend(backend)
         v = spec.verification
         self.thresholds = toploc.Thresholds(
             max_exp_mismatches=v.toploc_max_exp_mismatches,
@@ -278,11 +288,11 @@ class Validator:
                 end += 1
             part = order[start:end]
             t0 = time.perf_counter()
-            done = capture_hf.prefill(
+            done = self.prefill(
                 model,
                 [rows[k].prompt_ids for k in part],
                 [rows[k].completion.tokens for k in part],
-                pad_token_id=self.pad_token_id,
+                self.pad_token_id,
             )
             spent = time.perf_counter() - t0
             total = sum(rows[k].tokens for k in part)
@@ -568,6 +578,27 @@ class Validator:
         return AcceptedGroup(
             r.task_index, spec_task["prompt_index"], version, totals, per_func, texts, payload
         )
+
+
+def prefill_backend(name: Backend) -> PrefillFn:
+    """`[trainer] validator_backend`: "hf" prefills with the version's HF model (a padded
+    batch); "vllm" with vLLM (`toploc.prefill_vllm`), refused with `VllmUnavailable` where vLLM
+    is not installed."""
+    if name == "hf":
+        return _hf_prefill
+    from toploc.prefill_vllm import VllmPrefill
+
+    return VllmPrefill()
+
+
+def _hf_prefill(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_token_id: int,
+) -> list[capture_hf.Prefill]:
+    # Looked up per call, not bound once: tests count the prefills by patching the module.
+    return capture_hf.prefill(model, prompts, completions, pad_token_id=pad_token_id)
 
 
 def _mismatch(expected: list[int] | None, got: list[int] | None) -> str:

@@ -36,7 +36,7 @@ from protocol.poolspec import PoolSpec
 from toploc.sampling import SamplingParams
 from trainer.policy import PolicyStore
 from trainer.tasks import Task
-from trainer.validator import Checked, Job, Validator
+from trainer.validator import Backend, Checked, Job, Validator
 
 log = logging.getLogger("swarmrl.validator_pool")
 
@@ -67,6 +67,8 @@ class WorkerSetup:
     """Where the worker places the versions it loads (the coordinator's validator device)."""
     threads: int
     """torch threads in the worker (the coordinator's cores shared among the workers)."""
+    backend: Backend = "hf"
+    """The coordinator's validator backend: each worker builds its own (a vLLM engine each)."""
 
 
 def worker_setup(
@@ -84,6 +86,7 @@ def worker_setup(
         cache_models=policy.cache_models,
         device=str(policy.device),
         threads=max(1, torch.get_num_threads() // workers),
+        backend=validator.backend,
     )
 
 
@@ -113,6 +116,7 @@ def _serve(conn: Connection) -> None:
             store.model,
             setup.vocab_size,
             setup.pad_token_id,
+            backend=setup.backend,
         )
         store.latest_model()  # load the newest version now: a bad folder fails at start
     except Exception:
