@@ -5,6 +5,7 @@ rank is SIGKILLed. Run as a script, this file is the rank program torchrun start
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -75,7 +76,7 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def _publish(model: torch.nn.Module, tokenizer, out: Path) -> None:
+def _publish(model: torch.nn.Module, tokenizer, out: Path, version: int = STEPS) -> None:
     """What the tests compare: every weight, and for LoRA the base and adapter versions the
     policy store writes (as `coordinator run` publishes them)."""
     out.mkdir(parents=True)
@@ -83,19 +84,20 @@ def _publish(model: torch.nn.Module, tokenizer, out: Path) -> None:
     if isinstance(model, PeftModel):
         store = PolicyStore(out / "versions", "float32", keep=2, cache_models=0)
         store.export(model, tokenizer, 0)
-        store.export(model, tokenizer, STEPS)
+        store.export(model, tokenizer, version)
 
 
-def _rank_program(
-    out: Path, checkpoints: Path, resume: bool, die_at: int | None, device: str, lora_rank: int
-) -> None:
+def _rank_program(a: argparse.Namespace) -> None:
+    """Train `a.steps` steps on torchrun's ranks and publish; rank 0 also writes each step's
+    time to `step_times.json` (docs/scale.md's 1 vs 2 ranks figures)."""
     from trainer.distributed import RankGroup, follow, join_ranks
 
-    ranks = join_ranks(device)
-    config = _config(device, lora_rank)
+    ranks = join_ranks(a.device)
+    config = _config(a.device, a.lora_rank)
     learner = build_learner(
-        _spec(), config, checkpoints, ranks.rank, ranks.world, ranks.checkpoints
+        _spec(), config, a.checkpoints, ranks.rank, ranks.world, ranks.checkpoints
     )
+    die_at = a.die_at
     if ranks.rank != 0:
         if die_at is not None:
             step = learner.step
@@ -110,16 +112,18 @@ def _rank_program(
         return
     group = RankGroup(learner, ranks.control)
     first = 1
-    if resume:
-        ckpt = latest_committed(checkpoints, CHECKPOINT_AT)
+    if a.resume:
+        ckpt = latest_committed(a.checkpoints, CHECKPOINT_AT)
         group.restore(ckpt)
         first = ckpt.step + 1
-    for step in range(first, STEPS + 1):
-        group.step(_batch(step), step)
+    times = []
+    for step in range(first, a.steps + 1):
+        times.append(group.step(_batch(step), step).metrics["step_time_s"])
         if step == CHECKPOINT_AT:
             group.start_checkpoint(step, step)
             group.finish_checkpoint()
-    _publish(group.publishable(), group.tokenizer, out)
+    _publish(group.publishable(), group.tokenizer, a.out, a.steps)
+    (a.out / "step_times.json").write_text(json.dumps(times))
     group.stop()
 
 
@@ -221,5 +225,5 @@ if __name__ == "__main__":
     parser.add_argument("--die-at", type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lora-rank", type=int, default=0)
-    a = parser.parse_args()
-    _rank_program(a.out, a.checkpoints, a.resume, a.die_at, a.device, a.lora_rank)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    _rank_program(parser.parse_args())
