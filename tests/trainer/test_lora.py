@@ -8,7 +8,7 @@ from protocol.errors import SwarmError
 from toploc.models import load_model
 from trainer import launch, sizing
 from trainer.config import LoraSection, from_dict
-from trainer.learner import resolve_device
+from trainer.learner import Learner, build_learner, resolve_device
 from trainer.lora import add_adapters, save_adapters
 from trainer.sizing import ModelTooLargeError
 
@@ -74,3 +74,30 @@ def test_a_lora_pool_too_large_for_its_ranks_is_refused_before_torchrun(tmp_path
     monkeypatch.setattr(launch.os, "execv", no_exec)
     with pytest.raises(ModelTooLargeError, match="LoRA holds its frozen fp32 weights"):
         launch.start_trainer(spec, config, tmp_path)
+
+
+def test_rank_zero_publishes_the_gathered_adapters_and_refuses_a_copy_they_do_not_fit(tmp_path):
+    """The gather-and-load step of a sharded learner's publishing, on one process: the copy
+    gets the trained adapters, and a copy with other trainable weights is refused."""
+    spec = poolspec.from_dict({"name": "t", "coordinator": {"public_key": "ab" * 32}})
+
+    def lora_learner(targets: list[str]) -> Learner:
+        config = from_dict(
+            {"trainer": {"device": "cpu", "lora": {"rank": 4, "target_modules": targets}}}
+        )
+        return build_learner(spec, config, tmp_path / "_".join(targets))
+
+    trained = lora_learner(["q_proj"])
+    with torch.no_grad():
+        for name, p in trained.trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # as if trained: peft starts B at zero
+    shell = lora_learner(["q_proj"]).trainer.model
+    sharded = Learner(trained.trainer, trained.checkpointer, trained.tokenizer, True, shell)
+    published = dict(sharded.publishable().named_parameters())
+    assert all(torch.equal(published[n], p) for n, p in trained.trainer.model.named_parameters())
+
+    other = lora_learner(["v_proj"]).trainer.model
+    mismatched = Learner(trained.trainer, trained.checkpointer, trained.tokenizer, True, other)
+    with pytest.raises(SwarmError, match="do not match the publishing copy"):
+        mismatched.publishable()
