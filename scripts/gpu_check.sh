@@ -12,6 +12,8 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.c
 sys.exit(0 if torch.cuda.is_available() else 1)
 PY
 failed=0
+# The gpu marks include the vLLM ones on CUDA (the engine on LoRA versions, the vllm validator
+# backend against the hf one: tests/trainer/test_validator_vllm.py); they need vLLM installed.
 timeout 420 python -m pytest -m gpu -p no:cacheprovider tests/ || failed=1
 timeout 170 python bench/scale.py --quick --device cuda --json "$out" || failed=1
 exit $failed

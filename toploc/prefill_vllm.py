@@ -51,10 +51,12 @@ class VllmPrefill:
     """A `Validator` prefill function backed by one vLLM engine, holding one version at a
     time (the last model it was called with)."""
 
-    def __init__(self, max_model_len: int | None = None, **engine: Any) -> None:
-        """`max_model_len`: the longest prompt + completion (default: the model's own limit);
-        `engine`: further options for `vllm.LLM`."""
+    def __init__(self, tokenizer: Any, max_model_len: int | None = None, **engine: Any) -> None:
+        """`tokenizer`: the pool's (saved beside each version's weights: vLLM's engine loads
+        one); `max_model_len`: the longest prompt + completion (default: the model's own
+        limit); `engine`: further options for `vllm.LLM`."""
         require_vllm()
+        self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.engine = engine
         self.llm: Any = None
@@ -109,6 +111,7 @@ class VllmPrefill:
         folder = Path(tempfile.mkdtemp(prefix="swarmrl-validate-"))
         try:
             model.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
             self.llm = make_llm(str(folder), **self._options(model))
         finally:  # the engine holds the weights now; a version's copy on disk is not kept
             shutil.rmtree(folder, ignore_errors=True)
@@ -121,7 +124,6 @@ class VllmPrefill:
             # Whole requests only (no chunking); room for several short ones per step.
             "max_num_batched_tokens": max(longest, 8192),
             "enable_chunked_prefill": False,
-            "skip_tokenizer_init": True,
             **self.engine,
         }
 

@@ -165,7 +165,7 @@ class Validator:
         self.pad_token_id = pad_token_id
         self.max_prefill_bytes = max_prefill_bytes
         self.backend = backend
-        self.prefill = prefill_backend(backend)
+        self.prefill = prefill_backend(backend, tokenizer)
         v = spec.verification
         self.thresholds = toploc.Thresholds(
             max_exp_mismatches=v.toploc_max_exp_mismatches,
@@ -580,7 +580,7 @@ class Validator:
         )
 
 
-def prefill_backend(name: Backend) -> PrefillFn:
+def prefill_backend(name: Backend, tokenizer: Any) -> PrefillFn:
     """`[trainer] validator_backend`: "hf" prefills with the version's HF model (a padded
     batch); "vllm" with vLLM (`toploc.prefill_vllm`), refused with `VllmUnavailable` where vLLM
     is not installed."""
@@ -588,7 +588,7 @@ def prefill_backend(name: Backend) -> PrefillFn:
         return _hf_prefill
     from toploc.prefill_vllm import VllmPrefill
 
-    return VllmPrefill()
+    return VllmPrefill(tokenizer)
 
 
 def _hf_prefill(

@@ -36,7 +36,7 @@ def test_vllm_backend_is_refused_without_vllm(monkeypatch):
 
     monkeypatch.setattr(prefill_vllm.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(prefill_vllm.VllmUnavailable, match="needs vLLM"):
-        prefill_backend("vllm")
+        prefill_backend("vllm", None)
 
 
 def test_run_refuses_the_vllm_backend_without_vllm(tmp_path, monkeypatch, capsys):
@@ -86,7 +86,7 @@ def world(request, tmp_path_factory):
         for name in ("hf", "vllm")
     }
     if device == "cuda":
-        validators["vllm"].prefill = VllmPrefill(**_vllm_options(device))
+        validators["vllm"].prefill = VllmPrefill(tok, **_vllm_options(device))
     results = {}
     jobs = lease_jobs(lease)
     for version, where in ((0, model_dir("tiny")), (1, folder)):
