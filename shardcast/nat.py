@@ -260,12 +260,15 @@ async def attach_node(
     hop: HopLimits | None = None,
     admit: Callable[[str], bool] | None = None,
     config: NatConfig | None = None,
+    dcutr: bool = True,
 ) -> AsyncIterator[P2PNode]:
     """Add circuit relay v2 to a running py-libp2p host `raw` (e.g. a node's `Host.libp2p`,
     so one identity serves the pool protocol and SHARDCAST): a relay hop and AutoNAT server
     for others when `hop` is given (for the peers `admit` accepts, when given: e.g. the
     pool's members), and in any case a relay client (it may reserve slots and dial
-    /p2p-circuit addresses). Removes what it added when the block ends."""
+    /p2p-circuit addresses). With `dcutr`, relayed connections are upgraded to direct ones
+    where the NATs allow (DCUtR hole punching, driven by py-libp2p every few seconds).
+    Removes what it added when the block ends."""
     from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
     from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
     from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
@@ -286,7 +289,7 @@ async def attach_node(
     relay = CircuitV2Protocol(raw, limits=relay_limits, allow_hop=hop is not None)
     roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
     rconfig = RelayConfig(roles=roles, limits=relay_limits)
-    async with background_trio_service(relay):
+    async with background_trio_service(relay), _maybe_dcutr(raw, dcutr, config):
         if hop is not None:
             await relay.event_started.wait()
             # Replaces the handler the relay service registered: same protocol, gated.
@@ -307,6 +310,20 @@ async def attach_node(
                 raw.remove_stream_handler(protocol_id)
             if hop is not None:
                 raw.remove_stream_handler(AUTONAT_PROTOCOL_ID)
+
+
+@asynccontextmanager
+async def _maybe_dcutr(raw: Any, enabled: bool, config: NatConfig) -> AsyncIterator[None]:
+    if not enabled:
+        yield
+        return
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+    from libp2p.tools.anyio_service import background_trio_service
+
+    timeout = int(config.dial_timeout_s)
+    dcutr = DCUtRProtocol(raw, read_timeout=timeout, write_timeout=timeout, dial_timeout=timeout)
+    async with background_trio_service(dcutr):
+        yield
 
 
 class _HopGate:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netns import NAT_IP, PUBLIC_IP, Lab, NetnsUnavailable, nat_lab
+from netns import NAT_IP, PUBLIC_IP, ROUTER_PUBLIC_IP, Lab, NetnsUnavailable, nat_lab
 from sc_helpers import REPO, SHARD, Proc, make_checkpoint, same_tree
 from test_sc_processes import pool_file, publish
 
@@ -175,3 +175,17 @@ def test_nat_corrupt_stream_peer_is_scored_down(world: World) -> None:
     reported = {b["source"] for b in r["bad_shards"]}
     assert reported == {bad}
     assert all(b["shard"] % 2 == 0 for b in r["bad_shards"])
+
+
+def test_nat_dcutr_upgrades_the_circuit_to_a_direct_connection(world: World) -> None:
+    # A public peer reaches the NATed member through the hop; DCUtR then has both sides dial
+    # each other, and the NATed side's outbound dial passes its router (MASQUERADE): the
+    # direct connection arrives from the router's public address.
+    (circuit,) = world.member["p2p_addrs"]
+    probe = world.start(world.lab.public, f"/ip4/{PUBLIC_IP}/tcp/0", world.member["peer_id"],
+                        circuit, script=HELPERS / "dcutr_probe.py")  # fmt: skip
+    r = probe.announcement(timeout=90)
+    print(f"DCUtR: direct connection {r['direct']} after {r['seconds']} s")
+    assert r["relayed"]
+    assert any(f"/ip4/{ROUTER_PUBLIC_IP}/tcp/" in a for a in r["direct"]), r
+    assert r["stream_direct"]
