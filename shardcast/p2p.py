@@ -66,8 +66,10 @@ class StreamLimits:
     """Longest a stream lives, whatever it does (longer than any long-poll or shard wait)."""
     per_peer: int = 16
     """Requests in progress at once from one peer."""
-    total: int = 256
-    """Requests in progress at once from everyone."""
+    total: int = 48
+    """Requests in progress at once from everyone. Below the member's HTTP cap per address
+    (`ServeLimits.per_client`, 64): every stream reaches it from loopback, one address, so
+    more would only be turned away there, after the stream's work had begun."""
 
 
 def p2p_url(peer_id: str) -> str:
