@@ -10,13 +10,13 @@ served bytes failing their hash is penalised hard and, after `ban_after` such sh
 used again by this picker.
 
 A source is not asked for a version for a while after it answered 404 for it
-(`MISSING_RECHECK_S`), or after a transfer from it was abandoned for falling below the
-minimum rate (`FAULTY_RECHECK_S`). Both marks expire: a picker lives as long as its client
-or relay, and a source that lacked a version a moment ago (its own upstream was down, say)
-may hold it now; a permanent mark left a node whose only source is its own relay unable to
-fetch that version ever again. A source caught listing a version it does not hold has its
-listings ignored for a while (doubling with each lie), so a liar cannot steer "latest"
-forever.
+(`MISSING_RECHECK_S`; `NOT_YET_RECHECK_S` for a version newer than all it listed), or after a
+transfer from it was abandoned for falling below the minimum rate (`FAULTY_RECHECK_S`). The
+marks expire: a picker lives as long as its client or relay, and a source that lacked a
+version a moment ago (its own upstream was down, say) may hold it now; a permanent mark left
+a node whose only source is its own relay unable to fetch that version ever again. A
+source caught listing a version it does not hold has its listings ignored for a while
+(doubling with each lie), so a liar cannot steer "latest" forever.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ HEAL = 0.05
 LIE_QUARANTINE = 2.0  # seconds a caught liar's listings are ignored, doubled per lie
 MAX_QUARANTINE = 600.0
 MAX_LISTED = 64  # versions remembered per listing: a listing may be long, memory may not
-MISSING_RECHECK_S = 5.0  # a 404 is often "not yet": ask again after this long
+MISSING_RECHECK_S = 5.0  # a 404 for a version it listed, or below its newest: ask again after
+NOT_YET_RECHECK_S = 0.5  # a 404 for a version above all it listed: it is likely mirroring it
 FAULTY_RECHECK_S = 30.0  # a source too slow for a version gets another chance after this long
 
 
@@ -185,9 +186,13 @@ class SourcePicker:
         return all(s.lacks(version, now) for s in self.stats.values())
 
     def record_missing(self, s: SourceStats, version: int) -> None:
-        """`s` said it does not hold `version`; if it had listed it, that was a lie."""
+        """`s` said it does not hold `version`; if it had listed it, that was a lie. A version
+        newer than all it listed is most likely on its way to it (a relay polls its upstream
+        twice a second), so it is asked again soon: waiting `MISSING_RECHECK_S` put a 5 s floor
+        under every new version reaching a node, whose only source is its own relay."""
         now = time.monotonic()
-        s.missing[version] = now + MISSING_RECHECK_S
+        ahead = not s.listed or version > max(s.listed)
+        s.missing[version] = now + (NOT_YET_RECHECK_S if ahead else MISSING_RECHECK_S)
         self._check_claim(s, version, now)
 
     def record_bad_manifest(self, s: SourceStats, version: int) -> None:

@@ -3,6 +3,7 @@ a client asks a source again for a version it lacked a moment ago."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,7 +64,7 @@ async def test_a_source_that_lacked_a_version_is_asked_again_later(
     """A node's only source is its own relay, which answers 404 while its upstream is down
     (a coordinator restart); that 404 once barred the source for the version for the life
     of the client, and the node never fetched that version again (a CI failure)."""
-    monkeypatch.setattr(sources_module, "MISSING_RECHECK_S", 0.3)
+    monkeypatch.setattr(sources_module, "NOT_YET_RECHECK_S", 0.3)  # v1: above all it listed
     origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
     ck = make_checkpoint(tmp_path / "ck", mb=0.2)
     async with trio.open_nursery() as nursery:
@@ -84,3 +85,24 @@ async def test_a_source_that_lacked_a_version_is_asked_again_later(
         assert r.version == 1 and same_tree(r.path, tmp_path / "ck1")
         await c.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_a_404_for_a_version_above_the_listing_is_rechecked_sooner_than_one_it_listed() -> None:
+    """"Not yet" (newer than anything the source listed: its relay is mirroring it) is asked
+    again after `NOT_YET_RECHECK_S`; a version it listed or has passed waits
+    `MISSING_RECHECK_S`, and a listed one is also a lie."""
+    picker = sources_module.SourcePicker(["http://a", "http://b"])
+    a, b = picker.stats["http://a"], picker.stats["http://b"]
+    a.note_listing([1, 2])
+    b.note_listing([1, 2, 3])
+    before = time.monotonic()
+    picker.record_missing(a, 3)  # above its listing: not yet
+    picker.record_missing(b, 3)  # listed, then denied: a lie
+    picker.record_missing(a, 0)  # below its newest: no longer
+    after = time.monotonic()
+    not_yet, lied, gone = a.missing[3] - before, b.missing[3] - before, a.missing[0] - before
+    assert not_yet <= sources_module.NOT_YET_RECHECK_S + (after - before)
+    assert lied >= sources_module.MISSING_RECHECK_S and gone >= sources_module.MISSING_RECHECK_S
+    assert not a.lacks(3, before + sources_module.NOT_YET_RECHECK_S + 0.01 + (after - before))
+    assert b.lacks(3, before + sources_module.NOT_YET_RECHECK_S + 0.01)
+    assert (a.lies, b.lies) == (0, 1)
