@@ -160,13 +160,16 @@ class P2PNode:
         """Hold a slot on the relay hop at `relay_addr` (a multiaddr ending in /p2p/<id>):
         returns the /p2p-circuit address others reach this node at."""
         from libp2p.peer.peerinfo import info_from_p2p_addr
-        from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID
+        from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 
         info = info_from_p2p_addr(multiaddr.Multiaddr(relay_addr))
         assert self.nursery is not None
         with trio.move_on_after(self.config.reserve_timeout_s) as scope:
-            await self.raw.connect(info)
-            stream = await self.raw.new_stream(info.peer_id, [PROTOCOL_ID])
+            try:
+                await self.raw.connect(info)
+                stream = await self.raw.new_stream(info.peer_id, [HOP_PROTOCOL_ID])
+            except Exception as e:  # libp2p raises whatever the socket layer gave it
+                raise TransportError(f"cannot reach relay {relay_addr}: {e}") from e
             try:
                 ok = await self._transport.reserve(stream, info.peer_id, self.nursery)
             finally:
