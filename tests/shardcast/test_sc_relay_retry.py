@@ -88,7 +88,7 @@ async def test_a_source_that_lacked_a_version_is_asked_again_later(
 
 
 def test_a_404_for_a_version_above_the_listing_is_rechecked_sooner_than_one_it_listed() -> None:
-    """"Not yet" (newer than anything the source listed: its relay is mirroring it) is asked
+    """ "Not yet" (newer than anything the source listed: its relay is mirroring it) is asked
     again after `NOT_YET_RECHECK_S`; a version it listed or has passed waits
     `MISSING_RECHECK_S`, and a listed one is also a lie."""
     picker = sources_module.SourcePicker(["http://a", "http://b"])
