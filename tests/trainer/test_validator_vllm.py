@@ -10,15 +10,21 @@ The cuda twin runs in scripts/gpu_check.sh. Only the refusal test runs without v
 import msgspec
 import pytest
 import torch
+import trio
+from msgspec.msgpack import encode
 
 import toploc
 from node.engine import HFEngine, lease_jobs, offline_lease, prove, sampling_params
 from protocol import messages as msg
 from protocol import poolspec
+from protocol.envelope import seal
+from protocol.identity import Identity
 from toploc import capture_hf
 from toploc.models import eos_token_ids, load_model, model_dir
+from trainer.policy import PolicyStore
 from trainer.tasks import make_task
-from trainer.validator import LeaseView, Validator, prefill_backend
+from trainer.validator import Job, LeaseView, Validator, prefill_backend
+from trainer.validator_pool import Worker, worker_setup
 
 ROW_TOL = 1e-4
 """Largest |vLLM - hf| of a final-norm row value in float32 (the tiny model's rows are O(1);
@@ -117,7 +123,7 @@ def world(request, tmp_path_factory):
         results["vllm", version] = prove(lease, jobs, rollouts)
         close_llm(llm)
     view = LeaseView.of(lease, sampling_params(lease))
-    return versions, view, validators, results
+    return versions, view, validators, results, lease
 
 
 def _submission(results, version):
@@ -125,7 +131,7 @@ def _submission(results, version):
 
 
 def _verdicts(world, results, version):
-    _, view, validators, _ = world
+    _, view, validators, *_ = world
     return {
         name: v.validate(_submission(results, version), view, current_version=2)
         for name, v in validators.items()
@@ -135,7 +141,7 @@ def _verdicts(world, results, version):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_rows_and_logits_match_hf(world):
-    versions, view, validators, results = world
+    versions, view, validators, results, _ = world
     for version, model in versions.items():
         for engine in ("hf", "vllm"):
             rows = [
@@ -217,3 +223,33 @@ def test_tampered_rollouts_rejected_by_both(world, engine):
         assert [v.outcome for v in verdicts.values()] == ["hard", "hard"], verdicts
         assert verdicts["hf"].check == verdicts["vllm"].check, verdicts
         assert checks is None or verdicts["hf"].check in checks, verdicts
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_validator_worker_builds_the_vllm_backend(world, tmp_path):
+    """`[trainer] validators = N`: a worker process validates with the coordinator's backend
+    (its own vLLM engine) and reaches the in-process verdicts."""
+    versions, view, validators, results, lease = world
+    spec, task, tok = (getattr(validators["hf"], k) for k in ("spec", "task", "tokenizer"))
+    store = PolicyStore(tmp_path, spec.model.dtype, 2, 1)
+    store.export(versions[0], tok, 0)
+    validator = Validator(spec, task, tok, store.model, len(tok), tok.pad_token_id, backend="vllm")
+    setup = worker_setup(validator, store, view.sampling, 2)
+    assert setup.backend == "vllm"
+    honest = results["hf", 0]
+    c = honest[0].completions[0]
+    tampered = _tamper(honest, logprobs=[x - 0.5 for x in c.logprobs])
+    jobs = [
+        Job(k, seal(Identity.generate(), "t", _submission(r, 0)), view.tasks, encode(lease))
+        for k, r in enumerate((honest, tampered))
+    ]
+    worker = Worker(0, setup, start_timeout_s=600, job_timeout_s=600, stop_timeout_s=10)
+    try:
+        checked = trio.run(worker.validate, jobs, 0)
+    finally:
+        worker.stop()
+    assert [(x.verdict.outcome, x.verdict.check) for x in checked] == [
+        ("accept", "reward"),
+        ("hard", "logprobs"),
+    ]
