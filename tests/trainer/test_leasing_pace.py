@@ -16,15 +16,19 @@ def test_every_group_informative_counts_each_lease_as_four_groups():
 
 
 def test_mostly_flat_groups_lease_more():
-    # a quarter informative: each lease brings 1 trainable group. 2 + 1 = 3 < 8, and
-    # 3 + 12 x 1 = 15 < 16: twelve open leases are not yet enough (three were, counted whole)
-    assert not enough_work(trainable=2, pending=1, leased=12, informative=0.25, **POOL)
-    assert enough_work(trainable=2, pending=1, leased=13, informative=0.25, **POOL)
+    # 3 of 4 flat, counted at the floor of one half: each lease brings 2 trainable groups.
+    # 2 + 1 x 2 = 4 < 8, and 4 + 5 x 2 = 14 < 16: five open leases are not yet enough (three
+    # were, counted whole)
+    assert not enough_work(trainable=2, pending=1, leased=5, informative=0.25, **POOL)
+    assert enough_work(trainable=2, pending=1, leased=6, informative=0.25, **POOL)
+    # three quarters informative: 3 a lease; 2 + 3 = 5, 5 + 3 x 3 = 14 < 16, 5 + 4 x 3 = 17
+    assert not enough_work(trainable=2, pending=1, leased=3, informative=0.75, **POOL)
+    assert enough_work(trainable=2, pending=1, leased=4, informative=0.75, **POOL)
 
 
 def test_the_floor_bounds_leasing_when_nearly_every_group_is_flat():
-    # no informative group at all: counted at the floor, 4 x 0.125 = 0.5 a lease, so 32 open
-    # leases fill the 16-group window rather than leasing without end
-    assert MIN_INFORMATIVE == 0.125
-    assert not enough_work(trainable=0, pending=0, leased=31, informative=0.0, **POOL)
-    assert enough_work(trainable=0, pending=0, leased=32, informative=0.0, **POOL)
+    # no informative group at all: counted at the floor, 4 x 0.5 = 2 a lease, so 8 open
+    # leases fill the 16-group window (twice what counting every group would lease)
+    assert MIN_INFORMATIVE == 0.5
+    assert not enough_work(trainable=0, pending=0, leased=7, informative=0.0, **POOL)
+    assert enough_work(trainable=0, pending=0, leased=8, informative=0.0, **POOL)
