@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from protocol.errors import SwarmError
@@ -53,9 +54,13 @@ def join_ranks(device_type: str) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), control, checkpoints)
 
 
-def shard(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2: each transformer block is its own unit (gathered only while it computes), then
-    the rest (embeddings, final norm, head) as the root.
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2 on `device`: each transformer block is its own unit (gathered only while it
+    computes), then the rest (embeddings, final norm, head) as the root. `fully_shard` moves
+    each unit to the mesh's device as it shards it, so a model loaded on the CPU reaches a GPU
+    one block at a time and no GPU ever holds it whole (a model that fits only sharded can
+    start); the mesh is explicit because FSDP2's default takes CUDA whenever it is present,
+    even for a trainer asked to run on the CPU.
 
     A LoRA (peft) model is sharded the same way, frozen base and adapters alike: the frozen
     base is nearly all of its memory, so sharding it is what lets a model too large for one
@@ -68,9 +73,10 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
         raise SwarmError(
             f"{type(model).__name__} has no *DecoderLayer blocks to shard: use --trainer-procs 1"
         )
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

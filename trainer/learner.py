@@ -162,7 +162,7 @@ def build_learner(
     if world > 1:
         if rank == 0:
             shell = copy.deepcopy(model).to(resolve_dtype(spec.model.dtype))
-        model = shard(model.to(device))
+        model = shard(model, device)  # moved to the device block by block, as it shards
     else:
         model = model.to(device)
     settings = config.algorithm
