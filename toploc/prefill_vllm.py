@@ -11,6 +11,8 @@ LoRA adapters merged, exactly as nodes get it: in place into the running engine 
 backend allows, otherwise (vLLM's CPU build repacks its linear weights) by rebuilding the engine
 from the weights saved to a temporary folder. Chunked prefill is off: a request is prefilled
 whole in one step, which is what lets the capture tell the requests of a step apart.
+NOT RUN HERE: loading in place has no CPU test (the CPU build always rebuilds); its test is the
+cuda twin in tests/trainer/test_validator_vllm.py (`gpu`, `vllm` marks, scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class VllmPrefill:
         """Make the engine compute `model`'s weights."""
         if model is self.model:
             return
-        if self.llm is not None and self.in_place:
+        # The engine computes in the dtype it was built with: another dtype needs a new one.
+        if self.model is not None and self.in_place and model.dtype == self.model.dtype:
             try:
                 weights = model.state_dict()
                 self.llm.apply_model(lambda m: m.load_weights(iter(weights.items())) and None)
