@@ -209,6 +209,7 @@ class Coordinator:
             self.policy.model,
             vocab_rows(learner.trainer.model, self.tokenizer),
             self.tokenizer.pad_token_id,
+            backend=self.config.trainer.validator_backend,
         )
         self.submissions = SubmissionService(
             spec,

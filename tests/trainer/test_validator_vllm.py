@@ -253,3 +253,16 @@ def test_a_validator_worker_builds_the_vllm_backend(world, tmp_path):
         ("accept", "reward"),
         ("hard", "logprobs"),
     ]
+
+
+def test_the_coordinator_validates_with_the_configured_backend(tmp_path, monkeypatch):
+    """`[trainer] validator_backend` reaches the coordinator's validator: without vLLM, a
+    coordinator asked for it fails to build its validator rather than quietly using hf."""
+    import toploc.prefill_vllm as prefill_vllm
+    from tests.trainer.pools import tiny_coordinator
+    from trainer.config import TrainerConfig, TrainerSection
+
+    monkeypatch.setattr(prefill_vllm.importlib.util, "find_spec", lambda name: None)
+    config = TrainerConfig(trainer=TrainerSection(validator_backend="vllm"))
+    with pytest.raises(prefill_vllm.VllmUnavailable):
+        tiny_coordinator(tmp_path, config)
