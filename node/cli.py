@@ -108,6 +108,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reseed", action="store_true", help="do not re-serve held weights")
     p.add_argument("--upload-cap", type=float, metavar="MB/s", help="cap re-serving upload")
     p.add_argument(
+        "--nat",
+        choices=["auto", "on", "off"],
+        help="re-serve over libp2p through the coordinator's relay hop: auto (default) when "
+        "its dial-back check says this node cannot be dialled (behind NAT)",
+    )
+    p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key"
     )
 
@@ -123,6 +129,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         "max_batch": args.max_batch,
         "relay_port": args.relay,
         "relay_host": args.relay_host,
+        "nat": args.nat,
     }
     return load_node_config(args.config, flags, args.set)
 
@@ -133,6 +140,7 @@ def _join(args: argparse.Namespace) -> int:
     import trio
 
     from node.engine import make_engine
+    from node.seeding import NatMode
     from node.status import show_status
     from node.worker import Worker, WorkerOptions, node_errors_unwrapped
 
@@ -156,6 +164,7 @@ def _join(args: argparse.Namespace) -> int:
         relay_host=config.relay_host,
         reseed=not args.no_reseed,
         upload_cap_mb=args.upload_cap,
+        nat=NatMode(config.nat),
         max_leases=args.max_leases,
     )
     worker = Worker(identity, args.pool, engine, options)

@@ -31,6 +31,9 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Also serve the weight shards this node holds on this HTTP port."""
     relay_host: str = "127.0.0.1"
     """Address the relay binds and announces (a public address for nodes elsewhere)."""
+    nat: Literal["auto", "on", "off"] = "auto"
+    """Serve held weights over libp2p, through the coordinator's relay hop, instead of HTTP:
+    auto when the coordinator's dial-back check says this node cannot be dialled."""
 
     def resolved(self) -> NodeConfig:
         home = swarmrl_home()

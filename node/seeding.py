@@ -8,12 +8,15 @@ so each shard crosses the network once. `--no-reseed` opts out; `--upload-cap MB
 what it uploads.
 
 Behind NAT nobody can dial the seeder's HTTP port; `seed_behind_nat` serves it over the
-node's libp2p host instead, through a relay hop when the dial-back check says the node is
-not reachable (docs/shardcast.md, "NAT traversal").
+node's libp2p host instead, through the coordinator's relay hop when the dial-back check
+says the node is not reachable, and the node advertises `p2p://peer/<its id>`
+(docs/shardcast.md, "NAT traversal").
 """
 
 from __future__ import annotations
 
+import enum
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,8 +25,11 @@ from typing import Any
 import httpx
 
 from protocol.identity import Identity
-from shardcast.nat import P2PNode, attach_node, peer_of
+from shardcast.nat import P2PNode, Reachability, attach_node, peer_of, reserve_on
+from shardcast.p2p import p2p_url
 from shardcast.relay import Relay
+
+log = logging.getLogger("swarmrl.node")
 
 
 def make_seeder(
@@ -49,16 +55,50 @@ def make_seeder(
     )
 
 
+class NatMode(enum.StrEnum):
+    """`node join --nat`: whether the seeder is served over libp2p (docs/shardcast.md)."""
+
+    AUTO = "auto"
+    """Ask the coordinator's AutoNAT server for a dial-back: over libp2p only when it says
+    this node cannot be dialled (no verdict, e.g. a coordinator without a hop: HTTP)."""
+    ON = "on"
+    OFF = "off"
+
+
 @asynccontextmanager
-async def seed_behind_nat(libp2p_host: Any, peers: Sequence[str] = ()) -> AsyncIterator[P2PNode]:
+async def seed_behind_nat(
+    libp2p_host: Any, peers: Sequence[str] = (), hops: Sequence[str] = ()
+) -> AsyncIterator[P2PNode]:
     """Circuit relay on the node's libp2p host (`Host.libp2p`), for the block's life.
 
-    Give `shardcast.nat.p2p_mounts(node)` to `make_seeder(mounts=...)` so the seeder can mirror from
-    `p2p://peer/<id>` sources (at the `peers` multiaddrs); once the seeder serves at `url`,
-    `await node.serve_member(url, relays)` answers SHARDCAST streams from it and returns the
-    addresses to advertise (direct if the dial-back check via the first relay reached it,
-    else one /p2p-circuit address per relay that gave it a slot)."""
+    Give `shardcast.nat.p2p_mounts(node)` to `make_seeder(mounts=...)` (and to the node's
+    client) so they can fetch from `p2p://peer/<id>` sources: at the `peers` multiaddrs, or
+    else through the relay `hops` (a pool's coordinator). Once the seeder serves at `url`,
+    `p2p_relay_url(node, url, hops, mode)` says what to advertise."""
     async with attach_node(libp2p_host) as node:
         for addr in peers:
             node.learn(peer_of(addr), [addr])
+        node.use_hops(hops)
         yield node
+
+
+async def p2p_relay_url(
+    node: P2PNode, seeder_url: str, hops: Sequence[str], mode: NatMode
+) -> str | None:
+    """`p2p_url(node.peer_id)` once the seeder at `seeder_url` is served over `node`'s
+    streams and a hop gave this node a slot; None when HTTP is to be advertised (mode off,
+    no hop, a public verdict in mode auto, or no hop gave a slot)."""
+    if mode is NatMode.OFF or not hops:
+        return None
+    if mode is NatMode.AUTO:
+        reach = await node.reachability(hops[0])
+        log.info("dial-back check via the coordinator: %s", reach.value)
+        if reach is not Reachability.PRIVATE:
+            return None
+    circuits = await reserve_on(node, hops)
+    if not circuits:
+        log.warning("no relay hop gave this node a slot; advertising HTTP only")
+        return None
+    node.serve_gateway(seeder_url)
+    log.info("serving weights over libp2p, reached at %s", ", ".join(circuits))
+    return p2p_url(node.peer_id)

@@ -43,7 +43,7 @@ from node.behaviour import Behaviour, NodeContext
 from node.engine import Engine, HFEngine
 from node.hardware import probe
 from node.multiturn import TurnEngine
-from node.seeding import make_seeder
+from node.seeding import NatMode, make_seeder, p2p_relay_url, seed_behind_nat
 from protocol import messages as msg
 from protocol import pow as join_pow
 from protocol.discovery import PoolBook, PoolLocation, discover, follow_pool_record, serve_discovery
@@ -53,6 +53,8 @@ from protocol.host import Host, pool_topic
 from protocol.identity import Identity
 from shardcast.client import Client, FetchResult
 from shardcast.errors import ShardcastError
+from shardcast.fetcher import FetchPolicy, http_client
+from shardcast.nat import P2PNode, p2p_mounts
 
 log = logging.getLogger("swarmrl.node")
 
@@ -155,6 +157,8 @@ class WorkerOptions:
     reseed: bool = True
     """Re-serve held weights to peers (node/seeding.py), on `relay_port` or any free port."""
     upload_cap_mb: float | None = None
+    nat: NatMode = NatMode.AUTO
+    """Serve the seeder over libp2p through the coordinator's relay hop (`--nat`)."""
     max_leases: int | None = None
     """Stop after this many leases (tests, benchmarks)."""
     backoff_max_s: float = 30.0
@@ -178,6 +182,7 @@ class Worker:
         self.location: PoolLocation | None = None
         self.client: Client | None = None
         self._host: Host | None = None
+        self._p2p: P2PNode | None = None
         self._book = PoolBook(pool_id)
         self._newest_fetched = -1
         self._trusted_version = -1
@@ -204,13 +209,18 @@ class Worker:
     async def _run(self) -> None:
         async with (
             Host.open(self.identity, self.pool_id, self.options.listen) as host,
+            # `p2p://peer/<id>` sources (nodes behind NAT) for the client and the seeder, and
+            # the seeder served over streams when this node cannot be dialled.
+            seed_behind_nat(host.libp2p) as p2p,
             trio.open_nursery() as nursery,
         ):
-            self._host = host
+            self._host, self._p2p = host, p2p
             self.stats.state = "discovering"
             self.location = await self._retry(
                 "discovery", partial(discover, host, self.options.bootstrap, book=self._book)
             )
+            # The coordinator runs the pool's relay hop (when it runs one at all).
+            p2p.use_hops(self.location.coordinator_addrs)
             serve_discovery(host, self._book)  # this node now helps newcomers find the pool
             # Records expire: fetch fresh ones, so what we pass on to newcomers stays valid.
             nursery.start_soon(follow_pool_record, host, self._book, self.options.bootstrap)
@@ -219,20 +229,23 @@ class Worker:
             reply = await self._join()
             sources = list(reply.weights_urls)
             if self.options.relay_port is not None or self.options.reseed:
-                relay_url = await nursery.start(self._relay, sources)
+                local_url, relay_url = await nursery.start(self._relay, sources)
                 # Join again to tell the coordinator where we serve (joining is idempotent),
                 # and fetch through our own relay only, so shards cross the network once (the
                 # relay picks among all the upstreams). With the relay merely listed first, it
                 # lacked each new version for the first moment, and nearly every byte came
                 # from the upstreams twice (measured through the relay tree's source counts).
                 await self._join(relay_url)
-                sources = [relay_url]
+                sources = [local_url]
+            policy = FetchPolicy()
             self.client = Client(
                 sources,
                 self.options.data_dir / "weights" / self.pool_id,
                 public_key=bytes.fromhex(spec.coordinator.public_key),
                 pool_id=self.pool_id,
                 keep=spec.limits.max_staleness + 1,
+                policy=policy,
+                http=http_client(policy, p2p_mounts(p2p)),
             )
             self._trust_version(reply.current_version)
             # The behaviour starts before the weights load, so it holds its context before
@@ -391,6 +404,8 @@ class Worker:
                 newer_than_ms=self.location.issued_ms,
             )
             log.info("rediscovered the coordinator at %s", self.location.coordinator_addrs)
+            if self._p2p is not None:  # its relay hop moved with it
+                self._p2p.use_hops(self.location.coordinator_addrs)
         except DiscoveryError as e:
             log.warning("discovery found nothing new: %s", e)
 
@@ -413,10 +428,16 @@ class Worker:
             self.client.trust_version(self._trusted_version)
 
     async def _relay(
-        self, upstreams: list[str], *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+        self,
+        upstreams: list[str],
+        *,
+        task_status: trio.TaskStatus[tuple[str, str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Re-serve the pool's weights to other nodes (default; `--relay PORT` fixes the port)."""
+        """Re-serve the pool's weights to other nodes (default; `--relay PORT` fixes the port).
+        Started with (the seeder's HTTP URL, the URL to advertise: that one, or this node's
+        `p2p://peer/<id>` when it is served over libp2p instead)."""
         spec = self.location.spec
+        assert self._p2p is not None
         relay = make_seeder(
             upstreams,
             self.options.data_dir / "relay" / self.pool_id,
@@ -425,12 +446,15 @@ class Worker:
             pool_id=self.pool_id,
             keep=spec.limits.max_staleness + 2,
             upload_cap_mb=self.options.upload_cap_mb,
+            mounts=p2p_mounts(self._p2p),
         )
         async with trio.open_nursery() as nursery:
             port = self.options.relay_port or 0
             url = await nursery.start(relay.run, self.options.relay_host, port)
             log.info("relaying weights at %s", url)
-            task_status.started(url)
+            hops = self.location.coordinator_addrs
+            advertised = await p2p_relay_url(self._p2p, url, hops, self.options.nat)
+            task_status.started((url, advertised or url))
 
     async def _fetch_latest(self) -> FetchResult:
         """The newest trusted version; when that fails, ask the coordinator (a signed

@@ -62,6 +62,13 @@ class HopLimits:
     """Hop requests (circuits being made or carried) at once from one dialling peer:
     py-libp2p bounds circuits per destination only, so a dialler could otherwise hold
     `circuits` on every reserved node at once."""
+    circuits_total: int = 64
+    """Hop requests at once from everyone: what bounds the hop's bandwidth when many peers
+    dial (py-libp2p has no bandwidth cap; each circuit also stops at `circuit_bytes`)."""
+
+
+AUTONAT_TOTAL = 8
+"""Dial-back checks a hop answers at once (each is one dial by the hop)."""
 
 
 class Reachability(enum.Enum):
@@ -96,6 +103,9 @@ class P2PNode:
         self.served: list[Any] = []
         """Protocols this node added handlers for (removed when it is detached)."""
         self.gateways: list[StreamGateway] = []
+        self.hops: list[str] = []
+        """Relay hops (multiaddrs ending in /p2p/<id>) through which a peer with no known
+        address is tried: `<hop>/p2p-circuit/p2p/<peer>` (a pool's coordinator runs one)."""
 
     @property
     def peer_id(self) -> str:
@@ -139,6 +149,20 @@ class P2PNode:
                 return Reachability.PRIVATE
         return Reachability.UNKNOWN
 
+    def holds_slot(self, peer_id: str) -> bool:
+        """Whether `peer_id` holds a live reservation on this node's hop (and is connected),
+        i.e. can be reached through it now."""
+        from libp2p.peer.id import ID
+
+        return bool(self._relay.resource_manager.has_reservation(ID.from_base58(peer_id)))
+
+    def use_hops(self, hops: Sequence[str]) -> None:
+        """Reach peers of unknown address through these relay hops (see `hops`)."""
+        for hop in hops:
+            peer_of(hop)  # raises TransportError for an address without /p2p/<id>
+            if hop not in self.hops:
+                self.hops.append(hop)
+
     def serve(self, protocol_id: str, handler: Callable[[Any], Awaitable[None]]) -> None:
         from libp2p.custom_types import TProtocol
 
@@ -151,10 +175,14 @@ class P2PNode:
         """Serve the SHARDCAST member at `base_url` over streams, and make it reachable:
         (what the dial-back check said, the addresses to advertise for `p2p_url(peer_id)`).
         With no relays there is no check, and the direct addresses are advertised."""
+        self.serve_gateway(base_url, limits)
+        return await reachable_addrs(self, relays)
+
+    def serve_gateway(self, base_url: str, limits: StreamLimits | None = None) -> None:
+        """Answer SHARDCAST streams from the member's HTTP server at `base_url`."""
         gateway = StreamGateway(base_url, limits)
         self.gateways.append(gateway)
         self.serve(PROTOCOL_ID, gateway.handle)
-        return await reachable_addrs(self, relays)
 
     async def reserve(self, relay_addr: str) -> str:
         """Hold a slot on the relay hop at `relay_addr` (a multiaddr ending in /p2p/<id>):
@@ -178,7 +206,7 @@ class P2PNode:
             raise TransportError(f"no reservation from {relay_addr} in time")
         if not ok:
             raise TransportError(f"relay {relay_addr} refused a reservation")
-        return f"{relay_addr}/p2p-circuit/p2p/{self.peer_id}"
+        return circuit_addr(relay_addr, self.peer_id)
 
     async def open_stream(self, peer_id: str, protocol_id: str) -> Any:
         """A new stream to `peer_id`: over the connection we have, else dialled on a known
@@ -194,11 +222,26 @@ class P2PNode:
             return await self.raw.new_stream(pid, [TProtocol(protocol_id)])
         raise TransportError(f"no stream to {peer_id} in time")
 
+    async def open_connected_stream(self, peer_id: str, protocol_id: str) -> Any:
+        """A new stream to `peer_id` over a connection we already have, never a dial: what a
+        coordinator probing a node's stream source uses, so that no node can make it open
+        connections or circuits (TransportError when there is no connection)."""
+        from libp2p.custom_types import TProtocol
+        from libp2p.peer.id import ID
+
+        pid = ID.from_base58(peer_id)
+        if not self.raw.get_network().connections.get(pid):
+            raise TransportError(f"no connection to {peer_id}")
+        with trio.move_on_after(self.config.stream_timeout_s):
+            return await self.raw.new_stream(pid, [TProtocol(protocol_id)])
+        raise TransportError(f"no stream to {peer_id} in time")
+
     async def _dial(self, peer_id: str) -> None:
         from libp2p.peer.id import ID
         from libp2p.peer.peerinfo import PeerInfo
 
-        addrs = self._known.get(peer_id, [])
+        addrs = list(self._known.get(peer_id, []))
+        addrs += [c for h in self.hops if (c := circuit_addr(h, peer_id)) not in addrs]
         if not addrs:
             raise TransportError(f"no known address for peer {peer_id}")
         direct = [a for a in addrs if "/p2p-circuit" not in a]
@@ -272,9 +315,8 @@ async def attach_node(
     /p2p-circuit addresses). With `dcutr`, relayed connections are upgraded to direct ones
     where the NATs allow (DCUtR hole punching, driven by py-libp2p every few seconds).
     Removes what it added when the block ends."""
-    from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
+    from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
     from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
-    from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
     from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
     from libp2p.relay.circuit_v2.resources import RelayLimits
     from libp2p.relay.circuit_v2.transport import CircuitV2Transport
@@ -295,9 +337,7 @@ async def attach_node(
     async with background_trio_service(relay), _maybe_dcutr(raw, dcutr, config):
         if hop is not None:
             await relay.event_started.wait()
-            # Replaces the handler the relay service registered: same protocol, gated.
-            raw.set_stream_handler(HOP_PROTOCOL_ID, _HopGate(relay, hop, admit).handle)
-            AutoNATService(raw, serve=True)
+            _serve_hop(raw, relay, hop, admit, config)
         node = P2PNode(raw, relay, CircuitV2Transport(raw, relay, rconfig), config)
         try:
             async with trio.open_nursery() as nursery:
@@ -315,6 +355,29 @@ async def attach_node(
                 raw.remove_stream_handler(AUTONAT_PROTOCOL_ID)
 
 
+def _serve_hop(
+    raw: Any, relay: Any, hop: HopLimits, admit: Callable[[str], bool] | None, config: NatConfig
+) -> None:
+    """The relay hop and an AutoNAT server on `raw`, both behind gates (`_Gate`)."""
+    from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
+    from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+
+    # Replaces the handler the relay service registered: same protocol, gated.
+    circuits = _Gate(
+        relay._handle_hop_stream,
+        hop.circuits_per_source,
+        hop.circuits_total,
+        admit,
+        hop.circuit_seconds,
+    )
+    raw.set_stream_handler(HOP_PROTOCOL_ID, circuits.handle)
+    # Each dial-back costs the hop a dial (py-libp2p's server reads its request with no
+    # timeout): one at a time per peer, for the peers `admit` accepts, under a deadline.
+    autonat = AutoNATService(raw, serve=False)
+    dial_backs = _Gate(autonat.handle_stream, 1, AUTONAT_TOTAL, admit, config.dial_timeout_s + 5.0)
+    raw.set_stream_handler(AUTONAT_PROTOCOL_ID, dial_backs.handle)
+
+
 @asynccontextmanager
 async def _maybe_dcutr(raw: Any, enabled: bool, config: NatConfig) -> AsyncIterator[None]:
     if not enabled:
@@ -329,31 +392,41 @@ async def _maybe_dcutr(raw: Any, enabled: bool, config: NatConfig) -> AsyncItera
         yield
 
 
-class _HopGate:
-    """In front of the relay hop: refuses peers `admit` rejects, bounds each dialling peer's
-    hop requests in progress (a CONNECT holds its stream for the circuit's life), and ends
-    any circuit after `circuit_seconds` of wall time, idle or not."""
+class _Gate:
+    """In front of a served protocol: refuses peers `admit` rejects, bounds each peer's
+    streams in progress, and ends any stream after `deadline_s` of wall time, idle or not.
 
-    def __init__(self, relay: Any, limits: HopLimits, admit: Callable[[str], bool] | None) -> None:
-        self.relay = relay
-        self.limits = limits
+    For the relay hop, a CONNECT holds its stream for the circuit's life, so the bound is
+    circuits per dialling peer, and the deadline ends idle circuits (py-libp2p checks a
+    circuit's duration only when a chunk passes). For AutoNAT, a dial-back per stream."""
+
+    def __init__(
+        self,
+        handler: Callable[[Any], Awaitable[None]],
+        per_peer: int,
+        total: int,
+        admit: Callable[[str], bool] | None,
+        deadline_s: float,
+    ) -> None:
+        self.handler = handler
+        self.per_peer = per_peer
+        self.total = total
         self.admit = admit
+        self.deadline_s = deadline_s
         self.active: Counter[str] = Counter()
         self.refused = 0
 
     async def handle(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
-        over = self.active[peer] >= self.limits.circuits_per_source
+        over = self.active[peer] >= self.per_peer or self.active.total() >= self.total
         if over or (self.admit is not None and not self.admit(peer)):
             self.refused += 1
             await reset_stream(stream)
             return
         self.active[peer] += 1
         try:
-            # A CONNECT holds this handler for its circuit's life; py-libp2p checks the
-            # circuit's duration only when a chunk passes, so an idle circuit would stay.
-            with trio.move_on_after(self.limits.circuit_seconds) as scope:
-                await self.relay._handle_hop_stream(stream)
+            with trio.move_on_after(self.deadline_s) as scope:
+                await self.handler(stream)
             if scope.cancelled_caught:
                 await reset_stream(stream)
         finally:
@@ -377,15 +450,28 @@ async def reachable_addrs(node: P2PNode, relays: Sequence[str]) -> tuple[Reachab
     reach = await node.reachability(relays[0])
     if reach is Reachability.PUBLIC:
         return reach, node.addrs
+    circuits = await reserve_on(node, relays)
+    if not circuits:
+        raise TransportError(f"not reachable ({reach.value}) and no relay gave a slot")
+    return reach, circuits
+
+
+async def reserve_on(node: P2PNode, relays: Sequence[str]) -> list[str]:
+    """A slot on every relay that gives one: the /p2p-circuit addresses `node` is reached at
+    (none when every relay refused or was down)."""
     circuits = []
     for relay in relays:
         try:
             circuits.append(await node.reserve(relay))
         except TransportError as e:  # one relay down or full: the others may do
             log.warning("no slot on %s: %s", relay, e)
-    if not circuits:
-        raise TransportError(f"not reachable ({reach.value}) and no relay gave a slot")
-    return reach, circuits
+    return circuits
+
+
+def circuit_addr(hop: str, peer_id: str) -> str:
+    """The address of `peer_id` through the relay hop at `hop` (a multiaddr ending in
+    /p2p/<hop id>)."""
+    return f"{hop.rstrip('/')}/p2p-circuit/p2p/{peer_id}"
 
 
 def peer_of(addr: str) -> str:

@@ -40,6 +40,8 @@ PROTOCOL_ID = "/swarmrl/shardcast/1.0.0"
 SCHEME = "p2p"
 URL_PREFIX = f"{SCHEME}://peer/"
 READ_CHUNK = 256 * 1024
+MAX_PEER_ID_CHARS = 64
+"""An ed25519 peer id in base58 is 52 characters; anything much longer is not one."""
 
 REQUEST_HEADERS = frozenset({"range"})
 """Request headers passed to the member's server: the only one a fetcher sends."""
@@ -75,6 +77,18 @@ class StreamLimits:
 def p2p_url(peer_id: str) -> str:
     """The source URL of a member reached by libp2p stream."""
     return URL_PREFIX + peer_id
+
+
+def peer_of_source(url: str) -> str:
+    """The peer id of a bare source URL `p2p://peer/<id>` (nothing before or after, an
+    ed25519 peer id); ProtocolError for anything else. What a node may advertise."""
+    from protocol.host import public_key_of_peer
+
+    peer = url[len(URL_PREFIX) :] if url.startswith(URL_PREFIX) else ""
+    if not peer or len(peer) > MAX_PEER_ID_CHARS or not peer.isalnum():
+        raise ProtocolError(f"not a bare p2p source URL: {url[:80]!r}")
+    public_key_of_peer(peer)  # raises ProtocolError for a malformed or non-ed25519 id
+    return peer
 
 
 def split_url(url: httpx.URL) -> tuple[str, str]:

@@ -22,7 +22,6 @@ import msgspec
 
 from protocol.identity import Identity
 from shardcast.errors import ShardcastError
-from shardcast.peers import Url
 from shardcast.signed import seal, unseal
 
 DOMAIN = b"swarmrl/shardcast/peerlist/v1\n"
@@ -30,6 +29,16 @@ MAX_URLS = 256
 MAX_PEER_LIST_BYTES = 128 * 1024
 MAX_SKEW = 30.0  # seconds a list may be dated in the future (clocks differ)
 DEFAULT_TTL = 600.0
+
+ListedUrl = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=256, pattern=r"^(https?://[^\s/?#]+|p2p://peer/[1-9A-HJ-NP-Za-km-z]{1,64})$"
+    ),
+]
+"""An http(s) base URL, or a node served over libp2p streams (`p2p://peer/<peer id>`, which
+a pool's fetchers reach through the coordinator's relay hop: the list need not carry its
+circuit address)."""
 
 
 class PeerListError(ShardcastError):
@@ -42,7 +51,7 @@ class PeerList(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     """Increases with every list the coordinator signs: the newest wins."""
     issued: float
     ttl: Annotated[float, msgspec.Meta(gt=0, le=86400)]
-    urls: Annotated[list[Url], msgspec.Meta(max_length=MAX_URLS)]
+    urls: Annotated[list[ListedUrl], msgspec.Meta(max_length=MAX_URLS)]
 
 
 _body_decoder = msgspec.msgpack.Decoder(PeerList)

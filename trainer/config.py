@@ -108,6 +108,10 @@ class TrainerSection(Section):
     eval_k: Count = 4
     """Samples per prompt for the in-run pass@k (1: greedy accuracy only)."""
     lora: LoraSection = LoraSection()
+    relay_hop: bool = True
+    """Run a circuit-relay hop on the coordinator's libp2p host, for admitted nodes only, so
+    nodes behind NAT re-serve weights to the pool (bounded by `shardcast.nat.HopLimits`;
+    its cost is in docs/security.md, "NAT traversal"). `--set trainer.relay_hop=false`."""
 
 
 class TrainerConfig(Section):

@@ -49,7 +49,7 @@ from trainer.leasing import LeaseService, in_flight_groups
 from trainer.ledger import Ledger, LedgerError
 from trainer.metrics import RunLog
 from trainer.policy import PolicyStore
-from trainer.relays import Checked, RelayDirectory, relay_served
+from trainer.relays import Checked, RelayDirectory, check_relay, probe_client, relay_hop
 from trainer.rewards import parse_rewards
 from trainer.sizing import check_fits
 from trainer.submissions import SubmissionService
@@ -60,6 +60,9 @@ from trainer.validator_pool import validator_pool
 from trainer.view import Endpoints, PoolInfo, Progress, RelayStatus
 
 log = logging.getLogger("swarmrl.coordinator")
+
+RELAY_PROBE_S = 10.0
+"""Longest one check of an advertised relay may take (HTTP or stream source alike)."""
 
 
 @dataclass
@@ -150,6 +153,10 @@ class Coordinator:
         )
         self._prompt_ids: dict[int, list[int]] = {}
         self._host: Host | None = None
+        self._probe_http: Any = None
+        """The client relay checks use (`trainer.relays.probe_client`), while running."""
+        self._hop: Any = None
+        """The relay hop (`trainer.relays.relay_hop`), while running with one."""
         self.endpoints: Endpoints | None = None
         algorithm = GroupAlgorithm(settings.scale_rewards)
 
@@ -247,9 +254,11 @@ class Coordinator:
                 config,
                 announce=self.options.announce,
             ) as host,
+            relay_hop(host.libp2p, self.config.trainer.relay_hop, self.ledger.is_active) as hop,
+            probe_client(hop, RELAY_PROBE_S) as self._probe_http,
             trio.open_nursery() as nursery,
         ):
-            self._host = host
+            self._host, self._hop = host, hop
             host.on_refusal = self.submissions.on_refusal
             origin_url = await nursery.start(
                 self.origin.serve, self.options.http_host, self.options.origin_port
@@ -386,20 +395,15 @@ class Coordinator:
             log.warning("could not announce v%d: %s", version, e)
 
     async def _probe_relay(self, url: str, version: int) -> Checked:
-        """Whether `url` serves the signed manifest of the current version, or of the one
-        before (a relay a moment behind a fresh publish is not a liar), and what it says it
-        served."""
-        from shardcast.probe import ProbeStatus, verify_source
-
-        for v in (version, version - 1) if version > 0 else (version,):
-            result = await verify_source(
-                url, self.identity.public_key, self.pool_id, v, timeout_s=10.0
-            )
-            if result.ok:
-                return Checked(None, v, await relay_served(url))
-            if result.status is not ProbeStatus.NOT_HELD:
-                break
-        return Checked(result.status.value)
+        return await check_relay(
+            url,
+            version,
+            public_key=self.identity.public_key,
+            pool_id=self.pool_id,
+            http=self._probe_http,
+            hop=self._hop,
+            timeout_s=RELAY_PROBE_S,
+        )
 
     def _prompt(self, index: int) -> list[int]:
         if index not in self._prompt_ids:

@@ -12,12 +12,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import trio
 
+from protocol.errors import ProtocolError
+from protocol.host import public_key_of_peer
+from protocol.identity import peer_id_of
+from shardcast.nat import HopLimits, P2PNode, attach_node
+from shardcast.p2p import SCHEME, URL_PREFIX, P2PTransport, peer_of_source
 from trainer.view import RelayStatus
 
 log = logging.getLogger("swarmrl.relays")
@@ -40,6 +49,8 @@ Probe = Callable[[str, int], Awaitable[Checked]]
 before)."""
 
 MAX_NODE_RELAYS = 256
+NO_SLOT = "no_slot"
+"""A stream source whose node holds no slot on the coordinator's hop: unreachable to others."""
 MAX_URLS_HANDED_OUT = 32
 
 
@@ -55,14 +66,34 @@ class _Relay:
 
 
 def acceptable_url(url: str) -> bool:
-    """A plain http(s) URL of bounded length with a host: the only shape we will probe."""
+    """A plain http(s) URL of bounded length with a host, or a bare `p2p://peer/<peer id>`:
+    the only shapes we will probe."""
     if len(url) > 256:
         return False
+    if url.startswith(URL_PREFIX):
+        return stream_peer(url) is not None
     try:
         parts = urlsplit(url)
     except ValueError:
         return False
     return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.username
+
+
+def stream_peer(url: str) -> str | None:
+    """The peer id of a bare `p2p://peer/<id>` URL; None for anything else."""
+    try:
+        return peer_of_source(url)
+    except ProtocolError:
+        return None
+
+
+def own_url(node: bytes, url: str) -> bool:
+    """Whether `node` may advertise `url`: any http(s) URL (the probe decides whether it
+    serves), but a stream source only under its own peer id. The coordinator reaches a
+    stream source over the node's own connection, and hands it out as this node's: another
+    peer's id would send fetchers to someone who never offered to serve them."""
+    peer = stream_peer(url)
+    return peer is None or peer == peer_id_of(node)
 
 
 class RelayDirectory:
@@ -77,7 +108,7 @@ class RelayDirectory:
 
     def advertise(self, node: bytes, url: str) -> bool:
         """`node` says it relays at `url` (checked before anyone is sent there)."""
-        if not acceptable_url(url):
+        if not acceptable_url(url) or not own_url(node, url):
             return False
         known = self._relays.get(node)
         if known is not None and known.url == url:
@@ -151,17 +182,42 @@ class RelayDirectory:
         relay.version, relay.served = found.version, found.served
 
 
-async def relay_served(url: str, timeout_s: float = 3.0, max_bytes: int = 64 * 1024) -> int | None:
+async def check_relay(
+    url: str,
+    version: int,
+    *,
+    public_key: bytes,
+    pool_id: str,
+    http: httpx.AsyncClient,
+    hop: P2PNode | None,
+    timeout_s: float,
+) -> Checked:
+    """Whether `url` serves the signed manifest of `version`, or of the one before (a relay a
+    moment behind a fresh publish is not a liar), and what it says it served. A stream
+    source must also hold a slot on our hop: the check reaches it over its own connection to
+    us, but fetchers reach it only through the hop."""
+    from shardcast.probe import ProbeStatus, verify_source
+
+    peer = stream_peer(url)
+    if peer is not None and (hop is None or not hop.holds_slot(peer)):
+        return Checked(NO_SLOT)
+    for v in (version, version - 1) if version > 0 else (version,):
+        result = await verify_source(url, public_key, pool_id, v, timeout_s=timeout_s, http=http)
+        if result.ok:
+            return Checked(None, v, await relay_served(url, http))
+        if result.status is not ProbeStatus.NOT_HELD:
+            break
+    return Checked(result.status.value)
+
+
+async def relay_served(
+    url: str, http: httpx.AsyncClient, timeout_s: float = 3.0, max_bytes: int = 64 * 1024
+) -> int | None:
     """The bytes a verified relay says it served (`GET /stats`), bounded in time and size;
     None when it does not answer sensibly."""
-    import httpx
-
     try:
         with trio.move_on_after(timeout_s):
-            async with (
-                httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as http,
-                http.stream("GET", f"{url.rstrip('/')}/stats") as r,
-            ):
+            async with http.stream("GET", f"{url.rstrip('/')}/stats") as r:
                 body = b""
                 async for chunk in r.aiter_bytes():
                     body += chunk
@@ -172,3 +228,38 @@ async def relay_served(url: str, timeout_s: float = 3.0, max_bytes: int = 64 * 1
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
     return None
+
+
+@asynccontextmanager
+async def relay_hop(
+    libp2p_host: Any,
+    enabled: bool,
+    is_active: Callable[[bytes], bool],
+    limits: HopLimits | None = None,
+) -> AsyncIterator[P2PNode | None]:
+    """The coordinator's circuit-relay hop (and AutoNAT server) on its own libp2p host, for
+    pool nodes in good standing only (`is_active(public key)`: joined, not banned), when
+    `enabled`; None when not. Each slot and circuit is the coordinator's bandwidth."""
+    if not enabled:
+        yield None
+        return
+    admit = partial(admitted_peer, is_active)
+    # DCUtR is for the ends of a circuit; the coordinator is only ever its middle.
+    async with attach_node(libp2p_host, hop=limits or HopLimits(), admit=admit, dcutr=False) as n:
+        yield n
+
+
+def admitted_peer(is_active: Callable[[bytes], bool], peer_id: str) -> bool:
+    """Whether the libp2p peer `peer_id` is a pool node in good standing."""
+    try:
+        return is_active(public_key_of_peer(peer_id))
+    except ProtocolError:  # not an ed25519 peer id: never a pool node
+        return False
+
+
+def probe_client(node: P2PNode | None, timeout_s: float) -> httpx.AsyncClient:
+    """The client relay checks go through: `p2p://` sources only over a connection the node
+    already holds to the coordinator (`P2PNode.open_connected_stream`), never a dial or a
+    circuit, so advertising a stream source cannot make the coordinator open connections."""
+    mounts = {f"{SCHEME}://": P2PTransport(node.open_connected_stream)} if node else None
+    return httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, mounts=mounts)

@@ -20,8 +20,8 @@ from shardcast.server import serve_app
 BODY = bytes(range(256)) * 1024
 
 
-async def _app(scope: dict, receive: Any, send: Any) -> None:
-    """A member's HTTP server, reduced to what the tests need."""
+async def member_app(scope: dict, receive: Any, send: Any) -> None:
+    """A member's HTTP server, reduced to what the tests need (tests/node uses it too)."""
     if scope["type"] == "lifespan":
         while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
@@ -36,8 +36,9 @@ async def _app(scope: dict, receive: Any, send: Any) -> None:
 
 
 async def _pair(nursery: trio.Nursery, limits: StreamLimits) -> tuple[P2PNode, P2PNode, object]:
-    """A serving node (gateway in front of `_app`) and a fetching node that knows its address."""
-    base = await nursery.start(serve_app, _app, "127.0.0.1", 0)
+    """A serving node (gateway in front of `member_app`) and a fetching node that knows its
+    address."""
+    base = await nursery.start(serve_app, member_app, "127.0.0.1", 0)
     server = await nursery.start(_node)
     client = await nursery.start(_node)
     await server.serve_member(base, [], limits)
@@ -151,7 +152,7 @@ def test_nat_node_host_serves_shardcast_beside_the_pool_protocol() -> None:
             Host.open(identity, "testpool") as host,
             trio.open_nursery() as nursery,
         ):
-            base = await nursery.start(serve_app, _app, "127.0.0.1", 0)
+            base = await nursery.start(serve_app, member_app, "127.0.0.1", 0)
             client = await nursery.start(_node)
             async with seed_behind_nat(host.libp2p) as node:
                 assert node.peer_id == host.peer_id == identity.peer_id()
@@ -164,5 +165,42 @@ def test_nat_node_host_serves_shardcast_beside_the_pool_protocol() -> None:
                     assert r.content == BODY
             assert PROTOCOL_ID not in [str(p) for p in host.libp2p.get_mux().get_protocols()]
             nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_nat_hop_gate_bounds_requests_per_peer_and_in_all() -> None:
+    """The gate in front of the hop (and AutoNAT): per dialling peer and in all, whoever
+    dials; a refused stream is reset, not served."""
+    from types import SimpleNamespace
+
+    from shardcast.nat import _Gate
+
+    class Stream:
+        def __init__(self, peer: str) -> None:
+            peer_id = SimpleNamespace(to_base58=lambda: peer)
+            self.muxed_conn = SimpleNamespace(peer_id=peer_id)
+            self.was_reset = False
+
+        async def reset(self) -> None:
+            self.was_reset = True
+
+    async def main() -> None:
+        release = trio.Event()
+
+        async def handler(stream: Any) -> None:
+            await release.wait()
+
+        gate = _Gate(handler, per_peer=1, total=2, admit=None, deadline_s=5.0)
+        streams = [Stream(p) for p in ("a", "a", "b", "c")]
+        async with trio.open_nursery() as nursery:
+            for s in streams:
+                nursery.start_soon(gate.handle, s)
+                await trio.sleep(0.01)
+            # a's second is over its own cap; c's is over the total (a and b hold both).
+            assert [s.was_reset for s in streams] == [False, True, False, True]
+            assert gate.refused == 2
+            release.set()
+        assert not gate.active
 
     trio.run(main)

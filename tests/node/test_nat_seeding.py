@@ -1,0 +1,61 @@
+"""`node join --nat`: when a node re-serves its weights over libp2p through the coordinator's
+relay hop instead of HTTP, and that a pool member then reaches it through the hop knowing
+nothing but its peer id (one process, loopback)."""
+
+import httpx
+import pytest
+import trio
+
+from node.seeding import NatMode, p2p_relay_url, seed_behind_nat
+from protocol.host import Host
+from protocol.identity import Identity
+from shardcast.nat import HopLimits, open_node, p2p_mounts
+from shardcast.p2p import p2p_url
+from shardcast.server import serve_app
+from tests.shardcast.test_sc_nat_stream import BODY, member_app
+
+ELSEWHERE = "/ip4/10.9.9.9/tcp/4001"
+"""An address a node announces that is not where the hop sees it: as behind NAT."""
+
+
+async def _advertised(mode: NatMode, announce: list[str] | None, hop: bool = True) -> str | None:
+    """What a node announcing `announce` advertises in `mode`; when it is a p2p URL, also
+    checks that a stranger to it fetches the seeder's bytes through the hop."""
+    async with (
+        open_node(Identity.generate(), hop=HopLimits() if hop else None) as coordinator,
+        Host.open(Identity.generate(), "pool", announce=announce) as host,
+        seed_behind_nat(host.libp2p, hops=coordinator.addrs) as node,
+        trio.open_nursery() as nursery,
+    ):
+        url = await nursery.start(serve_app, member_app, "127.0.0.1", 0)
+        advertised = await p2p_relay_url(node, url, coordinator.addrs, mode)
+        if advertised is not None:
+            assert advertised == p2p_url(host.peer_id)
+            async with (
+                open_node(Identity.generate()) as member,
+                httpx.AsyncClient(mounts=p2p_mounts(member)) as http,
+            ):
+                member.use_hops(coordinator.addrs)  # no address of the node: the hop only
+                assert (await http.get(f"{advertised}/v/1/f/x")).content == BODY
+        nursery.cancel_scope.cancel()
+    return advertised
+
+
+@pytest.mark.parametrize(
+    ("mode", "announce", "p2p"),
+    [
+        (NatMode.AUTO, [ELSEWHERE], True),  # the dial-back says private: over the hop
+        (NatMode.AUTO, None, False),  # dialled back on loopback: public, HTTP will do
+        (NatMode.ON, None, True),
+        (NatMode.OFF, [ELSEWHERE], False),
+    ],
+)
+def test_nat_mode_decides_what_the_node_advertises(mode, announce, p2p):
+    advertised = trio.run(_advertised, mode, announce)
+    assert (advertised is not None) is p2p
+
+
+def test_nat_a_coordinator_without_a_hop_leaves_the_node_on_http():
+    # No dial-back server (no verdict) in auto, no slot when forced on: HTTP either way.
+    assert trio.run(_advertised, NatMode.AUTO, [ELSEWHERE], False) is None
+    assert trio.run(_advertised, NatMode.ON, None, False) is None
