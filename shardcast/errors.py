@@ -1,6 +1,8 @@
 """Errors shardcast raises on purpose; all are `SwarmError`s so callers at a trust boundary
 catch one family."""
 
+import trio
+
 from protocol.errors import SwarmError
 
 
@@ -20,10 +22,12 @@ class DeltaError(ShardcastError):
     """A delta payload is malformed or does not reconstruct the files its manifest names."""
 
 
-def first_error(group: BaseExceptionGroup) -> BaseException:
+def first_error(group: BaseExceptionGroup, *, cancelled: bool = False) -> BaseException:
     """The exception to raise for a nursery's group: its first `ShardcastError` when every
     leaf is one (so callers catch plain errors), else the group itself (a bug, or a
-    cancellation, must not be hidden)."""
+    cancellation, must not be hidden). `cancelled`: the caller's own scope was cancelled, so
+    `trio.Cancelled` leaves are its doing and do not count (trio raises them again at the
+    next checkpoint if an outer scope was cancelled too)."""
     leaves: list[BaseException] = []
 
     def walk(e: BaseException) -> None:
@@ -34,6 +38,8 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
             leaves.append(e)
 
     walk(group)
+    if cancelled:
+        leaves = [e for e in leaves if not isinstance(e, trio.Cancelled)]
     if leaves and all(isinstance(e, ShardcastError) for e in leaves):
         return leaves[0]
     return group

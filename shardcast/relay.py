@@ -289,8 +289,11 @@ class Relay:
                         watching.cancel_scope.cancel()
                 except BaseExceptionGroup as group:
                     # The nursery wraps the fetch's error; unwrapped, a failed mirror is a
-                    # give-up below rather than an error that ends the node it runs in.
-                    raise first_error(group) from None
+                    # give-up below rather than an error that ends the node it runs in. A
+                    # prune cancels a mirror while its units are landing, and writes into the
+                    # removed folder fail beside the cancellations: that too is a give-up (it
+                    # ended a late joiner mirroring a dozen versions at once).
+                    raise first_error(group, cancelled=scope.cancel_called) from None
                 log.info("mirrored v%d (%d bytes)", version, m.payload_bytes)
                 self.abandoned.pop(version, None)
                 for gone in await self.store.prune():

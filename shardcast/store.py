@@ -100,7 +100,10 @@ class StoredVersion:
             self._soon[name][index] = False
             self._missing -= 1
             self.changes += 1
-            if self._missing == 0:
+            # A prune drops a version (this flag first, its folder after) while its mirror
+            # may still finish units: a late joiner mirroring a dozen versions at once had
+            # its folder gone under the last one, and the FileNotFoundError ended the node.
+            if self._missing == 0 and not self.dropped:
                 (self.folder / "complete").touch()
         self._wake()
 

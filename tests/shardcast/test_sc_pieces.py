@@ -150,3 +150,17 @@ async def test_another_members_share_is_left_to_it_for_a_grace() -> None:
     assert fetcher._next_job(queue) is None  # the rest is other members' share, for now
     fetcher._started -= fetcher.swarm.share_grace
     assert fetcher._next_job(queue) is not None
+
+
+@pytest.mark.trio
+async def test_a_unit_finished_after_its_version_was_pruned_is_no_error(
+    tmp_path: Path, identity: Identity
+) -> None:
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, piece_size=PIECE)
+    m = await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.5), 1)
+    sv = StoredVersion(m, b"", tmp_path / "gone", complete=False)  # its folder never made
+    sv.drop()  # as Store.prune does before removing the folder
+    for p in m.payload:
+        for i in range(len(p.pieces) or 1):
+            sv.mark(p.name, i)
+    assert sv.complete and not (tmp_path / "gone").exists()

@@ -15,7 +15,7 @@ from protocol.identity import Identity
 from shardcast import relay as relay_module
 from shardcast import sources as sources_module
 from shardcast.client import Client
-from shardcast.errors import FetchError
+from shardcast.errors import FetchError, first_error
 from shardcast.fetcher import FetchPolicy
 from shardcast.origin import Origin
 from shardcast.relay import Relay
@@ -106,3 +106,32 @@ def test_a_404_for_a_version_above_the_listing_is_rechecked_sooner_than_one_it_l
     assert not a.lacks(3, before + sources_module.NOT_YET_RECHECK_S + 0.01 + (after - before))
     assert b.lacks(3, before + sources_module.NOT_YET_RECHECK_S + 0.01)
     assert (a.lies, b.lies) == (0, 1)
+
+
+async def _cancelled_while_a_write_fails() -> BaseExceptionGroup:
+    """What a mirror's nursery raises when a prune cancels it (`scope.cancel()`) just as a
+    unit's write into the removed folder fails: the write's error beside the cancellation."""
+
+    async def write_into_removed_folder() -> None:
+        await trio.sleep(0.01)
+        scope.cancel()  # the prune
+        raise FetchError("cannot write v0/payload/config.json: No such file or directory")
+
+    with trio.CancelScope() as scope:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+                nursery.start_soon(write_into_removed_folder)
+        except BaseExceptionGroup as group:
+            return group
+    raise AssertionError("the nursery raised nothing")
+
+
+@pytest.mark.trio
+async def test_a_failed_write_of_a_cancelled_mirror_is_a_plain_error() -> None:
+    group = await _cancelled_while_a_write_fails()
+    assert any(isinstance(e, trio.Cancelled) for e in group.exceptions)
+    # unwrapped, the relay gives the version up instead of ending the node it runs in
+    assert isinstance(first_error(group, cancelled=True), FetchError)
+    # a cancellation the caller did not ask for is never hidden
+    assert first_error(group) is group
