@@ -1,6 +1,6 @@
 """How much work the coordinator keeps leased (`trainer.leasing.enough_work`), hand-computed."""
 
-from trainer.leasing import MIN_INFORMATIVE, enough_work
+from trainer.leasing import MIN_INFORMATIVE, enough_work, reachable_groups
 
 # A pool of batch 8, 4 prompts a lease, a staleness window of 2 batches (16 groups).
 POOL = {"per_lease": 4, "batch": 8, "window": 16}
@@ -32,3 +32,14 @@ def test_the_floor_bounds_leasing_when_nearly_every_group_is_flat():
     assert MIN_INFORMATIVE == 0.5
     assert not enough_work(trainable=0, pending=0, leased=7, informative=0.0, **POOL)
     assert enough_work(trainable=0, pending=0, leased=8, informative=0.0, **POOL)
+
+
+def test_a_lease_on_older_weights_reaches_fewer_steps():
+    # staleness 2, batch 8: weights as new as the trainer's reach the next 2 steps (16 groups)
+    assert reachable_groups(2, 8, lease_version=5, version=5) == 16
+    # one version behind: its groups can train only the next step, one batch
+    assert reachable_groups(2, 8, lease_version=4, version=5) == 8
+    # staleness 4, two behind: 2 steps left
+    assert reachable_groups(4, 8, lease_version=3, version=5) == 16
+    # staleness 0 still lets the next step take fresh work (as in_flight_groups does)
+    assert reachable_groups(0, 8, lease_version=5, version=5) == 8
