@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import trio
 
 from protocol.identity import Identity
 from shardcast.nat import P2PNode, Reachability, attach_node, peer_of, reserve_on
@@ -53,6 +55,46 @@ def make_seeder(
         identity=identity,
         mounts=mounts,
     )
+
+
+RESTART_S = 1.0
+"""The first wait before a failed seeder is started again; it doubles up to `MAX_RESTART_S`."""
+MAX_RESTART_S = 30.0
+
+
+async def keep_seeding(
+    make: Callable[[], Relay],
+    host: str,
+    port: int,
+    *,
+    restart_s: float = RESTART_S,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the seeder `make()` builds, and a fresh one on the same port whenever it stops
+    with an error, until cancelled. `task_status` gets the first one's URL.
+
+    Re-serving is a service to the pool; the node's own work goes on without it, but its
+    client fetches through it. A seeder error (a prune racing a mirror once) used to end the
+    whole node. A new seeder reloads the verified versions on disk and keeps the URL the node
+    advertised, so the coordinator's checks and the node's client find it again. One that
+    cannot start the first time is a configuration error (a taken port): that is raised."""
+    started = False
+    wait = restart_s
+    while True:
+        try:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(make().run, host, port)
+                if not started:
+                    task_status.started(url)
+                    started = True
+                    port = port or urlsplit(url).port or 0
+            log.warning("the seeder stopped; starting it again in %.0f s", wait)
+        except Exception:
+            if not started:
+                raise
+            log.warning("the seeder failed; starting it again in %.0f s", wait, exc_info=True)
+        await trio.sleep(wait)
+        wait = min(2 * wait, MAX_RESTART_S)
 
 
 class NatMode(enum.StrEnum):

@@ -43,7 +43,7 @@ from node.behaviour import Behaviour, NodeContext
 from node.engine import Engine, HFEngine
 from node.hardware import probe
 from node.multiturn import TurnEngine
-from node.seeding import NatMode, make_seeder, p2p_relay_url, seed_behind_nat
+from node.seeding import NatMode, keep_seeding, make_seeder, p2p_relay_url, seed_behind_nat
 from protocol import messages as msg
 from protocol import pow as join_pow
 from protocol.discovery import PoolBook, PoolLocation, discover, follow_pool_record, serve_discovery
@@ -55,6 +55,7 @@ from shardcast.client import Client, FetchResult
 from shardcast.errors import ShardcastError
 from shardcast.fetcher import FetchPolicy, http_client
 from shardcast.nat import P2PNode, p2p_mounts
+from shardcast.relay import Relay
 
 log = logging.getLogger("swarmrl.node")
 
@@ -438,19 +439,23 @@ class Worker:
         `p2p://peer/<id>` when it is served over libp2p instead)."""
         spec = self.location.spec
         assert self._p2p is not None
-        relay = make_seeder(
-            upstreams,
-            self.options.data_dir / "relay" / self.pool_id,
-            identity=self.identity,
-            public_key=bytes.fromhex(spec.coordinator.public_key),
-            pool_id=self.pool_id,
-            keep=spec.limits.max_staleness + 2,
-            upload_cap_mb=self.options.upload_cap_mb,
-            mounts=p2p_mounts(self._p2p),
-        )
+        p2p = self._p2p
+
+        def make() -> Relay:  # a fresh one (and fresh transports) for each restart
+            return make_seeder(
+                upstreams,
+                self.options.data_dir / "relay" / self.pool_id,
+                identity=self.identity,
+                public_key=bytes.fromhex(spec.coordinator.public_key),
+                pool_id=self.pool_id,
+                keep=spec.limits.max_staleness + 2,
+                upload_cap_mb=self.options.upload_cap_mb,
+                mounts=p2p_mounts(p2p),
+            )
+
         async with trio.open_nursery() as nursery:
             port = self.options.relay_port or 0
-            url = await nursery.start(relay.run, self.options.relay_host, port)
+            url = await nursery.start(keep_seeding, make, self.options.relay_host, port)
             log.info("relaying weights at %s", url)
             hops = self.location.coordinator_addrs
             advertised = await p2p_relay_url(self._p2p, url, hops, self.options.nat)
