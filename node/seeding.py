@@ -97,6 +97,26 @@ async def keep_seeding(
         wait = min(2 * wait, MAX_RESTART_S)
 
 
+SLOT_RENEW_S = 30.0
+"""How often a node served over libp2p asks its hops for its slot again."""
+
+
+async def keep_slots(
+    node: P2PNode, hops: Callable[[], Sequence[str]], every_s: float = SLOT_RENEW_S
+) -> None:
+    """Ask the relay hops `hops()` names (the coordinator's addresses, which move when it is
+    rediscovered) for this node's slot every `every_s`, until cancelled.
+
+    A coordinator that restarts forgets every slot, and py-libp2p asks again only shortly
+    before a reservation lapses (up to 15 minutes later): until then nobody could reach this
+    node and the coordinator's check said `no_slot`. A slot the hop still holds is only
+    renewed. The hop's cost: one small request per node per `every_s`, from admitted nodes
+    only."""
+    while True:
+        await trio.sleep(every_s)
+        await reserve_on(node, hops())
+
+
 class NatMode(enum.StrEnum):
     """`node join --nat`: whether the seeder is served over libp2p (docs/shardcast.md)."""
 

@@ -43,7 +43,14 @@ from node.behaviour import Behaviour, NodeContext
 from node.engine import Engine, HFEngine
 from node.hardware import probe
 from node.multiturn import TurnEngine
-from node.seeding import NatMode, keep_seeding, make_seeder, p2p_relay_url, seed_behind_nat
+from node.seeding import (
+    NatMode,
+    keep_seeding,
+    keep_slots,
+    make_seeder,
+    p2p_relay_url,
+    seed_behind_nat,
+)
 from protocol import messages as msg
 from protocol import pow as join_pow
 from protocol.discovery import PoolBook, PoolLocation, discover, follow_pool_record, serve_discovery
@@ -459,6 +466,8 @@ class Worker:
             log.info("relaying weights at %s", url)
             hops = self.location.coordinator_addrs
             advertised = await p2p_relay_url(self._p2p, url, hops, self.options.nat)
+            if advertised is not None:
+                nursery.start_soon(keep_slots, p2p, lambda: self.location.coordinator_addrs)
             task_status.started((url, advertised or url))
 
     async def _fetch_latest(self) -> FetchResult:

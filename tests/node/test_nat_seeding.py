@@ -6,12 +6,13 @@ import httpx
 import pytest
 import trio
 
-from node.seeding import NatMode, p2p_relay_url, seed_behind_nat
+from node.seeding import NatMode, keep_slots, p2p_relay_url, seed_behind_nat
 from protocol.host import Host
 from protocol.identity import Identity
-from shardcast.nat import HopLimits, open_node, p2p_mounts
+from shardcast.nat import HopLimits, open_node, p2p_mounts, reserve_on
 from shardcast.p2p import p2p_url
 from shardcast.server import serve_app
+from tests.integration.pool import free_port
 from tests.shardcast.test_sc_nat_stream import BODY, member_app
 
 ELSEWHERE = "/ip4/10.9.9.9/tcp/4001"
@@ -59,3 +60,31 @@ def test_nat_a_coordinator_without_a_hop_leaves_the_node_on_http():
     # No dial-back server (no verdict) in auto, no slot when forced on: HTTP either way.
     assert trio.run(_advertised, NatMode.AUTO, [ELSEWHERE], False) is None
     assert trio.run(_advertised, NatMode.ON, None, False) is None
+
+
+async def _slot_after_a_hop_restart(renew: bool) -> bool:
+    """A node takes a slot on a hop; the hop restarts (same key, same port) and forgets it.
+    Whether the node holds a slot on the new hop 3 s later, with `keep_slots` running or not."""
+    identity, port = Identity.generate(), free_port()
+    listen = [f"/ip4/127.0.0.1/tcp/{port}"]
+    async with (
+        Host.open(Identity.generate(), "pool", announce=[ELSEWHERE]) as host,
+        seed_behind_nat(host.libp2p) as node,
+    ):
+        async with open_node(identity, listen, hop=HopLimits()) as hop:
+            hops = list(hop.addrs)
+            assert await reserve_on(node, hops)
+            assert hop.holds_slot(host.peer_id)
+        async with open_node(identity, listen, hop=HopLimits()) as hop, trio.open_nursery() as n:
+            assert not hop.holds_slot(host.peer_id)  # the restart forgot it
+            if renew:
+                n.start_soon(keep_slots, node, lambda: hops, 0.2)
+            await trio.sleep(3.0)
+            held = hop.holds_slot(host.peer_id)
+            n.cancel_scope.cancel()
+    return held
+
+
+def test_nat_a_node_takes_its_slot_again_after_the_hop_restarts():
+    assert trio.run(_slot_after_a_hop_restart, True)
+    assert not trio.run(_slot_after_a_hop_restart, False)  # py-libp2p alone waits for expiry
