@@ -930,7 +930,16 @@ async def run_keys(args: argparse.Namespace, run: Run, engine: Engine) -> str:
             identity,
             args.pool,
             engine,
-            WorkerOptions(bootstrap=args.bootstrap, data_dir=args.data_dir, backoff_max_s=5.0),
+            # Loopback like the honest nodes: listening on 0.0.0.0, the dial-back check calls a
+            # node private, and its seeder is then served through the coordinator's relay hop
+            # (the NAT path has its own tests; here it made the coordinator relay cheaters'
+            # weights to honest nodes, and every node lagged).
+            WorkerOptions(
+                bootstrap=args.bootstrap,
+                data_dir=args.data_dir,
+                listen=["/ip4/127.0.0.1/tcp/0"],
+                backoff_max_s=5.0,
+            ),
             behaviour=run.cheat,
         )
         run.workers.append(worker)

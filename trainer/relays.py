@@ -260,6 +260,16 @@ def admitted_peer(is_active: Callable[[bytes], bool], peer_id: str) -> bool:
 def probe_client(node: P2PNode | None, timeout_s: float) -> httpx.AsyncClient:
     """The client relay checks go through: `p2p://` sources only over a connection the node
     already holds to the coordinator (`P2PNode.open_connected_stream`), never a dial or a
-    circuit, so advertising a stream source cannot make the coordinator open connections."""
+    circuit, so advertising a stream source cannot make the coordinator open connections.
+    No HTTP connection is kept between requests, as when each check had its own client:
+    checks come every `recheck_s` (30 s), long after a relay's server closed an idle
+    connection, and a stale one that fails reads as `unreachable` and drops a good relay
+    until its next check (a CI run saw a verified relay dropped so; the cause is not
+    proven)."""
     mounts = {f"{SCHEME}://": P2PTransport(node.open_connected_stream)} if node else None
-    return httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, mounts=mounts)
+    return httpx.AsyncClient(
+        timeout=timeout_s,
+        follow_redirects=False,
+        mounts=mounts,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
