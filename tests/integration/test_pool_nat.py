@@ -27,7 +27,14 @@ from pathlib import Path
 import pytest
 
 from tests.integration.pool import FAST, _env
-from tests.shardcast.netns import NAT_IP, PUBLIC_IP, Lab, NetnsUnavailable, nat_lab
+from tests.shardcast.netns import (
+    NAT_IP,
+    PUBLIC_IP,
+    Lab,
+    NetnsUnavailable,
+    nat_lab,
+    unavailable_here,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -130,7 +137,7 @@ def nat_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatPool]:
         lab_cm = nat_lab()
         lab = lab_cm.__enter__()
     except NetnsUnavailable as e:
-        pytest.skip(f"NAT tests need network namespaces: {e}")
+        unavailable_here(e)
     procs: list[subprocess.Popen] = []
     try:
         spec, pool_id = _init_pool(tmp)

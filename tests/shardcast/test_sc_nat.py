@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netns import NAT_IP, PUBLIC_IP, ROUTER_PUBLIC_IP, Lab, NetnsUnavailable, nat_lab
+from netns import (
+    NAT_IP,
+    PUBLIC_IP,
+    ROUTER_PUBLIC_IP,
+    Lab,
+    NetnsUnavailable,
+    nat_lab,
+    unavailable_here,
+)
 from sc_helpers import REPO, SHARD, Proc, make_checkpoint, same_tree
 from test_sc_processes import pool_file, publish
 
@@ -97,7 +105,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         lab_cm = nat_lab()
         lab = lab_cm.__enter__()
     except NetnsUnavailable as e:
-        pytest.skip(f"NAT tests need network namespaces: {e}")
+        unavailable_here(e)
     w = World(lab, tmp, pool, pool_id, identity.public_key.hex(), ck, "", "", {}, [])
     try:
         origin = w.start(lab.public, "origin", "--root", str(tmp / "origin"), "--key", str(key),

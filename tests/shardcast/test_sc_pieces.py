@@ -14,6 +14,7 @@ from test_sc_hostile import client, fault_proxy
 
 from protocol.identity import Identity
 from shardcast.fetcher import FetchPolicy, ShardFetcher, ShardJob, Swarming
+from shardcast.manifest import Manifest
 from shardcast.origin import Origin
 from shardcast.relay import Relay
 from shardcast.server import serve_app
@@ -87,13 +88,21 @@ async def test_old_manifests_keep_shard_granularity(tmp_path: Path, identity: Id
     assert all(p.pieces == [] for p in m.payload)
 
 
+async def _unheld_version(
+    tmp_path: Path, identity: Identity, folder: Path
+) -> tuple[Manifest, StoredVersion]:
+    """A published version's manifest, and a store entry for it at `folder` holding none of
+    its units yet."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, piece_size=PIECE)
+    m = await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.5), 1)
+    return m, StoredVersion(m, b"", folder, complete=False)
+
+
 @pytest.mark.trio
 async def test_a_promise_is_counted_and_cleared_when_held(
     tmp_path: Path, identity: Identity
 ) -> None:
-    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, piece_size=PIECE)
-    m = await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.5), 1)
-    sv = StoredVersion(m, b"", tmp_path / "x", complete=False)
+    m, sv = await _unheld_version(tmp_path, identity, tmp_path / "x")
     first = m.payload[0].name  # bit 0 of the bitfields
     sv.promise(first, 0)
     sv.promise(first, 0)  # once is enough
@@ -156,9 +165,7 @@ async def test_another_members_share_is_left_to_it_for_a_grace() -> None:
 async def test_a_unit_finished_after_its_version_was_pruned_is_no_error(
     tmp_path: Path, identity: Identity
 ) -> None:
-    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, piece_size=PIECE)
-    m = await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.5), 1)
-    sv = StoredVersion(m, b"", tmp_path / "gone", complete=False)  # its folder never made
+    m, sv = await _unheld_version(tmp_path, identity, tmp_path / "gone")  # folder never made
     sv.drop()  # as Store.prune does before removing the folder
     for p in m.payload:
         for i in range(len(p.pieces) or 1):
