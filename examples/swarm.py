@@ -110,6 +110,9 @@ def _copy_profile(digits: int) -> dict[str, Any]:
             # the time and near the end all right ~40%, groups that cannot train; 16 halves
             # both, and a lease's fixed costs (round trips, signing, proofs) buy twice the work
             "sampling.group_size=16",
+            # up to 64 for a prompt whose recent groups say 16 would likely all earn one reward
+            # (trainer/curriculum.py): at the start, and for solved prompts near the end
+            "sampling.max_group_size=64",
             "algorithm.lr=2e-3",
             "algorithm.batch_prompts=8",
             "algorithm.micro_batch=128",
@@ -541,6 +544,15 @@ class Swarm:
                 running.append(self.start_byzantine(kind, seen_kinds[kind]))
                 seen_kinds[kind] += 1
                 self.event("cheater started", kind=kind)
+            coordinator = self.proc("coordinator")
+            finished = status is not None and status["step"] >= a.steps
+            if coordinator is not None and not coordinator.alive and not finished:
+                # outside the chaos plan (its restart is done before the loop comes back here):
+                # a crash, which the stale status would otherwise show as a stalled pool
+                raise SystemExit(
+                    f"the coordinator exited ({coordinator.popen.returncode}); see "
+                    f"{coordinator.log}:\n{coordinator.text()[-3000:]}"
+                )
             status = self.status() or status
             if status:
                 self.urls_handed_out.update(status.get("weights_urls", []))
@@ -906,6 +918,11 @@ class Swarm:
             "trained": sum(1 for g in groups if g["trained_step"] is not None),
             "dropped": dict(Counter(g["dropped"] for g in groups if g["dropped"])),
             "pending": sum(1 for g in groups if g["trained_step"] is None and not g["dropped"]),
+            # groups differ in size under `sampling.max_group_size`: waste in samples too
+            "trained_samples": sum(
+                len(g["rewards"]) for g in groups if g["trained_step"] is not None
+            ),
+            "dropped_samples": sum(len(g["rewards"]) for g in groups if g["dropped"]),
         }
         ledger_ok = (
             ledger_checks["steps_contiguous"]
@@ -1000,11 +1017,14 @@ def waste(ledger_checks: dict[str, Any]) -> dict[str, Any]:
     a share of the accepted groups that were decided (trained or dropped)."""
     dropped = sum(ledger_checks["dropped"].values())
     accepted = ledger_checks["trained"] + dropped
+    samples = ledger_checks["trained_samples"] + ledger_checks["dropped_samples"]
     return {
         "accepted": accepted,
         "dropped": dropped,
         "share": round(dropped / accepted, 3) if accepted else 0.0,
         "by_reason": ledger_checks["dropped"],
+        "samples": samples,
+        "samples_share": round(ledger_checks["dropped_samples"] / samples, 3) if samples else 0.0,
     }
 
 
@@ -1055,8 +1075,9 @@ def print_summary(r: dict[str, Any]) -> None:
     print("start-up (s from launch): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in
                                                 r["startup_s"].items()))  # fmt: skip
     w = r["waste"]
-    print(f"wasted: {w['dropped']} of {w['accepted']} accepted groups ({w['share']:.0%}) were "
-          f"never trained: {w['by_reason']}")  # fmt: skip
+    print(f"wasted: {w['dropped']} of {w['accepted']} accepted groups ({w['share']:.0%}; "
+          f"{w['samples_share']:.0%} of their {w['samples']} samples) were never trained: "
+          f"{w['by_reason']}")  # fmt: skip
     led = r["ledger"]
     print(
         f"ledger: {led['trained']} groups trained, {led['pending']} pending, dropped "

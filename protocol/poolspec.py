@@ -77,6 +77,11 @@ class SamplingSection(Section):
     """Length cap of a completion; ending there counts as finishing."""
     group_size: Count = 8
     """G: completions sampled per prompt."""
+    max_group_size: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
+    """Up to this many completions for a prompt whose recent 0/1 rewards say that most groups
+    of `group_size` would earn a single reward, and so train nothing (trainer.curriculum); a
+    lease still holds at most `lease_prompts` x `group_size` completions, which also caps a
+    group. 0 (or anything up to `group_size`) samples every prompt `group_size` times."""
 
 
 class LimitsSection(Section):

@@ -31,3 +31,14 @@ def group_advantages(
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards must be group, batch or none, not {scale_rewards!r}")
     return centred, keep
+
+
+def batch_scaled_advantages(groups: list[list[float]]) -> list[torch.Tensor]:
+    """`group_advantages(..., "batch")` for groups of any sizes (`sampling.max_group_size`):
+    each reward minus its group's mean, divided by the std of every reward in the batch."""
+    scale = torch.tensor([r for g in groups for r in g], dtype=torch.float32).std() + _EPS
+    out = []
+    for rewards in groups:
+        row = torch.tensor(rewards, dtype=torch.float32)
+        out.append((row - row.mean()) / scale)
+    return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from trainer.advantages import ScaleRewards, group_advantages
+from trainer.advantages import ScaleRewards, batch_scaled_advantages, group_advantages
 from trainer.grpo import TrainGroup
 
 FLAT = "zero reward variance"
@@ -44,8 +44,7 @@ class GroupAlgorithm:
         scaling the centred rewards divided by the batch's reward std."""
         if self.scale_rewards != "batch":
             return groups
-        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
-        scaled, _ = group_advantages(rewards, "batch")
+        scaled = batch_scaled_advantages([g.rewards for g in groups])
         return [
             replace(g, advantages=[round(float(a), 6) for a in row])
             for g, row in zip(groups, scaled, strict=True)

@@ -119,7 +119,8 @@ class GRPOTrainer:
         if not groups:
             raise ValueError("a step needs at least one group")
         t0 = time.perf_counter()
-        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        # flat: groups may differ in size (`sampling.max_group_size`)
+        rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
         staleness = [current_version - g.weight_version for g in groups]
         metrics: dict[str, float] = {
             "reward_mean": float(rewards.mean()),

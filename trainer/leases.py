@@ -78,17 +78,26 @@ class LeaseBook:
         keep: Keep | None = None,
         barred: frozenset[int] = frozenset(),
         held: frozenset[int] = frozenset(),
+        size: Callable[[int], int] | None = None,
+        samples: int = 0,
     ) -> list[int]:
         """Prompt indices for `node`'s lease number `counter`: orphans it may take first, then
         fresh draws. `barred`: prompts it gave up in the window, never dealt to it. `held`:
         prompts of its open leases, passed over (like those already in this lease) while
         another is free. Draws also pass over prompts `keep(prompt, slot draw)` turns down
-        (trainer.curriculum). Raises `NothingToLease` when none is left for it."""
-        taken = self._take_orphans(barred, n_tasks)
+        (trainer.curriculum). `size(prompt)`: its samples, when they vary; the lease then
+        ends before the prompt that would take it past `samples` in all, so a lease is never
+        more work than the pool's terms say, and a prompt of any size still fits in a lease
+        of its own. Raises `NothingToLease` when none is left for it."""
+        budget = Budget(samples, size) if size is not None else Budget(n_tasks, lambda p: 1)
+        taken = self._take_orphans(barred, n_tasks, budget)
         if len(barred) < self.n_prompts:
             for slot in range(len(taken), n_tasks):
                 start = draw(self.pool_seed, node, counter, slot, b"prompt")
-                taken.append(self._first_free(start, barred, held | set(taken), keep))
+                p = self._first_free(start, barred, held | set(taken), keep)
+                if not budget.take(p):
+                    break  # a fresh draw not taken is simply not dealt: nothing to give back
+                taken.append(p)
         if not taken:
             raise NothingToLease(f"the {len(barred)} prompts this node gave up are barred from it")
         return taken
@@ -122,12 +131,35 @@ class LeaseBook:
             raise NothingToLease("every prompt is barred from this node")
         return first if first_unheld is None else first_unheld
 
-    def _take_orphans(self, barred: frozenset[int], n: int) -> list[int]:
+    def _take_orphans(self, barred: frozenset[int], n: int, budget: Budget) -> list[int]:
         taken: list[int] = []
         kept: deque[int] = deque()
         while self._orphans and len(taken) < n:
             p = self._orphans.popleft()
-            (kept if p in barred else taken).append(p)
+            if p in barred:
+                kept.append(p)
+            elif budget.take(p):
+                taken.append(p)
+            else:
+                self._orphans.appendleft(p)  # first in line for the next lease
+                break
         kept.extend(self._orphans)
         self._orphans = kept
         return taken
+
+
+class Budget:
+    """The samples a lease may still take, `size(prompt)` each; the first prompt always."""
+
+    def __init__(self, samples: int, size: Callable[[int], int]) -> None:
+        self.size = size
+        self.left = samples
+        self.taken = 0
+
+    def take(self, prompt_index: int) -> bool:
+        cost = self.size(prompt_index)
+        if self.taken and cost > self.left:
+            return False
+        self.left -= cost
+        self.taken += 1
+        return True

@@ -94,8 +94,20 @@ class LeaseService:
         window_start = now - self.admission.config.window_s
         gave_up, holding = self.ledger.withheld_prompts(node, window_start)
 
+        base = self.spec.sampling.group_size
+        # no prompt larger than this lease's whole budget (a newcomer's lease is smaller)
+        largest = min(self.spec.sampling.max_group_size, n_tasks * base)
+        sizes: dict[int, int] = {}
+
+        def size(prompt: int) -> int:
+            if prompt not in sizes:
+                sizes[prompt] = self.curriculum.group_size(prompt, base, largest)
+            return sizes[prompt]
+
         def plan(counter: int) -> list[int]:
-            return self.book.plan(node, counter, n_tasks, keep, gave_up, holding)
+            return self.book.plan(
+                node, counter, n_tasks, keep, gave_up, holding, size, n_tasks * base
+            )
 
         def build(
             lease_id: int, counter: int, draws: list[tuple[int, int]]
@@ -106,7 +118,7 @@ class LeaseService:
                     "draw": d,
                     "prompt_ids": self._prompt_ids(p),
                     "seed": task_seed(self.spec.seed, p, d),
-                    "group_size": self.spec.sampling.group_size,
+                    "group_size": size(p),
                 }
                 for p, d in draws
             ]
@@ -181,9 +193,8 @@ class LeaseService:
         informative = self.ledger.share_not_dropped_for(FLAT, INFORMATIVE_WINDOW)
         return enough_work(
             trainable=self.ledger.count_trainable(step + 1 - self.spec.limits.max_staleness),
-            pending=self.ledger.pending_count(),
-            leased=self.ledger.open_lease_count(),
-            per_lease=self.spec.limits.lease_prompts,
+            pending=self.ledger.pending_groups(),
+            leased=self.ledger.open_lease_groups(),
             batch=self.batch_prompts,
             window=reachable_groups(
                 self.spec.limits.max_staleness, self.batch_prompts, lease_version, version
@@ -197,23 +208,24 @@ def enough_work(
     trainable: int,
     pending: int,
     leased: int,
-    per_lease: int,
     batch: int,
     window: int,
     informative: float,
 ) -> bool:
     """`LeaseService._enough_work`'s rule, in groups. `trainable`: accepted groups the trainer
-    can still use; `pending` submissions and `leased` open leases will bring `per_lease` groups
-    each, of which only the `informative` share (not all rewards equal) can train. Counting
+    can still use; `pending` groups (of submissions not yet validated) and `leased` ones (of
+    open leases) are coming, of which only the `informative` share (not all rewards equal) can
+    train. (Counted in groups, not leases: with `max_group_size` a lease holds fewer, larger
+    groups.) Counting
     every coming group as trainable starved the trainer whenever most groups were flat: on the
     default demo 70% were at the start, so the pool leased a third of what the trainer could
     use and a step waited seconds for its batch. The share has a floor of one half: the share
     lags learning (once prompts start to be solved, more groups are informative than the
     newest 64 say), and with a floor of 1/8 the all-kinds chaos swarm leased so far ahead that
     it dropped 202 groups as stale against 23 before; at most twice the window now."""
-    expected = per_lease * max(informative, MIN_INFORMATIVE)
-    done = trainable + pending * expected
-    return done >= batch or done + leased * expected >= window
+    trains = max(informative, MIN_INFORMATIVE)
+    done = trainable + pending * trains
+    return done >= batch or done + leased * trains >= window
 
 
 INFORMATIVE_WINDOW = 64

@@ -465,6 +465,21 @@ class Ledger:
             "SELECT COUNT(*) FROM leases WHERE state = 'open' AND probation = ?", (int(probation),)
         ).fetchone()[0]
 
+    def open_lease_groups(self) -> int:
+        """Groups (a task each) the open leases of trusted nodes will bring."""
+        return self._db.execute(
+            """SELECT COALESCE(SUM(json_array_length(tasks)), 0) FROM leases
+               WHERE state = 'open' AND probation = 0"""
+        ).fetchone()[0]
+
+    def pending_groups(self) -> int:
+        """Groups (a task each) of the leases that submissions waiting for a verdict answer."""
+        return self._db.execute(
+            """SELECT COALESCE(SUM(json_array_length(l.tasks)), 0)
+               FROM submissions s JOIN leases l ON l.id = s.lease_id
+               WHERE s.outcome IS NULL"""
+        ).fetchone()[0]
+
     def withheld_prompts(self, node: bytes, since: float) -> tuple[frozenset[int], frozenset[int]]:
         """(prompts `node` gave up after `since`: its leases expired, released or revoked
         since; prompts of its open leases). What trainer.leases keeps from it."""

@@ -146,3 +146,45 @@ def test_the_ledger_feeds_accepted_groups_only_and_counts_draws(tmp_path):
     assert ledger.prompt_draws(4) == 3 and ledger.prompt_draws(5) == 1
     assert ledger.prompt_draws(6) == 0
     ledger.close()
+
+
+def test_group_size_grows_for_prompts_whose_groups_would_be_flat():
+    c = Curriculum(pool_seed=0, full_reward=1.0, window=1)
+    assert c.group_size(0, base=16, largest=64) == 16  # no estimate yet
+    c.add(1, 0, [1.0] + [0.0] * 15)
+    # p = (1 + 0.5) / (16 + 1) = 0.0882; 0.9118^G <= 0.1 from G = ln 0.1 / ln 0.9118 = 24.9
+    assert c.group_size(0, base=16, largest=64) == 25
+    assert c.group_size(0, base=16, largest=20) == 20  # capped
+    assert c.group_size(0, base=16, largest=0) == 16  # off
+    c.add(2, 0, [1.0] * 15 + [0.0])  # the mirror image: as likely to be flat, all solved
+    assert c.group_size(0, base=16, largest=64) == 25
+    c.add(3, 0, [1.0] * 8 + [0.0] * 8)  # p = 0.5: G = 3.3 would do, never below the base
+    assert c.group_size(0, base=16, largest=64) == 16
+    c.add(4, 0, [0.0] * 16)  # never solved: p = 0.5 / 17 = 0.029, G = 77.1, capped
+    assert c.group_size(0, base=16, largest=64) == 64
+    c.add(5, 1, [0.5] * 16)  # partial credit: a pass rate does not say how flat it is
+    assert c.group_size(1, base=16, largest=64) == 16
+
+
+def test_a_lease_holds_at_most_its_samples_and_always_one_prompt():
+    book = LeaseBook(pool_seed=3, n_prompts=1000)
+    sizes = {p: 16 for p in range(1000)}
+    plain = book.plan(NODE, 0, 4)
+    assert book.plan(NODE, 0, 4, size=sizes.__getitem__, samples=64) == plain
+    sizes[plain[1]] = 40  # the second draw needs 40 of the 48 left: it fits, and ends it
+    assert book.plan(NODE, 0, 4, size=sizes.__getitem__, samples=64) == plain[:2]
+    sizes[plain[0]] = 64  # the first takes the whole lease, and a lease takes at least one
+    assert book.plan(NODE, 0, 4, size=sizes.__getitem__, samples=64) == plain[:1]
+    sizes[plain[0]] = 100
+    assert book.plan(NODE, 0, 4, size=sizes.__getitem__, samples=64) == plain[:1]
+
+
+def test_an_orphan_too_large_for_what_is_left_waits_first_in_line():
+    book = LeaseBook(pool_seed=3, n_prompts=1000)
+    sizes = {p: 16 for p in range(1000)}
+    sizes[5] = 64
+    book.return_prompts([1, 5, 2])
+    first = book.plan(NODE, 0, 4, size=sizes.__getitem__, samples=64)
+    assert first[0] == 1 and len(first) == 4 and 5 not in first  # fresh draws fill the rest
+    assert book.plan(NODE, 1, 4, size=sizes.__getitem__, samples=64) == [5]
+    assert book.plan(NODE, 2, 1) == [2] and book.orphan_count == 0

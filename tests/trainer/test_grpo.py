@@ -48,6 +48,18 @@ def test_step_trains_on_the_stored_advantages_and_updates_weights():
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_step_takes_groups_of_different_sizes():
+    # `sampling.max_group_size` leases some prompts more samples than others
+    model, _ = load_model("tiny")
+    trainer = GRPOTrainer(model, AlgorithmSection(lr=1e-3, micro_batch=4), 1.0, 8)
+    result = trainer.step([_group(1, [1.0, 0.0]), _group(2, [0.0, 1.0, 0.0, 0.0, 0.0])], 0)
+    assert result.trained == [1, 2]
+    # the mean over the 7 samples, not over the two groups' means (0.5 and 0.2)
+    assert abs(result.metrics["reward_mean"] - 2 / 7) < 1e-6 and result.metrics["tokens"] == 21
+    batched = GroupAlgorithm("batch").batch([_group(1, [1.0, 0.0]), _group(2, [0.0, 1.0, 0.0])])
+    assert [len(g.advantages) for g in batched] == [2, 3]
+
+
 def test_algorithm_scores_once_and_drops_flat_groups():
     algo = GroupAlgorithm("group")
     flat = algo.score([0.5] * 4)

@@ -1,16 +1,18 @@
-"""How much work the coordinator keeps leased (`trainer.leasing.enough_work`), hand-computed."""
+"""How much work the coordinator keeps leased (`trainer.leasing.enough_work`), hand-computed.
+
+Work is counted in groups; the comments speak of leases of 4 prompts (4 groups each)."""
 
 from trainer.leasing import MIN_INFORMATIVE, enough_work, reachable_groups
 
 # A pool of batch 8, 4 prompts a lease, a staleness window of 2 batches (16 groups).
-POOL = {"per_lease": 4, "batch": 8, "window": 16}
+POOL = {"batch": 8, "window": 16}
 
 
 def test_every_group_informative_counts_each_lease_as_four_groups():
     # 2 trainable + 1 pending submission (4) = 6 < 8; with 2 open leases 6 + 8 = 14 < 16
-    assert not enough_work(trainable=2, pending=1, leased=2, informative=1.0, **POOL)
+    assert not enough_work(trainable=2, pending=4, leased=8, informative=1.0, **POOL)
     # one more open lease: 6 + 12 = 18 >= 16
-    assert enough_work(trainable=2, pending=1, leased=3, informative=1.0, **POOL)
+    assert enough_work(trainable=2, pending=4, leased=12, informative=1.0, **POOL)
     # a batch already done: enough whatever is leased
     assert enough_work(trainable=8, pending=0, leased=0, informative=1.0, **POOL)
 
@@ -19,19 +21,19 @@ def test_mostly_flat_groups_lease_more():
     # 3 of 4 flat, counted at the floor of one half: each lease brings 2 trainable groups.
     # 2 + 1 x 2 = 4 < 8, and 4 + 5 x 2 = 14 < 16: five open leases are not yet enough (three
     # were, counted whole)
-    assert not enough_work(trainable=2, pending=1, leased=5, informative=0.25, **POOL)
-    assert enough_work(trainable=2, pending=1, leased=6, informative=0.25, **POOL)
+    assert not enough_work(trainable=2, pending=4, leased=20, informative=0.25, **POOL)
+    assert enough_work(trainable=2, pending=4, leased=24, informative=0.25, **POOL)
     # three quarters informative: 3 a lease; 2 + 3 = 5, 5 + 3 x 3 = 14 < 16, 5 + 4 x 3 = 17
-    assert not enough_work(trainable=2, pending=1, leased=3, informative=0.75, **POOL)
-    assert enough_work(trainable=2, pending=1, leased=4, informative=0.75, **POOL)
+    assert not enough_work(trainable=2, pending=4, leased=12, informative=0.75, **POOL)
+    assert enough_work(trainable=2, pending=4, leased=16, informative=0.75, **POOL)
 
 
 def test_the_floor_bounds_leasing_when_nearly_every_group_is_flat():
     # no informative group at all: counted at the floor, 4 x 0.5 = 2 a lease, so 8 open
     # leases fill the 16-group window (twice what counting every group would lease)
     assert MIN_INFORMATIVE == 0.5
-    assert not enough_work(trainable=0, pending=0, leased=7, informative=0.0, **POOL)
-    assert enough_work(trainable=0, pending=0, leased=8, informative=0.0, **POOL)
+    assert not enough_work(trainable=0, pending=0, leased=28, informative=0.0, **POOL)
+    assert enough_work(trainable=0, pending=0, leased=32, informative=0.0, **POOL)
 
 
 def test_a_lease_on_older_weights_reaches_fewer_steps():
