@@ -36,6 +36,7 @@ import multiaddr
 import outcome
 import trio
 
+from protocol.addresses import dialable
 from protocol.envelope import ENVELOPE_OVERHEAD, Envelope, EnvelopeVerifier, Verified, seal
 from protocol.errors import ProtocolError, RemoteError, SwarmError, TransportError
 from protocol.framing import (
@@ -322,8 +323,9 @@ class Host:
 
     @property
     def addrs(self) -> list[str]:
-        """Dialable multiaddrs of this host, each ending in `/p2p/<peer id>`."""
-        return [str(a) for a in self._host.get_addrs()]
+        """Dialable multiaddrs of this host, each ending in `/p2p/<peer id>` (an unspecified
+        listen address expanded into this machine's interface addresses)."""
+        return dialable(str(a) for a in self._host.get_addrs())
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._host.get_connected_peers()]

@@ -26,6 +26,7 @@ import httpx
 import multiaddr
 import trio
 
+from protocol.addresses import dialable
 from protocol.errors import TransportError
 from protocol.host import connection_config
 from protocol.identity import Identity
@@ -113,8 +114,9 @@ class P2PNode:
 
     @property
     def addrs(self) -> list[str]:
-        """Direct addresses, each ending in /p2p/<id>."""
-        return [str(a) for a in self.raw.get_addrs()]
+        """Direct addresses, each ending in /p2p/<id> (an unspecified listen address
+        expanded into this machine's interface addresses: see `protocol.addresses`)."""
+        return dialable(str(a) for a in self.raw.get_addrs())
 
     def learn(self, peer_id: str, addrs: Sequence[str]) -> None:
         """Remember where `peer_id` may be dialled (direct or /p2p-circuit addresses)."""
@@ -139,7 +141,10 @@ class P2PNode:
         with trio.move_on_after(self.config.reserve_timeout_s):
             try:
                 await self.raw.connect(info)
-                status, _ = await client.query_server(info.peer_id)
+                # our dialable addresses, not libp2p's listen ones: the server dials only
+                # those at the IP it sees us at, and never 0.0.0.0
+                mine = [multiaddr.Multiaddr(a).to_bytes() for a in self.addrs]
+                status, _ = await client.query_server(info.peer_id, mine)
             except Exception as e:  # a dead or hostile server: no verdict
                 log.info("reachability check via %s failed: %s", server_addr, e)
                 return Reachability.UNKNOWN
