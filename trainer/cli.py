@@ -22,12 +22,17 @@ from trainer import launch
 
 DEFAULT_KEY = swarmrl_home() / "coordinator.key"
 OPERATOR_TOKEN_ENV = "SWARMRL_OPERATOR_TOKEN"
+VALIDATOR_TOKEN_ENV = "SWARMRL_VALIDATOR_TOKEN"
 INIT_EXAMPLES = """examples:
   coordinator init --model tiny -o pool.toml
   coordinator init --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k \\
       --subset main --limit 1500 -o pool.toml
   coordinator init --model ./my-model --dataset ./data --prompt-column question \\
       --answer-column final --set algorithm.lr=2e-6 -o pool.toml
+"""
+VALIDATOR_EXAMPLES = """examples:
+  coordinator run pool.toml --validator-listen 0.0.0.0:8700 --validator-token-file vt.txt
+  coordinator validator http://COORDINATOR:8700 --token-file vt.txt --name gpu-box-1
 """
 RUN_EXAMPLES = """examples:
   coordinator run pool.toml
@@ -208,7 +213,47 @@ def _parser() -> argparse.ArgumentParser:
         choices=["hf", "vllm"],
         help="what validators prefill with (default: the config's [trainer] validator_backend)",
     )
+    run.add_argument(
+        "--validator-listen",
+        metavar="HOST:PORT",
+        help="serve validators on other machines here (they need the validator token)",
+    )
+    run.add_argument(
+        "--validator-token-file",
+        type=Path,
+        help="file holding the token validators on other machines present (or "
+        f"${VALIDATOR_TOKEN_ENV})",
+    )
     run.set_defaults(run=_run)
+
+    val = sub.add_parser(
+        "validator",
+        help="validate submissions for a coordinator, from another machine",
+        description="Pull batches of submissions from a coordinator's validator port "
+        "(`coordinator run --validator-listen`), validate them exactly as the coordinator "
+        "does (the weights fetched over SHARDCAST and checked against the signed manifests), "
+        "and send the verdicts back. The coordinator trusts them: give this command only to "
+        "machines you control.",
+        epilog=VALIDATOR_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[flags],
+    )
+    val.add_argument("url", help="the coordinator's validator port, e.g. http://10.0.0.1:8700")
+    val.add_argument(
+        "--token-file", type=Path, help=f"the validator token (or ${VALIDATOR_TOKEN_ENV})"
+    )
+    val.add_argument("--name", default="validator", help="shown in verdicts (default: %(default)s)")
+    val.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="SHARDCAST source for the weights (repeat; default: the spec's origin and relays)",
+    )
+    val.add_argument("--data-dir", type=Path, help="where fetched versions go")
+    val.add_argument("--device", default="cpu", help="where versions load (default: %(default)s)")
+    val.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="prefill backend")
+    val.set_defaults(run=_validator)
 
     ev = sub.add_parser(
         "eval",
@@ -368,6 +413,8 @@ def _run(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         origin_port=origin_port,
         operator_token=_operator_token(args),
+        validator_listen=_host_port(args.validator_listen) if args.validator_listen else None,
+        validator_token=_token(args.validator_token_file, None, VALIDATOR_TOKEN_ENV, "validator"),
         wandb_project=args.wandb,
         max_steps=args.max_steps,
     )
@@ -387,6 +434,8 @@ def _run(args: argparse.Namespace) -> int:
             api = ends.api_url
             print(f"  dashboard: {api}/   API: {api}/api/status   docs: {api}/docs")
             print(f"  weights:   {ends.origin_url}")
+            if coordinator.validator_url is not None:
+                print(f"  validators: {coordinator.validator_url}")
             print(
                 f"nodes join with: node join --pool {ends.pool_id} --bootstrap {ends.addrs[0]}",
                 flush=True,
@@ -411,15 +460,62 @@ def _run(args: argparse.Namespace) -> int:
 
 def _operator_token(args: argparse.Namespace) -> str | None:
     """From --operator-token-file, --operator-token or $SWARMRL_OPERATOR_TOKEN, in that order."""
-    if args.operator_token_file is not None:
+    return _token(args.operator_token_file, args.operator_token, OPERATOR_TOKEN_ENV, "operator")
+
+
+def _token(file: Path | None, value: str | None, env: str, what: str) -> str | None:
+    """A secret from its file, else the value given, else the environment variable."""
+    if file is not None:
         try:
-            token = args.operator_token_file.read_text().strip()
+            token = file.read_text().strip()
         except OSError as e:
-            raise SwarmError(f"cannot read the operator token file: {e}") from None
+            raise SwarmError(f"cannot read the {what} token file: {e}") from None
         if not token:
-            raise SwarmError(f"the operator token file {args.operator_token_file} is empty")
+            raise SwarmError(f"the {what} token file {file} is empty")
         return token
-    return args.operator_token or os.environ.get(OPERATOR_TOKEN_ENV) or None
+    return value or os.environ.get(env) or None
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise SwarmError(f"expected HOST:PORT (e.g. 0.0.0.0:8700), not {text!r}")
+    return host, int(port)
+
+
+def _validator(args: argparse.Namespace) -> int:
+    import trio
+
+    from trainer.validator_agent import AgentOptions, ValidatorAgent, fetch_spec
+
+    tame_libp2p(args)
+    token = _token(args.token_file, None, VALIDATOR_TOKEN_ENV, "validator")
+    if token is None:
+        raise SwarmError(f"give the validator token: --token-file or ${VALIDATOR_TOKEN_ENV}")
+    url = args.url.rstrip("/")
+    try:
+        spec = trio.run(fetch_spec, url, token)
+    except (OSError, PermissionError) as e:  # httpx's transport errors are OSErrors too
+        raise SwarmError(f"cannot read the pool spec from {url}: {e}") from None
+    pid = poolspec.pool_id(spec)
+    options = AgentOptions(
+        url=url,
+        token=token,
+        data_dir=args.data_dir or swarmrl_home() / "validators" / pid,
+        name=args.name,
+        sources=tuple(args.source),
+        device=args.device,
+        backend=args.backend,
+    )
+    agent = ValidatorAgent(spec, options)
+    print(f"validating for pool {pid} ({spec.name}) from {url} as {args.name}", flush=True)
+    try:
+        trio.run(agent.run)
+    except KeyboardInterrupt:
+        print(f"stopped after {agent.validated} submissions", flush=True)
+    except PermissionError as e:
+        raise SwarmError(str(e)) from None
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -100,6 +100,15 @@ class TrainerSection(Section):
     validators: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     """Validator worker processes (trainer.validator_pool); 0 or 1 validates in a thread of the
     coordinator."""
+    remote_validators: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    """Batches handed to validators on other machines at once (`coordinator run
+    --validator-listen`; trainer.validator_remote): one per remote validator that works."""
+    remote_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 180.0
+    """A batch a remote validator has not answered in this long goes back in the queue (it
+    may have died holding it); the time covers fetching a version it lacks."""
+    local_validation: bool = True
+    """Validate here too (a thread, or `validators` processes); false leaves every batch to
+    remote validators (`--validator-listen` then required)."""
     eval_every: Annotated[int, msgspec.Meta(ge=0)] = 0
     """Evaluate every N published versions, in a worker thread, on the held-out split:
     greedy accuracy, pass@1 and pass@k into the run log; 0 turns it off."""

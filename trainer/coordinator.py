@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -31,6 +32,7 @@ from protocol import messages as msg
 from protocol import poolspec
 from protocol.discovery import PoolBook, refresh_record, serve_discovery
 from protocol.envelope import Verified
+from protocol.errors import SwarmError
 from protocol.host import Host, HostConfig, pool_topic
 from protocol.identity import Identity, peer_id_of
 from protocol.poolspec import PoolSpec
@@ -50,14 +52,16 @@ from trainer.ledger import Ledger, LedgerError
 from trainer.metrics import RunLog
 from trainer.policy import PolicyStore
 from trainer.relays import Checked, RelayDirectory, check_relay, probe_client, relay_hop
-from trainer.rewards import parse_rewards
 from trainer.sizing import check_fits
 from trainer.submissions import SubmissionService
-from trainer.tasks import Example, make_task
+from trainer.tasks import Example, pool_task
 from trainer.training import Trainer, TrainingService
 from trainer.validator import Validator
 from trainer.validator_pool import validator_pool
 from trainer.view import Endpoints, PoolInfo, Progress, RelayStatus
+
+if TYPE_CHECKING:  # the validators' port is built only when asked for (`_serve_validators`)
+    from trainer.validator_remote import RemoteDesk
 
 log = logging.getLogger("swarmrl.coordinator")
 
@@ -74,6 +78,9 @@ class RunOptions:
     http_port: int = 0
     origin_port: int = 0
     operator_token: str | None = None
+    validator_listen: tuple[str, int] | None = None
+    """(host, port) where validators on other machines pull work; None: no remote ones."""
+    validator_token: str | None = None
     wandb_project: str | None = None
     max_steps: int | None = None
     """Stop training after this many steps (the coordinator keeps serving)."""
@@ -99,6 +106,13 @@ class Coordinator:
             )
         self.spec = spec
         self.config = config or TrainerConfig()
+        if options.validator_listen is not None and not options.validator_token:
+            raise SwarmError("validators on other machines need a token: --validator-token-file")
+        if not self.config.trainer.local_validation and options.validator_listen is None:
+            raise SwarmError(
+                "local_validation = false leaves validation to remote validators: give "
+                "--validator-listen HOST:PORT (and a token) too"
+            )
         settings = self.config.algorithm
         self.identity = identity
         self.options = options
@@ -106,13 +120,7 @@ class Coordinator:
         data = Path(options.data_dir)
         # The task and the model load before the ledger is made: a spec that names a missing
         # model or dataset fails here and leaves nothing that blocks the next try.
-        self.task = make_task(
-            spec.task.name,
-            spec.seed,
-            dict(spec.task.options),
-            spec.task.limit,
-            parse_rewards(spec.task.rewards, spec.sampling.max_new_tokens),
-        )
+        self.task = pool_task(spec)
         validator_device = resolve_device(
             self.config.trainer.validator_device, "--validator-device"
         )
@@ -144,15 +152,12 @@ class Coordinator:
             keep=keep,
             full_every=settings.full_every,
         )
-        self.sampling = SamplingParams(
-            temperature=spec.sampling.temperature,
-            top_k=spec.sampling.top_k,
-            top_p=spec.sampling.top_p,
-            max_tokens=spec.sampling.max_new_tokens,
-            eos_token_ids=self.eos,
-        )
+        self.sampling = pool_sampling(spec, self.eos)
         self._prompt_ids: dict[int, list[int]] = {}
         self._host: Host | None = None
+        self.desk: RemoteDesk | None = None
+        self.validator_url: str | None = None
+        """Where validators on other machines pull work (`RunOptions.validator_listen`)."""
         self._probe_http: Any = None
         """The client relay checks use (`trainer.relays.probe_client`), while running."""
         self._hop: Any = None
@@ -278,7 +283,10 @@ class Coordinator:
             self._serve(host)
             self.submissions.requeue_pending()
             self.leases.grant_outage_grace(time.time())
-            nursery.start_soon(self.submissions.validate_forever)
+            if self.config.trainer.local_validation:
+                nursery.start_soon(self.submissions.validate_forever)
+            if self.options.validator_listen is not None:
+                self.validator_url = await nursery.start(self._serve_validators)
             nursery.start_soon(self.training.train_forever)
             nursery.start_soon(self.leases.expire_forever)
             # Each round of relay checks re-signs the pool's peer list (shardcast/peerlist.py):
@@ -288,6 +296,20 @@ class Coordinator:
             )
             self.endpoints = Endpoints(self.pool_id, host.peer_id, host.addrs, api_url, origin_url)
             task_status.started(self.endpoints)
+
+    async def _serve_validators(self, *, task_status: trio.TaskStatus[str]) -> None:
+        """The port validators on other machines pull batches from (trainer.validator_remote)."""
+        from trainer.validator_remote import RemoteDesk, create_validator_app
+
+        section = self.config.trainer
+        self.desk = RemoteDesk(
+            self.submissions, section.remote_validators, section.remote_timeout_s
+        )
+        app = create_validator_app(self.desk, self.options.validator_token or "", self.spec)
+        host, port = self.options.validator_listen
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.desk.expire_forever)
+            task_status.started(await nursery.start(serve_app, app, host, port))
 
     def _serve(self, host: Host) -> None:
         member = self.ledger.is_active
@@ -498,6 +520,18 @@ def vocab_rows(model: Any, tokenizer: Any) -> int:
     tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens), and the seeded sampler draws over all
     of them, so bounding by the tokenizer would hard-reject honest nodes."""
     return max(len(tokenizer), int(model.get_output_embeddings().weight.shape[0]))
+
+
+def pool_sampling(spec: PoolSpec, eos: Sequence[int]) -> SamplingParams:
+    """The sampling every node uses and every validator replays: the spec's, with the model's
+    end-of-sequence ids."""
+    return SamplingParams(
+        temperature=spec.sampling.temperature,
+        top_k=spec.sampling.top_k,
+        top_p=spec.sampling.top_p,
+        max_tokens=spec.sampling.max_new_tokens,
+        eos_token_ids=tuple(eos),
+    )
 
 
 def _sampling_wire(p: SamplingParams) -> msg.SamplingWire:

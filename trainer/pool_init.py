@@ -19,9 +19,9 @@ from protocol.config import apply_overrides
 from protocol.errors import SwarmError
 from protocol.poolspec import PoolSpec
 from trainer.presets import CHAT_TASKS, MAX_NEW_TOKENS, PRESETS
-from trainer.rewards import BUILTIN, parse_rewards
+from trainer.rewards import BUILTIN
 from trainer.sizing import defaults_for
-from trainer.tasks import Task, make_task
+from trainer.tasks import Task, pool_task
 
 DEFAULT_TASK = "arithmetic"
 """A task for a model that is not a preset when neither --task nor --dataset is given: it needs
@@ -128,11 +128,8 @@ def check_task(spec: PoolSpec) -> tuple[dict[str, Any], list[str]]:
 
 
 def _build(spec: PoolSpec) -> Task:
-    rewards = parse_rewards(spec.task.rewards, spec.sampling.max_new_tokens)
     try:
-        return make_task(
-            spec.task.name, spec.seed, dict(spec.task.options), spec.task.limit, rewards
-        )
+        return pool_task(spec)
     except SwarmError as e:
         if "path" in str(e) and spec.task.name == "gsm8k":
             raise SwarmError("task gsm8k reads a dataset: give it with --dataset") from None

@@ -234,23 +234,47 @@ class SubmissionService:
         while True:
             if ready is not None:
                 await ready()  # (re)start the worker before taking work from the queue
-            batch = await self._next_batch()
+            batch = await self.take_batch()
             if not batch:
                 continue
-            jobs = [self._job(row) for row in batch]
             try:
-                checked = await run(jobs, self._progress().version)
+                checked = await run(self.jobs(batch), self.current_version())
             except WorkerLost as e:
                 log.warning("%s: %d submissions back in the queue", e, len(batch))
                 self._requeue_lost(batch, str(e))
                 continue
-            now = time.time()
-            for row, c in zip(batch, checked, strict=True):
-                self._record(row, c)
-                if row["shared"]:
-                    self.admission.charge_probation(c.seconds, now)
+            self.finish_batch(batch, checked)
 
-    async def _next_batch(self) -> list[dict[str, Any]]:
+    # The lanes above, and validators on other machines (trainer.validator_remote), go
+    # through `take_batch`, `jobs`, `finish_batch` and `return_batch`.
+
+    def current_version(self) -> int:
+        """The trainer's newest version: what a batch's staleness is judged against."""
+        return self._progress().version
+
+    def jobs(self, batch: list[dict[str, Any]]) -> list[Job]:
+        return [self._job(row) for row in batch]
+
+    def finish_batch(
+        self, batch: list[dict[str, Any]], checked: list[Checked], by: str = ""
+    ) -> None:
+        """Record the verdicts on `batch` (one each, in order); `by` names a remote validator
+        in each verdict's details."""
+        now = time.time()
+        for row, c in zip(batch, checked, strict=True):
+            if by:
+                c.verdict.details["validator"] = by
+            self._record(row, c)
+            if row["shared"]:
+                self.admission.charge_probation(c.seconds, now)
+
+    def return_batch(self, batch: list[dict[str, Any]]) -> None:
+        """`batch` back in the queue, untouched: its validator went away, which says nothing
+        about the submissions (unlike a worker that died holding them, `_requeue_lost`)."""
+        for row in batch:
+            self.queue.push(row["id"], 1 if row["shared"] else 0)
+
+    async def take_batch(self) -> list[dict[str, Any]]:
         """Queued submissions to validate together, in trust order: the first, then more of
         its tier while they are queued already (a submission a worker died holding goes
         alone). Empty when the first was decided meanwhile or must wait for the budget."""

@@ -15,7 +15,14 @@ from typing import Any
 
 from protocol.environments import Environment
 from protocol.errors import SwarmError
-from trainer.rewards import WeightedReward, exact_numeric, math_verify_reward, position_match
+from protocol.poolspec import PoolSpec
+from trainer.rewards import (
+    WeightedReward,
+    exact_numeric,
+    math_verify_reward,
+    parse_rewards,
+    position_match,
+)
 
 
 @dataclass(frozen=True)
@@ -227,3 +234,10 @@ def make_task(
             "(--answer-column) or name reward functions (--reward NAME)"
         )
     return task
+
+
+def pool_task(spec: PoolSpec) -> Task:
+    """The task a pool spec names, with its reward functions: what the coordinator trains on
+    and every validator, here or on another machine, scores with."""
+    rewards = parse_rewards(spec.task.rewards, spec.sampling.max_new_tokens)
+    return make_task(spec.task.name, spec.seed, dict(spec.task.options), spec.task.limit, rewards)

@@ -227,7 +227,7 @@ def test_a_batch_is_one_tier_one_submission_per_newcomer_and_a_lost_one_alone():
     async def batches():
         out = []
         while len(service.queue):
-            out.append([row["id"] for row in await service._next_batch()])
+            out.append([row["id"] for row in await service.take_batch()])
         return out
 
     # In queue order, a batch ends at the first submission that may not join it: trusted
