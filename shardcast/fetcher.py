@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import random
 from collections import deque
@@ -64,6 +65,16 @@ class _TransferFailed(Exception):
 
 class _TooSlow(_TransferFailed):
     """The transfer fell below the minimum rate while another source could serve it."""
+
+
+class _NotNow(_TransferFailed):
+    """503: the source is busy (its connection caps) or has not got the unit yet (a relay
+    still mirroring). It says nothing against the source or the data, so it spends the
+    unit's `busy_wait` rather than one of its attempts."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -174,6 +185,25 @@ class FetchPolicy:
     """Seconds a shard must have been in flight before an idle worker may hedge it."""
     deadline: float = 3600.0
     """Overall limit on one fetch (a version and its delta chain), in seconds."""
+    busy_wait: float = 60.0
+    """Seconds one unit may wait on 503 answers (busy, or not held yet), each wait what the
+    source's Retry-After asks (at most `MAX_RETRY_AFTER_S`), before they count as failed
+    attempts. With every answer a failure, 32 clients behind one address (sharing a relay's
+    per-address cap) gave up within seconds of a relay that was merely busy."""
+
+
+MAX_RETRY_AFTER_S = 5.0
+"""The longest Retry-After a fetch obeys (a hostile source could ask for hours)."""
+
+
+def retry_after_s(r: httpx.Response) -> float:
+    """The response's Retry-After in seconds (a number; a date or junk reads as 1 s), within
+    (0, MAX_RETRY_AFTER_S]."""
+    try:
+        asked = float(r.headers.get("retry-after", "1"))
+    except ValueError:
+        asked = 1.0
+    return min(max(asked, 0.05), MAX_RETRY_AFTER_S) if math.isfinite(asked) else 1.0
 
 
 def prepare_file(path: Path, size: int) -> None:
@@ -468,7 +498,8 @@ class ShardFetcher:
     async def _fetch_into(self, version: int, job: ShardJob, fd: int, race: _Race) -> None:
         prog = _Progress()
         avoid: set[str] = set()
-        attempts = 0
+        attempts = busy = 0
+        waited = 0.0
         last_error = "no attempt"
         while True:
             if attempts >= self.policy.max_attempts:
@@ -495,9 +526,22 @@ class ShardFetcher:
             except _TransferFailed as e:
                 last_error = f"{source.url}: {e}"
                 log.info("v%d %s shard %d: %s", version, job.name, job.index, last_error)
-                avoid.add(source.url)
-                delay = min(self.policy.max_backoff, self.policy.backoff * 2 ** (attempts - 1))
+                avoid.add(source.url)  # another source first, if there is one
+                if isinstance(e, _NotNow) and waited < self.policy.busy_wait:
+                    attempts -= 1  # busy, or not held yet: no attempt spent
+                    busy += 1
+                    # another source may serve now; else wait as long as this one asked
+                    alone = not self.picker.has_alternative(version, source.url)
+                    delay = e.retry_after if alone else self._backoff(busy)
+                    delay = min(delay, self.policy.busy_wait - waited)
+                    waited += delay
+                else:
+                    delay = self._backoff(attempts)
                 await trio.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _backoff(self, failures: int) -> float:
+        """The pause after a unit's `failures`-th failure, before jitter: doubling, capped."""
+        return min(self.policy.max_backoff, self.policy.backoff * 2 ** (failures - 1))
 
     async def _attempt(
         self,
@@ -613,6 +657,8 @@ class ShardFetcher:
         if r.status_code == 404:
             self.picker.record_missing(source, version)
             raise _TransferFailed("404: version not held")
+        if r.status_code == 503:
+            raise _NotNow("503: busy or not held yet", retry_after_s(r))
         if r.status_code != 206:
             raise _TransferFailed(f"HTTP {r.status_code}")
         expect = f"bytes {first}-{last}/"

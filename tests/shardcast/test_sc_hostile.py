@@ -26,6 +26,7 @@ from sc_helpers import POOL_ID, SHARD, make_checkpoint, same_tree
 
 from protocol.identity import Identity
 from shardcast.client import Client
+from shardcast.errors import FetchError
 from shardcast.fetcher import FetchDeadline, FetchPolicy
 from shardcast.limits import ServeLimits
 from shardcast.origin import Origin
@@ -49,17 +50,23 @@ HOSTILE = FetchPolicy(
 
 
 def fault_proxy(
-    upstream: list[str], mode: str, fake_versions: bool = False, flip_at: int = 0
+    upstream: list[str],
+    mode: str,
+    fake_versions: bool = False,
+    flip_at: int = 0,
+    busy_first: int = 0,
 ) -> FastAPI:
     """Forwards to `upstream[0]`, misbehaving on payload bodies as `mode` says:
     "trickle" (1 KB, then a byte every 0.3 s), "stall_body" (1 KB, then silence),
     "stall_headers" (never answers), "flip" (first byte flipped), "flip_at" (the byte at
     file offset `flip_at` flipped, the first time a response covers it), "refuse" (503),
     "honest".
-    With `fake_versions`, its listing adds a new, never-held version on every call."""
+    With `fake_versions`, its listing adds a new, never-held version on every call; with
+    `busy_first`, its first that many payload requests get 503 with Retry-After 0.2 s."""
     app = FastAPI()
     fake = itertools.count(1000)
     flipped_at: list[int] = []
+    busy_left = [busy_first]
 
     @app.get("/versions")
     async def versions() -> dict:
@@ -83,6 +90,9 @@ def fault_proxy(
             await trio.sleep_forever()
         if mode == "refuse":
             raise HTTPException(503)
+        if busy_left[0] > 0:
+            busy_left[0] -= 1
+            raise HTTPException(503, headers={"retry-after": "0.2"})
         async with httpx.AsyncClient() as http:
             headers = {"Range": request.headers.get("range", "bytes=0-")}
             r = await http.get(f"{upstream[0]}/v/{version}/f/{name}", headers=headers)
@@ -279,6 +289,30 @@ async def test_relay_is_not_wedged_by_a_bad_upstream(tmp_path, identity, mode) -
 
 
 @pytest.mark.trio
+async def test_busy_answers_spend_no_attempts(tmp_path, identity) -> None:
+    """A source that is only busy for a while (503 with Retry-After: its connection caps, or
+    a relay still mirroring) is waited for within `busy_wait`, not given up on: 32 clients
+    sharing one address on a relay failed their fetches that way (docs/shardcast.md)."""
+    policy = replace(HOSTILE, max_attempts=2)
+    async with trio.open_nursery() as nursery:
+        _, url, busy, ck = await origin_and_proxy(
+            nursery, tmp_path, identity, "honest", busy_first=6
+        )
+        c = client([busy], tmp_path / "c", identity, policy=policy)
+        assert same_tree((await c.fetch(1)).path, ck)
+        await c.aclose()
+        # the same six busy answers, with no patience for them, are six failed attempts
+        impatient = await nursery.start(
+            serve_app, fault_proxy([url], "honest", busy_first=6), "127.0.0.1", 0
+        )
+        c = client([impatient], tmp_path / "c2", identity, policy=replace(policy, busy_wait=0))
+        with pytest.raises(FetchError, match="gave up after 2 attempts"):
+            await c.fetch(1)
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
 async def test_relay_outlives_a_version_it_cannot_fetch(tmp_path, identity) -> None:
     """Every shard source failing ends the mirror of that version (given up, logged), never
     the relay: a node's re-serving relay died with it when its origin restarted."""
@@ -290,7 +324,7 @@ async def test_relay_outlives_a_version_it_cannot_fetch(tmp_path, identity) -> N
             public_key=identity.public_key,
             pool_id=POOL_ID,
             poll_wait=1,
-            policy=replace(HOSTILE, max_attempts=2),
+            policy=replace(HOSTILE, max_attempts=2, busy_wait=0.5),
         )
         relay_url = await nursery.start(relay.run)
         with trio.fail_after(30):
