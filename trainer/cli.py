@@ -484,6 +484,7 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def _validator(args: argparse.Namespace) -> int:
+    import httpx
     import trio
 
     from trainer.validator_agent import AgentOptions, ValidatorAgent, fetch_spec
@@ -495,7 +496,7 @@ def _validator(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
     try:
         spec = trio.run(fetch_spec, url, token)
-    except (OSError, PermissionError) as e:  # httpx's transport errors are OSErrors too
+    except (httpx.HTTPError, PermissionError) as e:
         raise SwarmError(f"cannot read the pool spec from {url}: {e}") from None
     pid = poolspec.pool_id(spec)
     options = AgentOptions(

@@ -14,7 +14,6 @@ validator token): its verdicts decide accepts and bans as the coordinator's own 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,21 +112,18 @@ class ValidatorAgent:
         )
         self.validated = 0
 
-    async def run(self, batches: float = math.inf) -> None:
-        """Pull, validate and answer until cancelled (or `batches` were answered)."""
+    async def run(self) -> None:
+        """Pull, validate and answer until cancelled."""
         headers = {"authorization": f"Bearer {self.options.token}", "content-type": MSGPACK}
         timeout = httpx.Timeout(30.0, read=PULL_WAIT_S + 30.0)
-        answered = 0
         async with httpx.AsyncClient(
             base_url=self.options.url, headers=headers, timeout=timeout
         ) as http:
             try:
-                while answered < batches:
+                while True:
                     work = await self._pull(http)
-                    if work is None:
-                        continue
-                    await self._post(http, await self._answer(work))
-                    answered += 1
+                    if work is not None:
+                        await self._post(http, await self._answer(work))
             finally:
                 await self.client.aclose()
 
@@ -171,10 +167,14 @@ class ValidatorAgent:
                 await self.client.fetch(version)
 
     async def _post(self, http: httpx.AsyncClient, answer: Answer) -> None:
-        r = await http.post("/validate/answer", content=msgspec.msgpack.encode(answer))
+        """Send an answer once. Lost or refused (the ticket expired meanwhile, or the
+        coordinator restarted), the batch is back in the coordinator's queue either way."""
+        try:
+            r = await http.post("/validate/answer", content=msgspec.msgpack.encode(answer))
+        except httpx.HTTPError as e:
+            log.warning("answer to ticket %d not delivered: %s", answer.ticket, e)
+            return
         if r.status_code != 200:
-            # the ticket expired meanwhile, or the coordinator restarted: the batch is back in
-            # its queue either way
             log.warning(
                 "answer to ticket %d refused (%d): %s", answer.ticket, r.status_code, r.text[:200]
             )
