@@ -164,6 +164,8 @@ def swarm_run(cfg: dict[str, Any], seconds: float, eval_limit: int, seed: int) -
         "algorithm.lr": cfg["lr"],
         "algorithm.batch_prompts": cfg["prompts"],
         "sampling.group_size": cfg["group"],
+        # every group the size TRL samples (the demo's profile grows flat prompts' groups)
+        "sampling.max_group_size": 0,
         "sampling.max_new_tokens": cfg["max_new_tokens"],
         "model.dtype": cfg["dtype"],
     }
