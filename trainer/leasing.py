@@ -216,13 +216,13 @@ def enough_work(
     can still use; `pending` groups (of submissions not yet validated) and `leased` ones (of
     open leases) are coming, of which only the `informative` share (not all rewards equal) can
     train. (Counted in groups, not leases: with `max_group_size` a lease holds fewer, larger
-    groups.) Counting
-    every coming group as trainable starved the trainer whenever most groups were flat: on the
-    default demo 70% were at the start, so the pool leased a third of what the trainer could
-    use and a step waited seconds for its batch. The share has a floor of one half: the share
-    lags learning (once prompts start to be solved, more groups are informative than the
-    newest 64 say), and with a floor of 1/8 the all-kinds chaos swarm leased so far ahead that
-    it dropped 202 groups as stale against 23 before; at most twice the window now."""
+    groups.) Counting every coming group as trainable starved the trainer whenever most groups
+    were flat: on the default demo 70% were at the start, so the pool leased a third of what
+    the trainer could use and a step waited seconds for its batch. The share has a floor of
+    one half: the share lags learning (once prompts start to be solved, more groups are
+    informative than the newest 64 say), and with a floor of 1/8 the all-kinds chaos swarm
+    leased so far ahead that it dropped 202 groups as stale against 23 before; at most twice
+    the window now."""
     trains = max(informative, MIN_INFORMATIVE)
     done = trainable + pending * trains
     return done >= batch or done + leased * trains >= window
