@@ -154,7 +154,7 @@ def fsdp_matches_single(tmp: Path) -> tuple[bool, float]:
 
 
 def _rank_program(out: Path) -> None:
-    from trainer.distributed import RankGroup, follow, join_ranks
+    from trainer.distributed import RankGroup, follow, join_ranks, leave_ranks
 
     config = from_dict({"algorithm": {"lr": 1e-3, "is_cap": 0, "micro_batch": 2}})
     ranks = join_ranks("cpu")
@@ -164,6 +164,7 @@ def _rank_program(out: Path) -> None:
         )
         if ranks.rank != 0:
             follow(learner, ranks.control)
+            leave_ranks()
             return
         group = RankGroup(learner, ranks.control)
         vocab = learner.trainer.model.config.vocab_size
@@ -172,6 +173,7 @@ def _rank_program(out: Path) -> None:
         model = group.publishable()
         save_file({k: v.float().contiguous() for k, v in model.state_dict().items()}, out)
         group.stop()
+        leave_ranks()
 
 
 def validation_cost(model: str, dtype: str) -> dict[str, object]:

@@ -55,7 +55,7 @@ def start_trainer(spec: PoolSpec, config: TrainerConfig, data_dir: Path) -> Trai
     """This process's trainer handle for the coordinator, or None on a rank > 0 once rank 0
     has stopped. Re-executes under torchrun (does not return) when several ranks are asked for
     and this is not one of them yet."""
-    from trainer.distributed import RankGroup, follow, join_ranks, torchrun_argv
+    from trainer.distributed import RankGroup, follow, join_ranks, leave_ranks, torchrun_argv
     from trainer.learner import build_learner, resolve_device
     from trainer.sizing import check_fits
 
@@ -76,15 +76,17 @@ def start_trainer(spec: PoolSpec, config: TrainerConfig, data_dir: Path) -> Trai
     if ranks.rank == 0:
         return RankGroup(learner, ranks.control)
     follow(learner, ranks.control)
+    leave_ranks()
     return None
 
 
 def stop_trainer(trainer: Trainer) -> None:
     """Release the other ranks (they exit once rank 0's last checkpoint is written)."""
-    from trainer.distributed import RankGroup
+    from trainer.distributed import RankGroup, leave_ranks
     from trainer.learner import Learner
 
     if isinstance(trainer, RankGroup):
         trainer.stop()
+        leave_ranks()
     elif isinstance(trainer, Learner):
         trainer.finish_checkpoint()

@@ -90,7 +90,7 @@ def _publish(model: torch.nn.Module, tokenizer, out: Path, version: int = STEPS)
 def _rank_program(a: argparse.Namespace) -> None:
     """Train `a.steps` steps on torchrun's ranks and publish; rank 0 also writes each step's
     time to `step_times.json` (docs/scale.md's 1 vs 2 ranks figures)."""
-    from trainer.distributed import RankGroup, follow, join_ranks
+    from trainer.distributed import RankGroup, follow, join_ranks, leave_ranks
 
     ranks = join_ranks(a.device)
     config = _config(a.device, a.lora_rank)
@@ -109,6 +109,7 @@ def _rank_program(a: argparse.Namespace) -> None:
 
             learner.step = step_or_die
         follow(learner, ranks.control)
+        leave_ranks()
         return
     group = RankGroup(learner, ranks.control)
     first = 1
@@ -125,6 +126,7 @@ def _rank_program(a: argparse.Namespace) -> None:
     _publish(group.publishable(), group.tokenizer, a.out, a.steps)
     (a.out / "step_times.json").write_text(json.dumps(times))
     group.stop()
+    leave_ranks()
 
 
 def _torchrun(tmp: Path, *args: str, procs: int = 2) -> subprocess.CompletedProcess:
