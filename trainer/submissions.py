@@ -272,7 +272,11 @@ class SubmissionService:
         """`batch` back in the queue, untouched: its validator went away, which says nothing
         about the submissions (unlike a worker that died holding them, `_requeue_lost`)."""
         for row in batch:
-            self.queue.push(row["id"], 1 if row["shared"] else 0)
+            self._push_back(row)
+
+    def _push_back(self, row: dict[str, Any]) -> None:
+        """A taken submission back in the queue, in its trust tier."""
+        self.queue.push(row["id"], 1 if row["shared"] else 0)
 
     async def take_batch(self) -> list[dict[str, Any]]:
         """Queued submissions to validate together, in trust order: the first, then more of
@@ -341,7 +345,7 @@ class SubmissionService:
                 self._record(row, Checked(verdict, -1, 0.0))
                 continue
             self._losses[sid] = losses
-            self.queue.push(sid, 1 if row["shared"] else 0)
+            self._push_back(row)
 
     def _record(self, row: dict[str, Any], checked: Checked) -> None:
         """The verdict into the ledger (with its groups, strikes and cost), logs and bans."""
