@@ -92,7 +92,7 @@ def test_node_table_lists_every_node(pool: Pool, page: Watched) -> None:
     # A row opens the node's page with its verdicts.
     alice = next(k for k, n in keys.items() if n == "alice")
     page.page.locator(f"#node-table tr[data-id='{alice}']").click()
-    page.wait_loaded()
+    page.wait_loaded("node")
     assert page.page.url.endswith(f"#/nodes/{alice}")
     assert page.page.locator("#page tbody tr").count() >= 1
     assert "accept" in page.page.locator("#page tbody").inner_text()

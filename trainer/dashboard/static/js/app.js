@@ -23,8 +23,11 @@ let generation = 0;
 
 function route() {
   const [name = "overview", arg] = location.hash.replace(/^#\/?/, "").split("/");
-  if (name === "nodes" && arg) return { name, mount: (root) => nodes.mountNode(root, arg) };
-  return { name: PAGES[name] ? name : "overview", mount: PAGES[name] ?? overview.mount };
+  // A node's own page sits under the Nodes tab but has its own page name, so a wait for it
+  // cannot be satisfied by the list it was opened from.
+  if (name === "nodes" && arg) return { name, page: "node", mount: (root) => nodes.mountNode(root, arg) };
+  const known = PAGES[name] ? name : "overview";
+  return { name: known, page: known, mount: PAGES[known] };
 }
 
 async function tick(gen) {
@@ -51,11 +54,11 @@ function show() {
   current?.destroy?.();
   generation += 1;
   document.body.dataset.loaded = "0";
-  const { name, mount } = route();
+  const { name, page, mount } = route();
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.page === name);
   const root = document.getElementById("page");
   root.replaceChildren();
-  root.dataset.page = name;
+  root.dataset.page = page;
   current = mount(root);
   tick(generation);
 }
