@@ -18,7 +18,11 @@ A prompt still leased gets more samples when its estimate says a group of the po
 would most likely be flat (`group_size`): at pass rate p, a group of G 0/1 rewards is flat with
 probability p^G + (1-p)^G, so G grows until that is about `FLAT_TARGET`, up to the pool's
 `max_group_size`. A prompt solved 1 time in 20 gives a flat group of 16 44% of the time, and
-one of 45 10% of the time: more samples, but each one far likelier to train.
+one of 45 10% of the time: more samples, but each one far likelier to train. A prompt with no
+accepted group yet is sized from the pool's `POOL_WINDOW` newest accepted groups, whatever
+their prompts: what the current policy does on the task is the best guess for a prompt it has
+not been seen on (in the demo, the leases sent out in the second after the first groups came
+back went out at the pool's size, and about one in three of them came back flat).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import math
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import blake3
@@ -39,6 +43,8 @@ PAGE = 5000
 """Groups read from the ledger per query."""
 FLAT_TARGET = 0.1
 """The chance of a flat group that `Curriculum.group_size` sizes a prompt's group for."""
+POOL_WINDOW = 16
+"""Newest accepted groups (of any prompts) that size a prompt with no estimate of its own."""
 
 AcceptedReader = Callable[[int, int], list[tuple[int, int, list[float]]]]
 """`Ledger.accepted_rewards_since(after, limit)`: (group id, prompt index, rewards) of the
@@ -77,12 +83,14 @@ class Curriculum:
         self.window = window
         self.keep_probability = keep
         self._recent: dict[int, deque[list[float]]] = {}
+        self._pool: deque[list[float]] = deque(maxlen=POOL_WINDOW)
         self.last_group = 0
         """The newest group id read from the ledger."""
 
     def add(self, group_id: int, prompt_index: int, rewards: list[float]) -> None:
         """One accepted group, in id order."""
         self._recent.setdefault(prompt_index, deque(maxlen=self.window)).append(rewards)
+        self._pool.append(rewards)
         self.last_group = max(self.last_group, group_id)
 
     def refresh(self, read: AcceptedReader) -> int:
@@ -98,8 +106,10 @@ class Curriculum:
 
     def estimate(self, prompt_index: int) -> Estimate | None:
         groups = self._recent.get(prompt_index)
-        if not groups:
-            return None
+        return self._summary(groups) if groups else None
+
+    def _summary(self, groups: Iterable[list[float]]) -> Estimate:
+        groups = list(groups)
         rewards = [r for g in groups for r in g]
         solved = sum(r >= self.full_reward - 1e-9 for r in rewards)
         flat = max(rewards) - min(rewards) <= 1e-9
@@ -128,6 +138,8 @@ class Curriculum:
         smoothed by half a success and half a failure, so 0 of 32 reads as 1 in 66, not as
         never: a prompt never solved yet is sampled widely, not endlessly."""
         estimate = self.estimate(prompt_index)
+        if estimate is None and self._pool:
+            estimate = self._summary(self._pool)  # a prompt not seen yet: the pool's record
         if estimate is None or largest <= base or not estimate.binary:
             return base
         p = (estimate.solved + 0.5) / (estimate.samples + 1)

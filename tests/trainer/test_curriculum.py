@@ -6,7 +6,7 @@ import struct
 import blake3
 import pytest
 
-from trainer.curriculum import Curriculum, coin
+from trainer.curriculum import POOL_WINDOW, Curriculum, coin
 from trainer.leases import MAX_SKIPS, LeaseBook, draw
 from trainer.ledger import Decision, Ledger, NewGroup
 
@@ -164,6 +164,22 @@ def test_group_size_grows_for_prompts_whose_groups_would_be_flat():
     assert c.group_size(0, base=16, largest=64) == 64
     c.add(5, 1, [0.5] * 16)  # partial credit: a pass rate does not say how flat it is
     assert c.group_size(1, base=16, largest=64) == 16
+
+
+def test_a_prompt_not_seen_yet_is_sized_from_the_pools_newest_groups():
+    c = Curriculum(pool_seed=0, full_reward=1.0)
+    assert c.group_size(7, base=16, largest=64) == 16  # nothing accepted anywhere yet
+    c.add(1, 0, [1.0] + [0.0] * 15)
+    c.add(2, 1, [0.0] * 16)
+    # prompt 7 has no group: the pool's 1 of 32, p = 1.5 / 33 = 0.04545, G = ln 0.1 /
+    # ln 0.95455 = 49.5
+    assert c.group_size(7, base=16, largest=64) == 50
+    assert c.group_size(0, base=16, largest=64) == 25  # a prompt's own record comes first
+    for i in range(POOL_WINDOW):  # the pool's window moves on: only its newest groups count
+        c.add(3 + i, 2, [1.0] * 8 + [0.0] * 8)
+    assert c.group_size(7, base=16, largest=64) == 16
+    c.add(100, 3, [0.5] * 16)  # one graded group in the window: no pass rate to size from
+    assert c.group_size(7, base=16, largest=64) == 16
 
 
 def test_a_lease_holds_at_most_its_samples_and_always_one_prompt():
