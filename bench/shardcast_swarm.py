@@ -125,7 +125,14 @@ def run_swarm(work: Path, ck: Path, key: Path, pool: Path, pid: str, n: int, arg
             if _hashes(work / f"{tag}-n{i}" / "v1" / "payload") != want:
                 raise RuntimeError(f"node {i} holds different bytes")
         from_origin = sum(d["bytes_by_source"].get(url, 0) for d in done)
-        return {"nodes": n, "last_client_s": last, "origin_bytes": from_origin, "nodes_ok": n}
+        return {
+            "nodes": n,
+            "last_client_s": last,
+            "published_at": t0,
+            "node_done_s": sorted(round(d["done_at"] - t0, 3) for d in done),
+            "origin_bytes": from_origin,
+            "nodes_ok": n,
+        }
     finally:
         for p in procs:
             p.kill()

@@ -151,7 +151,10 @@ class Swarming:
     seeds: set[str]
     """Sources that hold every unit, or wait for it (cut-through)."""
     seed_parallel: int = 2
-    """Transfers at once from the seeds (retries of a unit no peer holds aside)."""
+    """Transfers at once from the seeds (retries of a unit no peer holds aside) while this
+    member knows no other (see `seed_slots`)."""
+    members: Callable[[], int] = lambda: 1
+    """Members of the swarm known here, this one included."""
     promised: Callable[[ShardJob], bool] = _never
     """A peer said, recently, that it is fetching this unit from a seed: it is left to that
     peer (and taken from it once held) rather than copied out of a seed a second time."""
@@ -163,6 +166,16 @@ class Swarming:
     """Seconds from the start of a fetch during which units nobody holds that are another
     member's share are left to it: several members copying the same unit out of a seed
     cost the seed's upload, while fewer streams to a capped seed lose it nothing."""
+
+    def seed_slots(self) -> int:
+        """Seed transfers this member keeps in flight: `seed_parallel` alone, one in a swarm.
+        A seed's upload is shared by every transfer in flight, so with N members taking k
+        each, N x k units are under way at once and all land near the end of the seed's
+        work, each one still to be spread to every member by their uploads. One each halves
+        that tail (docs/shardcast.md: 1.38x the swarm bound with k = 2, 1.26x with k = 1 in
+        the quick benchmark). Alone, a member has no peers' uploads to wait on, and a second
+        transfer hides a request's round trip."""
+        return self.seed_parallel if self.members() <= 1 else 1
 
 
 @dataclass
@@ -359,7 +372,7 @@ class ShardFetcher:
         now (None: wait for a seed slot or for a peer to get something)."""
         if self.swarm is None:
             return queue.popleft()
-        seeds_busy = len(self._for_seeds) >= self.swarm.seed_parallel
+        seeds_busy = len(self._for_seeds) >= self.swarm.seed_slots()
         in_grace = trio.current_time() - self._started < self.swarm.share_grace
         best: tuple[int, bool, float] | None = None
         chosen = None

@@ -282,7 +282,9 @@ class Relay:
                 try:
                     async with trio.open_nursery() as watching:
                         if self.watch is not None:
-                            watching.start_soon(self.watch.watch, version, m)
+                            watching.start_soon(
+                                self.watch.watch, version, m, lambda: 1 - sv.held / sv.total
+                            )
                         await fetcher.fetch(
                             version, jobs, on_done=lambda j: sv.mark(j.name, j.index)
                         )

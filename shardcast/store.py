@@ -64,6 +64,11 @@ class StoredVersion:
     def held(self) -> int:
         return self._total - self._missing
 
+    @property
+    def total(self) -> int:
+        """Units in the version (pieces, or shards)."""
+        return self._total
+
     def bitfield(self) -> str:
         """Which units are held, as hex: bit i (most significant first) is unit i in the
         manifest's order (payload files in turn). Peers read it to choose rarest-first."""

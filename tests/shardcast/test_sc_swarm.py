@@ -89,3 +89,24 @@ def test_announcements_are_signed_fresh_and_for_this_pool() -> None:
     forged["url"] = "http://127.0.0.1:6666"
     assert table.add(json.dumps(forged).encode(), now) is None
     assert table.urls(now + TTL + 1) == []  # expired
+
+
+def test_bitfield_polls_quicken_as_a_member_nears_the_end():
+    from shardcast.swarm import HAVE_MAX_GAP, HAVE_MIN_GAP, have_gap
+
+    assert have_gap(1.0) == HAVE_MAX_GAP == 0.5  # nothing held: batch a busy peer's changes
+    assert have_gap(0.5) == 0.125 and abs(have_gap(0.4) - 0.08) < 1e-12  # 0.5 x share^2
+    assert have_gap(0.2) == have_gap(0.0) == HAVE_MIN_GAP == 0.05  # the floor a peer can't lower
+    assert have_gap(1.5) == HAVE_MAX_GAP  # a bad count never waits longer than with nothing held
+
+
+def test_a_member_in_a_swarm_keeps_one_seed_transfer_in_flight():
+    from shardcast.fetcher import Swarming
+
+    known = [1]
+    swarm = Swarming(
+        holders=lambda job: set(), seeds={"o"}, seed_parallel=3, members=lambda: known[0]
+    )
+    assert swarm.seed_slots() == 3  # alone: a second transfer hides a round trip
+    known[0] = 8
+    assert swarm.seed_slots() == 1  # 8 members x 3 would land 24 units together at the end
