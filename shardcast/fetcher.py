@@ -154,7 +154,8 @@ class Swarming:
     """Transfers at once from the seeds (retries of a unit no peer holds aside) while this
     member knows no other (see `seed_slots`)."""
     members: Callable[[], int] = lambda: 1
-    """Members of the swarm known here, this one included."""
+    """Members of the swarm this one hears from (itself included): peers that answered with
+    a bitfield for the version."""
     promised: Callable[[ShardJob], bool] = _never
     """A peer said, recently, that it is fetching this unit from a seed: it is left to that
     peer (and taken from it once held) rather than copied out of a seed a second time."""

@@ -69,6 +69,9 @@ class PeerWatch:
         self.own_url: str | None = None
         # version -> peer url -> set of global unit indices it holds (its latest bitfield)
         self._have: dict[int, dict[str, set[int]]] = {}
+        # version -> peers that answered a bitfield request for it (with one, or with "not
+        # mirroring it yet"): the members this one actually hears from
+        self._heard: dict[int, set[str]] = {}
         # version -> global unit index -> trio time a peer first said it is fetching it
         # from a seed
         self._promised: dict[int, dict[int, float]] = {}
@@ -150,9 +153,10 @@ class PeerWatch:
         rank, members = self._rank
         return index % members == rank
 
-    def members(self) -> int:
-        """Members of the swarm known here, this one included (as last counted)."""
-        return self._rank[1]
+    def answering(self, version: int) -> int:
+        """Peers that answered a bitfield request for `version`, with a bitfield or with "not
+        mirroring it yet" (a URL from a forged announcement counts only once it answers)."""
+        return len(self._heard.get(version, ()))
 
     def count_members(self) -> None:
         members = sorted({*self.peers(), self.own_url or ""})
@@ -165,6 +169,7 @@ class PeerWatch:
         mirrored (until cancelled). `missing()` is the share of the version's units this
         member still lacks; see `have_gap`."""
         self._have[version] = {}
+        self._heard[version] = set()
         self._promised[version] = {}
         total = sum(len(units(m, p)) for p in m.payload)
         watched: dict[str, trio.CancelScope] = {}
@@ -177,6 +182,7 @@ class PeerWatch:
                             scope.cancel()  # bad bytes, stalls or lies: not asked again
                             del watched[url]
                             self._have[version].pop(url, None)
+                            self._heard[version].discard(url)
                     fresh = [
                         u
                         for u in self.peers()
@@ -191,6 +197,7 @@ class PeerWatch:
                     await trio.sleep(WATCH_REFRESH)
         finally:
             self._have.pop(version, None)
+            self._heard.pop(version, None)
             self._promised.pop(version, None)
 
     async def _follow_have(
@@ -204,6 +211,12 @@ class PeerWatch:
         held = -1
         changes = -1
         failures = 0
+        # Units this peer has claimed to hold, or to be fetching, in any answer: only an
+        # answer that claims one for the first time earns a short gap, so a peer that
+        # answers every poll at once with nothing new is polled at `HAVE_MAX_GAP`, and one
+        # that claims something new each time can do so at most twice per unit.
+        claimed: set[int] = set()
+        promised: set[int] = set()
         with scope:
             while held < total and failures < 3:
                 try:
@@ -215,6 +228,7 @@ class PeerWatch:
                             {"after": held, "changes": changes, "wait": HAVE_WAIT},
                         )
                     if status == 404:  # not mirroring it (yet): ask again later
+                        self._heard_from(version, url)
                         await trio.sleep(WATCH_REFRESH)
                         continue
                     if status != 200:
@@ -225,17 +239,25 @@ class PeerWatch:
                     held, changes = len(bits), int(data.get("changes", len(bits)))
                     failures = 0
                     self._note(version, url, bits, soon)
-                    await trio.sleep(have_gap(missing()))
+                    news = not bits <= claimed or not soon <= promised
+                    claimed |= bits
+                    promised |= soon
+                    await trio.sleep(have_gap(missing()) if news else HAVE_MAX_GAP)
                 except (httpx.HTTPError, trio.TooSlowError, ValueError, KeyError, TypeError):
                     failures += 1
                     await trio.sleep(WATCH_REFRESH)
                 except ResponseTooLarge:
                     return
 
+    def _heard_from(self, version: int, url: str) -> None:
+        if version in self._heard:  # else the version's watch ended while the request ran
+            self._heard[version].add(url)
+
     def _note(self, version: int, url: str, bits: set[int], soon: set[int]) -> None:
         if version not in self._have:
             return  # the version's watch ended while the request ran
         self._have[version][url] = bits
+        self._heard_from(version, url)
         now = trio.current_time()
         for index in soon:
             self._promised[version].setdefault(index, now)
@@ -291,7 +313,7 @@ def swarming(
         holders=lambda job: watch.holders(version, index(job)),
         seeds=seeds,
         seed_parallel=seed_parallel,
-        members=watch.members,
+        members=lambda: 1 + watch.answering(version),
         promised=lambda job: watch.promised(version, index(job)),
         preferred=lambda job: watch.preferred(index(job)),
         on_seed_fetch=promise,

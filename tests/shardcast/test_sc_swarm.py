@@ -110,3 +110,49 @@ def test_a_member_in_a_swarm_keeps_one_seed_transfer_in_flight():
     assert swarm.seed_slots() == 3  # alone: a second transfer hides a round trip
     known[0] = 8
     assert swarm.seed_slots() == 1  # 8 members x 3 would land 24 units together at the end
+
+
+def _polls(answer, missing: float, seconds: float) -> int:
+    """/have polls one member makes of a peer answering with `answer(n)` (n-th poll) in
+    `seconds` of trio's virtual time, through an in-memory transport."""
+    import trio
+    import trio.testing
+
+    from shardcast.sources import SourcePicker
+    from shardcast.swarm import PeerWatch
+
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        body = json.dumps(answer(len(calls))).encode()
+        return httpx.Response(200, stream=httpx.ByteStream(body))  # read as a stream
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            picker = SourcePicker(["http://origin"])
+            watch = PeerWatch(http, PeerTable("p"), picker, ["http://origin"], Identity.generate())
+            watch._have[1], watch._promised[1] = {}, {}
+            with trio.move_on_after(seconds):
+                await watch._follow_have(1, "http://peer", 32, trio.CancelScope(), lambda: missing)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return len(calls)
+
+
+def test_a_peer_answering_at_once_with_nothing_new_is_polled_slowly():
+    # 32 units, one byte per 8: "80" + zeros is unit 0 only.
+    same = {"bits": "80" + "00" * 3, "changes": 1}
+    # Near the end (1% missing) a first claim earns the short gap, a repeat the long one:
+    # polls at t = 0, 0.05, 0.55, 1.05 and 1.55.
+    assert _polls(lambda n: same, missing=0.01, seconds=2.0) == 5
+
+    def growing(n: int) -> dict:
+        held = min(n, 32)
+        value = ((1 << held) - 1) << (32 - held)  # the first `held` units, MSB first
+        return {"bits": f"{value:08x}", "changes": n}
+
+    # Something new in every answer: one poll per 0.05 s, while the member lacks little.
+    assert 19 <= _polls(growing, missing=0.01, seconds=1.0) <= 21
+    # With every unit still missing, the gap is 0.5 s whatever the peer says: t = 0 ... 1.5.
+    assert _polls(growing, missing=1.0, seconds=2.0) == 4
