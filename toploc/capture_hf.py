@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -197,25 +198,81 @@ def prefill(
     prompts: Sequence[Sequence[int]],
     completions: Sequence[Sequence[int]],
     pad_token_id: int = 0,
+    share_prefill: bool = True,
 ) -> list[Prefill]:
-    """One forward pass over prompt + completion[:-1] for each pair (left-padded batch);
-    returns the final-norm rows and logits that predicted each completion token."""
+    """The final-norm rows and logits that predicted each completion token, for each
+    (prompt, completion) pair: rows P-1 .. P+N-2 of prompt + completion[:-1].
+
+    A prompt repeated in the batch (a group's G samples) is run once: a first forward over
+    the distinct prompts (left-padded) gives row P-1 and a KV cache, whose rows are copied to
+    every pair that repeats the prompt; a second forward runs the completions (right-padded)
+    on that cache. On the demo's copy task the prompt was about half of each rollout's
+    tokens. `share_prefill=False` runs one forward over every whole sequence (left-padded),
+    what the shared path is compared against in tests and benchmarks."""
     if len(prompts) != len(completions):
         raise ValueError("one completion per prompt")
     if any(len(p) == 0 for p in prompts) or any(len(c) == 0 for c in completions):
         raise ValueError("prompts and completions need at least one token")
-    seqs = [list(p) + list(c)[:-1] for p, c in zip(prompts, completions, strict=True)]
-    ids, mask = _left_pad(seqs, pad_token_id)
+    if not share_prefill:
+        return _prefill_whole(model, prompts, completions, pad_token_id)
     device = model.device
-    ids, mask = ids.to(device), mask.to(device)
+    distinct: dict[tuple[int, ...], int] = {}
+    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    firsts = [prompts[row_of.index(k)] for k in range(len(distinct))]
+    copies = torch.as_tensor(row_of, dtype=torch.int64, device=device)
+    past = DynamicCache()
+    cache_arg = {_cache_argument(type(model)): past}
+    with lm_head_inputs(model) as seen:
+        out, mask = _left_padded_forward(
+            model, firsts, pad_token_id, **cache_arg, use_cache=True, logits_to_keep=1
+        )
+        first_hidden = seen[-1][:, -1][copies]  # row P-1 of every pair
+        first_logits = out.logits[:, -1][copies]
+        rest = [list(c)[:-1] for c in completions]
+        width = max(len(r) for r in rest)
+        if width:
+            past.batch_select_indices(copies)
+            tail = torch.full((len(rest), width), pad_token_id, dtype=torch.int64)
+            tail_mask = torch.zeros((len(rest), width), dtype=torch.int64)
+            for i, r in enumerate(rest):
+                tail[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
+                tail_mask[i, : len(r)] = 1
+            tail, tail_mask = tail.to(device), tail_mask.to(device)
+            lengths = mask.sum(dim=1)[copies]
+            positions = lengths[:, None] + torch.arange(width, device=device)[None, :]
+            out = model(
+                input_ids=tail,
+                attention_mask=torch.cat([mask[copies], tail_mask], dim=1),
+                position_ids=positions,
+                **cache_arg,
+                use_cache=True,
+            )
+            hidden = torch.cat([first_hidden[:, None], seen[-1]], dim=1)
+            logits = torch.cat([first_logits[:, None], out.logits], dim=1)
+        else:
+            hidden, logits = first_hidden[:, None], first_logits[:, None]
+    return [
+        Prefill(
+            hidden=hidden[i, : len(c)].to("cpu", copy=True),
+            logits=logits[i, : len(c)].to("cpu", copy=True),
+        )
+        for i, c in enumerate(completions)
+    ]
+
+
+def _prefill_whole(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_token_id: int,
+) -> list[Prefill]:
+    """`prefill` as one forward pass over prompt + completion[:-1] for each pair (left-padded
+    batch)."""
+    seqs = [list(p) + list(c)[:-1] for p, c in zip(prompts, completions, strict=True)]
     keep = max(len(c) for c in completions)
     with lm_head_inputs(model) as seen:
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=_positions(mask),
-            use_cache=False,
-            logits_to_keep=keep,
+        out, _ = _left_padded_forward(
+            model, seqs, pad_token_id, use_cache=False, logits_to_keep=keep
         )
     hidden = seen[-1][:, -keep:, :]
     logits = out.logits[:, -keep:, :]
@@ -229,3 +286,14 @@ def prefill(
             )
         )
     return result
+
+
+def _left_padded_forward(
+    model: PreTrainedModel, seqs: Sequence[Sequence[int]], pad_token_id: int, **kwargs: Any
+) -> tuple[Any, torch.Tensor]:
+    """One forward pass over `seqs` left-padded into a batch; returns the model's output and
+    the attention mask it used."""
+    ids, mask = _left_pad(seqs, pad_token_id)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), **kwargs)
+    return out, mask

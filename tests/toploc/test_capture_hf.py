@@ -124,3 +124,24 @@ def test_a_repeated_prompt_is_prefilled_once_and_samples_as_if_it_were_not(dtype
         assert all_ok(verify_proofs(pf.hidden, build_proofs(r.hidden)))
         assert verify_sampling(pf.logits, r.completion_ids, s, params, j).ok
     assert len({tuple(r.completion_ids) for r in grouped[:3]}) > 1  # samples differ
+
+
+def test_a_shared_prompt_prefill_matches_whole_sequences():
+    model, tok = load_model("tiny", init_seed=2)
+    params = SamplingParams(temperature=1.0, max_tokens=12)
+    # Two groups of 3 samples on prompts of different lengths, and a one-token completion.
+    prompts = [tok(TEXTS[0]).input_ids] * 3 + [tok(TEXTS[1]).input_ids] * 3
+    rollouts = generate(
+        model, prompts, params, seeds=[5] * 6, sample_indices=[0, 1, 2] * 2, pad_token_id=0
+    )
+    pairs = [(r.prompt_ids, r.completion_ids) for r in rollouts] + [(prompts[0], [7])]
+    args = ([p for p, _ in pairs], [c for _, c in pairs])
+    shared = prefill(model, *args, pad_token_id=tok.pad_token_id)
+    whole = prefill(model, *args, pad_token_id=tok.pad_token_id, share_prefill=False)
+    for (_, c), s, w in zip(pairs, shared, whole, strict=True):
+        assert s.hidden.shape == w.hidden.shape == (len(c), w.hidden.shape[1])
+        assert torch.allclose(s.hidden, w.hidden, atol=1e-5)
+        assert torch.allclose(s.logits, w.logits, atol=1e-4)
+    for r, s in zip(rollouts, shared[:6], strict=True):  # what the node proved, re-checked
+        assert all_ok(verify_proofs(s.hidden, build_proofs(r.hidden)))
+        assert verify_sampling(s.logits, r.completion_ids, r.seed, params, r.sample_index).ok
