@@ -213,6 +213,17 @@ def check_termination(tokens: Sequence[int], params: SamplingParams) -> tuple[bo
     return False, f"truncated: {n} < max_tokens {params.max_tokens} without EOS"
 
 
+@dataclass(frozen=True)
+class SamplingCase:
+    """One rollout (or one model turn of it) for `verify_sampling_many`."""
+
+    logits: torch.Tensor
+    """The validator's logits [N, V] (rows P-1 .. P+N-2)."""
+    tokens: Sequence[int] | torch.Tensor
+    seed: int
+    sample_index: int = 0
+
+
 def verify_sampling(
     logits: torch.Tensor,
     tokens: Sequence[int] | torch.Tensor,
@@ -231,16 +242,75 @@ def verify_sampling(
     `tolerance` is in logit units, `mass_tolerance` in probability mass at the top-p cut;
     both default by the logits' dtype (DEFAULT_TOLERANCE, DEFAULT_MASS_TOLERANCE).
     """
-    n, vocab = logits.shape
-    try:
-        toks = torch.as_tensor(tokens, dtype=torch.int64, device=logits.device).view(-1)
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        return SamplingVerdict(False, "tokens are not a list of ids", n, [], math.inf, False)
-    term_ok, term_reason = check_termination(toks.tolist(), params)
-    if toks.numel() != n:
-        return SamplingVerdict(False, f"{toks.numel()} tokens for {n} rows", n, [], math.inf, False)
-    if n and (toks.min() < 0 or toks.max() >= vocab):
-        return SamplingVerdict(False, "token id outside the vocabulary", n, [], math.inf, False)
+    case = SamplingCase(logits, tokens, seed, sample_index)
+    return verify_sampling_many([case], params, tolerance, max_violations, mass_tolerance)[0]
+
+
+def verify_sampling_many(
+    cases: Sequence[SamplingCase],
+    params: SamplingParams,
+    tolerance: float | None = None,
+    max_violations: int = 0,
+    mass_tolerance: float | None = None,
+) -> list[SamplingVerdict]:
+    """`verify_sampling` of each case, with the rows of every well-formed case in one pass of
+    tensor ops (a validator checks a submission's rollouts together: one by one, the per-call
+    overhead cost as much as the work on a small model). Every cut and score is per row, so
+    each verdict is the one the case gets alone; cases whose logits differ in dtype or device
+    from the first are checked alone."""
+    out: list[SamplingVerdict | None] = [None] * len(cases)
+    ready: list[tuple[int, torch.Tensor, bool, str]] = []
+    for i, case in enumerate(cases):
+        logits = case.logits
+        n, vocab = logits.shape
+        try:
+            toks = torch.as_tensor(case.tokens, dtype=torch.int64, device=logits.device).view(-1)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            out[i] = SamplingVerdict(False, "tokens are not a list of ids", n, [], math.inf, False)
+            continue
+        term_ok, term_reason = check_termination(toks.tolist(), params)
+        if toks.numel() != n:
+            why = f"{toks.numel()} tokens for {n} rows"
+            out[i] = SamplingVerdict(False, why, n, [], math.inf, False)
+        elif n and (toks.min() < 0 or toks.max() >= vocab):
+            out[i] = SamplingVerdict(
+                False, "token id outside the vocabulary", n, [], math.inf, False
+            )
+        else:
+            ready.append((i, toks, term_ok, term_reason))
+    first = next((cases[i].logits for i, *_ in ready), None)
+    together = [r for r in ready if _same_kind(cases[r[0]].logits, first)]
+    alone = [[r] for r in ready if not _same_kind(cases[r[0]].logits, first)]
+    for part in [together, *alone]:
+        if part:
+            for i, verdict in _replay(
+                cases, part, params, tolerance, max_violations, mass_tolerance
+            ):
+                out[i] = verdict
+    verdicts = [v for v in out if v is not None]
+    if len(verdicts) != len(cases):
+        raise RuntimeError("a sampling case was left without a verdict")  # a bug, not input
+    return verdicts
+
+
+def _same_kind(logits: torch.Tensor, first: torch.Tensor | None) -> bool:
+    return first is not None and (logits.dtype, logits.device) == (first.dtype, first.device)
+
+
+def _replay(
+    cases: Sequence[SamplingCase],
+    part: list[tuple[int, torch.Tensor, bool, str]],
+    params: SamplingParams,
+    tolerance: float | None,
+    max_violations: int,
+    mass_tolerance: float | None,
+) -> list[tuple[int, SamplingVerdict]]:
+    """The seeded sampler's replay over the rows of the well-formed cases in `part` (case
+    index, tokens, termination), which share a dtype and device."""
+    logits = torch.cat([cases[i].logits for i, *_ in part])
+    toks = torch.cat([t for _, t, *_ in part])
+    device = logits.device
+    sizes = [cases[i].logits.shape[0] for i, *_ in part]
     tol = DEFAULT_TOLERANCE.get(logits.dtype, 1e-3) if tolerance is None else tolerance
     mass = (
         DEFAULT_MASS_TOLERANCE.get(logits.dtype, 1e-3) if mass_tolerance is None else mass_tolerance
@@ -248,10 +318,15 @@ def verify_sampling(
     t = params.temperature if params.temperature > 0 else 1.0
     score_tol = tol / t
 
+    counts = torch.as_tensor(sizes)
     keys = row_keys(
-        torch.full((n,), seed, dtype=torch.int64, device=logits.device),
-        torch.full((n,), sample_index, dtype=torch.int64, device=logits.device),
-        torch.arange(n, device=logits.device),
+        torch.as_tensor([cases[i].seed for i, *_ in part], dtype=torch.int64)
+        .repeat_interleave(counts)
+        .to(device),
+        torch.as_tensor([cases[i].sample_index for i, *_ in part], dtype=torch.int64)
+        .repeat_interleave(counts)
+        .to(device),
+        torch.cat([torch.arange(n) for n in sizes]).to(device),
     )
     relaxed_cols, relaxed_keep = ranked_allowed(logits, params, score_tol, mass)
     eligible = ((relaxed_cols == toks[:, None]) & relaxed_keep).any(dim=1)
@@ -261,24 +336,30 @@ def verify_sampling(
     best_other = s[:, :-1].masked_fill(~competitors, -math.inf).max(dim=1).values
     gap = best_other - s[:, -1]
     bad = (~eligible) | (gap > score_tol)
-    bad_pos = torch.nonzero(bad).view(-1).tolist()
-    finite = gap[torch.isfinite(gap)]
-    worst = float(finite.max()) if finite.numel() else -math.inf
-    reasons = []
-    if len(bad_pos) > max_violations:
-        reasons.append(
-            f"{len(bad_pos)} positions not chosen by the seeded sampler (first {bad_pos[:5]})"
+    verdicts = []
+    for (i, _, term_ok, term_reason), case_bad, case_gap in zip(
+        part, bad.split(sizes), gap.split(sizes), strict=True
+    ):
+        bad_pos = torch.nonzero(case_bad).view(-1).tolist()
+        finite = case_gap[torch.isfinite(case_gap)]
+        worst = float(finite.max()) if finite.numel() else -math.inf
+        reasons = []
+        if len(bad_pos) > max_violations:
+            reasons.append(
+                f"{len(bad_pos)} positions not chosen by the seeded sampler (first {bad_pos[:5]})"
+            )
+        if not term_ok:
+            reasons.append(term_reason)
+        verdict = SamplingVerdict(
+            ok=not reasons,
+            reason="; ".join(reasons) if reasons else f"ok ({term_reason})",
+            violations=len(bad_pos),
+            violating_positions=bad_pos[:32],
+            worst_gap=worst,
+            termination_ok=term_ok,
         )
-    if not term_ok:
-        reasons.append(term_reason)
-    return SamplingVerdict(
-        ok=not reasons,
-        reason="; ".join(reasons) if reasons else f"ok ({term_reason})",
-        violations=len(bad_pos),
-        violating_positions=bad_pos[:32],
-        worst_gap=worst,
-        termination_ok=term_ok,
-    )
+        verdicts.append((i, verdict))
+    return verdicts
 
 
 def verify_logprobs(

@@ -10,6 +10,7 @@ reason; nothing a prover sends can make this module raise.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,18 +66,35 @@ def all_ok(verdicts: list[ChunkVerdict]) -> bool:
 
 def compare_bits(claimed: np.ndarray, actual: np.ndarray) -> tuple[int, int, float, float]:
     """(exp mismatches, sign mismatches among exponent matches, mantissa mean, median)."""
+    return compare_bits_rows(claimed[None], actual[None])[0]
+
+
+def compare_bits_rows(
+    claimed: np.ndarray, actual: np.ndarray
+) -> list[tuple[int, int, float, float]]:
+    """`compare_bits` of each row of two [C, k] arrays of bf16 bit patterns, vectorised over
+    the rows (the mantissa statistics are taken over each row's exponent matches; inf where
+    there are none)."""
     exp_c, exp_a = (claimed >> 7) & 0xFF, (actual >> 7) & 0xFF
     exp_match = exp_c == exp_a
-    sign_mis = int(((claimed >> 15) != (actual >> 15))[exp_match].sum())
-    mant_err = np.abs((claimed & 0x7F) - (actual & 0x7F))[exp_match]
-    if mant_err.size == 0:
-        return int((~exp_match).sum()), sign_mis, math.inf, math.inf
-    return (
-        int((~exp_match).sum()),
-        sign_mis,
-        float(mant_err.mean()),
-        float(np.median(mant_err)),
-    )
+    sign_mis = (((claimed >> 15) != (actual >> 15)) & exp_match).sum(axis=1)
+    # Mantissa errors are 0..127; a mismatched exponent's slot reads 128 and sorts last, so
+    # each row's first `matched` sorted values are its own statistics.
+    mant_err = np.where(exp_match, np.abs((claimed & 0x7F) - (actual & 0x7F)), 128)
+    matched = exp_match.sum(axis=1)
+    ranked = np.sort(mant_err, axis=1)
+    low = np.take_along_axis(ranked, np.maximum(matched - 1, 0)[:, None] // 2, axis=1)[:, 0]
+    high = np.take_along_axis(ranked, (matched // 2)[:, None], axis=1)[:, 0]
+    has = matched > 0
+    mean = np.full(claimed.shape[0], math.inf)
+    median = np.full(claimed.shape[0], math.inf)
+    mean[has] = np.where(exp_match, mant_err, 0)[has].sum(axis=1) / matched[has]
+    median[has] = (low[has] + high[has]) / 2
+    mismatched = (~exp_match).sum(axis=1)
+    return [
+        (int(e), int(g), float(m), float(d))
+        for e, g, m, d in zip(mismatched, sign_mis, mean, median, strict=True)
+    ]
 
 
 def judge(
@@ -116,29 +134,52 @@ def verify_proofs(
     entries all give rejected verdicts with the reason. `hidden` is the verifier's own tensor;
     a wrongly shaped one is a programming error and raises ValueError.
     """
-    check_hidden(hidden, chunk_size, topk)
-    n = hidden.shape[0]
-    expected = -(-n // chunk_size)
-    if not isinstance(proofs, list | tuple) or len(proofs) != expected:
-        got = len(proofs) if isinstance(proofs, list | tuple) else type(proofs).__name__
-        reason = f"expected {expected} proofs for {n} tokens, got {got}"
-        return [ChunkVerdict(chunk=i, ok=False, reason=reason) for i in range(max(expected, 1))]
+    return verify_proofs_many([(hidden, proofs)], chunk_size, topk, thresholds)[0]
 
-    verdicts: list[ChunkVerdict] = []
-    start = 0
-    for group in split_chunks(hidden.detach().to(torch.bfloat16), chunk_size):
-        count = group.shape[0]
-        k = effective_k(group.shape[1], group.shape[2], topk)
+
+def verify_proofs_many(
+    cases: Sequence[tuple[torch.Tensor, object]],
+    chunk_size: int = CHUNK_SIZE,
+    topk: int = TOPK,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+) -> list[list[ChunkVerdict]]:
+    """`verify_proofs` of each (hidden, proofs) case, with the chunks of one shape from every
+    case taken through top-k, the polynomial and the comparison together (a validator checks
+    a submission's rollouts at once: one by one, the per-call overhead cost as much as the
+    work on a small model). Each chunk is judged on its own rows only, so each case gets the
+    verdicts it gets alone."""
+    out: list[list[ChunkVerdict | None]] = []
+    # (rows, width) -> (case, chunk, its bf16 states [rows, width], its proof)
+    by_shape: dict[tuple[int, int], list[tuple[int, int, torch.Tensor, object]]] = {}
+    for c, (hidden, proofs) in enumerate(cases):
+        check_hidden(hidden, chunk_size, topk)
+        n = hidden.shape[0]
+        expected = -(-n // chunk_size)
+        if not isinstance(proofs, list | tuple) or len(proofs) != expected:
+            got = len(proofs) if isinstance(proofs, list | tuple) else type(proofs).__name__
+            reason = f"expected {expected} proofs for {n} tokens, got {got}"
+            out.append([ChunkVerdict(i, False, reason) for i in range(max(expected, 1))])
+            continue
+        out.append([None] * expected)
+        start = 0
+        for group in split_chunks(hidden.detach().to(torch.bfloat16), chunk_size):
+            shape = (group.shape[1], group.shape[2])
+            for j in range(group.shape[0]):
+                by_shape.setdefault(shape, []).append((c, start + j, group[j], proofs[start + j]))
+            start += group.shape[0]
+    for (rows, width), chunks in by_shape.items():
+        k = effective_k(rows, width, topk)
         parsed: list[tuple[int, np.ndarray] | str] = []
-        for proof in proofs[start : start + count]:
+        for *_, proof in chunks:
             try:
                 p = decode_proof(proof, k)
                 parsed.append((p.modulus, p.coeffs))
             except ProofError as e:
                 parsed.append(str(e))
         good = [i for i, p in enumerate(parsed) if not isinstance(p, str)]
+        stats = {}
         if good:
-            idx, bits = topk_chunks(group[good], k)
+            idx, bits = topk_chunks(torch.stack([chunks[i][2] for i in good]), k)
             mods = np.array([parsed[i][0] for i in good], dtype=np.int64)[:, None]
             coeffs = np.stack([parsed[i][1] for i in good])
             # Always reduce by the proof's own modulus (the reference's Python path does not).
@@ -146,11 +187,10 @@ def verify_proofs(
             # The prover reduced the bits mod P (only NaN patterns change); so does the verifier,
             # so identical states always verify.
             bits = bits % P
-            stats = {i: compare_bits(claimed[r], bits[r]) for r, i in enumerate(good)}
-        for i, p in enumerate(parsed):
+            stats = dict(zip(good, compare_bits_rows(claimed, bits), strict=True))
+        for i, ((c, chunk, _, _), p) in enumerate(zip(chunks, parsed, strict=True)):
             if isinstance(p, str):
-                verdicts.append(ChunkVerdict(chunk=start + i, ok=False, reason=f"malformed: {p}"))
+                out[c][chunk] = ChunkVerdict(chunk=chunk, ok=False, reason=f"malformed: {p}")
             else:
-                verdicts.append(judge(start + i, stats[i], k, topk, thresholds))
-        start += count
-    return verdicts
+                out[c][chunk] = judge(chunk, stats[i], k, topk, thresholds)
+    return [[v for v in verdicts if v is not None] for verdicts in out]

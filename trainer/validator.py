@@ -311,17 +311,42 @@ class Validator:
         """TOPLOC, sampling, termination and logprobs of each rollout in order (the first
         failure decides), then rewards."""
         recomputed_logprobs: dict[tuple[int, int], list[float]] = {}
-        for row, pre in rollouts:
+        turns_of = [
+            self._model_turns(r.completion, lease.tasks[r.task]["seed"]) for r, _ in rollouts
+        ]
+        # The seeded sampler's replay of every model turn of every rollout in one pass, and
+        # every rollout's TOPLOC proofs in another; the verdicts are read below in the order
+        # the checks have always run (the first failure decides).
+        sampling = iter(
+            toploc.verify_sampling_many(
+                [
+                    toploc.SamplingCase(
+                        pre.logits if turn_rows is None else pre.logits[turn_rows],
+                        tokens,
+                        seed,
+                        row.sample,
+                    )
+                    for (row, pre), (_, turns) in zip(rollouts, turns_of, strict=True)
+                    for turn_rows, tokens, seed in turns
+                ],
+                lease.sampling,
+                tolerance=self.spec.verification.sampling_tolerance or None,
+                max_violations=self.spec.verification.sampling_max_violations,
+            )
+        )
+        # Only the model's tokens were sampled and proven; environment tokens were checked
+        # by the replay before the prefill.
+        proofs = toploc.verify_proofs_many(
+            [
+                (pre.hidden if rows is None else pre.hidden[rows], list(row.completion.proofs))
+                for (row, pre), (rows, _) in zip(rollouts, turns_of, strict=True)
+            ],
+            thresholds=self.thresholds,
+        )
+        for (row, pre), (rows, turns), chunks in zip(rollouts, turns_of, proofs, strict=True):
             t, j, completion = row.task, row.sample, row.completion
             where = {"task": t, "sample": j}
-            rows, turns = self._model_turns(completion, lease.tasks[t]["seed"])
-            # Only the model's tokens were sampled and proven; environment tokens were checked
-            # by the replay before the prefill.
-            hidden = pre.hidden if rows is None else pre.hidden[rows]
             logits = pre.logits if rows is None else pre.logits[rows]
-            chunks = toploc.verify_proofs(
-                hidden, list(completion.proofs), thresholds=self.thresholds
-            )
             bad = [c for c in chunks if not c.ok]
             if bad:
                 return Verdict(
@@ -338,16 +363,8 @@ class Validator:
                         "mant_err_median": _num(bad[0].mant_err_median),
                     },
                 )
-            for k, (turn_rows, tokens, seed) in enumerate(turns):
-                sampled = toploc.verify_sampling(
-                    pre.logits if turn_rows is None else pre.logits[turn_rows],
-                    tokens,
-                    seed,
-                    lease.sampling,
-                    sample_index=j,
-                    tolerance=self.spec.verification.sampling_tolerance or None,
-                    max_violations=self.spec.verification.sampling_max_violations,
-                )
+            for k in range(len(turns)):
+                sampled = next(sampling)
                 if not sampled.ok:
                     check = "termination" if not sampled.termination_ok else "sampling"
                     return Verdict(

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from toploc import SamplingParams, check_termination, sample, verify_logprobs, verify_sampling
+from toploc import (
+    SamplingCase,
+    SamplingParams,
+    check_termination,
+    sample,
+    verify_logprobs,
+    verify_sampling,
+    verify_sampling_many,
+)
 from toploc.sampling import M32, allowed_mask, gumbel_at, row_keys, token_logprobs
 
 C1, C2, C3 = 0x7FEB352D, 0x31848BAB, 0x2C1B3C6D
@@ -113,6 +121,32 @@ def test_wrong_seed_sample_or_token_is_caught():
     changed[17] = (changed[17] + 1) % 64
     v = verify_sampling(logits, changed, 42, params, sample_index=3)
     assert not v.ok and v.violating_positions == [17]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(20, 0.9), (0, 1.0), (0, 0.8)])
+def test_many_cases_at_once_get_the_verdicts_each_gets_alone(top_k, top_p):
+    params = SamplingParams(temperature=0.9, top_k=top_k, top_p=top_p, max_tokens=40)
+    logits, toks = replay_setup(params)
+    other_logits, other_toks = replay_setup(params, seed=7)
+    changed = toks.clone()
+    changed[17] = (changed[17] + 1) % 64
+    outside = toks.clone()
+    outside[3] = 64
+    cases = [
+        SamplingCase(logits, toks, 42, 3),  # honest
+        SamplingCase(logits, changed, 42, 3),  # one token changed
+        SamplingCase(other_logits, other_toks, 7, 3),  # honest, another seed
+        SamplingCase(logits, toks, 42, 4),  # the wrong sample index
+        SamplingCase(logits[:10], toks[:9], 42, 3),  # a row too many
+        SamplingCase(logits, "not ids", 42, 3),  # type: ignore[arg-type]
+        SamplingCase(logits, outside, 42, 3),  # a token outside the vocabulary
+        SamplingCase(logits.double(), toks, 42, 3),  # another dtype: checked alone
+    ]
+    many = verify_sampling_many(cases, params)
+    alone = [verify_sampling(c.logits, c.tokens, c.seed, params, c.sample_index) for c in cases]
+    assert many == alone
+    assert [v.ok for v in many] == [True, False, True, False, False, False, False, True]
+    assert many[1].violating_positions == [17]
 
 
 def test_termination():

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toploc import P, Thresholds, all_ok, build_proofs, verify_proofs
-from toploc.verify import compare_bits
+from toploc import P, Thresholds, all_ok, build_proofs, verify_proofs, verify_proofs_many
+from toploc.verify import compare_bits, compare_bits_rows
 
 G = torch.Generator().manual_seed(11)
 HIDDEN = torch.randn(70, 256, generator=G)  # chunks of 32, 32, 6 rows
@@ -145,3 +145,45 @@ def test_bad_hidden_is_a_programming_error():
 
     with pytest.raises(ValueError):
         verify_proofs(HIDDEN[0], PROOFS)
+
+
+def test_many_cases_at_once_get_the_verdicts_each_gets_alone():
+    short = torch.randn(6, 256, generator=G)  # one chunk of 6 rows, like HIDDEN's last
+    noisy = HIDDEN * (1 + 1e-2 * torch.randn(HIDDEN.shape, generator=G))
+    tampered = list(PROOFS)
+    tampered[1] = build_proofs(torch.randn(32, 256, generator=G))[0]
+    cases = [
+        (HIDDEN, PROOFS),  # honest
+        (noisy, PROOFS),  # within tolerance
+        (short, build_proofs(short)),  # another length: its chunk joins HIDDEN's last ones
+        (HIDDEN, tampered),  # the second chunk's proof is for other states
+        (HIDDEN, PROOFS[:2]),  # a proof missing
+        (HIDDEN, "not a list"),
+        (short, [b"junk"]),  # malformed
+        (torch.randn(HIDDEN.shape, generator=G), PROOFS),  # other states
+    ]
+    many = verify_proofs_many(cases)
+    assert many == [verify_proofs(h, p) for h, p in cases]
+    assert [all_ok(v) for v in many] == [True, True, True, False, False, False, False, False]
+    assert [v.ok for v in many[3]] == [True, False, True]
+
+
+def test_row_statistics_match_a_direct_computation():
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    # Close patterns (same exponents mostly), far ones, and a row with no exponent match.
+    actual = rng.integers(0x3F00, 0x4100, size=(40, 17))
+    claimed = actual + rng.integers(-300, 300, size=actual.shape)
+    claimed[5] = actual[5] ^ 0x4000
+    for row, got in zip(range(40), compare_bits_rows(claimed, actual), strict=True):
+        c, a = claimed[row], actual[row]
+        match = ((c >> 7) & 0xFF) == ((a >> 7) & 0xFF)
+        errs = np.abs((c & 0x7F) - (a & 0x7F))[match]
+        want = (
+            int((~match).sum()),
+            int(((c >> 15) != (a >> 15))[match].sum()),
+            float(errs.mean()) if errs.size else math.inf,
+            float(np.median(errs)) if errs.size else math.inf,
+        )
+        assert got == want
