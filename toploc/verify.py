@@ -64,17 +64,13 @@ def all_ok(verdicts: list[ChunkVerdict]) -> bool:
     return bool(verdicts) and all(v.ok for v in verdicts)
 
 
-def compare_bits(claimed: np.ndarray, actual: np.ndarray) -> tuple[int, int, float, float]:
-    """(exp mismatches, sign mismatches among exponent matches, mantissa mean, median)."""
-    return compare_bits_rows(claimed[None], actual[None])[0]
-
-
 def compare_bits_rows(
     claimed: np.ndarray, actual: np.ndarray
 ) -> list[tuple[int, int, float, float]]:
-    """`compare_bits` of each row of two [C, k] arrays of bf16 bit patterns, vectorised over
-    the rows (the mantissa statistics are taken over each row's exponent matches; inf where
-    there are none)."""
+    """(exp mismatches, sign mismatches among exponent matches, mantissa error mean, median)
+    for each row of two [C, k] arrays of bf16 bit patterns, vectorised over the rows (the
+    mantissa statistics are taken over each row's exponent matches; inf where there are
+    none)."""
     exp_c, exp_a = (claimed >> 7) & 0xFF, (actual >> 7) & 0xFF
     exp_match = exp_c == exp_a
     sign_mis = (((claimed >> 15) != (actual >> 15)) & exp_match).sum(axis=1)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from toploc import P, Thresholds, all_ok, build_proofs, verify_proofs, verify_proofs_many
-from toploc.verify import compare_bits, compare_bits_rows
+from toploc.verify import compare_bits_rows
 
 G = torch.Generator().manual_seed(11)
 HIDDEN = torch.randn(70, 256, generator=G)  # chunks of 32, 32, 6 rows
@@ -52,9 +52,9 @@ def test_compare_bits_statistics():
     claimed = np.array([0x3F80, 0x3F85, 0x4000, 0xBF80])
     actual = np.array([0x3F80, 0x3F80, 0x3F80, 0x3F80])
     # exponents: equal, equal, differ, equal (sign differs); mantissa errors 0, 5, 0.
-    exp_mis, sign_mis, mean, median = compare_bits(claimed, actual)
+    ((exp_mis, sign_mis, mean, median),) = compare_bits_rows(claimed[None], actual[None])
     assert (exp_mis, sign_mis, mean, median) == (1, 1, 5 / 3, 0.0)
-    assert compare_bits(np.array([0x4000]), np.array([0x3F80]))[2] == math.inf
+    assert compare_bits_rows(np.array([[0x4000]]), np.array([[0x3F80]]))[0][2] == math.inf
 
 
 def test_modulus_is_always_taken_from_the_proof():
