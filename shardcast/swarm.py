@@ -67,11 +67,9 @@ class PeerWatch:
         self.max_peers = max_peers
         self.peer_list = peer_list
         self.own_url: str | None = None
-        # version -> peer url -> set of global unit indices it holds (its latest bitfield)
+        # version -> peer url -> set of global unit indices it holds (its latest bitfield;
+        # empty for a peer that answered "not mirroring it yet"): the peers heard from
         self._have: dict[int, dict[str, set[int]]] = {}
-        # version -> peers that answered a bitfield request for it (with one, or with "not
-        # mirroring it yet"): the members this one actually hears from
-        self._heard: dict[int, set[str]] = {}
         # version -> global unit index -> trio time a peer first said it is fetching it
         # from a seed
         self._promised: dict[int, dict[int, float]] = {}
@@ -156,7 +154,7 @@ class PeerWatch:
     def answering(self, version: int) -> int:
         """Peers that answered a bitfield request for `version`, with a bitfield or with "not
         mirroring it yet" (a URL from a forged announcement counts only once it answers)."""
-        return len(self._heard.get(version, ()))
+        return len(self._have.get(version, ()))
 
     def count_members(self) -> None:
         members = sorted({*self.peers(), self.own_url or ""})
@@ -169,7 +167,6 @@ class PeerWatch:
         mirrored (until cancelled). `missing()` is the share of the version's units this
         member still lacks; see `have_gap`."""
         self._have[version] = {}
-        self._heard[version] = set()
         self._promised[version] = {}
         total = sum(len(units(m, p)) for p in m.payload)
         watched: dict[str, trio.CancelScope] = {}
@@ -182,7 +179,6 @@ class PeerWatch:
                             scope.cancel()  # bad bytes, stalls or lies: not asked again
                             del watched[url]
                             self._have[version].pop(url, None)
-                            self._heard[version].discard(url)
                     fresh = [
                         u
                         for u in self.peers()
@@ -197,7 +193,6 @@ class PeerWatch:
                     await trio.sleep(WATCH_REFRESH)
         finally:
             self._have.pop(version, None)
-            self._heard.pop(version, None)
             self._promised.pop(version, None)
 
     async def _follow_have(
@@ -228,7 +223,8 @@ class PeerWatch:
                             {"after": held, "changes": changes, "wait": HAVE_WAIT},
                         )
                     if status == 404:  # not mirroring it (yet): ask again later
-                        self._heard_from(version, url)
+                        if version in self._have:  # else its watch ended meanwhile
+                            self._have[version].setdefault(url, set())
                         await trio.sleep(WATCH_REFRESH)
                         continue
                     if status != 200:
@@ -249,15 +245,10 @@ class PeerWatch:
                 except ResponseTooLarge:
                     return
 
-    def _heard_from(self, version: int, url: str) -> None:
-        if version in self._heard:  # else the version's watch ended while the request ran
-            self._heard[version].add(url)
-
     def _note(self, version: int, url: str, bits: set[int], soon: set[int]) -> None:
         if version not in self._have:
             return  # the version's watch ended while the request ran
         self._have[version][url] = bits
-        self._heard_from(version, url)
         now = trio.current_time()
         for index in soon:
             self._promised[version].setdefault(index, now)

@@ -256,8 +256,8 @@ def verify_sampling_many(
     """`verify_sampling` of each case, with the rows of every well-formed case in one pass of
     tensor ops (a validator checks a submission's rollouts together: one by one, the per-call
     overhead cost as much as the work on a small model). Every cut and score is per row, so
-    each verdict is the one the case gets alone; cases whose logits differ in dtype or device
-    from the first are checked alone."""
+    each verdict is the one the case gets alone; cases are taken together by the dtype and
+    device of their logits."""
     out: list[SamplingVerdict | None] = [None] * len(cases)
     ready: list[tuple[int, torch.Tensor, bool, str]] = []
     for i, case in enumerate(cases):
@@ -278,23 +278,17 @@ def verify_sampling_many(
             )
         else:
             ready.append((i, toks, term_ok, term_reason))
-    first = next((cases[i].logits for i, *_ in ready), None)
-    together = [r for r in ready if _same_kind(cases[r[0]].logits, first)]
-    alone = [[r] for r in ready if not _same_kind(cases[r[0]].logits, first)]
-    for part in [together, *alone]:
-        if part:
-            for i, verdict in _replay(
-                cases, part, params, tolerance, max_violations, mass_tolerance
-            ):
-                out[i] = verdict
+    kinds: dict[tuple[torch.dtype, torch.device], list[tuple[int, torch.Tensor, bool, str]]] = {}
+    for r in ready:
+        logits = cases[r[0]].logits
+        kinds.setdefault((logits.dtype, logits.device), []).append(r)
+    for part in kinds.values():
+        for i, verdict in _replay(cases, part, params, tolerance, max_violations, mass_tolerance):
+            out[i] = verdict
     verdicts = [v for v in out if v is not None]
     if len(verdicts) != len(cases):
         raise RuntimeError("a sampling case was left without a verdict")  # a bug, not input
     return verdicts
-
-
-def _same_kind(logits: torch.Tensor, first: torch.Tensor | None) -> bool:
-    return first is not None and (logits.dtype, logits.device) == (first.dtype, first.device)
 
 
 def _replay(

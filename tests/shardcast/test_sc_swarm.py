@@ -112,9 +112,9 @@ def test_a_member_in_a_swarm_keeps_one_seed_transfer_in_flight():
     assert swarm.seed_slots() == 1  # 8 members x 3 would land 24 units together at the end
 
 
-def _polls(answer, missing: float, seconds: float) -> int:
-    """/have polls one member makes of a peer answering with `answer(n)` (n-th poll) in
-    `seconds` of trio's virtual time, through an in-memory transport."""
+def _watch(handler, missing: float, seconds: float) -> tuple[int, int]:
+    """(/have polls one member makes of a peer served by `handler`, peers it then counts as
+    heard from) in `seconds` of trio's virtual time, through an in-memory transport."""
     import trio
     import trio.testing
 
@@ -123,21 +123,59 @@ def _polls(answer, missing: float, seconds: float) -> int:
 
     calls = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def counted(request: httpx.Request) -> httpx.Response:
         calls.append(request)
-        body = json.dumps(answer(len(calls))).encode()
-        return httpx.Response(200, stream=httpx.ByteStream(body))  # read as a stream
+        return await handler(len(calls))
+
+    heard = []
 
     async def main() -> None:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(counted)) as http:
             picker = SourcePicker(["http://origin"])
             watch = PeerWatch(http, PeerTable("p"), picker, ["http://origin"], Identity.generate())
             watch._have[1], watch._promised[1] = {}, {}
             with trio.move_on_after(seconds):
                 await watch._follow_have(1, "http://peer", 32, trio.CancelScope(), lambda: missing)
+            heard.append(watch.answering(1))
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    return len(calls)
+    return len(calls), heard[0]
+
+
+def _polls(answer, missing: float, seconds: float) -> int:
+    """/have polls of a peer answering with `answer(n)` (n-th poll) at once."""
+
+    async def handler(n: int) -> httpx.Response:
+        body = json.dumps(answer(n)).encode()
+        return httpx.Response(200, stream=httpx.ByteStream(body))  # read as a stream
+
+    return _watch(handler, missing, seconds)[0]
+
+
+def test_silent_huge_and_lying_peers_are_given_up_and_never_counted():
+    import trio
+
+    async def silent(n: int) -> httpx.Response:
+        await trio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def huge(n: int) -> httpx.Response:
+        return httpx.Response(200, stream=httpx.ByteStream(b"0" * (2 * 1024 * 1024)))
+
+    async def lying(n: int) -> httpx.Response:  # a bitfield of the wrong length
+        return httpx.Response(200, stream=httpx.ByteStream(b'{"bits": "ff", "changes": 1}'))
+
+    # Each poll of a silent peer times out after 20 s; after 3 failures it is not asked again.
+    assert _watch(silent, missing=0.01, seconds=600) == (3, 0)
+    assert _watch(huge, missing=0.01, seconds=600) == (1, 0)  # over 1 MiB: dropped at once
+    assert _watch(lying, missing=0.01, seconds=600) == (3, 0)
+    # A peer that answers "not mirroring it yet" counts as heard from (one seed transfer).
+
+    async def not_yet(n: int) -> httpx.Response:
+        return httpx.Response(404, stream=httpx.ByteStream(b""))
+
+    calls, heard = _watch(not_yet, missing=1.0, seconds=10.5)
+    assert heard == 1 and calls == 11  # asked again every second
 
 
 def test_a_peer_answering_at_once_with_nothing_new_is_polled_slowly():
