@@ -138,14 +138,15 @@ def lease_jobs(lease: msg.Lease) -> list[tuple[int, int, list[int], int]]:
 
 def prove(lease: msg.Lease, jobs: list, rollouts: list) -> list[msg.TaskResult]:
     """Proofs for each rollout, assembled into the lease's results (in task order)."""
+    proofs = toploc.build_proofs_many([r.hidden for r in rollouts])
     done = {
         (t, j): msg.Completion(
             tokens=r.completion_ids,
             logprobs=r.logprobs,
             finish_reason=r.finish_reason,
-            proofs=toploc.build_proofs(r.hidden),
+            proofs=p,
         )
-        for (t, j, _, _), r in zip(jobs, rollouts, strict=True)
+        for (t, j, _, _), r, p in zip(jobs, rollouts, proofs, strict=True)
     }
     return [
         msg.TaskResult(task_index=t, completions=[done[(t, j)] for j in range(task.group_size)])

@@ -2,7 +2,8 @@
 
 Public API (see docs/toploc.md):
 
-- `build_proofs(hidden, chunk_size=32, topk=128) -> list[bytes]`
+- `build_proofs(hidden, chunk_size=32, topk=128) -> list[bytes]`, `build_proofs_many([hidden,
+  ...])` (several rollouts in one pass)
 - `verify_proofs(hidden, proofs, chunk_size=32, topk=128, thresholds=...) -> list[ChunkVerdict]`,
   `verify_proofs_many([(hidden, proofs), ...])` (several rollouts in one pass)
 - `sample(...)`, `verify_sampling(logits, tokens, seed, params) -> SamplingVerdict`,
@@ -14,7 +15,15 @@ Public API (see docs/toploc.md):
 Submodules import torch but not transformers until `models` or `capture_hf` is used.
 """
 
-from toploc.proof import CHUNK_SIZE, TOPK, P, ProofError, build_proofs, decode_proof
+from toploc.proof import (
+    CHUNK_SIZE,
+    TOPK,
+    P,
+    ProofError,
+    build_proofs,
+    build_proofs_many,
+    decode_proof,
+)
 from toploc.sampling import (
     LogprobVerdict,
     SamplingCase,
@@ -50,6 +59,7 @@ __all__ = [
     "Thresholds",
     "all_ok",
     "build_proofs",
+    "build_proofs_many",
     "check_termination",
     "decode_proof",
     "sample",

@@ -187,12 +187,32 @@ def build_proofs(
 
     States are rounded to bf16 first (a no-op for bf16 models); top-k runs on their device.
     """
-    check_hidden(hidden, chunk_size, topk)
-    proofs: list[bytes] = []
-    for group in split_chunks(hidden.detach().to(torch.bfloat16), chunk_size):
-        k = effective_k(group.shape[1], group.shape[2], topk)
-        idx, bits = topk_chunks(group, k)
+    return build_proofs_many([hidden], chunk_size, topk)[0]
+
+
+def build_proofs_many(
+    hiddens: list[torch.Tensor], chunk_size: int = CHUNK_SIZE, topk: int = TOPK
+) -> list[list[bytes]]:
+    """`build_proofs` of each of `hiddens`, byte for byte, with the interpolation of every
+    chunk of every rollout done together: its k steps cost the same numpy calls for one chunk
+    as for thousands, and a lease of short completions has one chunk a rollout (proving them
+    one by one took 4x the generation's time on the tiny demo)."""
+    picks: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (rollout, k, indices, bits)
+    for i, hidden in enumerate(hiddens):
+        check_hidden(hidden, chunk_size, topk)
+        for group in split_chunks(hidden.detach().to(torch.bfloat16), chunk_size):
+            k = effective_k(group.shape[1], group.shape[2], topk)
+            picks.append((i, k, *topk_chunks(group, k)))
+    proofs: list[list[bytes]] = [[] for _ in hiddens]
+    encoded: dict[int, list[bytes]] = {}
+    for k in {k for _, k, _, _ in picks}:
+        idx = np.concatenate([p[2] for p in picks if p[1] == k])
+        bits = np.concatenate([p[3] for p in picks if p[1] == k])
         mods = injective_moduli(idx)
         coeffs = interpolate(idx % mods[:, None], bits)
-        proofs.extend(encode_proof(int(m), c) for m, c in zip(mods, coeffs, strict=True))
+        encoded[k] = [encode_proof(int(m), c) for m, c in zip(mods, coeffs, strict=True)]
+    taken = dict.fromkeys(encoded, 0)
+    for i, k, idx, _ in picks:  # back to each rollout, in chunk order
+        proofs[i].extend(encoded[k][taken[k] : taken[k] + len(idx)])
+        taken[k] += len(idx)
     return proofs

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toploc import P, build_proofs, decode_proof, verify_proofs
+from toploc import P, build_proofs, build_proofs_many, decode_proof, verify_proofs
 from toploc.proof import injective_modulus, interpolate
 
 
@@ -118,6 +118,27 @@ def test_short_last_chunk():
     # A chunk with fewer values than k commits to all of them.
     tiny = build_proofs(hidden[:1, :10])
     assert len(tiny[0]) == 2 + 2 * 10
+
+
+def test_many_rollouts_proven_together_match_each_proven_alone():
+    # Rollouts of every kind at once: several full chunks and a short one, a single row, a
+    # chunk with fewer values than k (its own k), none at all, and one collision-prone width.
+    g = torch.Generator().manual_seed(5)
+    hiddens = [
+        torch.randn(70, 64, generator=g),
+        torch.randn(1, 64, generator=g),
+        torch.randn(3, 16, generator=g),
+        torch.randn(0, 64, generator=g),
+        torch.randn(32 * 6, 4096, generator=g),
+        torch.randn(4, 64, generator=g).to(torch.bfloat16),
+    ]
+    together = build_proofs_many(hiddens)
+    assert together == [build_proofs(h) for h in hiddens]
+    assert [len(p) for p in together] == [3, 1, 1, 0, 6, 1]
+    assert together[0][2] == scalar_proof(hiddens[0][64:], 128)
+    assert together[2][0] == scalar_proof(hiddens[2], 48)  # 3 x 16 values: k = 48
+    assert together[5][0] == scalar_proof(hiddens[5], 128)
+    assert build_proofs_many([]) == []
 
 
 def test_ties_inside_topk_are_deterministic():
