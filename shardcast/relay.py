@@ -283,7 +283,7 @@ class Relay:
                     async with trio.open_nursery() as watching:
                         if self.watch is not None:
                             watching.start_soon(
-                                self.watch.watch, version, m, lambda: 1 - sv.held / sv.total
+                                self.watch.watch, version, m, lambda: sv.total - sv.held
                             )
                         await fetcher.fetch(
                             version, jobs, on_done=lambda j: sv.mark(j.name, j.index)

@@ -89,9 +89,15 @@ class SourcePicker:
         return True
 
     def dropped(self, url: str, version: int) -> bool:
-        """Whether `url` is no longer used for `version` (banned, missing, at fault)."""
+        """Whether `url` is no longer used for `version`: unknown, banned for bad bytes, or
+        at fault for it lately. Not when it merely lacks the version: a swarm peer is often a
+        moment behind, and its bitfield says when it holds something (counting a manifest's
+        404 as dropped kept members from watching each other for the first second of every
+        version)."""
         s = self.stats.get(url)
-        return s is None or not self.usable(version, among={url})
+        if s is None or s.corrupt >= self.ban_after:
+            return True
+        return s.faulty.get(version, float("-inf")) > time.monotonic()
 
     def usable(
         self, version: int, avoid: set[str] = frozenset(), among: set[str] | None = None

@@ -41,6 +41,7 @@ GOSSIP_FANOUT = 3  # peers pushed to and pulled from per round, besides the upst
 HAVE_WAIT = 10.0  # long-poll of a peer's bitfield
 HAVE_MAX_GAP = 0.5  # seconds between two polls of one peer's bitfield, with nothing held yet
 HAVE_MIN_GAP = 0.05  # ... and near the end: a peer answering at once costs 20 requests/s
+SMALL_VERSION = 16  # units in a version small enough to poll at HAVE_MIN_GAP throughout
 WATCH_REFRESH = 1.0  # how often the set of watched peers is revisited
 MAX_PEERS_BYTES = 256 * 1024
 MAX_HAVE_BYTES = 1024 * 1024
@@ -97,7 +98,20 @@ class PeerWatch:
                 if self.peer_list is not None:
                     for url in self.upstreams:
                         nursery.start_soon(self._pull_peer_list, url)
+            self.learn()
             await trio.sleep(GOSSIP_EVERY * random.uniform(0.8, 1.2))
+
+    def learn(self) -> None:
+        """Make every member heard of a source. Members are heard of three ways: pulled from
+        a peer, pushed to our own server (`POST /peers` keeps it in the table and nothing
+        else), or in the coordinator's list. Taking sources only from pulls lost the pushed
+        ones for good: a member that pushes to us every round has its announcement in our
+        table before any pull brings it, so no pull ever showed it as new, and a swarm of
+        two never traded a unit (the second member waited out `share_grace` and took its
+        peer's share from the seed)."""
+        for url in self.peers():
+            if self.picker.add(url):
+                log.info("learnt peer %s", url)
 
     async def _exchange(self, url: str, mine: bytes) -> None:
         try:
@@ -110,9 +124,7 @@ class PeerWatch:
         except (httpx.HTTPError, trio.TooSlowError, ValueError, ResponseTooLarge, AttributeError):
             return  # a peer that cannot gossip is simply not heard
         for item in items[:64] if isinstance(items, list) else []:
-            a = self.table.add(json.dumps(item).encode())
-            if a is not None and a.url != self.own_url and self.picker.add(a.url):
-                log.info("learnt peer %s", a.url)
+            self.table.add(json.dumps(item).encode())
 
     async def _pull_peer_list(self, url: str) -> None:
         """Take `url`'s copy of the coordinator's signed list if it is newer than ours: its
@@ -123,12 +135,9 @@ class PeerWatch:
                 status, body = await get_capped(self.http, f"{url}/peerlist", MAX_PEER_LIST_BYTES)
             if status != 200 or body == self.peer_list.raw:
                 return
-            pl = self.peer_list.offer(body)
+            self.peer_list.offer(body)
         except (httpx.HTTPError, trio.TooSlowError, ResponseTooLarge, PeerListError):
             return  # no list, an old one, or a forged one: ours stays as it was
-        for member in pl.urls:
-            if member != self.own_url and self.picker.add(member):
-                log.info("peer %s from the coordinator's list", member)
 
     # -- bitfields ---------------------------------------------------------------------------
 
@@ -161,18 +170,20 @@ class PeerWatch:
         self._rank = (members.index(self.own_url or ""), len(members))
 
     async def watch(
-        self, version: int, m: Manifest, missing: Callable[[], float] = lambda: 1.0
+        self, version: int, m: Manifest, missing: Callable[[], int] | None = None
     ) -> None:
         """Follow the bitfields of up to `max_peers` usable peers while `version` is
-        mirrored (until cancelled). `missing()` is the share of the version's units this
-        member still lacks; see `have_gap`."""
+        mirrored (until cancelled). `missing()` is how many of the version's units this
+        member still lacks (default: all); see `have_gap`."""
         self._have[version] = {}
         self._promised[version] = {}
         total = sum(len(units(m, p)) for p in m.payload)
+        missing = missing or (lambda: total)
         watched: dict[str, trio.CancelScope] = {}
         try:
             async with trio.open_nursery() as nursery:
                 while True:
+                    self.learn()
                     self.count_members()
                     for url, scope in list(watched.items()):
                         if self.picker.dropped(url, version):
@@ -201,11 +212,12 @@ class PeerWatch:
         url: str,
         total: int,
         scope: trio.CancelScope,
-        missing: Callable[[], float],
+        missing: Callable[[], int],
     ) -> None:
         held = -1
         changes = -1
         failures = 0
+        not_yet = 0  # "not mirroring it yet" answers in a row
         # Units this peer has claimed to hold, or to be fetching, in any answer: only an
         # answer that claims one for the first time earns a short gap, so a peer that
         # answers every poll at once with nothing new is polled at `HAVE_MAX_GAP`, and one
@@ -225,8 +237,10 @@ class PeerWatch:
                     if status == 404:  # not mirroring it (yet): ask again later
                         if version in self._have:  # else its watch ended meanwhile
                             self._have[version].setdefault(url, set())
-                        await trio.sleep(WATCH_REFRESH)
+                        await trio.sleep(not_yet_gap(not_yet))
+                        not_yet += 1
                         continue
+                    not_yet = 0
                     if status != 200:
                         raise ValueError(f"HTTP {status}")
                     data = json.loads(body)
@@ -238,7 +252,7 @@ class PeerWatch:
                     news = not bits <= claimed or not soon <= promised
                     claimed |= bits
                     promised |= soon
-                    await trio.sleep(have_gap(missing()) if news else HAVE_MAX_GAP)
+                    await trio.sleep(have_gap(missing(), total) if news else HAVE_MAX_GAP)
                 except (httpx.HTTPError, trio.TooSlowError, ValueError, KeyError, TypeError):
                     failures += 1
                     await trio.sleep(WATCH_REFRESH)
@@ -254,17 +268,33 @@ class PeerWatch:
             self._promised[version].setdefault(index, now)
 
 
-def have_gap(missing_share: float) -> float:
-    """Seconds to wait before the next poll of a peer's bitfield, given the share of the
-    version's units this member still lacks. The wait batches a busy peer's changes (each
+def have_gap(missing: int, total: int) -> float:
+    """Seconds to wait before the next poll of a peer's bitfield, given the units of the
+    version's `total` this member still lacks. The wait batches a busy peer's changes (each
     answer is an HTTP round trip on two CPU-bound Python servers), which is cheap while most
     units are still to come; near the end a member lacks only a few units, a late answer
     delays its last ones directly, and few changes are left to hear of. So the gap shrinks
     with the square of the share still missing: `HAVE_MAX_GAP` with nothing held, a quarter
     of it at half, never under `HAVE_MIN_GAP` (a peer that answers every poll at once costs
     this member at most 1/HAVE_MIN_GAP requests a second). Measured against a fixed 0.5 s
-    and a linear rule in docs/shardcast.md."""
-    return max(HAVE_MIN_GAP, HAVE_MAX_GAP * min(1.0, missing_share) ** 2)
+    and a linear rule in docs/shardcast.md. A version of `SMALL_VERSION` units or fewer is
+    polled at the floor throughout: there is little to batch (a peer's long-poll answers at
+    most twice per unit, once claimed and once held), and its transfers take milliseconds,
+    so the share rule kept members 0.35-0.5 s from their peers' units (a 2.4 MB delta of
+    the tiny model has 8 units, one per file and shard)."""
+    if total <= SMALL_VERSION:
+        return HAVE_MIN_GAP
+    return max(HAVE_MIN_GAP, HAVE_MAX_GAP * min(1.0, missing / max(total, 1)) ** 2)
+
+
+def not_yet_gap(answers: int) -> float:
+    """Seconds to wait before asking again a peer that answered "not mirroring it yet"
+    `answers` times in a row: `HAVE_MIN_GAP`, doubling up to `WATCH_REFRESH`. Members hear of
+    a new version within milliseconds of each other, so the first asks mostly come just too
+    early; a flat second after each made every member of a small version wait a second for
+    its peers' units (1.0 s of the 1.1 s a 2.4 MB delta took to reach 2 nodes). A peer that
+    never mirrors it costs about one request a second, as before."""
+    return min(WATCH_REFRESH, HAVE_MIN_GAP * 2**answers)
 
 
 def _bits(hexbits: str, total: int) -> set[int]:

@@ -108,6 +108,21 @@ def test_a_404_for_a_version_above_the_listing_is_rechecked_sooner_than_one_it_l
     assert (a.lies, b.lies) == (0, 1)
 
 
+def test_a_swarm_peer_lacking_a_version_is_still_watched_but_not_one_at_fault() -> None:
+    """`dropped` (which peers a member stops watching): a 404 is "not yet" for a peer, not a
+    reason to stop asking its bitfield; bad bytes past the ban and a stalled transfer are."""
+    picker = sources_module.SourcePicker(["http://a", "http://b", "http://c"])
+    a, b, c = (picker.stats[u] for u in ("http://a", "http://b", "http://c"))
+    picker.record_missing(a, 3)
+    assert a.lacks(3, time.monotonic()) and not picker.dropped("http://a", 3)
+    for _ in range(picker.ban_after):
+        picker.record_corrupt(b)
+    assert picker.dropped("http://b", 3) and picker.dropped("http://b", 4)
+    picker.record_too_slow(c, 3, 1000, 10.0)
+    assert picker.dropped("http://c", 3) and not picker.dropped("http://c", 4)
+    assert picker.dropped("http://unknown", 3)
+
+
 async def _cancelled_while_a_write_fails() -> BaseExceptionGroup:
     """What a mirror's nursery raises when a prune cancels it (`scope.cancel()`) just as a
     unit's write into the removed folder fails: the write's error beside the cancellation."""

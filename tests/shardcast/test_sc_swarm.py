@@ -92,12 +92,18 @@ def test_announcements_are_signed_fresh_and_for_this_pool() -> None:
 
 
 def test_bitfield_polls_quicken_as_a_member_nears_the_end():
-    from shardcast.swarm import HAVE_MAX_GAP, HAVE_MIN_GAP, have_gap
+    from shardcast.swarm import HAVE_MAX_GAP, HAVE_MIN_GAP, SMALL_VERSION, have_gap, not_yet_gap
 
-    assert have_gap(1.0) == HAVE_MAX_GAP == 0.5  # nothing held: batch a busy peer's changes
-    assert have_gap(0.5) == 0.125 and abs(have_gap(0.4) - 0.08) < 1e-12  # 0.5 x share^2
-    assert have_gap(0.2) == have_gap(0.0) == HAVE_MIN_GAP == 0.05  # the floor a peer can't lower
-    assert have_gap(1.5) == HAVE_MAX_GAP  # a bad count never waits longer than with nothing held
+    assert have_gap(100, 100) == HAVE_MAX_GAP == 0.5  # nothing held: batch a busy peer's changes
+    assert have_gap(50, 100) == 0.125 and abs(have_gap(40, 100) - 0.08) < 1e-12  # 0.5 x share^2
+    assert have_gap(20, 100) == have_gap(0, 100) == HAVE_MIN_GAP == 0.05  # the floor
+    assert have_gap(150, 100) == HAVE_MAX_GAP  # a bad count never waits longer than that
+    # A small version: the floor throughout (a peer answers it at most twice per unit).
+    assert SMALL_VERSION == 16
+    assert have_gap(16, 16) == have_gap(3, 3) == HAVE_MIN_GAP and have_gap(17, 17) == HAVE_MAX_GAP
+    # A peer not mirroring the version yet is asked again soon, then about once a second.
+    assert [not_yet_gap(n) for n in range(6)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0]
+    assert not_yet_gap(50) == 1.0
 
 
 def test_a_member_in_a_swarm_keeps_one_seed_transfer_in_flight():
@@ -112,9 +118,10 @@ def test_a_member_in_a_swarm_keeps_one_seed_transfer_in_flight():
     assert swarm.seed_slots() == 1  # 8 members x 3 would land 24 units together at the end
 
 
-def _watch(handler, missing: float, seconds: float) -> tuple[int, int]:
+def _watch(handler, missing: int, seconds: float) -> tuple[int, int]:
     """(/have polls one member makes of a peer served by `handler`, peers it then counts as
-    heard from) in `seconds` of trio's virtual time, through an in-memory transport."""
+    heard from) in `seconds` of trio's virtual time, through an in-memory transport, with
+    `missing` of the version's 32 units still to come."""
     import trio
     import trio.testing
 
@@ -142,7 +149,7 @@ def _watch(handler, missing: float, seconds: float) -> tuple[int, int]:
     return len(calls), heard[0]
 
 
-def _polls(answer, missing: float, seconds: float) -> int:
+def _polls(answer, missing: int, seconds: float) -> int:
     """/have polls of a peer answering with `answer(n)` (n-th poll) at once."""
 
     async def handler(n: int) -> httpx.Response:
@@ -166,24 +173,25 @@ def test_silent_huge_and_lying_peers_are_given_up_and_never_counted():
         return httpx.Response(200, stream=httpx.ByteStream(b'{"bits": "ff", "changes": 1}'))
 
     # Each poll of a silent peer times out after 20 s; after 3 failures it is not asked again.
-    assert _watch(silent, missing=0.01, seconds=600) == (3, 0)
-    assert _watch(huge, missing=0.01, seconds=600) == (1, 0)  # over 1 MiB: dropped at once
-    assert _watch(lying, missing=0.01, seconds=600) == (3, 0)
+    assert _watch(silent, missing=1, seconds=600) == (3, 0)
+    assert _watch(huge, missing=1, seconds=600) == (1, 0)  # over 1 MiB: dropped at once
+    assert _watch(lying, missing=1, seconds=600) == (3, 0)
     # A peer that answers "not mirroring it yet" counts as heard from (one seed transfer).
 
     async def not_yet(n: int) -> httpx.Response:
         return httpx.Response(404, stream=httpx.ByteStream(b""))
 
-    calls, heard = _watch(not_yet, missing=1.0, seconds=10.5)
-    assert heard == 1 and calls == 11  # asked again every second
+    calls, heard = _watch(not_yet, missing=32, seconds=10.5)
+    # asked again at t = 0.05, 0.15, 0.35, 0.75, then every second from 1.55 to 9.55
+    assert heard == 1 and calls == 14
 
 
 def test_a_peer_answering_at_once_with_nothing_new_is_polled_slowly():
     # 32 units, one byte per 8: "80" + zeros is unit 0 only.
     same = {"bits": "80" + "00" * 3, "changes": 1}
-    # Near the end (1% missing) a first claim earns the short gap, a repeat the long one:
+    # Near the end (1 unit missing) a first claim earns the short gap, a repeat the long one:
     # polls at t = 0, 0.05, 0.55, 1.05 and 1.55.
-    assert _polls(lambda n: same, missing=0.01, seconds=2.0) == 5
+    assert _polls(lambda n: same, missing=1, seconds=2.0) == 5
 
     def growing(n: int) -> dict:
         held = min(n, 32)
@@ -191,6 +199,6 @@ def test_a_peer_answering_at_once_with_nothing_new_is_polled_slowly():
         return {"bits": f"{value:08x}", "changes": n}
 
     # Something new in every answer: one poll per 0.05 s, while the member lacks little.
-    assert 19 <= _polls(growing, missing=0.01, seconds=1.0) <= 21
+    assert 19 <= _polls(growing, missing=1, seconds=1.0) <= 21
     # With every unit still missing, the gap is 0.5 s whatever the peer says: t = 0 ... 1.5.
-    assert _polls(growing, missing=1.0, seconds=2.0) == 4
+    assert _polls(growing, missing=32, seconds=2.0) == 4
