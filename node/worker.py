@@ -78,6 +78,9 @@ REDISCOVER_AFTER = 3
 IDLE_JITTER_MAX_S = 2.0
 # The first retry waits less than this; the window doubles with each try up to a cap.
 FIRST_RETRY_S = 0.5
+# How long a lease request offers to wait for work when the pool has enough in flight
+# (`LeaseRequest.wait_s`): the coordinator leases the moment its trainer needs more.
+LEASE_WAIT_S = 5.0
 
 
 class NodeError(SwarmError):
@@ -610,23 +613,37 @@ class Worker:
 
     async def _ask_for_lease(self) -> msg.LeaseReply | None:
         """One lease request, asked again at once when the coordinator's demand for newer
-        weights was met; None when the node is stopping (a stop may come while it waits)."""
+        weights was met, or when it held the request as long as asked and had no work yet;
+        None when the node is stopping (a stop may come while it waits)."""
         while not self._stopping:
+            asked = trio.current_time()
             reply = await self._request_lease()
+            if _held_out(reply, trio.current_time() - asked):
+                continue
             if reply.code != "fetch_weights" or not await self._fetch_asked():
                 return reply
         return None
 
     async def _request_lease(self) -> msg.LeaseReply:
         await self._swap_if_newer()
-        request = msg.LeaseRequest(weight_version=max(self.engine.version, 0))
+        request = msg.LeaseRequest(weight_version=max(self.engine.version, 0), wait_s=LEASE_WAIT_S)
         self.stats.state = "asking for work"
+        # Busy while asking: the coordinator may hold the request and then lease, and a stop
+        # must wait for that lease rather than leave it to expire against this node.
+        if self.idle.is_set():
+            self.idle = trio.Event()
         try:
             reply = await self._retry(
                 "lease", self._call, msg.LEASE_PROTOCOL, request, msg.LeaseReply
             )
         except RemoteError as e:
+            self.idle.set()
             raise NodeError(f"the coordinator refused this node's lease request: {e}") from None
+        except BaseException:
+            self.idle.set()
+            raise
+        if reply.lease is None:
+            self.idle.set()
         self.stats.replies[f"lease:{reply.code}"] += 1
         if reply.lease is not None:
             return reply
@@ -649,7 +666,8 @@ class Worker:
         if lease.node != self.identity.public_key:
             raise NodeError("the coordinator sent a lease made out to another node")
         self._lease = lease
-        self.idle = trio.Event()
+        if self.idle.is_set():
+            self.idle = trio.Event()
         self.stats.state = f"generating lease {lease.lease_id}"
         t0 = time.perf_counter()
         with trio.CancelScope(shield=True):
@@ -731,6 +749,13 @@ class Worker:
 def _join_busy(reply: msg.JoinReply) -> bool:
     """The pool admits no new identities right now: a later join can succeed."""
     return not reply.accepted and reply.code == "busy"
+
+
+def _held_out(reply: msg.LeaseReply, took_s: float) -> bool:
+    """Whether the coordinator held a lease request for about as long as the node offered to
+    wait and had no work: the node asks again at once. A busy answer that came back sooner
+    is waited out as any other (a coordinator cannot make its nodes spin)."""
+    return reply.code == "busy" and reply.retry_after_s == 0 and took_s >= LEASE_WAIT_S / 2
 
 
 def _idle(reply: msg.LeaseReply | None) -> bool:

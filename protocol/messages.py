@@ -93,6 +93,11 @@ class LeaseTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class LeaseRequest(Message, tag="lease-request"):
     weight_version: Version
     """The newest weights this node holds."""
+    wait_s: Annotated[float, msgspec.Meta(ge=0.0, le=60.0)] = 0.0
+    """How long the node will wait for an answer when the pool has enough work in flight:
+    the coordinator may hold the request (up to its own cap) and lease the moment the trainer
+    needs more, instead of answering `busy` at once. A held request that found no work comes
+    back `busy` with `retry_after_s` 0: ask again at once."""
 
 
 class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -44,6 +44,7 @@ LOST_WORKERS = 0.5
 (trainer/submissions.py): most likely built to crash or stall validation, though a machine
 fault can meet an honest one, so it costs what a transport refusal does."""
 QUOTA_RETRY_S = 5.0
+BUSY_REASON = "enough work in flight; try shortly"
 VERDICT_RETRY_S = 1.0
 """A newcomer that has answered and awaits only its verdict asks again this soon: verdicts
 take well under a second when validation keeps up, and waiting `QUOTA_RETRY_S` made every
@@ -68,6 +69,9 @@ class LeaseTerms:
     """Prompts the lease may carry (when `code` is ok)."""
     reason: str = ""
     retry_after_s: float = 0.0
+    for_demand: bool = False
+    """Refused only because trusted work in flight fills what the trainer can use: the answer
+    may change as soon as the trainer takes a batch, so the request may be held until then."""
 
 
 class TokenBucket:
@@ -186,7 +190,10 @@ class Admission:
             )
         if pool_busy:
             return LeaseTerms(
-                "busy", reason="enough work in flight; try shortly", retry_after_s=0.5
+                "busy",
+                reason=BUSY_REASON,
+                retry_after_s=0.5,
+                for_demand=True,
             )
         return LeaseTerms("ok", prompts=self.lease_prompts)
 

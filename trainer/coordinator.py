@@ -51,6 +51,7 @@ from trainer.leasing import LeaseService, in_flight_groups
 from trainer.ledger import Ledger, LedgerError
 from trainer.metrics import RunLog
 from trainer.policy import PolicyStore
+from trainer.pulse import Pulse
 from trainer.relays import Checked, RelayDirectory, check_relay, probe_client, relay_hop
 from trainer.sizing import check_fits
 from trainer.submissions import SubmissionService
@@ -166,6 +167,7 @@ class Coordinator:
         algorithm = GroupAlgorithm(settings.scale_rewards)
 
         # The services, each given only what it needs of the others.
+        demand = Pulse()  # more work may be wanted: held lease requests look again
         self.admission = Admission(
             spec.admission,
             self.pool_id,
@@ -199,6 +201,7 @@ class Coordinator:
                 self.sampling,
                 spec.seed,
             ),
+            on_progress=demand.fire,
         )
         progress = self.training.progress
         self.relays = RelayDirectory(list(spec.coordinator.relays), self._probe_relay)
@@ -213,6 +216,7 @@ class Coordinator:
             progress,
             options.max_steps,
             full_reward=sum(r.weight for r in self.task.rewards),
+            demand=demand,
         )
         validator = Validator(
             spec,
@@ -233,7 +237,7 @@ class Coordinator:
             self.sampling,
             self.run_log,
             progress,
-            on_accept=self.training.wake,
+            on_verdict=partial(_verdict_recorded, self.training, demand),
             on_ban=self.relays.forget,
             pool=validator_pool(
                 self.config.trainer.validators, validator, self.policy, self.sampling
@@ -513,6 +517,12 @@ class CoordinatorView:
         self._coord.relays.forget(key)
         self._coord.leases.give_back(revoked)
         return revoked
+
+
+def _verdict_recorded(training: TrainingService, demand: Pulse) -> None:
+    """A verdict brings trainable groups (the trainer looks) or fewer coming (so may leases)."""
+    training.wake()
+    demand.fire()
 
 
 def vocab_rows(model: Any, tokenizer: Any) -> int:

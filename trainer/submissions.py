@@ -115,12 +115,14 @@ class SubmissionService:
         sampling: SamplingParams,
         run_log: RunLog,
         progress: Callable[[], Progress],
-        on_accept: Callable[[], None],
+        on_verdict: Callable[[], None],
         on_ban: Callable[[bytes], None],
         pool: ValidatorPool | None = None,
         batch: int = BATCH_SUBMISSIONS,
     ) -> None:
-        """`pool`: validate in its worker processes; None validates in a thread here."""
+        """`pool`: validate in its worker processes; None validates in a thread here.
+        `on_verdict` is called after each verdict is recorded (new trainable groups, or fewer
+        coming)."""
         self.spec = spec
         self.ledger = ledger
         self.admission = admission
@@ -130,7 +132,7 @@ class SubmissionService:
         self.sampling = sampling
         self.run_log = run_log
         self._progress = progress
-        self._on_accept = on_accept
+        self._on_verdict = on_verdict
         self._on_ban = on_ban
         self.pool = pool
         self.batch = batch
@@ -363,8 +365,7 @@ class SubmissionService:
         self.run_log.verdict(verdict.outcome, verdict.check, seconds)
         self._log_samples(row, verdict, checked.version, groups)
         self._note_ban(row["node"], banned)
-        if verdict.outcome == "accept":
-            self._on_accept()
+        self._on_verdict()
 
     def _accepted_group(self, g: Any) -> NewGroup:
         scored = self.algorithm.score(g.rewards)

@@ -85,7 +85,10 @@ class TrainingService:
         max_steps: int | None = None,
         checkpoint_every: int = 1,
         evaluator: EvalService | None = None,
+        on_progress: Callable[[], None] = lambda: None,
     ) -> None:
+        """`on_progress` is called once a step has taken its groups (work leased from then
+        on counts towards the next batch) and once its version is published."""
         self.spec = spec
         self.settings = settings
         self.ledger = ledger
@@ -100,6 +103,7 @@ class TrainingService:
         self.max_steps = max_steps
         self.checkpoint_every = checkpoint_every
         self.evaluator = evaluator
+        self._on_progress = on_progress
         self.step, committed = ledger.last_step()
         self.committed_step = self.step
         published = max((v["version"] for v in ledger.versions()), default=0)
@@ -107,6 +111,8 @@ class TrainingService:
         """The newest version published (what leases hand out)."""
         self._made = self.version
         """The newest version a step made (published or not)."""
+        self._making = self._made
+        """The version the step in progress makes (`_made` between steps)."""
         self._trained: list[_Trained] = []
         self._held: dict[int, int] = {}
         """Group id -> weight version, for every group in `_trained`."""
@@ -121,7 +127,13 @@ class TrainingService:
         self.done = trio.Event()
 
     def progress(self) -> Progress:
-        return Progress(self.step, self.version, dict(self.resumed_from))
+        return Progress(
+            self.step,
+            self.version,
+            dict(self.resumed_from),
+            tuple(self._held.values()),
+            self._making,
+        )
 
     def restore(self) -> None:
         """Resume the model and optimizer from the checkpoint the ledger committed last."""
@@ -174,6 +186,9 @@ class TrainingService:
         nursery: trio.Nursery,
     ) -> None:
         batch = self.algorithm.batch([self._train_group(g) for g in chosen])
+        self._held.update({g.id: g.weight_version for g in chosen})
+        self._making = version
+        self._on_progress()
         result = await trio.to_thread.run_sync(self.learner.step, batch, version)
         flat, self._flat_seen = self.ledger.dropped_since(FLAT, self._flat_seen)
         metrics = {
@@ -188,7 +203,6 @@ class TrainingService:
         }
         commit = StepCommit(n, version, result.trained, metrics, changed)
         self._trained.append(_Trained(commit, {g.id: g.weight_version for g in chosen}))
-        self._held.update({g.id: g.weight_version for g in chosen})
         self.step, self._made = n, version
         if n % self.settings.publish_every == 0:
             await self.ensure_published(version)
@@ -260,4 +274,5 @@ class TrainingService:
         )
         self.version = version
         self.run_log.published(version)
+        self._on_progress()
         await self._announce(version, manifest.base)

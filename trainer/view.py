@@ -36,6 +36,12 @@ class Progress:
     version: int
     resumed_from: dict[str, int]
     """Step and version this process started at (a restart resumed there)."""
+    in_training: tuple[int, ...] = ()
+    """The weight version of each group a step has taken that no checkpoint covers yet: still
+    untrained in the ledger, though no later step will take it."""
+    frontier: int = 0
+    """The newest version made, or being made by the step in progress: the next batch still
+    to be taken trains the versions `max_staleness` back from the one after it."""
 
 
 @dataclass(frozen=True)

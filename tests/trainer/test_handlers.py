@@ -6,6 +6,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from node.hardware import probe
 from protocol import messages as msg
@@ -16,6 +17,8 @@ from protocol.identity import Identity
 from tests.trainer.pools import tiny_coordinator
 from trainer.config import AlgorithmSection, TrainerConfig
 from trainer.coordinator import Coordinator, RunOptions
+from trainer.leasing import LEASE_HOLD_S
+from trainer.ledger import Decision, NewGroup
 
 
 def _coordinator(tmp_path, admission=None, batch_prompts=2, **limits) -> Coordinator:
@@ -48,8 +51,9 @@ class Member:
             self.coord.ledger.set_probation(self.key, False)
         return joined
 
-    async def lease(self) -> msg.LeaseReply:
-        return await self.coord.leases.on_lease(self.signed(msg.LeaseRequest(weight_version=0)))
+    async def lease(self, wait_s: float = 0.0) -> msg.LeaseReply:
+        request = msg.LeaseRequest(weight_version=0, wait_s=wait_s)
+        return await self.coord.leases.on_lease(self.signed(request))
 
     async def release(self, lease: msg.Lease) -> msg.Receipt:
         return await self.coord.leases.on_release(
@@ -71,10 +75,10 @@ class Member:
         return await self.coord.submissions.on_submit(self.signed(answer))
 
 
-def _play(coord: Coordinator, scenario) -> None:
+def _play(coord: Coordinator, scenario, clock=None) -> None:
     """Run one handler scenario against `coord`, then close its ledger whatever happened."""
     try:
-        trio.run(scenario)
+        trio.run(scenario, clock=clock)
     finally:
         coord.close()
 
@@ -103,6 +107,93 @@ def test_leasing_stops_at_a_batch_of_done_work_and_at_the_staleness_window(tmp_p
         assert waiting.lease is None and waiting.code == "busy"
 
     _play(coord, scenario)
+
+
+async def _full_pool(nodes: list[Member]) -> list[msg.Lease]:
+    """Every node joined and trusted; the first six hold a lease each, which fills a pool of
+    batch 2 and staleness 3 (6 groups)."""
+    for n in nodes:
+        assert (await n.join(trusted=True)).accepted
+    return [(await n.lease()).lease for n in nodes[:6]]
+
+
+def test_a_held_lease_request_is_leased_the_moment_a_lease_closes(tmp_path):
+    coord = _coordinator(tmp_path, max_staleness=3)
+    nodes = [Member(coord) for _ in range(7)]
+    replies: list[tuple[float, msg.LeaseReply]] = []
+
+    async def ask(node: Member, wait_s: float) -> None:
+        t0 = trio.current_time()
+        reply = await node.lease(wait_s=wait_s)
+        replies.append((trio.current_time() - t0, reply))
+
+    async def scenario():
+        leases = await _full_pool(nodes)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, nodes[6], 5.0)
+            await trio.sleep(1.0)
+            assert replies == []  # held: nothing to lease yet
+            assert (await nodes[0].release(leases[0])).code == "released"
+        ((took, reply),) = replies
+        assert reply.lease is not None and 1.0 <= took < 1.1  # at the release, not after 5 s
+
+    _play(coord, scenario, trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_held_request_that_finds_no_work_comes_back_busy_to_be_asked_again(tmp_path):
+    coord = _coordinator(tmp_path, max_staleness=3)
+    nodes = [Member(coord) for _ in range(7)]
+
+    async def scenario():
+        await _full_pool(nodes)
+        t0 = trio.current_time()
+        reply = await nodes[6].lease(wait_s=60.0)  # the coordinator's cap wins
+        assert reply.lease is None and reply.code == "busy" and reply.retry_after_s == 0
+        assert trio.current_time() - t0 == pytest.approx(LEASE_HOLD_S)
+        # Not held: a node that did not offer to wait, and a second request of a node whose
+        # first is held (one held request per node).
+        assert (await nodes[6].lease()).retry_after_s > 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(nodes[6].lease, 5.0)
+            await trio.sleep(0.5)
+            t1 = trio.current_time()
+            second = await nodes[6].lease(wait_s=5.0)
+            assert second.code == "busy" and second.retry_after_s > 0
+            assert trio.current_time() == t1
+
+    _play(coord, scenario, trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_groups_a_step_took_count_as_trained_before_their_checkpoint(tmp_path):
+    # A batch (2 groups) accepted stops leasing. Once a step takes it, the ledger still says
+    # "untrained" until a checkpoint commits the step, but leasing must start again at once.
+    coord = _coordinator(tmp_path, max_staleness=3)
+    nodes = [Member(coord) for _ in range(3)]
+    got: list[msg.LeaseReply] = []
+
+    async def ask() -> None:
+        got.append(await nodes[2].lease(wait_s=5.0))
+
+    async def scenario():
+        for n in nodes:
+            assert (await n.join(trusted=True)).accepted
+        for n in nodes[:2]:
+            receipt = await n.submit((await n.lease()).lease)
+            group = NewGroup(0, 0, 0, [1.0, 0.0], [0.5, -0.5], b"x", 2)
+            accept = Decision("accept", "ok", groups=[group])
+            coord.ledger.decide(receipt.submission_id, accept, coord.admission, time.time())
+        assert coord.ledger.count_trainable(0) == 2
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await trio.sleep(1.0)
+            assert got == []  # a batch waits for the trainer
+            held = {g.id: g.weight_version for g in coord.ledger.trainable_groups(0, 2)}
+            coord.training._held.update(held)  # what a step does as it takes its batch
+            coord.leases.demand.fire()
+        assert got[0].lease is not None
+        assert coord.ledger.count_trainable(0) == 2  # still untrained in the ledger
+
+    _play(coord, scenario, trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_resubmission_is_idempotent_and_a_different_answer_is_refused(tmp_path):

@@ -210,7 +210,7 @@ def _service(nodes: dict[int, bytes], newcomers: set[bytes]) -> SubmissionServic
         _Ledger(nodes),
         _Admission(newcomers),
         *[None] * 6,
-        on_accept=lambda: None,
+        on_verdict=lambda: None,
         on_ban=lambda _: None,
         batch=3,
     )
