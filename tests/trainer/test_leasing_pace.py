@@ -1,39 +1,43 @@
-"""How much work the coordinator keeps leased (`trainer.leasing.enough_work`), hand-computed.
+"""How much work the coordinator keeps leased (`trainer.leasing.wanted_tasks`), hand-computed.
 
 Work is counted in groups; the comments speak of leases of 4 prompts (4 groups each)."""
 
-from trainer.leasing import MIN_INFORMATIVE, enough_work, reachable_groups
+from trainer.leasing import MIN_INFORMATIVE, reachable_groups, wanted_tasks
 
 # A pool of batch 8, 4 prompts a lease, a staleness window of 2 batches (16 groups).
 POOL = {"batch": 8, "window": 16}
 
 
 def test_every_group_informative_counts_each_lease_as_four_groups():
-    # 2 trainable + 1 pending submission (4) = 6 < 8; with 2 open leases 6 + 8 = 14 < 16
-    assert not enough_work(trainable=2, pending=4, leased=8, informative=1.0, **POOL)
+    # 2 trainable + 1 pending submission (4) = 6 < 8; with 2 open leases 6 + 8 = 14 < 16:
+    # 2 groups more are wanted, so the next lease carries 2 prompts, not 4
+    assert wanted_tasks(trainable=2, pending=4, leased=8, informative=1.0, **POOL) == 2
+    assert wanted_tasks(trainable=2, pending=4, leased=9, informative=1.0, **POOL) == 1
     # one more open lease: 6 + 12 = 18 >= 16
-    assert enough_work(trainable=2, pending=4, leased=12, informative=1.0, **POOL)
+    assert wanted_tasks(trainable=2, pending=4, leased=12, informative=1.0, **POOL) == 0
     # a batch already done: enough whatever is leased
-    assert enough_work(trainable=8, pending=0, leased=0, informative=1.0, **POOL)
+    assert wanted_tasks(trainable=8, pending=0, leased=0, informative=1.0, **POOL) == 0
 
 
 def test_mostly_flat_groups_lease_more():
-    # 3 of 4 flat, counted at the floor of one half: each lease brings 2 trainable groups.
-    # 2 + 1 x 2 = 4 < 8, and 4 + 5 x 2 = 14 < 16: five open leases are not yet enough (three
-    # were, counted whole)
-    assert not enough_work(trainable=2, pending=4, leased=20, informative=0.25, **POOL)
-    assert enough_work(trainable=2, pending=4, leased=24, informative=0.25, **POOL)
-    # three quarters informative: 3 a lease; 2 + 3 = 5, 5 + 3 x 3 = 14 < 16, 5 + 4 x 3 = 17
-    assert not enough_work(trainable=2, pending=4, leased=12, informative=0.75, **POOL)
-    assert enough_work(trainable=2, pending=4, leased=16, informative=0.75, **POOL)
+    # 3 of 4 flat, counted at the floor of one half: each group leased brings half a trainable
+    # one. 2 + 4 x 1/2 = 4 done; with 20 groups leased, 4 + 10 = 14 < 16: 2 more trainable
+    # groups are wanted, which takes 4 prompts
+    assert wanted_tasks(trainable=2, pending=4, leased=20, informative=0.25, **POOL) == 4
+    assert wanted_tasks(trainable=2, pending=4, leased=22, informative=0.25, **POOL) == 2
+    assert wanted_tasks(trainable=2, pending=4, leased=24, informative=0.25, **POOL) == 0
+    # three quarters informative: 2 + 3 = 5 done; 5 + 12 x 3/4 = 14, so 2 more trainable
+    # groups are wanted: 2 / (3/4) = 2.67, rounded up to 3 prompts; 5 + 16 x 3/4 = 17: none
+    assert wanted_tasks(trainable=2, pending=4, leased=12, informative=0.75, **POOL) == 3
+    assert wanted_tasks(trainable=2, pending=4, leased=16, informative=0.75, **POOL) == 0
 
 
 def test_the_floor_bounds_leasing_when_nearly_every_group_is_flat():
-    # no informative group at all: counted at the floor, 4 x 0.5 = 2 a lease, so 8 open
-    # leases fill the 16-group window (twice what counting every group would lease)
+    # no informative group at all: counted at the floor, 1/2 a group, so 32 leased groups fill
+    # the 16-group window (twice what counting every group would lease)
     assert MIN_INFORMATIVE == 0.5
-    assert not enough_work(trainable=0, pending=0, leased=28, informative=0.0, **POOL)
-    assert enough_work(trainable=0, pending=0, leased=32, informative=0.0, **POOL)
+    assert wanted_tasks(trainable=0, pending=0, leased=28, informative=0.0, **POOL) == 4
+    assert wanted_tasks(trainable=0, pending=0, leased=32, informative=0.0, **POOL) == 0
 
 
 def test_a_lease_on_older_weights_reaches_fewer_steps():
