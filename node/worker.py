@@ -58,6 +58,7 @@ from protocol.environments import environment_for
 from protocol.errors import DiscoveryError, RemoteError, SwarmError, TransportError
 from protocol.host import Host, pool_topic
 from protocol.identity import Identity
+from protocol.ratelimit import TokenBucket
 from shardcast.client import Client, FetchResult
 from shardcast.errors import ShardcastError
 from shardcast.fetcher import FetchPolicy, http_client
@@ -78,6 +79,9 @@ REDISCOVER_AFTER = 3
 IDLE_JITTER_MAX_S = 2.0
 # The first retry waits less than this; the window doubles with each try up to a cap.
 FIRST_RETRY_S = 0.5
+# The share of the pool's per-peer request rate (`limits.requests_per_s`) a node keeps to:
+# heartbeats and retries fit in the rest.
+PACE_SHARE = 0.75
 # How long a lease request offers to wait for work when the pool has enough in flight
 # (`LeaseRequest.wait_s`): the coordinator leases the moment its trainer needs more.
 LEASE_WAIT_S = 5.0
@@ -198,6 +202,8 @@ class Worker:
         self._newest_fetched = -1
         self._trusted_version = -1
         self._lease: msg.Lease | None = None
+        self._bucket: TokenBucket | None = None
+        """Paces this node's requests to the coordinator (`_pace`)."""
         self._relay_url = ""
         self._pow_nonce: int | None = None
         self._stopping = False
@@ -297,6 +303,7 @@ class Worker:
         self, protocol_id: str, message: msg.Message, reply_type: type, timeout_s: float = 30.0
     ) -> Any:
         assert self._host is not None and self.location is not None
+        await self._pace()
         last: Exception | None = None
         for addr in self.location.coordinator_addrs:
             try:
@@ -308,6 +315,20 @@ class Worker:
             except TransportError as e:
                 last = e
         raise last or TransportError("the coordinator has no address")
+
+    async def _pace(self) -> None:
+        """Wait until one more request stays within `PACE_SHARE` of the pool's per-peer
+        request rate. The coordinator refuses requests past its limit (and closes the stream),
+        and with leases held until work exists a node on a small model can want more: on the
+        tiny preset a lease took 25 ms, a lease and a submission each, 80 requests a second
+        against a limit of 20, and every refusal cost a reconnect."""
+        assert self.location is not None
+        rate = self.location.spec.limits.requests_per_s * PACE_SHARE
+        if self._bucket is None or self._bucket.rate != rate:
+            self._bucket = TokenBucket(rate, max(1.0, rate), trio.current_time())
+        while (wait := self._bucket.take(trio.current_time())) > 0:
+            # at least a millisecond: a wait of 1e-17 s would not move the clock
+            await trio.sleep(max(wait, 1e-3))
 
     async def _retry(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run `fn(*args)` until it succeeds, backing off while the coordinator (or the

@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 import trio
 
-from node.worker import FIRST_RETRY_S, IDLE_JITTER_MAX_S, Worker, WorkerOptions
+from node.worker import (
+    FIRST_RETRY_S,
+    IDLE_JITTER_MAX_S,
+    LEASE_WAIT_S,
+    PACE_SHARE,
+    Worker,
+    WorkerOptions,
+)
 from protocol import messages as msg
 from protocol.errors import RemoteError, TransportError
 from protocol.identity import Identity
@@ -150,3 +157,47 @@ async def test_a_busy_validation_queue_is_waited_out_until_the_deadline(tmp_path
     times = _coordinator(worker, [busy, queued])
     await worker._submit(None, late)  # type: ignore[arg-type]
     assert len(times) == 1 and worker.stats.replies["receipt:busy"] == 1
+
+
+@pytest.mark.trio
+async def test_a_held_lease_request_is_asked_again_at_once_a_quick_busy_is_waited_out(
+    tmp_path, autojump_clock
+):
+    """A `busy` with `retry_after_s` 0 after the coordinator held the request about as long
+    as offered: ask again at once. The same answer given at once is waited out, jittered: a
+    coordinator cannot make its nodes spin."""
+    worker = _worker(tmp_path)
+    held = msg.LeaseReply(code="busy", retry_after_s=0.0, reason="enough work in flight")
+    replies = [(LEASE_WAIT_S, held), (0.0, held), (0.0, msg.LeaseReply(code="finished"))]
+    times: list[float] = []
+
+    async def call(protocol_id: str, message: Any, reply_type: type, *args: Any) -> Any:
+        assert message.wait_s == LEASE_WAIT_S
+        times.append(trio.current_time())
+        took, reply = replies[len(times) - 1]
+        await trio.sleep(took)
+        return reply
+
+    async def nothing_newer() -> None:
+        pass
+
+    worker._call = call  # type: ignore[method-assign]
+    worker._swap_if_newer = nothing_newer  # type: ignore[method-assign]
+    assert await worker._next_lease() is None
+    held_gap, quick_gap = _gaps(times)
+    assert held_gap == LEASE_WAIT_S  # the hold itself, then straight back
+    assert 0 < quick_gap <= FIRST_RETRY_S
+    assert worker.idle.is_set()  # no lease came: a stop need not wait
+
+
+@pytest.mark.trio
+async def test_requests_to_the_coordinator_keep_under_the_pools_rate(tmp_path, autojump_clock):
+    worker = _worker(tmp_path)
+    limits = SimpleNamespace(requests_per_s=20.0)
+    worker.location = SimpleNamespace(spec=SimpleNamespace(limits=limits))  # type: ignore[assignment]
+    start = trio.current_time()
+    for _ in range(100):
+        await worker._pace()
+    # 15 a second (PACE_SHARE of 20), the first 15 at once: 85 more take 85 / 15 s
+    assert PACE_SHARE == 0.75
+    assert trio.current_time() - start == pytest.approx(85 / 15)
