@@ -96,6 +96,9 @@ COSTS = ("validation_s", "leases_issued", "leases_expired", "leases_released", "
 # vocabulary a random policy almost never hits a digit, so the reward starts near zero and rises
 # too slowly for a demo; with 20 tokens it learns 2-digit copying in a few minutes on 2 cores.
 DIGITS_CHARS = "0123456789copy ="
+FACTS_TIMEOUT_S = 60.0
+"""How long the report's reads of the coordinator's API may take: on a fast pool the nodes keep
+its cores busy validating until they stop, and reading 12,000 groups took more than 5 s."""
 
 
 def _copy_profile(digits: int) -> dict[str, Any]:
@@ -470,9 +473,9 @@ class Swarm:
 
     # ------------------------------------------------------------------ observing
 
-    def api(self, path: str) -> Any:
+    def api(self, path: str, timeout_s: float = 5.0) -> Any:
         url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
             return json.loads(r.read())
 
     def status(self) -> dict[str, Any] | None:
@@ -596,21 +599,22 @@ class Swarm:
 
     def api_facts(self) -> dict[str, Any]:
         """What the report reads from the coordinator's API."""
+        read = partial(self.api, timeout_s=FACTS_TIMEOUT_S)
         return {
-            "contributions": self.api("/api/contributions"),
-            "hard": self.api("/api/verdicts?outcome=hard&limit=1000"),
-            "verdicts": self.api("/api/verdicts?limit=1000"),
-            "steps": self.api("/api/steps"),
-            "versions": self.api("/api/versions"),
+            "contributions": read("/api/contributions"),
+            "hard": read("/api/verdicts?outcome=hard&limit=1000"),
+            "verdicts": read("/api/verdicts?limit=1000"),
+            "steps": read("/api/steps"),
+            "versions": read("/api/versions"),
             "groups": self.all_groups(),
-            "integrity": self.api("/api/ledger/integrity"),
+            "integrity": read("/api/ledger/integrity"),
         }
 
     def all_groups(self, since_id: int = 0) -> list[dict[str, Any]]:
         """Every accepted group after `since_id`, page by page (GET /api/groups)."""
         out: list[dict[str, Any]] = []
         while True:
-            page = self.api(f"/api/groups?since_id={since_id}&limit=5000")
+            page = self.api(f"/api/groups?since_id={since_id}&limit=5000", FACTS_TIMEOUT_S)
             out += page
             if len(page) < 5000:
                 return out
