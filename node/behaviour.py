@@ -34,7 +34,8 @@ class NodeContext:
     engine: Engine
     stats: NodeStats
     call: Callable[[str, msg.Message, type[Any], float], Awaitable[Any]]
-    """Send a signed request to the coordinator and return its (verified) reply."""
+    """Send a signed request to the coordinator at once (the worker's own requests are paced
+    under the pool's rate; a behaviour's are not) and return its (verified) reply."""
     lease: Callable[[], msg.Lease | None]
     """The lease being worked on now, if any."""
     rejoin: Callable[[str], Awaitable[msg.JoinReply]]
