@@ -61,6 +61,8 @@ class LeaseService:
         """Fired whenever more work may be wanted: a step took a batch, a verdict came, a lease
         closed unanswered. Held lease requests look again then."""
         self._holding: set[bytes] = set()
+        self._outage: set[int] = set()
+        """Leases open when this process started (see `grant_outage_grace`)."""
         self._issued = 0
         self._cached: tuple[tuple[int, int, int, int], tuple[int, int, int, float]] | None = None
 
@@ -229,19 +231,28 @@ class LeaseService:
     def grant_outage_grace(self, now: float) -> None:
         """On start, give every lease still open a full term from now: its node could not
         submit while the coordinator was down, and an expiry then would be held against it
-        as a soft fault (and bar it from those prompts) for our outage, not its own."""
-        moved = self.ledger.extend_open_leases(now + self.spec.limits.lease_timeout_s)
-        if moved:
-            log.info("%d open leases get a full term after the restart", moved)
+        as a soft fault (and bar it from those prompts) for our outage, not its own. If such a
+        lease expires all the same it is revoked, not expired: the crash may have come
+        between recording it and sending it, so its node may never have had it (a node in
+        the crash test lost its one lease slot that way, then its quota for the window)."""
+        self._outage = set(self.ledger.extend_open_leases(now + self.spec.limits.lease_timeout_s))
+        if self._outage:
+            log.info("%d open leases get a full term after the restart", len(self._outage))
+
+    def expire(self, now: float) -> list[int]:
+        """Close the open leases past their deadline (a soft fault each, except those open at
+        a restart); their prompts go to other nodes. Returns their ids."""
+        expired = self.ledger.expire_leases(now, forgiven=frozenset(self._outage))
+        if expired:
+            log.info("leases %s expired; their prompts go to other nodes", expired)
+            self._outage.difference_update(expired)
+            self.give_back(expired)
+            self.demand.fire()
+        return expired
 
     async def expire_forever(self, every_s: float = 1.0) -> None:
         while True:
-            now = time.time()
-            expired = self.ledger.expire_leases(now)
-            if expired:
-                log.info("leases %s expired; their prompts go to other nodes", expired)
-                self.give_back(expired)
-                self.demand.fire()
+            self.expire(time.time())
             await trio.sleep(every_s)
 
     def _wanted(self, at: Progress, lease_version: int, fresh: bool) -> int:

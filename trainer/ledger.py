@@ -420,29 +420,32 @@ class Ledger:
         out["tasks"] = json.loads(out["tasks"])
         return out
 
-    def extend_open_leases(self, deadline: float) -> int:
-        """Move every open lease's deadline to at least `deadline`; returns how many moved."""
+    def extend_open_leases(self, deadline: float) -> list[int]:
+        """Move every open lease's deadline to at least `deadline`; returns the open ones."""
         with self._tx() as db:
-            cur = db.execute(
+            ids = [r["id"] for r in db.execute("SELECT id FROM leases WHERE state = 'open'")]
+            db.execute(
                 "UPDATE leases SET deadline = ? WHERE state = 'open' AND deadline < ?",
                 (deadline, deadline),
             )
-        return cur.rowcount
+        return ids
 
-    def expire_leases(self, now: float) -> list[int]:
-        """Mark open leases past their deadline expired, a soft fault of their node each;
-        returns their ids (to re-issue work)."""
+    def expire_leases(self, now: float, forgiven: frozenset[int] = frozenset()) -> list[int]:
+        """Close open leases past their deadline: expired, a soft fault of their node each,
+        or revoked without a fault for the `forgiven` ones; returns their ids (to re-issue
+        work)."""
         with self._tx() as db:
             rows = db.execute(
                 "SELECT id, node FROM leases WHERE state = 'open' AND deadline < ?", (now,)
             ).fetchall()
+            faults = [r for r in rows if r["id"] not in forgiven]
             db.executemany(
-                "UPDATE leases SET state = 'expired', closed_at = ? WHERE id = ?",
-                [(now, r["id"]) for r in rows],
+                "UPDATE leases SET state = ?, closed_at = ? WHERE id = ?",
+                [("revoked" if r["id"] in forgiven else "expired", now, r["id"]) for r in rows],
             )
             db.executemany(
                 "UPDATE nodes SET soft_faults = soft_faults + 1 WHERE key = ?",
-                [(r["node"],) for r in rows],
+                [(r["node"],) for r in faults],
             )
         return [r["id"] for r in rows]
 
