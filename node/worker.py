@@ -331,8 +331,8 @@ class Worker:
         tiny preset a lease took 25 ms, a lease and a submission each, 80 requests a second
         against a limit of 20, and every refusal cost a reconnect."""
         assert self.location is not None
-        rate = self.location.spec.limits.requests_per_s * PACE_SHARE
-        if self._bucket is None or self._bucket.rate != rate:
+        if self._bucket is None:  # the rate is the pool's: part of the spec, fixed by its id
+            rate = self.location.spec.limits.requests_per_s * PACE_SHARE
             self._bucket = TokenBucket(rate, max(1.0, rate), trio.current_time())
         while (wait := self._bucket.take(trio.current_time())) > 0:
             # at least a millisecond: a wait of 1e-17 s would not move the clock
@@ -659,20 +659,17 @@ class Worker:
         self.stats.state = "asking for work"
         # Busy while asking: the coordinator may hold the request and then lease, and a stop
         # must wait for that lease rather than leave it to expire against this node.
-        if self.idle.is_set():
-            self.idle = trio.Event()
+        self._busy()
+        reply: msg.LeaseReply | None = None
         try:
             reply = await self._retry(
                 "lease", self._call, msg.LEASE_PROTOCOL, request, msg.LeaseReply
             )
         except RemoteError as e:
-            self.idle.set()
             raise NodeError(f"the coordinator refused this node's lease request: {e}") from None
-        except BaseException:
-            self.idle.set()
-            raise
-        if reply.lease is None:
-            self.idle.set()
+        finally:
+            if reply is None or reply.lease is None:
+                self.idle.set()
         self.stats.replies[f"lease:{reply.code}"] += 1
         if reply.lease is not None:
             return reply
@@ -695,8 +692,7 @@ class Worker:
         if lease.node != self.identity.public_key:
             raise NodeError("the coordinator sent a lease made out to another node")
         self._lease = lease
-        if self.idle.is_set():
-            self.idle = trio.Event()
+        self._busy()
         self.stats.state = f"generating lease {lease.lease_id}"
         t0 = time.perf_counter()
         with trio.CancelScope(shield=True):
@@ -715,6 +711,11 @@ class Worker:
         self.stats.leases += 1
         self._lease = None
         self.idle.set()
+
+    def _busy(self) -> None:
+        """Clear `idle`, keeping the event a stop may already wait on when it is clear."""
+        if self.idle.is_set():
+            self.idle = trio.Event()
 
     def _generator(self) -> Engine:
         """The engine for a single-turn pool; for a multi-turn one, the turn loop around it."""

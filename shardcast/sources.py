@@ -63,7 +63,11 @@ class SourceStats:
 
     def excluded(self, version: int, now: float) -> bool:
         """Whether it is not to be asked for `version` now (missing or at fault lately)."""
-        return self.lacks(version, now) or self.faulty.get(version, float("-inf")) > now
+        return self.lacks(version, now) or self.at_fault(version, now)
+
+    def at_fault(self, version: int, now: float) -> bool:
+        """Whether a transfer of `version` from it was abandoned lately as too slow."""
+        return self.faulty.get(version, float("-inf")) > now
 
     def note_listing(self, versions: list[int]) -> None:
         self.listed = frozenset(sorted(set(versions))[-MAX_LISTED:])
@@ -95,9 +99,11 @@ class SourcePicker:
         404 as dropped kept members from watching each other for the first second of every
         version)."""
         s = self.stats.get(url)
-        if s is None or s.corrupt >= self.ban_after:
-            return True
-        return s.faulty.get(version, float("-inf")) > time.monotonic()
+        return s is None or self.banned(s) or s.at_fault(version, time.monotonic())
+
+    def banned(self, s: SourceStats) -> bool:
+        """Whether `s` sent bad bytes `ban_after` times: never used again."""
+        return s.corrupt >= self.ban_after
 
     def usable(
         self, version: int, avoid: set[str] = frozenset(), among: set[str] | None = None
@@ -108,7 +114,7 @@ class SourcePicker:
         live = [
             s
             for s in self.stats.values()
-            if s.corrupt < self.ban_after
+            if not self.banned(s)
             and not s.excluded(version, now)
             and (among is None or s.url in among)
         ]
@@ -184,7 +190,7 @@ class SourcePicker:
     def heard(self, url: str) -> bool:
         """Whether `url`'s listing counts: not banned, not muted for a recent lie."""
         s = self.stats[url]
-        return s.corrupt < self.ban_after and time.monotonic() >= s.quiet_until
+        return not self.banned(s) and time.monotonic() >= s.quiet_until
 
     def all_lack(self, version: int) -> bool:
         """Whether every source said lately that it does not hold `version`."""

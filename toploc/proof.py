@@ -9,6 +9,8 @@ byte: the same activations give the same bytes as the reference library.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,16 +205,14 @@ def build_proofs_many(
         for group in split_chunks(hidden.detach().to(torch.bfloat16), chunk_size):
             k = effective_k(group.shape[1], group.shape[2], topk)
             picks.append((i, k, *topk_chunks(group, k)))
-    proofs: list[list[bytes]] = [[] for _ in hiddens]
-    encoded: dict[int, list[bytes]] = {}
+    encoded: dict[int, Iterator[bytes]] = {}
     for k in {k for _, k, _, _ in picks}:
         idx = np.concatenate([p[2] for p in picks if p[1] == k])
         bits = np.concatenate([p[3] for p in picks if p[1] == k])
         mods = injective_moduli(idx)
         coeffs = interpolate(idx % mods[:, None], bits)
-        encoded[k] = [encode_proof(int(m), c) for m, c in zip(mods, coeffs, strict=True)]
-    taken = dict.fromkeys(encoded, 0)
-    for i, k, idx, _ in picks:  # back to each rollout, in chunk order
-        proofs[i].extend(encoded[k][taken[k] : taken[k] + len(idx)])
-        taken[k] += len(idx)
+        encoded[k] = iter([encode_proof(int(m), c) for m, c in zip(mods, coeffs, strict=True)])
+    proofs: list[list[bytes]] = [[] for _ in hiddens]
+    for i, k, idx, _ in picks:  # back to each rollout, in the order they were concatenated
+        proofs[i].extend(itertools.islice(encoded[k], len(idx)))
     return proofs

@@ -90,16 +90,31 @@ class LeaseService:
 
     def _still_busy(self, node_version: int) -> bool:
         """Whether a held request would still be held: a cheap look, from the count shared
-        by every held request, before the full decision."""
+        by every held request, before the full decision (which asks admission about the
+        node)."""
         at = self._progress()
-        held, min_version = self._versions(at, node_version)
-        if self._finished(at):
-            return False
-        if min_version > at.version:
-            return True  # the weights any lease needs are still being made
-        if held < min_version:
-            return False  # it must fetch newer weights: tell it now
+        first = self._first_answer(at, node_version)
+        if first is not None:
+            return first is HOLD
+        held, _ = self._versions(at, node_version)
         return self._wanted(at, held, fresh=False) == 0
+
+    def _first_answer(self, at: Progress, node_version: int) -> msg.LeaseReply | object | None:
+        """What the pool's progress alone answers a node holding `node_version`: finished, or
+        fetch newer weights; `HOLD` while the weights any lease needs are still being made;
+        None when it is up to the work in flight and the node's terms."""
+        if self.max_steps is not None and at.step >= self.max_steps:
+            return msg.LeaseReply(code="finished", retry_after_s=5.0, reason="training finished")
+        held, min_version = self._versions(at, node_version)
+        if min_version > at.version:
+            return HOLD
+        if held < min_version:
+            return msg.LeaseReply(
+                code="fetch_weights",
+                retry_after_s=1.0,
+                reason=f"weights v{held} are too old; fetch v{at.version} first",
+            )
+        return None
 
     def _versions(self, at: Progress, node_version: int) -> tuple[int, int]:
         """(the version a lease would be on, the oldest the next batch still to be taken can
@@ -109,9 +124,6 @@ class LeaseService:
         held = min(node_version, at.version)
         return held, max(0, self.spec.limits.oldest_trainable(at.frontier))
 
-    def _finished(self, at: Progress) -> bool:
-        return self.max_steps is not None and at.step >= self.max_steps
-
     def _decide(self, v: Any, fresh: bool) -> msg.LeaseReply | None:
         """The answer to lease request `v` now; None when it is refused only because enough
         work is in flight, or because the weights any lease needs are still being made.
@@ -119,17 +131,10 @@ class LeaseService:
         the last change, so waking many held requests costs one count)."""
         now = time.time()
         at = self._progress()
-        if self._finished(at):
-            return msg.LeaseReply(code="finished", retry_after_s=5.0, reason="training finished")
+        first = self._first_answer(at, v.message.weight_version)
+        if first is not None:
+            return None if first is HOLD else first
         held, min_version = self._versions(at, v.message.weight_version)
-        if min_version > at.version:
-            return None
-        if held < min_version:
-            return msg.LeaseReply(
-                code="fetch_weights",
-                retry_after_s=1.0,
-                reason=f"weights v{held} are too old; fetch v{at.version} first",
-            )
         wanted = self._wanted(at, held, fresh)
         terms = self.admission.lease_terms(v.signer, now, wanted == 0)
         if terms.for_demand:
@@ -332,6 +337,8 @@ def wanted_tasks(
 LEASE_HOLD_S = 5.0
 """The longest a lease request is held for demand, whatever the node asked: well inside a
 node's request timeout (30 s), and short enough that a node stopping waits little for it."""
+HOLD = object()
+"""`LeaseService._first_answer`: hold the request, the weights a lease needs are being made."""
 MAX_HELD = 256
 """Lease requests held at once, one per node: a held request costs a stream and a sleeping
 task; past this, nodes are told to come back as before holds existed."""
