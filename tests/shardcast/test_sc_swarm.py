@@ -202,3 +202,25 @@ def test_a_peer_answering_at_once_with_nothing_new_is_polled_slowly():
     assert 19 <= _polls(growing, missing=1, seconds=1.0) <= 21
     # With every unit still missing, the gap is 0.5 s whatever the peer says: t = 0 ... 1.5.
     assert _polls(growing, missing=32, seconds=2.0) == 4
+
+
+def test_a_pushed_peer_becomes_a_source_and_a_banned_url_stays_banned_under_a_fresh_key():
+    """`PeerWatch.learn`: an announcement that reached the table any way (here as a push to
+    our server would: straight into the table) makes its URL a source. Bad bytes ban the URL;
+    a fresh key announcing the same URL does not lift the ban, a new URL is a new source."""
+    from shardcast.sources import SourcePicker
+    from shardcast.swarm import PeerWatch
+
+    table, picker = PeerTable("p"), SourcePicker(["http://origin"])
+    watch = PeerWatch(httpx.AsyncClient(), table, picker, ["http://origin"], Identity.generate())
+    assert table.add(announce(Identity.generate(), "p", "http://peer-a")) is not None
+    assert picker.dropped("http://peer-a", 1)  # not a source until learnt
+    watch.learn()
+    assert not picker.dropped("http://peer-a", 1)
+    for _ in range(picker.ban_after):
+        picker.record_corrupt(picker.stats["http://peer-a"])
+    fresh = Identity.generate()
+    table.add(announce(fresh, "p", "http://peer-a"))
+    table.add(announce(fresh, "p", "http://peer-b"))
+    watch.learn()
+    assert picker.dropped("http://peer-a", 1) and not picker.dropped("http://peer-b", 1)

@@ -4,6 +4,7 @@ punished; a second, different answer to the same lease is a hard reject."""
 
 import time
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -160,6 +161,32 @@ def test_a_held_request_that_finds_no_work_comes_back_busy_to_be_asked_again(tmp
             second = await nodes[6].lease(wait_s=5.0)
             assert second.code == "busy" and second.retry_after_s > 0
             assert trio.current_time() == t1
+
+    _play(coord, scenario, trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_node_on_probation_is_not_held_and_a_wait_past_the_bound_is_refused(tmp_path):
+    # Newcomers (free keys, a fresh one after a ban among them) get their probation terms at
+    # once, whatever they offer to wait; no message may ask for more than 60 s.
+    coord = _coordinator(tmp_path, max_staleness=3)
+    nodes = [Member(coord) for _ in range(7)]
+    newcomer = Member(coord)
+
+    async def scenario():
+        await _full_pool(nodes)
+        assert (await newcomer.join()).accepted
+        t0 = trio.current_time()
+        first = await newcomer.lease(wait_s=5.0)
+        assert first.lease is not None  # its own probation slot, trusted work aside
+        second = await newcomer.lease(wait_s=5.0)
+        assert second.lease is None and second.code == "quota"  # one lease at a time
+        assert trio.current_time() == t0  # answered at once both times
+        fields = msgspec.to_builtins(msg.LeaseRequest(weight_version=0, wait_s=60.0))
+        ok = msgspec.msgpack.decode(msgspec.msgpack.encode(fields), type=msg.LeaseRequest)
+        assert ok.wait_s == 60.0
+        with pytest.raises(msgspec.ValidationError, match="wait_s"):
+            fields["wait_s"] = 61.0
+            msgspec.msgpack.decode(msgspec.msgpack.encode(fields), type=msg.LeaseRequest)
 
     _play(coord, scenario, trio.testing.MockClock(autojump_threshold=0))
 
