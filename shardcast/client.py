@@ -47,8 +47,14 @@ from shardcast.fetcher import (
     prepare_file,
     unit_jobs,
 )
-from shardcast.manifest import MAX_MANIFEST_BYTES, Manifest, open_manifest, with_requirements
-from shardcast.shards import hash_range
+from shardcast.manifest import (
+    MAX_MANIFEST_BYTES,
+    FileEntry,
+    Manifest,
+    open_manifest,
+    with_requirements,
+)
+from shardcast.shards import hash_range, link_or_copy
 from shardcast.sources import SourcePicker
 
 log = logging.getLogger(__name__)
@@ -343,6 +349,8 @@ class Client:
         partial = self.dest / f".v{m.version}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
+        for f in m.kept():
+            await self._keep_from_base(m, base, f, partial)
         for p in m.payload:
             out = partial / p.target
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -363,6 +371,21 @@ class Client:
                 )
         await self._finish(m, raw, partial)
         shutil.rmtree(staging, ignore_errors=True)
+
+    async def _keep_from_base(self, m: Manifest, base: Path, f: FileEntry, partial: Path) -> None:
+        """Take file `f`, which delta `m` leaves unchanged, from the base version held here,
+        once its bytes hash as `m` says."""
+        src, out = base / f.path, partial / f.path
+        try:
+            same = src.is_file() and src.stat().st_size == f.size
+            if not same or await trio.to_thread.run_sync(hash_range, src, 0, f.size) != f.hash:
+                raise DeltaError(
+                    f"v{m.version} keeps {f.path} from v{m.base}, but the copy of v{m.base} "
+                    f"here is not the file the manifest names (hash {f.hash[:16]})"
+                )
+            await trio.to_thread.run_sync(link_or_copy, src, out)
+        except OSError as e:
+            raise disk_error(e, out) from None
 
     async def _finish(self, m: Manifest, raw: bytes, partial: Path) -> None:
         """Make the version appear: manifest in, fsync, one rename."""

@@ -163,6 +163,10 @@ class Swarming:
     """This member's share of the first copies: taken first among units nobody has."""
     on_seed_fetch: Callable[[ShardJob], None] = _ignore
     """Called when a transfer of a unit goes to a seed (to advertise the promise)."""
+    listen: Callable[[Callable[[], None]], None] = lambda wake: None
+    """Registers a call for whenever a peer's bitfield brings news (a unit held or promised
+    for the first time): a worker waiting for a unit only a peer will have starts it then,
+    not at its next look (`HEDGE_POLL`), which on a small version was the longest wait."""
     share_grace: float = 5.0
     """Seconds from the start of a fetch during which units nobody holds that are another
     member's share are left to it: several members copying the same unit out of a seed
@@ -329,7 +333,7 @@ class ShardFetcher:
         self.policy = policy
         self.on_corrupt = on_corrupt
         self.swarm = swarm
-        self._race_ended = trio.Event()
+        self._wake = trio.Event()
         # Units taken because no peer held them (bound for a seed), until their race ends:
         # counted at the pick, since workers pick before any transfer has started.
         self._for_seeds: set[ShardJob] = set()
@@ -346,6 +350,8 @@ class ShardFetcher:
         queue = deque(jobs)
         races: dict[ShardJob, _Race] = {}
         self._started = trio.current_time()
+        if self.swarm is not None:
+            self.swarm.listen(self._wake_workers)
 
         async def worker() -> None:
             while queue or races:
@@ -357,9 +363,10 @@ class ShardFetcher:
                     continue
                 race = None if queue else self._hedgeable(races)
                 if race is None or not await self._hedge(version, race):
-                    # Wake when a shard ends (maybe the last), or to look for hedges again.
+                    # Wake when a shard ends (maybe the last) or a peer has news, or to look
+                    # for hedges again.
                     with trio.move_on_after(HEDGE_POLL):
-                        await self._race_ended.wait()
+                        await self._wake.wait()
 
         try:
             async with trio.open_nursery() as nursery:
@@ -367,6 +374,11 @@ class ShardFetcher:
                     nursery.start_soon(worker)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
+
+    def _wake_workers(self) -> None:
+        """Let idle workers look again for a unit to start or hedge."""
+        self._wake.set()
+        self._wake = trio.Event()
 
     def _next_job(self, queue: deque[ShardJob]) -> ShardJob | None:
         """The next shard to fetch: in order, or in a swarm the rarest one that can start
@@ -419,8 +431,7 @@ class ShardFetcher:
             del races[job]
             self._for_seeds.discard(job)
             race.done.set()
-            self._race_ended.set()
-            self._race_ended = trio.Event()
+            self._wake_workers()
             if race.hedged:
                 await trio.to_thread.run_sync(_unlink_quietly, race.side_path)
         if race.winner is None:

@@ -2,7 +2,9 @@
 
 A manifest names the files a version ends up as (`files`: path, size, BLAKE3 hash) and the
 payload that is transferred to get there (`payload`: for a full version the files themselves,
-for a delta version one encoded delta per file). Each payload file is cut into shards of
+for a delta version one encoded delta per changed file: a file the delta leaves as it was in
+the base, a tokenizer say, has no payload and is taken from the base, checked against its
+hash in `files`). Each payload file is cut into shards of
 `shard_size` bytes with one BLAKE3 hash each, so a receiver checks every shard as it streams
 and knows exactly which source sent a bad one. A manifest may also cut each payload file
 into smaller *pieces* (`piece_size`, a divisor of `shard_size`) with one hash each: pieces
@@ -126,6 +128,11 @@ class Manifest(_Struct):
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    def kept(self) -> list[FileEntry]:
+        """The files of a delta that are the base's unchanged (no payload: nothing to fetch)."""
+        produced = {p.target for p in self.payload}
+        return [f for f in self.files if f.path not in produced]
+
     def file(self, path: str) -> FileEntry:
         for f in self.files:
             if f.path == path:
@@ -167,8 +174,11 @@ def check_consistent(m: Manifest) -> None:
         pieces = 0 if m.piece_size is None else max(1, -(-p.size // m.piece_size))
         if len(p.pieces) != pieces:
             raise ManifestError(f"payload {p.name!r} has {len(p.pieces)} pieces, expected {pieces}")
-    if {p.target for p in m.payload} != targets:
-        raise ManifestError("some files have no payload")
+    produced = {p.target for p in m.payload}
+    if len(produced) != len(m.payload):
+        raise ManifestError("two payload files produce the same file")
+    if m.base is None and produced != targets:
+        raise ManifestError("some files of a full version have no payload")
     if m.base is None and any(p.encoding != "raw" for p in m.payload):
         raise ManifestError("a full version carries only raw payload")
     if m.base is not None and m.base >= m.version:

@@ -7,6 +7,7 @@ These functions block (disk and BLAKE3); async callers run them in a worker thre
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,15 @@ def hash_range(path: Path, offset: int, length: int) -> str:
             h.update(chunk)
             left -= len(chunk)
     return h.hexdigest()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (no second copy on disk), or a copy where links fail."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def list_files(folder: Path) -> list[str]:

@@ -126,6 +126,21 @@ def test_inconsistent_manifest_is_refused(identity: Identity) -> None:
         sign_manifest(bad, identity)
 
 
+def test_only_a_delta_may_leave_a_file_without_payload(identity: Identity) -> None:
+    """A file with no payload is kept from the base: fine in a delta, refused in a full
+    version (nothing could produce it), and two payloads may not produce one file."""
+    kept = FileEntry(path="tokenizer.json", size=2, hash=H)
+    full = manifest(files=[*manifest().files, kept])
+    with pytest.raises(ManifestError, match="no payload"):
+        sign_manifest(full, identity)
+    delta = manifest(files=full.files, base=2)
+    m = open_manifest(sign_manifest(delta, identity), public_key=identity.public_key, pool_id="p")
+    assert m.kept() == [kept]
+    twice = msgspec.structs.replace(manifest().payload[0], name="a/model.bin.xor")
+    with pytest.raises(ManifestError, match="same file"):
+        sign_manifest(manifest(base=2, payload=[*manifest().payload, twice]), identity)
+
+
 def with_pieces(piece_size: int, pieces: list[str]) -> Manifest:
     """20000 bytes in two 16 KiB shards, and in pieces of `piece_size`."""
     m = manifest(shard_size=16384, files=[FileEntry(path="a/model.bin", size=20000, hash=H)])

@@ -15,7 +15,7 @@ from sc_helpers import POOL_ID, SHARD, make_checkpoint, nudge_checkpoint, same_t
 
 from protocol.identity import Identity
 from shardcast.client import Client
-from shardcast.errors import FetchError
+from shardcast.errors import DeltaError, FetchError
 from shardcast.fetcher import FetchPolicy
 from shardcast.origin import Origin
 from shardcast.relay import Relay
@@ -131,6 +131,40 @@ async def test_full_then_delta_then_keep(tmp_path: Path, identity: Identity) -> 
         assert c.local_versions() == [4, 5]
         # The origin keeps 4 versions plus what they need: v2..v5 and v1 (v2's base).
         assert sorted(origin.store.versions) == [1, 2, 3, 4, 5]
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_delta_ships_only_changed_files(tmp_path: Path, identity: Identity) -> None:
+    """Files a step leaves as they were (config, tokenizer) have no payload in the delta:
+    nothing to fetch, through a relay too; the client takes them from its base, checked
+    against the manifest's hash, and refuses a base copy that is not those bytes."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=1)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        kw = dict(public_key=identity.public_key, pool_id=POOL_ID, poll_wait=5, policy=FAST)
+        relay_url = await nursery.start(Relay([url], tmp_path / "r", **kw).run)
+        c = client([relay_url], tmp_path / "c", identity)
+        await origin.publish(ck, 1)
+        assert await c.wait_for_newer(-1, timeout=10) == 1
+        await c.fetch(1)
+        nudge_checkpoint(ck, seed=2)
+        m = await origin.publish(ck, 2)
+        assert await c.wait_for_newer(1, timeout=10) == 2
+        assert [p.target for p in m.payload] == ["model.safetensors"]
+        assert {f.path for f in m.kept()} == {"config.json", "sub/extra.bin", "tokenizer.json"}
+        r = await c.fetch(2)
+        assert same_tree(r.path, ck)
+        # a copy of the base whose kept file is not the manifest's: a clear error, no v3
+        nudge_checkpoint(ck, seed=3)
+        await origin.publish(ck, 3)
+        assert await c.wait_for_newer(2, timeout=10) == 3
+        (r.path / "tokenizer.json").write_text('{"not": "it"}')
+        with pytest.raises(DeltaError, match=r"keeps tokenizer\.json from v2"):
+            await c.fetch(3)
+        assert c.local_versions() == [1, 2]
         await c.aclose()
         nursery.cancel_scope.cancel()
 

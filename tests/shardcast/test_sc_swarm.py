@@ -98,9 +98,9 @@ def test_bitfield_polls_quicken_as_a_member_nears_the_end():
     assert have_gap(50, 100) == 0.125 and abs(have_gap(40, 100) - 0.08) < 1e-12  # 0.5 x share^2
     assert have_gap(20, 100) == have_gap(0, 100) == HAVE_MIN_GAP == 0.05  # the floor
     assert have_gap(150, 100) == HAVE_MAX_GAP  # a bad count never waits longer than that
-    # A small version: the floor throughout (a peer answers it at most twice per unit).
+    # A small version: asked again at once after news (a peer has news at most twice per unit).
     assert SMALL_VERSION == 16
-    assert have_gap(16, 16) == have_gap(3, 3) == HAVE_MIN_GAP and have_gap(17, 17) == HAVE_MAX_GAP
+    assert have_gap(16, 16) == have_gap(3, 3) == 0.0 and have_gap(17, 17) == HAVE_MAX_GAP
     # A peer not mirroring the version yet is asked again soon, then about once a second.
     assert [not_yet_gap(n) for n in range(6)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0]
     assert not_yet_gap(50) == 1.0
@@ -118,10 +118,10 @@ def test_a_member_in_a_swarm_keeps_one_seed_transfer_in_flight():
     assert swarm.seed_slots() == 1  # 8 members x 3 would land 24 units together at the end
 
 
-def _watch(handler, missing: int, seconds: float) -> tuple[int, int]:
+def _watch(handler, missing: int, seconds: float, total: int = 32) -> tuple[int, int]:
     """(/have polls one member makes of a peer served by `handler`, peers it then counts as
     heard from) in `seconds` of trio's virtual time, through an in-memory transport, with
-    `missing` of the version's 32 units still to come."""
+    `missing` of the version's `total` units still to come."""
     import trio
     import trio.testing
 
@@ -142,21 +142,23 @@ def _watch(handler, missing: int, seconds: float) -> tuple[int, int]:
             watch = PeerWatch(http, PeerTable("p"), picker, ["http://origin"], Identity.generate())
             watch._have[1], watch._promised[1] = {}, {}
             with trio.move_on_after(seconds):
-                await watch._follow_have(1, "http://peer", 32, trio.CancelScope(), lambda: missing)
+                await watch._follow_have(
+                    1, "http://peer", total, trio.CancelScope(), lambda: missing
+                )
             heard.append(watch.answering(1))
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     return len(calls), heard[0]
 
 
-def _polls(answer, missing: int, seconds: float) -> int:
+def _polls(answer, missing: int, seconds: float, total: int = 32) -> int:
     """/have polls of a peer answering with `answer(n)` (n-th poll) at once."""
 
     async def handler(n: int) -> httpx.Response:
         body = json.dumps(answer(n)).encode()
         return httpx.Response(200, stream=httpx.ByteStream(body))  # read as a stream
 
-    return _watch(handler, missing, seconds)[0]
+    return _watch(handler, missing, seconds, total)[0]
 
 
 def test_silent_huge_and_lying_peers_are_given_up_and_never_counted():
@@ -202,6 +204,17 @@ def test_a_peer_answering_at_once_with_nothing_new_is_polled_slowly():
     assert 19 <= _polls(growing, missing=1, seconds=1.0) <= 21
     # With every unit still missing, the gap is 0.5 s whatever the peer says: t = 0 ... 1.5.
     assert _polls(growing, missing=32, seconds=2.0) == 4
+
+
+def test_a_small_version_is_asked_again_at_once_only_while_the_peer_has_news():
+    """8 units: a peer that claims one more unit as being fetched in each answer is asked
+    again at once, 8 times, then every 0.5 s once its claims stop being new (t = 0.5, 1, 1.5)."""
+
+    def claims_one_more(n: int) -> dict:
+        soon = ((1 << min(n, 8)) - 1) << (8 - min(n, 8))
+        return {"bits": "00", "soon": f"{soon:02x}", "changes": n}
+
+    assert _polls(claims_one_more, missing=8, seconds=1.9, total=8) == 8 + 1 + 3
 
 
 def test_a_pushed_peer_becomes_a_source_and_a_banned_url_stays_banned_under_a_fresh_key():
