@@ -5,7 +5,9 @@ masquerading router runs members. A NATed member mirrors from the origin over HT
 works through NAT) and serves over libp2p through its reservation on the hop; a public
 fetcher, which cannot reach the member's HTTP port, fetches from it through the circuit with
 every byte checked against the signed manifest, and scores down a NATed member that serves
-corrupt bytes. Every process is real; every one runs under `ip netns exec`.
+corrupt bytes. A second private network, behind a router of its own, holds a peer that
+punches a hole to a member through both NATs. Every process is real; every one runs under
+`ip netns exec`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from netns import (
+    NAT2_IP,
     NAT_IP,
     PUBLIC_IP,
     ROUTER_PUBLIC_IP,
@@ -102,7 +105,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     pool, pool_id = pool_file(tmp, identity)
     ck = make_checkpoint(tmp / "ck", mb=2)
     try:
-        lab_cm = nat_lab()
+        lab_cm = nat_lab(nats=2)
         lab = lab_cm.__enter__()
     except NetnsUnavailable as e:
         unavailable_here(e)
@@ -194,6 +197,28 @@ def test_nat_dcutr_upgrades_the_circuit_to_a_direct_connection(world: World) -> 
                         circuit, script=HELPERS / "dcutr_probe.py")  # fmt: skip
     r = probe.announcement(timeout=90)
     print(f"DCUtR: direct connection {r['direct']} after {r['seconds']} s")
+    assert r["relayed"]
+    assert any(f"/ip4/{ROUTER_PUBLIC_IP}/tcp/" in a for a in r["direct"]), r
+    assert r["stream_direct"]
+
+
+def test_nat_dcutr_punches_through_two_nats(world: World) -> None:
+    # Both peers behind their own masquerading router, neither reachable from outside: the
+    # probe in the second private network reaches a member through the hop, then DCUtR has
+    # both dial each other at once from their listening ports (TCP simultaneous open), and
+    # each router lets the other's SYN in as the reply to its own host's outbound one.
+    # A member of its own: py-libp2p punches holes to one relayed peer after another, and the
+    # shared member is still retrying the peers of the tests above, long gone (10 s a try).
+    second = world.start(world.lab.nat, "relay", "--root", str(world.tmp / "member2"),
+                         "--pool", str(world.pool), "--host", NAT_IP, "--port", "0",
+                         "--upstream", world.origin, "--p2p-relay", world.hop,
+                         "--p2p-listen", f"/ip4/{NAT_IP}/tcp/0")  # fmt: skip
+    member = second.announcement(timeout=60)
+    (circuit,) = member["p2p_addrs"]
+    probe = world.start(world.lab.nat2, f"/ip4/{NAT2_IP}/tcp/0", member["peer_id"], circuit,
+                        script=HELPERS / "dcutr_probe.py")  # fmt: skip
+    r = probe.announcement(timeout=90)
+    print(f"DCUtR through two NATs: direct connection {r['direct']} after {r['seconds']} s")
     assert r["relayed"]
     assert any(f"/ip4/{ROUTER_PUBLIC_IP}/tcp/" in a for a in r["direct"]), r
     assert r["stream_direct"]
