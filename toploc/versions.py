@@ -24,6 +24,7 @@ import blake3
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from toploc.hub import ModelError
 
@@ -211,6 +212,10 @@ class VersionLoader:
         return model
 
     def _from_pretrained(self, folder: Path) -> PreTrainedModel:
+        if self.config_folder is not None:
+            # The first load may be long (a big model) and keeps its progress bar; a bar per
+            # version after it filled a node's log (98 lines in a 60 s run of the tiny pool).
+            hf_logging.disable_progress_bar()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype).eval()
         self.config_folder = folder
         for p in model.parameters():

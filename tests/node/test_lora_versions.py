@@ -78,3 +78,24 @@ def test_the_store_keeps_the_base_while_adapter_versions_apply_to_it(tmp_path):
     assert store.versions() == [0, 2, 3]
     assert adapter_meta(store.folder(0)) is None
     assert adapter_meta(store.folder(3)).base_version == 0
+
+
+def test_only_the_first_version_loaded_shows_a_progress_bar(tmp_path, capfd):
+    """A node loads a version per training step: one progress bar each flooded its log."""
+    from transformers.utils import logging as hf_logging
+
+    model, tok = load_model("tiny", "float32", 0)
+    for v in ("v0", "v1"):
+        model.save_pretrained(tmp_path / v)
+        tok.save_pretrained(tmp_path / v)
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        loader = VersionLoader(torch.float32, reuse_base=True)
+        capfd.readouterr()
+        loader.load(tmp_path / "v0")
+        assert "Loading weights" in capfd.readouterr().err
+        loader.load(tmp_path / "v1")
+        assert "Loading weights" not in capfd.readouterr().err
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
