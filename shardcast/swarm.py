@@ -291,10 +291,11 @@ def have_gap(missing: int, total: int) -> float:
     and a linear rule in docs/shardcast.md. A version of `SMALL_VERSION` units or fewer is
     asked again at once after an answer with news: there is nothing to batch (a peer's
     long-poll answers at most twice per unit, once claimed and once held, so news comes at
-    most 2 x `SMALL_VERSION` times per peer), and its transfers take milliseconds. The share
-    rule kept members 0.35-0.5 s from their peers' units with a flat 0.5 s, and at the
-    0.05 s floor that gap was still the largest wait in a 3-unit delta of the tiny model
-    (it reached 2 nodes in 0.16 s, 0.1 s of it waiting to hear of the peer's piece)."""
+    most 2 x `SMALL_VERSION` times per peer), and its transfers take milliseconds, so a
+    0.05 s gap after news is up to 0.05 s late to hear of the next unit. (With a flat 0.5 s
+    the share rule kept members 0.35-0.5 s from their peers' units. The 0.1 s wait that
+    remained in a 3-unit delta of the tiny model was the fetch worker's, asleep after the
+    news had come: `Swarming.listen` wakes it; the two were measured together.)"""
     if total <= SMALL_VERSION:
         return 0.0
     return max(HAVE_MIN_GAP, HAVE_MAX_GAP * min(1.0, missing / max(total, 1)) ** 2)
