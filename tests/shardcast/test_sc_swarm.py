@@ -118,10 +118,13 @@ def test_a_member_in_a_swarm_keeps_one_seed_transfer_in_flight():
     assert swarm.seed_slots() == 1  # 8 members x 3 would land 24 units together at the end
 
 
-def _watch(handler, missing: int, seconds: float, total: int = 32) -> tuple[int, int]:
+def _watch(
+    handler, missing: int, seconds: float, total: int = 32, wakes: list | None = None
+) -> tuple[int, int]:
     """(/have polls one member makes of a peer served by `handler`, peers it then counts as
     heard from) in `seconds` of trio's virtual time, through an in-memory transport, with
-    `missing` of the version's `total` units still to come."""
+    `missing` of the version's `total` units still to come; each wake-up the fetch would get
+    (`PeerWatch.listen`) is appended to `wakes`."""
     import trio
     import trio.testing
 
@@ -141,6 +144,8 @@ def _watch(handler, missing: int, seconds: float, total: int = 32) -> tuple[int,
             picker = SourcePicker(["http://origin"])
             watch = PeerWatch(http, PeerTable("p"), picker, ["http://origin"], Identity.generate())
             watch._have[1], watch._promised[1] = {}, {}
+            if wakes is not None:
+                watch.listen(1, lambda: wakes.append(trio.current_time()))
             with trio.move_on_after(seconds):
                 await watch._follow_have(
                     1, "http://peer", total, trio.CancelScope(), lambda: missing
@@ -159,6 +164,27 @@ def _polls(answer, missing: int, seconds: float, total: int = 32) -> int:
         return httpx.Response(200, stream=httpx.ByteStream(body))  # read as a stream
 
     return _watch(handler, missing, seconds, total)[0]
+
+
+def test_a_peer_answering_at_once_wakes_the_fetch_at_most_twice_per_unit():
+    """A peer that answers every poll at once, each time claiming a unit it never claimed,
+    first as being fetched and then as held, wakes this member's fetch workers once per new
+    claim, at most 2 x 8 times for 8 units however long it keeps answering (here 8 + 7: it
+    never claims the last unit held, so the watch goes on for the whole 600 s)."""
+
+    def claims(n: int) -> dict:
+        soon_n, held_n = min(n, 8), min(max(n - 8, 0), 7)  # 7 held: the watch goes on
+        soon = ((1 << soon_n) - 1) << (8 - soon_n)
+        held = ((1 << held_n) - 1) << (8 - held_n)
+        return {"bits": f"{held:02x}", "soon": f"{soon:02x}", "changes": n}
+
+    async def handler(n: int) -> httpx.Response:
+        return httpx.Response(200, stream=httpx.ByteStream(json.dumps(claims(n)).encode()))
+
+    wakes: list[float] = []
+    polls, _ = _watch(handler, missing=8, seconds=600, total=8, wakes=wakes)
+    assert len(wakes) == 8 + 7  # every new claim once; the repeats wake nothing
+    assert polls <= 8 + 7 + 600 / 0.5 + 1  # then one poll per 0.5 s, as for any peer
 
 
 def test_silent_huge_and_lying_peers_are_given_up_and_never_counted():
