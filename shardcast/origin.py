@@ -295,6 +295,9 @@ class Origin:
         vdir = self.root / f".v{version}.tmp"
         for d in (tip, vdir):
             shutil.rmtree(d, ignore_errors=True)
+        # made here, not by the first payload file: a delta of a version identical to its
+        # base (a restart publishing the weights it resumed from) has no payload at all
+        vdir.mkdir(parents=True)
         files: list[FileEntry] = []
         payload: list[PayloadFile] = []
         for name in names:

@@ -157,14 +157,19 @@ async def test_a_delta_ships_only_changed_files(tmp_path: Path, identity: Identi
         assert {f.path for f in m.kept()} == {"config.json", "sub/extra.bin", "tokenizer.json"}
         r = await c.fetch(2)
         assert same_tree(r.path, ck)
-        # a copy of the base whose kept file is not the manifest's: a clear error, no v3
-        nudge_checkpoint(ck, seed=3)
-        await origin.publish(ck, 3)
+        # a version identical to its base (a restart republishing its weights): no payload
+        same = await origin.publish(ck, 3)
+        assert same.base == 2 and same.payload == []
         assert await c.wait_for_newer(2, timeout=10) == 3
-        (r.path / "tokenizer.json").write_text('{"not": "it"}')
-        with pytest.raises(DeltaError, match=r"keeps tokenizer\.json from v2"):
-            await c.fetch(3)
-        assert c.local_versions() == [1, 2]
+        assert same_tree((await c.fetch(3)).path, ck)
+        # a copy of the base whose kept file is not the manifest's: a clear error, no v4
+        nudge_checkpoint(ck, seed=4)
+        await origin.publish(ck, 4)
+        assert await c.wait_for_newer(3, timeout=10) == 4
+        (c.path_of(3) / "tokenizer.json").write_text('{"not": "it"}')
+        with pytest.raises(DeltaError, match=r"keeps tokenizer\.json from v3"):
+            await c.fetch(4)
+        assert 4 not in c.local_versions()
         await c.aclose()
         nursery.cancel_scope.cancel()
 
