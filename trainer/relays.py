@@ -192,8 +192,11 @@ async def check_relay(
     hop: P2PNode | None,
     timeout_s: float,
 ) -> Checked:
-    """Whether `url` serves the signed manifest of `version`, or of the one before (a relay a
-    moment behind a fresh publish is not a liar), and what it says it served. A stream
+    """Whether `url` serves the signed manifest of `version`, or of the one before, and what
+    it says it served. A relay a moment behind a fresh publish is not a liar: one that lacks
+    `version`'s manifest, or has it and is still mirroring its shards (503), is judged on the
+    version before. A pool publishing every step caught its honest relay mid-mirror often
+    enough that a check every 30 s kept it unverified for a minute at a time. A stream
     source must also hold a slot on our hop: the check reaches it over its own connection to
     us, but fetchers reach it only through the hop."""
     from shardcast.probe import ProbeStatus, verify_source
@@ -205,7 +208,7 @@ async def check_relay(
         result = await verify_source(url, public_key, pool_id, v, timeout_s=timeout_s, http=http)
         if result.ok:
             return Checked(None, v, await relay_served(url, http))
-        if result.status is not ProbeStatus.NOT_HELD:
+        if result.status not in (ProbeStatus.NOT_HELD, ProbeStatus.NOT_READY):
             break
     return Checked(result.status.value)
 
