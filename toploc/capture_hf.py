@@ -203,54 +203,17 @@ def prefill(
     """The final-norm rows and logits that predicted each completion token, for each
     (prompt, completion) pair: rows P-1 .. P+N-2 of prompt + completion[:-1].
 
-    A prompt repeated in the batch (a group's G samples) is run once: a first forward over
-    the distinct prompts (left-padded) gives row P-1 and a KV cache, whose rows are copied to
-    every pair that repeats the prompt; a second forward runs the completions (right-padded)
-    on that cache. On the demo's copy task the prompt was about half of each rollout's
-    tokens. `share_prefill=False` runs one forward over every whole sequence (left-padded),
-    what the shared path is compared against in tests and benchmarks."""
-    if len(prompts) != len(completions):
-        raise ValueError("one completion per prompt")
-    if any(len(p) == 0 for p in prompts) or any(len(c) == 0 for c in completions):
-        raise ValueError("prompts and completions need at least one token")
+    By default a prompt repeated in the batch (a group's G samples) is run once
+    (`shared_prompt_logits`). `share_prefill=False` runs one forward over every whole
+    sequence (left-padded), what the shared path is compared against in tests and
+    benchmarks."""
     if not share_prefill:
+        _check_pairs(prompts, completions)
         return _prefill_whole(model, prompts, completions, pad_token_id)
-    device = model.device
-    distinct: dict[tuple[int, ...], int] = {}
-    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-    firsts = [prompts[row_of.index(k)] for k in range(len(distinct))]
-    copies = torch.as_tensor(row_of, dtype=torch.int64, device=device)
-    past = DynamicCache()
-    cache_arg = {_cache_argument(type(model)): past}
     with lm_head_inputs(model) as seen:
-        out, mask = _left_padded_forward(
-            model, firsts, pad_token_id, **cache_arg, use_cache=True, logits_to_keep=1
-        )
-        first_hidden = seen[-1][:, -1][copies]  # row P-1 of every pair
-        first_logits = out.logits[:, -1][copies]
-        rest = [list(c)[:-1] for c in completions]
-        width = max(len(r) for r in rest)
-        if width:
-            past.batch_select_indices(copies)
-            tail = torch.full((len(rest), width), pad_token_id, dtype=torch.int64)
-            tail_mask = torch.zeros((len(rest), width), dtype=torch.int64)
-            for i, r in enumerate(rest):
-                tail[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
-                tail_mask[i, : len(r)] = 1
-            tail, tail_mask = tail.to(device), tail_mask.to(device)
-            lengths = mask.sum(dim=1)[copies]
-            positions = lengths[:, None] + torch.arange(width, device=device)[None, :]
-            out = model(
-                input_ids=tail,
-                attention_mask=torch.cat([mask[copies], tail_mask], dim=1),
-                position_ids=positions,
-                **cache_arg,
-                use_cache=True,
-            )
-            hidden = torch.cat([first_hidden[:, None], seen[-1]], dim=1)
-            logits = torch.cat([first_logits[:, None], out.logits], dim=1)
-        else:
-            hidden, logits = first_hidden[:, None], first_logits[:, None]
+        logits, copies = shared_prompt_logits(model, prompts, completions, pad_token_id)
+    first_hidden = seen[0][:, -1][copies]  # row P-1 of every pair
+    hidden = torch.cat([first_hidden[:, None], *seen[1:]], dim=1)
     return [
         Prefill(
             hidden=hidden[i, : len(c)].to("cpu", copy=True),
@@ -258,6 +221,66 @@ def prefill(
         )
         for i, c in enumerate(completions)
     ]
+
+
+def shared_prompt_logits(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_token_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predicted each completion token, `[pairs, longest completion, vocab]`
+    (pair i's first len(completions[i]) columns; the rest padding), and which distinct
+    prompt each pair has. Autograd flows through it when grad is enabled: the trainer's
+    forward is this one.
+
+    Each distinct prompt runs once: a first forward over the distinct prompts (left-padded)
+    gives the logits at P-1 and a KV cache, whose rows are copied to every pair that repeats
+    the prompt; a second forward runs the completions[:-1] (right-padded) on that cache. The
+    LM head sees the prompts' last rows first, then the completions' rows (what `prefill`
+    reads through `lm_head_inputs`). A group's G samples share their prompt: on the demo's
+    copy task the prompt was about half of each rollout's tokens, on SmolLM2's chat
+    template most of them."""
+    _check_pairs(prompts, completions)
+    device = model.device
+    distinct: dict[tuple[int, ...], int] = {}
+    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    firsts = [prompts[row_of.index(k)] for k in range(len(distinct))]
+    copies = torch.as_tensor(row_of, dtype=torch.int64, device=device)
+    past = DynamicCache()
+    cache_arg = {_cache_argument(type(model)): past}
+    out, mask = _left_padded_forward(
+        model, firsts, pad_token_id, **cache_arg, use_cache=True, logits_to_keep=1
+    )
+    first_logits = out.logits[:, -1][copies]
+    rest = [list(c)[:-1] for c in completions]
+    width = max(len(r) for r in rest)
+    if not width:
+        return first_logits[:, None], copies
+    past.batch_select_indices(copies)
+    tail = torch.full((len(rest), width), pad_token_id, dtype=torch.int64)
+    tail_mask = torch.zeros((len(rest), width), dtype=torch.int64)
+    for i, r in enumerate(rest):
+        tail[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
+        tail_mask[i, : len(r)] = 1
+    tail, tail_mask = tail.to(device), tail_mask.to(device)
+    lengths = mask.sum(dim=1)[copies]
+    positions = lengths[:, None] + torch.arange(width, device=device)[None, :]
+    out = model(
+        input_ids=tail,
+        attention_mask=torch.cat([mask[copies], tail_mask], dim=1),
+        position_ids=positions,
+        **cache_arg,
+        use_cache=True,
+    )
+    return torch.cat([first_logits[:, None], out.logits], dim=1), copies
+
+
+def _check_pairs(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> None:
+    if len(prompts) != len(completions):
+        raise ValueError("one completion per prompt")
+    if any(len(p) == 0 for p in prompts) or any(len(c) == 0 for c in completions):
+        raise ValueError("prompts and completions need at least one token")
 
 
 def _prefill_whole(

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
 
+from toploc.capture_hf import shared_prompt_logits
 from trainer.config import AlgorithmSection
 from trainer.loss import LossConfig, batch_normaliser, policy_loss
 from trainer.off_policy import mismatch_kl_sum
@@ -253,68 +254,90 @@ class GRPOTrainer:
         return float(sums[0]), reduced
 
     def _batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        """Right-padded prompt+completion ids, and over the target window (the positions from
-        the shortest prompt's last token on, whose next tokens can be completion tokens): the
-        target ids, the completion mask and the behaviour logprobs. Positions before the window
-        predict prompt tokens only, so the loss never reads their logits."""
+        """Right-padded prompt+completion ids with each sample's prompt and total length, and
+        over the target window (the positions from the shortest prompt's last token on, whose
+        next tokens can be completion tokens): the completion mask and the behaviour
+        logprobs. Window column j predicts ids[start + j + 1]."""
         width = max(len(s.prompt_ids) + len(s.tokens) for s in samples)
         start = min(len(s.prompt_ids) for s in samples) - 1
         ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(samples), width), dtype=torch.long)
         mask = torch.zeros((len(samples), width - 1 - start))
         behaviour = torch.zeros((len(samples), width - 1 - start))
         for i, s in enumerate(samples):
             p, n = len(s.prompt_ids), len(s.tokens)
             ids[i, : p + n] = torch.tensor(s.prompt_ids + s.tokens)
-            attention[i, : p + n] = 1
-            # window column j predicts ids[start + j + 1]; completion token t sits at p + t
+            # completion token t sits at p + t, predicted at window column p - 1 - start + t
             mask[i, p - 1 - start : p - 1 - start + n] = (
                 1.0 if s.loss_mask is None else torch.tensor(s.loss_mask, dtype=mask.dtype)
             )
             behaviour[i, p - 1 - start : p - 1 - start + n] = torch.tensor(s.behaviour_logprobs)
         return {
             "ids": ids,
-            "attention": attention,
-            "targets": ids[:, start + 1 :],
             "mask": mask,
             "behaviour": behaviour,
+            "prompt_len": torch.tensor([len(s.prompt_ids) for s in samples]),
+            "length": torch.tensor([len(s.prompt_ids) + len(s.tokens) for s in samples]),
         }
 
     def _logprobs(
         self,
         model: PreTrainedModel,
         batch: dict[str, torch.Tensor],
-        part: slice,
+        part: torch.Tensor,
         need_entropy: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per target position: logprob of the actual next token under softmax(logits / T) (the
-        same quantity as `toploc.token_logprobs`, which nodes report), and the entropy."""
-        ids, attention = batch["ids"][part], batch["attention"][part]
+        same quantity as `toploc.token_logprobs`, which nodes report), and the entropy; 0 at
+        window positions that predict no completion token (the mask drops them).
+
+        The forward is `shared_prompt_logits`: each distinct prompt of the micro-batch runs
+        once and its KV cache is copied to the group's samples (gradients flow back through
+        the copies), and logits come only for completion positions. A group's samples share
+        their prompt, so a micro-batch of two groups of 8 runs 2 prompts, not 16: on SmolLM2's
+        chat template the prompt is most of a rollout's tokens."""
+        ids = batch["ids"][part]
+        prompt_len, length = batch["prompt_len"][part].tolist(), batch["length"][part].tolist()
+        window = batch["mask"].shape[1]
+        start = ids.shape[1] - 1 - window
+        prompts = [row[:p] for row, p in zip(ids.tolist(), prompt_len, strict=True)]
+        completions = [row[p:n] for row, p, n in zip(ids.tolist(), prompt_len, length, strict=True)]
         autocast = (
             torch.autocast(device_type=ids.device.type, dtype=self.compute_dtype)
             if self.compute_dtype != torch.float32
             else contextlib.nullcontext()
         )
-        targets = batch["targets"][part]
-        window = targets.shape[1]
         with autocast:
-            # Only the window's hidden states go through the lm_head (one extra position at the
-            # end, as `logits_to_keep` counts from the last): on SmolLM2's 49k vocabulary the
-            # prompt positions' logits would be most of the head's work and memory.
-            logits = model(
-                input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=window + 1
-            ).logits
-        if logits.shape[1] not in (window + 1, ids.shape[1]):
-            raise ValueError(f"the model returned logits for {logits.shape[1]} positions")
+            logits, _ = shared_prompt_logits(model, prompts, completions, self.pad_token_id)
         t = self.temperature if self.temperature > 0 else 1.0
-        # A model that ignores `logits_to_keep` returns every position: the slice agrees.
-        log_probs = torch.log_softmax(logits[:, -(window + 1) : -1].float() / t, dim=-1)
-        logp = log_probs.gather(-1, targets[:, :, None]).squeeze(-1)
+        log_probs = torch.log_softmax(logits.float() / t, dim=-1)
+        chosen = torch.zeros(logits.shape[:2], dtype=torch.int64, device=logits.device)
+        for i, c in enumerate(completions):
+            chosen[i, : len(c)] = torch.as_tensor(c, device=logits.device)
+        per_token = log_probs.gather(-1, chosen[:, :, None]).squeeze(-1)
+        logp = _to_window(per_token, prompt_len, completions, start, window)
         entropy = None
         if need_entropy:
             # Entropy is only logged unless the bonus is on: keep it out of the graph then.
             with torch.set_grad_enabled(
                 self.loss_config.entropy_coef > 0 and torch.is_grad_enabled()
             ):
-                entropy = -(log_probs.exp() * log_probs).sum(-1)
+                per_entropy = -(log_probs.exp() * log_probs).sum(-1)
+                entropy = _to_window(per_entropy, prompt_len, completions, start, window)
         return logp, entropy
+
+
+def _to_window(
+    values: torch.Tensor,
+    prompt_len: list[int],
+    completions: list[list[int]],
+    start: int,
+    width: int,
+) -> torch.Tensor:
+    """Per-completion-token `values` ([samples, longest completion]) laid out on the batch's
+    target window: completion token t of a sample with prompt length p is predicted at
+    window column p - 1 - start + t. Columns predicting no completion token are 0."""
+    rows = []
+    for i, (p, c) in enumerate(zip(prompt_len, completions, strict=True)):
+        before = p - 1 - start
+        rows.append(torch.nn.functional.pad(values[i, : len(c)], (before, width - before - len(c))))
+    return torch.stack(rows)

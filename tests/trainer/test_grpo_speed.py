@@ -1,5 +1,6 @@
-"""The trainer's speed-ups change nothing it learns: logits only over the completion window, and
-the fused AdamW, against the computations they replaced."""
+"""The trainer's speed-ups change nothing it learns: logits only at completion positions, each
+distinct prompt run once per micro-batch (its KV cache copied to the group's samples), and the
+fused AdamW, against the computations they replaced."""
 
 import copy
 import random
@@ -58,7 +59,9 @@ def test_window_loss_and_gradients_equal_the_full_logits_computation():
     model, _ = load_model("tiny")
     reference = copy.deepcopy(model).float().train()
     # No clipping, so the gradients after the step are the loss's own; micro-batches of 4 split
-    # groups, so the batch-wide window and normaliser are exercised across passes.
+    # groups, so the batch-wide window and normaliser are exercised across passes, and a
+    # micro-batch holds a prompt shared by several samples (its cache copied, gradients summed
+    # back through the copies) beside a prompt of another length.
     algo = AlgorithmSection(lr=1e-3, micro_batch=4, grad_clip=0.0)
     trainer = GRPOTrainer(model, algo, temperature=T, max_new_tokens=5)
     groups = _groups()
