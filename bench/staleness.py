@@ -90,7 +90,6 @@ def run_cell(
             task,
             examples,
             params,
-            torch.float32,
             rng,
             group,
             max(0, step - staleness),
@@ -120,7 +119,7 @@ def run_cell(
     eval_rng = random.Random(seed + 1)
     held_out = task.test[:eval_prompts]
     _, eval_rewards = sample_groups(
-        model, tok, task, held_out, params, torch.float32, eval_rng, group, steps, algorithm
+        model, tok, task, held_out, params, eval_rng, group, steps, algorithm
     )
     tail = curve[-max(1, steps // 5) :]
     return {

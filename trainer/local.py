@@ -7,6 +7,7 @@ loop, and a quick way to check that a task and settings learn before launching a
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from typing import Any
@@ -45,6 +46,7 @@ def train_locally(
         model, algo, 1.0, cfg["max_new_tokens"], compute_dtype=dtype, pad_token_id=tok.pad_token_id
     )
     algorithm = GroupAlgorithm(algo.scale_rewards)
+    policy = pool_copy(model, dtype)
     curve, t0, step = [], time.perf_counter(), 0
     gen_s = train_s = 0.0
     train_tokens = sampled_tokens = 0
@@ -54,7 +56,7 @@ def train_locally(
     ):
         examples = rng.sample(task.train, cfg["prompts"])
         tg = time.perf_counter()
-        samples = sample(model, tok, task, examples, params, dtype, rng, cfg["group"])
+        samples = sample(policy, tok, task, examples, params, rng, cfg["group"])
         gen_s += time.perf_counter() - tg
         sampled_tokens += sum(len(s.tokens) for group in samples for s in group)
         groups, rewards = score_groups(tok, task, examples, samples, step, algorithm)
@@ -62,6 +64,7 @@ def train_locally(
             result = trainer.step(algorithm.batch(groups), step)
             train_s += result.metrics["step_time_s"]
             train_tokens += int(result.metrics["tokens"])
+            refresh_copy(policy, model)
         step += 1
         point = {
             "step": step,
@@ -125,22 +128,36 @@ def local_algorithm(cfg: dict[str, Any]) -> AlgorithmSection:
     return AlgorithmSection(lr=cfg["lr"], batch_prompts=cfg["prompts"], micro_batch=16, is_cap=0.0)
 
 
+def pool_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The weights nodes would generate with: `model` itself in fp32, else a copy in `dtype`
+    (`refresh_copy` after each step). Generating from it costs no per-op cast of the fp32
+    master weights: under autocast every decoding step cast each weight matrix again."""
+    return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype).eval()
+
+
+@torch.no_grad()
+def refresh_copy(policy: PreTrainedModel, model: PreTrainedModel) -> None:
+    """Copy `model`'s updated weights into its `pool_copy`, cast to the copy's dtype."""
+    if policy is not model:
+        for dst, src in zip(policy.parameters(), model.parameters(), strict=True):
+            dst.copy_(src)
+
+
 def sample_groups(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     task: Task,
     examples: list[Example],
     params: SamplingParams,
-    dtype: torch.dtype,
     rng: random.Random,
     group: int,
     version: int,
     algorithm: GroupAlgorithm,
 ) -> tuple[list[TrainGroup], list[list[float]]]:
-    """`group` seeded samples of each example from `model` in the pool dtype, scored as the
+    """`group` seeded samples of each example from `model` (in the pool dtype), scored as the
     coordinator scores them: the groups that train (tagged with weight `version`) and every
     group's rewards."""
-    samples = sample(model, tok, task, examples, params, dtype, rng, group)
+    samples = sample(model, tok, task, examples, params, rng, group)
     return score_groups(tok, task, examples, samples, version, algorithm)
 
 
@@ -150,23 +167,22 @@ def sample(
     task: Task,
     examples: list[Example],
     params: SamplingParams,
-    dtype: torch.dtype,
     rng: random.Random,
     group: int,
 ) -> list[list[Sample]]:
-    """`group` seeded samples of each example, generated as a node would: the pool dtype."""
+    """`group` seeded samples of each example, generated as a node would: from `model` as it
+    is, in the pool dtype (`pool_copy`)."""
     prompts = [tok(task.render(e, tok), add_special_tokens=False)["input_ids"] for e in examples]
     model.eval()
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        rollouts = generate(
-            model,
-            [p for p in prompts for _ in range(group)],
-            params,
-            [rng.getrandbits(62) for _ in range(len(prompts) * group)],
-            sample_indices=[i % group for i in range(len(prompts) * group)],
-            pad_token_id=tok.pad_token_id,
-            capture=False,
-        )
+    rollouts = generate(
+        model,
+        [p for p in prompts for _ in range(group)],
+        params,
+        [rng.getrandbits(62) for _ in range(len(prompts) * group)],
+        sample_indices=[i % group for i in range(len(prompts) * group)],
+        pad_token_id=tok.pad_token_id,
+        capture=False,
+    )
     return [
         [
             Sample(r.prompt_ids, r.completion_ids, r.logprobs, r.finish_reason == "length")

@@ -10,6 +10,7 @@ import torch
 from toploc.models import load_model
 from trainer.config import AlgorithmSection
 from trainer.grpo import GRPOTrainer, Sample, TrainGroup
+from trainer.local import pool_copy, refresh_copy
 from trainer.loss import batch_normaliser, policy_loss
 
 T = 0.7
@@ -97,3 +98,22 @@ def test_fused_adamw_makes_the_update_of_the_plain_loop():
     for p, q, s in zip(params, twins, start, strict=True):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
         assert (p - s).abs().max() > 1e-3  # three steps of lr 1e-2 moved every weight
+
+
+def test_the_bare_loop_generates_from_a_pool_dtype_copy_that_follows_each_step():
+    """bf16 pools: the bare loop samples from a bf16 copy (as nodes generate) instead of casting
+    the fp32 weights in every op under autocast; after a step the copy holds the new weights."""
+    model, _ = load_model("tiny")
+    trainer = GRPOTrainer(model, AlgorithmSection(lr=1e-2), temperature=1.0, max_new_tokens=5)
+    assert pool_copy(model, torch.float32) is model
+    policy = pool_copy(model, torch.bfloat16)
+    assert policy is not model and next(policy.parameters()).dtype == torch.bfloat16
+    trainer.step(_groups(), 0)
+    moved = [
+        not torch.equal(p.to(torch.bfloat16), q)
+        for p, q in zip(model.parameters(), policy.parameters(), strict=True)
+    ]
+    assert any(moved)  # the step changed weights the copy does not hold yet
+    refresh_copy(policy, model)
+    for p, q in zip(model.parameters(), policy.parameters(), strict=True):
+        assert torch.equal(p.to(torch.bfloat16), q)
