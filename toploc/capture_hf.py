@@ -6,8 +6,9 @@ hook, so they capture exactly the rows that produced the logits:
 - `generate`: a padded batch of prompts of different lengths, decoded with a KV cache and
   the seeded sampler; for each completion token the row that produced it. A prompt repeated
   in the batch (a group's G samples) is prefilled once and its cache rows copied.
-- `prefill`: one forward pass over prompt + completion[:-1] per rollout; rows P-1 .. P+N-2
-  with their logits, for TOPLOC, the sampling check and the logprob check.
+- `prefill`: rows P-1 .. P+N-2 of prompt + completion[:-1] per rollout with their logits,
+  for TOPLOC, the sampling check and the logprob check; each distinct prompt runs once
+  (`shared_prompt_logits`, also the trainer's forward, with autograd).
 """
 
 from __future__ import annotations
