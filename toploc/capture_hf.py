@@ -246,12 +246,11 @@ def shared_prompt_logits(
     device = model.device
     distinct: dict[tuple[int, ...], int] = {}
     row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-    firsts = [prompts[row_of.index(k)] for k in range(len(distinct))]
     copies = torch.as_tensor(row_of, dtype=torch.int64, device=device)
     past = DynamicCache()
     cache_arg = {_cache_argument(type(model)): past}
-    out, mask = _left_padded_forward(
-        model, firsts, pad_token_id, **cache_arg, use_cache=True, logits_to_keep=1
+    out, mask = _left_padded_forward(  # the distinct prompts, in order of first appearance
+        model, list(distinct), pad_token_id, **cache_arg, use_cache=True, logits_to_keep=1
     )
     first_logits = out.logits[:, -1][copies]
     rest = [list(c)[:-1] for c in completions]

@@ -299,8 +299,9 @@ class GRPOTrainer:
         prompt_len, length = batch["prompt_len"][part].tolist(), batch["length"][part].tolist()
         window = batch["mask"].shape[1]
         start = ids.shape[1] - 1 - window
-        prompts = [row[:p] for row, p in zip(ids.tolist(), prompt_len, strict=True)]
-        completions = [row[p:n] for row, p, n in zip(ids.tolist(), prompt_len, length, strict=True)]
+        rows = ids.tolist()
+        prompts = [row[:p] for row, p in zip(rows, prompt_len, strict=True)]
+        completions = [row[p:n] for row, p, n in zip(rows, prompt_len, length, strict=True)]
         autocast = (
             torch.autocast(device_type=ids.device.type, dtype=self.compute_dtype)
             if self.compute_dtype != torch.float32
