@@ -1,11 +1,16 @@
 """The coordinator's directory of advertised relays: a URL is a claim, handed out only after
 a check passed, dropped when a later check fails."""
 
+from contextlib import asynccontextmanager
+
 import httpx
 import trio
-from fastapi import Request
+from fastapi import FastAPI, Request, Response
 
 from protocol.identity import Identity
+from shardcast.origin import Origin
+from shardcast.server import serve_app
+from tests.shardcast.sc_helpers import POOL_ID, SHARD, make_checkpoint, nudge_checkpoint
 from trainer.relays import Checked, RelayDirectory, acceptable_url, check_relay, probe_client
 
 
@@ -72,48 +77,85 @@ def test_a_relay_still_mirroring_the_newest_version_is_judged_on_the_one_before(
     """A real origin with v1 and v2 behind a relay that holds v2's manifest but answers 503
     for its shards (still mirroring): verified on v1. One that is not ready for either
     version fails its check."""
-    from fastapi import FastAPI, Response
 
-    from shardcast.origin import Origin
-    from shardcast.server import serve_app
-    from tests.shardcast.sc_helpers import POOL_ID, SHARD, make_checkpoint, nudge_checkpoint
+    async def main():
+        async with _mirroring_relay(tmp_path) as (url, ready, _):
+            assert (await _check(url)).error == "not_ready"
+            ready.add(1)
+            found = await _check(url)
+            assert (found.error, found.version, found.served) == (None, 1, None)
+            ready.add(2)
+            assert (await _check(url)).version == 2
 
-    key = Identity(bytes(range(32)))
-    origin = Origin(tmp_path / "o", key, POOL_ID, shard_size=SHARD)
+    trio.run(main)
+
+
+def test_a_relay_not_ready_for_the_newest_cannot_pass_on_a_bad_or_slow_older_one(tmp_path):
+    """The fallback to the version before is no way in: a relay not ready for v2 that serves
+    v1's shard with flipped bytes fails as bad_shard, and one that stalls or falls silent on
+    v1 fails as a timeout; the whole check stays within the two versions' deadlines."""
+
+    async def main():
+        async with _mirroring_relay(tmp_path) as (url, _, faults):
+            for fault, error in [
+                ("flip", "bad_shard"),
+                ("stall", "timeout"),
+                ("silent", "timeout"),
+            ]:
+                faults[1] = fault
+                start = trio.current_time()
+                assert (await _check(url, timeout_s=1.0)).error == error, fault
+                assert trio.current_time() - start < 2 * 1.0 + 1.0, fault
+
+    trio.run(main)
+
+
+KEY = Identity(bytes(range(32)))
+
+
+async def _check(url: str, timeout_s: float = 5.0) -> Checked:
+    async with probe_client(None, timeout_s) as http:
+        return await check_relay(
+            url, 2, public_key=KEY.public_key, pool_id=POOL_ID, http=http, hop=None,
+            timeout_s=timeout_s,
+        )  # fmt: skip
+
+
+@asynccontextmanager
+async def _mirroring_relay(tmp_path):
+    """A relay in front of a real origin holding v1 and v2: it serves every manifest, a
+    version's shards only once it is in `ready` (503 before: still mirroring), and a version
+    in `faults` with that fault: "flip" (its shard bytes inverted), "stall" (the shard's
+    answer 30 s late), "silent" (the manifest's answer 30 s late)."""
+    origin = Origin(tmp_path / "o", KEY, POOL_ID, shard_size=SHARD)
     ready: set[int] = set()
+    faults: dict[int, str] = {}
     upstream: list[str] = []
     relay = FastAPI()
 
     @relay.get("/v/{version}/{rest:path}")
     async def forward(version: int, rest: str, request: Request) -> Response:
-        if rest != "manifest" and version not in ready:
+        fault = faults.get(version)
+        if fault == "silent" or (fault == "stall" and rest != "manifest"):
+            await trio.sleep(30)
+        if rest != "manifest" and version not in ready and fault is None:
             return Response(status_code=503)
         headers = {k: v for k, v in request.headers.items() if k.lower() == "range"}
         async with httpx.AsyncClient() as http:
             r = await http.get(f"{upstream[0]}/v/{version}/{rest}", headers=headers)
-        return Response(r.content, status_code=r.status_code)
+        body = (
+            bytes(b ^ 0xFF for b in r.content)
+            if fault == "flip" and rest != "manifest"
+            else r.content
+        )
+        return Response(body, status_code=r.status_code)
 
-    async def check(url: str) -> Checked:
-        async with probe_client(None, 5.0) as http:
-            return await check_relay(
-                url, 2, public_key=key.public_key, pool_id=POOL_ID, http=http, hop=None,
-                timeout_s=5.0,
-            )  # fmt: skip
-
-    async def main():
-        ck = make_checkpoint(tmp_path / "ck", mb=0.2)
-        async with trio.open_nursery() as nursery:
-            upstream.append(await nursery.start(origin.serve))
-            url = await nursery.start(serve_app, relay, "127.0.0.1", 0)
-            await origin.publish(ck, 1)
-            nudge_checkpoint(ck, seed=2)
-            await origin.publish(ck, 2)
-            assert (await check(url)).error == "not_ready"
-            ready.add(1)
-            found = await check(url)
-            assert (found.error, found.version, found.served) == (None, 1, None)
-            ready.add(2)
-            assert (await check(url)).version == 2
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    ck = make_checkpoint(tmp_path / "ck", mb=0.2)
+    async with trio.open_nursery() as nursery:
+        upstream.append(await nursery.start(origin.serve))
+        url = await nursery.start(serve_app, relay, "127.0.0.1", 0)
+        await origin.publish(ck, 1)
+        nudge_checkpoint(ck, seed=2)
+        await origin.publish(ck, 2)
+        yield url, ready, faults
+        nursery.cancel_scope.cancel()
