@@ -144,6 +144,10 @@ def _ignore(job: ShardJob) -> None:
     return None
 
 
+SHARE_GRACE = 5.0
+"""`Swarming.share_grace`'s default (the swarm's watch judges shares at its end)."""
+
+
 @dataclass
 class Swarming:
     holders: Callable[[ShardJob], set[str]]
@@ -161,13 +165,15 @@ class Swarming:
     peer (and taken from it once held) rather than copied out of a seed a second time."""
     preferred: Callable[[ShardJob], bool] = _never
     """This member's share of the first copies: taken first among units nobody has."""
+    reserved: Callable[[ShardJob], bool] = _never
+    """Another member's share that it can be seen taking (see `share_grace`)."""
     on_seed_fetch: Callable[[ShardJob], None] = _ignore
     """Called when a transfer of a unit goes to a seed (to advertise the promise)."""
     listen: Callable[[Callable[[], None]], None] = lambda wake: None
     """Registers a call for whenever a peer's bitfield brings news (a unit held or promised
     for the first time): a worker waiting for a unit only a peer will have starts it then,
     not at its next look (`HEDGE_POLL`), which on a small version was the longest wait."""
-    share_grace: float = 5.0
+    share_grace: float = SHARE_GRACE
     """Seconds from the start of a fetch during which units nobody holds that are another
     member's share are left to it: several members copying the same unit out of a seed
     cost the seed's upload, while fewer streams to a capped seed lose it nothing."""
@@ -392,9 +398,7 @@ class ShardFetcher:
         for job in queue:
             n = len(self.swarm.holders(job))
             if n == 0 and (
-                seeds_busy
-                or self.swarm.promised(job)
-                or (in_grace and not self.swarm.preferred(job))
+                seeds_busy or self.swarm.promised(job) or (in_grace and self.swarm.reserved(job))
             ):
                 continue
             key = (n, not self.swarm.preferred(job), random.random())

@@ -101,6 +101,11 @@ class SourcePicker:
         s = self.stats.get(url)
         return s is None or self.banned(s) or s.at_fault(version, time.monotonic())
 
+    def banned_url(self, url: str) -> bool:
+        """Whether the source at `url` is banned for bad bytes (False when unknown)."""
+        s = self.stats.get(url)
+        return s is not None and self.banned(s)
+
     def banned(self, s: SourceStats) -> bool:
         """Whether `s` sent bad bytes `ban_after` times: never used again."""
         return s.corrupt >= self.ban_after

@@ -117,6 +117,7 @@ def _fetcher(promised: set[int], preferred: set[int]) -> ShardFetcher:
         seeds={"http://seed"},
         promised=lambda job: job.index in promised,
         preferred=lambda job: job.index in preferred,
+        reserved=lambda job: job.index not in preferred,
     )
     picker = SourcePicker(["http://seed"])
     return ShardFetcher(httpx.AsyncClient(), picker, FetchPolicy(), swarm=swarm)

@@ -143,7 +143,7 @@ def _watch(
         async with httpx.AsyncClient(transport=httpx.MockTransport(counted)) as http:
             picker = SourcePicker(["http://origin"])
             watch = PeerWatch(http, PeerTable("p"), picker, ["http://origin"], Identity.generate())
-            watch._have[1], watch._promised[1] = {}, {}
+            watch._have[1], watch._promised[1], watch._claims[1] = {}, {}, {}
             if wakes is not None:
                 watch.listen(1, lambda: wakes.append(trio.current_time()))
             with trio.move_on_after(seconds):
@@ -263,3 +263,163 @@ def test_a_pushed_peer_becomes_a_source_and_a_banned_url_stays_banned_under_a_fr
     table.add(announce(fresh, "p", "http://peer-b"))
     watch.learn()
     assert picker.dropped("http://peer-a", 1) and not picker.dropped("http://peer-b", 1)
+
+
+def test_shares_are_dealt_only_to_peers_that_answer_and_do_their_part():
+    """`PeerWatch.watch` over one version of 8 units, with three peers besides this member:
+    one gone (every request fails), one that answers but never claims a unit, one that claims
+    its share at once. The gone peer is out of the deal from its first failed request, the
+    idle one once the grace is over (it cost that grace once), and the next version is dealt
+    between this member and the working peer only."""
+    import trio
+    import trio.testing
+
+    from shardcast.fetcher import SHARE_GRACE
+    from shardcast.manifest import Manifest, PayloadFile
+    from shardcast.sources import SourcePicker
+    from shardcast.swarm import PeerWatch
+
+    total = 8
+    payload = PayloadFile(
+        name="w.bin", target="w.bin", encoding="raw", size=total * SHARD,
+        hash="00" * 32, shards=["00" * 32] * total,
+    )  # fmt: skip
+    m = Manifest(pool_id="p", version=1, shard_size=SHARD, files=[], payload=[payload])
+    # sorted URLs: busy 0, gone 1, idle 2, me 3 -> busy's share is units 0 and 4
+    share_of_busy = (1 << 7) | (1 << 3)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if host == "gone":
+            raise httpx.ConnectError("connection refused", request=request)
+        soon = share_of_busy if host == "busy" else 0
+        body = json.dumps({"bits": "00", "soon": f"{soon:02x}", "changes": 1})
+        return httpx.Response(200, stream=httpx.ByteStream(body.encode()))
+
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            table = PeerTable("p")
+            for url in ("http://busy", "http://gone", "http://idle"):
+                table.add(announce(Identity.generate(), "p", url))
+            watch = PeerWatch(
+                http, table, SourcePicker(["http://o"]), ["http://o"], Identity.generate()
+            )
+            watch.own_url = "http://me"
+            watch.learn()
+            watch.count_members()
+            seen["before"] = list(watch._members)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch.watch, 1, m)
+                await trio.sleep(1.5)
+                seen["after a failed request"] = list(watch._members)
+                await trio.sleep(SHARE_GRACE)
+                seen["after the grace"] = list(watch._members)
+                nursery.cancel_scope.cancel()
+            watch.count_members()  # as the next version's fetch does
+            seen["next version"] = (list(watch._members), watch.preferred(1))
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen["before"] == ["http://busy", "http://gone", "http://idle", "http://me"]
+    assert seen["after a failed request"] == ["http://busy", "http://idle", "http://me"]
+    assert seen["after the grace"] == ["http://busy", "http://me"]
+    # unit 1 is this member's share now (index mod 2 == its place, 1)
+    assert seen["next version"] == (["http://busy", "http://me"], True)
+
+
+def test_a_peer_that_lets_a_promise_lapse_is_not_waited_for_again():
+    """A peer that says it is fetching every unit from a seed and never holds one: its first
+    promise holds this member for `PROMISE_WAIT`, then it is believed no more, in that
+    version and the next (it delayed this member once, not once per version)."""
+    import trio
+    import trio.testing
+
+    from shardcast.manifest import Manifest, PayloadFile
+    from shardcast.sources import SourcePicker
+    from shardcast.swarm import PROMISE_WAIT, PeerWatch
+
+    payload = PayloadFile(
+        name="w.bin", target="w.bin", encoding="raw", size=8 * SHARD,
+        hash="00" * 32, shards=["00" * 32] * 8,
+    )  # fmt: skip
+
+    def manifest(version: int) -> Manifest:
+        return Manifest(pool_id="p", version=version, shard_size=SHARD, files=[], payload=[payload])
+
+    async def liar(request: httpx.Request) -> httpx.Response:
+        body = json.dumps({"bits": "00", "soon": "ff", "changes": 1})
+        return httpx.Response(200, stream=httpx.ByteStream(body.encode()))
+
+    seen: dict[str, bool] = {}
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(liar)) as http:
+            table = PeerTable("p")
+            table.add(announce(Identity.generate(), "p", "http://liar"))
+            picker = SourcePicker(["http://o"])
+            watch = PeerWatch(http, table, picker, ["http://o"], Identity.generate())
+            watch.own_url = "http://me"
+            watch.learn()
+            for version in (1, 2):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch.watch, version, manifest(version))
+                    await trio.sleep(0.5)
+                    seen[f"v{version} soon after"] = watch.promised(version, 3)
+                    await trio.sleep(PROMISE_WAIT)
+                    seen[f"v{version} after the wait"] = watch.promised(version, 3)
+                    nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen == {
+        "v1 soon after": True,
+        "v1 after the wait": False,
+        "v2 soon after": False,
+        "v2 after the wait": False,
+    }
+
+
+def test_only_a_share_dealt_to_a_watched_peer_is_waited_for():
+    """With more peers than it watches, a member waits (during the grace) only for units
+    dealt to the peers it watches: those it can see claiming them, or judge. Units dealt to
+    the others, dead URLs among them, are taken like any unit."""
+    import trio
+    import trio.testing
+
+    from shardcast.manifest import Manifest, PayloadFile
+    from shardcast.sources import SourcePicker
+    from shardcast.swarm import PeerWatch
+
+    payload = PayloadFile(
+        name="w.bin", target="w.bin", encoding="raw", size=6 * SHARD,
+        hash="00" * 32, shards=["00" * 32] * 6,
+    )  # fmt: skip
+    m = Manifest(pool_id="p", version=1, shard_size=SHARD, files=[], payload=[payload])
+
+    async def quiet(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(3600)  # a long-poll with nothing to tell
+        raise AssertionError("unreachable")
+
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(quiet)) as http:
+            table = PeerTable("p")
+            for url in ("http://a", "http://b"):
+                table.add(announce(Identity.generate(), "p", url))
+            picker = SourcePicker(["http://o"])
+            watch = PeerWatch(http, table, picker, ["http://o"], Identity.generate(), max_peers=1)
+            watch.own_url = "http://me"
+            watch.learn()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch.watch, 1, m)
+                await trio.sleep(0.1)
+                seen["watched"] = set(watch._watched[1])
+                seen["reserved"] = {u for u in range(6) if watch.reserved(1, u)}
+                nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    # dealt over a, b, me (sorted): a owns 0 and 3, b owns 1 and 4, this member 2 and 5
+    owned = {"http://a": {0, 3}, "http://b": {1, 4}}
+    (watched,) = seen["watched"]
+    assert seen["reserved"] == owned[watched]
