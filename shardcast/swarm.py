@@ -47,6 +47,7 @@ MAX_PEERS_BYTES = 256 * 1024
 MAX_HAVE_BYTES = 1024 * 1024
 REQUEST_TIMEOUT = 10.0
 PROMISE_WAIT = 5.0  # seconds a peer's "fetching it from a seed" keeps others off the seeds
+UNREACHABLE_RETRY_S = 30.0  # a peer whose bitfield request failed is watched again after this
 
 
 class PeerWatch:
@@ -83,8 +84,9 @@ class PeerWatch:
         self._members: list[str] = [""]
         """Who units are dealt to (sorted URLs, this member's own among them)."""
         self._rank = (0, 1)  # (this member's place, members) in the known swarm
-        self._unreachable: set[str] = set()
-        """Peers whose last bitfield request failed: dealt no share until one answers."""
+        self._unreachable: dict[str, float] = {}
+        """Peers whose last bitfield request failed -> when (trio time): dealt no share until
+        one answers, and not watched for `UNREACHABLE_RETRY_S`."""
         self._shirkers: set[str] = set()
         """Peers that let their share of a version wait out the grace untouched
         (`judge_shares`), or a promise lapse (`promised`): dealt no share and waited for no
@@ -207,7 +209,7 @@ class PeerWatch:
         shirking, not banned for bad bytes. Counting every peer heard of let one that had
         left (a banned node's relay, still announced for `TTL`) hold its share of every
         version for the whole grace: the default demo took 115-128 s instead of 34-45 s."""
-        out = self._unreachable | self._shirkers
+        out = self._shirkers | self._unreachable.keys()
         peers = [p for p in self.peers() if p not in out and not self.picker.banned_url(p)]
         self._members = sorted({*peers, self.own_url or ""})
         self._rank = (self._members.index(self.own_url or ""), len(self._members))
@@ -240,9 +242,22 @@ class PeerWatch:
 
     def _answered(self, url: str, ok: bool) -> None:
         """Track whether `url` answers bitfield requests; a change re-deals the shares."""
-        if ok == (url in self._unreachable):
-            (self._unreachable.discard if ok else self._unreachable.add)(url)
+        was = url in self._unreachable
+        if ok:
+            self._unreachable.pop(url, None)
+        else:
+            self._unreachable[url] = trio.current_time()
+        if (url in self._unreachable) != was:
             self.count_members()
+
+    def _watchable(self, url: str, version: int) -> bool:
+        """Whether `url` may take a watch slot for `version`: not dropped by the picker, and
+        no failed bitfield request in the last `UNREACHABLE_RETRY_S`. Announced URLs that
+        never answer are free to make, and kept their slots for the whole version: a member
+        watching 8 of them watched no honest peer at all."""
+        failed = self._unreachable.get(url)
+        lately = failed is not None and trio.current_time() - failed < UNREACHABLE_RETRY_S
+        return not lately and not self.picker.dropped(url, version)
 
     async def watch(
         self, version: int, m: Manifest, missing: Callable[[], int] | None = None
@@ -267,14 +282,13 @@ class PeerWatch:
                         judge_at = None
                     self.count_members()
                     for url, scope in list(watched.items()):
-                        if self.picker.dropped(url, version):
-                            scope.cancel()  # bad bytes, stalls or lies: not asked again
+                        if not self._watchable(url, version):
+                            # bad bytes, stalls or lies; or no answer: its slot goes to another
+                            scope.cancel()
                             del watched[url]
                             self._have[version].pop(url, None)
                     fresh = [
-                        u
-                        for u in self.peers()
-                        if u not in watched and not self.picker.dropped(u, version)
+                        u for u in self.peers() if u not in watched and self._watchable(u, version)
                     ]
                     random.shuffle(fresh)
                     for url in fresh[: self.max_peers - len(watched)]:

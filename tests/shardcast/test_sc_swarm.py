@@ -423,3 +423,54 @@ def test_only_a_share_dealt_to_a_watched_peer_is_waited_for():
     owned = {"http://a": {0, 3}, "http://b": {1, 4}}
     (watched,) = seen["watched"]
     assert seen["reserved"] == owned[watched]
+
+
+def test_peers_that_never_answer_give_their_watch_slots_to_peers_that_do():
+    """Ten announced URLs that refuse every connection and two live peers, with two watch
+    slots: within a few watch rounds both slots follow the live peers, whatever the draw.
+    A dead URL that failed is not drawn again for `UNREACHABLE_RETRY_S`."""
+    from collections import Counter
+
+    import trio
+    import trio.testing
+
+    from shardcast.manifest import Manifest, PayloadFile
+    from shardcast.sources import SourcePicker
+    from shardcast.swarm import PeerWatch
+
+    payload = PayloadFile(
+        name="w.bin", target="w.bin", encoding="raw", size=4 * SHARD,
+        hash="00" * 32, shards=["00" * 32] * 4,
+    )  # fmt: skip
+    m = Manifest(pool_id="p", version=1, shard_size=SHARD, files=[], payload=[payload])
+    asked: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.host)
+        if request.url.host.startswith("dead"):
+            raise httpx.ConnectError("connection refused", request=request)
+        await trio.sleep(3600)  # a live peer long-polls with nothing new
+        raise AssertionError("unreachable")
+
+    seen: dict[str, set[str]] = {}
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            table = PeerTable("p")
+            for url in [f"http://dead{i}" for i in range(10)] + ["http://live0", "http://live1"]:
+                table.add(announce(Identity.generate(), "p", url))
+            picker = SourcePicker(["http://o"])
+            watch = PeerWatch(http, table, picker, ["http://o"], Identity.generate(), max_peers=2)
+            watch.own_url = "http://me"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch.watch, 1, m)
+                await trio.sleep(10.5)  # ten watch rounds, well inside the retry time
+                seen["watched"] = set(watch._watched[1])
+                nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen["watched"] == {"http://live0", "http://live1"}
+    # each dead URL asked at most twice (its watch may retry once before the next round
+    # drops it), and not drawn again within the retry time
+    dead_asks = Counter(h for h in asked if h.startswith("dead"))
+    assert max(dead_asks.values()) <= 2, dead_asks
