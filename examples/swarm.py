@@ -25,6 +25,7 @@ import re
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -746,6 +747,17 @@ class Swarm:
         finally:
             db.close()
 
+    def first_leases(self) -> list[tuple[float, float]]:
+        """(published at, first lease issued on it) for every version some lease was on."""
+        db = self.ledger()
+        try:
+            return db.execute(
+                """SELECT v.published_at, MIN(l.issued_at) FROM versions v
+                   JOIN leases l ON l.weight_version = v.version GROUP BY v.version"""
+            ).fetchall()
+        finally:
+            db.close()
+
     # ------------------------------------------------------------------ the report
 
     def report(self, finished: bool, facts: dict[str, Any]) -> dict[str, Any]:
@@ -990,6 +1002,7 @@ class Swarm:
             },
             "waste": waste(ledger_checks),
             "startup_s": self.startup,
+            "pace": pace(self.first_leases()),
             "submissions": dict(Counter(v["outcome"] or "pending" for v in facts["verdicts"])),
             "ledger": ledger_checks,
             "chaos": self.events,
@@ -1029,6 +1042,22 @@ def waste(ledger_checks: dict[str, Any]) -> dict[str, Any]:
         "by_reason": ledger_checks["dropped"],
         "samples": samples,
         "samples_share": round(ledger_checks["dropped_samples"] / samples, 3) if samples else 0.0,
+    }
+
+
+def pace(first_leases: list[tuple[float, float]]) -> dict[str, Any]:
+    """How soon a new version was put to work: seconds from its publish to the first lease on
+    it, over the versions some lease was on. A stall anywhere between the trainer and the
+    nodes (the weights' way through the relays, the node's fetch and swap, the lease) shows
+    here first: a departed member held every other version for 5 s while the run's other
+    figures looked normal (docs/swarm.md, "Start-up and pace")."""
+    lags = sorted(first - published for published, first in first_leases)
+    if not lags:
+        return {"versions": 0, "median_s": None, "max_s": None}
+    return {
+        "versions": len(lags),
+        "median_s": round(statistics.median(lags), 2),
+        "max_s": round(lags[-1], 2),
     }
 
 
@@ -1078,6 +1107,10 @@ def print_summary(r: dict[str, Any]) -> None:
           f"{s['dropped_stale_groups']}")  # fmt: skip
     print("start-up (s from launch): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in
                                                 r["startup_s"].items()))  # fmt: skip
+    p = r["pace"]
+    if p["versions"]:
+        print(f"pace: a new version's first lease came {p['median_s']} s after its publish "
+              f"(median over {p['versions']} versions; at most {p['max_s']} s)")  # fmt: skip
     w = r["waste"]
     print(f"wasted: {w['dropped']} of {w['accepted']} accepted groups ({w['share']:.0%}; "
           f"{w['samples_share']:.0%} of their {w['samples']} samples) were never trained: "

@@ -97,4 +97,5 @@ def test_every_cheater_caught_with_chaos_while_the_pool_learns(tmp_path):
     # weights moved, counted by the servers themselves (since their last restart)
     served = report["bytes"]
     assert served["served_by_origin"] > 0 and served["served_by_relays"] is not None
+    assert report["pace"]["versions"] > 0 and report["pace"]["median_s"] is not None
     assert report["ok"], report["checks"]
