@@ -83,7 +83,6 @@ class PeerWatch:
         self._listeners: dict[int, list[Callable[[], None]]] = {}
         self._members: list[str] = [""]
         """Who units are dealt to (sorted URLs, this member's own among them)."""
-        self._rank = (0, 1)  # (this member's place, members) in the known swarm
         self._unreachable: dict[str, float] = {}
         """Peers whose last bitfield request failed -> when (trio time): dealt no share until
         one answers, and not watched for `UNREACHABLE_RETRY_S`."""
@@ -179,18 +178,20 @@ class PeerWatch:
 
     def preferred(self, index: int) -> bool:
         """Whether the unit is this member's share of the first copies: units are dealt
-        round-robin over the members known here (peers and self, by URL; recounted by
-        `watch`), so that members asking a seed for units nobody has ask for different
-        ones."""
-        rank, members = self._rank
-        return index % members == rank
+        round-robin over the members that may do their part (`count_members`, by URL), so
+        that members asking a seed for units nobody has ask for different ones."""
+        return self._owner(index) == (self.own_url or "")
+
+    def _owner(self, index: int) -> str:
+        """The member unit `index` is dealt to (this member's own URL among them)."""
+        return self._members[index % len(self._members)]
 
     def reserved(self, version: int, index: int) -> bool:
         """Whether the unit is dealt to a peer this member watches for `version`: only such a
         peer can be seen claiming it, and judged if it does not (`judge_shares`). A unit dealt
         to a peer not watched (a swarm of more than `max_peers`) is taken like any other:
         waiting for it let announced URLs that nobody watches hold units in every version."""
-        owner = self._members[index % len(self._members)]
+        owner = self._owner(index)
         if owner == (self.own_url or ""):
             return False
         if len(self._members) - 1 > self.max_peers:
@@ -212,7 +213,6 @@ class PeerWatch:
         out = self._shirkers | self._unreachable.keys()
         peers = [p for p in self.peers() if p not in out and not self.picker.banned_url(p)]
         self._members = sorted({*peers, self.own_url or ""})
-        self._rank = (self._members.index(self.own_url or ""), len(self._members))
 
     def judge_shares(self, version: int, total: int) -> list[str]:
         """At the end of a fetch's grace: the watched peers that claimed (held, or said they
