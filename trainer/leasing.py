@@ -323,15 +323,18 @@ def wanted_tasks(
     and with a floor of 1/8 the all-kinds chaos swarm leased so far ahead that it dropped 202
     groups as stale against 23 before; at most twice the window now.
 
-    What is still wanted is rounded up to whole groups, not whole leases: once leases went
-    out the moment a step took its batch, the last lease of each batch overshot the window by
-    up to a lease less one group, and those groups went stale (56-66 a demo run against
-    21-32)."""
+    What is still wanted is rounded to the nearest whole group, not up to whole leases: once
+    leases went out the moment a step took its batch, the last lease of each batch overshot
+    the window by up to a lease less one group, and those groups went stale (56-66 a demo run
+    against 21-32). Nor up to the next group: dividing by an informative share just under 1
+    (one flat group among the newest 64) then leased 9 groups for every batch of 8, and the
+    ninth went stale; rounding to the nearest, 6-17 groups went stale a demo run against
+    19-34, and the waste fell from 15-19% to 10-15% (docs/swarm.md, "Wasted groups")."""
     trains = max(informative, MIN_INFORMATIVE)
     done = trainable + pending * trains
     if done >= batch:
         return 0
-    return max(0, math.ceil((window - done - leased * trains) / trains - 1e-9))
+    return max(0, math.floor((window - done - leased * trains) / trains + 0.5))
 
 
 LEASE_HOLD_S = 5.0

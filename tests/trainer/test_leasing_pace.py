@@ -27,7 +27,7 @@ def test_mostly_flat_groups_lease_more():
     assert wanted_tasks(trainable=2, pending=4, leased=22, informative=0.25, **POOL) == 2
     assert wanted_tasks(trainable=2, pending=4, leased=24, informative=0.25, **POOL) == 0
     # three quarters informative: 2 + 3 = 5 done; 5 + 12 x 3/4 = 14, so 2 more trainable
-    # groups are wanted: 2 / (3/4) = 2.67, rounded up to 3 prompts; 5 + 16 x 3/4 = 17: none
+    # groups are wanted: 2 / (3/4) = 2.67, rounded to 3 prompts; 5 + 16 x 3/4 = 17: none
     assert wanted_tasks(trainable=2, pending=4, leased=12, informative=0.75, **POOL) == 3
     assert wanted_tasks(trainable=2, pending=4, leased=16, informative=0.75, **POOL) == 0
 
@@ -49,3 +49,15 @@ def test_a_lease_on_older_weights_reaches_fewer_steps():
     assert reachable_groups(4, 8, lease_version=3, version=5) == 16
     # staleness 0 still lets the next step take fresh work (as in_flight_groups does)
     assert reachable_groups(0, 8, lease_version=5, version=5) == 8
+
+
+def test_a_share_just_under_one_does_not_lease_a_group_more_than_a_batch():
+    # one version behind the trainer, a batch of 8 reachable, nothing done or leased, and one
+    # flat group among the newest 64 (63/64 informative): 8 / (63/64) = 8.13 groups, rounded
+    # to 8, not up to a ninth that could only go stale
+    assert (
+        wanted_tasks(trainable=0, pending=0, leased=0, batch=8, window=8, informative=63 / 64) == 8
+    )
+    # a share of 7/8 leases 8 / (7/8) = 9.14 -> 9 groups; of 0.8, 10 (8 / 0.8 exactly)
+    assert wanted_tasks(trainable=0, pending=0, leased=0, batch=8, window=8, informative=7 / 8) == 9
+    assert wanted_tasks(trainable=0, pending=0, leased=0, batch=8, window=8, informative=0.8) == 10
