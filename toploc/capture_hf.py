@@ -14,6 +14,7 @@ hook, so they capture exactly the rows that produced the logits:
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,11 +42,17 @@ class Rollout:
 
 @contextmanager
 def lm_head_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
-    """Collect the LM head's input of every forward pass while the context is open."""
+    """Collect the LM head's input of every forward pass this thread runs while the context
+    is open. Only this thread's: a model is shared between threads (the dashboard's "try the
+    policy" generates from the newest version while validation prefills it), and a pass of
+    another thread caught here once made `prefill` index past its batch, which ended the
+    coordinator (the validation lane's error is fatal)."""
     seen: list[torch.Tensor] = []
+    owner = threading.get_ident()
 
     def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        seen.append(args[0].detach())
+        if threading.get_ident() == owner:
+            seen.append(args[0].detach())
 
     handle = model.get_output_embeddings().register_forward_pre_hook(hook)
     try:

@@ -239,11 +239,18 @@ class SubmissionService:
             batch = await self.take_batch()
             if not batch:
                 continue
+            jobs = self.jobs(batch)
             try:
-                checked = await run(self.jobs(batch), self.current_version())
+                checked = await run(jobs, self.current_version())
             except WorkerLost as e:
                 log.warning("%s: %d submissions back in the queue", e, len(batch))
                 self._requeue_lost(batch, str(e))
+                continue
+            except Exception as e:  # a validator bug some input meets
+                # The input that meets it pays (validated alone, then soft with strikes),
+                # not the pool: this error once ended the coordinator (docs/security.md).
+                log.exception("validating %d submissions failed; each goes back alone", len(batch))
+                self._requeue_lost(batch, f"the validator failed on it: {type(e).__name__}")
                 continue
             self.finish_batch(batch, checked)
 
@@ -336,13 +343,14 @@ class SubmissionService:
             return self.validator.validate_jobs(jobs, self.sampling, current)
 
     def _requeue_lost(self, batch: list[dict[str, Any]], reason: str) -> None:
-        """A worker died holding `batch`: each goes back in line, to be validated alone; one
-        that was alone and lost a worker `MAX_LOSSES` times is decided soft instead."""
+        """A worker died holding `batch` (or the validator failed on it): each goes back in
+        line, to be validated alone; one that was alone and lost a worker `MAX_LOSSES` times
+        is decided soft instead."""
         for row in batch:
             sid = row["id"]
             losses = self._losses.get(sid, 0) + 1
             if len(batch) == 1 and losses >= MAX_LOSSES:
-                why = f"not validated: its validator worker was lost {losses} times ({reason})"
+                why = f"not validated: its validation failed {losses} times ({reason})"
                 verdict = Verdict("soft", why[:512], LOST_WORKER_CHECK)
                 self._record(row, Checked(verdict, -1, 0.0))
                 continue

@@ -145,3 +145,49 @@ def test_a_shared_prompt_prefill_matches_whole_sequences():
     for r, s in zip(rollouts, shared[:6], strict=True):  # what the node proved, re-checked
         assert all_ok(verify_proofs(s.hidden, build_proofs(r.hidden)))
         assert verify_sampling(s.logits, r.completion_ids, r.seed, params, r.sample_index).ok
+
+
+def test_a_forward_on_another_thread_is_not_captured_and_prefill_stays_whole():
+    """The dashboard's "try the policy" runs the model on its own thread while the validator
+    prefills on another; the LM head hook is the model's, so it must record only its own
+    thread's passes. Here another thread's forward (batch 1) runs inside the capture: before
+    the fix it became the capture's first entry and `prefill` of two distinct prompts failed
+    with an IndexError (seen in CI, where it ended the coordinator)."""
+    import threading
+
+    from toploc.capture_hf import lm_head_inputs
+
+    model, tok = load_model("tiny", dtype="float32", init_seed=1)
+    other = tok(TEXTS[0]).input_ids
+    prompts = [tok(TEXTS[1]).input_ids, tok(TEXTS[2]).input_ids]
+    completions = [[5, 6, 7], [8, 9]]
+    expected = prefill(model, prompts, completions)
+
+    with lm_head_inputs(model) as seen:
+        t = threading.Thread(target=lambda: model(input_ids=torch.tensor([other])))
+        t.start()
+        t.join()
+        assert seen == []  # the other thread's pass was not recorded
+        model(input_ids=torch.tensor([prompts[0]]))
+        assert len(seen) == 1 and seen[0].shape[0] == 1
+
+    # and prefill itself, with a pass of another thread landing between its forwards
+    real_forward = model.forward
+    cut_in = []
+
+    def forward_with_a_neighbour(*args, **kwargs):
+        if not cut_in:
+            cut_in.append(1)
+            t = threading.Thread(target=lambda: real_forward(input_ids=torch.tensor([other])))
+            t.start()
+            t.join()
+        return real_forward(*args, **kwargs)
+
+    model.forward = forward_with_a_neighbour
+    try:
+        got = prefill(model, prompts, completions)
+    finally:
+        model.forward = real_forward
+    assert cut_in
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g.hidden, e.hidden) and torch.equal(g.logits, e.logits)

@@ -152,6 +152,43 @@ def test_in_process_is_the_default_and_batches_what_is_queued(tmp_path):
         coord.close()
 
 
+def test_a_submission_the_validator_fails_on_costs_that_submission_not_the_coordinator(tmp_path):
+    """An error inside in-process validation (a validator bug one input meets; the LM head
+    capture once read another thread's pass) used to end the validation lane, and with it the
+    coordinator. Now the batch goes back, each submission alone; the one it fails on again is
+    decided soft (with the strikes of a lost worker) and the others get their own verdicts."""
+    coord = _coordinator(tmp_path, validators=1)
+    engine = HFEngine()
+    engine.load(coord.policy.folder(0), 0)
+    validate = coord.submissions._validate
+    bad: list[int] = []
+
+    def failing_on_one(jobs, current):
+        if any(j.submission_id in bad for j in jobs):
+            raise IndexError("index 1 is out of bounds for dimension 0 with size 1")
+        return validate(jobs, current)
+
+    coord.submissions._validate = failing_on_one
+
+    async def scenario():
+        sids = await _submit_all(coord, engine)
+        bad.append(sids[0])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(coord.submissions.validate_forever)
+            await _until(lambda: coord.ledger.pending_count() == 0, 60)
+            nursery.cancel_scope.cancel()
+        assert _verdicts(coord, sids) == [
+            ("soft", "worker"),
+            ("hard", "logprobs"),
+            ("accept", "reward"),
+        ]
+
+    try:
+        trio.run(scenario)
+    finally:
+        coord.close()
+
+
 @pytest.mark.parametrize("workers", [-1, 65])
 def test_validators_out_of_range_is_refused(workers):
     from protocol.errors import PoolSpecError
