@@ -119,37 +119,44 @@ def test_workers_give_the_in_process_verdicts_and_a_killed_workers_batch_is_requ
     assert not any(w.alive for w in pool.workers)
 
 
-def test_in_process_is_the_default_and_batches_what_is_queued(tmp_path):
+def _validate_in_process(tmp_path, wrap) -> list[tuple[str, str]]:
+    """The verdicts of `_submit_all`'s three submissions, validated in process with the
+    coordinator's `_validate` replaced by `wrap(validate, submission ids, jobs, current)`."""
     coord = _coordinator(tmp_path, validators=1)
-    assert coord.submissions.pool is None
+    assert coord.submissions.pool is None  # in process is the default
     engine = HFEngine()
     engine.load(coord.policy.folder(0), 0)
-    batches = []
     validate = coord.submissions._validate
+    sids: list[int] = []
+    coord.submissions._validate = lambda jobs, current: wrap(validate, sids, jobs, current)
 
-    def counting(jobs, current):
+    async def scenario():
+        sids.extend(await _submit_all(coord, engine))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(coord.submissions.validate_forever)
+            await _until(lambda: coord.ledger.pending_count() == 0, 60)
+            nursery.cancel_scope.cancel()
+        return _verdicts(coord, sids)
+
+    try:
+        return trio.run(scenario)
+    finally:
+        coord.close()
+
+
+def test_in_process_is_the_default_and_batches_what_is_queued(tmp_path):
+    batches = []
+
+    def counting(validate, sids, jobs, current):
         batches.append(len(jobs))
         return validate(jobs, current)
 
-    coord.submissions._validate = counting
-
-    async def scenario():
-        sids = await _submit_all(coord, engine)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(coord.submissions.validate_forever)
-            await _until(lambda: coord.ledger.pending_count() == 0, 30)
-            nursery.cancel_scope.cancel()
-        assert batches == [3]
-        assert _verdicts(coord, sids) == [
-            ("accept", "reward"),
-            ("hard", "logprobs"),
-            ("accept", "reward"),
-        ]
-
-    try:
-        trio.run(scenario)
-    finally:
-        coord.close()
+    assert _validate_in_process(tmp_path, counting) == [
+        ("accept", "reward"),
+        ("hard", "logprobs"),
+        ("accept", "reward"),
+    ]
+    assert batches == [3]
 
 
 def test_a_submission_the_validator_fails_on_costs_that_submission_not_the_coordinator(tmp_path):
@@ -157,36 +164,17 @@ def test_a_submission_the_validator_fails_on_costs_that_submission_not_the_coord
     capture once read another thread's pass) used to end the validation lane, and with it the
     coordinator. Now the batch goes back, each submission alone; the one it fails on again is
     decided soft (with the strikes of a lost worker) and the others get their own verdicts."""
-    coord = _coordinator(tmp_path, validators=1)
-    engine = HFEngine()
-    engine.load(coord.policy.folder(0), 0)
-    validate = coord.submissions._validate
-    bad: list[int] = []
 
-    def failing_on_one(jobs, current):
-        if any(j.submission_id in bad for j in jobs):
+    def failing_on_the_first(validate, sids, jobs, current):
+        if any(j.submission_id == sids[0] for j in jobs):
             raise IndexError("index 1 is out of bounds for dimension 0 with size 1")
         return validate(jobs, current)
 
-    coord.submissions._validate = failing_on_one
-
-    async def scenario():
-        sids = await _submit_all(coord, engine)
-        bad.append(sids[0])
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(coord.submissions.validate_forever)
-            await _until(lambda: coord.ledger.pending_count() == 0, 60)
-            nursery.cancel_scope.cancel()
-        assert _verdicts(coord, sids) == [
-            ("soft", "worker"),
-            ("hard", "logprobs"),
-            ("accept", "reward"),
-        ]
-
-    try:
-        trio.run(scenario)
-    finally:
-        coord.close()
+    assert _validate_in_process(tmp_path, failing_on_the_first) == [
+        ("soft", "worker"),
+        ("hard", "logprobs"),
+        ("accept", "reward"),
+    ]
 
 
 @pytest.mark.parametrize("workers", [-1, 65])
