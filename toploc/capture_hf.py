@@ -45,8 +45,8 @@ def lm_head_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
     """Collect the LM head's input of every forward pass this thread runs while the context
     is open. Only this thread's: a model is shared between threads (the dashboard's "try the
     policy" generates from the newest version while validation prefills it), and a pass of
-    another thread caught here once made `prefill` index past its batch, which ended the
-    coordinator (the validation lane's error is fatal)."""
+    another thread caught here once made `prefill` index past its batch, which then ended
+    the coordinator."""
     seen: list[torch.Tensor] = []
     owner = threading.get_ident()
 

@@ -275,16 +275,11 @@ def test_shares_are_dealt_only_to_peers_that_answer_and_do_their_part():
     import trio.testing
 
     from shardcast.fetcher import SHARE_GRACE
-    from shardcast.manifest import Manifest, PayloadFile
     from shardcast.sources import SourcePicker
     from shardcast.swarm import PeerWatch
 
     total = 8
-    payload = PayloadFile(
-        name="w.bin", target="w.bin", encoding="raw", size=total * SHARD,
-        hash="00" * 32, shards=["00" * 32] * total,
-    )  # fmt: skip
-    m = Manifest(pool_id="p", version=1, shard_size=SHARD, files=[], payload=[payload])
+    m = _manifest(total)
     # sorted URLs: busy 0, gone 1, idle 2, me 3 -> busy's share is units 0 and 4
     share_of_busy = (1 << 7) | (1 << 3)
 
@@ -335,17 +330,8 @@ def test_a_peer_that_lets_a_promise_lapse_is_not_waited_for_again():
     import trio
     import trio.testing
 
-    from shardcast.manifest import Manifest, PayloadFile
     from shardcast.sources import SourcePicker
     from shardcast.swarm import PROMISE_WAIT, PeerWatch
-
-    payload = PayloadFile(
-        name="w.bin", target="w.bin", encoding="raw", size=8 * SHARD,
-        hash="00" * 32, shards=["00" * 32] * 8,
-    )  # fmt: skip
-
-    def manifest(version: int) -> Manifest:
-        return Manifest(pool_id="p", version=version, shard_size=SHARD, files=[], payload=[payload])
 
     async def liar(request: httpx.Request) -> httpx.Response:
         body = json.dumps({"bits": "00", "soon": "ff", "changes": 1})
@@ -363,7 +349,7 @@ def test_a_peer_that_lets_a_promise_lapse_is_not_waited_for_again():
             watch.learn()
             for version in (1, 2):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(watch.watch, version, manifest(version))
+                    nursery.start_soon(watch.watch, version, _manifest(8, version))
                     await trio.sleep(0.5)
                     seen[f"v{version} soon after"] = watch.promised(version, 3)
                     await trio.sleep(PROMISE_WAIT)
@@ -386,15 +372,10 @@ def test_only_a_share_dealt_to_a_watched_peer_is_waited_for():
     import trio
     import trio.testing
 
-    from shardcast.manifest import Manifest, PayloadFile
     from shardcast.sources import SourcePicker
     from shardcast.swarm import PeerWatch
 
-    payload = PayloadFile(
-        name="w.bin", target="w.bin", encoding="raw", size=6 * SHARD,
-        hash="00" * 32, shards=["00" * 32] * 6,
-    )  # fmt: skip
-    m = Manifest(pool_id="p", version=1, shard_size=SHARD, files=[], payload=[payload])
+    m = _manifest(6)
 
     async def quiet(request: httpx.Request) -> httpx.Response:
         await trio.sleep(3600)  # a long-poll with nothing to tell
@@ -434,15 +415,10 @@ def test_peers_that_never_answer_give_their_watch_slots_to_peers_that_do():
     import trio
     import trio.testing
 
-    from shardcast.manifest import Manifest, PayloadFile
     from shardcast.sources import SourcePicker
     from shardcast.swarm import PeerWatch
 
-    payload = PayloadFile(
-        name="w.bin", target="w.bin", encoding="raw", size=4 * SHARD,
-        hash="00" * 32, shards=["00" * 32] * 4,
-    )  # fmt: skip
-    m = Manifest(pool_id="p", version=1, shard_size=SHARD, files=[], payload=[payload])
+    m = _manifest(4)
     asked: list[str] = []
 
     async def handler(request: httpx.Request) -> httpx.Response:
@@ -474,3 +450,14 @@ def test_peers_that_never_answer_give_their_watch_slots_to_peers_that_do():
     # drops it), and not drawn again within the retry time
     dead_asks = Counter(h for h in asked if h.startswith("dead"))
     assert max(dead_asks.values()) <= 2, dead_asks
+
+
+def _manifest(units: int, version: int = 1):
+    """A manifest of one raw payload file of `units` shards (the watch reads only its shape)."""
+    from shardcast.manifest import Manifest, PayloadFile
+
+    payload = PayloadFile(
+        name="w.bin", target="w.bin", encoding="raw", size=units * SHARD,
+        hash="00" * 32, shards=["00" * 32] * units,
+    )  # fmt: skip
+    return Manifest(pool_id="p", version=version, shard_size=SHARD, files=[], payload=[payload])
