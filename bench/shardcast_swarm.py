@@ -16,7 +16,8 @@ files compared with the origin's by BLAKE3). Bounds:
     python bench/shardcast_swarm.py                      # S=256 MiB, U=50 MB/s, N=8 and 32
     python bench/shardcast_swarm.py --quick --json F     # S=32 MiB, U=10 MB/s, N=8
 
-16 MiB shards and 1 MiB pieces unless --shard-mb / --piece-kb say otherwise.
+16 MiB shards, and pieces sized as `shardcast publish` sizes them (1 MiB, larger for
+versions over 64 MiB: 4 MiB at 256 MiB), unless --shard-mb / --piece-kb say otherwise.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from shardcast_broadcast import make_checkpoint, run_clients
 from shardcast_common import REPO, Proc, machine, make_pool, run_cli, save, table
 
 from protocol import poolspec
+from shardcast.manifest import AUTO, piece_size_for
 
 
 class Seed:
@@ -177,7 +179,9 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, action="append")
     ap.add_argument("--relays", type=int, default=2)
     ap.add_argument("--shard-mb", type=float, default=16.0, help="shard size, MiB")
-    ap.add_argument("--piece-kb", type=int, default=1024, help="piece size, KiB (0: none)")
+    ap.add_argument(
+        "--piece-kb", default=AUTO, help="piece size, KiB (0: none); default auto, as publish"
+    )
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--skip-tree", action="store_true", help="measure the swarm only")
     args = ap.parse_args()
@@ -193,11 +197,15 @@ def main() -> None:
         ck = work / "checkpoint"
         make_checkpoint(ck, size)
         total = sum(p.stat().st_size for p in ck.iterdir())
+        shard = int(args.shard_mb * 2**20)
+        piece_bytes = (
+            piece_size_for(total, shard) if args.piece_kb == AUTO else int(args.piece_kb) * 1024
+        )
         for n in nodes:
             swarm = run_swarm(work, ck, key, pool, pid, n, args)
             tree_s = float("nan") if args.skip_tree else run_tree(work, ck, key, pool, n, args)
             swarm_bound = max(total / rate, n * total / ((n + 1) * rate))
-            unit = args.piece_kb * 1024 or args.shard_mb * 2**20
+            unit = piece_bytes or args.shard_mb * 2**20
             tree_bound = n * total / (args.relays * rate) + unit / (rate / args.relays)
             run = {
                 **swarm,
@@ -223,7 +231,7 @@ def main() -> None:
         "bytes": total,
         "rate_bytes_per_s": rate,
         "shard_bytes": int(args.shard_mb * 2**20),
-        "piece_bytes": args.piece_kb * 1024,
+        "piece_bytes": piece_bytes,
         "last_client_s": first["last_client_s"],
         "swarm_bound_s": first["swarm_bound_s"],
         "tree_bound_s": first["tree_bound_s"],

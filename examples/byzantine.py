@@ -80,7 +80,7 @@ from protocol.envelope import seal
 from protocol.environments import Environment
 from protocol.errors import RemoteError, SwarmError
 from protocol.framing import encode_frame, read_frame_or_eof
-from protocol.host import ErrorReply, _StreamReader, public_key_of_peer
+from protocol.host import ErrorCode, ErrorReply, _StreamReader, public_key_of_peer
 from protocol.identity import Identity
 from toploc.proof import P as TOPLOC_P
 
@@ -443,22 +443,34 @@ class Garbage(Cheat):
 
 class Flood(Cheat):
     """Honest work, plus bursts of valid requests far above the pool's rate limit. The remedy
-    is the rate limiter, not a ban; after `flood_s` it stops and leaves."""
+    is the rate limiter, not a ban. It floods for `flood_s`, and on past that (to `max_flood_s`)
+    until the limiter has refused it: in CI, with the coordinator SIGKILLed mid-flood, every
+    request of a 30 s flood once timed out or met a dead connection before reaching the limiter,
+    and the run could not say whether the limiter worked."""
 
     name = "flood"
     burst = 100
     every_s = 1.0
     flood_s = 30.0
+    max_flood_s = 120.0
 
     async def alongside(self, ctx: NodeContext) -> None:
         self.ctx = ctx
-        end = trio.current_time() + self.flood_s
-        while trio.current_time() < end:
+        # Not while its own process loads the first weights: on a loaded 2-core machine that
+        # left its requests unsent until they timed out, and they never met the limiter.
+        while ctx.engine.version < 0:
+            await trio.sleep(0.5)
+        start = trio.current_time()
+        while not self._flooded_enough(trio.current_time() - start):
             async with trio.open_nursery() as nursery:
                 for _ in range(self.burst):
                     nursery.start_soon(self._one, ctx)
             await trio.sleep(self.every_s)
         ctx.stop()
+
+    def _flooded_enough(self, elapsed: float) -> bool:
+        limited = self.counts.get(ErrorCode.RATE_LIMITED, 0) > 0
+        return elapsed >= self.max_flood_s or (elapsed >= self.flood_s and limited)
 
     async def _one(self, ctx: NodeContext) -> None:
         beat = msg.Heartbeat(weight_version=max(ctx.engine.version, 0))
@@ -834,13 +846,19 @@ def edit_replies(submission: msg.Submission, vocab: int) -> msg.Submission:
 
 class EditToolResult(Cheat):
     """Plays honestly, then edits what the environment answered (a tool result that suits the
-    node better) in the transcript it submits."""
+    node better) in the transcript it submits. A group in which the environment never answered
+    (every first turn ended the game) has nothing to edit: it is not submitted, so everything
+    this node gets accepted is an edited transcript."""
 
     name = "edit-tool-result"
 
     def submissions(self, submission: msg.Submission, lease: msg.Lease) -> list[msg.Submission]:
+        edited = edit_replies(submission, _vocab(self.ctx.engine))  # type: ignore[union-attr]
+        if edited == submission:
+            self.count("nothing to edit")
+            return []
         self.count("edited")
-        return [edit_replies(submission, _vocab(self.ctx.engine))]  # type: ignore[union-attr]
+        return [edited]
 
 
 KINDS: dict[str, type[Cheat]] = {

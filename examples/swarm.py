@@ -89,7 +89,14 @@ ALWAYS_CHEATS = {
     "validation-flooder",
 }
 # The costs a node imposed on the coordinator, from /api/contributions.
-COSTS = ("validation_s", "leases_issued", "leases_expired", "leases_released", "soft_faults")
+COSTS = (
+    "validation_s",
+    "leases_issued",
+    "leases_expired",
+    "leases_released",
+    "soft_faults",
+    "rate_refusals",
+)
 
 
 # The default model: the `tiny` preset's architecture (Llama, hidden 128, 4 layers) with a
@@ -279,6 +286,8 @@ class Swarm:
     """Children are forked from this process after it imported their modules (`prefork`)."""
     startup: dict[str, float] = field(default_factory=dict)
     """Seconds from the start to each start-up milestone, first time seen."""
+    never_started: list[str] = field(default_factory=list)
+    """Cheater kinds still waiting for a slot when the run ended."""
 
     # ------------------------------------------------------------------ setup
 
@@ -548,6 +557,7 @@ class Swarm:
                 running.append(self.start_byzantine(kind, seen_kinds[kind]))
                 seen_kinds[kind] += 1
                 self.event("cheater started", kind=kind)
+            self.never_started = list(queue)
             coordinator = self.proc("coordinator")
             finished = status is not None and status["step"] >= a.steps
             if coordinator is not None and not coordinator.alive and not finished:
@@ -801,7 +811,7 @@ class Swarm:
                     "ban_reason": c["ban_reason"],
                     "caught_by": dict(checks.get(c["key"], {})),
                     "cost": {k: c[k] for k in COSTS},
-                    "rate_limited": stats.get("counts", {}).get("rate_limited", 0),
+                    "rate_limited": c["rate_refusals"],
                     "cheat_counts": stats.get("counts", {}),
                     "restarts": max(0, p.starts - 1) if p else 0,
                 }
@@ -827,8 +837,11 @@ class Swarm:
     ) -> tuple[bool, str]:
         expected = EXPECTED.get(kind, "banned")
         if expected == "rate-limited":
-            n = sum(r["rate_limited"] for r in mine)
-            return n > 0, f"rate limited {n} times"
+            # The coordinator's tally (in its ledger, so across its restarts) is the verdict;
+            # what the flooder saw is context: on a loaded machine its own replies can time out.
+            refused = sum(r["cost"]["rate_refusals"] for r in mine)
+            seen = stats.get("counts", {})
+            return refused > 0, f"refused {refused} times for rate; it saw {seen}"
         if expected == "banned":
             # A key admitted after training stopped leasing was never given work to cheat on.
             worked = [r for r in mine if r["cost"]["leases_issued"] or r["banned"]]
@@ -984,6 +997,7 @@ class Swarm:
             },
             "nodes": nodes,
             "cheaters": cheaters,
+            "cheaters_never_started": self.never_started,
             "cheater_groups_trained": cheats_trained,
             "honest_hard_rejects": honest_hard,
             "honest_hard_reject_details": honest_hard_details[:20],
@@ -1021,6 +1035,7 @@ class Swarm:
             "finished": finished,
             "reward_rose": rose,
             "every_cheater_caught": all(c["caught"] for c in cheaters.values()),
+            "every_kind_ran": not self.never_started,
             "no_cheater_group_trained": not cheats_trained,
             "no_honest_hard_rejects": honest_hard == 0,
             "ledger_consistent": ledger_ok,
@@ -1130,6 +1145,13 @@ def print_summary(r: dict[str, Any]) -> None:
     print(line)
 
 
+def cheater_slots(kinds: list[str]) -> int:
+    """Cheaters run at once by default: 3, plus one per bounded kind asked for. A bounded kind
+    is never banned, so it runs until the end (or `--cheat-s`): with 3 slots and `--byzantine
+    all`, the five bounded kinds took every slot and the last kinds queued never started."""
+    return 3 + sum(k in EXPECTED for k in kinds)
+
+
 def parse_kinds(text: str) -> list[str]:
     if text in ("", "none"):
         return []
@@ -1176,7 +1198,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="pool spec override"
     )
-    p.add_argument("--cheaters-at-once", type=int, default=3, help="concurrent cheating nodes")
+    p.add_argument(
+        "--cheaters-at-once",
+        type=int,
+        help="concurrent cheating nodes (default: 3, plus one for each kind asked for that is "
+        "bounded rather than banned: those keep their slot to the end)",
+    )
     p.add_argument(
         "--cheat-s", type=float, default=240.0, help="a cheater still running after this is killed"
     )
@@ -1195,6 +1222,8 @@ def main(argv: list[str] | None = None) -> int:
         "--min-gain", type=float, default=0.2, help="reward rise the check demands (default 0.2)"
     )
     args = p.parse_args(argv)
+    if args.cheaters_at_once is None:
+        args.cheaters_at_once = cheater_slots(args.byzantine)
     profile = PROFILES.get(args.model, PROFILES["tiny"])
     args.steps = args.steps or profile["steps"]
     args.timeout = args.timeout or profile.get("timeout", 900.0)

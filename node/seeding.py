@@ -60,6 +60,9 @@ def make_seeder(
 RESTART_S = 1.0
 """The first wait before a failed seeder is started again; it doubles up to `MAX_RESTART_S`."""
 MAX_RESTART_S = 30.0
+RECHECK_S = 60.0
+"""How long a node whose dial-back check gave no verdict waits before asking again."""
+RECHECKS = 10
 
 
 async def keep_seeding(
@@ -115,6 +118,24 @@ async def keep_slots(
     while True:
         await trio.sleep(every_s)
         await reserve_on(node, hops())
+
+
+async def settle_reachability(
+    node: P2PNode,
+    hops: Callable[[], Sequence[str]],
+    every_s: float = RECHECK_S,
+    tries: int = RECHECKS,
+) -> Reachability:
+    """After a dial-back check that gave no verdict (the hop busy or restarting, a lost
+    answer), ask again every `every_s`, at most `tries` times, the first hop `hops()` names
+    then: its first verdict, or UNKNOWN after them all. Without it a node left on HTTP by one
+    failed check stayed there, unreachable behind NAT, for its whole life."""
+    for _ in range(tries):
+        await trio.sleep(every_s)
+        current = hops()
+        if current and (reach := await node.reachability(current[0])) is not Reachability.UNKNOWN:
+            return reach
+    return Reachability.UNKNOWN
 
 
 class NatMode(enum.StrEnum):

@@ -50,6 +50,7 @@ from node.seeding import (
     make_seeder,
     p2p_relay_url,
     seed_behind_nat,
+    settle_reachability,
 )
 from protocol import messages as msg
 from protocol import pow as join_pow
@@ -62,7 +63,7 @@ from protocol.ratelimit import TokenBucket
 from shardcast.client import Client, FetchResult
 from shardcast.errors import ShardcastError
 from shardcast.fetcher import FetchPolicy, http_client
-from shardcast.nat import P2PNode, p2p_mounts
+from shardcast.nat import P2PNode, Reachability, p2p_mounts
 from shardcast.relay import Relay
 
 log = logging.getLogger("swarmrl.node")
@@ -496,11 +497,30 @@ class Worker:
             port = self.options.relay_port or 0
             url = await nursery.start(keep_seeding, make, self.options.relay_host, port)
             log.info("relaying weights at %s", url)
-            hops = self.location.coordinator_addrs
-            advertised = await p2p_relay_url(self._p2p, url, hops, self.options.nat)
+            advertised = await p2p_relay_url(p2p, url, self._hops(), self.options.nat)
             if advertised is not None:
-                nursery.start_soon(keep_slots, p2p, lambda: self.location.coordinator_addrs)
+                nursery.start_soon(keep_slots, p2p, self._hops)
+            elif self.options.nat is NatMode.AUTO and p2p.verdict is Reachability.UNKNOWN:
+                nursery.start_soon(self._serve_over_nat_if_private, url)
             task_status.started((url, advertised or url))
+
+    def _hops(self) -> list[str]:
+        """The coordinator's relay hop: its addresses, which move when it is rediscovered."""
+        assert self.location is not None
+        return list(self.location.coordinator_addrs)
+
+    async def _serve_over_nat_if_private(self, seeder_url: str) -> None:
+        """The dial-back check at start gave no verdict, and the seeder went out over HTTP:
+        ask again now and then, and when the hop says this node cannot be dialled, serve the
+        seeder over libp2p and tell the coordinator (a join names the URL to hand out)."""
+        assert self._p2p is not None
+        if await settle_reachability(self._p2p, self._hops) is not Reachability.PRIVATE:
+            return
+        advertised = await p2p_relay_url(self._p2p, seeder_url, self._hops(), NatMode.ON)
+        if advertised is None:
+            return
+        await self._join(advertised)
+        await keep_slots(self._p2p, self._hops)
 
     async def _fetch_latest(self) -> FetchResult:
         """The newest trusted version; when that fails, ask the coordinator (a signed

@@ -14,7 +14,10 @@ else. Every network wait is bounded by a timeout.
 What a request may cost us before we know it is welcome is bounded: the header alone decides
 whether the body is read at all. A peer the route does not admit (`allowed_signer`, checked on
 the connection's key), a frame above the route's limit, and a frame that would take the peer or
-the host past its budget of bytes in flight (`protocol.inflight`) are refused unread.
+the host past its budget of bytes in flight (`protocol.inflight`) are refused unread. Before
+even that, an address past its rate of new connections is closed before the Noise handshake,
+and a peer that keeps sending while refused for rate has its new streams reset before protocol
+negotiation for a while (`protocol.ratelimit.Cutoff`).
 
 Gossip (gossipsub) is for small signed announcements only: py-libp2p drops large or frequent
 messages without telling the publisher, so payloads go on streams.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import ipaddress
 import logging
 import random
 from collections import OrderedDict
@@ -52,7 +56,7 @@ from protocol.framing import (
 )
 from protocol.identity import Identity
 from protocol.inflight import InflightBudget, OverBudget
-from protocol.ratelimit import RateLimiter
+from protocol.ratelimit import Cutoff, RateLimiter, client_key
 from protocol.wire import M, Message, ShortStr
 from protocol.wire import decode as decode_message
 
@@ -130,6 +134,18 @@ class HostConfig:
     requests_per_s: float = 20.0
     """Per peer, across all protocols this host serves (pool spec: `limits.requests_per_s`)."""
     burst: float = 40.0
+    cutoff_strikes: float = 40.0
+    """Rate refusals a peer may collect at once (refilled at one every 2 s) before its new streams
+    are reset unnegotiated for `cutoff_s`: it is not waiting as told (`ratelimit.Cutoff`)."""
+    cutoff_s: float = 10.0
+    connections_per_ip_s: float = 2.0
+    """New inbound connections a second from one address (an IPv6 /64 counts as one), in
+    bursts of `connection_burst`; past them a connection is closed before its Noise handshake,
+    the costliest part of a connection (`bench/flood.py`)."""
+    connection_burst: float = 32.0
+    limit_loopback: bool = False
+    """Count connections from loopback too. Off by default: a peer on this machine is the
+    operator's own process (the simulated swarm runs every process on 127.0.0.1)."""
     gossip: bool = True
     gossip_heartbeat_s: int = 1
     gossip_max_bytes: int = 64 * 1024
@@ -149,6 +165,12 @@ class HostStats:
     header that was refused)."""
     gossip_accepted: int = 0
     gossip_rejected: int = 0
+    cutoffs: int = 0
+    """Peers cut off (`HostConfig.cutoff_strikes`), counted once per cutoff."""
+    streams_cut: int = 0
+    """Streams reset unnegotiated because their peer was cut off."""
+    connections_refused: int = 0
+    """Inbound connections closed unhandshaken: their address was past its connection rate."""
 
     def refuse(self, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
@@ -220,6 +242,8 @@ class Host:
         """Called with (peer id, code, detail) whenever this host refuses a peer's request."""
         self._host = libp2p_host
         self._limiter = RateLimiter(config.requests_per_s, config.burst)
+        self._cutoff = Cutoff(config.cutoff_strikes, cutoff_s=config.cutoff_s)
+        self._connections = RateLimiter(config.connections_per_ip_s, config.connection_burst)
         self._inflight = InflightBudget(
             config.max_inflight_bytes_per_peer, config.max_inflight_bytes
         )
@@ -227,6 +251,45 @@ class Host:
         self._gossipsub: Any = None
         self._dial_locks: dict[str, trio.Lock] = {}
         self._idle: dict[tuple[str, str], list[tuple[Any, float]]] = {}
+
+    def _gate_streams(self) -> None:
+        """Reset a cut-off peer's new streams before protocol negotiation, which is most of
+        what a request costs this host (`ratelimit.Cutoff`)."""
+        network = self._host.get_network()
+        negotiate = network.common_stream_handler
+
+        async def gate(net_stream: Any) -> None:
+            if self._cutoff.cut_off(str(net_stream.muxed_conn.peer_id)):
+                self.stats.streams_cut += 1
+                await _close_quietly(net_stream, reset=True)
+                return
+            await negotiate(net_stream)
+
+        network.set_stream_handler(gate)
+
+    def _gate_connections(self) -> None:
+        """Close an inbound connection from an address past its connection rate before the
+        security handshake (`HostConfig.connections_per_ip_s`). py-libp2p's own gate knows
+        only allow and deny lists, and also filters our dials; this wraps inbound only."""
+        network = self._host.get_network()
+        accept = network._handle_inbound_connection
+
+        async def gate(raw: Any, listen_addr: Any) -> None:
+            if self._over_connection_rate(raw):
+                self.stats.connections_refused += 1
+                await _close_quietly(raw, reset=False)
+                return
+            await accept(raw, listen_addr)
+
+        network._handle_inbound_connection = gate
+
+    def _over_connection_rate(self, raw: Any) -> bool:
+        remote = raw.get_remote_address() if hasattr(raw, "get_remote_address") else None
+        if not remote:
+            return False
+        if not self.config.limit_loopback and _is_loopback(remote[0]):
+            return False
+        return self._connections.check(client_key(remote[0])) > 0
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -259,6 +322,8 @@ class Host:
             connection_config=connection_config(config.dial_timeout_s),
         )
         host = cls(identity, pool_id, raw, config, verifier or EnvelopeVerifier(pool_id))
+        host._gate_streams()
+        host._gate_connections()
         if config.gossip:
             # Pubsub must exist before the first connection: it learns of peers only through
             # connection events, so a peer connected earlier would never be gossiped with.
@@ -525,11 +590,15 @@ class Host:
         try:
             return await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
         except Exception as e:
-            # libp2p wraps a refused protocol negotiation in StreamFailure; say which it was.
+            # libp2p wraps a failed protocol negotiation in StreamFailure: the peer does not
+            # serve the protocol, or reset the stream (a cut-off peer's are), or went away.
             if isinstance(e, MultiselectClientError) or isinstance(
                 e.__cause__, MultiselectClientError
             ):
-                raise TransportError(f"{peer_id} does not serve {protocol_id}") from None
+                why = e if isinstance(e, MultiselectClientError) else e.__cause__
+                raise TransportError(
+                    f"{peer_id} does not serve {protocol_id}, or refused the stream: {why}"
+                ) from None
             raise TransportError(f"cannot open a stream to {peer_id}: {e}") from None
 
     def serve(
@@ -638,7 +707,15 @@ class Host:
         """The peer's key, once its request rate allows one more request."""
         wait = self._limiter.check(peer_id)
         if wait > 0:
-            # Refused before reading the frame: an over-eager peer costs us one signature.
+            if self._cutoff.strike(peer_id):
+                self.stats.cutoffs += 1
+                log.warning(
+                    "%s keeps sending while refused: its new streams are reset for %g s",
+                    peer_id,
+                    self.config.cutoff_s,
+                )
+            # Refused before reading the frame: an over-eager peer costs us its stream and one
+            # signature; one that keeps coming is cut off (above).
             raise _Refusal(ErrorCode.RATE_LIMITED, "too many requests; slow down", wait)
         return public_key_of_peer(peer_id)
 
@@ -954,6 +1031,13 @@ async def _close_quietly(stream: Any, reset: bool) -> None:
                 await stream.close()
         except Exception as e:  # the stream may already be gone in any of several ways
             log.debug("closing a stream: %s", e)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # not an IP address: a name is not counted as loopback
+        return False
 
 
 __all__ = [

@@ -2,14 +2,31 @@
 
 A bucket starts full (`burst` tokens) and refills at `rate` tokens per second. A request takes
 one token; without one it is refused with the time until the next token, so the peer can be
-told when to come back rather than left guessing.
+told when to come back rather than left guessing. A peer that does not come back when told
+is cut off for a while (`Cutoff`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+
+
+def client_key(host: str) -> str:
+    """Who a rate limit counts: the address, or its /64 for IPv6 (one host usually holds a
+    whole /64, so counting single addresses would hand it 2^64 buckets). An IPv4 address
+    seen through an IPv6 socket (::ffff:a.b.c.d) counts as itself, not as one /64 for all."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class TokenBucket:
@@ -69,3 +86,51 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class Cutoff:
+    """Peers that keep sending while refused, cut off for a while.
+
+    A refusal for rate costs the refusing host nearly what serving would: the peer opened a
+    stream, negotiated the protocol and sent a frame before the limiter could say no (about
+    5 ms of a core per request in py-libp2p, measured by bench/flood.py). A peer that
+    honours `retry_after_s` collects a refusal now and then; one that ignores it collects them as
+    fast as it can send. Each refusal is a strike, `strikes` at once at most (refilled at
+    `strike_rate` per second); the strike past those cuts the peer off for `cutoff_s`, during
+    which its new streams are reset before negotiation."""
+
+    def __init__(
+        self,
+        strikes: float = 40.0,
+        strike_rate: float = 0.5,
+        cutoff_s: float = 10.0,
+        max_peers: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cutoff_s = cutoff_s
+        self.max_peers = max_peers
+        self.clock = clock
+        self._strikes = RateLimiter(strike_rate, strikes, max_peers, clock)
+        self._until: OrderedDict[Hashable, float] = OrderedDict()
+
+    def strike(self, peer: Hashable) -> bool:
+        """Count one refusal; True when it cut off a peer that was not cut off. A strike
+        during a cutoff (a request on a stream opened before it) extends it."""
+        if self._strikes.check(peer) == 0.0:
+            return False
+        fresh = not self.cut_off(peer)
+        self._until[peer] = self.clock() + self.cutoff_s
+        self._until.move_to_end(peer)
+        while len(self._until) > self.max_peers:
+            self._until.popitem(last=False)
+        return fresh
+
+    def cut_off(self, peer: Hashable) -> bool:
+        """Whether `peer`'s new streams are refused now."""
+        until = self._until.get(peer)
+        if until is None:
+            return False
+        if self.clock() < until:
+            return True
+        del self._until[peer]
+        return False

@@ -13,7 +13,7 @@ from protocol import poolspec
 from protocol.errors import SwarmError
 from protocol.identity import Identity
 from protocol.logs import logging_flags, setup_logging
-from shardcast.manifest import DEFAULT_PIECE_SIZE, DEFAULT_SHARD_SIZE
+from shardcast.manifest import AUTO, DEFAULT_SHARD_SIZE
 from shardcast.store import DEFAULT_KEEP
 
 # Roles import their stacks lazily: `fetch` needs no web framework, and start-up time counts
@@ -33,7 +33,7 @@ def _pool_args(p: argparse.ArgumentParser, need_key: bool) -> None:
 def _server_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=port, help=f"port (default {port}; 0: any)")
-    p.add_argument("--rate-mb", type=float, help="cap this server's upload at MB/s (1e6 B)")
+    p.add_argument("--rate-mb", type=_non_negative, help="cap this server's upload at MB/s (1e6 B)")
 
 
 def _p2p_args(p: argparse.ArgumentParser, member: bool) -> None:
@@ -112,9 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_SIZE / 2**20)
     p.add_argument(
         "--piece-kb",
-        type=int,
-        default=DEFAULT_PIECE_SIZE // 1024,
-        help="piece size (unit of transfer), KiB; 0: none (shards are the unit)",
+        dest="piece_size",
+        type=_piece_size,
+        default=AUTO,
+        help="piece size (unit of transfer), KiB; 0: none (shards are the unit); "
+        "auto (default): 1 MiB, larger for versions over 64 MiB",
     )
     p.add_argument("--full", action="store_true", help="publish in full, not as a delta")
     p.add_argument("--full-every", type=int, default=10, help="a full version every N")
@@ -132,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hop", help="relay libp2p circuits for members behind NAT", parents=[flags])
     p.add_argument("--listen", default="/ip4/0.0.0.0/tcp/4601", help="libp2p multiaddr")
     p.add_argument("--announce", action="append", help="address to print instead (public)")
+    p.add_argument(
+        "--rate-mb",
+        type=_non_negative,
+        default=4.0,
+        help="MB/s forwarded, all circuits together; 0 for no cap (default 4)",
+    )
 
     p = sub.add_parser("fetch", help="fetch a version into a folder", parents=[flags])
     p.add_argument("--source", action="append", required=True, help="origin or relay URL")
@@ -174,7 +182,7 @@ async def _publish(args: argparse.Namespace) -> None:
         pid,
         keep=args.keep,
         shard_size=int(args.shard_mb * 2**20),
-        piece_size=args.piece_kb * 1024 or None,
+        piece_size=args.piece_size,
         full_every=args.full_every,
     )
     m = await origin.publish(args.folder, args.version, delta=not args.full)
@@ -218,10 +226,31 @@ async def _relay(args: argparse.Namespace) -> None:
             await trio.sleep_forever()
 
 
+def _piece_size(text: str) -> int | str | None:
+    """`--piece-kb` as `Origin` takes it: AUTO, bytes, or None for 0 (no pieces)."""
+    if text == AUTO:
+        return text
+    try:
+        return int(text) * 1024 or None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of KiB or auto") from None
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
+
+
 async def _hop(args: argparse.Namespace) -> None:
     from shardcast.nat import HopLimits, open_node
 
-    async with open_node(Identity.generate(), [args.listen], hop=HopLimits()) as node:
+    hop = HopLimits(rate_bytes_s=args.rate_mb * 1e6)
+    async with open_node(Identity.generate(), [args.listen], hop=hop) as node:
         addrs = [f"{a}/p2p/{node.peer_id}" for a in args.announce] if args.announce else None
         _announce(role="hop", peer_id=node.peer_id, addrs=addrs or node.addrs)
         await trio.sleep_forever()

@@ -330,7 +330,7 @@ class Client:
                 ):
                     continue
                 jobs.append(job)
-        await self._fetcher().fetch(m.version, jobs)
+        await self._fetcher().fetch(m.version, jobs, unit_bytes=m.unit)
 
     async def _fetch_full(self, m: Manifest, raw: bytes) -> None:
         partial = self.dest / f".v{m.version}.partial"

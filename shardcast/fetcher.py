@@ -212,8 +212,17 @@ class FetchPolicy:
     busy_wait: float = 60.0
     """Seconds one unit may wait on 503 answers (busy, or not held yet), each wait what the
     source's Retry-After asks (at most `MAX_RETRY_AFTER_S`), before they count as failed
-    attempts. With every answer a failure, 32 clients behind one address (sharing a relay's
-    per-address cap) gave up within seconds of a relay that was merely busy."""
+    attempts, plus the time the unit takes at `min_rate` (`busy_wait_for`). With every
+    answer a failure, 32 clients behind one address (sharing a relay's per-address cap) gave
+    up within seconds of a relay that was merely busy."""
+
+    def busy_wait_for(self, unit_bytes: int) -> float:
+        """`busy_wait` for a version whose units are `unit_bytes`: a busy source is busy for
+        as long as its transfers take, so every unit of a version of larger units waits
+        longer, small ones included. With a flat 60 s, 32 tree clients behind one address
+        gave up on 8 MiB pieces, and on a config file, while the relay was busy sending 8 MiB
+        pieces to the others (sixteenth session, when large versions got larger pieces)."""
+        return self.busy_wait + (unit_bytes / self.min_rate if self.min_rate > 0 else 0.0)
 
 
 MAX_RETRY_AFTER_S = 5.0
@@ -344,15 +353,24 @@ class ShardFetcher:
         # counted at the pick, since workers pick before any transfer has started.
         self._for_seeds: set[ShardJob] = set()
         self._started = float("-inf")  # trio time the current fetch began
+        self._busy_budget = policy.busy_wait
+        """Seconds each unit of the current fetch may wait on busy sources (`fetch`)."""
 
     async def fetch(
         self,
         version: int,
         jobs: list[ShardJob],
         on_done: Callable[[ShardJob], None] | None = None,
+        *,
+        unit_bytes: int | None = None,
     ) -> None:
         """Fetch every job; raises VersionGone or FetchError (and cancels the rest) on the
-        first shard that cannot be had."""
+        first shard that cannot be had. `unit_bytes` is the version's unit (`Manifest.unit`,
+        default: the largest job), what its sources are busy sending to others: every unit,
+        however small, may wait on busy sources for `policy.busy_wait_for` that size."""
+        self._busy_budget = self.policy.busy_wait_for(
+            unit_bytes or max((j.length for j in jobs), default=0)
+        )
         queue = deque(jobs)
         races: dict[ShardJob, _Race] = {}
         self._started = trio.current_time()
@@ -556,13 +574,13 @@ class ShardFetcher:
                 last_error = f"{source.url}: {e}"
                 log.info("v%d %s shard %d: %s", version, job.name, job.index, last_error)
                 avoid.add(source.url)  # another source first, if there is one
-                if isinstance(e, _NotNow) and waited < self.policy.busy_wait:
+                if isinstance(e, _NotNow) and waited < self._busy_budget:
                     attempts -= 1  # busy, or not held yet: no attempt spent
                     busy += 1
                     # another source may serve now; else wait as long as this one asked
                     alone = not self.picker.has_alternative(version, source.url)
                     delay = e.retry_after if alone else self._backoff(busy)
-                    delay = min(delay, self.policy.busy_wait - waited)
+                    delay = min(delay, self._busy_budget - waited)
                     waited += delay
                 else:
                     delay = self._backoff(attempts)

@@ -41,6 +41,9 @@ MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 DEFAULT_SHARD_SIZE = 16 * 1024 * 1024
 DEFAULT_PIECE_SIZE = 1024 * 1024
 MIN_PIECE_SIZE = 4096
+PIECES_PER_VERSION = 64
+"""What `piece_size_for` aims at: a version's payload in about this many units, at least."""
+AUTO = "auto"
 MAX_REQUIRES = 4
 """Versions one version may require: a LoRA version needs one; a few leave room, not a list
 that makes every holder keep the whole history."""
@@ -266,7 +269,38 @@ def units(m: Manifest, p: PayloadFile) -> list[str]:
     return p.pieces if m.piece_size is not None else p.shards
 
 
+def shard_index(m: Manifest) -> dict[str, int]:
+    """Global index of each payload file's first unit (piece, or shard), as in bitfields."""
+    out, n = {}, 0
+    for p in m.payload:
+        out[p.name] = n
+        n += len(units(m, p))
+    return out
+
+
 def unit_range(m: Manifest, p: PayloadFile, index: int) -> tuple[int, int]:
     """(offset, length) of unit `index` of payload file `p`."""
     start = index * m.unit
     return start, max(0, min(m.unit, p.size - start))
+
+
+def piece_size_for(payload_bytes: int, shard_size: int) -> int | None:
+    """The piece size for a payload of `payload_bytes`: `DEFAULT_PIECE_SIZE` (1 MiB), doubled
+    while the payload would still be more than `PIECES_PER_VERSION` pieces, up to half a
+    shard; None (shards are the unit) when even 1 MiB is not smaller than a shard.
+
+    Every unit costs each member a request and each of its peers a bitfield answer, on
+    CPU-bound Python servers, whatever its size: with 1 MiB pieces a 256 MiB version took the
+    swarm bench's 8 members 63 CPU-s and 27 s, with 4 MiB pieces 45 CPU-s and 17 s
+    (docs/shardcast.md). Small versions and deltas keep 1 MiB pieces, which are what let a
+    member re-serve early and a swarm trade a few megabytes among many members."""
+    piece = DEFAULT_PIECE_SIZE
+    if piece >= shard_size:
+        return None
+    while (
+        payload_bytes > PIECES_PER_VERSION * piece
+        and 4 * piece <= shard_size
+        and shard_size % (2 * piece) == 0
+    ):
+        piece *= 2
+    return piece

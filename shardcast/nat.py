@@ -15,6 +15,7 @@ around every call into it (it is not consistent about raising on a dead peer).
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -39,6 +40,7 @@ from shardcast.p2p import (
     close_stream,
     reset_stream,
 )
+from shardcast.throttle import UploadThrottle
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,18 @@ class HopLimits:
     """Hop requests (circuits being made or carried) at once from one dialling peer:
     py-libp2p bounds circuits per destination only, so a dialler could otherwise hold
     `circuits` on every reserved node at once."""
-    circuits_total: int = 64
-    """Hop requests at once from everyone: what bounds the hop's bandwidth when many peers
-    dial (py-libp2p has no bandwidth cap; each circuit also stops at `circuit_bytes`)."""
+    circuits_total: int = 32
+    """Hop requests at once from everyone (each circuit also stops at `circuit_bytes`).
+    With every one busy, each still gets `rate_bytes_s / circuits_total` (125 kB/s by
+    default), twice a fetcher's floor (`FetchPolicy.min_rate`, 64 KiB/s): a full hop slows
+    circuits but does not make honest members behind it look like tricklers."""
+    rate_bytes_s: float = 4e6
+    """Bytes per second the hop forwards, every circuit and direction together (0: no cap).
+    py-libp2p has no rate limit of its own, and each forwarded byte is decrypted and
+    re-encrypted in Python in the hop's process: 65-90 ms of CPU per MB on the CI machine,
+    so an uncapped hop there forwards 10-11 MB/s with all the CPU its process can get, taken
+    from a coordinator that also validates and trains. At 4 MB/s relaying takes about a
+    third of a core (`bench/hop_relay.py`; docs/security.md, "NAT traversal")."""
 
 
 AUTONAT_TOTAL = 8
@@ -104,6 +115,8 @@ class P2PNode:
         self.served: list[Any] = []
         """Protocols this node added handlers for (removed when it is detached)."""
         self.gateways: list[StreamGateway] = []
+        self.verdict: Reachability | None = None
+        """What the last dial-back check (`reachability`) said; None before the first."""
         self.hops: list[str] = []
         """Relay hops (multiaddrs ending in /p2p/<id>) through which a peer with no known
         address is tried: `<hop>/p2p-circuit/p2p/<peer>` (a pool's coordinator runs one)."""
@@ -117,6 +130,11 @@ class P2PNode:
         """Direct addresses, each ending in /p2p/<id> (an unspecified listen address
         expanded into this machine's interface addresses: see `protocol.addresses`)."""
         return dialable(str(a) for a in self.raw.get_addrs())
+
+    @property
+    def relayed_bytes(self) -> int:
+        """Bytes this node's relay hop has forwarded, both directions (0 when not a hop)."""
+        return self._relay.relayed
 
     def learn(self, peer_id: str, addrs: Sequence[str]) -> None:
         """Remember where `peer_id` may be dialled (direct or /p2p-circuit addresses)."""
@@ -132,6 +150,10 @@ class P2PNode:
         py-libp2p's server (0.8.1) may answer over the connection we already hold to it
         rather than a fresh dial, so PUBLIC is only trusted as far as that goes; PRIVATE
         (the case that matters: then reserve a relay slot) is reliable."""
+        self.verdict = await self._ask_dial_back(server_addr)
+        return self.verdict
+
+    async def _ask_dial_back(self, server_addr: str) -> Reachability:
         from libp2p.host.autonat.autonat import AutoNATService
         from libp2p.host.autonat.pb.autonat_pb2 import Message
         from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -282,6 +304,7 @@ async def open_node(
     hop: HopLimits | None = None,
     admit: Callable[[str], bool] | None = None,
     config: NatConfig | None = None,
+    dcutr: bool = True,
 ) -> AsyncIterator[P2PNode]:
     """Start a libp2p host of its own and `attach_node` to it (a member without one, the
     command line, a standalone hop)."""
@@ -296,7 +319,7 @@ async def open_node(
     )
     async with raw.run(addrs):
         try:
-            async with attach_node(raw, hop=hop, admit=admit, config=config) as node:
+            async with attach_node(raw, hop=hop, admit=admit, config=config, dcutr=dcutr) as node:
                 yield node
         finally:
             with trio.move_on_after(5.0) as scope:
@@ -322,7 +345,6 @@ async def attach_node(
     Removes what it added when the block ends."""
     from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
     from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
-    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
     from libp2p.relay.circuit_v2.resources import RelayLimits
     from libp2p.relay.circuit_v2.transport import CircuitV2Transport
     from libp2p.tools.anyio_service import background_trio_service
@@ -336,7 +358,9 @@ async def attach_node(
         max_reservations=limits.reservations,
         reservation_ttl=limits.reservation_ttl_s,
     )
-    relay = CircuitV2Protocol(raw, limits=relay_limits, allow_hop=hop is not None)
+    relay = _metered_relay_class()(raw, limits=relay_limits, allow_hop=hop is not None)
+    if hop is not None and limits.rate_bytes_s > 0:
+        relay.throttle = UploadThrottle(limits.rate_bytes_s)
     roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
     rconfig = RelayConfig(roles=roles, limits=relay_limits)
     async with background_trio_service(relay), _maybe_dcutr(raw, dcutr, config):
@@ -358,6 +382,34 @@ async def attach_node(
                 raw.remove_stream_handler(protocol_id)
             if hop is not None:
                 raw.remove_stream_handler(AUTONAT_PROTOCOL_ID)
+
+
+@functools.cache
+def _metered_relay_class() -> type:
+    """py-libp2p's circuit relay protocol, counting the bytes its hop forwards and holding
+    them to a rate (`throttle`, set on a hop with `HopLimits.rate_bytes_s`).
+
+    Every chunk a circuit forwards, either way, is read by `_read_stream_with_retry` (in
+    py-libp2p 0.8.1 it is called from `_relay_data` alone), so waiting there before handing a
+    chunk on holds each circuit to its share: the hop stops reading, the stream's window
+    fills, and the sender waits, at no cost to us. Built on first use, so that importing
+    this module does not import libp2p."""
+    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+
+    class MeteredRelay(CircuitV2Protocol):  # type: ignore[misc]
+        throttle: UploadThrottle | None = None
+        relayed = 0
+        """Bytes forwarded through this hop's circuits, both directions."""
+
+        async def _read_stream_with_retry(self, stream: Any, *args: Any, **kw: Any) -> Any:
+            data = await super()._read_stream_with_retry(stream, *args, **kw)
+            if data:
+                self.relayed += len(data)
+                if self.throttle is not None:
+                    await self.throttle.take(len(data))
+            return data
+
+    return MeteredRelay
 
 
 def _serve_hop(

@@ -24,7 +24,9 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
+import msgspec
 import trio
 
 from protocol.identity import Identity
@@ -32,6 +34,7 @@ from shardcast.delta import ENCODINGS, encode_delta
 from shardcast.errors import ShardcastError
 from shardcast.limits import ServeLimits
 from shardcast.manifest import (
+    AUTO,
     DEFAULT_PIECE_SIZE,
     DEFAULT_SHARD_SIZE,
     MIN_PIECE_SIZE,
@@ -41,6 +44,7 @@ from shardcast.manifest import (
     check_requires,
     declared_requires,
     open_manifest,
+    piece_size_for,
     sign_manifest,
 )
 from shardcast.peerlist import DEFAULT_TTL, PeerListHolder, sign_peer_list
@@ -72,7 +76,7 @@ class Origin:
         *,
         keep: int = DEFAULT_KEEP,
         shard_size: int = DEFAULT_SHARD_SIZE,
-        piece_size: int | None = DEFAULT_PIECE_SIZE,
+        piece_size: int | Literal["auto"] | None = AUTO,
         full_every: int = 10,
         rate: float | None = None,
         limits: ServeLimits | None = None,
@@ -82,7 +86,11 @@ class Origin:
         self.identity = identity
         self.pool_id = pool_id
         self.shard_size = shard_size
-        self.piece_size = piece_grid(shard_size, piece_size)
+        self.auto_pieces = piece_size == AUTO
+        """Pieces sized per version by its payload (`piece_size_for`), else `piece_size`."""
+        self.piece_size = piece_grid(
+            shard_size, DEFAULT_PIECE_SIZE if piece_size == AUTO else piece_size
+        )
         self.full_every = max(1, full_every)
         self.store = VersionStore(root, keep)
         self.store.load_existing(identity.public_key, pool_id)
@@ -326,6 +334,7 @@ class Origin:
                         pieces=h.pieces,
                     )
                 )
+        piece_size, payload = self._sized_pieces(vdir / "payload", payload)
         m = Manifest(
             pool_id=self.pool_id,
             version=version,
@@ -334,7 +343,7 @@ class Origin:
             payload=payload,
             base=base.version if base is not None else None,
             created=time.time(),
-            piece_size=self.piece_size,
+            piece_size=piece_size,
             requires=sorted(requires),
         )
         data = sign_manifest(m, self.identity)
@@ -345,6 +354,27 @@ class Origin:
         os.rename(vdir, self.store.folder(version))
         os.rename(tip, self.root / f"tip-v{version}")
         return m, data
+
+    def _sized_pieces(
+        self, folder: Path, payload: list[PayloadFile]
+    ) -> tuple[int | None, list[PayloadFile]]:
+        """The version's piece size, and its payload with piece hashes of that size.
+
+        The payload was hashed in `self.piece_size` pieces; whether it is a delta or whole
+        files, and so its size, is known only then. With `auto_pieces` a large payload is
+        hashed again in larger pieces (`piece_size_for`): a second read of each file, about
+        0.2 s for 256 MiB, paid only by versions larger than 64 MiB."""
+        if not self.auto_pieces:
+            return self.piece_size, payload
+        size = piece_size_for(sum(p.size for p in payload), self.shard_size)
+        if size == self.piece_size:
+            return size, payload
+        return size, [
+            msgspec.structs.replace(
+                p, pieces=hash_and_copy(folder / p.name, None, self.shard_size, size).pieces
+            )
+            for p in payload
+        ]
 
 
 def piece_grid(shard_size: int, piece_size: int | None) -> int | None:

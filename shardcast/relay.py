@@ -283,10 +283,17 @@ class Relay:
                     async with trio.open_nursery() as watching:
                         if self.watch is not None:
                             watching.start_soon(
-                                self.watch.watch, version, m, lambda: sv.total - sv.held
+                                self.watch.watch,
+                                version,
+                                m,
+                                lambda: sv.total - sv.held,
+                                sv.want_bitfield,
                             )
                         await fetcher.fetch(
-                            version, jobs, on_done=lambda j: sv.mark(j.name, j.index)
+                            version,
+                            jobs,
+                            on_done=lambda j: sv.mark(j.name, j.index),
+                            unit_bytes=m.unit,
                         )
                         watching.cancel_scope.cancel()
                 except BaseExceptionGroup as group:

@@ -5,7 +5,8 @@
     GET /v/{N}/f/{name}            a payload file, streamed; single-range `Range` supported
     GET /v/{N}/have?after=K&wait=S  which pieces are held, and which are being fetched from a
                                    seed (hex bitfields); long-polls up to S s for more than K
-                                   held pieces (or, with &changes=C, for more than C changes)
+                                   held pieces (or, with &changes=C, for more than C changes;
+                                   with &want=BITS too, for a change to a piece in BITS)
     GET|POST /peers                signed peer announcements (servers given a PeerTable)
     GET /peerlist                  the coordinator's signed peer list, if one is held
     GET /stats                     bytes served since start: total, requests, by version
@@ -130,13 +131,22 @@ def create_app(
 
     @app.get("/v/{version}/have")
     async def have(
-        version: str, after: int = -1, wait: float = 0.0, changes: int | None = None
+        version: str,
+        after: int = -1,
+        wait: float = 0.0,
+        changes: int | None = None,
+        want: str | None = None,
     ) -> dict:
         """`bits`: units held; `soon`: units being fetched from a seed. Long-polls for more
-        than `after` held units, or (given `changes`) for any change to either."""
+        than `after` held units, or (given `changes`) for any change to either; given `want`
+        too (a bitfield of the units the asker lacks), for a change to one of those."""
         sv = version_or_404(version)
+        try:
+            wanted = None if want is None else sv.wanted_units(want)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
         if wait > 0 and changes is not None:
-            await sv.wait_changes(changes, min(wait, MAX_LONG_POLL))
+            await sv.wait_changes(changes, min(wait, MAX_LONG_POLL), wanted)
         elif wait > 0:
             await sv.wait_held(after, min(wait, MAX_LONG_POLL))
         return {

@@ -16,6 +16,7 @@ retained version and use it.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -23,10 +24,11 @@ import numpy as np
 import trio
 
 from shardcast.errors import ManifestError
-from shardcast.manifest import Manifest, open_manifest, units, with_requirements
+from shardcast.manifest import Manifest, open_manifest, shard_index, units, with_requirements
 
 log = logging.getLogger(__name__)
 
+_HEX = re.compile(r"[0-9a-f]*", re.ASCII)  # fromhex alone takes upper case and spaces too
 DEFAULT_KEEP = 4  # max_staleness (2 by default) + 2
 
 
@@ -44,6 +46,10 @@ class StoredVersion:
         self._soon = {name: [False] * len(held) for name, held in self._have.items()}
         self.changes = 0
         """Units held plus units promised: what a peer's long-poll on `/have` waits on."""
+        # Per unit (bitfield order), the value of `changes` when it last changed: a long-poll
+        # that names the units it wants waits for a change to one of those only.
+        self._first = shard_index(manifest)
+        self._changed_at = np.full(self._total, -1, dtype=np.int64)
         self._changed = trio.Event()
 
     @property
@@ -85,10 +91,34 @@ class StoredVersion:
             while self.held <= more_than and not self.dropped:
                 await self._changed.wait()
 
-    async def wait_changes(self, more_than: int, timeout: float) -> None:
-        """Long-poll: return once `changes` exceeds `more_than`, or on timeout."""
+    def want_bitfield(self) -> str:
+        """The units not held yet, as `bitfield`: what this server asks its peers about."""
+        lacking = {name: [not b for b in held] for name, held in self._have.items()}
+        return _hex_bits(lacking, self.manifest)
+
+    def wanted_units(self, hexbits: str) -> np.ndarray:
+        """Unit indices set in a peer's `want` bitfield (lower-case hex, as `bitfield`);
+        ValueError if it is anything else or longer than this version's bitfield."""
+        if not _HEX.fullmatch(hexbits):
+            raise ValueError("want: not a lower-case hex bitfield")
+        if len(hexbits) > 2 * ((self._total + 7) // 8) or len(hexbits) % 2:
+            raise ValueError("want: not a bitfield of this version")
+        bits = np.unpackbits(np.frombuffer(bytes.fromhex(hexbits), dtype=np.uint8))
+        return np.flatnonzero(bits[: self._total])
+
+    async def wait_changes(
+        self, more_than: int, timeout: float, want: np.ndarray | None = None
+    ) -> None:
+        """Long-poll: return once `changes` exceeds `more_than` (given `want`, unit indices,
+        once one of those units changed after it), or on timeout."""
+
+        def news() -> bool:
+            if want is None or more_than < 0:
+                return self.changes > more_than
+            return bool((self._changed_at[want] > more_than).any())
+
         with trio.move_on_after(timeout):
-            while self.changes <= more_than and not self.dropped:
+            while not news() and not self.dropped:
                 await self._changed.wait()
 
     def promise(self, name: str, index: int) -> None:
@@ -96,6 +126,7 @@ class StoredVersion:
         if not self._have[name][index] and not self._soon[name][index]:
             self._soon[name][index] = True
             self.changes += 1
+            self._changed_at[self._first[name] + index] = self.changes
             self._wake()
 
     def mark(self, name: str, index: int) -> None:
@@ -105,6 +136,7 @@ class StoredVersion:
             self._soon[name][index] = False
             self._missing -= 1
             self.changes += 1
+            self._changed_at[self._first[name] + index] = self.changes
             # A prune drops a version (this flag first, its folder after) while its mirror
             # may still finish units: a late joiner mirroring a dozen versions at once had
             # its folder gone under the last one, and the FileNotFoundError ended the node.

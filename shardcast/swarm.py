@@ -29,7 +29,7 @@ import trio
 
 from protocol.identity import Identity
 from shardcast.fetcher import SHARE_GRACE, ResponseTooLarge, ShardJob, Swarming, get_capped
-from shardcast.manifest import Manifest, units
+from shardcast.manifest import Manifest, shard_index, units
 from shardcast.peerlist import MAX_PEER_LIST_BYTES, PeerListError, PeerListHolder
 from shardcast.peers import PeerTable, announce
 from shardcast.sources import SourcePicker
@@ -47,6 +47,11 @@ MAX_PEERS_BYTES = 256 * 1024
 MAX_HAVE_BYTES = 1024 * 1024
 REQUEST_TIMEOUT = 10.0
 PROMISE_WAIT = 5.0  # seconds a peer's "fetching it from a seed" keeps others off the seeds
+MAX_WANT_UNITS = 16_384
+"""Largest version whose missing units a member names in its `/have` polls (`want`, 2 hex
+digits per 8 units: 4 KiB here). A larger version's bitfield would not fit a libp2p stream's
+8 KiB request head (`StreamLimits.head_bytes`), so its polls go without `want`, answered on any
+change as before."""
 UNREACHABLE_RETRY_S = 30.0  # a peer whose bitfield request failed is watched again after this
 
 
@@ -260,11 +265,16 @@ class PeerWatch:
         return not lately and not self.picker.dropped(url, version)
 
     async def watch(
-        self, version: int, m: Manifest, missing: Callable[[], int] | None = None
+        self,
+        version: int,
+        m: Manifest,
+        missing: Callable[[], int] | None = None,
+        wanted: Callable[[], str] | None = None,
     ) -> None:
         """Follow the bitfields of up to `max_peers` usable peers while `version` is
         mirrored (until cancelled). `missing()` is how many of the version's units this
-        member still lacks (default: all); see `have_gap`."""
+        member still lacks (default: all); see `have_gap`. `wanted()`, the bitfield of those
+        units, lets a peer's long-poll answer only changes to them (default: any change)."""
         self._have[version] = {}
         self._promised[version] = {}
         self._claims[version] = {}
@@ -294,7 +304,7 @@ class PeerWatch:
                     for url in fresh[: self.max_peers - len(watched)]:
                         watched[url] = trio.CancelScope()
                         nursery.start_soon(
-                            self._follow_have, version, url, total, watched[url], missing
+                            self._follow_have, version, url, total, watched[url], missing, wanted
                         )
                     await trio.sleep(WATCH_REFRESH)
         finally:
@@ -316,6 +326,7 @@ class PeerWatch:
         total: int,
         scope: trio.CancelScope,
         missing: Callable[[], int],
+        wanted: Callable[[], str] | None,
     ) -> None:
         held = -1
         changes = -1
@@ -330,12 +341,15 @@ class PeerWatch:
         with scope:
             while held < total and failures < 3:
                 try:
+                    params: dict = {"after": held, "changes": changes, "wait": HAVE_WAIT}
+                    if wanted is not None and total <= MAX_WANT_UNITS:
+                        # A peer's changes to units this member holds are of no use to it:
+                        # near the end they were most of the answers, each a round trip on
+                        # two CPU-bound Python servers.
+                        params["want"] = wanted()
                     with trio.fail_after(HAVE_WAIT + REQUEST_TIMEOUT):
                         status, body = await get_capped(
-                            self.http,
-                            f"{url}/v/{version}/have",
-                            MAX_HAVE_BYTES,
-                            {"after": held, "changes": changes, "wait": HAVE_WAIT},
+                            self.http, f"{url}/v/{version}/have", MAX_HAVE_BYTES, params
                         )
                     self._answered(url, True)
                     if status == 404:  # not mirroring it (yet): ask again later
@@ -417,15 +431,6 @@ def _bits(hexbits: str, total: int) -> set[int]:
         raise ValueError("bitfield of the wrong length")
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(hexbits), dtype=np.uint8))[:total]
     return set(np.flatnonzero(bits).tolist())
-
-
-def shard_index(m: Manifest) -> dict[str, int]:
-    """Global index of each payload file's first unit (piece, or shard), as in bitfields."""
-    out, n = {}, 0
-    for p in m.payload:
-        out[p.name] = n
-        n += len(units(m, p))
-    return out
 
 
 def swarming(

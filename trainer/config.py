@@ -121,6 +121,15 @@ class TrainerSection(Section):
     """Run a circuit-relay hop on the coordinator's libp2p host, for admitted nodes only, so
     nodes behind NAT re-serve weights to the pool (bounded by `shardcast.nat.HopLimits`;
     its cost is in docs/security.md, "NAT traversal"). `--set trainer.relay_hop=false`."""
+    relay_hop_mb_s: Annotated[float, msgspec.Meta(ge=0)] = 4.0
+    """Megabytes per second the hop forwards, all circuits together (0: no cap). Each
+    relayed byte is re-encrypted in the coordinator's process, so this bounds the CPU
+    relaying can take from validation and training (docs/security.md, "NAT traversal")."""
+    connections_per_ip_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    """New libp2p connections a second from one address (an IPv6 /64 as one), in bursts of
+    `connection_burst`; past them closed before the Noise handshake (`HostConfig`). A pool
+    whose nodes share an address (carrier-grade NAT, a campus) raises both."""
+    connection_burst: Annotated[float, msgspec.Meta(ge=1)] = 32.0
 
 
 class TrainerConfig(Section):

@@ -33,9 +33,10 @@ from protocol import poolspec
 from protocol.discovery import PoolBook, refresh_record, serve_discovery
 from protocol.envelope import Verified
 from protocol.errors import SwarmError
-from protocol.host import Host, HostConfig, pool_topic
+from protocol.host import ErrorCode, Host, HostConfig, pool_topic
 from protocol.identity import Identity, peer_id_of
 from protocol.poolspec import PoolSpec
+from shardcast.nat import HopLimits
 from shardcast.origin import Origin
 from shardcast.server import serve_app
 from toploc.models import eos_token_ids
@@ -52,6 +53,7 @@ from trainer.ledger import Ledger, LedgerError
 from trainer.metrics import RunLog
 from trainer.policy import PolicyStore
 from trainer.pulse import Pulse
+from trainer.refusals import RefusalTally, record_refusals_forever
 from trainer.relays import Checked, RelayDirectory, check_relay, probe_client, relay_hop
 from trainer.sizing import check_fits
 from trainer.submissions import SubmissionService
@@ -156,6 +158,7 @@ class Coordinator:
         self.sampling = pool_sampling(spec, self.eos)
         self._prompt_ids: dict[int, list[int]] = {}
         self._host: Host | None = None
+        self.refusals = RefusalTally()
         self.desk: RemoteDesk | None = None
         self.validator_url: str | None = None
         """Where validators on other machines pull work (`RunOptions.validator_listen`)."""
@@ -254,7 +257,12 @@ class Coordinator:
         self, *, task_status: trio.TaskStatus[Endpoints] = trio.TASK_STATUS_IGNORED
     ) -> None:
         self.training.restore()
-        config = HostConfig(requests_per_s=self.spec.limits.requests_per_s)
+        section = self.config.trainer
+        config = HostConfig(
+            requests_per_s=self.spec.limits.requests_per_s,
+            connections_per_ip_s=section.connections_per_ip_s,
+            connection_burst=section.connection_burst,
+        )
         async with (
             Host.open(
                 self.identity,
@@ -263,12 +271,13 @@ class Coordinator:
                 config,
                 announce=self.options.announce,
             ) as host,
-            relay_hop(host.libp2p, self.config.trainer.relay_hop, self.ledger.is_active) as hop,
+            relay_hop(host.libp2p, self._hop_limits(), self.ledger.is_active) as hop,
             probe_client(hop, RELAY_PROBE_S) as self._probe_http,
             trio.open_nursery() as nursery,
         ):
             self._host, self._hop = host, hop
-            host.on_refusal = self.submissions.on_refusal
+            host.on_refusal = self.on_refusal
+            self.run_log.watch_transport(host.stats)
             origin_url = await nursery.start(
                 self.origin.serve, self.options.http_host, self.options.origin_port
             )
@@ -293,6 +302,7 @@ class Coordinator:
                 self.validator_url = await nursery.start(self._serve_validators)
             nursery.start_soon(self.training.train_forever)
             nursery.start_soon(self.leases.expire_forever)
+            nursery.start_soon(record_refusals_forever, self.refusals, self.ledger)
             # Each round of relay checks re-signs the pool's peer list (shardcast/peerlist.py):
             # what swarm members, late joiners included, learn their first peers from.
             nursery.start_soon(
@@ -314,6 +324,13 @@ class Coordinator:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.desk.expire_forever)
             task_status.started(await nursery.start(serve_app, app, host, port))
+
+    def on_refusal(self, peer_id: str, code: str, detail: str) -> None:
+        """The transport refused `peer_id` a request: rate refusals are tallied (what a flood
+        cost us, per identity); a refusal that proves a fault costs the member (submissions)."""
+        if code == ErrorCode.RATE_LIMITED:
+            self.refusals.add(peer_id)
+        self.submissions.on_refusal(peer_id, code, detail)
 
     def _serve(self, host: Host) -> None:
         member = self.ledger.is_active
@@ -419,6 +436,13 @@ class Coordinator:
             await self._host.publish(pool_topic(self.pool_id, msg.VERSIONS_TOPIC), announcement)
         except Exception as e:  # gossip is best effort: nodes also learn versions by polling
             log.warning("could not announce v%d: %s", version, e)
+
+    def _hop_limits(self) -> HopLimits | None:
+        """The relay hop's limits, or None when the pool runs without one."""
+        section = self.config.trainer
+        if not section.relay_hop:
+            return None
+        return HopLimits(rate_bytes_s=section.relay_hop_mb_s * 1e6)
 
     async def _probe_relay(self, url: str, version: int) -> Checked:
         return await check_relay(

@@ -16,9 +16,10 @@ skipped prompt the same coin at every later draw, and skip it for good.
 
 A prompt still leased gets more samples when its estimate says a group of the pool's size
 would most likely be flat (`group_size`): at pass rate p, a group of G 0/1 rewards is flat with
-probability p^G + (1-p)^G, so G grows until that is about `FLAT_TARGET`, up to the pool's
-`max_group_size`. A prompt solved 1 time in 20 gives a flat group of 16 44% of the time, and
-one of 45 10% of the time: more samples, but each one far likelier to train. A prompt with no
+probability p^G + (1-p)^G (for graded rewards, the sum over reward values of their shares to
+the G), so G grows until that is about `FLAT_TARGET`, up to the pool's `max_group_size`. A
+prompt solved 1 time in 20 gives a flat group of 16 44% of the time, and one of 45 10% of the
+time: more samples, but each one far likelier to train. A prompt with no
 accepted group yet is sized from the pool's `POOL_WINDOW` newest accepted groups, whatever
 their prompts: what the current policy does on the task is the best guess for a prompt it has
 not been seen on (in the demo, the leases sent out in the second after the first groups came
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -53,15 +54,16 @@ accepted groups with ids above `after`, oldest first."""
 
 @dataclass(frozen=True)
 class Estimate:
-    """A prompt's recent record: samples, how many earned the full reward, and whether every
-    sample earned the same reward."""
+    """A prompt's recent record: samples, how many earned the full reward, how many earned
+    its most common reward, and whether every sample earned the same reward."""
 
     samples: int
     solved: int
     groups: int
     flat: bool
-    binary: bool
-    """Every sample earned 0 or the full reward (a pass rate says all there is to know)."""
+    modal: int
+    """Samples that earned the most common reward (for 0/1 rewards, the larger of solved and
+    unsolved): what says how likely a group is to come back flat."""
 
     @property
     def pass_rate(self) -> float:
@@ -113,8 +115,8 @@ class Curriculum:
         rewards = [r for g in groups for r in g]
         solved = sum(r >= self.full_reward - 1e-9 for r in rewards)
         flat = max(rewards) - min(rewards) <= 1e-9
-        binary = all(abs(r) <= 1e-9 or r >= self.full_reward - 1e-9 for r in rewards)
-        return Estimate(len(rewards), solved, len(groups), flat, binary)
+        modal = max(Counter(round(r, 9) for r in rewards).values())
+        return Estimate(len(rewards), solved, len(groups), flat, modal)
 
     def settled(self, prompt_index: int) -> bool:
         e = self.estimate(prompt_index)
@@ -132,19 +134,21 @@ class Curriculum:
         return coin(self.pool_seed, prompt_index, draws, slot_draw) < self.keep_probability
 
     def group_size(self, prompt_index: int, base: int, largest: int) -> int:
-        """Samples to lease for `prompt_index`: `base`, or for a prompt with 0/1 rewards whose
-        pass rate makes a group of `base` likely flat, the smallest G in (base, largest] whose
-        chance of a flat group is about `FLAT_TARGET` (capped at `largest`). The pass rate is
-        smoothed by half a success and half a failure, so 0 of 32 reads as 1 in 66, not as
-        never: a prompt never solved yet is sampled widely, not endlessly."""
+        """Samples to lease for `prompt_index`: `base`, or for a prompt whose record makes a
+        group of `base` likely flat, the smallest G in (base, largest] whose chance of a flat
+        group is about `FLAT_TARGET` (capped at `largest`). A group of G is flat with
+        probability sum over reward values v of q_v^G (p^G + (1-p)^G for 0/1 rewards at pass
+        rate p), which the most common value q dominates once G is past a handful of
+        samples. q is smoothed by half a sample either way, so 0 of 32 reads as 1 in 66, not
+        as never: a prompt never solved yet is sampled widely, not endlessly. Graded rewards
+        count too: the demo's copy task gives 0, 0.5 or 1, and its flat groups, all 0 at the
+        start and all 1 at the end, were sized as if nothing were known."""
         estimate = self.estimate(prompt_index)
         if estimate is None and self._pool:
             estimate = self._summary(self._pool)  # a prompt not seen yet: the pool's record
-        if estimate is None or largest <= base or not estimate.binary:
+        if estimate is None or largest <= base:
             return base
-        p = (estimate.solved + 0.5) / (estimate.samples + 1)
-        # the likelier end dominates p^G + (1-p)^G once G is past a handful of samples
-        likely = max(p, 1.0 - p)
+        likely = (estimate.modal + 0.5) / (estimate.samples + 1)
         need = math.ceil(math.log(FLAT_TARGET) / math.log(likely))
         return min(largest, max(base, need))
 

@@ -111,6 +111,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE groups ADD COLUMN advantages TEXT;
     CREATE TABLE prompts (prompt_index INTEGER PRIMARY KEY, draws INTEGER NOT NULL DEFAULT 0);
     """,
+    # Requests the transport refused for rate (trainer.refusals): who floods, from our view.
+    """
+    ALTER TABLE nodes ADD COLUMN rate_refusals INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -311,6 +315,15 @@ class Ledger:
     def is_member(self, key: bytes) -> bool:
         """Whether `key` ever joined (banned or not)."""
         return self._db.execute("SELECT 1 FROM nodes WHERE key = ?", (key,)).fetchone() is not None
+
+    def add_rate_refusals(self, counts: dict[bytes, int]) -> None:
+        """Add requests the transport refused for rate to each node's row, in one transaction
+        (keys that never joined have no row and are passed over)."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE nodes SET rate_refusals = rate_refusals + ? WHERE key = ?",
+                [(n, key) for key, n in counts.items()],
+            )
 
     def is_active(self, key: bytes) -> bool:
         row = self._db.execute("SELECT banned_at FROM nodes WHERE key = ?", (key,)).fetchone()
@@ -866,6 +879,7 @@ class Ledger:
             """SELECT n.key, n.probation, n.accepted_groups, n.verified_tokens, n.validation_s,
                  n.lease_counter AS leases_issued, n.soft_faults, n.accepted, n.soft_rejected,
                  n.hard_rejected, n.banned_at, n.ban_reason, n.last_seen, n.weight_version,
+                 n.rate_refusals,
                  (SELECT COUNT(*) FROM groups g JOIN submissions s ON g.submission_id = s.id
                   WHERE s.node = n.key AND g.trained_step IS NOT NULL) AS trained_groups,
                  (SELECT COUNT(*) FROM leases l WHERE l.node = n.key AND l.state = 'open')

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+from protocol.host import HostStats
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class RunLog:
         self.eval_version = Gauge(
             "swarmrl_eval_version", "the version evaluated last", registry=self.registry
         )
+        self._transport = TransportCollector(HostStats())
+        self.registry.register(self._transport)
         self._last_step = 0
         self._wandb = _start_wandb(wandb_project, run_name, self.folder) if wandb_project else None
 
@@ -110,6 +115,10 @@ class RunLog:
     def published(self, version: int) -> None:
         self.version.set(version)
 
+    def watch_transport(self, stats: HostStats) -> None:
+        """Export these counters of the coordinator's host (read at each scrape)."""
+        self._transport.stats = stats
+
     def prometheus(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -121,6 +130,34 @@ class RunLog:
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class TransportCollector:
+    """A Prometheus collector over `HostStats`: what the transport served, refused (by code),
+    how often it cut off a peer that kept sending while refused, and the connections it closed
+    unhandshaken."""
+
+    def __init__(self, stats: HostStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Any:
+        s = self.stats
+        yield CounterMetricFamily("swarmrl_requests_served", "requests answered", s.served)
+        refused = CounterMetricFamily(
+            "swarmrl_requests_refused", "requests refused by the transport", labels=["code"]
+        )
+        for code, n in sorted(s.refused.items()):
+            refused.add_metric([code], n)
+        yield refused
+        yield CounterMetricFamily("swarmrl_peer_cutoffs", "peers cut off", s.cutoffs)
+        yield CounterMetricFamily(
+            "swarmrl_streams_cut", "streams of cut-off peers reset unnegotiated", s.streams_cut
+        )
+        yield CounterMetricFamily(
+            "swarmrl_connections_refused",
+            "inbound connections closed before the handshake (address past its rate)",
+            s.connections_refused,
+        )
 
 
 def _start_wandb(project: str, run_name: str, folder: Path) -> Any:

@@ -236,19 +236,19 @@ async def relay_served(
 @asynccontextmanager
 async def relay_hop(
     libp2p_host: Any,
-    enabled: bool,
+    limits: HopLimits | None,
     is_active: Callable[[bytes], bool],
-    limits: HopLimits | None = None,
 ) -> AsyncIterator[P2PNode | None]:
     """The coordinator's circuit-relay hop (and AutoNAT server) on its own libp2p host, for
-    pool nodes in good standing only (`is_active(public key)`: joined, not banned), when
-    `enabled`; None when not. Each slot and circuit is the coordinator's bandwidth."""
-    if not enabled:
+    pool nodes in good standing only (`is_active(public key)`: joined, not banned), within
+    `limits`; None when `limits` is None (no hop). Each slot and circuit is the
+    coordinator's bandwidth and CPU."""
+    if limits is None:
         yield None
         return
     admit = partial(admitted_peer, is_active)
     # DCUtR is for the ends of a circuit; the coordinator is only ever its middle.
-    async with attach_node(libp2p_host, hop=limits or HopLimits(), admit=admit, dcutr=False) as n:
+    async with attach_node(libp2p_host, hop=limits, admit=admit, dcutr=False) as n:
         yield n
 
 

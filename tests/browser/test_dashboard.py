@@ -167,7 +167,15 @@ def test_weights_page_shows_versions_tree_and_bytes(pool: Pool, page: Watched) -
     under_relay = page.page.locator(under_relay)
     assert "% from here" in under_relay.inner_text(), tree
     for key in (pool.node_key(n) for n in pool.honest):
-        assert "fetched" in page.page.locator(f'li.holder[data-key="{key}"]').inner_text(), tree
+        # a node's download report comes with its next report to the coordinator, and the
+        # page polls every 3 s: wait for it as for alice above (seen missing once in CI)
+        holder = f'li.holder[data-key="{key}"]'
+        page.page.wait_for_function(
+            f"(document.querySelector({json.dumps(holder)})?.textContent || '')"
+            ".includes('fetched')",
+            timeout=30_000,
+        )
+        assert "fetched" in page.page.locator(holder).inner_text(), tree
     assert not page.page.locator("#served-total").inner_text().startswith("0 ")
     # Client addresses only with the operator token.
     assert page.page.locator("#clients-hidden").is_visible()

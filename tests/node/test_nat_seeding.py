@@ -6,10 +6,16 @@ import httpx
 import pytest
 import trio
 
-from node.seeding import NatMode, keep_slots, p2p_relay_url, seed_behind_nat
+from node.seeding import (
+    NatMode,
+    keep_slots,
+    p2p_relay_url,
+    seed_behind_nat,
+    settle_reachability,
+)
 from protocol.host import Host
 from protocol.identity import Identity
-from shardcast.nat import HopLimits, open_node, p2p_mounts, reserve_on
+from shardcast.nat import HopLimits, Reachability, open_node, p2p_mounts, reserve_on
 from shardcast.p2p import p2p_url
 from shardcast.server import serve_app
 from tests.integration.pool import free_port
@@ -88,3 +94,27 @@ async def _slot_after_a_hop_restart(renew: bool) -> bool:
 def test_nat_a_node_takes_its_slot_again_after_the_hop_restarts():
     assert trio.run(_slot_after_a_hop_restart, True)
     assert not trio.run(_slot_after_a_hop_restart, False)  # py-libp2p alone waits for expiry
+
+
+async def _settled(first_hops: list[list[str]]) -> tuple[Reachability, Reachability | None]:
+    """A node behind NAT (it announces an address the hop does not see it at) asks a hop
+    again after a check without a verdict: `hops()` names each of `first_hops` in turn, then
+    the live hop. What `settle_reachability` returned (3 tries), and what the node recorded."""
+    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{Identity.generate().peer_id()}"
+    async with (
+        open_node(Identity.generate(), hop=HopLimits()) as hop,
+        Host.open(Identity.generate(), "pool", announce=[ELSEWHERE]) as host,
+        seed_behind_nat(host.libp2p) as node,
+    ):
+        assert await node.reachability(dead) is Reachability.UNKNOWN  # the check at start
+        asked = iter([[dead if a == "dead" else a for a in h] for h in first_hops])
+        reach = await settle_reachability(node, lambda: next(asked, hop.addrs), 0.05, 3)
+        return reach, node.verdict
+
+
+def test_nat_a_check_without_a_verdict_is_asked_again_until_one_comes():
+    # No address, then a dead hop, then the live one: private, on the third try.
+    assert trio.run(_settled, [[], ["dead"]]) == (Reachability.PRIVATE, Reachability.PRIVATE)
+    # Only dead hops for all three tries: still no verdict, and it stops asking.
+    dead3 = [["dead"], ["dead"], ["dead"]]
+    assert trio.run(_settled, dead3) == (Reachability.UNKNOWN, Reachability.UNKNOWN)

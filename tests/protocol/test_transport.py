@@ -170,6 +170,8 @@ async def test_rate_limited_peer_is_refused_and_others_are_served():
         Host.open(Identity.generate(), POOL, config=FAST) as polite,
     ):
         server.serve(ECHO, peer.echo, Echo, EchoReply)
+        told = []  # what the coordinator tallies per identity (trainer.refusals)
+        server.on_refusal = lambda peer_id, code, detail: told.append((peer_id, code))
         ok, refused = 0, []
         for i in range(6):
             try:
@@ -181,12 +183,80 @@ async def test_rate_limited_peer_is_refused_and_others_are_served():
         assert 3 <= ok <= 4 and len(refused) == 6 - ok
         assert all(e.code == "rate_limited" and 0 < e.retry_after_s <= 1.0 for e in refused)
         assert server.stats.refused == {"rate_limited": len(refused)}
+        assert told == [(greedy.peer_id, "rate_limited")] * len(refused)
         # Another peer has its own bucket.
         reply = await polite.request(server.addrs[0], ECHO, Echo(n=1), EchoReply)
         assert reply.message.n == 2
         # The greedy one is served again once it waited as told.
         await trio.sleep(refused[-1].retry_after_s + 0.05)
         assert (await greedy.request(server.peer_id, ECHO, Echo(n=1), EchoReply)).message.n == 2
+
+
+async def test_a_peer_that_ignores_retry_after_is_cut_off_before_negotiation():
+    limits = {"requests_per_s": 1.0, "burst": 2.0, "cutoff_strikes": 3.0, "cutoff_s": 1.0}
+    config = HostConfig(**{**FAST.__dict__, **limits})
+    async with (
+        Host.open(Identity.generate(), POOL, config=config) as server,
+        Host.open(Identity.generate(), POOL, config=FAST) as greedy,
+        Host.open(Identity.generate(), POOL, config=FAST) as polite,
+    ):
+        server.serve(ECHO, peer.echo, Echo, EchoReply)
+        codes = []
+        for i in range(10):  # asks again at once after every refusal
+            try:
+                await greedy.request(server.addrs[0], ECHO, Echo(n=i), EchoReply)
+                codes.append("served")
+            except RemoteError as e:
+                codes.append(e.code)
+            except TransportError:
+                codes.append("stream reset")
+        # Its burst, then refusals, then (strikes spent) its streams are reset unnegotiated.
+        assert codes[:2] == ["served", "served"] and codes[2] == "rate_limited"
+        assert (
+            codes[-1] == "stream reset"
+            and "rate_limited" not in codes[codes.index("stream reset") :]
+        )
+        assert server.stats.cutoffs == 1 and server.stats.streams_cut == codes.count("stream reset")
+        # A cutoff is per peer, and it ends.
+        assert (await polite.request(server.addrs[0], ECHO, Echo(n=1), EchoReply)).message.n == 2
+        await trio.sleep(config.cutoff_s + 0.1)
+        assert (await greedy.request(server.peer_id, ECHO, Echo(n=1), EchoReply)).message.n == 2
+
+
+async def test_connections_past_an_address_rate_are_closed_before_the_handshake():
+    # Loopback counted here (it is not by default): every peer in a test is on 127.0.0.1.
+    limits = {"connections_per_ip_s": 0.01, "connection_burst": 3.0, "limit_loopback": True}
+    config = HostConfig(**{**FAST.__dict__, **limits})
+    one_dial = HostConfig(**{**FAST.__dict__, "dial_attempts": 1})
+    async with (
+        Host.open(Identity.generate(), POOL, config=config) as server,
+        Host.open(Identity.generate(), POOL, config=one_dial) as settled,
+        Host.open(Identity.generate(), POOL, config=one_dial) as churner,
+    ):
+        server.serve(ECHO, peer.echo, Echo, EchoReply)
+        await settled.request(server.addrs[0], ECHO, Echo(n=1), EchoReply)  # connection 1
+        outcomes = []
+        for _ in range(4):  # a peer that reconnects for every request: connections 2, 3, 4, 5
+            try:
+                await churner.request(server.addrs[0], ECHO, Echo(n=1), EchoReply)
+                outcomes.append("served")
+            except TransportError:
+                outcomes.append("refused")
+            await churner.disconnect(server.peer_id)
+        assert outcomes == ["served", "served", "refused", "refused"]
+        assert server.stats.connections_refused >= 2  # py-libp2p may dial again itself
+        # A connection made before is not touched.
+        assert (await settled.request(server.peer_id, ECHO, Echo(n=2), EchoReply)).message.n == 3
+    loopback_free = HostConfig(**{**config.__dict__, "limit_loopback": False})
+    async with (
+        Host.open(Identity.generate(), POOL, config=loopback_free) as server,
+        Host.open(Identity.generate(), POOL, config=one_dial) as churner,
+    ):
+        server.serve(ECHO, peer.echo, Echo, EchoReply)
+        for _ in range(6):
+            await churner.request(server.addrs[0], ECHO, Echo(n=1), EchoReply)
+            await churner.disconnect(server.peer_id)
+        assert server.stats.connections_refused == 0  # loopback is not counted by default
 
 
 async def test_handler_errors_become_replies_and_host_survives():

@@ -301,15 +301,26 @@ async def test_busy_answers_spend_no_attempts(tmp_path, identity) -> None:
         c = client([busy], tmp_path / "c", identity, policy=policy)
         assert same_tree((await c.fetch(1)).path, ck)
         await c.aclose()
-        # the same six busy answers, with no patience for them, are six failed attempts
+        # the same six busy answers, with no patience for them (no wait, and no floor rate to
+        # add a unit's time to it), are six failed attempts
         impatient = await nursery.start(
             serve_app, fault_proxy([url], "honest", busy_first=6), "127.0.0.1", 0
         )
-        c = client([impatient], tmp_path / "c2", identity, policy=replace(policy, busy_wait=0))
+        no_patience = replace(policy, busy_wait=0, min_rate=0)
+        c = client([impatient], tmp_path / "c2", identity, policy=no_patience)
         with pytest.raises(FetchError, match="gave up after 2 attempts"):
             await c.fetch(1)
         await c.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_a_larger_unit_waits_longer_on_busy_sources() -> None:
+    """A busy source is busy for as long as its transfers take: the wait grows by the time
+    the unit takes at the floor rate (8 MiB at 64 KiB/s: 128 s)."""
+    policy = FetchPolicy(busy_wait=60.0, min_rate=64 * 1024)
+    assert policy.busy_wait_for(0) == 60.0
+    assert policy.busy_wait_for(8 * 2**20) == 60.0 + 128.0
+    assert replace(policy, min_rate=0).busy_wait_for(8 * 2**20) == 60.0  # no floor: flat
 
 
 @pytest.mark.trio
@@ -458,6 +469,10 @@ async def test_hostile_headers_and_paths_get_4xx(tmp_path, identity) -> None:
             assert (await http.get(url + path)).status_code == 400, path
         for q in ("wait=nan", "wait=-inf", "after=" + "9" * 5000):
             assert (await http.get(f"{url}/versions?{q}", timeout=10)).status_code < 500, q
+        # `want` must be this version's bitfield in lower-case hex, or shorter
+        for q in ("zz", "f f", "fff", "FF", "ff\n", "f" * 5000):
+            r = await http.get(f"{url}/v/1/have", params={"changes": 0, "want": q, "wait": 1})
+            assert r.status_code == 400, q
         nursery.cancel_scope.cancel()
 
 

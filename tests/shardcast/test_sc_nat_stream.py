@@ -18,6 +18,7 @@ from shardcast.p2p import PROTOCOL_ID, StreamLimits, p2p_url
 from shardcast.server import serve_app
 
 BODY = bytes(range(256)) * 1024
+BIG = BODY * 12  # 3 MiB
 
 
 async def member_app(scope: dict, receive: Any, send: Any) -> None:
@@ -29,7 +30,8 @@ async def member_app(scope: dict, receive: Any, send: Any) -> None:
         return
     if scope["path"] == "/stall":
         await trio.sleep_forever()
-    status, body = (200, BODY) if scope["path"] == "/v/1/f/x" else (404, b"no")
+    bodies = {"/v/1/f/x": BODY, "/big": BIG}
+    status, body = (200, bodies[scope["path"]]) if scope["path"] in bodies else (404, b"no")
     headers = [(b"content-length", str(len(body)).encode()), (b"x-secret", b"internal")]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -138,6 +140,43 @@ def test_nat_hop_admits_only_chosen_peers() -> None:
             s.learn(m.peer_id, [circuit])
             with pytest.raises(TransportError):
                 await s.open_stream(m.peer_id, PROTOCOL_ID)
+
+    trio.run(main)
+
+
+def test_nat_hop_forwards_no_faster_than_its_rate() -> None:
+    """Every circuit through a hop, together, is held to `HopLimits.rate_bytes_s`: 3 MiB
+    fetched through a 1.5 MB/s hop on two circuits at once cannot take less than the bytes
+    it forwarded over the rate (minus one burst), and arrives whole."""
+    rate = 1.5e6
+
+    async def fetch(http: httpx.AsyncClient, url: str, got: list[bytes]) -> None:
+        got.append((await http.get(url)).content)
+
+    async def main() -> None:
+        async with (
+            open_node(Identity.generate(), hop=HopLimits(rate_bytes_s=rate)) as hop,
+            open_node(Identity.generate(), dcutr=False) as member,
+            open_node(Identity.generate(), dcutr=False) as fetcher,
+            trio.open_nursery() as nursery,
+        ):
+            base = await nursery.start(serve_app, member_app, "127.0.0.1", 0)
+            member.serve_gateway(base)
+            circuit = await member.reserve(hop.addrs[0])
+            fetcher.learn(member.peer_id, [circuit])  # the circuit is the only way there
+            got: list[bytes] = []
+            start = trio.current_time()
+            async with (
+                httpx.AsyncClient(mounts=p2p_mounts(fetcher), timeout=30) as http,
+                trio.open_nursery() as fetches,
+            ):
+                fetches.start_soon(fetch, http, f"{p2p_url(member.peer_id)}/big", got)
+                fetches.start_soon(fetch, http, f"{p2p_url(member.peer_id)}/v/1/f/x", got)
+            elapsed = trio.current_time() - start
+            assert sorted(map(len, got)) == [len(BODY), len(BIG)] and BIG in got
+            assert hop.relayed_bytes > len(BIG) + len(BODY)  # framing and encryption add some
+            assert elapsed >= (hop.relayed_bytes - 0.05 * rate) / rate, elapsed
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from sc_helpers import POOL_ID, make_checkpoint, same_tree
+from sc_helpers import POOL_ID, make_checkpoint, nudge_checkpoint, same_tree
 from test_sc_hostile import client, fault_proxy
 
 from protocol.identity import Identity
 from shardcast.fetcher import FetchPolicy, ShardFetcher, ShardJob, Swarming
-from shardcast.manifest import Manifest
+from shardcast.manifest import Manifest, piece_size_for
 from shardcast.origin import Origin
 from shardcast.relay import Relay
 from shardcast.server import serve_app
@@ -24,6 +24,45 @@ from shardcast.store import StoredVersion
 SHARD = 256 * 1024
 PIECE = 16 * 1024
 WEIGHTS = "model.safetensors"
+
+
+MiB = 2**20
+
+
+def test_pieces_grow_with_the_payload_to_about_64_per_version() -> None:
+    assert piece_size_for(32 * MiB, 16 * MiB) == MiB
+    assert piece_size_for(64 * MiB, 16 * MiB) == MiB  # 64 pieces: not more than the aim
+    assert piece_size_for(64 * MiB + 1, 16 * MiB) == 2 * MiB
+    assert piece_size_for(256 * MiB, 16 * MiB) == 4 * MiB
+    assert piece_size_for(257 * MiB, 16 * MiB) == 8 * MiB
+    assert piece_size_for(64 * 2**30, 16 * MiB) == 8 * MiB  # at most half a shard
+    assert piece_size_for(2**30, 24 * MiB) == 8 * MiB  # a third of a shard: it divides it
+    assert piece_size_for(2**30, 20 * MiB) == 4 * MiB  # 8 MiB would not divide 20
+    assert piece_size_for(2**30, MiB) is None  # 1 MiB shards: shards are the unit
+
+
+@pytest.mark.trio
+async def test_an_origin_sizes_pieces_by_each_versions_payload(
+    tmp_path: Path, identity: Identity
+) -> None:
+    """A 70 MB full version goes in 2 MiB pieces and the small delta after it in 1 MiB ones,
+    each hashed at its size: a client fetches both exactly."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        ck = make_checkpoint(tmp_path / "ck", mb=70)
+        full = await origin.publish(ck, 1, delta=False)
+        assert full.piece_size == 2 * MiB
+        assert len(full.payload[0].pieces) == -(-full.payload[0].size // (2 * MiB))
+        nudge_checkpoint(ck, 1)
+        delta = await origin.publish(ck, 2)
+        assert delta.base == 1 and delta.piece_size == MiB
+        c = client([url], tmp_path / "c", identity)
+        for version in (1, 2):
+            r = await c.fetch(version)
+            assert not r.bad_shards and same_tree(r.path, ck) == (version == 2)
+        await c.aclose()
+        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.trio

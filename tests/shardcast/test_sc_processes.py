@@ -192,12 +192,21 @@ def test_full_disk_is_a_clear_error(tmp_path, identity, key_file, procs) -> None
 
 
 def test_cli_help(tmp_path) -> None:
-    for cmd in ([], ["origin"], ["publish"], ["relay"], ["fetch"]):
+    for cmd in ([], ["origin"], ["publish"], ["relay"], ["fetch"], ["hop"]):
         out = subprocess.run(
             [sys.executable, "-m", "shardcast", *cmd, "--help"],
             capture_output=True, text=True, cwd=REPO, timeout=30, check=False,
         )  # fmt: skip
         assert out.returncode == 0 and "usage: shardcast" in out.stdout
+
+
+def test_cli_refuses_a_negative_or_unreadable_rate() -> None:
+    for cmd, rate in ((["hop"], "-1"), (["hop"], "nan"), (["origin", "--root", "x"], "fast")):
+        out = subprocess.run(
+            [sys.executable, "-m", "shardcast", *cmd, "--rate-mb", rate],
+            capture_output=True, text=True, cwd=REPO, timeout=30, check=False,
+        )  # fmt: skip
+        assert out.returncode == 2 and f"{rate!r} is not a number" in out.stderr, out.stderr
 
 
 def test_cli_refuses_bad_pool(tmp_path, identity, key_file, procs) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from sc_helpers import REPO, SHARD, make_checkpoint
 from test_sc_processes import HELPERS, pool_file, publish, start_origin, wait_listed
 
@@ -148,7 +149,7 @@ def _watch(
                 watch.listen(1, lambda: wakes.append(trio.current_time()))
             with trio.move_on_after(seconds):
                 await watch._follow_have(
-                    1, "http://peer", total, trio.CancelScope(), lambda: missing
+                    1, "http://peer", total, trio.CancelScope(), lambda: missing, None
                 )
             heard.append(watch.answering(1))
 
@@ -185,6 +186,73 @@ def test_a_peer_answering_at_once_wakes_the_fetch_at_most_twice_per_unit():
     polls, _ = _watch(handler, missing=8, seconds=600, total=8, wakes=wakes)
     assert len(wakes) == 8 + 7  # every new claim once; the repeats wake nothing
     assert polls <= 8 + 7 + 600 / 0.5 + 1  # then one poll per 0.5 s, as for any peer
+
+
+def test_a_member_names_the_units_it_lacks_and_a_peer_answers_only_their_changes(tmp_path):
+    """A peer's long-poll given `want` (the asker's missing units) answers a change to one
+    of those only: near the end of a version most changes are to units the asker holds."""
+    import trio
+    import trio.testing
+
+    from shardcast.sources import SourcePicker
+    from shardcast.store import StoredVersion
+    from shardcast.swarm import MAX_WANT_UNITS, PeerWatch
+
+    wants = []
+
+    async def peer(request: httpx.Request) -> httpx.Response:
+        wants.append(request.url.params.get("want"))
+        body = json.dumps({"bits": "00", "changes": len(wants)}).encode()
+        return httpx.Response(200, stream=httpx.ByteStream(body))
+
+    async def follow(total: int) -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(peer)) as http:
+            seeds = ["http://origin"]
+            watch = PeerWatch(http, PeerTable("p"), SourcePicker(seeds), seeds, Identity.generate())
+            watch._have[1], watch._promised[1], watch._claims[1] = {}, {}, {}
+            with trio.move_on_after(1):
+                await watch._follow_have(
+                    1, "http://peer", total, trio.CancelScope(), lambda: 8, lambda: "00ff"
+                )
+
+    trio.run(follow, 16, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert wants and set(wants) == {"00ff"}
+    # a version too large for its bitfield to fit a libp2p stream's request head: no `want`
+    wants.clear()
+    trio.run(follow, MAX_WANT_UNITS + 1, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert wants and set(wants) == {None}
+
+    async def main() -> None:
+        sv = StoredVersion(_manifest(16), b"", tmp_path, complete=False)
+        assert sv.want_bitfield() == "ffff"
+        want = sv.wanted_units("00ff")  # the asker holds units 0-7
+        assert want.tolist() == list(range(8, 16))
+        with trio.fail_after(1):
+            await sv.wait_changes(-1, 60, want)  # a first poll is answered at once
+        answered = []
+
+        async def poll(seen: int, want) -> None:
+            await sv.wait_changes(seen, 60, want)
+            answered.append((seen, trio.current_time()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll, 0, want)
+            nursery.start_soon(poll, 0, None)  # no `want`: any change
+            await trio.sleep(1)
+            sv.promise("w.bin", 3)
+            sv.mark("w.bin", 5)  # changes to units the asker holds
+            await trio.sleep(1)
+            assert answered == [(0, 1.0)]  # only the poll without `want`
+            sv.promise("w.bin", 9)
+        assert answered == [(0, 1.0), (0, 2.0)]
+        assert sv.want_bitfield() == "fbff"  # unit 5 is held now
+        with trio.fail_after(1):
+            await sv.wait_changes(2, 60, want)  # unit 9 changed after change 2: at once
+        for bad in ("fff", "00ff00"):  # odd, or longer than the version's bitfield
+            with pytest.raises(ValueError):
+                sv.wanted_units(bad)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_silent_huge_and_lying_peers_are_given_up_and_never_counted():

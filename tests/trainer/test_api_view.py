@@ -34,6 +34,7 @@ CONTRIBUTION_KEYS = {
     "leases_expired",
     "leases_released",
     "soft_faults",
+    "rate_refusals",
     "hard_rejected",
     "soft_rejected",
     "accepted",

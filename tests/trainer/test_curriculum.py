@@ -162,8 +162,14 @@ def test_group_size_grows_for_prompts_whose_groups_would_be_flat():
     assert c.group_size(0, base=16, largest=64) == 16
     c.add(4, 0, [0.0] * 16)  # never solved: p = 0.5 / 17 = 0.029, G = 77.1, capped
     assert c.group_size(0, base=16, largest=64) == 64
-    c.add(5, 1, [0.5] * 16)  # partial credit: a pass rate does not say how flat it is
-    assert c.group_size(1, base=16, largest=64) == 16
+    # Graded rewards (the demo's copy task gives 0, 0.5 or 1): the most common value's share
+    # says how likely a flat group is, as the pass rate does for 0/1 rewards.
+    c.add(5, 1, [0.5] * 16)  # all alike: q = 16.5 / 17 = 0.9706, G = 77.1, capped
+    assert c.group_size(1, base=16, largest=64) == 64
+    c.add(6, 2, [0.5] + [0.0] * 15)  # q = 15.5 / 17, as for one success in 16 above
+    assert c.group_size(2, base=16, largest=64) == 25
+    c.add(7, 3, [0.5] * 12 + [1.0] * 2 + [0.0] * 2)  # q = 12.5 / 17 = 0.735: G = 7.5 will do
+    assert c.group_size(3, base=16, largest=64) == 16
 
 
 def test_a_prompt_not_seen_yet_is_sized_from_the_pools_newest_groups():
@@ -178,7 +184,7 @@ def test_a_prompt_not_seen_yet_is_sized_from_the_pools_newest_groups():
     for i in range(POOL_WINDOW):  # the pool's window moves on: only its newest groups count
         c.add(3 + i, 2, [1.0] * 8 + [0.0] * 8)
     assert c.group_size(7, base=16, largest=64) == 16
-    c.add(100, 3, [0.5] * 16)  # one graded group in the window: no pass rate to size from
+    c.add(100, 3, [0.5] * 16)  # 120 of the window's 256 samples earned 0: q = 0.47
     assert c.group_size(7, base=16, largest=64) == 16
 
 

@@ -5,8 +5,9 @@ import json
 
 import trio
 
+from protocol.ratelimit import client_key
 from shardcast.traffic import CountServed, ServedBytes
-from trainer.dashboard.limits import RateLimiter, client_key
+from trainer.dashboard.limits import RateLimiter
 from trainer.dashboard.series import (
     OFF_POLICY_KEYS,
     SampleLog,
@@ -119,7 +120,7 @@ def test_rate_limiter_table_stays_bounded_and_forgets_the_oldest():
 def test_ipv6_clients_are_counted_by_their_64():
     assert client_key("2001:db8::1") == client_key("2001:db8::ffff:1") == "2001:db8::/64"
     assert client_key("2001:db8:0:1::1") != client_key("2001:db8::1")
-    assert client_key("10.0.0.2") == "10.0.0.2"
+    assert client_key("10.0.0.2") == "10.0.0.2" == client_key("::ffff:10.0.0.2")
     assert client_key("testclient") == "testclient"
 
 

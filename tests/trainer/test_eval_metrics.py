@@ -2,6 +2,7 @@ import json
 
 import trio
 
+from protocol.host import HostStats
 from toploc.models import load_model
 from toploc.sampling import SamplingParams
 from trainer.evaluate import evaluate
@@ -41,6 +42,17 @@ def test_run_log_writes_jsonl_and_prometheus(tmp_path):
     text = log.prometheus().decode()
     assert 'swarmrl_submissions_total{check="toploc",outcome="hard"} 1.0' in text
     assert "swarmrl_reward_mean 0.5" in text and "swarmrl_step 3.0" in text
+    # The transport's counters, read from the host's stats at each scrape.
+    assert "swarmrl_requests_served_total 0.0" in text
+    stats = HostStats(served=7, refused={"rate_limited": 3}, cutoffs=1, streams_cut=12)
+    stats.connections_refused = 5
+    log.watch_transport(stats)
+    stats.streams_cut += 1
+    text = log.prometheus().decode()
+    assert "swarmrl_requests_served_total 7.0" in text
+    assert 'swarmrl_requests_refused_total{code="rate_limited"} 3.0' in text
+    assert "swarmrl_peer_cutoffs_total 1.0" in text and "swarmrl_streams_cut_total 13.0" in text
+    assert "swarmrl_connections_refused_total 5.0" in text
 
 
 def test_pass_at_k_counts_the_seeded_samples():

@@ -10,7 +10,7 @@ import trio
 from protocol.errors import TransportError
 from protocol.host import Host
 from protocol.identity import Identity, peer_id_of
-from shardcast.nat import open_node
+from shardcast.nat import HopLimits, open_node
 from shardcast.p2p import PROTOCOL_ID, p2p_url
 from shardcast.peerlist import PeerListError, open_peer_list, sign_peer_list
 from shardcast.probe import ProbeStatus, verify_source
@@ -100,7 +100,7 @@ def test_nat_the_coordinators_hop_serves_pool_nodes_in_good_standing_only(tmp_pa
     async def main():
         async with (
             Host.open(Identity.generate(), "pool") as coordinator,
-            relay_hop(coordinator.libp2p, True, ledger.is_active) as hop,
+            relay_hop(coordinator.libp2p, HopLimits(), ledger.is_active) as hop,
             open_node(member) as m,
             open_node(stranger) as s,
             open_node(banned) as b,
@@ -132,7 +132,7 @@ def test_nat_without_the_hop_option_the_coordinator_runs_none():
     async def main():
         async with (
             Host.open(Identity.generate(), "p") as host,
-            relay_hop(host.libp2p, False, bool) as hop,
+            relay_hop(host.libp2p, None, bool) as hop,
         ):
             assert hop is None
 

@@ -3,24 +3,11 @@ for. No torch here: the API imports this, the coordinator runs the model."""
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 
 MAX_NEW_TOKENS = 64
 MAX_PROMPT_TOKENS = 512
-
-
-def client_key(host: str) -> str:
-    """Who a rate limit counts: the address, or its /64 for IPv6 (one host usually holds a
-    whole /64, so counting single addresses would hand it 2^64 buckets)."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if ip.version == 6:
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 class RateLimiter:

@@ -16,7 +16,8 @@ import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from trainer.dashboard.limits import MAX_NEW_TOKENS, MAX_WAITING, RateLimiter, client_key
+from protocol.ratelimit import client_key
+from trainer.dashboard.limits import MAX_NEW_TOKENS, MAX_WAITING, RateLimiter
 from trainer.dashboard.rows import NodeIndex, Recent, node_json, parse_json, verdict_json
 from trainer.dashboard.series import (
     EVAL_BYTES,

@@ -37,6 +37,7 @@ CONTRIBUTION_FIELDS = (
     "leases_expired",
     "leases_released",
     "soft_faults",
+    "rate_refusals",
     "hard_rejected",
     "soft_rejected",
     "accepted",

@@ -38,7 +38,8 @@ export function mount(root) {
     ledger.replaceChildren(
       table(
         ["node", "status", "groups accepted / trained", "verified tokens", "validation s",
-          "leases issued / open / expired / released", "soft faults", "rejected hard / soft"],
+          "leases issued / open / expired / released", "soft faults", "refused for rate",
+          "rejected hard / soft"],
         contributions.map((c) => ({
           id: c.key,
           cells: [
@@ -49,10 +50,11 @@ export function mount(root) {
             num(c.validation_s, 1),
             `${c.leases_issued} / ${c.leases_open} / ${c.leases_expired} / ${c.leases_released}`,
             c.soft_faults,
+            c.rate_refusals,
             `${c.hard_rejected} / ${c.soft_rejected}`,
           ],
         })),
-        { numeric: [2, 3, 4, 5, 6, 7] },
+        { numeric: [2, 3, 4, 5, 6, 7, 8] },
       ),
     );
   }
