@@ -416,6 +416,7 @@ class Coordinator:
             banned=banned,
             code="banned" if banned else "ok",
             reason=(node["ban_reason"] or "")[:256],
+            relay_check=self.relays.check_of(v.signer, time.time()),
         )
 
     # ------------------------------------------------------------------ helpers

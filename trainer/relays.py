@@ -25,6 +25,7 @@ import trio
 from protocol.errors import ProtocolError
 from protocol.host import public_key_of_peer
 from protocol.identity import peer_id_of
+from protocol.messages import RelayCheck
 from shardcast.nat import HopLimits, P2PNode, attach_node
 from shardcast.p2p import SCHEME, URL_PREFIX, P2PTransport, peer_of_source
 from trainer.view import RelayStatus
@@ -52,6 +53,12 @@ MAX_NODE_RELAYS = 256
 NO_SLOT = "no_slot"
 """A stream source whose node holds no slot on the coordinator's hop: unreachable to others."""
 MAX_URLS_HANDED_OUT = 32
+UNREACHABLE_FOR_S = 60.0
+"""How long every check of a node's relay must have found nobody answering (two checks at
+least) before the node is told so: a seeder restarting, or a check racing a join, is not a
+reason to move behind the hop."""
+UNREACHABLE = frozenset({"unreachable", "timeout"})
+"""Probe results (`shardcast.probe.ProbeStatus`) that mean nobody answered at the URL."""
 
 
 @dataclass
@@ -63,6 +70,9 @@ class _Relay:
     error: str | None = "not checked yet"
     version: int | None = None
     served: int | None = None
+    unreachable_since: float | None = None
+    """When the current run of checks that found nobody answering began."""
+    unreachable_checks: int = 0
 
 
 def acceptable_url(url: str) -> bool:
@@ -112,6 +122,8 @@ class RelayDirectory:
             return False
         known = self._relays.get(node)
         if known is not None and known.url == url:
+            # a join says it serves now: what earlier checks found there starts over
+            known.unreachable_since, known.unreachable_checks = None, 0
             return True
         if known is None and len(self._relays) >= MAX_NODE_RELAYS:
             return False
@@ -127,6 +139,18 @@ class RelayDirectory:
     def note_sources(self, node: bytes, fetched: dict[str, int]) -> None:
         """Bytes `node` says it fetched from each URL (its latest heartbeat; shown only)."""
         self._sources[node] = dict(fetched)
+
+    def check_of(self, node: bytes, now: float) -> RelayCheck:
+        """What the checks found at the relay `node` advertised, for its heartbeat reply."""
+        relay = self._relays.get(node)
+        if relay is None or relay.checked_at == 0.0:
+            return "none"
+        if relay.verified:
+            return "ok"
+        since = relay.unreachable_since
+        if since is not None and relay.unreachable_checks >= 2 and now - since >= UNREACHABLE_FOR_S:
+            return "unreachable"
+        return "failed"
 
     def sources(self, node: bytes) -> dict[str, int]:
         return dict(self._sources.get(node, {}))
@@ -174,12 +198,14 @@ class RelayDirectory:
         found = await self._probe(relay.url, version)
         if relay.verified and found.error is not None:
             log.warning("relay %s dropped: %s", relay.url, found.error)
-        relay.verified, relay.error, relay.checked_at = (
-            found.error is None,
-            found.error,
-            time.time(),
-        )
+        now = time.time()
+        relay.verified, relay.error, relay.checked_at = found.error is None, found.error, now
         relay.version, relay.served = found.version, found.served
+        if found.error in UNREACHABLE:
+            relay.unreachable_since = relay.unreachable_since or now
+            relay.unreachable_checks += 1
+        else:
+            relay.unreachable_since, relay.unreachable_checks = None, 0
 
 
 async def check_relay(

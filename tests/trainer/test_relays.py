@@ -1,6 +1,7 @@
 """The coordinator's directory of advertised relays: a URL is a claim, handed out only after
 a check passed, dropped when a later check fails."""
 
+import time
 from contextlib import asynccontextmanager
 
 import httpx
@@ -11,7 +12,14 @@ from protocol.identity import Identity
 from shardcast.origin import Origin
 from shardcast.server import serve_app
 from tests.shardcast.sc_helpers import POOL_ID, SHARD, make_checkpoint, nudge_checkpoint
-from trainer.relays import Checked, RelayDirectory, acceptable_url, check_relay, probe_client
+from trainer.relays import (
+    UNREACHABLE_FOR_S,
+    Checked,
+    RelayDirectory,
+    acceptable_url,
+    check_relay,
+    probe_client,
+)
 
 
 def test_relays_are_handed_out_only_while_verified():
@@ -37,6 +45,39 @@ def test_relays_are_handed_out_only_while_verified():
         assert "http://good:1" not in d.weights_urls("http://origin:1")
         d.forget(b"a" * 32)  # banned: its relay and reports go
         assert all(r.url != "http://good:1" for r in d.statuses())
+
+    trio.run(main)
+
+
+def test_a_node_is_told_its_relay_is_unreachable_only_after_a_minute_of_failed_checks():
+    found = {"http://nat:1": Checked("unreachable")}
+
+    async def probe(url: str, version: int) -> Checked:
+        return found[url]
+
+    async def main():
+        d, node = RelayDirectory([], probe), b"n" * 32
+        assert d.check_of(node, time.time()) == "none"  # no URL advertised
+        d.advertise(node, "http://nat:1")
+        assert d.check_of(node, time.time()) == "none"  # not checked yet
+        await d.check_all(1)
+        later = time.time() + UNREACHABLE_FOR_S + 1
+        assert d.check_of(node, later) == "failed"  # one check is not a run of them
+        await d.check_all(1)
+        assert d.check_of(node, time.time()) == "failed"  # two, but within the minute
+        assert d.check_of(node, later) == "unreachable"
+        d.advertise(node, "http://nat:1")  # it joined again: serving now, by its word
+        assert d.check_of(node, later) == "failed"
+        for status in ("timeout", "unreachable"):  # nobody answering, either way
+            found["http://nat:1"] = Checked(status)
+            await d.check_all(1)
+        assert d.check_of(node, later) == "unreachable"
+        found["http://nat:1"] = Checked("bad_manifest")  # an answer, if a bad one
+        await d.check_all(1)
+        assert d.check_of(node, later) == "failed"
+        found["http://nat:1"] = Checked(None, 1, 0)
+        await d.check_all(1)
+        assert d.check_of(node, later) == "ok"
 
     trio.run(main)
 
