@@ -200,7 +200,8 @@ class Worker:
         self._host: Host | None = None
         self._p2p: P2PNode | None = None
         self._unreachable = trio.Event()
-        """Set when the coordinator's checks find nobody answering at this node's relay URL."""
+        """Set when the coordinator finds nobody answering at this node's relay URL, or will not
+        probe it (it names another address than this node connects from)."""
         self._book = PoolBook(pool_id)
         self._newest_fetched = -1
         self._trusted_version = -1
@@ -627,7 +628,7 @@ class Worker:
         self._trust_version(reply.current_version)
         if reply.code == "banned" or reply.banned:
             raise NodeError(f"this node was banned: {reply.reason}")
-        if reply.relay_check == "unreachable":
+        if reply.relay_check in ("unreachable", "refused"):
             self._unreachable.set()
         if reply.code == "not_joined":
             # the coordinator lost track of this node (a restart onto another ledger, say)

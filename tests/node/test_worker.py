@@ -135,10 +135,10 @@ def test_only_a_reply_that_finds_the_relay_unreachable_moves_the_seeder(tmp_path
 
     async def main() -> list[bool]:
         seen = []
-        for check in ("none", "ok", "failed", "unreachable"):
+        for check in ("none", "ok", "failed", "refused", "unreachable"):
             reply = msg.HeartbeatReply(current_version=0, relay_check=check)
             await worker._on_heartbeat_reply(reply)
             seen.append(worker._unreachable.is_set())
         return seen
 
-    assert trio.run(main) == [False, False, False, True]
+    assert trio.run(main) == [False, False, False, True, True]
