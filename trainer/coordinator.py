@@ -388,7 +388,8 @@ class Coordinator:
         if not self.ledger.join(v.signer, peer_id_of(v.signer), hardware, req.engine, now):
             return msg.JoinReply(accepted=False, code="banned", reason="banned")
         if req.relay_url:
-            seen_at = self._host.observed_ip(peer_id_of(v.signer)) if self._host else None
+            # a node gone since it sent the join is seen nowhere: "" names no address
+            seen_at = (self._host.observed_ip(peer_id_of(v.signer)) or "") if self._host else None
             self.relays.advertise(v.signer, req.relay_url, seen_at)
         log.info("node %s joined (%s, %s)", v.signer.hex()[:12], req.engine, req.hardware.device)
         return msg.JoinReply(

@@ -153,9 +153,9 @@ class RelayDirectory:
 
     def advertise(self, node: bytes, url: str, seen_at: str | None = None) -> bool:
         """`node` says it relays at `url` (checked before anyone is sent there). `seen_at`:
-        the address its connection comes from; an http(s) URL must name exactly that one, or
-        it is kept as `NOT_OWN_ADDRESS`, never probed nor handed out (None: no transport to
-        say, as in a test driving the handlers)."""
+        the address its connection comes from ("" when it has none left); an http(s) URL must
+        name exactly that one, or it is kept as `NOT_OWN_ADDRESS`, never probed nor handed out
+        (None: no transport to say, as in a test driving the handlers)."""
         if not acceptable_url(url) or not own_url(node, url):
             return False
         known = self._relays.get(node)

@@ -119,12 +119,13 @@ def test_a_relay_url_is_probed_only_at_the_address_its_node_connects_from():
         for node, url in cases.items():
             assert d.advertise(node, url, seen_at=seen)
         d.advertise(b"f" * 32, "http://10.0.0.6:1")  # no transport to say (handlers in a test)
+        d.advertise(b"g" * 32, "http://10.0.0.7:1", seen_at="")  # it hung up after its join
         await d.check_all(1)
         assert sorted(probed) == sorted([cases[b"a" * 32], cases[b"b" * 32], "http://10.0.0.6:1"])
         urls = d.weights_urls(None)
         assert all(cases[k] not in urls for k in (b"c" * 32, b"d" * 32, b"e" * 32))
         refused = {r.node for r in d.statuses() if r.error == NOT_OWN_ADDRESS}
-        assert refused == {(k * 32).hex() for k in (b"c", b"d", b"e")}
+        assert refused == {(k * 32).hex() for k in (b"c", b"d", b"e", b"g")}
         # the node is told at once: nobody it would be handed to can count on that address
         assert d.check_of(b"d" * 32, time.time()) == "refused"
         assert d.check_of(b"a" * 32, time.time()) == "ok"
