@@ -30,6 +30,7 @@ from protocol.identity import Identity
 from shardcast.nat import P2PNode, Reachability, attach_node, peer_of, reserve_on
 from shardcast.p2p import p2p_url
 from shardcast.relay import Relay
+from shardcast.swarm import OwnUrls
 
 log = logging.getLogger("swarmrl.node")
 
@@ -44,7 +45,10 @@ def make_seeder(
     keep: int,
     upload_cap_mb: float | None,
     mounts: dict[str, httpx.AsyncBaseTransport] | None = None,
+    own: OwnUrls | None = None,
 ) -> Relay:
+    """The node's seeder. `own` holds every URL the node is reached at (shared with each
+    seeder it starts): none of them is ever taken for a peer."""
     return Relay(
         upstreams,
         root,
@@ -54,6 +58,7 @@ def make_seeder(
         rate=upload_cap_mb * 1e6 if upload_cap_mb else None,
         identity=identity,
         mounts=mounts,
+        own=own,
     )
 
 

@@ -65,6 +65,7 @@ from shardcast.errors import ShardcastError
 from shardcast.fetcher import FetchPolicy, http_client
 from shardcast.nat import P2PNode, Reachability, p2p_mounts
 from shardcast.relay import Relay
+from shardcast.swarm import OwnUrls
 
 log = logging.getLogger("swarmrl.node")
 
@@ -199,6 +200,8 @@ class Worker:
         self.client: Client | None = None
         self._host: Host | None = None
         self._p2p: P2PNode | None = None
+        self._own_urls = OwnUrls()
+        """The seeder's URLs: its HTTP one, and the `p2p://` one when served over libp2p."""
         self._book = PoolBook(pool_id)
         self._newest_fetched = -1
         self._trusted_version = -1
@@ -491,6 +494,7 @@ class Worker:
                 keep=spec.limits.max_staleness + 2,
                 upload_cap_mb=self.options.upload_cap_mb,
                 mounts=p2p_mounts(p2p),
+                own=self._own_urls,
             )
 
         async with trio.open_nursery() as nursery:
@@ -499,6 +503,7 @@ class Worker:
             log.info("relaying weights at %s", url)
             advertised = await p2p_relay_url(p2p, url, self._hops(), self.options.nat)
             if advertised is not None:
+                self._own_urls.announce(advertised)
                 nursery.start_soon(keep_slots, p2p, self._hops)
             elif self.options.nat is NatMode.AUTO and p2p.verdict is Reachability.UNKNOWN:
                 nursery.start_soon(self._serve_over_nat_if_private, url)
@@ -519,6 +524,7 @@ class Worker:
         advertised = await p2p_relay_url(self._p2p, seeder_url, self._hops(), NatMode.ON)
         if advertised is None:
             return
+        self._own_urls.announce(advertised)
         await self._join(advertised)
         await keep_slots(self._p2p, self._hops)
 

@@ -16,6 +16,7 @@ kept) and entries expire, so a flood of announcements costs little.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated
 
@@ -30,7 +31,14 @@ MAX_SKEW = 30.0  # an announcement dated further into the future than this is re
 MAX_PEERS = 256
 MAX_ANNOUNCEMENT_BYTES = 2048
 
-Url = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^https?://[^\s/?#]+$")]
+URL_PATTERN = r"^https?://[^\s/?#]+$"
+Url = Annotated[str, msgspec.Meta(max_length=256, pattern=URL_PATTERN)]
+
+
+def announceable(url: str) -> bool:
+    """Whether tables accept an announcement of `url`: HTTP only. A member reached by libp2p
+    stream (`p2p://peer/<id>`) is vouched for by the coordinator's signed list instead."""
+    return len(url) <= 256 and re.match(URL_PATTERN, url) is not None
 
 
 class Announcement(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -57,7 +57,7 @@ from shardcast.peers import PeerTable
 from shardcast.server import create_app, serve_app
 from shardcast.sources import MAX_LISTED, SourcePicker
 from shardcast.store import DEFAULT_KEEP, StoredVersion, VersionStore
-from shardcast.swarm import PeerWatch, swarming
+from shardcast.swarm import OwnUrls, PeerWatch, swarming
 from shardcast.throttle import UploadThrottle
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Relay:
         poll_wait: float = 25.0,
         limits: ServeLimits | None = None,
         identity: Identity | None = None,
-        advertise: str | None = None,
+        own: OwnUrls | None = None,
         max_peers: int = 8,
         seed_parallel: int = 2,
         mounts: dict[str, httpx.AsyncBaseTransport] | None = None,
@@ -111,7 +111,8 @@ class Relay:
             peer_list=self.peer_list,
         )
         self.identity = identity
-        self.advertise = advertise
+        self.own = own
+        """This member's URLs, shared with its node (`OwnUrls`); a fresh set when None."""
         self.max_peers = max_peers
         self.seed_parallel = seed_parallel
         self.watch: PeerWatch | None = None
@@ -154,8 +155,9 @@ class Relay:
                         self.identity,
                         self.max_peers,
                         self.peer_list,
+                        self.own,
                     )
-                    nursery.start_soon(self.watch.run, self.advertise or self.url)
+                    nursery.start_soon(self.watch.run, self.url)
                 for url in self.upstreams:
                     nursery.start_soon(self._follow, url, nursery)
                 task_status.started(self.url)

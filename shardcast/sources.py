@@ -92,6 +92,10 @@ class SourcePicker:
         self.stats[url] = SourceStats(url)
         return True
 
+    def forget(self, url: str) -> None:
+        """Use `url` no more (it turned out to be this member's own)."""
+        self.stats.pop(url.rstrip("/"), None)
+
     def dropped(self, url: str, version: int) -> bool:
         """Whether `url` is no longer used for `version`: unknown, banned for bad bytes, or
         at fault for it lately. Not when it merely lacks the version: a swarm peer is often a

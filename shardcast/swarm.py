@@ -31,7 +31,7 @@ from protocol.identity import Identity
 from shardcast.fetcher import SHARE_GRACE, ResponseTooLarge, ShardJob, Swarming, get_capped
 from shardcast.manifest import Manifest, shard_index, units
 from shardcast.peerlist import MAX_PEER_LIST_BYTES, PeerListError, PeerListHolder
-from shardcast.peers import PeerTable, announce
+from shardcast.peers import PeerTable, announce, announceable
 from shardcast.sources import SourcePicker
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,33 @@ change as before."""
 UNREACHABLE_RETRY_S = 30.0  # a peer whose bitfield request failed is watched again after this
 
 
+class OwnUrls:
+    """Every URL this member is reached at, and the one it announces.
+
+    A node served over libp2p is known to the pool as `p2p://peer/<id>` (the coordinator's
+    signed list) while its seeder listens on HTTP. A watch that knew only its HTTP URL counted
+    the other as a peer: it watched and fetched from itself through the relay hop, taking the
+    hop's rate and its own gateway's streams from the peers that needed them, and gossiped an
+    HTTP URL nobody could reach. The node shares one with every seeder it starts, so a
+    restarted seeder keeps what the node said."""
+
+    def __init__(self) -> None:
+        self._urls: set[str] = set()
+        self.announced: str | None = None
+        """The URL gossiped, and under which shares are dealt: the one the pool knows."""
+
+    def add(self, url: str) -> None:
+        self._urls.add(url.rstrip("/"))
+
+    def announce(self, url: str) -> None:
+        """Gossip `url`, and be dealt shares under it, from now on."""
+        self.add(url)
+        self.announced = url.rstrip("/")
+
+    def __contains__(self, url: str) -> bool:
+        return url.rstrip("/") in self._urls
+
+
 class PeerWatch:
     def __init__(
         self,
@@ -65,6 +92,7 @@ class PeerWatch:
         identity: Identity,
         max_peers: int = 8,
         peer_list: PeerListHolder | None = None,
+        own: OwnUrls | None = None,
     ) -> None:
         self.http = http
         self.table = table
@@ -73,7 +101,7 @@ class PeerWatch:
         self.identity = identity
         self.max_peers = max_peers
         self.peer_list = peer_list
-        self.own_url: str | None = None
+        self.own = own or OwnUrls()
         # version -> peer url -> set of global unit indices it holds (its latest bitfield;
         # empty for a peer that answered "not mirroring it yet"): the peers heard from
         self._have: dict[int, dict[str, set[int]]] = {}
@@ -96,22 +124,37 @@ class PeerWatch:
         (`judge_shares`), or a promise lapse (`promised`): dealt no share and waited for no
         more."""
 
+    @property
+    def own_url(self) -> str | None:
+        """The URL this member announces (None before `run`)."""
+        return self.own.announced
+
+    @own_url.setter
+    def own_url(self, url: str) -> None:
+        self.own.announce(url)
+
     def peers(self) -> list[str]:
-        """Members heard of: by their own announcements, or in the coordinator's list."""
+        """Members heard of: by their own announcements, or in the coordinator's list; none
+        of this member's own URLs."""
         vouched = self.peer_list.urls() if self.peer_list is not None else []
         urls = dict.fromkeys([*vouched, *self.table.urls()])
-        return [u for u in urls if u != self.own_url and u not in self.upstreams]
+        return [u for u in urls if u not in self.own and u not in self.upstreams]
 
     # -- gossip ------------------------------------------------------------------------------
 
     async def run(self, own_url: str) -> None:
-        """Announce `own_url` and learn peers, until cancelled."""
-        self.own_url = own_url.rstrip("/")
+        """Announce `own_url` (unless the node already said which of its URLs to announce)
+        and learn peers, until cancelled."""
+        self.own.add(own_url)
+        if self.own.announced is None:
+            self.own.announce(own_url)
         while True:
             targets = self.upstreams + random.sample(
                 self.peers(), min(GOSSIP_FANOUT, len(self.peers()))
             )
-            mine = announce(self.identity, self.table.pool_id, self.own_url)
+            own = self.own.announced or own_url
+            # a URL no table accepts is not pushed: the pool's signed list carries it
+            mine = announce(self.identity, self.table.pool_id, own) if announceable(own) else None
             async with trio.open_nursery() as nursery:
                 for url in targets:
                     nursery.start_soon(self._exchange, url, mine)
@@ -132,11 +175,14 @@ class PeerWatch:
         for url in self.peers():
             if self.picker.add(url):
                 log.info("learnt peer %s", url)
+        for url in [u for u in self.picker.stats if u in self.own and u not in self.upstreams]:
+            self.picker.forget(url)  # learnt before it was known to be ours
 
-    async def _exchange(self, url: str, mine: bytes) -> None:
+    async def _exchange(self, url: str, mine: bytes | None) -> None:
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
-                await self.http.post(f"{url}/peers", content=mine)
+                if mine is not None:
+                    await self.http.post(f"{url}/peers", content=mine)
                 status, body = await get_capped(self.http, f"{url}/peers", MAX_PEERS_BYTES)
             if status != 200:
                 return
@@ -260,6 +306,8 @@ class PeerWatch:
         no failed bitfield request in the last `UNREACHABLE_RETRY_S`. Announced URLs that
         never answer are free to make, and kept their slots for the whole version: a member
         watching 8 of them watched no honest peer at all."""
+        if url in self.own:
+            return False
         failed = self._unreachable.get(url)
         lately = failed is not None and trio.current_time() - failed < UNREACHABLE_RETRY_S
         return not lately and not self.picker.dropped(url, version)

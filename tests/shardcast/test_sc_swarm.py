@@ -520,6 +520,64 @@ def test_peers_that_never_answer_give_their_watch_slots_to_peers_that_do():
     assert max(dead_asks.values()) <= 2, dead_asks
 
 
+def test_a_member_never_takes_its_own_urls_for_peers():
+    """A node served over libp2p is in the pool's list as `p2p://peer/<its id>` while its
+    seeder listens on HTTP. Learnt as a source before the node said it was its own (a list
+    from its last run), that URL is forgotten once said; neither of its URLs is watched or
+    announced (no table takes a `p2p://` announcement: the list vouches for it), and shares
+    are dealt under the one the node said."""
+    import trio
+    import trio.testing
+
+    from shardcast.p2p import p2p_url
+    from shardcast.peerlist import PeerListHolder, sign_peer_list
+    from shardcast.sources import SourcePicker
+    from shardcast.swarm import OwnUrls, PeerWatch
+
+    me = Identity.generate()
+    mine_p2p, mine_http = p2p_url(me.peer_id()), "http://10.0.0.5:8001"
+    coordinator = Identity.generate()
+    asked: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(f"{request.method} {request.url}")
+        await trio.sleep(3600)  # peers long-poll with nothing new
+        raise AssertionError("unreachable")
+
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        mock = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(transport=mock, mounts={"p2p://": mock}) as http:
+            table = PeerTable("p")
+            table.add(announce(Identity.generate(), "p", "http://peer1"))
+            listed = PeerListHolder(coordinator.public_key, "p")
+            listed.offer(sign_peer_list(coordinator, "p", [mine_p2p], 1))
+            picker = SourcePicker(["http://o"])
+            own = OwnUrls()
+            watch = PeerWatch(http, table, picker, ["http://o"], me, peer_list=listed, own=own)
+            watch.learn()
+            seen["sources before"] = sorted(picker.stats)
+            own.announce(mine_p2p)  # what the node does once a hop gave it a slot
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch.run, mine_http)  # the seeder's own HTTP URL
+                nursery.start_soon(watch.watch, 1, _manifest(4))
+                await trio.sleep(5.5)
+                seen["sources"] = sorted(picker.stats)
+                seen["watched"] = sorted(watch._watched[1])
+                seen["members"] = list(watch._members)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen["sources before"] == ["http://o", "http://peer1", mine_p2p]
+    assert seen["sources"] == ["http://o", "http://peer1"]
+    assert seen["watched"] == ["http://peer1"]
+    assert seen["members"] == sorted(["http://peer1", mine_p2p])
+    assert not [u for u in asked if mine_p2p in u or mine_http in u], asked
+    assert not [u for u in asked if u.startswith("POST")], asked
+    assert "GET http://o/peers" in asked  # it still hears the others
+
+
 def _manifest(units: int, version: int = 1):
     """A manifest of one raw payload file of `units` shards (the watch reads only its shape)."""
     from shardcast.manifest import Manifest, PayloadFile
