@@ -302,7 +302,7 @@ async def _fetch_through_a(
             client.trust_version(reply.current_version)
             start = trio.current_time()
             try:
-                result = await _fetch_with_retries(client)
+                result = await _fetch_with_retries(client, host, bootstrap)
                 sources = client.bytes_by_source()
             finally:
                 await client.aclose()
@@ -322,13 +322,17 @@ async def _fetch_through_a(
     }
 
 
-async def _fetch_with_retries(client, tries: int = 4):
-    """`client.fetch("latest")`, asked again after a failure as a node's worker does: opening
-    a stream through the hop fails now and then (the multistream handshake read fails; seen
-    in about 1 run in 5 on a loaded machine), and a node retries. A member that cannot be
-    reached at all still fails every try."""
+async def _fetch_with_retries(client, host, bootstrap: str, tries: int = 4):
+    """`client.fetch("latest")`, asked again after a failure as a node's worker does: it asks
+    the coordinator (a heartbeat) which version is current and trusts that one. The pool
+    publishes a few versions a second here and A keeps only the last few, so the version
+    named in B's join reply can be pruned on A before B asks for it; A lists only newer ones,
+    which B must not believe until signed data names them. Opening a stream through the hop
+    also failed now and then in earlier runs (the multistream handshake). A member that
+    cannot be reached at all still fails every try."""
     import trio
 
+    from protocol import messages as msg
     from shardcast.errors import FetchError
 
     for _ in range(tries - 1):
@@ -336,6 +340,9 @@ async def _fetch_with_retries(client, tries: int = 4):
             return await client.fetch("latest")
         except FetchError:
             await trio.sleep(5.0)  # past a short outage, and past a 10 s cutoff in four tries
+            beat = msg.Heartbeat(weight_version=0)
+            reply = await host.request(bootstrap, msg.HEARTBEAT_PROTOCOL, beat, msg.HeartbeatReply)
+            client.trust_version(reply.message.current_version)
     return await client.fetch("latest")
 
 
