@@ -190,3 +190,35 @@ async def p2p_relay_url(
     node.serve_gateway(seeder_url)
     log.info("serving weights over libp2p, reached at %s", ", ".join(circuits))
     return p2p_url(node.peer_id)
+
+
+async def move_behind_hop(
+    node: P2PNode,
+    seeder_url: str,
+    hops: Callable[[], Sequence[str]],
+    told_unreachable: trio.Event,
+    every_s: float = RECHECK_S,
+    tries: int = RECHECKS,
+) -> str | None:
+    """For a node serving its seeder over HTTP in `--nat auto`: wait until one of two
+    witnesses says nobody can reach it, then serve over libp2p through a hop (the URL to
+    advertise, as `p2p_relay_url`; None when no hop gave a slot).
+
+    The witnesses: a dial-back verdict of private, asked again while the checks give none
+    (`settle_reachability`), and the coordinator's own checks of the advertised URL
+    (`told_unreachable`, set from heartbeat replies). The second is the firmer: py-libp2p's
+    AutoNAT server may answer "public" over the connection the node already holds, and a
+    node's reachability can change after its one check at start."""
+    async with trio.open_nursery() as nursery:
+
+        async def dial_back_again() -> None:
+            if node.verdict is not Reachability.UNKNOWN:
+                return
+            if await settle_reachability(node, hops, every_s, tries) is Reachability.PRIVATE:
+                told_unreachable.set()
+
+        nursery.start_soon(dial_back_again)
+        await told_unreachable.wait()
+        nursery.cancel_scope.cancel()
+    log.info("nobody can reach this node's seeder over HTTP; moving behind the relay hop")
+    return await p2p_relay_url(node, seeder_url, hops(), NatMode.ON)

@@ -48,9 +48,9 @@ from node.seeding import (
     keep_seeding,
     keep_slots,
     make_seeder,
+    move_behind_hop,
     p2p_relay_url,
     seed_behind_nat,
-    settle_reachability,
 )
 from protocol import messages as msg
 from protocol import pow as join_pow
@@ -63,7 +63,7 @@ from protocol.ratelimit import TokenBucket
 from shardcast.client import Client, FetchResult
 from shardcast.errors import ShardcastError
 from shardcast.fetcher import FetchPolicy, http_client
-from shardcast.nat import P2PNode, Reachability, p2p_mounts
+from shardcast.nat import P2PNode, p2p_mounts
 from shardcast.relay import Relay
 from shardcast.swarm import OwnUrls
 
@@ -202,6 +202,9 @@ class Worker:
         self._p2p: P2PNode | None = None
         self._own_urls = OwnUrls()
         """The seeder's URLs: its HTTP one, and the `p2p://` one when served over libp2p."""
+        self._unreachable = trio.Event()
+        """Set when the coordinator finds nobody answering at this node's relay URL, or will not
+        probe it (it names another address than this node connects from)."""
         self._book = PoolBook(pool_id)
         self._newest_fetched = -1
         self._trusted_version = -1
@@ -505,8 +508,8 @@ class Worker:
             if advertised is not None:
                 self._own_urls.announce(advertised)
                 nursery.start_soon(keep_slots, p2p, self._hops)
-            elif self.options.nat is NatMode.AUTO and p2p.verdict is Reachability.UNKNOWN:
-                nursery.start_soon(self._serve_over_nat_if_private, url)
+            elif self.options.nat is NatMode.AUTO:
+                nursery.start_soon(self._serve_over_nat_when_unreachable, url)
             task_status.started((url, advertised or url))
 
     def _hops(self) -> list[str]:
@@ -514,14 +517,12 @@ class Worker:
         assert self.location is not None
         return list(self.location.coordinator_addrs)
 
-    async def _serve_over_nat_if_private(self, seeder_url: str) -> None:
-        """The dial-back check at start gave no verdict, and the seeder went out over HTTP:
-        ask again now and then, and when the hop says this node cannot be dialled, serve the
-        seeder over libp2p and tell the coordinator (a join names the URL to hand out)."""
+    async def _serve_over_nat_when_unreachable(self, seeder_url: str) -> None:
+        """The seeder went out over HTTP (a public verdict, none, or no slot): once a dial-back
+        or the coordinator's checks say nobody can reach it, serve it over libp2p and tell the
+        coordinator (a join names the URL to hand out)."""
         assert self._p2p is not None
-        if await settle_reachability(self._p2p, self._hops) is not Reachability.PRIVATE:
-            return
-        advertised = await p2p_relay_url(self._p2p, seeder_url, self._hops(), NatMode.ON)
+        advertised = await move_behind_hop(self._p2p, seeder_url, self._hops, self._unreachable)
         if advertised is None:
             return
         self._own_urls.announce(advertised)
@@ -633,6 +634,8 @@ class Worker:
         self._trust_version(reply.current_version)
         if reply.code == "banned" or reply.banned:
             raise NodeError(f"this node was banned: {reply.reason}")
+        if reply.relay_check in ("unreachable", "refused"):
+            self._unreachable.set()
         if reply.code == "not_joined":
             # the coordinator lost track of this node (a restart onto another ledger, say)
             log.info("the coordinator does not know this node; joining again")

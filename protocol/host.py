@@ -376,6 +376,17 @@ class Host:
 
     # ----------------------------------------------------------------- names
 
+    def observed_ip(self, peer_id: str) -> str | None:
+        """The IP address `peer_id`'s connection to us comes from (the first one, when it
+        holds several; a relay's, for a circuit); None when it holds none."""
+        from libp2p.peer.id import ID
+
+        for conn in self._host.get_network().get_connections(ID.from_base58(peer_id)):
+            remote = conn.muxed_conn.get_remote_address()
+            if remote:
+                return remote[0]
+        return None
+
     @property
     def peer_id(self) -> str:
         return self._host.get_id().to_base58()

@@ -40,6 +40,11 @@ ReceiptCode = Literal["queued", "repeat", "released", "late", "refused", "too_la
 """repeat: the same answer was recorded before (its first receipt); late: the lease closed
 (no penalty); refused: a lie or a replay (penalised); busy: the validation queue is full."""
 HeartbeatCode = Literal["ok", "not_joined", "banned"]
+RelayCheck = Literal["none", "ok", "unreachable", "refused", "failed"]
+"""The coordinator's checks of the relay URL a node advertised: none yet (or no URL), the
+latest passed, every one for a while found nobody answering there, never checked because it
+names another address than the node connects from, or the latest failed otherwise (see
+`trainer.relays.RelayDirectory.check_of`)."""
 
 
 class Hardware(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -178,6 +183,9 @@ class HeartbeatReply(Message, tag="heartbeat-reply"):
     banned: bool = False
     code: HeartbeatCode = "ok"
     reason: ShortStr = ""
+    relay_check: RelayCheck = "none"
+    """What the coordinator's checks found at this node's relay URL: a node serving over
+    HTTP that nobody can reach moves behind the coordinator's hop (node.seeding)."""
 
 
 class VersionAnnouncement(Message, tag="version"):

@@ -388,7 +388,9 @@ class Coordinator:
         if not self.ledger.join(v.signer, peer_id_of(v.signer), hardware, req.engine, now):
             return msg.JoinReply(accepted=False, code="banned", reason="banned")
         if req.relay_url:
-            self.relays.advertise(v.signer, req.relay_url)
+            # a node gone since it sent the join is seen nowhere: "" names no address
+            seen_at = (self._host.observed_ip(peer_id_of(v.signer)) or "") if self._host else None
+            self.relays.advertise(v.signer, req.relay_url, seen_at)
         log.info("node %s joined (%s, %s)", v.signer.hex()[:12], req.engine, req.hardware.device)
         return msg.JoinReply(
             accepted=True,
@@ -416,6 +418,7 @@ class Coordinator:
             banned=banned,
             code="banned" if banned else "ok",
             reason=(node["ban_reason"] or "")[:256],
+            relay_check=self.relays.check_of(v.signer, time.time()),
         )
 
     # ------------------------------------------------------------------ helpers

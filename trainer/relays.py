@@ -9,6 +9,7 @@ view ever makes a request to a node-chosen address.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ import trio
 from protocol.errors import ProtocolError
 from protocol.host import public_key_of_peer
 from protocol.identity import peer_id_of
+from protocol.messages import RelayCheck
 from shardcast.nat import HopLimits, P2PNode, attach_node
 from shardcast.p2p import SCHEME, URL_PREFIX, P2PTransport, peer_of_source
 from trainer.view import RelayStatus
@@ -49,9 +51,17 @@ Probe = Callable[[str, int], Awaitable[Checked]]
 before)."""
 
 MAX_NODE_RELAYS = 256
+NOT_OWN_ADDRESS = "not_own_address"
+"""An http(s) relay URL that names another address than its node connects from: never probed."""
 NO_SLOT = "no_slot"
 """A stream source whose node holds no slot on the coordinator's hop: unreachable to others."""
 MAX_URLS_HANDED_OUT = 32
+UNREACHABLE_FOR_S = 60.0
+"""How long every check of a node's relay must have found nobody answering (two checks at
+least) before the node is told so: a seeder restarting, or a check racing a join, is not a
+reason to move behind the hop."""
+UNREACHABLE = frozenset({"unreachable", "timeout"})
+"""Probe results (`shardcast.probe.ProbeStatus`) that mean nobody answered at the URL."""
 
 
 @dataclass
@@ -63,20 +73,55 @@ class _Relay:
     error: str | None = "not checked yet"
     version: int | None = None
     served: int | None = None
+    unreachable_since: float | None = None
+    """When the current run of checks that found nobody answering began."""
+    unreachable_checks: int = 0
 
 
 def acceptable_url(url: str) -> bool:
-    """A plain http(s) URL of bounded length with a host, or a bare `p2p://peer/<peer id>`:
-    the only shapes we will probe."""
+    """`http(s)://host[:port]` of bounded length (no path, query, fragment or user), or a bare
+    `p2p://peer/<peer id>`: the only shapes we will probe. A path, a query or a fragment would
+    let a node choose what the probe asks some other server for (a GET of its choosing,
+    `http://internal/admin?x=` + the probe's path)."""
     if len(url) > 256:
         return False
     if url.startswith(URL_PREFIX):
         return stream_peer(url) is not None
     try:
         parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is not a number in range)
     except ValueError:
         return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.username
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and not parts.username
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.fragment
+        and "?" not in url
+        and "#" not in url
+    )
+
+
+def at_own_address(url: str, seen_at: str) -> bool:
+    """Whether the http(s) relay `url` names, as an IP address, the one its node connects to
+    us from (`seen_at`). Else our probe would go wherever the node says: to our own loopback
+    (the origin's port would pass the check, and be handed out), our private network (a port
+    scan read off the relay's status), or any third party. A name is refused too: it can
+    resolve to one address when checked and another when fetched."""
+    try:
+        named = _plain_ip(urlsplit(url).hostname or "")
+        return named == _plain_ip(seen_at)
+    except ValueError:
+        return False
+
+
+def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(text)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def stream_peer(url: str) -> str | None:
@@ -106,17 +151,26 @@ class RelayDirectory:
         self._sources: dict[bytes, dict[str, int]] = {}
         self._changed = trio.Event()
 
-    def advertise(self, node: bytes, url: str) -> bool:
-        """`node` says it relays at `url` (checked before anyone is sent there)."""
+    def advertise(self, node: bytes, url: str, seen_at: str | None = None) -> bool:
+        """`node` says it relays at `url` (checked before anyone is sent there). `seen_at`:
+        the address its connection comes from ("" when it has none left); an http(s) URL must
+        name exactly that one, or it is kept as `NOT_OWN_ADDRESS`, never probed nor handed out
+        (None: no transport to say, as in a test driving the handlers)."""
         if not acceptable_url(url) or not own_url(node, url):
             return False
         known = self._relays.get(node)
         if known is not None and known.url == url:
+            # a join says it serves now: what earlier checks found there starts over
+            known.unreachable_since, known.unreachable_checks = None, 0
             return True
         if known is None and len(self._relays) >= MAX_NODE_RELAYS:
             return False
-        self._relays[node] = _Relay(url, node)
-        self._changed.set()
+        relay = _Relay(url, node)
+        if seen_at is not None and stream_peer(url) is None and not at_own_address(url, seen_at):
+            relay.error, relay.checked_at = NOT_OWN_ADDRESS, time.time()
+        else:
+            self._changed.set()
+        self._relays[node] = relay
         return True
 
     def forget(self, node: bytes) -> None:
@@ -127,6 +181,20 @@ class RelayDirectory:
     def note_sources(self, node: bytes, fetched: dict[str, int]) -> None:
         """Bytes `node` says it fetched from each URL (its latest heartbeat; shown only)."""
         self._sources[node] = dict(fetched)
+
+    def check_of(self, node: bytes, now: float) -> RelayCheck:
+        """What the checks found at the relay `node` advertised, for its heartbeat reply."""
+        relay = self._relays.get(node)
+        if relay is None or relay.checked_at == 0.0:
+            return "none"
+        if relay.verified:
+            return "ok"
+        if relay.error == NOT_OWN_ADDRESS:
+            return "refused"
+        since = relay.unreachable_since
+        if since is not None and relay.unreachable_checks >= 2 and now - since >= UNREACHABLE_FOR_S:
+            return "unreachable"
+        return "failed"
 
     def sources(self, node: bytes) -> dict[str, int]:
         return dict(self._sources.get(node, {}))
@@ -168,18 +236,21 @@ class RelayDirectory:
     async def check_all(self, version: int) -> None:
         async with trio.open_nursery() as nursery:
             for relay in list(self._relays.values()):
-                nursery.start_soon(self._check, relay, version)
+                if relay.error != NOT_OWN_ADDRESS:
+                    nursery.start_soon(self._check, relay, version)
 
     async def _check(self, relay: _Relay, version: int) -> None:
         found = await self._probe(relay.url, version)
         if relay.verified and found.error is not None:
             log.warning("relay %s dropped: %s", relay.url, found.error)
-        relay.verified, relay.error, relay.checked_at = (
-            found.error is None,
-            found.error,
-            time.time(),
-        )
+        now = time.time()
+        relay.verified, relay.error, relay.checked_at = found.error is None, found.error, now
         relay.version, relay.served = found.version, found.served
+        if found.error in UNREACHABLE:
+            relay.unreachable_since = relay.unreachable_since or now
+            relay.unreachable_checks += 1
+        else:
+            relay.unreachable_since, relay.unreachable_checks = None, 0
 
 
 async def check_relay(

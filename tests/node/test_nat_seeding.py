@@ -9,6 +9,7 @@ import trio
 from node.seeding import (
     NatMode,
     keep_slots,
+    move_behind_hop,
     p2p_relay_url,
     seed_behind_nat,
     settle_reachability,
@@ -118,3 +119,71 @@ def test_nat_a_check_without_a_verdict_is_asked_again_until_one_comes():
     # Only dead hops for all three tries: still no verdict, and it stops asking.
     dead3 = [["dead"], ["dead"], ["dead"]]
     assert trio.run(_settled, dead3) == (Reachability.UNKNOWN, Reachability.UNKNOWN)
+
+
+async def _moved(told_after_s: float | None, announce: list[str] | None) -> str | None:
+    """A node whose seeder went out over HTTP after its dial-back check at start; the
+    coordinator's checks say nobody reaches it after `told_after_s` (None: never, and it is
+    given 2 s to move anyway; told, it has 30 s, for a loaded machine).
+    What `move_behind_hop` returned; a p2p URL must also carry the seeder's bytes to a
+    stranger through the hop."""
+    async with (
+        open_node(Identity.generate(), hop=HopLimits()) as coordinator,
+        Host.open(Identity.generate(), "pool", announce=announce) as host,
+        seed_behind_nat(host.libp2p, hops=coordinator.addrs) as node,
+        trio.open_nursery() as nursery,
+    ):
+        url = await nursery.start(serve_app, member_app, "127.0.0.1", 0)
+        assert await p2p_relay_url(node, url, coordinator.addrs, NatMode.AUTO) is None
+        told = trio.Event()
+        if told_after_s is not None:
+            nursery.start_soon(_set_after, told, told_after_s)
+        moved = None
+        with trio.move_on_after(2.0 if told_after_s is None else 30.0):
+            moved = await move_behind_hop(node, url, lambda: coordinator.addrs, told, 0.05, 3)
+        if moved is not None:
+            async with (
+                open_node(Identity.generate()) as member,
+                httpx.AsyncClient(mounts=p2p_mounts(member)) as http,
+            ):
+                member.use_hops(coordinator.addrs)
+                assert (await http.get(f"{moved}/v/1/f/x")).content == BODY
+        nursery.cancel_scope.cancel()
+    return moved
+
+
+async def _set_after(event: trio.Event, seconds: float) -> None:
+    await trio.sleep(seconds)
+    event.set()
+
+
+def test_nat_a_public_verdict_gives_way_to_the_coordinators_checks():
+    # Dialled back on loopback, the node is told "public" (as py-libp2p's AutoNAT server may
+    # say of a node behind NAT); it stays on HTTP until the coordinator finds nobody there.
+    assert trio.run(_moved, None, None) is None
+    assert trio.run(_moved, 0.3, None) is not None
+
+
+def test_nat_a_node_without_a_verdict_moves_on_a_private_one_alone():
+    # A dead hop at start gives no verdict; asked again, the live hop says private: no word
+    # from the coordinator needed.
+    async def main() -> tuple[str | None, str]:
+        dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{Identity.generate().peer_id()}"
+        async with (
+            open_node(Identity.generate(), hop=HopLimits()) as coordinator,
+            Host.open(Identity.generate(), "pool", announce=[ELSEWHERE]) as host,
+            seed_behind_nat(host.libp2p, hops=coordinator.addrs) as node,
+            trio.open_nursery() as nursery,
+        ):
+            url = await nursery.start(serve_app, member_app, "127.0.0.1", 0)
+            assert await node.reachability(dead) is Reachability.UNKNOWN
+            moved = None
+            with trio.move_on_after(30.0):  # returns once moved: the bound is for a loaded CI
+                moved = await move_behind_hop(
+                    node, url, lambda: coordinator.addrs, trio.Event(), 0.05, 3
+                )
+            nursery.cancel_scope.cancel()
+        return moved, host.peer_id
+
+    moved, peer_id = trio.run(main)
+    assert moved == p2p_url(peer_id)

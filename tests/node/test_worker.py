@@ -124,3 +124,21 @@ async def test_repeated_failed_joins_run_discovery_again(tmp_path):
     assert "enough" in str(error)
     assert len(joins) == 4
     assert queries == 2  # the first discovery, and once more after 3 failed joins
+
+
+def test_only_a_reply_that_finds_the_relay_unreachable_moves_the_seeder(tmp_path: Path):
+    from types import SimpleNamespace
+
+    options = WorkerOptions(bootstrap=[], data_dir=tmp_path)
+    engine = SimpleNamespace(version=0)
+    worker = Worker(Identity.generate(), "pool", engine, options)  # type: ignore[arg-type]
+
+    async def main() -> list[bool]:
+        seen = []
+        for check in ("none", "ok", "failed", "refused", "unreachable"):
+            reply = msg.HeartbeatReply(current_version=0, relay_check=check)
+            await worker._on_heartbeat_reply(reply)
+            seen.append(worker._unreachable.is_set())
+        return seen
+
+    assert trio.run(main) == [False, False, False, True, True]

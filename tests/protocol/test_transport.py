@@ -162,6 +162,17 @@ async def test_replayed_request_is_refused():
         assert err.code == "bad_request" and "replayed" in err.detail
 
 
+async def test_a_host_knows_the_address_each_connected_peer_comes_from():
+    async with (
+        Host.open(Identity.generate(), POOL, config=FAST) as server,
+        Host.open(Identity.generate(), POOL, config=FAST) as client,
+    ):
+        server.serve(ECHO, peer.echo, Echo, EchoReply)
+        assert server.observed_ip(client.peer_id) is None  # not connected yet
+        await client.request(server.addrs[0], ECHO, Echo(n=1), EchoReply)
+        assert server.observed_ip(client.peer_id) == "127.0.0.1"
+
+
 async def test_rate_limited_peer_is_refused_and_others_are_served():
     config = HostConfig(**{**FAST.__dict__, "requests_per_s": 1.0, "burst": 3.0})
     async with (

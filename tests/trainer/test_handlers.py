@@ -317,3 +317,29 @@ def test_token_ids_are_bounded_by_the_output_layer_not_the_tokenizer():
     # padded output rows (Qwen2.5 has 271 of them) can be sampled by an honest node
     model.resize_token_embeddings(len(tokenizer) + 7, mean_resizing=False)
     assert vocab_rows(model, tokenizer) == len(tokenizer) + 7
+
+
+def test_a_heartbeat_reply_says_what_the_checks_found_at_the_nodes_relay(tmp_path, monkeypatch):
+    import httpx
+
+    import trainer.relays
+    from tests.integration.pool import free_port
+
+    monkeypatch.setattr(trainer.relays, "UNREACHABLE_FOR_S", 0.0)  # two checks will do
+    coord = _coordinator(tmp_path)
+
+    async def scenario():
+        node = Member(coord)
+        hardware = probe("cpu", self_test_s=0.0)
+        nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there: as behind NAT
+        join = msg.JoinRequest(hardware, "hf", "test", relay_url=nobody)
+        assert (await coord.on_join(node.signed(join))).accepted
+        beat = node.signed(msg.Heartbeat(weight_version=0))
+        assert (await coord.on_heartbeat(beat)).relay_check == "none"  # not checked yet
+        async with httpx.AsyncClient() as coord._probe_http:
+            await coord.relays.check_all(0)
+            assert (await coord.on_heartbeat(beat)).relay_check == "failed"  # once is not enough
+            await coord.relays.check_all(0)
+        assert (await coord.on_heartbeat(beat)).relay_check == "unreachable"
+
+    _play(coord, scenario)

@@ -1,6 +1,7 @@
 """The coordinator's directory of advertised relays: a URL is a claim, handed out only after
 a check passed, dropped when a later check fails."""
 
+import time
 from contextlib import asynccontextmanager
 
 import httpx
@@ -11,7 +12,15 @@ from protocol.identity import Identity
 from shardcast.origin import Origin
 from shardcast.server import serve_app
 from tests.shardcast.sc_helpers import POOL_ID, SHARD, make_checkpoint, nudge_checkpoint
-from trainer.relays import Checked, RelayDirectory, acceptable_url, check_relay, probe_client
+from trainer.relays import (
+    NOT_OWN_ADDRESS,
+    UNREACHABLE_FOR_S,
+    Checked,
+    RelayDirectory,
+    acceptable_url,
+    check_relay,
+    probe_client,
+)
 
 
 def test_relays_are_handed_out_only_while_verified():
@@ -41,10 +50,87 @@ def test_relays_are_handed_out_only_while_verified():
     trio.run(main)
 
 
+def test_a_node_is_told_its_relay_is_unreachable_only_after_a_minute_of_failed_checks():
+    found = {"http://nat:1": Checked("unreachable")}
+
+    async def probe(url: str, version: int) -> Checked:
+        return found[url]
+
+    async def main():
+        d, node = RelayDirectory([], probe), b"n" * 32
+        assert d.check_of(node, time.time()) == "none"  # no URL advertised
+        d.advertise(node, "http://nat:1")
+        assert d.check_of(node, time.time()) == "none"  # not checked yet
+        await d.check_all(1)
+        later = time.time() + UNREACHABLE_FOR_S + 1
+        assert d.check_of(node, later) == "failed"  # one check is not a run of them
+        await d.check_all(1)
+        assert d.check_of(node, time.time()) == "failed"  # two, but within the minute
+        assert d.check_of(node, later) == "unreachable"
+        d.advertise(node, "http://nat:1")  # it joined again: serving now, by its word
+        assert d.check_of(node, later) == "failed"
+        for status in ("timeout", "unreachable"):  # nobody answering, either way
+            found["http://nat:1"] = Checked(status)
+            await d.check_all(1)
+        assert d.check_of(node, later) == "unreachable"
+        found["http://nat:1"] = Checked("bad_manifest")  # an answer, if a bad one
+        await d.check_all(1)
+        assert d.check_of(node, later) == "failed"
+        found["http://nat:1"] = Checked(None, 1, 0)
+        await d.check_all(1)
+        assert d.check_of(node, later) == "ok"
+
+    trio.run(main)
+
+
 def test_only_plain_http_urls_of_bounded_length_are_probed():
-    assert acceptable_url("http://127.0.0.1:8602") and acceptable_url("https://relay.example/x")
+    assert acceptable_url("http://127.0.0.1:8602") and acceptable_url("https://relay.example")
     assert not acceptable_url("ftp://relay.example") and not acceptable_url("http://")
     assert not acceptable_url("http://user:pw@relay.example") and not acceptable_url("h" * 300)
+    assert acceptable_url("http://203.0.113.7:8602/") and acceptable_url("http://[2001:db8::1]:80")
+    # nothing that would choose what the probe asks another server for
+    for url in (
+        "http://10.0.0.5/admin",
+        "http://10.0.0.5/?x=",
+        "http://10.0.0.5?x=",
+        "http://10.0.0.5#",
+        "http://10.0.0.5:99999",
+    ):
+        assert not acceptable_url(url), url
+
+
+def test_a_relay_url_is_probed_only_at_the_address_its_node_connects_from():
+    probed: list[str] = []
+
+    async def probe(url: str, version: int) -> Checked:
+        probed.append(url)
+        return Checked(None, version, 0)
+
+    async def main():
+        d = RelayDirectory([], probe)
+        seen = "203.0.113.7"
+        cases = {
+            b"a" * 32: "http://203.0.113.7:8602",  # its own: probed
+            b"b" * 32: "http://[::ffff:203.0.113.7]:8602",  # the same, written as IPv6
+            b"c" * 32: "http://127.0.0.1:8600",  # our loopback (the origin's port, say)
+            b"d" * 32: "http://10.0.0.5:22",  # our private network
+            b"e" * 32: "http://relay.example:8602",  # a name: it may resolve elsewhere later
+        }
+        for node, url in cases.items():
+            assert d.advertise(node, url, seen_at=seen)
+        d.advertise(b"f" * 32, "http://10.0.0.6:1")  # no transport to say (handlers in a test)
+        d.advertise(b"g" * 32, "http://10.0.0.7:1", seen_at="")  # it hung up after its join
+        await d.check_all(1)
+        assert sorted(probed) == sorted([cases[b"a" * 32], cases[b"b" * 32], "http://10.0.0.6:1"])
+        urls = d.weights_urls(None)
+        assert all(cases[k] not in urls for k in (b"c" * 32, b"d" * 32, b"e" * 32))
+        refused = {r.node for r in d.statuses() if r.error == NOT_OWN_ADDRESS}
+        assert refused == {(k * 32).hex() for k in (b"c", b"d", b"e", b"g")}
+        # the node is told at once: nobody it would be handed to can count on that address
+        assert d.check_of(b"d" * 32, time.time()) == "refused"
+        assert d.check_of(b"a" * 32, time.time()) == "ok"
+
+    trio.run(main)
 
 
 def test_each_round_of_checks_signs_the_verified_relays_as_the_pools_peer_list(tmp_path):
