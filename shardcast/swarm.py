@@ -32,6 +32,7 @@ from shardcast.fetcher import SHARE_GRACE, ResponseTooLarge, ShardJob, Swarming,
 from shardcast.manifest import Manifest, shard_index, units
 from shardcast.peerlist import MAX_PEER_LIST_BYTES, PeerListError, PeerListHolder
 from shardcast.peers import PeerTable, announce, announceable
+from shardcast.scope import may_follow, pool_scope
 from shardcast.sources import SourcePicker
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class PeerWatch:
         self.max_peers = max_peers
         self.peer_list = peer_list
         self.own = own or OwnUrls()
+        self.scope = pool_scope(upstreams)
+        """How far the pool's sources reach: gossiped URLs nearer than that are not followed
+        (`shardcast.scope`)."""
         # version -> peer url -> set of global unit indices it holds (its latest bitfield;
         # empty for a peer that answered "not mirroring it yet"): the peers heard from
         self._have: dict[int, dict[str, set[int]]] = {}
@@ -134,10 +138,11 @@ class PeerWatch:
         self.own.announce(url)
 
     def peers(self) -> list[str]:
-        """Members heard of: by their own announcements, or in the coordinator's list; none
-        of this member's own URLs."""
+        """Members heard of: by their own announcements (at addresses no nearer than the
+        pool's sources), or in the coordinator's list; none of this member's own URLs."""
         vouched = self.peer_list.urls() if self.peer_list is not None else []
-        urls = dict.fromkeys([*vouched, *self.table.urls()])
+        gossiped = [u for u in self.table.urls() if may_follow(u, self.scope)]
+        urls = dict.fromkeys([*vouched, *gossiped])
         return [u for u in urls if u not in self.own and u not in self.upstreams]
 
     # -- gossip ------------------------------------------------------------------------------

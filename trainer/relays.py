@@ -9,7 +9,6 @@ view ever makes a request to a node-chosen address.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from protocol.identity import peer_id_of
 from protocol.messages import RelayCheck
 from shardcast.nat import HopLimits, P2PNode, attach_node
 from shardcast.p2p import SCHEME, URL_PREFIX, P2PTransport, peer_of_source
+from shardcast.scope import plain_ip
 from trainer.view import RelayStatus
 
 log = logging.getLogger("swarmrl.relays")
@@ -111,17 +111,10 @@ def at_own_address(url: str, seen_at: str) -> bool:
     scan read off the relay's status), or any third party. A name is refused too: it can
     resolve to one address when checked and another when fetched."""
     try:
-        named = _plain_ip(urlsplit(url).hostname or "")
-        return named == _plain_ip(seen_at)
+        named = plain_ip(urlsplit(url).hostname or "")
+        return named == plain_ip(seen_at)
     except ValueError:
         return False
-
-
-def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    ip = ipaddress.ip_address(text)
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def stream_peer(url: str) -> str | None:

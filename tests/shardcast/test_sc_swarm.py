@@ -16,6 +16,10 @@ from test_sc_processes import HELPERS, pool_file, publish, start_origin, wait_li
 from protocol.identity import Identity
 from shardcast.peers import TTL, PeerTable, announce
 
+LOCAL = "http://127.0.0.1:9"
+"""The pool's source in the unit tests: a pool on one machine follows any gossiped URL
+(`shardcast.scope`), here names that the mock transports route by."""
+
 
 def start_seed(procs, tmp_path: Path, name: str, pid: str, key: str, upstream: str, *extra):
     p = procs(
@@ -142,8 +146,8 @@ def _watch(
 
     async def main() -> None:
         async with httpx.AsyncClient(transport=httpx.MockTransport(counted)) as http:
-            picker = SourcePicker(["http://origin"])
-            watch = PeerWatch(http, PeerTable("p"), picker, ["http://origin"], Identity.generate())
+            picker = SourcePicker([LOCAL])
+            watch = PeerWatch(http, PeerTable("p"), picker, [LOCAL], Identity.generate())
             watch._have[1], watch._promised[1], watch._claims[1] = {}, {}, {}
             if wakes is not None:
                 watch.listen(1, lambda: wakes.append(trio.current_time()))
@@ -207,7 +211,7 @@ def test_a_member_names_the_units_it_lacks_and_a_peer_answers_only_their_changes
 
     async def follow(total: int) -> None:
         async with httpx.AsyncClient(transport=httpx.MockTransport(peer)) as http:
-            seeds = ["http://origin"]
+            seeds = [LOCAL]
             watch = PeerWatch(http, PeerTable("p"), SourcePicker(seeds), seeds, Identity.generate())
             watch._have[1], watch._promised[1], watch._claims[1] = {}, {}, {}
             with trio.move_on_after(1):
@@ -318,8 +322,8 @@ def test_a_pushed_peer_becomes_a_source_and_a_banned_url_stays_banned_under_a_fr
     from shardcast.sources import SourcePicker
     from shardcast.swarm import PeerWatch
 
-    table, picker = PeerTable("p"), SourcePicker(["http://origin"])
-    watch = PeerWatch(httpx.AsyncClient(), table, picker, ["http://origin"], Identity.generate())
+    table, picker = PeerTable("p"), SourcePicker([LOCAL])
+    watch = PeerWatch(httpx.AsyncClient(), table, picker, [LOCAL], Identity.generate())
     assert table.add(announce(Identity.generate(), "p", "http://peer-a")) is not None
     assert picker.dropped("http://peer-a", 1)  # not a source until learnt
     watch.learn()
@@ -366,9 +370,7 @@ def test_shares_are_dealt_only_to_peers_that_answer_and_do_their_part():
             table = PeerTable("p")
             for url in ("http://busy", "http://gone", "http://idle"):
                 table.add(announce(Identity.generate(), "p", url))
-            watch = PeerWatch(
-                http, table, SourcePicker(["http://o"]), ["http://o"], Identity.generate()
-            )
+            watch = PeerWatch(http, table, SourcePicker([LOCAL]), [LOCAL], Identity.generate())
             watch.own_url = "http://me"
             watch.learn()
             watch.count_members()
@@ -411,8 +413,8 @@ def test_a_peer_that_lets_a_promise_lapse_is_not_waited_for_again():
         async with httpx.AsyncClient(transport=httpx.MockTransport(liar)) as http:
             table = PeerTable("p")
             table.add(announce(Identity.generate(), "p", "http://liar"))
-            picker = SourcePicker(["http://o"])
-            watch = PeerWatch(http, table, picker, ["http://o"], Identity.generate())
+            picker = SourcePicker([LOCAL])
+            watch = PeerWatch(http, table, picker, [LOCAL], Identity.generate())
             watch.own_url = "http://me"
             watch.learn()
             for version in (1, 2):
@@ -456,8 +458,8 @@ def test_only_a_share_dealt_to_a_watched_peer_is_waited_for():
             table = PeerTable("p")
             for url in ("http://a", "http://b"):
                 table.add(announce(Identity.generate(), "p", url))
-            picker = SourcePicker(["http://o"])
-            watch = PeerWatch(http, table, picker, ["http://o"], Identity.generate(), max_peers=1)
+            picker = SourcePicker([LOCAL])
+            watch = PeerWatch(http, table, picker, [LOCAL], Identity.generate(), max_peers=1)
             watch.own_url = "http://me"
             watch.learn()
             async with trio.open_nursery() as nursery:
@@ -503,8 +505,8 @@ def test_peers_that_never_answer_give_their_watch_slots_to_peers_that_do():
             table = PeerTable("p")
             for url in [f"http://dead{i}" for i in range(10)] + ["http://live0", "http://live1"]:
                 table.add(announce(Identity.generate(), "p", url))
-            picker = SourcePicker(["http://o"])
-            watch = PeerWatch(http, table, picker, ["http://o"], Identity.generate(), max_peers=2)
+            picker = SourcePicker([LOCAL])
+            watch = PeerWatch(http, table, picker, [LOCAL], Identity.generate(), max_peers=2)
             watch.own_url = "http://me"
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch.watch, 1, m)
@@ -553,9 +555,9 @@ def test_a_member_never_takes_its_own_urls_for_peers():
             table.add(announce(Identity.generate(), "p", "http://peer1"))
             listed = PeerListHolder(coordinator.public_key, "p")
             listed.offer(sign_peer_list(coordinator, "p", [mine_p2p], 1))
-            picker = SourcePicker(["http://o"])
+            picker = SourcePicker([LOCAL])
             own = OwnUrls()
-            watch = PeerWatch(http, table, picker, ["http://o"], me, peer_list=listed, own=own)
+            watch = PeerWatch(http, table, picker, [LOCAL], me, peer_list=listed, own=own)
             watch.learn()
             seen["sources before"] = sorted(picker.stats)
             own.announce(mine_p2p)  # what the node does once a hop gave it a slot
@@ -569,13 +571,13 @@ def test_a_member_never_takes_its_own_urls_for_peers():
                 nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    assert seen["sources before"] == ["http://o", "http://peer1", mine_p2p]
-    assert seen["sources"] == ["http://o", "http://peer1"]
+    assert seen["sources before"] == [LOCAL, "http://peer1", mine_p2p]
+    assert seen["sources"] == [LOCAL, "http://peer1"]
     assert seen["watched"] == ["http://peer1"]
     assert seen["members"] == sorted(["http://peer1", mine_p2p])
     assert not [u for u in asked if mine_p2p in u or mine_http in u], asked
     assert not [u for u in asked if u.startswith("POST")], asked
-    assert "GET http://o/peers" in asked  # it still hears the others
+    assert f"GET {LOCAL}/peers" in asked  # it still hears the others
 
 
 def _manifest(units: int, version: int = 1):
