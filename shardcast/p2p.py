@@ -168,6 +168,12 @@ def _headers(raw: object, allowed: frozenset[str]) -> dict[str, str]:
 # ----------------------------------------------------------------------------- serving
 
 
+BUSY_RETRY_AFTER_S = 1
+"""What a gateway at its caps asks a fetcher to wait (the fetcher's busy budget bounds it)."""
+BUSY_WRITE_S = 1.0
+"""The longest a busy answer may take to write: a peer that reads nothing costs no more."""
+
+
 class StreamGateway:
     """Answers `PROTOCOL_ID` streams from the member's HTTP server at `base_url`."""
 
@@ -194,7 +200,7 @@ class StreamGateway:
         peer = stream.muxed_conn.peer_id.to_base58()
         if self.total >= self.limits.total or self.active[peer] >= self.limits.per_peer:
             self.refused += 1
-            await reset_stream(stream)
+            await self._busy(stream)
             return
         self.active[peer] += 1
         self.total += 1
@@ -211,6 +217,17 @@ class StreamGateway:
             if not self.active[peer]:
                 del self.active[peer]
             await close_stream(stream)
+
+    async def _busy(self, stream: Any) -> None:
+        """Turn a stream away with a 503 and a Retry-After, its request unread, as the HTTP
+        server does at its caps. A reset said nothing: py-libp2p's reset can overtake the
+        protocol's confirmation, so the fetcher saw "does not serve" (a failed attempt, the
+        source scored down) where an HTTP source would have said "busy, wait a second". The
+        answer is one small write into the stream's window, bounded by `BUSY_WRITE_S`."""
+        with trio.move_on_after(BUSY_WRITE_S), contextlib.suppress(Exception):
+            head = {"status": 503, "headers": {"retry-after": str(BUSY_RETRY_AFTER_S)}}
+            await stream.write(_head(head))
+        await close_stream(stream)
 
     async def _answer(self, stream: Any) -> None:
         lim = self.limits
