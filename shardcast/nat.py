@@ -40,6 +40,7 @@ from shardcast.p2p import (
     close_stream,
     reset_stream,
 )
+from shardcast.scope import dial_floor, may_dial
 from shardcast.throttle import UploadThrottle
 
 log = logging.getLogger(__name__)
@@ -363,11 +364,13 @@ async def attach_node(
         relay.throttle = UploadThrottle(limits.rate_bytes_s)
     roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
     rconfig = RelayConfig(roles=roles, limits=relay_limits)
-    async with background_trio_service(relay), _maybe_dcutr(raw, dcutr, config):
+    async with background_trio_service(relay), _maybe_dcutr(raw, dcutr, config) as puncher:
         if hop is not None:
             await relay.event_started.wait()
             _serve_hop(raw, relay, hop, admit, config)
         node = P2PNode(raw, relay, CircuitV2Transport(raw, relay, rconfig), config)
+        if puncher is not None:
+            puncher.hops = lambda: node.hops
         try:
             async with trio.open_nursery() as nursery:
                 node.nursery = nursery
@@ -436,17 +439,50 @@ def _serve_hop(
 
 
 @asynccontextmanager
-async def _maybe_dcutr(raw: Any, enabled: bool, config: NatConfig) -> AsyncIterator[None]:
+async def _maybe_dcutr(raw: Any, enabled: bool, config: NatConfig) -> AsyncIterator[Any]:
+    """DCUtR on `raw` for the block's life when `enabled` (yields it; else None)."""
     if not enabled:
-        yield
+        yield None
         return
-    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
     from libp2p.tools.anyio_service import background_trio_service
 
     timeout = int(config.dial_timeout_s)
-    dcutr = DCUtRProtocol(raw, read_timeout=timeout, write_timeout=timeout, dial_timeout=timeout)
+    dcutr = _scoped_dcutr_class()(
+        raw, read_timeout=timeout, write_timeout=timeout, dial_timeout=timeout
+    )
     async with background_trio_service(dcutr):
-        yield
+        yield dcutr
+
+
+def _scoped_dcutr_class() -> type:
+    """py-libp2p's DCUtR, dialling only addresses `scope.may_dial` allows.
+
+    A hole punch dials what the other side reports, in its DCUtR message and through
+    identify (the peerstore): a hostile peer that got a circuit to a member could make it
+    open TCP connections to the member's own loopback services or its LAN, a few per circuit
+    and round. Every dial and UDP spray of the upgrade passes through `_dial_peer` and
+    `_spam_udp_for_hole_punch`, so the rule sits there; `hops()` (the member's relay hops,
+    set once the node exists) says how near an address may be."""
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+    class ScopedDCUtR(DCUtRProtocol):
+        hops: Callable[[], Sequence[str]] = staticmethod(lambda: ())
+
+        def allowed(self, addr: Any) -> bool:
+            if may_dial(str(addr), dial_floor(self.hops())):
+                return True
+            log.info("hole punch: not dialling %s (nearer than the relay hops)", addr)
+            return False
+
+        async def _dial_peer(self, peer_id: Any, addr: Any, *args: Any, **kw: Any) -> None:
+            if self.allowed(addr):
+                await super()._dial_peer(peer_id, addr, *args, **kw)
+
+        async def _spam_udp_for_hole_punch(self, addr: Any, stop: Any) -> None:
+            if self.allowed(addr):
+                await super()._spam_udp_for_hole_punch(addr, stop)
+
+    return ScopedDCUtR
 
 
 class _Gate:

@@ -10,6 +10,7 @@ public addresses follows public ones, a LAN pool also private ones, and a pool o
 machine (the simulated swarm, tests) anything. A name is followed only in a loopback pool:
 it may resolve to one address when checked and another when fetched. URLs the coordinator
 vouches for in its signed list are not filtered: it probed each at its node's own address.
+The same rule bounds the addresses a peer reports for a hole punch (DCUtR): `may_dial`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,32 @@ def pool_scope(sources: Iterable[str]) -> Scope:
     as public; `p2p://` sources do not count). PUBLIC when no http(s) source is given."""
     found = [url_scope(u) for u in sources if urlsplit(u).scheme in ("http", "https")]
     return max((Scope.PUBLIC if s is None else s for s in found), default=Scope.PUBLIC)
+
+
+def multiaddr_scope(addr: str) -> Scope | None:
+    """The scope of a multiaddr's IP (`/ip4/...`, `/ip6/...`); None for any other kind (a
+    DNS name) or an address never dialled."""
+    parts = str(addr).split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return None
+    try:
+        return scope_of(plain_ip(parts[2]))
+    except ValueError:
+        return None
+
+
+def dial_floor(hops: Iterable[str]) -> Scope:
+    """How near an address a peer reports for a direct dial (DCUtR) may be: as near as the
+    most public relay hop (multiaddrs), never this machine unless every hop is on it;
+    PRIVATE when no hop is known."""
+    found = [multiaddr_scope(h) for h in hops]
+    return max((Scope.PUBLIC if s is None else s for s in found), default=Scope.PRIVATE)
+
+
+def may_dial(addr: str, floor: Scope) -> bool:
+    """Whether a peer's reported multiaddr `addr` may be dialled under `floor`."""
+    scope = multiaddr_scope(addr)
+    return scope is not None and scope >= floor
 
 
 def may_follow(url: str, pool: Scope) -> bool:

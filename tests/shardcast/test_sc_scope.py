@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import trio
 
 from protocol.identity import Identity
 from shardcast.peerlist import PeerListHolder, sign_peer_list
 from shardcast.peers import PeerTable, announce
-from shardcast.scope import Scope, may_follow, plain_ip, pool_scope, scope_of
+from shardcast.scope import Scope, dial_floor, may_follow, plain_ip, pool_scope, scope_of
 from shardcast.sources import SourcePicker
 from shardcast.swarm import PeerWatch
 
@@ -92,3 +93,52 @@ def test_a_watch_follows_gossip_no_nearer_than_its_pool_and_everything_the_list_
     assert sorted(watch.peers()) == ["http://192.168.7.7:8601", "http://8.8.4.4:8601"]
     watch.learn()
     assert sorted(watch.picker.stats) == sorted([origin, *watch.peers()])
+
+
+def test_a_hole_punch_dials_no_address_nearer_than_the_relay_hops() -> None:
+    """DCUtR dials the addresses a peer reports: behind a public hop only public ones, behind
+    a LAN hop private ones too, never this machine's (nor a DNS name) unless every hop is on
+    it (reported in DCUtR or through identify). The filter sits where py-libp2p dials."""
+    from multiaddr import Multiaddr
+
+    from shardcast.nat import _scoped_dcutr_class
+
+    public_hop = "/ip4/8.8.8.8/tcp/4001/p2p/12D3KooWHop"
+    lan_hop = "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWHop"
+    assert dial_floor([public_hop]) is Scope.PUBLIC
+    assert dial_floor([lan_hop]) is Scope.PRIVATE
+    assert dial_floor([]) is Scope.PRIVATE
+    assert dial_floor(["/ip4/127.0.0.1/tcp/1/p2p/x"]) is Scope.LOOPBACK
+    assert dial_floor(["/dns4/hop.example.org/tcp/1/p2p/x"]) is Scope.PUBLIC
+
+    reported = [
+        "/ip4/127.0.0.1/tcp/22",
+        "/ip6/::1/tcp/22",
+        "/ip4/0.0.0.0/tcp/22",
+        "/ip4/192.168.1.1/tcp/80",
+        "/dns4/localhost/tcp/22",
+        "/ip4/8.8.4.4/tcp/4001",
+    ]
+    dialled: list[str] = []
+
+    class Recording(_scoped_dcutr_class()):
+        def __init__(self) -> None:  # no host: only the dial decision is exercised
+            pass
+
+    async def fake_dial(self, peer_id, addr, *args, **kw) -> None:
+        dialled.append(str(addr))
+
+    kept = {}
+    with pytest.MonkeyPatch.context() as mp:
+        from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+        mp.setattr(DCUtRProtocol, "_dial_peer", fake_dial)  # what py-libp2p would dial
+        puncher = Recording()
+        for name, hops in (("public", [public_hop]), ("lan", [lan_hop]), ("none", [])):
+            puncher.hops = lambda hops=hops: hops
+            dialled.clear()
+            for addr in reported:
+                trio.run(puncher._dial_peer, "peer", Multiaddr(addr))
+            kept[name] = list(dialled)
+    assert kept["public"] == ["/ip4/8.8.4.4/tcp/4001"]
+    assert kept["lan"] == kept["none"] == ["/ip4/192.168.1.1/tcp/80", "/ip4/8.8.4.4/tcp/4001"]
