@@ -53,13 +53,16 @@ def scope_of(ip: IP) -> Scope | None:
 
 @lru_cache(maxsize=4096)
 def url_scope(url: str) -> Scope | None:
-    """The scope of an http(s) URL's host when it is an IP address; None for a name, an
-    address never dialled, or no http(s) URL at all."""
+    """The scope of an http(s) URL's host when it is an IP address (or `localhost`); None
+    for another name, an address never dialled, or no http(s) URL at all."""
     try:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             return None
-        return scope_of(plain_ip(parts.hostname or ""))
+        host = parts.hostname or ""
+        if host == "localhost" or host.endswith(".localhost"):
+            return Scope.LOOPBACK  # resolved on this machine by convention (RFC 6761)
+        return scope_of(plain_ip(host))
     except ValueError:
         return None
 

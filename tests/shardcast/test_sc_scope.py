@@ -47,6 +47,7 @@ def test_a_pool_reaches_as_far_as_its_most_public_source() -> None:
     assert pool_scope(["http://127.0.0.1:1", "http://10.0.0.1:1"]) is Scope.PRIVATE
     assert pool_scope(["http://10.0.0.1", "https://8.8.8.8"]) is Scope.PUBLIC
     assert pool_scope(["https://pool.example.org"]) is Scope.PUBLIC  # a name counts as public
+    assert pool_scope(["http://localhost:7102"]) is Scope.LOOPBACK  # but localhost is here
 
 
 @pytest.mark.parametrize(
