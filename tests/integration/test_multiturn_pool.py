@@ -18,7 +18,15 @@ BYZANTINE = Path(__file__).resolve().parents[2] / "examples" / "byzantine.py"
 def test_honest_transcripts_train_and_an_edited_tool_result_is_banned(tmp_path):
     coordinator = Coordinator.create(
         tmp_path,
-        ["task.name=guess", "task.options={ max_turns = 3 }", "sampling.max_new_tokens=4"],
+        # The cheater submits only groups it could edit, and lets a lease with nothing to
+        # edit expire: on probation one such fault ends its leasing for the admission
+        # window. A short window lets it try again instead of waiting out the test.
+        [
+            "task.name=guess",
+            "task.options={ max_turns = 3 }",
+            "sampling.max_new_tokens=4",
+            "admission.window_s=15",
+        ],
     )
     honest = Node("honest", tmp_path / "nodes")
     home = tmp_path / "nodes"
