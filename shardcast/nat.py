@@ -454,6 +454,7 @@ async def _maybe_dcutr(raw: Any, enabled: bool, config: NatConfig) -> AsyncItera
         yield dcutr
 
 
+@functools.cache
 def _scoped_dcutr_class() -> type:
     """py-libp2p's DCUtR, dialling only addresses `scope.may_dial` allows.
 
