@@ -250,7 +250,7 @@ class Worker:
             nursery.start_soon(follow_pool_record, host, self._book, self.options.bootstrap)
             spec = self.location.spec
             self.stats.state = "joining"
-            reply = await self._join()
+            reply = await self._join(fresh=True)
             sources = list(reply.weights_urls)
             if self.options.relay_port is not None or self.options.reseed:
                 local_url, relay_url = await nursery.start(self._relay, sources)
@@ -364,9 +364,10 @@ class Worker:
         log.warning("%s failed (%s); retrying in %.1fs", what, reason, state.upcoming_sleep)
         self.stats.state = f"waiting ({what})"
 
-    async def _join(self, relay_url: str = "") -> msg.JoinReply:
+    async def _join(self, relay_url: str = "", fresh: bool = False) -> msg.JoinReply:
         """Join the pool (idempotent; again whenever the coordinator forgot this node).
-        Waits out a busy pool; a refusal is final."""
+        Waits out a busy pool; a refusal is final. `fresh`: this process's first join, so
+        leases still open under this key died with an earlier process: give them back."""
         self._relay_url = relay_url
         hardware = await trio.to_thread.run_sync(probe, self.options.device)
         request = msg.JoinRequest(
@@ -375,6 +376,7 @@ class Worker:
             software=package_version("swarmrl"),
             relay_url=relay_url,
             pow_nonce=await self._proof_of_work(),
+            fresh_start=fresh,
         )
         unanswered = 0
 

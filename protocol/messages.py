@@ -65,6 +65,9 @@ class JoinRequest(Message, tag="join"):
     pow_nonce: UInt = 0
     """Proof of work for a new identity: BLAKE3(pool id, key, nonce) must start with the
     spec's `limits.join_pow_bits` zero bits (see `protocol.pow`)."""
+    fresh_start: bool = False
+    """This node's process has just started and holds no lease: any lease still open under
+    its key died with an earlier process, and is released (as if the node had released it)."""
 
 
 class JoinReply(Message, tag="join-reply"):

@@ -10,7 +10,8 @@ for newcomers that all newcomers SHARE, so a thousand new keys cost what one cos
 - Probation: a new identity gets one-prompt leases, one at a time, from a small pool of lease
   slots all newcomers share; its submissions are validated from a shared budget of prefill
   seconds per minute, after the trusted nodes' work; one proven cheat bans it.
-  `probation_accepts` accepted submissions end probation.
+  `probation_accepts` accepted submissions end probation. A soft fault pauses its leasing:
+  with k faults in the window, for 60 s x 4^(k-1) from the latest, at most the window.
 - Quota: a trusted node's open leases are capped by what it answered lately (1 + answered / 2,
   at most `max_leases_per_node` and half the pool's in-flight budget), minus its soft faults in
   the window: expiries, and releases beyond `release_allowance`.
@@ -32,7 +33,7 @@ from typing import Literal
 from protocol import pow
 from protocol.messages import JoinCode, LeaseCode
 from protocol.poolspec import AdmissionSection
-from trainer.ledger import Decision, Ledger, Standing
+from trainer.ledger import Activity, Decision, Ledger, Standing
 
 PROVEN_CHEAT = 1.0
 """Strikes of a hard verdict: content that fails a check, a lie about a lease."""
@@ -45,6 +46,13 @@ LOST_WORKERS = 0.5
 fault can meet an honest one, so it costs what a transport refusal does."""
 QUOTA_RETRY_S = 5.0
 BUSY_REASON = "enough work in flight; try shortly"
+PROBATION_PAUSE_S = 60.0
+"""A newcomer's leasing pauses this long after its latest soft fault while that is its only
+one in the window, four times as long with two, and the whole window with three or more. One
+fault used to end it for the window (600 s), so an honest newcomer killed once, or with one
+slow first lease, sat out ten minutes. A lease hoarder now holds a shared probation slot a
+little over half the time (a 300 s term in each 540 s cycle, at the defaults) instead of a
+third; fresh identities at the newcomer rate could already hold every slot."""
 VERDICT_RETRY_S = 1.0
 """A newcomer that has answered and awaits only its verdict asks again this soon: verdicts
 take well under a second when validation keeps up, and waiting `QUOTA_RETRY_S` made every
@@ -177,11 +185,10 @@ class Admission:
         if node is None or node["banned_at"] is not None:
             return LeaseTerms("banned", reason="not a member, or banned")
         seen = self.ledger.activity(key, now - self.config.window_s)
-        # Expiries and releases beyond the allowance are the node's soft faults in the window.
-        faults = seen.expired + max(0, seen.released - self.config.release_allowance)
         if node["probation"]:
-            return self._probation_terms(seen.open, self.ledger.pending_count(key), faults)
-        quota = min(self.max_open, 1 + seen.answered // 2) - faults
+            pause = self._probation_pause(seen, now)
+            return self._probation_terms(seen.open, self.ledger.pending_count(key), pause)
+        quota = min(self.max_open, 1 + seen.answered // 2) - self._faults(seen)
         if seen.open >= max(quota, 0):
             return LeaseTerms(
                 "quota",
@@ -197,13 +204,28 @@ class Admission:
             )
         return LeaseTerms("ok", prompts=self.lease_prompts)
 
-    def _probation_terms(self, open_leases: int, pending: int, faults: int) -> LeaseTerms:
+    def _faults(self, seen: Activity) -> int:
+        """Expiries and releases beyond the allowance: a node's soft faults in the window."""
+        return seen.expired + max(0, seen.released - self.config.release_allowance)
+
+    def _probation_pause(self, seen: Activity, now: float) -> float:
+        """Seconds a newcomer's leasing stays paused after its latest soft fault."""
+        faults = self._faults(seen)
+        if not faults:
+            return 0.0
+        releases_faulted = seen.released > self.config.release_allowance
+        last = max(seen.last_expired_at, seen.last_released_at if releases_faulted else 0.0)
+        pause = min(self.config.window_s, PROBATION_PAUSE_S * 4.0 ** (faults - 1))
+        return max(0.0, last + pause - now)
+
+    def _probation_terms(self, open_leases: int, pending: int, pause: float) -> LeaseTerms:
         # One lease at a time, and the next only once the last answer has its verdict: a
-        # newcomer cannot queue up work we have not judged yet. One fault ends its leasing
-        # for the window.
-        if faults >= 1:
+        # newcomer cannot queue up work we have not judged yet.
+        if pause > 0:
             return LeaseTerms(
-                "quota", reason="a soft fault in the window", retry_after_s=QUOTA_RETRY_S
+                "quota",
+                reason=f"a soft fault in the window pauses leasing for {pause:.0f} s more",
+                retry_after_s=pause,
             )
         if open_leases or pending:
             # Its own lease still open: it is working; only a verdict to come: soon.

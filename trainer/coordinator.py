@@ -387,6 +387,8 @@ class Coordinator:
         hardware = msgspec.to_builtins(req.hardware)
         if not self.ledger.join(v.signer, peer_id_of(v.signer), hardware, req.engine, now):
             return msg.JoinReply(accepted=False, code="banned", reason="banned")
+        if req.fresh_start:
+            self.leases.release_abandoned(v.signer, now)
         if req.relay_url:
             # a node gone since it sent the join is seen nowhere: "" names no address
             seen_at = (self._host.observed_ip(peer_id_of(v.signer)) or "") if self._host else None

@@ -211,19 +211,41 @@ class LeaseService:
 
     async def on_release(self, v: Any) -> msg.Receipt:
         lease_id = v.message.lease_id
-        now = time.time()
-        fault = self.admission.release_is_fault(v.signer, now)
-        if not self.ledger.release_lease(lease_id, v.signer, now, fault=fault):
+        released = self._release(v.signer, lease_id, time.time())
+        if released is None:
             return msg.Receipt(
                 lease_id=lease_id,
                 queued=False,
                 code="refused",
                 reason="no such open lease of yours",
             )
-        self.give_back([lease_id])
         self.demand.fire()
-        why = "released (beyond the allowance: a soft fault)" if fault else "released"
+        why = "released (beyond the allowance: a soft fault)" if released else "released"
         return msg.Receipt(lease_id=lease_id, queued=False, code="released", reason=why)
+
+    def release_abandoned(self, node: bytes, now: float) -> list[int]:
+        """Release the leases still open under `node`'s key when a new process of it joins
+        saying it holds none (`JoinRequest.fresh_start`): an earlier process died with them.
+        Their prompts go to others now instead of at the deadline, and the node is not left
+        waiting out leases it cannot answer, then charged an expiry for each. Each counts
+        as a release, against the same allowance: the node could have sent each release
+        itself, had it known the ids."""
+        released = [
+            i for i in self.ledger.open_lease_ids(node) if self._release(node, i, now) is not None
+        ]
+        if released:
+            log.info("leases %s released: their node restarted without them", released)
+            self.demand.fire()
+        return released
+
+    def _release(self, node: bytes, lease_id: int, now: float) -> bool | None:
+        """Release one of `node`'s open leases and give its prompts back. None when it had no
+        such open lease, else whether the release was a soft fault (beyond the allowance)."""
+        fault = self.admission.release_is_fault(node, now)
+        if not self.ledger.release_lease(lease_id, node, now, fault=fault):
+            return None
+        self.give_back([lease_id])
+        return fault
 
     def give_back(self, lease_ids: list[int]) -> None:
         """The prompts of closed, unanswered leases go to others (never straight back: the

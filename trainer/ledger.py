@@ -206,6 +206,10 @@ class Activity:
     answered: int
     expired: int
     released: int
+    last_expired_at: float = 0.0
+    """When its latest lease in the window expired (0: none did)."""
+    last_released_at: float = 0.0
+    """When it last released a lease in the window (0: never)."""
 
     @property
     def has_work(self) -> bool:
@@ -475,6 +479,15 @@ class Ledger:
                 db.execute("UPDATE nodes SET soft_faults = soft_faults + 1 WHERE key = ?", (node,))
         return cur.rowcount == 1
 
+    def open_lease_ids(self, node: bytes) -> list[int]:
+        """`node`'s open leases."""
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT id FROM leases WHERE node = ? AND state = 'open'", (node,)
+            )
+        ]
+
     def open_lease_count(self, probation: bool = False) -> int:
         """Open leases of trusted nodes, or (`probation`) of nodes on probation."""
         return self._db.execute(
@@ -513,18 +526,20 @@ class Ledger:
 
     def activity(self, node: bytes, since: float) -> Activity:
         """`node`'s open leases, and those answered, expired or released after `since`."""
-        counts = dict(
-            self._db.execute(
-                """SELECT state, COUNT(*) FROM leases WHERE node = ?
-                   AND (state = 'open' OR closed_at >= ?) GROUP BY state""",
-                (node, since),
-            ).fetchall()
-        )
+        rows = self._db.execute(
+            """SELECT state, COUNT(*), MAX(closed_at) FROM leases WHERE node = ?
+               AND (state = 'open' OR closed_at >= ?) GROUP BY state""",
+            (node, since),
+        ).fetchall()
+        counts = {state: n for state, n, _ in rows}
+        latest = {state: at or 0.0 for state, _, at in rows}
         return Activity(
             counts.get("open", 0),
             counts.get("answered", 0),
             counts.get("expired", 0),
             counts.get("released", 0),
+            latest.get("expired", 0.0),
+            latest.get("released", 0.0),
         )
 
     # --- submissions and verdicts ---------------------------------------------------------

@@ -58,30 +58,34 @@ def _key(node: Node) -> bytes:
     return bytes.fromhex(json.loads((node.home / f"{node.name}.key").read_text())["public_key"])
 
 
-def test_killed_node_lease_goes_to_the_other(pool):
-    coordinator, nodes, tmp = pool
-    coordinator.start()
-    a, b = Node("a", tmp / "nodes"), Node("b", tmp / "nodes")
-    nodes += [a, b]
-    # Kill `a` while it holds an open lease. A lease is open only while a generates (ms on the
-    # tiny model), so freeze a (SIGSTOP) when the ledger shows one, let a submission already on
-    # the wire land, and kill it only if the lease is still open; otherwise let it go on.
-    a.start(coordinator.pool_id, coordinator.bootstrap)
-    held, deadline = None, time.monotonic() + 240
-    while held is None and time.monotonic() < deadline:
-        if (tmp / "nodes" / "a.key").exists() and (coordinator.data / "ledger.sqlite").exists():
+def _kill_holding_a_lease(coordinator: Coordinator, a: Node) -> tuple[int, str, list[int]]:
+    """SIGKILL `a` while it holds an open lease; returns that lease. A lease is open only
+    while a generates (ms on the tiny model), so freeze a (SIGSTOP) when the ledger shows one,
+    let a submission already on the wire land, and kill it only if the lease is still open;
+    otherwise let it go on."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if (a.home / f"{a.name}.key").exists() and (coordinator.data / "ledger.sqlite").exists():
             seen = next((x for x in _leases(coordinator.data, _key(a)) if x[1] == "open"), None)
             if seen is not None:
                 a.proc.send_signal(signal.SIGSTOP)
                 time.sleep(0.5)
                 state = {i: st for i, st, _ in _leases(coordinator.data, _key(a))}
                 if state[seen[0]] == "open":
-                    held = seen
                     a.kill(signal.SIGKILL)
-                else:
-                    a.proc.send_signal(signal.SIGCONT)
+                    return seen
+                a.proc.send_signal(signal.SIGCONT)
         time.sleep(0.02)
-    assert held is not None, "node a was never caught holding an open lease"
+    raise AssertionError(f"node {a.name} was never caught holding an open lease")
+
+
+def test_killed_node_lease_goes_to_the_other(pool):
+    coordinator, nodes, tmp = pool
+    coordinator.start()
+    a, b = Node("a", tmp / "nodes"), Node("b", tmp / "nodes")
+    nodes += [a, b]
+    a.start(coordinator.pool_id, coordinator.bootstrap)
+    held = _kill_holding_a_lease(coordinator, a)
     lease_id, _, prompts = held
     b.start(coordinator.pool_id, coordinator.bootstrap)
     # the lease expires (8 s) and its prompts are the first ones leased to b after that
@@ -96,6 +100,35 @@ def test_killed_node_lease_goes_to_the_other(pool):
     assert reissued, f"prompts {prompts} of a's expired lease were not leased to b"
     before = coordinator.api("/api/status")["counts"]["submissions"]
     coordinator.wait_for(lambda s: s["counts"]["submissions"] > before, 180, "b working on")
+
+
+def test_a_restarted_node_gives_back_the_lease_its_killed_process_held(tmp_path):
+    # Leases long enough that the node is back before its lost lease would expire: its first
+    # join says it holds nothing, so the lease is released then (no soft fault: within the
+    # allowance), instead of expiring minutes later as a fault that would pause its leasing.
+    coordinator = Coordinator.create(tmp_path, ["limits.lease_timeout_s=300.0"])
+    a = Node("a", tmp_path / "nodes")
+    try:
+        coordinator.start()
+        a.start(coordinator.pool_id, coordinator.bootstrap)
+        lease_id, _, _ = _kill_holding_a_lease(coordinator, a)
+        a.start(coordinator.pool_id, coordinator.bootstrap)
+        coordinator.wait_for(
+            lambda s: (
+                {i: st for i, st, _ in _leases(coordinator.data, _key(a))}[lease_id] == "released"
+            ),
+            120,
+            "the lost lease released by the restarted node's join",
+        )
+        before = coordinator.api("/api/status")["counts"]["submissions"]
+        coordinator.wait_for(
+            lambda s: s["counts"]["submissions"] > before, 120, "the restarted node working on"
+        )
+        (row,) = [n for n in coordinator.api("/api/nodes") if n["status"] != "banned"]
+        assert row["soft_faults"] == 0, row
+    finally:
+        a.kill()
+        coordinator.kill()
 
 
 def test_coordinator_restart_nodes_reconnect(pool):

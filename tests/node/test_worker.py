@@ -104,6 +104,7 @@ async def test_busy_is_waited_out_and_every_join_pays_the_proof_of_work(tmp_path
     assert len(joins) == 3
     for j in joins:
         assert join_pow.check(pool, j.signer, j.message.pow_nonce, POW_BITS)
+        assert j.message.fresh_start  # a process's first join: it holds no lease yet
 
 
 @pytest.mark.trio

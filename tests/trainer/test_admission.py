@@ -7,9 +7,11 @@ import pytest
 import trio
 
 from protocol import pow
+from protocol.envelope import EnvelopeVerifier
 from protocol.poolspec import AdmissionSection
 from tests.trainer.test_handlers import Member, _coordinator, _play
 from trainer.admission import (
+    PROBATION_PAUSE_S,
     PROVEN_CHEAT,
     QUOTA_RETRY_S,
     TRANSPORT_REFUSAL,
@@ -56,6 +58,71 @@ def test_newcomers_share_lease_slots_and_trusted_work_is_not_counted_against_the
         assert (await newcomers[1].lease()).lease is not None
         assert (await newcomers[2].lease()).code == "busy"  # the 2 shared slots are taken
         assert (await veteran.lease()).lease is not None  # trusted work is unaffected
+
+    _play(coord, scenario)
+
+
+def test_a_soft_fault_on_probation_pauses_leasing_a_minute_then_four_then_the_window(
+    tmp_path, monkeypatch
+):
+    # window 600 s, 8 s leases, each expiring unanswered. With k faults in the window, leasing
+    # pauses min(600, 60 x 4^(k-1)) s from the latest: faults at T, T + 69 and T + 318.
+    coord = _coordinator(tmp_path, lease_timeout_s=8.0)
+    node = Member(coord)
+    clock = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    node.verifier = EnvelopeVerifier(coord.pool_id, clock=time.time)  # the patched clock
+
+    async def fault() -> float:
+        lease = (await node.lease()).lease
+        assert lease is not None
+        clock[0] = lease.deadline_ms / 1000 + 1
+        assert coord.leases.expire(clock[0]) == [lease.lease_id]
+        return clock[0]
+
+    async def paused_for(at: float) -> float:
+        clock[0] = at
+        reply = await node.lease()
+        assert reply.lease is None and reply.code == "quota", reply
+        return reply.retry_after_s
+
+    async def scenario():
+        await node.join()
+        for pause in (PROBATION_PAUSE_S, 4 * PROBATION_PAUSE_S):
+            at = await fault()
+            assert await paused_for(at + pause - 2) == pytest.approx(2.0)
+            clock[0] = at + pause + 0.01
+        third = await fault()
+        assert await paused_for(third + 200) == pytest.approx(400.0)  # 3 faults: the window
+        # 283 s on, the first fault has left the window: two remain, so 240 s from the third
+        clock[0] = third + 283
+        assert (await node.lease()).lease is not None
+        assert coord.ledger.node(node.key)["soft_faults"] == 3
+
+    _play(coord, scenario)
+
+
+def test_a_restarted_node_gives_back_the_leases_its_earlier_process_held(tmp_path):
+    # a trusted node holds a lease when its process dies; the new process says so on joining
+    coord = _coordinator(tmp_path)
+    node, other = Member(coord), Member(coord)
+
+    async def scenario():
+        await node.join(trusted=True)
+        await other.join(trusted=True)
+        lost = (await node.lease()).lease
+        assert (await node.join()).accepted  # an ordinary re-join keeps its work
+        assert coord.ledger.lease(lost.lease_id)["state"] == "open"
+        assert (await node.lease()).code == "quota"  # its one lease slot is taken
+        assert (await node.join(fresh_start=True)).accepted
+        assert coord.ledger.lease(lost.lease_id)["state"] == "released"
+        assert coord.ledger.node(node.key)["soft_faults"] == 0  # within the allowance
+        # the prompt goes out at once, to another node, and the restarted node leases again
+        again = (await other.lease()).lease
+        assert again.tasks[0].prompt_index == lost.tasks[0].prompt_index
+        assert (await node.lease()).lease is not None
+        assert (await node.join(fresh_start=True)).accepted  # a lease it holds goes too
+        assert coord.ledger.node(node.key)["soft_faults"] == 0  # allowance 2
 
     _play(coord, scenario)
 

@@ -45,9 +45,10 @@ class Member:
         raw = seal(self.identity, self.coord.pool_id, message)
         return self.verifier.open(raw, type(message))
 
-    async def join(self, trusted: bool = False) -> msg.JoinReply:
+    async def join(self, trusted: bool = False, fresh_start: bool = False) -> msg.JoinReply:
         hardware = probe("cpu", self_test_s=0.0)
-        joined = await self.coord.on_join(self.signed(msg.JoinRequest(hardware, "hf", "test")))
+        request = msg.JoinRequest(hardware, "hf", "test", fresh_start=fresh_start)
+        joined = await self.coord.on_join(self.signed(request))
         if trusted and joined.accepted:
             self.coord.ledger.set_probation(self.key, False)
         return joined
