@@ -16,6 +16,7 @@ def status_line(s: NodeStats) -> str:
         f"v{s.version} (pool v{s.coordinator_version}) | {s.state} | leases {s.leases} | "
         f"{s.rollouts} rollouts | {s.tokens_per_s:.0f} tok/s | "
         f"accepted {s.accepted} rejected {s.soft_rejected}+{s.hard_rejected}"
+        + (f" | restarted {s.restarts}x" if s.restarts else "")
     )
 
 

@@ -84,6 +84,9 @@ FIRST_RETRY_S = 0.5
 # The share of the pool's per-peer request rate (`limits.requests_per_s`) a node keeps to:
 # heartbeats and retries fit in the rest.
 PACE_SHARE = 0.75
+MAX_RESTARTS = 5
+"""Restarts after unexpected errors allowed in an hour; one more ends the node: an error that
+keeps coming back is a bug to report, not a hiccup to ride out."""
 # How long a lease request offers to wait for work when the pool has enough in flight
 # (`LeaseRequest.wait_s`): the coordinator leases the moment its trainer needs more.
 LEASE_WAIT_S = 5.0
@@ -156,6 +159,8 @@ class NodeStats:
     started: float = field(default_factory=time.time)
     replies: Counter[str] = field(default_factory=Counter)
     """Replies by kind and code ("lease:quota", "receipt:refused", ...)."""
+    restarts: int = 0
+    """Times the node started again after an unexpected error (`Worker.run`)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -179,6 +184,8 @@ class WorkerOptions:
     max_leases: int | None = None
     """Stop after this many leases (tests, benchmarks)."""
     backoff_max_s: float = 30.0
+    restart_wait_s: float = 5.0
+    """The wait before the first restart after an unexpected error (doubling each time)."""
 
 
 class Worker:
@@ -214,6 +221,8 @@ class Worker:
         self._relay_url = ""
         self._pow_nonce: int | None = None
         self._stopping = False
+        self._joined = False
+        """Whether the current run got past its join (only then is an error worth a restart)."""
         self.idle = trio.Event()
         """Set while no lease is being worked on (a stop can proceed at once)."""
         self.idle.set()
@@ -222,13 +231,51 @@ class Worker:
 
     async def run(self) -> None:
         """Work for the pool until stopped; raises `NodeError` when the node may not go on
-        (banned, refused, misconfigured)."""
+        (banned, refused, misconfigured).
+
+        An unexpected error once the node has joined (a bug, in our code or a library, met by
+        one component) starts the node again, fresh, after a wait that doubles each time, up
+        to `MAX_RESTARTS` an hour: a volunteer's node should not stop for good at the first
+        one while nobody watches. Its first join then gives back the lease it held. An error
+        before the join is most likely the setup's (an address, a device) and ends the node."""
+        restarts: list[float] = []
         try:
-            with node_errors_unwrapped():
-                await self._run()
+            while True:
+                self._joined = False
+                try:
+                    with node_errors_unwrapped():
+                        await self._run()
+                    return
+                except NodeError:
+                    raise
+                except Exception as e:
+                    now = time.monotonic()
+                    restarts = [t for t in restarts if now - t < 3600.0]
+                    if not self._joined or self._stopping or len(restarts) >= MAX_RESTARTS:
+                        raise
+                    restarts.append(now)
+                    wait = self.options.restart_wait_s * 2 ** (len(restarts) - 1)
+                    log.error("the node failed; starting it again in %.0f s", wait, exc_info=e)
+                    await self._forget_run()
+                    self.stats.restarts += 1
+                    self.stats.state = f"restarting in {wait:.0f} s"
+                    await trio.sleep(wait)
         finally:
             if self.client is not None:
                 await self.client.aclose()
+
+    async def _forget_run(self) -> None:
+        """Drop what the failed run held (its host, client, seeder URLs, lease); keep the
+        identity, the loaded weights and what this node has learnt to trust."""
+        if self.client is not None:
+            await self.client.aclose()
+        self.client = None
+        self._host = self._p2p = self.location = None
+        self._own_urls = OwnUrls()
+        self._unreachable = trio.Event()
+        self._relay_url = ""
+        self._lease = None
+        self.idle.set()
 
     async def _run(self) -> None:
         async with (
@@ -251,6 +298,7 @@ class Worker:
             spec = self.location.spec
             self.stats.state = "joining"
             reply = await self._join(fresh=True)
+            self._joined = True
             sources = list(reply.weights_urls)
             if self.options.relay_port is not None or self.options.reseed:
                 local_url, relay_url = await nursery.start(self._relay, sources)

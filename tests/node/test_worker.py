@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import trio
 
+from node.behaviour import Behaviour, NodeContext
 from node.engine import HFEngine
-from node.worker import NodeError, Worker, WorkerOptions, node_errors_unwrapped
+from node.worker import MAX_RESTARTS, NodeError, Worker, WorkerOptions, node_errors_unwrapped
 from protocol import messages as msg
 from protocol import poolspec
 from protocol import pow as join_pow
 from protocol.discovery import DISCOVERY_PROTOCOL, PoolInfo, PoolQuery, make_pool_record
 from protocol.envelope import Verified
+from protocol.errors import ProtocolError
 from protocol.host import Host
 from protocol.identity import Identity
 
@@ -43,8 +45,13 @@ def test_a_node_error_leaves_nurseries_as_itself():
         trio.run(main)
 
 
-async def _run_against(tmp_path: Path, script: Script) -> tuple[NodeError, list, int, str]:
-    """Run a worker against a scripted coordinator until the worker stops with a NodeError;
+async def _run_against(
+    tmp_path: Path,
+    script: Script,
+    behaviour: Behaviour | None = None,
+    stops_with: type[BaseException] = NodeError,
+) -> tuple[BaseException, list, int, str]:
+    """Run a worker against a scripted coordinator until the worker stops with `stops_with`;
     return it, the join requests the coordinator saw, how many discovery queries, the pool."""
     coordinator = Identity.generate()
     spec = poolspec.from_dict(
@@ -81,11 +88,54 @@ async def _run_against(tmp_path: Path, script: Script) -> tuple[NodeError, list,
                 data_dir=tmp_path,
                 listen=LOCAL,
                 backoff_max_s=0.2,
+                reseed=False,
+                restart_wait_s=0.01,
             ),
+            behaviour,
         )
-        with pytest.raises(NodeError) as stopped, trio.fail_after(60):
+        with pytest.raises(stops_with) as stopped, trio.fail_after(60):
             await worker.run()
     return stopped.value, joins, queries, pool
+
+
+class _BrokenComponent(Behaviour):
+    """Fails in the background as soon as the node has joined: a bug one component meets."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def alongside(self, ctx: NodeContext) -> None:
+        self.runs += 1
+        raise RuntimeError(f"a bug met in run {self.runs}")
+
+
+@pytest.mark.trio
+async def test_an_unexpected_error_after_joining_restarts_the_node_then_a_recurring_one_ends_it(
+    tmp_path,
+):
+    def script(n: int, request: Verified[msg.JoinRequest]) -> msg.JoinReply:
+        return msg.JoinReply(accepted=True, weights_urls=["http://127.0.0.1:9"])
+
+    broken = _BrokenComponent()
+    error, joins, *_ = await _run_against(tmp_path, script, broken, stops_with=Exception)
+    # started again MAX_RESTARTS times, each a fresh process-like start that gives back what
+    # the failed run held; the next failure within the hour ends the node with the bug itself
+    assert broken.runs == len(joins) == MAX_RESTARTS + 1
+    assert all(j.message.fresh_start for j in joins)
+    assert isinstance(error, RuntimeError) and str(error) == f"a bug met in run {len(joins)}"
+
+
+@pytest.mark.trio
+async def test_an_error_before_the_join_is_not_restarted(tmp_path):
+    worker = Worker(
+        Identity.generate(),
+        "pool",
+        HFEngine("cpu"),
+        WorkerOptions(bootstrap=[], data_dir=tmp_path, listen=["/ip4/127.0.0.1/tcp/notaport"]),
+    )
+    with pytest.raises(ProtocolError, match="not a valid multiaddr"), trio.fail_after(30):
+        await worker.run()
+    assert worker.stats.restarts == 0
 
 
 def _refuse(code: str, reason: str) -> msg.JoinReply:
