@@ -19,8 +19,8 @@ def test_honest_transcripts_train_and_an_edited_tool_result_is_banned(tmp_path):
     coordinator = Coordinator.create(
         tmp_path,
         # The cheater submits only groups it could edit, and lets a lease with nothing to
-        # edit expire: on probation one such fault ends its leasing for the admission
-        # window. A short window lets it try again instead of waiting out the test.
+        # edit expire: on probation such a fault pauses its leasing for a minute or more, at
+        # most the admission window. A short window lets it try again within the test.
         [
             "task.name=guess",
             "task.options={ max_turns = 3 }",
