@@ -121,6 +121,10 @@ class P2PNode:
         self.hops: list[str] = []
         """Relay hops (multiaddrs ending in /p2p/<id>) through which a peer with no known
         address is tried: `<hop>/p2p-circuit/p2p/<peer>` (a pool's coordinator runs one)."""
+        from shardcast.dialgate import gate_dials
+
+        self.dial_gate = gate_dials(raw, lambda: dial_floor(self.hops))
+        """Dials reach the addresses our code names, others only as DCUtR's do."""
 
     @property
     def peer_id(self) -> str:
