@@ -599,6 +599,8 @@ class Swarm:
                 break
         if done:
             self.drain_validation()
+            if step >= a.steps:  # the pool finished: its last step is committed soon
+                self.await_commit(step)
         if status:
             self.print_progress(status)
         if not done:
@@ -642,6 +644,21 @@ class Swarm:
                 return
             time.sleep(1.0)
         self.say(f"submissions still awaiting a verdict after {limit_s:.0f} s")
+
+    def await_commit(self, step: int, limit_s: float = 60.0) -> None:
+        """Wait until the ledger records `step`: the status counts a step when it is trained,
+        the ledger once its checkpoint is on disk. Facts read in between saw the step's
+        groups trained on one read and no such step on the next (a false "ledger
+        inconsistent" in the report)."""
+        deadline = time.time() + limit_s
+        while time.time() < deadline:
+            try:
+                if step <= 0 or self.api(f"/api/steps?since={step - 1}&limit=1"):
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        self.say(f"step {step} not in the ledger after {limit_s:.0f} s")
 
     def bytes_served(self) -> dict[str, Any]:
         """What the origin counted and each relay says it served, from the Weights API (the
