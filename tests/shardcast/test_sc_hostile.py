@@ -157,8 +157,14 @@ async def test_slow_source_is_abandoned_and_at_fault(tmp_path, identity, mode) -
         assert same_tree(r.path, ck)
         assert trio.current_time() - t0 < 30  # the trickle alone takes > 10 min
         slow = c.picker.stats[bad]
-        assert slow.excluded(1, time.monotonic()) and slow.failed > 0
         assert slow.bytes < c.picker.stats[url].bytes
+        # A source given a large body trickles it and is abandoned. On a loaded machine the
+        # picker may give it only a small file, which arrives in the first chunk: then it
+        # never trickled, and its slow answer alone kept it from the large ones.
+        if slow.failed or slow.bytes > 1024:
+            assert slow.excluded(1, time.monotonic()) and slow.failed > 0
+        else:
+            assert slow.ok >= 1 and slow.goodput < c.picker.stats[url].goodput
         await c.aclose()
         nursery.cancel_scope.cancel()
 
