@@ -359,10 +359,7 @@ class Ledger:
                WHERE key = ? AND banned_at IS NULL""",
             (now, reason, evidence, key),
         )
-        revoked = [
-            r[0]
-            for r in db.execute("SELECT id FROM leases WHERE node = ? AND state = 'open'", (key,))
-        ]
+        revoked = self.open_lease_ids(key)  # `db` is `self._db`, inside this transaction
         db.execute(
             "UPDATE leases SET state = 'revoked', closed_at = ? WHERE node = ? AND state = 'open'",
             (now, key),

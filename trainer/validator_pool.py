@@ -41,6 +41,10 @@ from trainer.validator import Backend, Checked, Job, Validator
 log = logging.getLogger("swarmrl.validator_pool")
 
 
+CLOSE_GRACE_S = 5.0
+"""How long a closing pool waits for an idle worker to exit on its own before killing it."""
+
+
 class ValidatorPoolError(SwarmError):
     """A validator worker could not start, or failed on a batch (a bug, not bad input)."""
 
@@ -242,17 +246,21 @@ class Worker:
         self.process.join(timeout=self.stop_timeout_s)
         return self.process.exitcode
 
-    def stop(self) -> None:
-        """Kill the worker, if any. What it held stays undecided in the ledger, so nothing is
+    def stop(self, grace_s: float = 0.0) -> None:
+        """End the worker, if any: closing its pipe asks it to exit, and it is killed if it
+        has not within `grace_s`. What it held stays undecided in the ledger, so nothing is
         lost: the lane re-queues it, or a restart of the coordinator does."""
         process, conn = self.process, self._conn
         self.process, self._conn, self.pid = None, None, None
+        if conn is not None:
+            conn.close()  # EOF in the worker's recv: an idle worker returns
         if process is not None:
+            # An exit of its own runs the worker's finalizers: a killed one leaves the
+            # semaphores it registered (tqdm's lock, say) for the resource tracker to warn of.
+            process.join(timeout=grace_s)
             if process.is_alive():
                 process.kill()
             process.join(timeout=self.stop_timeout_s)
-        if conn is not None:
-            conn.close()
 
 
 class ValidatorPool:
@@ -273,5 +281,6 @@ class ValidatorPool:
         ]
 
     def close(self) -> None:
+        """End every worker: each gets `CLOSE_GRACE_S` to exit on its own."""
         for w in self.workers:
-            w.stop()
+            w.stop(grace_s=CLOSE_GRACE_S)
