@@ -17,6 +17,7 @@ from protocol.errors import SwarmError
 from protocol.identity import Identity, describe
 from protocol.logs import is_quiet, logging_flags, setup_logging, tame_libp2p
 from protocol.paths import swarmrl_home
+from protocol.rlimit import raise_open_files_limit
 
 JOIN_EXAMPLES = """examples:
   node join --pool POOL_ID --bootstrap /ip4/COORDINATOR_IP/tcp/4001/p2p/12D3KooW...
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     setup_logging(args)
+    raise_open_files_limit()
     try:
         return args.run(args)
     except SwarmError as e:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import ipaddress
 import logging
 import random
 from collections import OrderedDict
@@ -56,7 +55,7 @@ from protocol.framing import (
 )
 from protocol.identity import Identity
 from protocol.inflight import InflightBudget, OverBudget
-from protocol.ratelimit import Cutoff, RateLimiter, client_key
+from protocol.ratelimit import Cutoff, RateLimiter, client_key, is_loopback
 from protocol.wire import M, Message, ShortStr
 from protocol.wire import decode as decode_message
 
@@ -287,7 +286,7 @@ class Host:
         remote = raw.get_remote_address() if hasattr(raw, "get_remote_address") else None
         if not remote:
             return False
-        if not self.config.limit_loopback and _is_loopback(remote[0]):
+        if not self.config.limit_loopback and is_loopback(remote[0]):
             return False
         return self._connections.check(client_key(remote[0])) > 0
 
@@ -1042,13 +1041,6 @@ async def _close_quietly(stream: Any, reset: bool) -> None:
                 await stream.close()
         except Exception as e:  # the stream may already be gone in any of several ways
             log.debug("closing a stream: %s", e)
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:  # not an IP address: a name is not counted as loopback
-        return False
 
 
 __all__ = [

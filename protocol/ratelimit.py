@@ -29,6 +29,14 @@ def client_key(host: str) -> str:
     return str(ip)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (a name is not counted as one)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class TokenBucket:
     __slots__ = ("burst", "last", "rate", "tokens")
 

@@ -13,6 +13,7 @@ from protocol import poolspec
 from protocol.errors import SwarmError
 from protocol.identity import Identity
 from protocol.logs import logging_flags, setup_logging
+from protocol.rlimit import raise_open_files_limit
 from shardcast.manifest import AUTO, DEFAULT_SHARD_SIZE
 from shardcast.store import DEFAULT_KEEP
 
@@ -319,6 +320,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args, default="warning")
+    raise_open_files_limit()
     try:
         trio.run(COMMANDS[args.command], args)
     except SwarmError as e:

@@ -1,8 +1,10 @@
 """Limits a SHARDCAST server puts on its clients, who may be hostile.
 
 Every connection holds a task, a socket and often an open file, so how many a peer may hold
-at once is capped: per client address and in total. A request over a cap is answered at
-once with 503 and `Retry-After` (cheap for us; the client goes to another source). A client
+at once is capped: per client address and in total, for connections (`listener`: one past a
+cap is closed as it is accepted) and for requests in progress (`CapConnections`: one past a
+cap is answered at once with 503 and `Retry-After`, cheap for us; the client goes to another
+source). An IPv6 /64 counts as one address. A client
 that stops reading is cut after `send_timeout` seconds without acknowledging our data.
 """
 
@@ -12,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from protocol.ratelimit import client_key
+
 
 @dataclass(frozen=True)
 class ServeLimits:
@@ -20,6 +24,17 @@ class ServeLimits:
     and long-polls; a relay a few more). Clients behind one NAT or proxy share it."""
     total: int = 1024
     """Requests in progress at once from everyone."""
+    connections_per_client: int = 128
+    """TCP connections open at once from one address (an IPv6 /64 as one), requests or not
+    (`shardcast.listener`): room for `per_client` requests and a client's idle keep-alive
+    connections. Loopback is not counted unless `limit_loopback`."""
+    total_connections: int = 0
+    """TCP connections open at once from everyone; 0 takes a quarter of the process's
+    open-files limit, 64 to 4,096 (`listener.default_total`)."""
+    limit_loopback: bool = False
+    """Count loopback connections against `connections_per_client` too. Off by default: a
+    client on this machine is the operator's own process (the simulated swarm runs every
+    node on 127.0.0.1)."""
     send_timeout: float = 30.0
     """Longest a client may leave sent data unacknowledged (it stopped reading) before the
     kernel drops the connection (TCP_USER_TIMEOUT, Linux)."""
@@ -47,7 +62,7 @@ class CapConnections:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
-        where = (scope.get("client") or ("?", 0))[0]
+        where = client_key((scope.get("client") or ("?", 0))[0])
         if self.busy(where):
             await self._refuse(send)
             return

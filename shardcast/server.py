@@ -36,10 +36,10 @@ from functools import partial
 import trio
 from fastapi import FastAPI, HTTPException, Request, Response
 from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from shardcast.errors import ManifestError
 from shardcast.limits import CapConnections, ServeLimits
+from shardcast.listener import ConnectionGate, default_total, serve
 from shardcast.manifest import PayloadFile, unit_range
 from shardcast.peerlist import PeerListHolder
 from shardcast.peers import MAX_ANNOUNCEMENT_BYTES, PeerTable
@@ -50,6 +50,8 @@ from shardcast.traffic import CountServed, ServedBytes
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
+KEEP_ALIVE_S = 20.0
+"""Seconds a connection may sit without a request in progress before it is closed."""
 MAX_LONG_POLL = 60.0
 # ASCII digits only (`\d` would take any script's digits), and at most 18 of them: a longer
 # number is past the end of any file, and int() of thousands of digits raises.
@@ -307,8 +309,10 @@ def hypercorn_config(host: str, port: int, send_timeout: float = 30.0) -> Config
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    # Long-polls and cut-through waits hold requests open; let them.
-    config.keep_alive_timeout = 75
+    # Between requests only (a long-poll or a cut-through wait is a request in progress): it
+    # also bounds a connection that never completes a request, which holds a slot of
+    # `listener.ConnectionGate` until then.
+    config.keep_alive_timeout = KEEP_ALIVE_S
     config.graceful_timeout = 1
     return config
 
@@ -325,5 +329,10 @@ async def serve_app(
         # An app wrapped in plain ASGI middleware has no state: the defaults then.
         limits = getattr(getattr(app, "state", None), "limits", None) or ServeLimits()
         config = hypercorn_config(host, port, limits.send_timeout)
-        binds = await nursery.start(partial(serve, app, config))
+        gate = ConnectionGate(
+            limits.connections_per_client,
+            limits.total_connections or default_total(),
+            limits.limit_loopback,
+        )
+        binds = await nursery.start(partial(serve, app, config, gate))
         task_status.started(binds[0])

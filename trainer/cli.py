@@ -17,6 +17,7 @@ from protocol.errors import SwarmError
 from protocol.identity import Identity, describe, peer_id_of
 from protocol.logs import logging_flags, setup_logging, tame_libp2p
 from protocol.paths import swarmrl_home
+from protocol.rlimit import raise_open_files_limit
 from trainer import config as trainer_config
 from trainer import launch
 
@@ -45,6 +46,7 @@ RUN_EXAMPLES = """examples:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args)
+    raise_open_files_limit()
     try:
         return args.run(args)
     except SwarmError as e:

@@ -1,0 +1,158 @@
+"""Connections that never make a request: capped per address and in all, and closed when idle.
+
+Real servers (`serve_app`, hypercorn over `shardcast.listener`) and real sockets. The
+attacker connects from 127.0.0.2, the honest client from 127.0.0.1: two addresses on one
+machine, with loopback counted (`limit_loopback`) as it is for remote addresses by default.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+from fastapi import FastAPI
+
+import shardcast.server
+from shardcast.limits import ServeLimits
+from shardcast.listener import ConnectionGate, default_total
+from shardcast.server import serve_app
+
+ATTACKER = "127.0.0.2"
+
+
+def _app(limits: ServeLimits) -> FastAPI:
+    app = FastAPI()
+    app.state.limits = limits
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"ok": True}
+
+    @app.get("/slow")
+    async def slow() -> dict:
+        await trio.sleep(2.5)
+        return {"ok": True}
+
+    return app
+
+
+async def _connect(port: int, source: str = ATTACKER) -> trio.socket.SocketType:
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect(("127.0.0.1", port))
+    return sock
+
+
+async def _which_closed(socks: list[trio.socket.SocketType], within_s: float) -> list[bool]:
+    """`_closed_by_server` for each of `socks`, all watched at once."""
+    closed = [False] * len(socks)
+
+    async def watch(i: int) -> None:
+        closed[i] = await _closed_by_server(socks[i], within_s)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(socks)):
+            nursery.start_soon(watch, i)
+    return closed
+
+
+async def _closed_by_server(sock: trio.socket.SocketType, within_s: float) -> bool:
+    """Whether the server closes `sock` within `within_s` (EOF or reset)."""
+    with trio.move_on_after(within_s):
+        try:
+            return await sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+    return False
+
+
+@pytest.mark.trio
+async def test_one_address_holds_at_most_its_connections_and_others_still_get_in(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(shardcast.server, "KEEP_ALIVE_S", 2.0)
+    limits = ServeLimits(connections_per_client=8, limit_loopback=True)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10) as http:
+        url = await nursery.start(serve_app, _app(limits), "127.0.0.1", 0)
+        port = int(url.rsplit(":", 1)[1])
+        flood = [await _connect(port) for _ in range(20)]
+        closed = await _which_closed(flood, 0.3)
+        assert closed.count(True) == 12 and closed[:8] == [False] * 8
+        assert (await http.get(f"{url}/health")).status_code == 200  # another address
+        for s in flood:
+            s.close()
+        # A closed connection keeps its place until the server's keep-alive timer reaps it
+        # (2 s here): connecting and closing in a loop gets no more than the cap.
+        early = await _connect(port)
+        assert await _closed_by_server(early, 0.3)
+        early.close()
+        await trio.sleep(2.5)
+        again = await _connect(port)  # the places were given back
+        assert not await _closed_by_server(again, 0.3)
+        again.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_the_servers_total_bounds_connections_from_many_addresses() -> None:
+    limits = ServeLimits(connections_per_client=8, total_connections=6, limit_loopback=True)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_app, _app(limits), "127.0.0.1", 0)
+        port = int(url.rsplit(":", 1)[1])
+        held = [await _connect(port, f"127.0.1.{i}") for i in range(6)]
+        extra = await _connect(port, "127.0.2.1")
+        assert await _closed_by_server(extra, 0.5)
+        assert not any(await _which_closed(held, 0.2))
+        for s in [*held, extra]:
+            s.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_connection_that_completes_no_request_is_closed_but_a_long_request_is_not(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(shardcast.server, "KEEP_ALIVE_S", 1.0)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10) as http:
+        url = await nursery.start(serve_app, _app(ServeLimits()), "127.0.0.1", 0)
+        port = int(url.rsplit(":", 1)[1])
+        silent = await _connect(port)
+        trickle = await _connect(port)
+        start = trio.current_time()
+        closed_at = None
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\n":  # headers that never end
+            try:
+                await trickle.send(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed_at = trio.current_time() - start
+                break
+            await trio.sleep(0.1)
+        assert closed_at is not None or await _closed_by_server(trickle, 0.1)
+        assert closed_at is None or closed_at < 3.0
+        assert await _closed_by_server(silent, 0.5)
+        # A request in progress is not idle: 2.5 s past a 1 s keep-alive still answers.
+        assert (await http.get(f"{url}/slow")).status_code == 200
+        for s in (silent, trickle):
+            s.close()
+        nursery.cancel_scope.cancel()
+
+
+def test_loopback_is_not_counted_per_address_unless_asked_but_the_total_is() -> None:
+    gate = ConnectionGate(per_client=1, total=3)
+    assert gate.admit("127.0.0.1") and gate.admit("127.0.0.1")
+    assert gate.admit("2001:db8::1") == "2001:db8::/64"
+    assert gate.admit("2001:db8::2") is None  # the same /64
+    assert gate.admit("203.0.113.9") is None  # the total
+    gate.release("2001:db8::/64")
+    assert gate.admit("203.0.113.9") == "203.0.113.9"
+    assert gate.refused == 2 and gate.held == 3
+    strict = ConnectionGate(per_client=1, total=3, limit_loopback=True)
+    assert strict.admit("127.0.0.1") and strict.admit("127.0.0.1") is None
+
+
+def test_a_servers_share_of_descriptors_follows_the_process_limit(monkeypatch) -> None:
+    import resource
+
+    for soft, want in [(1024, 256), (100, 64), (1 << 20, 4096)]:
+        monkeypatch.setattr(resource, "getrlimit", lambda _r, soft=soft: (soft, soft))
+        assert default_total() == want
