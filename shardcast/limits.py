@@ -4,7 +4,8 @@ Every connection holds a task, a socket and often an open file, so how many a pe
 at once is capped: per client address and in total, for connections (`listener`: one past a
 cap is closed as it is accepted) and for requests in progress (`CapConnections`: one past a
 cap is answered at once with 503 and `Retry-After`, cheap for us; the client goes to another
-source). An IPv6 /64 counts as one address. A client
+source). An IPv6 /64 counts as one address. A request body must arrive within `body_timeout`
+(`BodyDeadline`). A client
 that stops reading is cut after `send_timeout` seconds without acknowledging our data.
 """
 
@@ -13,6 +14,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+
+import trio
+from fastapi import HTTPException
 
 from protocol.ratelimit import client_key
 
@@ -35,6 +39,9 @@ class ServeLimits:
     """Count loopback connections against `connections_per_client` too. Off by default: a
     client on this machine is the operator's own process (the simulated swarm runs every
     node on 127.0.0.1)."""
+    body_timeout: float = 30.0
+    """Seconds a request's body may take to arrive, from the first read of it
+    (`BodyDeadline`); past them the request gets 408."""
     send_timeout: float = 30.0
     """Longest a client may leave sent data unacknowledged (it stopped reading) before the
     kernel drops the connection (TCP_USER_TIMEOUT, Linux)."""
@@ -85,3 +92,40 @@ class CapConnections:
         ]
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class BodyDeadline:
+    """ASGI middleware: a request's body must arrive within `seconds` of the first read of it.
+
+    hypercorn closes a connection that sits `keep_alive_timeout` without a request, but not
+    one whose request is in progress: a body trickled a byte at a time held its connection,
+    and a request slot, for as long as the sender liked. A body still incomplete at the
+    deadline gets 408 (raised from `receive`, so FastAPI answers it from the route that was
+    reading). Reads after the body is complete (a streaming response listening for the
+    client's disconnect) are not timed.
+    """
+
+    def __init__(self, app: Any, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline: float | None = None
+        complete = False
+
+        async def timed_receive() -> dict:
+            nonlocal deadline, complete
+            if complete:
+                return await receive()
+            if deadline is None:
+                deadline = trio.current_time() + self.seconds
+            with trio.move_on_at(deadline):
+                message = await receive()
+                complete = message.get("type") != "http.request" or not message.get("more_body")
+                return message
+            raise HTTPException(408, f"request body not received within {self.seconds:g} s")
+
+        await self.app(scope, timed_receive, send)

@@ -38,7 +38,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from hypercorn.config import Config
 
 from shardcast.errors import ManifestError
-from shardcast.limits import CapConnections, ServeLimits
+from shardcast.limits import BodyDeadline, CapConnections, ServeLimits
 from shardcast.listener import ConnectionGate, default_total, serve
 from shardcast.manifest import PayloadFile, unit_range
 from shardcast.peerlist import PeerListHolder
@@ -334,5 +334,6 @@ async def serve_app(
             limits.total_connections or default_total(),
             limits.limit_loopback,
         )
-        binds = await nursery.start(partial(serve, app, config, gate))
+        served = BodyDeadline(app, limits.body_timeout)
+        binds = await nursery.start(partial(serve, served, config, gate))
         task_status.started(binds[0])

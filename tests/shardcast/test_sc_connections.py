@@ -7,10 +7,13 @@ machine, with loopback counted (`limit_loopback`) as it is for remote addresses 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 import trio
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 import shardcast.server
 from shardcast.limits import ServeLimits
@@ -32,6 +35,19 @@ def _app(limits: ServeLimits) -> FastAPI:
     async def slow() -> dict:
         await trio.sleep(2.5)
         return {"ok": True}
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict:
+        return {"got": len(await request.body())}
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(5):
+                await trio.sleep(0.5)
+                yield b"x" * 1024
+
+        return StreamingResponse(chunks())
 
     return app
 
@@ -134,6 +150,32 @@ async def test_a_connection_that_completes_no_request_is_closed_but_a_long_reque
         assert (await http.get(f"{url}/slow")).status_code == 200
         for s in (silent, trickle):
             s.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_trickled_body_gets_408_at_its_deadline_and_a_long_response_is_not_cut() -> None:
+    limits = ServeLimits(body_timeout=1.0)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10) as http:
+        url = await nursery.start(serve_app, _app(limits), "127.0.0.1", 0)
+        port = int(url.rsplit(":", 1)[1])
+        sock = await _connect(port, "127.0.0.1")
+        await sock.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        start, answer = trio.current_time(), b""
+        with trio.move_on_after(5):
+            for _ in range(100):  # a byte every 0.2 s: the body would take 20 s
+                with trio.move_on_after(0.2):
+                    answer += await sock.recv(4096)
+                if answer:
+                    break
+                await sock.send(b"x")
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+        assert trio.current_time() - start < 2.5
+        sock.close()
+        # A whole body is read, and a response that streams past the deadline is not cut.
+        assert (await http.post(f"{url}/echo", content=b"y" * 5000)).json() == {"got": 5000}
+        r = await http.get(f"{url}/stream")
+        assert r.status_code == 200 and len(r.content) == 5 * 1024
         nursery.cancel_scope.cancel()
 
 
