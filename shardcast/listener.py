@@ -32,6 +32,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from protocol.ratelimit import client_key, is_loopback
+from shardcast.limits import ServeLimits
 
 MAX_TOTAL = 4096
 """Connections one server holds at most, however many descriptors the process may open."""
@@ -59,6 +60,15 @@ class ConnectionGate:
         self.open: Counter[str] = Counter()
         self.held = 0
         self.refused = 0
+
+    @classmethod
+    def for_limits(cls, limits: ServeLimits) -> ConnectionGate:
+        """The gate `limits` describe (`total_connections` 0: `default_total()`)."""
+        return cls(
+            limits.connections_per_client,
+            limits.total_connections or default_total(),
+            limits.limit_loopback,
+        )
 
     def admit(self, host: str) -> str | None:
         """Count a new connection from `host`: the key to release it with, or None when it

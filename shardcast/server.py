@@ -9,7 +9,8 @@
                                    with &want=BITS too, for a change to a piece in BITS)
     GET|POST /peers                signed peer announcements (servers given a PeerTable)
     GET /peerlist                  the coordinator's signed peer list, if one is held
-    GET /stats                     bytes served since start: total, requests, by version
+    GET /stats                     bytes served since start: total, requests, by version;
+                                   connections open and refused
     GET /health                    liveness
 
 Files are streamed in chunks read off the event loop, so no shard is ever held in memory
@@ -39,7 +40,7 @@ from hypercorn.config import Config
 
 from shardcast.errors import ManifestError
 from shardcast.limits import BodyDeadline, CapConnections, ServeLimits
-from shardcast.listener import ConnectionGate, default_total, serve
+from shardcast.listener import ConnectionGate, serve
 from shardcast.manifest import PayloadFile, unit_range
 from shardcast.peerlist import PeerListHolder
 from shardcast.peers import MAX_ANNOUNCEMENT_BYTES, PeerTable
@@ -109,6 +110,7 @@ def create_app(
     app.add_middleware(CapConnections, limits=limits)
     app.state.served = served
     app.state.limits = limits
+    app.state.gate = gate = ConnectionGate.for_limits(limits)
 
     def version_or_404(version: str) -> StoredVersion:
         sv = store.get(parse_version(version))
@@ -122,8 +124,11 @@ def create_app(
 
     @app.get("/stats")
     async def stats() -> dict:
-        """Bytes served since this server started (totals and by version)."""
-        return served.snapshot(clients=limits.stats_clients)
+        """Bytes served since this server started (totals and by version), and connections
+        open now and refused since (over `ServeLimits`' connection caps)."""
+        out = served.snapshot(clients=limits.stats_clients)
+        out["connections"] = {"open": gate.held, "refused": gate.refused}
+        return out
 
     @app.get("/versions")
     async def versions(after: int = -1, wait: float = 0.0) -> dict:
@@ -327,13 +332,10 @@ async def serve_app(
     """Serve `app` until cancelled; `task_status.started` gets the base URL (real port)."""
     async with trio.open_nursery() as nursery:
         # An app wrapped in plain ASGI middleware has no state: the defaults then.
-        limits = getattr(getattr(app, "state", None), "limits", None) or ServeLimits()
+        state = getattr(app, "state", None)
+        limits = getattr(state, "limits", None) or ServeLimits()
         config = hypercorn_config(host, port, limits.send_timeout)
-        gate = ConnectionGate(
-            limits.connections_per_client,
-            limits.total_connections or default_total(),
-            limits.limit_loopback,
-        )
+        gate = getattr(state, "gate", None) or ConnectionGate.for_limits(limits)
         served = BodyDeadline(app, limits.body_timeout)
         binds = await nursery.start(partial(serve, served, config, gate))
         task_status.started(binds[0])

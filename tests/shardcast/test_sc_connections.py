@@ -16,8 +16,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 import shardcast.server
+from protocol.identity import Identity
 from shardcast.limits import ServeLimits
 from shardcast.listener import ConnectionGate, default_total
+from shardcast.origin import Origin
 from shardcast.server import serve_app
 
 ATTACKER = "127.0.0.2"
@@ -176,6 +178,22 @@ async def test_a_trickled_body_gets_408_at_its_deadline_and_a_long_response_is_n
         assert (await http.post(f"{url}/echo", content=b"y" * 5000)).json() == {"got": 5000}
         r = await http.get(f"{url}/stream")
         assert r.status_code == 200 and len(r.content) == 5 * 1024
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_stats_show_connections_open_and_refused(tmp_path) -> None:
+    limits = ServeLimits(connections_per_client=4, limit_loopback=True)
+    origin = Origin(tmp_path / "o", Identity.generate(), "pool", limits=limits)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10) as http:
+        url = await nursery.start(origin.serve)
+        port = int(url.rsplit(":", 1)[1])
+        flood = [await _connect(port) for _ in range(10)]
+        assert (await _which_closed(flood, 0.3)).count(True) == 6
+        stats = (await http.get(f"{url}/stats")).json()
+        assert stats["connections"] == {"open": 5, "refused": 6}  # 4, and this request's
+        for s in flood:
+            s.close()
         nursery.cancel_scope.cancel()
 
 
