@@ -318,7 +318,6 @@ def hypercorn_config(host: str, port: int, send_timeout: float = 30.0) -> Config
     # also bounds a connection that never completes a request, which holds a slot of
     # `listener.ConnectionGate` until then.
     config.keep_alive_timeout = KEEP_ALIVE_S
-    config.graceful_timeout = 1
     return config
 
 
