@@ -39,7 +39,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shardcast_common import machine, save, table
+from shardcast_common import HostProcess, machine, save, table
 
 from protocol.envelope import Verified
 from protocol.errors import RemoteError, SwarmError
@@ -142,28 +142,6 @@ def attack(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ the bench
 
 
-class Server:
-    def __init__(self, config: dict) -> None:
-        command = [sys.executable, __file__, "--serve", json.dumps(config)]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        line = self.process.stdout.readline().split()
-        if len(line) != 2 or line[0] != "ADDR":
-            self.close()
-            raise RuntimeError(f"the host did not start: {line}")
-        self.addr = line[1]
-
-    def facts(self) -> dict:
-        self.process.stdin.write("\n")
-        self.process.stdin.flush()
-        return json.loads(self.process.stdout.readline())
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=30)
-
-
 async def honest(addr: str, seconds: float, rate: float) -> dict:
     """One request every 1/rate s; the latency of each, and what failed."""
     latencies, failed = [], Counter()
@@ -204,7 +182,8 @@ CASES = [
 
 
 def run_case(name: str, config: dict, kind: str | None, args: argparse.Namespace) -> dict:
-    server = Server({"gossip": False, **config})
+    serve = json.dumps({"gossip": False, **config})
+    server = HostProcess([sys.executable, __file__, "--serve", serve])
     try:
         before = server.facts()
         attacker = None

@@ -109,3 +109,27 @@ def save(name: str, result: dict, markdown: str) -> None:
     (RESULTS / f"{name}.md").write_text(markdown + "\n")
     print(markdown)
     print(f"\nwrote {RESULTS / name}.json and .md")
+
+
+class HostProcess:
+    """A host in a child process of a bench: it prints `ADDR <multiaddr>` once started, then a
+    JSON line of its own facts for each line it reads on stdin."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        line = self.process.stdout.readline().split()
+        if len(line) != 2 or line[0] != "ADDR":
+            self.close()
+            raise RuntimeError(f"the host did not start: {line}")
+        self.addr = line[1]
+
+    def facts(self) -> dict:
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)

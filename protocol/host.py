@@ -307,15 +307,16 @@ class Host:
 
         `announce` replaces the listen addresses in `addrs` (e.g. the public address of a host
         that listens on 0.0.0.0 behind a port forward)."""
-        from libp2p import new_host
         from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
         from libp2p.pubsub.pubsub import Pubsub
         from libp2p.tools.anyio_service import background_trio_service
 
+        from protocol.libp2p_stack import new_host
+
         config = config or HostConfig()
         addrs = [parse_multiaddr(a) for a in listen]
         raw = new_host(
-            key_pair=identity.libp2p_key_pair(),
+            identity.libp2p_key_pair(),
             listen_addrs=addrs,
             announce_addrs=[parse_multiaddr(a) for a in announce] if announce else None,
             connection_config=connection_config(config.dial_timeout_s),

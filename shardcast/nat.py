@@ -313,12 +313,12 @@ async def open_node(
 ) -> AsyncIterator[P2PNode]:
     """Start a libp2p host of its own and `attach_node` to it (a member without one, the
     command line, a standalone hop)."""
-    from libp2p import new_host
+    from protocol.libp2p_stack import new_host
 
     config = config or NatConfig()
     addrs = [multiaddr.Multiaddr(a) for a in listen]
     raw = new_host(
-        key_pair=identity.libp2p_key_pair(),
+        identity.libp2p_key_pair(),
         listen_addrs=addrs,
         connection_config=connection_config(config.dial_timeout_s),
     )
