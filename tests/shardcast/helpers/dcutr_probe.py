@@ -17,6 +17,20 @@ from shardcast.nat import open_node
 from shardcast.p2p import PROTOCOL_ID
 
 
+async def stream_after_punch(node, peer: str, attempts: int = 5):
+    """A new stream to `peer`, tried again for a while: right after a punch the two sides may
+    still be settling which of their connections (simultaneous open, the relayed one) stays,
+    and a stream opened on one being closed fails its negotiation. A node's fetches retry the
+    same way."""
+    for _ in range(attempts - 1):
+        try:
+            return await node.open_stream(peer, PROTOCOL_ID)
+        except Exception as e:
+            print(f"stream after the punch failed ({e}); trying again", file=sys.stderr)
+            await trio.sleep(1.0)
+    return await node.open_stream(peer, PROTOCOL_ID)
+
+
 async def main() -> None:
     listen, peer, circuit = sys.argv[1:4]
     from libp2p.peer.id import ID
@@ -39,7 +53,7 @@ async def main() -> None:
                     if addrs and not any("/p2p-circuit" in a for a in addrs):
                         direct += addrs
         seconds = trio.current_time() - start
-        after = await node.open_stream(peer, PROTOCOL_ID)
+        after = await stream_after_punch(node, peer)
         on_direct = "/p2p-circuit" not in str(after.muxed_conn.get_transport_addresses())
         await after.reset()
         fields = {"relayed": relayed, "direct": direct, "seconds": round(seconds, 2)}
