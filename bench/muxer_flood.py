@@ -1,5 +1,6 @@
 """What one stranger can make a host hold, below every check of ours: py-libp2p's default
-security and muxer layers against swarmrl's (`protocol/libp2p_stack.py`).
+security, muxer and inbound-connection layers against swarmrl's (`protocol/libp2p_stack.py`,
+`protocol/inbound.py`).
 
 The host runs in its own process (our `Host`, a route that admits no one, as the coordinator's
 submit route does for a stranger); the stranger, in this one, connects once and:
@@ -10,13 +11,17 @@ submit route does for a stranger); the stranger, in this one, connects once and:
   the rules) into each and never closes them;
 - claimed id: dials with `/plaintext/2.0.0` presenting a member's public key it does not hold;
 - address flood: `--identities` fresh identities in turn, each listing `--addrs` addresses in
-  identify (and in its signed peer record), then leaving.
+  identify (and in its signed peer record), then leaving;
+- churn: connects and disconnects `--churn` times, one connection at a time, then a fresh
+  honest peer tries to connect (py-libp2p gives an inbound slot back only when the host
+  stops). The host's rate per address does not count loopback, as in the simulated swarm, so
+  this measures the slots alone; from elsewhere each connection also waits its turn at 2 a second.
 
 For each stack it reports the host's resident memory and the bytes its muxers buffer right after
 each attack, and again after `--linger-wait` seconds with the stranger still connected.
 
     python bench/muxer_flood.py
-    python bench/muxer_flood.py --flood-mib 1024 --streams 500
+    python bench/muxer_flood.py --flood-mib 1024 --streams 500 --churn 600
 
 Prints a table and writes bench/results/muxer_flood.json (and .md).
 """
@@ -71,7 +76,7 @@ async def serve(stack: str, member: str) -> None:
         import protocol.libp2p_stack
 
         # The baseline: our Host on py-libp2p's own choice of layers, as before this bench.
-        protocol.libp2p_stack.new_host = lambda key_pair, **kw: libp2p.new_host(
+        protocol.libp2p_stack.new_host = lambda key_pair, inbound=None, **kw: libp2p.new_host(
             key_pair=key_pair, **kw
         )
 
@@ -185,6 +190,51 @@ async def address_flood(addr: str, identities: int, addrs: int) -> dict:
     return {"identities": identities, "seconds": time.perf_counter() - start}
 
 
+async def churn(addr: str, times: int) -> dict:
+    """One peer connects and disconnects `times` times, never holding two connections; then
+    a fresh peer tries once. A refused connection fails its handshake."""
+    import libp2p
+    import multiaddr
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    from protocol.host import connection_config
+
+    info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+
+    async def connects(raw: Any) -> bool:
+        raw.get_network().unblock_peer(info.peer_id)  # py-libp2p backs off a failed dial
+        try:
+            with trio.fail_after(5):
+                await raw.connect(info)
+            return True
+        except Exception:
+            return False
+
+    admitted, first_refused, start = 0, None, time.perf_counter()
+    raw = libp2p.new_host(key_pair=create_new_key_pair(), connection_config=connection_config(5))
+    async with raw.run([]):
+        for i in range(times):
+            if await connects(raw):
+                admitted += 1
+                await raw.disconnect(info.peer_id)
+            elif first_refused is None:
+                first_refused = i + 1
+        await raw.close()
+    seconds = time.perf_counter() - start
+    honest = libp2p.new_host(key_pair=create_new_key_pair(), connection_config=connection_config(5))
+    async with honest.run([]):
+        honest_connects = await connects(honest)
+        await honest.close()
+    return {
+        "connections": times,
+        "admitted": admitted,
+        "first_refused": first_refused,
+        "seconds": seconds,
+        "honest_connects_after": honest_connects,
+    }
+
+
 async def attack(server: HostProcess, member: Identity, args: argparse.Namespace) -> dict:
     from libp2p.peer.id import ID
 
@@ -205,6 +255,7 @@ async def attack(server: HostProcess, member: Identity, args: argparse.Namespace
         out["after_linger_wait"] = server.facts()
     out["address_flood"] = await address_flood(server.addr, args.identities, args.addrs)
     out["after_address_flood"] = server.facts()
+    out["churn"] = await churn(server.addr, args.churn)
     return out
 
 
@@ -229,6 +280,9 @@ HEADERS = [
     "addresses: kept",
     "addresses: record KiB",
     "addresses: host RSS MB",
+    "churn: admitted",
+    "churn: first refused",
+    "honest peer connects after",
     "host RSS MB at rest",
 ]
 
@@ -246,6 +300,9 @@ def row(r: dict) -> list:
         r["after_address_flood"]["peer_addrs"],
         round(r["after_address_flood"]["record_kb"]),
         round(r["after_address_flood"]["rss_mb"]),
+        f"{r['churn']['admitted']} of {r['churn']['connections']}",
+        r["churn"]["first_refused"] or "none",
+        r["churn"]["honest_connects_after"],
         round(r["at_rest"]["rss_mb"]),
     ]
 
@@ -257,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--identities", type=int, default=10, help="address flood identities")
     p.add_argument("--addrs", type=int, default=15000, help="addresses each lists (15000)")
     p.add_argument("--linger-wait", type=float, default=40.0, help="seconds, then look again")
+    p.add_argument("--churn", type=int, default=400, help="connections opened and closed (400)")
     p.add_argument("--serve", choices=STACKS, help=argparse.SUPPRESS)
     p.add_argument("--member", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -268,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         f"muxer_flood: one stranger, one connection per attack; a {args.flood_mib} MiB window "
         f"flood, {args.streams} identify streams left open with 256 KiB each, "
         f"'later' = {args.linger_wait:g} s after, still connected; {args.identities} identities "
-        f"listing {args.addrs} addresses each\n\n" + table(HEADERS, [row(r) for r in results])
+        f"listing {args.addrs} addresses each; {args.churn} connections opened and closed in "
+        f"turn, then one honest peer\n\n" + table(HEADERS, [row(r) for r in results])
     )
     save("muxer_flood", {"machine": machine(), "args": vars(args), "stacks": results}, markdown)
     return 0

@@ -142,9 +142,14 @@ class HostConfig:
     bursts of `connection_burst`; past them a connection is closed before its Noise handshake,
     the costliest part of a connection (`bench/flood.py`)."""
     connection_burst: float = 32.0
+    connections_held_per_ip: int = 32
+    """Inbound connections one address (an IPv6 /64) may hold open at once, handshakes included
+    (`protocol.inbound`): the rate above bounds how fast it opens them, this how many it keeps.
+    An honest node holds one; many nodes behind one NAT share this."""
     limit_loopback: bool = False
-    """Count connections from loopback too. Off by default: a peer on this machine is the
-    operator's own process (the simulated swarm runs every process on 127.0.0.1)."""
+    """Count connections from loopback too (the rate and the count). Off by default: a peer on
+    this machine is the operator's own process (the simulated swarm runs every process on
+    127.0.0.1)."""
     gossip: bool = True
     gossip_heartbeat_s: int = 1
     gossip_max_bytes: int = 64 * 1024
@@ -260,7 +265,7 @@ class Host:
         async def gate(net_stream: Any) -> None:
             if self._cutoff.cut_off(str(net_stream.muxed_conn.peer_id)):
                 self.stats.streams_cut += 1
-                await _close_quietly(net_stream, reset=True)
+                await close_quietly(net_stream, reset=True)
                 return
             await negotiate(net_stream)
 
@@ -276,7 +281,7 @@ class Host:
         async def gate(raw: Any, listen_addr: Any) -> None:
             if self._over_connection_rate(raw):
                 self.stats.connections_refused += 1
-                await _close_quietly(raw, reset=False)
+                await close_quietly(raw, reset=False)
                 return
             await accept(raw, listen_addr)
 
@@ -311,12 +316,15 @@ class Host:
         from libp2p.pubsub.pubsub import Pubsub
         from libp2p.tools.anyio_service import background_trio_service
 
+        from protocol.inbound import InboundLimits
         from protocol.libp2p_stack import new_host
 
         config = config or HostConfig()
         addrs = [parse_multiaddr(a) for a in listen]
+        inbound = InboundLimits(config.connections_held_per_ip, not config.limit_loopback)
         raw = new_host(
             identity.libp2p_key_pair(),
+            inbound,
             listen_addrs=addrs,
             announce_addrs=[parse_multiaddr(a) for a in announce] if announce else None,
             connection_config=connection_config(config.dial_timeout_s),
@@ -557,7 +565,7 @@ class Host:
                     await self._checkin(peer_id, protocol_id, stream, reader)
                 else:
                     # A cancelled or failed exchange must not leave a half-used stream around.
-                    await _close_quietly(stream, reset=True)
+                    await close_quietly(stream, reset=True)
         raise TransportError(f"{peer_id} closed the stream twice without answering")
 
     async def _checkout(self, peer_id: str, protocol_id: str) -> tuple[Any, _StreamReader, bool]:
@@ -576,7 +584,7 @@ class Host:
                     # A fresh reader: nothing may be pending between an answer and the next
                     # request, and `received` must count this request's answer only.
                     return stream, _StreamReader(stream), True
-                await _close_quietly(stream, reset=True)
+                await close_quietly(stream, reset=True)
         finally:
             if idle:  # the rest go back; an empty entry is not kept
                 self._idle.setdefault((peer_id, protocol_id), []).extend(idle)
@@ -591,7 +599,7 @@ class Host:
             if len(idle) < MAX_IDLE_STREAMS:
                 idle.append((stream, trio.current_time()))
                 return
-        await _close_quietly(stream, reset=False)
+        await close_quietly(stream, reset=False)
 
     async def _open_stream(self, peer_id: str, protocol_id: str) -> Any:
         from libp2p.custom_types import TProtocol
@@ -684,7 +692,7 @@ class Host:
         finally:
             # Closed, not reset, even after a refusal: a reset can overtake the error reply in
             # py-libp2p, and the client, which stops writing once it reads the reply, resets.
-            await _close_quietly(stream, reset=False)
+            await close_quietly(stream, reset=False)
 
     def _count_read(self, n: int) -> None:
         self.stats.request_bytes_read += n
@@ -1007,7 +1015,7 @@ async def _write_while_reading(
         if not _accepted(answer, limit):
             # Reset, not cancel: the write stops at its next muxer frame. Cancelled inside a
             # frame it would leave half a frame on the connection and break every stream on it.
-            await _close_quietly(stream, reset=True)
+            await close_quietly(stream, reset=True)
     return answer.unwrap()
 
 
@@ -1030,7 +1038,7 @@ async def _write_noting_failure(stream: Any, frame: bytes) -> None:
         log.debug("write of a %d-byte request failed: %r", len(frame), e)
 
 
-async def _close_quietly(stream: Any, reset: bool) -> None:
+async def close_quietly(stream: Any, reset: bool) -> None:
     # Shielded and bounded: closing must happen even when the caller was cancelled, and must not
     # hang on a peer that stopped reading.
     with trio.move_on_after(2.0) as scope:
@@ -1052,6 +1060,7 @@ __all__ = [
     "HostConfig",
     "HostStats",
     "Subscription",
+    "close_quietly",
     "parse_multiaddr",
     "peek_kind",
     "pool_topic",

@@ -130,6 +130,9 @@ class TrainerSection(Section):
     `connection_burst`; past them closed before the Noise handshake (`HostConfig`). A pool
     whose nodes share an address (carrier-grade NAT, a campus) raises both."""
     connection_burst: Annotated[float, msgspec.Meta(ge=1)] = 32.0
+    connections_held_per_ip: Annotated[int, msgspec.Meta(ge=1)] = 32
+    """libp2p connections one address may hold open at once (`HostConfig`); such a pool
+    raises this too."""
 
 
 class TrainerConfig(Section):

@@ -262,6 +262,7 @@ class Coordinator:
             requests_per_s=self.spec.limits.requests_per_s,
             connections_per_ip_s=section.connections_per_ip_s,
             connection_burst=section.connection_burst,
+            connections_held_per_ip=section.connections_held_per_ip,
         )
         async with (
             Host.open(

@@ -264,3 +264,42 @@ async def test_streams_a_peer_leaves_open_after_we_closed_ours_are_capped_then_r
         async with Host.open(Identity.generate(), POOL, config=HostConfig(gossip=False)) as honest:
             reply = await honest.request(host.addrs[0], ECHO, Ping(n=1), Ping)
             assert reply.message.n == 2
+
+
+def addrs_known(raw: Any, peer: str) -> int:
+    store = raw.get_peerstore()
+    peer_id = ID.from_base58(peer)
+    data = store.peer_data_map.get(peer_id)
+    return len(data.addrs) if data is not None else 0
+
+
+def record_bytes(raw: Any, peer: str) -> int:
+    state = raw.get_peerstore().peer_record_map.get(ID.from_base58(peer))
+    return len(state.envelope.raw_payload) if state is not None else 0
+
+
+async def test_a_peer_listing_thousands_of_addresses_is_kept_to_its_newest_few():
+    many = [multiaddr.Multiaddr(f"/ip4/10.9.{i // 256}.{i % 256}/tcp/4001") for i in range(3000)]
+
+    async def identified(raw: Any, peer: str) -> None:
+        with trio.move_on_after(15):
+            while not addrs_known(raw, peer):
+                await trio.sleep(0.1)
+        await trio.sleep(0.5)  # identify stores the addresses, then the record
+
+    # Control: py-libp2p's default store keeps all 3,000, and a signed record listing them.
+    async with default_stack_victim() as (victim, addr), stranger(announce_addrs=many) as liar:
+        await connect(liar, addr)
+        await identified(victim, liar.get_id().to_base58())
+        assert addrs_known(victim, liar.get_id().to_base58()) >= 3000
+        assert record_bytes(victim, liar.get_id().to_base58()) > 50_000
+
+    async with (
+        Host.open(Identity.generate(), POOL, config=HostConfig(gossip=False)) as host,
+        stranger(announce_addrs=many) as liar,
+    ):
+        await connect(liar, host.addrs[0])
+        peer = liar.get_id().to_base58()
+        await identified(host.libp2p, peer)
+        assert 0 < addrs_known(host.libp2p, peer) <= libp2p_stack.MAX_ADDRS_PER_PEER
+        assert record_bytes(host.libp2p, peer) == 0
