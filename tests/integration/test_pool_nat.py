@@ -215,7 +215,8 @@ def _member_b_fetches(nat_pool: NatPool, dcutr: str) -> dict:
                   str(nat_pool.tmp / f"b-{dcutr}"), f"http://{NAT_IP}:{RELAY_PORT}",
                   dcutr)  # fmt: skip
     assert proc.wait(timeout=120) == 0, nat_pool.logs()
-    return json.loads(log.read_text().strip().splitlines()[-1])
+    lines = log.read_text().strip().splitlines()
+    return json.loads(next(line for line in reversed(lines) if line.startswith("{")))
 
 
 # ----------------------------------------------------------------------------- member B
@@ -322,7 +323,7 @@ async def _fetch_through_a(
     }
 
 
-async def _fetch_with_retries(client, host, bootstrap: str, tries: int = 4):
+async def _fetch_with_retries(client, host, bootstrap: str, tries: int = 6):
     """`client.fetch("latest")`, asked again after a failure as a node's worker does: it asks
     the coordinator (a heartbeat) which version is current and trusts that one. The pool
     publishes a few versions a second here and A keeps only the last few, so the version
@@ -335,11 +336,12 @@ async def _fetch_with_retries(client, host, bootstrap: str, tries: int = 4):
     from protocol import messages as msg
     from shardcast.errors import FetchError
 
-    for _ in range(tries - 1):
+    for attempt in range(tries - 1):
         try:
             return await client.fetch("latest")
-        except FetchError:
-            await trio.sleep(5.0)  # past a short outage, and past a 10 s cutoff in four tries
+        except FetchError as e:
+            print(f"fetch {attempt + 1} of {tries} failed: {e}", file=sys.stderr, flush=True)
+            await trio.sleep(5.0)  # past a short outage, and past a 10 s cutoff in a few tries
             beat = msg.Heartbeat(weight_version=0)
             reply = await host.request(bootstrap, msg.HEARTBEAT_PROTOCOL, beat, msg.HeartbeatReply)
             client.trust_version(reply.message.current_version)
@@ -347,7 +349,12 @@ async def _fetch_with_retries(client, host, bootstrap: str, tries: int = 4):
 
 
 if __name__ == "__main__":
+    import logging
+
     import trio
 
     assert sys.argv[1] == "fetch"
+    # Why a listing or a stream failed goes to B's log (stderr), which a failed test prints.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("shardcast").setLevel(logging.INFO)
     print(json.dumps(trio.run(_fetch_through_a, *sys.argv[2:8])), flush=True)
