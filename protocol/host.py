@@ -175,6 +175,9 @@ class HostStats:
     """Streams reset unnegotiated because their peer was cut off."""
     connections_refused: int = 0
     """Inbound connections closed unhandshaken: their address was past its connection rate."""
+    connections_over_held: int = 0
+    """Inbound connections closed unhandshaken: their address (or the host) held every slot
+    it may (`HostConfig.connections_held_per_ip`, `protocol.inbound`)."""
 
     def refuse(self, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
@@ -286,6 +289,11 @@ class Host:
             await accept(raw, listen_addr)
 
         network._handle_inbound_connection = gate
+
+        def over_held() -> None:
+            self.stats.connections_over_held += 1
+
+        network.inbound_connections.on_refuse = over_held
 
     def _over_connection_rate(self, raw: Any) -> bool:
         remote = raw.get_remote_address() if hasattr(raw, "get_remote_address") else None

@@ -6,7 +6,7 @@ our hosts) per accepted connection and gives it back only when the whole swarm s
 handler waits for the swarm after the upgrade, whether or not the connection still exists.
 Measured with a real host: after 300 connections had come and gone (none open), every new one
 was refused, for good. Honest churn (nodes reconnecting, dial-backs, probes) ends there within
-hours; a stranger gets there in minutes (`tests/protocol/test_inbound.py`). Nothing counted how
+hours; a stranger gets there in minutes (`bench/muxer_flood.py`). Nothing counted how
 many connections one address holds either: only how fast it opens them.
 
 `InboundConnections` replaces the swarm's inbound handler. A connection takes a slot before its
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,8 @@ class InboundConnections:
         self.total = swarm.connection_config.max_connections
         self.held: Counter[str] = Counter()
         self.refused = 0
+        self.on_refuse: Callable[[], None] = lambda: None
+        """Called for each connection closed for want of a slot (a host's metrics)."""
         self._original = swarm._handle_inbound_connection
 
     @property
@@ -67,6 +70,7 @@ class InboundConnections:
         key = self._key(stream)
         if not self._take(key):
             self.refused += 1
+            self.on_refuse()
             await close_quietly(stream, reset=False)
             return
         try:

@@ -158,6 +158,11 @@ class TransportCollector:
             "inbound connections closed before the handshake (address past its rate)",
             s.connections_refused,
         )
+        yield CounterMetricFamily(
+            "swarmrl_connections_over_held",
+            "inbound connections closed before the handshake (address or host at its slots)",
+            s.connections_over_held,
+        )
 
 
 def _start_wandb(project: str, run_name: str, folder: Path) -> Any:

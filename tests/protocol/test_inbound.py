@@ -145,6 +145,8 @@ async def test_a_host_counts_held_connections_per_address_as_configured():
         await first.connect(server.addrs[0])
         with pytest.raises(TransportError):
             await second.connect(server.addrs[0])
+        assert server.stats.connections_over_held >= 1  # exported as a metric
+        assert server.stats.connections_refused == 0  # the rate was not what refused it
     # Loopback is not counted by default: the simulated swarm runs on one machine.
     async with (
         Host.open(Identity.generate(), POOL, config=HostConfig(gossip=False)) as server,
