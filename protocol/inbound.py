@@ -10,10 +10,13 @@ hours; a stranger gets there in minutes (`bench/muxer_flood.py`). Nothing counte
 many connections one address holds either: only how fast it opens them.
 
 `InboundConnections` replaces the swarm's inbound handler. A connection takes a slot before its
-security handshake and gives it back when it closes (or its upgrade fails); past `total` slots
-in all, or `per_address` for one address (an IPv6 /64 counts as one, as for rates), a new
-connection is closed before the handshake. Loopback is exempt when asked: the simulated swarm
-runs every process on 127.0.0.1.
+security handshake and gives it back when it closes (or its upgrade fails); past `per_address`
+for one address (an IPv6 /64 counts as one, as for rates) a new connection is closed before
+the handshake. When the host holds all the connections it may, a newcomer from an address
+holding few makes room by closing the newest connection of the address holding the most (if
+that is more than one above the newcomer's): a few addresses cannot fill the host and keep the
+rest of the internet out, and nobody is evicted for a peer no better off than itself. Loopback
+is exempt when asked: the simulated swarm runs every process on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ class InboundConnections:
         self.limits = limits
         self.total = swarm.connection_config.max_connections
         self.held: Counter[str] = Counter()
+        """Slots held per address ("" for exempt and unknown ones), handshakes included."""
+        self.conns: dict[str, list[Any]] = {}
+        """Each address's registered connections, oldest first (what eviction closes)."""
         self.refused = 0
+        self.evicted = 0
         self.on_refuse: Callable[[], None] = lambda: None
         """Called for each connection closed for want of a slot (a host's metrics)."""
         self._original = swarm._handle_inbound_connection
@@ -68,17 +75,47 @@ class InboundConnections:
             await self._original(stream, listen_addr)
             return
         key = self._key(stream)
-        if not self._take(key):
+        if not await self._take(key):
             self.refused += 1
             self.on_refuse()
             await close_quietly(stream, reset=False)
             return
         try:
-            await self._serve(stream, listen_addr)
+            await self._serve(stream, listen_addr, key)
         finally:
             self._release(key)
 
-    async def _serve(self, stream: Any, listen_addr: Any) -> None:
+    async def _take(self, key: str | None) -> bool:
+        """A slot for a connection from `key`: within its address's share, and within the
+        host's connections, making room when full by closing the newest connection of the
+        address that holds the most, if that is more than one above what `key` holds."""
+        if key is not None and self.held[key] >= self.limits.per_address:
+            return False
+        if self._full():
+            victim = self._evictable(key)
+            if victim is None:
+                return False
+            self.evicted += 1
+            await close_quietly(victim, reset=False)  # its own handler gives its slot back
+        self.held[key or ""] += 1
+        return True
+
+    def _full(self) -> bool:
+        # py-libp2p counts outbound connections against the same limit in its upgrade.
+        return max(self.open, len(self.swarm.get_connections())) >= self.total
+
+    def _evictable(self, key: str | None) -> Any:
+        """The newest connection of the address holding the most, if it holds more than one
+        above `key`; never for or from an exempt (loopback) address."""
+        if key is None:
+            return None
+        counted = [k for k, conns in self.conns.items() if k != "" and conns]
+        top = max(counted, key=lambda k: len(self.conns[k]), default=None)
+        if top is None or len(self.conns[top]) <= self.held[key] + 1:
+            return None
+        return self.conns[top][-1]
+
+    async def _serve(self, stream: Any, listen_addr: Any, key: str | None) -> None:
         remote = self.swarm._build_remote_multiaddr(stream)
         if remote is not None and not await self.swarm.connection_gate.is_allowed(remote):
             await close_quietly(stream, reset=False)
@@ -94,7 +131,14 @@ class InboundConnections:
         if conn is None:  # closed already, or never registered: nothing else will close it
             await close_quietly(muxed, reset=False)
             return
-        await conn.event_closed.wait()
+        held = self.conns.setdefault(key or "", [])
+        held.append(conn)
+        try:
+            await conn.event_closed.wait()
+        finally:
+            held.remove(conn)
+            if not held:
+                del self.conns[key or ""]
 
     def _registered(self, muxed: Any) -> Any:
         conns = self.swarm.connections.get(muxed.peer_id) or []
@@ -111,14 +155,6 @@ class InboundConnections:
         if self.limits.exempt_loopback and is_loopback(remote[0]):
             return None
         return client_key(remote[0])
-
-    def _take(self, key: str | None) -> bool:
-        if self.open >= self.total:
-            return False
-        if key is not None and self.held[key] >= self.limits.per_address:
-            return False
-        self.held[key or ""] += 1
-        return True
 
     def _release(self, key: str | None) -> None:
         self.held[key or ""] -= 1

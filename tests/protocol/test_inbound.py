@@ -158,16 +158,54 @@ async def test_a_host_counts_held_connections_per_address_as_configured():
         assert server.libp2p.get_network().inbound_connections.held == {"": 2}
 
 
-def test_slots_are_counted_per_address_and_in_all():
+@pytest.mark.trio
+async def test_a_full_host_makes_room_for_an_address_holding_less(monkeypatch):
+    # The address a connection counts against is set by the test (every peer here is on
+    # 127.0.0.1); py-libp2p's own retries of a refused dial count against the same one.
+    address = {"now": "a"}
+    monkeypatch.setattr(InboundConnections, "_key", lambda self, stream: address["now"])
+
+    async def arrive(client: Any, server: Any, info: Any, at: str) -> bool:
+        address["now"] = at
+        return await admitted(client, server, info)
+
+    # Control: py-libp2p's host, full from one address, keeps every other address out.
+    control = libp2p.new_host(key_pair=create_new_key_pair(), connection_config=small(3))
+    async with running(control) as (server, info), clients(4) as (a1, a2, a3, b1):
+        assert [await arrive(c, server, info, "a") for c in (a1, a2, a3)] == [True] * 3
+        assert not await arrive(b1, server, info, "b")
+
+    limits = InboundLimits(per_address=8)
+    ours = new_host(create_new_key_pair(), limits, connection_config=small(3))
+    async with running(ours) as (server, info), clients(7) as (a1, a2, a3, b1, a4, c1, d1):
+        inbound = server.get_network().inbound_connections
+        assert [await arrive(c, server, info, "a") for c in (a1, a2, a3)] == [True] * 3
+        # Full: b holds none, a holds three, so a's newest connection makes room.
+        assert await arrive(b1, server, info, "b")
+        await until(lambda: a3.get_id() not in server.get_network().connections)
+        assert inbound.evicted == 1 and dict(inbound.held) == {"a": 2, "b": 1}
+        # a, holding two, may not push out b's one; c, holding none, takes a's newest again.
+        assert not await arrive(a4, server, info, "a")
+        assert await arrive(c1, server, info, "c")
+        assert dict(inbound.held) == {"a": 1, "b": 1, "c": 1} and inbound.evicted == 2
+        # Everyone holds one: nobody is evicted for a newcomer no better off.
+        assert not await arrive(d1, server, info, "d")
+        assert inbound.evicted == 2
+
+
+@pytest.mark.trio
+async def test_slots_are_counted_per_address_and_in_all():
     swarm = SimpleNamespace(
-        connection_config=SimpleNamespace(max_connections=5), _handle_inbound_connection=None
+        connection_config=SimpleNamespace(max_connections=5),
+        _handle_inbound_connection=None,
+        get_connections=list,
     )
     slots = InboundConnections(swarm, InboundLimits(per_address=2))
-    assert [slots._take("10.0.0.1") for _ in range(3)] == [True, True, False]
-    assert slots._take("10.0.0.2")  # another address is not held back by the first
-    assert slots._take("10.0.0.2")
-    assert slots._take(None)  # exempt: counted in all, never per address
-    assert not slots._take("10.0.0.3")  # five held in all
+    assert [await slots._take("10.0.0.1") for _ in range(3)] == [True, True, False]
+    assert await slots._take("10.0.0.2")  # another address is not held back by the first
+    assert await slots._take("10.0.0.2")
+    assert await slots._take(None)  # exempt: counted in all, never per address
+    assert not await slots._take("10.0.0.3")  # five held in all, none registered to evict
     slots._release("10.0.0.1")
-    assert slots._take("10.0.0.3")
+    assert await slots._take("10.0.0.3")
     assert slots.open == 5
