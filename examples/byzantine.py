@@ -476,8 +476,10 @@ class Flood(Cheat):
         would: in CI a connection made as the coordinator came back from a SIGKILL stayed
         half-open on this side for a minute, every stream timing out unanswered, and the pool
         finished before the flood reached the limiter."""
+        from shardcast.nat import peer_of
+
         for addr in ctx.coordinator_addrs():
-            await ctx.host.disconnect(addr.rsplit("/p2p/", 1)[-1])
+            await ctx.host.disconnect(peer_of(addr))
 
     def _flooded_enough(self, elapsed: float) -> bool:
         limited = self.counts.get(ErrorCode.RATE_LIMITED, 0) > 0

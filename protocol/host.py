@@ -55,7 +55,7 @@ from protocol.framing import (
 )
 from protocol.identity import Identity
 from protocol.inflight import InflightBudget, OverBudget
-from protocol.ratelimit import Cutoff, RateLimiter, client_key, is_loopback
+from protocol.ratelimit import Cutoff, RateLimiter
 from protocol.wire import M, Message, ShortStr
 from protocol.wire import decode as decode_message
 
@@ -278,11 +278,14 @@ class Host:
         """Close an inbound connection from an address past its connection rate before the
         security handshake (`HostConfig.connections_per_ip_s`). py-libp2p's own gate knows
         only allow and deny lists, and also filters our dials; this wraps inbound only."""
+        from protocol.inbound import connection_key
+
         network = self._host.get_network()
         accept = network._handle_inbound_connection
 
         async def gate(raw: Any, listen_addr: Any) -> None:
-            if self._over_connection_rate(raw):
+            key = connection_key(raw, exempt_loopback=not self.config.limit_loopback)
+            if key is not None and self._connections.check(key) > 0:
                 self.stats.connections_refused += 1
                 await close_quietly(raw, reset=False)
                 return
@@ -294,14 +297,6 @@ class Host:
             self.stats.connections_over_held += 1
 
         network.inbound_connections.on_refuse = over_held
-
-    def _over_connection_rate(self, raw: Any) -> bool:
-        remote = raw.get_remote_address() if hasattr(raw, "get_remote_address") else None
-        if not remote:
-            return False
-        if not self.config.limit_loopback and is_loopback(remote[0]):
-            return False
-        return self._connections.check(client_key(remote[0])) > 0
 
     # ----------------------------------------------------------------- lifecycle
 

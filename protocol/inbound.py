@@ -36,6 +36,17 @@ from protocol.ratelimit import client_key, is_loopback
 log = logging.getLogger(__name__)
 
 
+def connection_key(stream: Any, exempt_loopback: bool) -> str | None:
+    """Whom an inbound connection counts against (its address, an IPv6 /64 as one), or None
+    for an exempt or unknown address: the key of the connection rate and of held slots."""
+    remote = stream.get_remote_address() if hasattr(stream, "get_remote_address") else None
+    if not remote:
+        return None
+    if exempt_loopback and is_loopback(remote[0]):
+        return None
+    return client_key(remote[0])
+
+
 @dataclass(frozen=True)
 class InboundLimits:
     per_address: int = 32
@@ -148,13 +159,7 @@ class InboundConnections:
         return None
 
     def _key(self, stream: Any) -> str | None:
-        """Whom the connection counts against, or None for an exempt or unknown address."""
-        remote = stream.get_remote_address() if hasattr(stream, "get_remote_address") else None
-        if not remote:
-            return None
-        if self.limits.exempt_loopback and is_loopback(remote[0]):
-            return None
-        return client_key(remote[0])
+        return connection_key(stream, self.limits.exempt_loopback)
 
     def _release(self, key: str | None) -> None:
         self.held[key or ""] -= 1
@@ -162,4 +167,4 @@ class InboundConnections:
             del self.held[key or ""]  # keep the table as small as the connections open
 
 
-__all__ = ["InboundConnections", "InboundLimits"]
+__all__ = ["InboundConnections", "InboundLimits", "connection_key"]
