@@ -517,9 +517,10 @@ def test_peers_that_never_answer_give_their_watch_slots_to_peers_that_do():
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert seen["watched"] == {"http://live0", "http://live1"}
     # each dead URL asked at most twice (its watch may retry once before the next round
-    # drops it), and not drawn again within the retry time
+    # drops it), and not drawn again within the retry time; the draw may well take both live
+    # peers first and ask no dead one at all (CI saw it: 1 draw in 66)
     dead_asks = Counter(h for h in asked if h.startswith("dead"))
-    assert max(dead_asks.values()) <= 2, dead_asks
+    assert all(n <= 2 for n in dead_asks.values()), dead_asks
 
 
 def test_a_member_never_takes_its_own_urls_for_peers():
