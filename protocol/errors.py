@@ -26,6 +26,11 @@ class TransportError(SwarmError):
     """A peer could not be reached, dropped the stream, or did not answer in time."""
 
 
+class SilentConnection(TransportError):
+    """A connection that looks open did not answer a stream negotiation in time, so it was
+    closed: the next try dials afresh."""
+
+
 class RemoteError(ProtocolError):
     """The peer answered a request with an error reply (refused, rate limited, bad request)."""
 

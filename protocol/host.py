@@ -41,7 +41,13 @@ import trio
 
 from protocol.addresses import dialable
 from protocol.envelope import ENVELOPE_OVERHEAD, Envelope, EnvelopeVerifier, Verified, seal
-from protocol.errors import ProtocolError, RemoteError, SwarmError, TransportError
+from protocol.errors import (
+    ProtocolError,
+    RemoteError,
+    SilentConnection,
+    SwarmError,
+    TransportError,
+)
 from protocol.framing import (
     HEADER_BYTES,
     MAX_FRAME_BYTES,
@@ -178,6 +184,9 @@ class HostStats:
     connections_over_held: int = 0
     """Inbound connections closed unhandshaken: their address (or the host) held every slot
     it may (`HostConfig.connections_held_per_ip`, `protocol.inbound`)."""
+    silent_connections_closed: int = 0
+    """Connections closed because a stream negotiation on them met silence (`negotiate_stream`):
+    dead although they looked open."""
 
     def refuse(self, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
@@ -605,12 +614,15 @@ class Host:
         await close_quietly(stream, reset=False)
 
     async def _open_stream(self, peer_id: str, protocol_id: str) -> Any:
-        from libp2p.custom_types import TProtocol
-        from libp2p.peer.id import ID
         from libp2p.protocol_muxer.exceptions import MultiselectClientError
 
         try:
-            return await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
+            return await negotiate_stream(
+                self._host, peer_id, protocol_id, self.config.dial_timeout_s
+            )
+        except SilentConnection:
+            self.stats.silent_connections_closed += 1
+            raise
         except Exception as e:
             # libp2p wraps a failed protocol negotiation in StreamFailure: the peer does not
             # serve the protocol, or reset the stream (a cut-off peer's are), or went away.
@@ -948,6 +960,8 @@ def connection_config(dial_timeout_s: float) -> Any:
         min_connections=0,
         low_watermark=0,
         auto_connect_interval=3600.0,
+        # Past `negotiate_stream`'s own bound, which so fires first on a silent connection.
+        outbound_stream_protocol_negotiation_timeout=3 * dial_timeout_s,
     )
 
 
@@ -1041,6 +1055,34 @@ async def _write_noting_failure(stream: Any, frame: bytes) -> None:
         log.debug("write of a %d-byte request failed: %r", len(frame), e)
 
 
+async def negotiate_stream(raw: Any, peer_id: str, protocol_id: str, timeout_s: float) -> Any:
+    """A new `protocol_id` stream to `peer_id` on py-libp2p host `raw`, negotiated within
+    `timeout_s`; py-libp2p's own errors (refused, unsupported, gone) pass through.
+
+    A live peer's libp2p answers a negotiation in one round trip, whatever its handlers are
+    doing, so silence means the connection is dead although it still looks open: its peer
+    restarted behind it, or a crossed dial closed only the other side. py-libp2p would keep it
+    and every later request would wait on it again, so it is closed here and `SilentConnection`
+    raised: the next try dials afresh. py-libp2p's own negotiation bound is set longer
+    (`connection_config`) so that silence is told from refusal by type, never by message."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.id import ID
+
+    pid = ID.from_base58(peer_id)
+    with trio.move_on_after(timeout_s):
+        return await raw.new_stream(pid, [TProtocol(protocol_id)])
+    with trio.move_on_after(2.0) as scope:
+        scope.shield = True  # bounded, and done even when the caller is being cancelled
+        try:
+            await raw.disconnect(pid)
+        except Exception as e:  # the connection may already be gone in any of several ways
+            log.debug("closing a silent connection: %s", e)
+    raise SilentConnection(
+        f"{peer_id} did not negotiate {protocol_id} within {timeout_s:g} s on an open "
+        "connection; closed it, the next try dials afresh"
+    )
+
+
 async def close_quietly(stream: Any, reset: bool) -> None:
     # Shielded and bounded: closing must happen even when the caller was cancelled, and must not
     # hang on a peer that stopped reading.
@@ -1064,6 +1106,7 @@ __all__ = [
     "HostStats",
     "Subscription",
     "close_quietly",
+    "negotiate_stream",
     "parse_multiaddr",
     "peek_kind",
     "pool_topic",

@@ -29,7 +29,7 @@ import trio
 
 from protocol.addresses import dialable
 from protocol.errors import TransportError
-from protocol.host import connection_config
+from protocol.host import connection_config, negotiate_stream
 from protocol.identity import Identity
 from shardcast.p2p import (
     PROTOCOL_ID,
@@ -243,7 +243,6 @@ class P2PNode:
     async def open_stream(self, peer_id: str, protocol_id: str) -> Any:
         """A new stream to `peer_id`: over the connection we have, else dialled on a known
         direct address, else through a known relay circuit."""
-        from libp2p.custom_types import TProtocol
         from libp2p.peer.id import ID
 
         pid = ID.from_base58(peer_id)
@@ -251,22 +250,21 @@ class P2PNode:
             async with self._locks.setdefault(peer_id, trio.Lock()):
                 if not self.raw.get_network().connections.get(pid):
                     await self._dial(peer_id)
-            return await self.raw.new_stream(pid, [TProtocol(protocol_id)])
+            return await negotiate_stream(
+                self.raw, peer_id, protocol_id, self.config.stream_timeout_s
+            )
         raise TransportError(f"no stream to {peer_id} in time")
 
     async def open_connected_stream(self, peer_id: str, protocol_id: str) -> Any:
         """A new stream to `peer_id` over a connection we already have, never a dial: what a
         coordinator probing a node's stream source uses, so that no node can make it open
         connections or circuits (TransportError when there is no connection)."""
-        from libp2p.custom_types import TProtocol
         from libp2p.peer.id import ID
 
         pid = ID.from_base58(peer_id)
         if not self.raw.get_network().connections.get(pid):
             raise TransportError(f"no connection to {peer_id}")
-        with trio.move_on_after(self.config.stream_timeout_s):
-            return await self.raw.new_stream(pid, [TProtocol(protocol_id)])
-        raise TransportError(f"no stream to {peer_id} in time")
+        return await negotiate_stream(self.raw, peer_id, protocol_id, self.config.stream_timeout_s)
 
     async def _dial(self, peer_id: str) -> None:
         from libp2p.peer.id import ID

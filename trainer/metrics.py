@@ -163,6 +163,11 @@ class TransportCollector:
             "inbound connections closed before the handshake (address or host at its slots)",
             s.connections_over_held,
         )
+        yield CounterMetricFamily(
+            "swarmrl_silent_connections_closed",
+            "outbound connections closed: a stream negotiation on them met silence",
+            s.silent_connections_closed,
+        )
 
 
 def _start_wandb(project: str, run_name: str, folder: Path) -> Any:

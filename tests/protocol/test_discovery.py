@@ -6,6 +6,7 @@ import time
 from functools import partial
 from typing import ClassVar
 
+import peer_process as peer
 import pytest
 import trio
 
@@ -242,25 +243,9 @@ async def test_no_bootstrap_or_nobody_answering_is_a_clear_error():
         assert trio.current_time() - start < 5
 
 
-def _peer_helper():
-    # Loaded by path: tests/ is not a package, and the child processes run the same file.
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).parent / "helpers" / "peer_process.py"
-    spec = importlib.util.spec_from_file_location("swarmrl_test_peer_process", path)
-    if spec.name not in sys.modules:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[spec.name]
-
-
 @pytest.mark.trio
 async def test_discovery_across_processes_through_a_member():
     """Coordinator and member are separate OS processes; we know the pool id and the member."""
-    peer = _peer_helper()
     coordinator, member_key = Identity.generate(), Identity.generate()
     pool = poolspec.pool_id(peer.coordinator_spec(coordinator))
     async with peer.PeerProcess(seed=coordinator.seed.hex(), role="coordinator") as coord:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import struct
-import sys
-from pathlib import Path
 from typing import ClassVar
 
+import peer_process as peer
 import pytest
 import trio
 
@@ -32,17 +30,6 @@ FAST = HostConfig(
 )
 
 
-def _load_helper():
-    # Loaded by path: tests/ is not a package, and the subprocess runs the same file as a script.
-    path = Path(__file__).parent / "helpers" / "peer_process.py"
-    spec = importlib.util.spec_from_file_location("swarmrl_test_peer_process", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-peer = _load_helper()
 Echo, EchoReply, ECHO = peer.Echo, peer.EchoReply, peer.ECHO_PROTOCOL
 
 

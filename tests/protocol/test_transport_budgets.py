@@ -6,13 +6,11 @@ streams, so "refused unread" is checked as "read stayed far below the body's siz
 
 from __future__ import annotations
 
-import importlib.util
 import struct
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import ClassVar
 
+import peer_process as peer
 import pytest
 import trio
 
@@ -36,19 +34,6 @@ FAST = HostConfig(
     write_timeout_s=5.0,
 )
 BLOB = "/swarmrl-test/blob/1"
-
-
-def _load_helper():
-    path = Path(__file__).parent / "helpers" / "peer_process.py"
-    spec = importlib.util.spec_from_file_location("swarmrl_test_peer_process", path)
-    if spec.name not in sys.modules:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[spec.name]
-
-
-peer = _load_helper()
 
 
 class Blob(Message, tag="test-blob"):

@@ -3,10 +3,7 @@ hosts gossiping with forwarding and validation."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import peer_process as peer
 import pytest
 import trio
 
@@ -15,13 +12,6 @@ from protocol.host import Host, pool_topic
 from protocol.identity import Identity
 
 POOL = "testpoolaaaaaaaaaaaaaaaa"
-HELPER = Path(__file__).parent / "helpers" / "peer_process.py"
-# Loaded by path: tests/ is not a package, and the child processes run the same file.
-_spec = importlib.util.spec_from_file_location("swarmrl_test_peer_process", HELPER)
-peer = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = peer
-    _spec.loader.exec_module(peer)
 
 
 @pytest.mark.trio

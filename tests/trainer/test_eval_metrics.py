@@ -47,6 +47,7 @@ def test_run_log_writes_jsonl_and_prometheus(tmp_path):
     stats = HostStats(served=7, refused={"rate_limited": 3}, cutoffs=1, streams_cut=12)
     stats.connections_refused = 5
     stats.connections_over_held = 2
+    stats.silent_connections_closed = 4
     log.watch_transport(stats)
     stats.streams_cut += 1
     text = log.prometheus().decode()
@@ -55,6 +56,7 @@ def test_run_log_writes_jsonl_and_prometheus(tmp_path):
     assert "swarmrl_peer_cutoffs_total 1.0" in text and "swarmrl_streams_cut_total 13.0" in text
     assert "swarmrl_connections_refused_total 5.0" in text
     assert "swarmrl_connections_over_held_total 2.0" in text
+    assert "swarmrl_silent_connections_closed_total 4.0" in text
 
 
 def test_pass_at_k_counts_the_seeded_samples():
