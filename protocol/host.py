@@ -1071,6 +1071,7 @@ async def negotiate_stream(raw: Any, peer_id: str, protocol_id: str, timeout_s: 
     pid = ID.from_base58(peer_id)
     with trio.move_on_after(timeout_s):
         return await raw.new_stream(pid, [TProtocol(protocol_id)])
+    log.info("silent connection to %s: %s", peer_id, _stream_slots(raw, pid))
     with trio.move_on_after(2.0) as scope:
         scope.shield = True  # bounded, and done even when the caller is being cancelled
         try:
@@ -1081,6 +1082,20 @@ async def negotiate_stream(raw: Any, peer_id: str, protocol_id: str, timeout_s: 
         f"{peer_id} did not negotiate {protocol_id} within {timeout_s:g} s on an open "
         "connection; closed it, the next try dials afresh"
     )
+
+
+def _stream_slots(raw: Any, pid: Any) -> str:
+    """py-libp2p's stream slots as a silent connection left them, for its log line: a local
+    queue (the swarm's stream semaphore, a connection's yamux backlog) looks like silence
+    too. Private counters, read defensively."""
+    network = raw.get_network()
+    swarm_slots = getattr(getattr(network, "_stream_semaphore", None), "value", None)
+    held = []
+    for conn in network.connections.get(pid, []):
+        muxed = getattr(conn, "muxed_conn", None)
+        backlog = getattr(getattr(muxed, "stream_backlog_semaphore", None), "value", None)
+        held.append(f"{len(getattr(muxed, 'streams', {}))} streams, backlog free {backlog}")
+    return f"swarm stream slots free {swarm_slots}; connections: {held or 'none'}"
 
 
 async def close_quietly(stream: Any, reset: bool) -> None:
