@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = ".shardcast-manifest"
 MAX_LISTING_BYTES = 1024 * 1024
 LISTING_TIMEOUT = 10.0
+MIN_POLL_ROUND_S = 1.0
+"""`wait_for_newer` polls its sources at most once a second, however they answer."""
 
 
 @dataclass
@@ -106,9 +108,11 @@ class Client:
         self._http = http
         self.bad_shards: list[BadShardReport] = []
         self.trusted: int | None = None
+        """Newest version known to be real (from signed data); listings above it are lies."""
+        self._trust_rose = trio.Event()
+        """Set (and replaced) each time `trusted` rises: wakes `wait_for_newer`."""
         self._fetching: dict[int, trio.Lock] = {}
         """One lock per version being fetched (see `_fetch`)."""
-        """Newest version known to be real (from signed data); listings above it are lies."""
 
     def trust_version(self, version: int) -> None:
         """Tell the client that `version` exists: the caller saw it in signed data (the
@@ -117,6 +121,8 @@ class Client:
         `fetch("latest")` fetches that version even before any source lists it."""
         if self.trusted is None or version > self.trusted:
             self.trusted = version
+            self._trust_rose.set()
+            self._trust_rose = trio.Event()
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -146,14 +152,18 @@ class Client:
     def path_of(self, version: int) -> Path:
         return self.dest / f"v{version}"
 
-    async def listings(self, after: int = -1, wait: float = 0.0) -> dict[str, dict]:
-        """Each reachable source's version listing (long-polling up to `wait` seconds)."""
+    async def listings(
+        self, after: int = -1, wait: float = 0.0, after_by_source: dict[str, int] | None = None
+    ) -> dict[str, dict]:
+        """Each reachable source's version listing (long-polling up to `wait` seconds for one
+        newer than `after`, or than the source's own entry in `after_by_source`)."""
         out: dict[str, dict] = {}
+        after_by_source = after_by_source or {}
 
         async def one(url: str) -> None:
             try:
                 with trio.fail_after(wait + LISTING_TIMEOUT):
-                    params = {"after": after, "wait": wait}
+                    params = {"after": after_by_source.get(url, after), "wait": wait}
                     status, body = await get_capped(
                         self.http, f"{url}/versions", MAX_LISTING_BYTES, params
                     )
@@ -177,7 +187,9 @@ class Client:
         """Newest version listed (a claim, checked when its manifest is fetched), `skip`
         aside, never above the trusted version; sources caught lying are not heard while
         any other source lists something."""
-        listed = await self.listings(after, wait)
+        return self._newest_believed(await self.listings(after, wait), skip)
+
+    def _newest_believed(self, listed: dict[str, dict], skip: set[int] = frozenset()) -> int | None:
         heard = {u: d for u, d in listed.items() if self.picker.heard(u)}
         best = None
         for data in (heard or listed).values():
@@ -187,13 +199,47 @@ class Client:
         return best
 
     async def wait_for_newer(self, after: int, timeout: float) -> int | None:
-        """Long-poll the sources until one lists a version newer than `after`."""
+        """Long-poll the sources until one lists a version newer than `after` that can be
+        believed (not above the trusted version).
+
+        Sources may list versions the signed data has not named yet, and a source answers a
+        poll for what it already lists at once: asking again at once was a busy loop (in CI it
+        took a node's event loop for a minute, ~45 requests a second, while the node could not
+        reach its coordinator to learn newer versions). So each source is next asked for what
+        is newer than all it listed, everyone again for `after` once `trust_version` rises,
+        and a round ends no sooner than `MIN_POLL_ROUND_S` after it began, however the sources
+        answer (a lying one only delays its own poll)."""
+        seen: dict[str, int] = {}
         with trio.move_on_after(timeout):
             while True:
-                v = await self.latest_version(after, wait=min(timeout, 30.0))
+                rose = self._trust_rose
+                started = trio.current_time()
+                listed = await self._listings_unless(rose, after, min(timeout, 30.0), seen)
+                v = self._newest_believed(listed)
                 if v is not None and v > after:
                     return v
+                for url, data in listed.items():
+                    seen[url] = max([seen.get(url, after), *_listed_versions(data)])
+                with trio.move_on_after(started + MIN_POLL_ROUND_S - trio.current_time()):
+                    await rose.wait()
+                if rose.is_set():
+                    seen.clear()  # a version listed before may be believed now
         return None
+
+    async def _listings_unless(
+        self, event: trio.Event, after: int, wait: float, after_by_source: dict[str, int]
+    ) -> dict[str, dict]:
+        """`listings(...)`, or nothing as soon as `event` is set."""
+        listed: dict[str, dict] = {}
+        async with trio.open_nursery() as nursery:
+
+            async def poll() -> None:
+                listed.update(await self.listings(after, wait, after_by_source))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(poll)
+            nursery.start_soon(_cancel_when_set, event, nursery.cancel_scope)
+        return listed
 
     # -- fetching ---------------------------------------------------------------------------
 
@@ -468,6 +514,11 @@ async def fetch_manifest(
     if errors and all(e.endswith("not held") for e in errors):
         raise VersionGone(f"no source holds version {version}")
     raise FetchError(f"no valid manifest for version {version}: {'; '.join(errors)}")
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _listed_versions(data: dict) -> list[int]:

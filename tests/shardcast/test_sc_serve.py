@@ -475,3 +475,44 @@ async def test_dead_source_first_chain_from_the_origin(tmp_path: Path, identity:
         assert r.version == 7 and same_tree(r.path, ck)
         await c.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_source_listing_ahead_of_the_signed_data_is_not_asked_again_at_once(
+    tmp_path: Path, identity: Identity
+) -> None:
+    """The origin lists v2 while the client trusts only v1 (its coordinator has not named v2
+    yet): waiting for something newer than v1 must not re-ask the origin as fast as it answers
+    (that busy loop took a node's event loop for a minute in CI), and wakes as soon as v2 is
+    trusted."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    ck = make_checkpoint(tmp_path / "ck", mb=0.2)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        await origin.publish(ck, 1)
+        nudge_checkpoint(ck, seed=2)
+        await origin.publish(ck, 2)
+        c = client([url], tmp_path / "c", identity)
+        c.trust_version(1)
+        polls: list[str] = []
+
+        async def note(request: httpx.Request) -> None:
+            if request.url.path == "/versions":
+                polls.append(request.url.params["after"])
+
+        c.http.event_hooks["request"] = [note]
+        assert await c.wait_for_newer(1, timeout=3.0) is None
+        # once for what is newer than v1 (v2, not believed), then for what is newer than v2,
+        # which the origin holds until the wait ends: not hundreds of polls a second
+        assert polls == ["1", "2"]
+        started = trio.current_time()
+        nursery.start_soon(_trust_later, c, 2, 0.5)
+        assert await c.wait_for_newer(1, timeout=20.0) == 2
+        assert trio.current_time() - started < 5.0  # woke on trust, not at the long-poll's end
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def _trust_later(c: Client, version: int, after_s: float) -> None:
+    await trio.sleep(after_s)
+    c.trust_version(version)
