@@ -220,7 +220,7 @@ class Client:
                     return v
                 for url, data in listed.items():
                     seen[url] = max([seen.get(url, after), *_listed_versions(data)])
-                with trio.move_on_after(started + MIN_POLL_ROUND_S - trio.current_time()):
+                with trio.move_on_after(max(0.0, started + MIN_POLL_ROUND_S - trio.current_time())):
                     await rose.wait()
                 if rose.is_set():
                     seen.clear()  # a version listed before may be believed now

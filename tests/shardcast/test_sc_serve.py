@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -516,3 +517,25 @@ async def test_a_source_listing_ahead_of_the_signed_data_is_not_asked_again_at_o
 async def _trust_later(c: Client, version: int, after_s: float) -> None:
     await trio.sleep(after_s)
     c.trust_version(version)
+
+
+@pytest.mark.trio
+async def test_a_slow_source_listing_ahead_is_polled_in_rounds_that_end(
+    tmp_path: Path, identity: Identity
+) -> None:
+    """A source that takes longer than a round's minimum to list a version not believed yet:
+    the wait goes on, round after round, until its timeout (a round that ran long once raised
+    and took the node down with it)."""
+    polls: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        polls.append(request.url.params["after"])
+        await trio.sleep(1.5)
+        listing = {"versions": [{"version": 2, "base": None, "complete": True}], "latest": 2}
+        return httpx.Response(200, stream=httpx.ByteStream(json.dumps(listing).encode()))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        c = client(["http://slow.example"], tmp_path / "c", identity, http=http)
+        c.trust_version(1)
+        assert await c.wait_for_newer(1, timeout=4.0) is None
+    assert polls[:2] == ["1", "2"] and len(polls) == 3
