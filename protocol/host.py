@@ -1060,11 +1060,13 @@ async def negotiate_stream(raw: Any, peer_id: str, protocol_id: str, timeout_s: 
     `timeout_s`; py-libp2p's own errors (refused, unsupported, gone) pass through.
 
     A live peer's libp2p answers a negotiation in one round trip, whatever its handlers are
-    doing, so silence means the connection is dead although it still looks open: its peer
-    restarted behind it, or a crossed dial closed only the other side. py-libp2p would keep it
-    and every later request would wait on it again, so it is closed here and `SilentConnection`
-    raised: the next try dials afresh. py-libp2p's own negotiation bound is set longer
-    (`connection_config`) so that silence is told from refusal by type, never by message."""
+    doing, so silence means the connection is dead although it still looks open (its peer
+    restarted behind it, a path dropped it), or this process's event loop was starved that
+    long (a busy loop here once did it; its requests were failing either way). py-libp2p would
+    keep the connection and every later request would wait on it again, so it is closed here
+    and `SilentConnection` raised: the next try dials afresh. py-libp2p's own negotiation bound
+    is set longer (`connection_config`) so that silence is told from refusal by type, never by
+    message."""
     from libp2p.custom_types import TProtocol
     from libp2p.peer.id import ID
 
