@@ -237,8 +237,12 @@ class Client:
                 listed.update(await self.listings(after, wait, after_by_source))
                 nursery.cancel_scope.cancel()
 
+            async def stop_when_set() -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
             nursery.start_soon(poll)
-            nursery.start_soon(_cancel_when_set, event, nursery.cancel_scope)
+            nursery.start_soon(stop_when_set)
         return listed
 
     # -- fetching ---------------------------------------------------------------------------
@@ -514,11 +518,6 @@ async def fetch_manifest(
     if errors and all(e.endswith("not held") for e in errors):
         raise VersionGone(f"no source holds version {version}")
     raise FetchError(f"no valid manifest for version {version}: {'; '.join(errors)}")
-
-
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
 
 
 def _listed_versions(data: dict) -> list[int]:
