@@ -292,6 +292,9 @@ class Worker:
             )
             # The coordinator runs the pool's relay hop (when it runs one at all).
             p2p.use_hops(self.location.coordinator_addrs)
+            # Its connection is never closed to make room for strangers (its dial-backs and
+            # relay checks come in on it).
+            host.prefer(self.location.coordinator_peer_id.__eq__)
             serve_discovery(host, self._book)  # this node now helps newcomers find the pool
             # Records expire: fetch fresh ones, so what we pass on to newcomers stays valid.
             nursery.start_soon(follow_pool_record, host, self._book, self.options.bootstrap)

@@ -152,6 +152,10 @@ class HostConfig:
     """Inbound connections one address (an IPv6 /64) may hold open at once, handshakes included
     (`protocol.inbound`): the rate above bounds how fast it opens them, this how many it keeps.
     An honest node holds one; many nodes behind one NAT share this."""
+    max_connections: int = 300
+    """Connections the host keeps, inbound and outbound (py-libp2p's default); when they are
+    all held, idle strangers give way to newcomers and strangers to preferred peers
+    (`Host.prefer`, `protocol.inbound`). Handshakes in progress are counted apart."""
     limit_loopback: bool = False
     """Count connections from loopback too (the rate and the count). Off by default: a peer on
     this machine is the operator's own process (the simulated swarm runs every process on
@@ -182,8 +186,13 @@ class HostStats:
     connections_refused: int = 0
     """Inbound connections closed unhandshaken: their address was past its connection rate."""
     connections_over_held: int = 0
-    """Inbound connections closed unhandshaken: their address (or the host) held every slot
-    it may (`HostConfig.connections_held_per_ip`, `protocol.inbound`)."""
+    """Inbound connections closed for want of a slot: their address held its share
+    (`HostConfig.connections_held_per_ip`; before the handshake), or the host was full and no
+    stranger could give way (after it; `protocol.inbound`)."""
+    connections_evicted: int = 0
+    """Strangers' connections closed to make room for a newcomer (`protocol.inbound`)."""
+    handshakes_cut: int = 0
+    """Inbound connections closed in their handshake to make room for newer ones."""
     silent_connections_closed: int = 0
     """Connections closed because a stream negotiation on them met silence (`negotiate_stream`):
     dead although they looked open."""
@@ -286,8 +295,9 @@ class Host:
     def _gate_connections(self) -> None:
         """Close an inbound connection from an address past its connection rate before the
         security handshake (`HostConfig.connections_per_ip_s`). py-libp2p's own gate knows
-        only allow and deny lists, and also filters our dials; this wraps inbound only."""
-        from protocol.inbound import connection_key
+        only allow and deny lists, and also filters our dials; this wraps inbound only. Count
+        what `protocol.inbound` closes for want of a slot."""
+        from protocol.inbound import Closed, connection_key
 
         network = self._host.get_network()
         accept = network._handle_inbound_connection
@@ -302,10 +312,15 @@ class Host:
 
         network._handle_inbound_connection = gate
 
-        def over_held() -> None:
-            self.stats.connections_over_held += 1
+        def closed(why: Closed) -> None:
+            if why is Closed.REFUSED:
+                self.stats.connections_over_held += 1
+            elif why is Closed.EVICTED:
+                self.stats.connections_evicted += 1
+            else:
+                self.stats.handshakes_cut += 1
 
-        network.inbound_connections.on_refuse = over_held
+        network.inbound_connections.on_close = closed
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -339,7 +354,7 @@ class Host:
             inbound,
             listen_addrs=addrs,
             announce_addrs=[parse_multiaddr(a) for a in announce] if announce else None,
-            connection_config=connection_config(config.dial_timeout_s),
+            connection_config=connection_config(config.dial_timeout_s, config.max_connections),
         )
         host = cls(identity, pool_id, raw, config, verifier or EnvelopeVerifier(pool_id))
         host._gate_streams()
@@ -393,6 +408,11 @@ class Host:
             if len(leaves) == 1:
                 raise leaves[0] from None
             raise
+
+    def prefer(self, peers: Callable[[str], bool]) -> None:
+        """Keep the connections of `peers` (a predicate on peer ids) when this host is full:
+        strangers' connections give way to theirs, never the reverse (`protocol.inbound`)."""
+        self._host.get_network().inbound_connections.preferred = peers
 
     # ----------------------------------------------------------------- names
 
@@ -702,6 +722,9 @@ class Host:
                 await self._send(stream, reply)
                 if not ok:
                     return  # after a refusal the stream may be out of step: end it
+                # A request served is what keeps a connection from giving way when the host
+                # is full (`protocol.inbound`); refused ones do not count.
+                self._host.get_network().inbound_connections.touch(stream.muxed_conn)
         except Exception as e:
             log.debug("stream from %s on %s ended: %s", peer_id, route.protocol_id, e)
         finally:
@@ -946,12 +969,14 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     return out
 
 
-def connection_config(dial_timeout_s: float) -> Any:
+def connection_config(dial_timeout_s: float, max_connections: int = 300) -> Any:
     """py-libp2p's connection settings for our hosts (a `libp2p.network.config.ConnectionConfig`,
     imported lazily: a heavy import)."""
     from libp2p.network.config import ConnectionConfig
 
     return ConnectionConfig(
+        max_connections=max_connections,
+        high_watermark=max_connections,
         # One connection per peer: without it every connect() waits ~250 ms for a second.
         max_connections_per_peer=1,
         dial_timeout=dial_timeout_s,

@@ -1,32 +1,44 @@
-"""Inbound libp2p connections: each holds a slot from its accept until it closes, in all and
-per address.
+"""Inbound libp2p connections: slots for handshakes, slots for connections, and who gives way
+when they are full.
 
 py-libp2p 0.8 takes one slot of its inbound cap (`max_connections - min_connections`, 300 for
 our hosts) per accepted connection and gives it back only when the whole swarm stops: its
 handler waits for the swarm after the upgrade, whether or not the connection still exists.
 Measured with a real host: after 300 connections had come and gone (none open), every new one
 was refused, for good. Honest churn (nodes reconnecting, dial-backs, probes) ends there within
-hours; a stranger gets there in minutes (`bench/muxer_flood.py`). Nothing counted how
-many connections one address holds either: only how fast it opens them.
+hours; a stranger gets there in minutes (`bench/muxer_flood.py`).
 
-`InboundConnections` replaces the swarm's inbound handler. A connection takes a slot before its
-security handshake and gives it back when it closes (or its upgrade fails); past `per_address`
-for one address (an IPv6 /64 counts as one, as for rates) a new connection is closed before
-the handshake. When the host holds all the connections it may, a newcomer from an address
-holding few makes room by closing the newest connection of the address holding the most (if
-that is more than one above the newcomer's): a few addresses cannot fill the host and keep the
-rest of the internet out, and nobody is evicted for a peer no better off than itself. Loopback
-is exempt when asked: the simulated swarm runs every process on 127.0.0.1.
+`InboundConnections` replaces the swarm's inbound handler and holds three rules:
+
+- **Per address.** An address (an IPv6 /64 counts as one, as for rates) holds at most
+  `per_address` connections, handshakes included; past that a new one is closed before the
+  handshake. Loopback is exempt when asked: the simulated swarm runs every process on 127.0.0.1.
+- **Handshakes have slots of their own** (`handshakes`). A connection in its security handshake
+  does not hold one of the host's connection slots: one process holding 600 silent TCP sockets
+  kept every honest peer out of a host that counted them there (measured: every new peer
+  refused, `tests/protocol/test_inbound.py`). Past `handshakes`, a newcomer closes the oldest
+  handshake that has sent nothing, else the oldest: an honest peer speaks first and finishes in
+  a few round trips; a silent one waits for py-libp2p's upgrade timeout.
+- **Connections.** Once a newcomer is through its handshake its peer is known. When the host
+  then holds more than it may, one connection of a stranger (a peer `preferred` does not name)
+  is closed: the one that went longest without a request served (`touch`; refused requests do
+  not count). A stranger gives way to another stranger only after `grace_s`, time for its first
+  request. A preferred peer (the coordinator's trusted nodes, a node's coordinator) is never
+  closed for anyone, and gets in whenever some stranger holds a slot. When nobody may give
+  way, the newcomer is closed. So connections that hold a slot and do nothing cannot keep
+  anyone out, and strangers, however many and however busy, cannot keep out members.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import trio
 from libp2p.abc import IMuxedConn
 from libp2p.network.connection.raw_connection import RawConnection
 
@@ -53,103 +65,178 @@ class InboundLimits:
     """Inbound connections one address may hold at once, handshakes included: an honest node
     holds one per host it talks to, so this leaves room for many nodes behind one NAT."""
     exempt_loopback: bool = True
+    handshakes: int = 64
+    """Inbound connections in their security handshake at once (on top of the host's
+    connection slots, py-libp2p's `max_connections`)."""
+    grace_s: float = 2.0
+    """A stranger's connection younger than this never gives way to another stranger: time for
+    its first request."""
+
+
+class Closed(enum.Enum):
+    """Why `InboundConnections` closed an inbound connection (its `on_close` hook)."""
+
+    REFUSED = "refused"
+    """No slot for it: its address holds its share, or the host is full and nobody gives way."""
+    EVICTED = "evicted"
+    """A stranger's, closed to make room for a newcomer."""
+    HANDSHAKE_CUT = "handshake_cut"
+    """In its handshake, closed to make room for a newer one."""
+
+
+class _CountingRaw(RawConnection):
+    """A raw connection that notes whether its peer has sent anything (during its handshake)."""
+
+    spoke = False
+
+    async def read(self, n: int | None = None) -> bytes:
+        data = await super().read(n)
+        self.spoke = self.spoke or bool(data)
+        return data
+
+
+@dataclass
+class _Held:
+    conn: Any
+    since: float
+    active: float
+    """When its peer was last served a request (or when it was registered)."""
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.conn.muxed_conn.peer_id)
 
 
 class InboundConnections:
-    """The swarm's inbound handler, counting each connection until it closes (see the
-    module's docstring). `refused` counts connections closed for want of a slot."""
+    """The swarm's inbound handler (see the module's docstring). `refused` counts connections
+    closed for want of a slot, `evicted` those closed to make room, `handshakes_cut` handshakes
+    closed to make room for newer ones."""
 
     def __init__(self, swarm: Any, limits: InboundLimits) -> None:
         self.swarm = swarm
         self.limits = limits
         self.total = swarm.connection_config.max_connections
+        """Connections (inbound and outbound, handshakes not counted) the host keeps."""
+        # py-libp2p refuses a connection at its own max before and after the handshake; it
+        # must let through the ones this handler may make room for. Its pruner, past the high
+        # watermark, would close idle connections whoever holds them: never.
+        config = swarm.connection_config
+        config.max_connections = config.high_watermark = self.total + limits.handshakes
         self.held: Counter[str] = Counter()
         """Slots held per address ("" for exempt and unknown ones), handshakes included."""
-        self.conns: dict[str, list[Any]] = {}
-        """Each address's registered connections, oldest first (what eviction closes)."""
+        self.handshaking: dict[_CountingRaw, float] = {}
+        """Connections in their handshake, oldest first, with when it began."""
+        self.registered: dict[Any, _Held] = {}
+        """Inbound connections through their handshake, by muxed connection."""
+        self.preferred: Callable[[str], bool] = lambda peer_id: False
+        """Peers (by peer id) whose connections are never closed to make room."""
         self.refused = 0
         self.evicted = 0
-        self.on_refuse: Callable[[], None] = lambda: None
-        """Called for each connection closed for want of a slot (a host's metrics)."""
+        self.handshakes_cut = 0
+        self.on_close: Callable[[Closed], None] = lambda why: None
+        """Called for each connection this handler closes, with why (a host's metrics)."""
         self._original = swarm._handle_inbound_connection
 
     @property
     def open(self) -> int:
-        """Inbound connections holding a slot now."""
+        """Inbound connections holding a slot now, handshakes included."""
         return sum(self.held.values())
 
     def install(self) -> None:
         self.swarm._handle_inbound_connection = self.handle
+
+    def touch(self, muxed_conn: Any) -> None:
+        """Note that the peer of `muxed_conn` was served a request (the host calls this)."""
+        held = self.registered.get(muxed_conn)
+        if held is not None:
+            held.active = trio.current_time()
 
     async def handle(self, stream: Any, listen_addr: Any) -> None:
         if isinstance(stream, IMuxedConn):  # QUIC and the like: not a transport of ours
             await self._original(stream, listen_addr)
             return
         key = self._key(stream)
-        if not await self._take(key):
-            self.refused += 1
-            self.on_refuse()
-            await close_quietly(stream, reset=False)
+        if key is not None and self.held[key] >= self.limits.per_address:
+            await self._refuse(stream)
             return
+        if len(self.handshaking) >= self.limits.handshakes:
+            await self._cut_handshake()
+        self.held[key or ""] += 1
         try:
-            await self._serve(stream, listen_addr, key)
+            await self._serve(stream, listen_addr)
         finally:
             self._release(key)
 
-    async def _take(self, key: str | None) -> bool:
-        """A slot for a connection from `key`: within its address's share, and within the
-        host's connections, making room when full by closing the newest connection of the
-        address that holds the most, if that is more than one above what `key` holds."""
-        if key is not None and self.held[key] >= self.limits.per_address:
-            return False
-        if self._full():
-            victim = self._evictable(key)
-            if victim is None:
-                return False
-            self.evicted += 1
-            await close_quietly(victim, reset=False)  # its own handler gives its slot back
-        self.held[key or ""] += 1
-        return True
+    async def _refuse(self, conn: Any) -> None:
+        self.refused += 1
+        self.on_close(Closed.REFUSED)
+        await close_quietly(conn, reset=False)
 
-    def _full(self) -> bool:
-        # py-libp2p counts outbound connections against the same limit in its upgrade.
-        return max(self.open, len(self.swarm.get_connections())) >= self.total
+    async def _cut_handshake(self) -> None:
+        """Close the oldest handshake whose peer has sent nothing, else the oldest."""
+        silent = [raw for raw in self.handshaking if not raw.spoke]
+        oldest = silent[0] if silent else next(iter(self.handshaking))
+        del self.handshaking[oldest]  # counted out now: its handler ends after we return
+        self.handshakes_cut += 1
+        self.on_close(Closed.HANDSHAKE_CUT)
+        await close_quietly(oldest, reset=False)
 
-    def _evictable(self, key: str | None) -> Any:
-        """The newest connection of the address holding the most, if it holds more than one
-        above `key`; never for or from an exempt (loopback) address."""
-        if key is None:
-            return None
-        counted = [k for k, conns in self.conns.items() if k != "" and conns]
-        top = max(counted, key=lambda k: len(self.conns[k]), default=None)
-        if top is None or len(self.conns[top]) <= self.held[key] + 1:
-            return None
-        return self.conns[top][-1]
-
-    async def _serve(self, stream: Any, listen_addr: Any, key: str | None) -> None:
+    async def _serve(self, stream: Any, listen_addr: Any) -> None:
         remote = self.swarm._build_remote_multiaddr(stream)
         if remote is not None and not await self.swarm.connection_gate.is_allowed(remote):
             await close_quietly(stream, reset=False)
             return
-        raw = RawConnection(stream, False)
+        raw = _CountingRaw(stream, False)
+        self.handshaking[raw] = trio.current_time()
         try:
             muxed = await self.swarm.upgrade_inbound_raw_conn(raw, listen_addr)
         except Exception as e:  # py-libp2p raises whatever the handshake or the socket gave
             log.debug("inbound connection not upgraded: %s", e)
             await close_quietly(raw, reset=False)
             return
+        finally:
+            self.handshaking.pop(raw, None)
         conn = self._registered(muxed)
         if conn is None:  # closed already, or never registered: nothing else will close it
             await close_quietly(muxed, reset=False)
             return
-        held = self.conns.setdefault(key or "", [])
-        held.append(conn)
+        now = trio.current_time()
+        held = self.registered[muxed] = _Held(conn, since=now, active=now)
         try:
-            await conn.event_closed.wait()
+            if await self._room_for(held):
+                await conn.event_closed.wait()
         finally:
-            held.remove(conn)
-            if not held:
-                del self.conns[key or ""]
+            del self.registered[muxed]
+
+    async def _room_for(self, newcomer: _Held) -> bool:
+        """Whether `newcomer` keeps its connection, closing another to make room if the host
+        holds more than it may (see the module's docstring)."""
+        if len(self.swarm.get_connections()) <= self.total:
+            return True
+        victim = self._victim(newcomer, self.preferred(newcomer.peer_id))
+        if victim is None:
+            await self._refuse(newcomer.conn)
+            return False
+        self.evicted += 1
+        self.on_close(Closed.EVICTED)
+        log.info("closed %s's connection to make room for %s", victim.peer_id, newcomer.peer_id)
+        await close_quietly(victim.conn, reset=False)  # its own handler forgets it
+        return True
+
+    def _victim(self, newcomer: _Held, member: bool) -> _Held | None:
+        """The stranger's connection that went longest without a request served, among those
+        a newcomer (a `member` or not) may close."""
+        now = trio.current_time()
+        eligible = [
+            held
+            for held in self.registered.values()
+            if held is not newcomer
+            and not held.conn.is_closed
+            and (member or now - held.since >= self.limits.grace_s)
+        ]
+        # Idlest first, and `preferred` (a ledger query on the coordinator) asked lazily.
+        eligible.sort(key=lambda held: held.active)
+        return next((held for held in eligible if not self.preferred(held.peer_id)), None)
 
     def _registered(self, muxed: Any) -> Any:
         conns = self.swarm.connections.get(muxed.peer_id) or []
@@ -167,4 +254,4 @@ class InboundConnections:
             del self.held[key or ""]  # keep the table as small as the connections open
 
 
-__all__ = ["InboundConnections", "InboundLimits", "connection_key"]
+__all__ = ["Closed", "InboundConnections", "InboundLimits", "connection_key"]

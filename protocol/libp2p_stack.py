@@ -45,9 +45,12 @@ from libp2p.abc import IHost, IMuxedConn, ISecureConn
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.envelope import Envelope
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStore
+from libp2p.rcmgr import ResourceManager, new_resource_manager
+from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
@@ -217,17 +220,35 @@ def buffered_bytes(host: IHost) -> int:
     return total
 
 
+def resource_manager(ceiling: int) -> ResourceManager:
+    """py-libp2p's resource manager as it makes one by default, but for its cap on established
+    connections: 256 inbound by default, so a host meant to keep 300 stopped at 256, closing the
+    newcomer after its handshake before `InboundConnections` could make room (measured:
+    `bench/slot_hog.py`, every newcomer shut out by 256 idle identities). `InboundConnections`
+    enforces the host's own counts; py-libp2p's stop at `ceiling`, where they cannot bind first."""
+    limits = ConnectionLimits(
+        max_established_inbound=ceiling,
+        max_established_outbound=ceiling,
+        max_established_total=ceiling,
+        max_established_per_peer=8,  # py-libp2p's default; our hosts keep 1 per peer anyway
+    )
+    return new_resource_manager(connection_limits=limits)
+
+
 def new_host(key_pair: KeyPair, inbound: InboundLimits | None = None, **kwargs: Any) -> IHost:
     """py-libp2p's `new_host`, offering Noise and `WindowedYamux` only, on a `CappedPeerStore`
     (see the module's docstring), its inbound connections counted by `InboundConnections`
     (the swarm's `inbound_connections`); `kwargs` go to `libp2p.new_host` as they are."""
     muxers = {TProtocol(YAMUX_PROTOCOL_ID): WindowedYamux}
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    inbound = inbound or InboundLimits()
+    connections = kwargs.get("connection_config") or ConnectionConfig()
     host = libp2p.new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt=muxers,
         peerstore_opt=CappedPeerStore(),
+        resource_manager=resource_manager(connections.max_connections + inbound.handshakes),
         **kwargs,
     )
     upgrader = host.get_network().upgrader
@@ -235,7 +256,7 @@ def new_host(key_pair: KeyPair, inbound: InboundLimits | None = None, **kwargs: 
         muxers, upgrader.muxer_multistream.negotiate_timeout
     )
     swarm = host.get_network()
-    swarm.inbound_connections = InboundConnections(swarm, inbound or InboundLimits())
+    swarm.inbound_connections = InboundConnections(swarm, inbound)
     swarm.inbound_connections.install()
     return host
 

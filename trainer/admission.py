@@ -246,6 +246,13 @@ class Admission:
 
     # ------------------------------------------------------------------ validation
 
+    def is_trusted(self, key: bytes) -> bool:
+        """Joined, not banned, past probation: a node whose connection the coordinator keeps
+        when strangers' would fill its host (`Host.prefer`). Probation is what a free identity
+        cannot skip; joining alone is not."""
+        node = self.ledger.node(key)
+        return node is not None and node["banned_at"] is None and not node["probation"]
+
     def tier(self, key: bytes) -> Tier:
         """Validation order of `key`'s submissions."""
         node = self.ledger.node(key)

@@ -54,7 +54,14 @@ from trainer.metrics import RunLog
 from trainer.policy import PolicyStore
 from trainer.pulse import Pulse
 from trainer.refusals import RefusalTally, record_refusals_forever
-from trainer.relays import Checked, RelayDirectory, check_relay, probe_client, relay_hop
+from trainer.relays import (
+    Checked,
+    RelayDirectory,
+    admitted_peer,
+    check_relay,
+    probe_client,
+    relay_hop,
+)
 from trainer.sizing import check_fits
 from trainer.submissions import SubmissionService
 from trainer.tasks import Example, pool_task
@@ -278,6 +285,7 @@ class Coordinator:
         ):
             self._host, self._hop = host, hop
             host.on_refusal = self.on_refusal
+            host.prefer(partial(admitted_peer, self.admission.is_trusted))
             self.run_log.watch_transport(host.stats)
             origin_url = await nursery.start(
                 self.origin.serve, self.options.http_host, self.options.origin_port

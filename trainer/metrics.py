@@ -160,8 +160,18 @@ class TransportCollector:
         )
         yield CounterMetricFamily(
             "swarmrl_connections_over_held",
-            "inbound connections closed before the handshake (address or host at its slots)",
+            "inbound connections closed for want of a slot (address at its share, host full)",
             s.connections_over_held,
+        )
+        yield CounterMetricFamily(
+            "swarmrl_connections_evicted",
+            "strangers' inbound connections closed to make room for a newcomer",
+            s.connections_evicted,
+        )
+        yield CounterMetricFamily(
+            "swarmrl_handshakes_cut",
+            "inbound connections closed in their handshake to make room for newer ones",
+            s.handshakes_cut,
         )
         yield CounterMetricFamily(
             "swarmrl_silent_connections_closed",

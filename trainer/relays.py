@@ -316,10 +316,11 @@ async def relay_hop(
         yield n
 
 
-def admitted_peer(is_active: Callable[[bytes], bool], peer_id: str) -> bool:
-    """Whether the libp2p peer `peer_id` is a pool node in good standing."""
+def admitted_peer(is_in: Callable[[bytes], bool], peer_id: str) -> bool:
+    """Whether the libp2p peer `peer_id` is a pool node whose public key `is_in` names (in good
+    standing, trusted, ...)."""
     try:
-        return is_active(public_key_of_peer(peer_id))
+        return is_in(public_key_of_peer(peer_id))
     except ProtocolError:  # not an ed25519 peer id: never a pool node
         return False
 

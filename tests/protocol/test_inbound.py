@@ -7,14 +7,16 @@ handler (the control), then on ours.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
 import libp2p
 import multiaddr
+import peer_process as peer
 import pytest
 import trio
+from attackers import hold_silent_sockets
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -22,7 +24,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from protocol.errors import TransportError
 from protocol.host import Host, HostConfig
 from protocol.identity import Identity
-from protocol.inbound import InboundConnections, InboundLimits
+from protocol.inbound import InboundConnections, InboundLimits, _Held
 from protocol.libp2p_stack import new_host
 
 LOCAL = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -159,53 +161,119 @@ async def test_a_host_counts_held_connections_per_address_as_configured():
 
 
 @pytest.mark.trio
-async def test_a_full_host_makes_room_for_an_address_holding_less(monkeypatch):
-    # The address a connection counts against is set by the test (every peer here is on
-    # 127.0.0.1); py-libp2p's own retries of a refused dial count against the same one.
-    address = {"now": "a"}
-    monkeypatch.setattr(InboundConnections, "_key", lambda self, stream: address["now"])
+async def test_silent_sockets_do_not_keep_a_peer_out():
+    # Control: py-libp2p's host counts a handshake in progress against its connections, so
+    # sockets that never speak fill it until its upgrade timeout, again and again.
+    control = libp2p.new_host(key_pair=create_new_key_pair(), connection_config=small(8))
+    async with running(control) as (server, info), trio.open_nursery() as hogs:
+        await hogs.start(hold_silent_sockets, int(info.addrs[0].value_for_protocol("tcp")), 40)
+        await trio.sleep(0.5)
+        async with clients(1) as (client,):
+            assert not await admitted(client, server, info)
+        hogs.cancel_scope.cancel()
 
-    async def arrive(client: Any, server: Any, info: Any, at: str) -> bool:
-        address["now"] = at
-        return await admitted(client, server, info)
-
-    # Control: py-libp2p's host, full from one address, keeps every other address out.
-    control = libp2p.new_host(key_pair=create_new_key_pair(), connection_config=small(3))
-    async with running(control) as (server, info), clients(4) as (a1, a2, a3, b1):
-        assert [await arrive(c, server, info, "a") for c in (a1, a2, a3)] == [True] * 3
-        assert not await arrive(b1, server, info, "b")
-
-    limits = InboundLimits(per_address=8)
-    ours = new_host(create_new_key_pair(), limits, connection_config=small(3))
-    async with running(ours) as (server, info), clients(7) as (a1, a2, a3, b1, a4, c1, d1):
+    limits = InboundLimits(handshakes=4)
+    ours = new_host(create_new_key_pair(), limits, connection_config=small(8))
+    async with running(ours) as (server, info), trio.open_nursery() as hogs:
+        await hogs.start(hold_silent_sockets, int(info.addrs[0].value_for_protocol("tcp")), 40)
+        await trio.sleep(0.5)
         inbound = server.get_network().inbound_connections
-        assert [await arrive(c, server, info, "a") for c in (a1, a2, a3)] == [True] * 3
-        # Full: b holds none, a holds three, so a's newest connection makes room.
-        assert await arrive(b1, server, info, "b")
-        await until(lambda: a3.get_id() not in server.get_network().connections)
-        assert inbound.evicted == 1 and dict(inbound.held) == {"a": 2, "b": 1}
-        # a, holding two, may not push out b's one; c, holding none, takes a's newest again.
-        assert not await arrive(a4, server, info, "a")
-        assert await arrive(c1, server, info, "c")
-        assert dict(inbound.held) == {"a": 1, "b": 1, "c": 1} and inbound.evicted == 2
-        # Everyone holds one: nobody is evicted for a newcomer no better off.
-        assert not await arrive(d1, server, info, "d")
-        assert inbound.evicted == 2
+        async with clients(3) as peers:
+            assert [await admitted(c, server, info) for c in peers] == [True] * 3
+        assert inbound.handshakes_cut > 0 and len(inbound.handshaking) <= 4
+        hogs.cancel_scope.cancel()
+
+
+async def echo(client: Host, server: Host) -> None:
+    await client.request(server.addrs[0], peer.ECHO_PROTOCOL, peer.Echo(n=1), peer.EchoReply)
 
 
 @pytest.mark.trio
-async def test_slots_are_counted_per_address_and_in_all():
+async def test_idle_strangers_give_way_and_preferred_peers_never_do():
+    # Control: py-libp2p's host, full of connections that do nothing, keeps everyone out.
+    control = libp2p.new_host(key_pair=create_new_key_pair(), connection_config=small(3))
+    async with running(control) as (server, info), clients(4) as (a, b, c, newcomer):
+        assert [await admitted(x, server, info) for x in (a, b, c)] == [True] * 3
+        await trio.sleep(InboundLimits().grace_s)
+        assert not await admitted(newcomer, server, info)
+
+    config = HostConfig(max_connections=3, gossip=False)
+    one_dial = HostConfig(dial_attempts=1, gossip=False)
+    grace = InboundLimits().grace_s
+    async with AsyncExitStack() as stack:
+
+        async def peer_host() -> Host:
+            return await stack.enter_async_context(
+                Host.open(Identity.generate(), POOL, config=one_dial)
+            )
+
+        server = await stack.enter_async_context(
+            Host.open(Identity.generate(), POOL, config=config)
+        )
+        server.serve(peer.ECHO_PROTOCOL, peer.echo, peer.Echo, peer.EchoReply)
+        member, member2, s1, s2, s3, s4 = [await peer_host() for _ in range(6)]
+        server.prefer(lambda peer_id: peer_id in (member.peer_id, member2.peer_id))
+        inbound = server.libp2p.get_network().inbound_connections
+
+        def held() -> set[str]:
+            return set(server.connected_peers())
+
+        for client in (member, s1, s2):
+            await echo(client, server)
+        # Full, and both strangers are inside their grace: a third stranger may close neither.
+        with pytest.raises(TransportError):
+            await echo(s3, server)
+        await until(lambda: held() == {member.peer_id, s1.peer_id, s2.peer_id})
+        assert inbound.evicted == 0
+        assert server.stats.connections_over_held >= 1
+
+        await trio.sleep(grace)
+        await echo(s1, server)  # s1 is busy, s2 idle since its first request
+        await echo(s4, server)
+        await until(lambda: s2.peer_id not in held())
+        assert held() == {member.peer_id, s1.peer_id, s4.peer_id} and inbound.evicted == 1
+
+        # A preferred peer need not wait out a stranger's grace; it closes the idlest stranger.
+        await echo(member2, server)
+        await until(lambda: s1.peer_id not in held())
+        assert held() == {member.peer_id, member2.peer_id, s4.peer_id}
+
+        # Strangers, however many and however busy, never close a preferred peer's connection.
+        await trio.sleep(grace)
+        await echo(s1, server)
+        await until(lambda: s4.peer_id not in held())
+        assert member.peer_id in held() and member2.peer_id in held()
+        assert inbound.evicted == 3
+
+
+@pytest.mark.trio
+async def test_the_victim_is_the_idlest_stranger_a_newcomer_may_close():
+    """Hand-built: who gives way, for a stranger and for a preferred newcomer."""
     swarm = SimpleNamespace(
-        connection_config=SimpleNamespace(max_connections=5),
+        connection_config=SimpleNamespace(max_connections=4, high_watermark=4),
         _handle_inbound_connection=None,
-        get_connections=list,
     )
-    slots = InboundConnections(swarm, InboundLimits(per_address=2))
-    assert [await slots._take("10.0.0.1") for _ in range(3)] == [True, True, False]
-    assert await slots._take("10.0.0.2")  # another address is not held back by the first
-    assert await slots._take("10.0.0.2")
-    assert await slots._take(None)  # exempt: counted in all, never per address
-    assert not await slots._take("10.0.0.3")  # five held in all, none registered to evict
-    slots._release("10.0.0.1")
-    assert await slots._take("10.0.0.3")
-    assert slots.open == 5
+    slots = InboundConnections(swarm, InboundLimits(handshakes=2, grace_s=10.0))
+    assert slots.total == 4 and swarm.connection_config.max_connections == 6
+
+    def conn(peer_id: str) -> Any:
+        return SimpleNamespace(is_closed=False, muxed_conn=SimpleNamespace(peer_id=peer_id))
+
+    now = trio.current_time()
+    old_busy = _Held(conn("old-busy"), since=now - 60, active=now - 1)
+    old_idle = _Held(conn("old-idle"), since=now - 60, active=now - 30)
+    member = _Held(conn("member"), since=now - 60, active=now - 50)
+    young = _Held(conn("young"), since=now - 1, active=now - 1)
+    newcomer = _Held(conn("new"), since=now, active=now)
+    for held in (old_busy, old_idle, member, young, newcomer):
+        slots.registered[held.peer_id] = held  # keyed by muxed connection in the host
+    slots.preferred = lambda peer_id: peer_id == "member"
+    assert slots._victim(newcomer, member=False) is old_idle
+    old_idle.conn.is_closed = True  # gone already: not a victim twice
+    assert slots._victim(newcomer, member=False) is old_busy
+    old_busy.active = now  # now young is the idlest, but a stranger cannot close it
+    young.active = now - 5
+    assert slots._victim(newcomer, member=False) is old_busy
+    assert slots._victim(newcomer, member=True) is young  # a preferred newcomer can
+    slots.preferred = lambda peer_id: True
+    assert slots._victim(newcomer, member=True) is None  # nobody to close: it is refused

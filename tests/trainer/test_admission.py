@@ -2,12 +2,14 @@
 shared newcomer budgets, join proof of work, quotas, releases, seeds, the ban window."""
 
 import time
+from functools import partial
 
 import pytest
 import trio
 
 from protocol import pow
 from protocol.envelope import EnvelopeVerifier
+from protocol.identity import Identity
 from protocol.poolspec import AdmissionSection
 from tests.trainer.test_handlers import Member, _coordinator, _play
 from trainer.admission import (
@@ -22,6 +24,7 @@ from trainer.admission import (
 from trainer.coordinator import Coordinator
 from trainer.leases import LeaseBook, NothingToLease, draw, task_seed
 from trainer.ledger import Decision, Ledger, Standing
+from trainer.relays import admitted_peer
 from trainer.submissions import ValidationQueue
 
 
@@ -302,6 +305,23 @@ def test_one_cheat_in_four_is_banned_by_the_window_where_a_running_sum_forgave_i
             break
     assert banned_at == 7  # the second cheat, 8 verdicts in
     ledger.close()
+
+
+def test_only_trusted_nodes_are_preferred_for_connection_slots(tmp_path):
+    """What the coordinator's host keeps when strangers would fill it (`Host.prefer`): a free
+    key that joined is not enough; past probation it is, until a ban."""
+    adm = _admission(tmp_path)
+    node = Identity.generate()
+    key, peer_id = node.public_key, node.peer_id()
+    preferred = partial(admitted_peer, adm.is_trusted)
+    assert not adm.is_trusted(key) and not preferred(peer_id)  # never joined
+    adm.ledger.join(key, peer_id, {}, "hf", 0.0)
+    assert not preferred(peer_id)  # on probation
+    adm.ledger.set_probation(key, False)
+    assert preferred(peer_id)
+    adm.ledger.ban(key, "test", None, 1.0)
+    assert not preferred(peer_id)
+    assert not preferred("not a peer id")
 
 
 def test_validation_order_and_the_shared_budget():
