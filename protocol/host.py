@@ -193,6 +193,8 @@ class HostStats:
     """Strangers' connections closed to make room for a newcomer (`protocol.inbound`)."""
     handshakes_cut: int = 0
     """Inbound connections closed in their handshake to make room for newer ones."""
+    window_violations: int = 0
+    """Connections closed because their peer sent past a stream's receive window."""
     silent_connections_closed: int = 0
     """Connections closed because a stream negotiation on them met silence (`negotiate_stream`):
     dead although they looked open."""
@@ -359,6 +361,7 @@ class Host:
         host = cls(identity, pool_id, raw, config, verifier or EnvelopeVerifier(pool_id))
         host._gate_streams()
         host._gate_connections()
+        raw.get_network().upgrader.muxer_multistream.on_violation = host._window_violation
         if config.gossip:
             # Pubsub must exist before the first connection: it learns of peers only through
             # connection events, so a peer connected earlier would never be gossiped with.
@@ -408,6 +411,18 @@ class Host:
             if len(leaves) == 1:
                 raise leaves[0] from None
             raise
+
+    def _window_violation(self, peer: Any) -> None:
+        """`peer` sent past a stream's receive window, and its connection is being closed
+        (`libp2p_stack.WindowedYamux`). No honest libp2p peer does that, so it is also cut off
+        (its new streams reset for `cutoff_s`) and reported as a bad request (`on_refusal`: the
+        coordinator counts that against a member)."""
+        peer_id = str(peer)
+        self.stats.window_violations += 1
+        if self._cutoff.cut(peer_id):
+            self.stats.cutoffs += 1
+        if self.on_refusal is not None:
+            self.on_refusal(peer_id, ErrorCode.BAD_REQUEST, "sent past a stream's receive window")
 
     def prefer(self, peers: Callable[[str], bool]) -> None:
         """Keep the connections of `peers` (a predicate on peer ids) when this host is full:

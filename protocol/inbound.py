@@ -72,6 +72,10 @@ class InboundLimits:
     """A stranger's connection younger than this never gives way to another stranger: time for
     its first request."""
 
+    def __post_init__(self) -> None:
+        if self.per_address < 1 or self.handshakes < 1 or self.grace_s < 0:
+            raise ValueError(f"inbound limits must allow a connection: {self}")
+
 
 class Closed(enum.Enum):
     """Why `InboundConnections` closed an inbound connection (its `on_close` hook)."""

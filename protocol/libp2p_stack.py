@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import libp2p
@@ -96,6 +96,7 @@ class _WindowedBuffer(bytearray):
             log.warning(
                 "closing the connection of %s: it sent past its receive window", self._muxer.peer_id
             )
+            self._muxer.on_violation(self._muxer.peer_id)
             raise ReceiveWindowExceeded(
                 f"stream {self._stream_id} of {self._muxer.peer_id}: {len(data)} bytes "
                 f"against a window of {stream.recv_window}"
@@ -118,8 +119,12 @@ class WindowedYamux(Yamux):
     """py-libp2p's yamux, closing a connection whose peer ignores its receive windows, and
     resetting streams the peer leaves open after we closed ours (see the module's docstring)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, on_violation: Callable[[ID], None] = lambda peer: None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.on_violation = on_violation
+        """Called with the peer's id when it sends past a receive window (the host's hook)."""
         self.stream_buffers = _WindowedBuffers(self)
         self._lingering: dict[int, float] = {}
         """Stream id -> when we closed our side, oldest first, while the peer's side is open."""
@@ -204,11 +209,15 @@ class _WindowedMuxerMultistream(MuxerMultistream):
     py-libp2p's own builds a plain `Yamux` whenever yamux is agreed, whatever class was
     registered for it, so the registration alone would not put `WindowedYamux` in use."""
 
+    on_violation: Callable[[ID], None] = staticmethod(lambda peer: None)
+    """Given to every `WindowedYamux` it builds (`protocol.host.Host` sets it)."""
+
     async def new_conn(self, conn: ISecureConn, peer_id: ID) -> IMuxedConn:
         protocol, muxer_class = await self._selector.select(
             conn, conn.is_initiator, self.negotiate_timeout
         )
-        return self._annotate_connection(muxer_class(conn, peer_id), conn, protocol)
+        muxer = muxer_class(conn, peer_id, on_violation=self.on_violation)
+        return self._annotate_connection(muxer, conn, protocol)
 
 
 def buffered_bytes(host: IHost) -> int:

@@ -126,6 +126,11 @@ class Cutoff:
         during a cutoff (a request on a stream opened before it) extends it."""
         if self._strikes.check(peer) == 0.0:
             return False
+        return self.cut(peer)
+
+    def cut(self, peer: Hashable) -> bool:
+        """Cut `peer` off now for `cutoff_s`, strikes or not (a proven protocol violation);
+        True when it was not cut off already."""
         fresh = not self.cut_off(peer)
         self._until[peer] = self.clock() + self.cutoff_s
         self._until.move_to_end(peer)

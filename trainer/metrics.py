@@ -174,6 +174,11 @@ class TransportCollector:
             s.handshakes_cut,
         )
         yield CounterMetricFamily(
+            "swarmrl_window_violations",
+            "connections closed: their peer sent past a stream's receive window",
+            s.window_violations,
+        )
+        yield CounterMetricFamily(
             "swarmrl_silent_connections_closed",
             "outbound connections closed: a stream negotiation on them met silence",
             s.silent_connections_closed,

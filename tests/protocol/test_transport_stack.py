@@ -19,6 +19,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
+from libp2p.host.exceptions import StreamFailure
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
@@ -28,7 +29,7 @@ from libp2p.stream_muxer.mplex.mplex import MPLEX_PROTOCOL_ID, Mplex
 
 from protocol import libp2p_stack
 from protocol.envelope import Verified
-from protocol.host import Host, HostConfig
+from protocol.host import ErrorCode, Host, HostConfig
 from protocol.identity import Identity
 from protocol.libp2p_stack import buffered_bytes
 from protocol.wire import Message
@@ -179,6 +180,8 @@ async def test_a_peer_sending_past_its_window_is_disconnected_and_nothing_is_buf
 
     async with Host.open(Identity.generate(), POOL, config=HostConfig(gossip=False)) as host:
         host.serve(ECHO, echo, Ping, Ping)
+        refusals = []
+        host.on_refusal = lambda *refusal: refusals.append(refusal)
         async with stranger() as attacker:
             victim_id = await connect(attacker, host.addrs[0])
             sent = await flood_ignoring_window(attacker, victim_id, ECHO, 64)
@@ -188,6 +191,16 @@ async def test_a_peer_sending_past_its_window_is_disconnected_and_nothing_is_buf
             assert not connected_ids(attacker), "the victim kept the connection"
             assert sent < 64
             assert buffered_bytes(host.libp2p) <= 256 * 1024
+            # Counted against the identity: reported as a bad request (a member's strike on
+            # the coordinator) and cut off, so its next connection's streams are reset.
+            attacker_id = str(attacker.get_id())
+            # (its junk frame was refused `too_large` first, as any peer's would be)
+            window = [(p, c) for p, c, detail in refusals if "receive window" in detail]
+            assert window == [(attacker_id, ErrorCode.BAD_REQUEST)]
+            assert host.stats.window_violations == 1 and host.stats.cutoffs == 1
+            await connect(attacker, host.addrs[0])
+            with pytest.raises(StreamFailure):
+                await attacker.new_stream(victim_id, [TProtocol(ECHO)])
         # Everyone else is still served.
         async with Host.open(Identity.generate(), POOL, config=HostConfig(gossip=False)) as honest:
             reply = await honest.request(host.addrs[0], ECHO, Ping(n=1), Ping)

@@ -48,7 +48,7 @@ def test_run_log_writes_jsonl_and_prometheus(tmp_path):
     stats.connections_refused = 5
     stats.connections_over_held = 2
     stats.silent_connections_closed = 4
-    stats.connections_evicted, stats.handshakes_cut = 6, 8
+    stats.connections_evicted, stats.handshakes_cut, stats.window_violations = 6, 8, 9
     log.watch_transport(stats)
     stats.streams_cut += 1
     text = log.prometheus().decode()
@@ -60,6 +60,7 @@ def test_run_log_writes_jsonl_and_prometheus(tmp_path):
     assert "swarmrl_silent_connections_closed_total 4.0" in text
     assert "swarmrl_connections_evicted_total 6.0" in text
     assert "swarmrl_handshakes_cut_total 8.0" in text
+    assert "swarmrl_window_violations_total 9.0" in text
 
 
 def test_pass_at_k_counts_the_seeded_samples():
