@@ -421,8 +421,7 @@ class Host:
         self.stats.window_violations += 1
         if self._cutoff.cut(peer_id):
             self.stats.cutoffs += 1
-        if self.on_refusal is not None:
-            self.on_refusal(peer_id, ErrorCode.BAD_REQUEST, "sent past a stream's receive window")
+        self._report(peer_id, ErrorCode.BAD_REQUEST, "sent past a stream's receive window")
 
     def prefer(self, peers: Callable[[str], bool]) -> None:
         """Keep the connections of `peers` (a predicate on peer ids) when this host is full:
@@ -851,15 +850,20 @@ class Host:
         self, code: str, detail: str, retry_after_s: float = 0.0, peer_id: str | None = None
     ) -> bytes:
         self.stats.refuse(code)
-        if peer_id is not None and self.on_refusal is not None:
-            # e.g. the coordinator counts forged, malformed or replayed requests against the
-            # peer that sent them (the connection's identity, which cannot be faked)
-            try:
-                self.on_refusal(peer_id, code, detail)
-            except Exception:
-                log.exception("on_refusal callback failed")
+        if peer_id is not None:
+            self._report(peer_id, code, detail)
         reply = ErrorReply(code=code, detail=detail[:256], retry_after_s=retry_after_s)
         return seal(self.identity, self.pool_id, reply)
+
+    def _report(self, peer_id: str, code: str, detail: str) -> None:
+        """Tell `on_refusal` (e.g. the coordinator counts forged, malformed or replayed requests
+        against the peer that sent them: the connection's identity, which cannot be faked)."""
+        if self.on_refusal is None:
+            return
+        try:
+            self.on_refusal(peer_id, code, detail)
+        except Exception:  # the owner's bug must not break the transport's refusal
+            log.exception("on_refusal callback failed")
 
     async def _send(self, stream: Any, envelope: bytes) -> None:
         with trio.fail_after(self.config.write_timeout_s):

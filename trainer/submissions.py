@@ -25,6 +25,7 @@ import trio
 
 from protocol import messages as msg
 from protocol.envelope import Envelope, Verified
+from protocol.errors import ProtocolError
 from protocol.host import public_key_of_peer
 from protocol.poolspec import PoolSpec
 from protocol.wire import decode
@@ -208,7 +209,10 @@ class SubmissionService:
         """The transport refused a request of `peer_id`: a member pays for what proves a fault."""
         if code not in PROVING_REFUSALS:
             return  # rate limiting is the remedy for floods; timeouts are not proof of anything
-        key = public_key_of_peer(peer_id)
+        try:
+            key = public_key_of_peer(peer_id)
+        except ProtocolError:
+            return  # not an ed25519 identity, so never a member: nothing to take away
         if not self.ledger.is_active(key):
             return  # not a member (or banned already): nothing to take away
         reason = f"refused by the transport ({code}): {detail}"

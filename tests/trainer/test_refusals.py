@@ -74,3 +74,24 @@ def test_the_count_survives_a_reopened_ledger(tmp_path):
         assert again.contributions()[0]["rate_refusals"] == 7
     finally:
         again.close()
+
+
+def test_a_proving_refusal_of_an_identity_that_cannot_be_a_member_is_dropped(tmp_path):
+    """A peer with a secp256k1 key speaks Noise like anyone, and may send past a window or a
+    malformed frame; it can never be a member (pool keys are ed25519), so its refusal costs
+    nothing and must not raise inside the transport."""
+    from libp2p.crypto.secp256k1 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    coord = tiny_coordinator(tmp_path)
+    other = ID.from_pubkey(create_new_key_pair().public_key).to_base58()
+    member_id, key = _peer()
+    coord.ledger.join(key, member_id, {}, "hf", 1.0)
+    try:
+        coord.on_refusal(other, ErrorCode.BAD_REQUEST, "sent past a stream's receive window")
+        coord.on_refusal(member_id, ErrorCode.BAD_REQUEST, "sent past a stream's receive window")
+        rows = {r["key"]: r for r in coord.ledger.contributions()}
+        assert list(rows) == [key]
+        assert coord.ledger.node(key)["reputation"] == -0.5  # the member paid one strike
+    finally:
+        coord.close()
