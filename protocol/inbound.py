@@ -72,6 +72,11 @@ class InboundLimits:
     """A stranger's connection younger than this never gives way to another stranger: time for
     its first request."""
 
+    def ceiling(self, connections: int) -> int:
+        """Connections py-libp2p must let through for a host keeping `connections`: those plus
+        the handshakes, which this handler may make room for after they finish."""
+        return connections + self.handshakes
+
     def __post_init__(self) -> None:
         if self.per_address < 1 or self.handshakes < 1 or self.grace_s < 0:
             raise ValueError(f"inbound limits must allow a connection: {self}")
@@ -125,7 +130,7 @@ class InboundConnections:
         # must let through the ones this handler may make room for. Its pruner, past the high
         # watermark, would close idle connections whoever holds them: never.
         config = swarm.connection_config
-        config.max_connections = config.high_watermark = self.total + limits.handshakes
+        config.max_connections = config.high_watermark = limits.ceiling(self.total)
         self.held: Counter[str] = Counter()
         """Slots held per address ("" for exempt and unknown ones), handshakes included."""
         self.handshaking: dict[_CountingRaw, float] = {}

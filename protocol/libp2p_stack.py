@@ -257,7 +257,7 @@ def new_host(key_pair: KeyPair, inbound: InboundLimits | None = None, **kwargs: 
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt=muxers,
         peerstore_opt=CappedPeerStore(),
-        resource_manager=resource_manager(connections.max_connections + inbound.handshakes),
+        resource_manager=resource_manager(inbound.ceiling(connections.max_connections)),
         **kwargs,
     )
     upgrader = host.get_network().upgrader
