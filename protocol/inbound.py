@@ -31,8 +31,11 @@ hours; a stranger gets there in minutes (`bench/muxer_flood.py`).
 
 from __future__ import annotations
 
+import array
 import enum
+import fcntl
 import logging
+import termios
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,14 +97,35 @@ class Closed(enum.Enum):
 
 
 class _CountingRaw(RawConnection):
-    """A raw connection that notes whether its peer has sent anything (during its handshake)."""
+    """A raw connection that tells whether its peer has sent anything (during its handshake)."""
 
-    spoke = False
+    _read = False
 
     async def read(self, n: int | None = None) -> bytes:
         data = await super().read(n)
-        self.spoke = self.spoke or bool(data)
+        self._read = self._read or bool(data)
         return data
+
+    @property
+    def spoke(self) -> bool:
+        """Whether the peer sent a byte: one we read, or one waiting in the socket that our
+        handshake has not come to yet (a busy host reads late, and an honest newcomer must
+        not look silent meanwhile)."""
+        return self._read or _waiting(self.stream)
+
+
+def _waiting(stream: Any) -> bool:
+    """Whether bytes wait unread in `stream`'s socket (py-libp2p's TCP stream), asked of the
+    kernel (FIONREAD) without taking them; False for any other kind of stream."""
+    sock = getattr(getattr(stream, "stream", None), "socket", None)
+    if sock is None:
+        return False
+    unread = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, unread)
+    except (OSError, ValueError):  # closed already: nothing to protect
+        return False
+    return unread[0] > 0
 
 
 @dataclass
@@ -168,11 +192,15 @@ class InboundConnections:
         if key is not None and self.held[key] >= self.limits.per_address:
             await self._refuse(stream)
             return
-        if len(self.handshaking) >= self.limits.handshakes:
-            await self._cut_handshake()
+        raw = _CountingRaw(stream, False)
+        # The slot is taken in the same step as the check, so handlers arriving together
+        # cannot each see room and overfill the handshakes.
+        cut = self._cut_for(raw)
         self.held[key or ""] += 1
         try:
-            await self._serve(stream, listen_addr)
+            if cut is not None:
+                await close_quietly(cut, reset=False)  # its own handler gives its slot back
+            await self._serve(raw, listen_addr)
         finally:
             self._release(key)
 
@@ -181,23 +209,25 @@ class InboundConnections:
         self.on_close(Closed.REFUSED)
         await close_quietly(conn, reset=False)
 
-    async def _cut_handshake(self) -> None:
-        """Close the oldest handshake whose peer has sent nothing, else the oldest."""
-        silent = [raw for raw in self.handshaking if not raw.spoke]
-        oldest = silent[0] if silent else next(iter(self.handshaking))
-        del self.handshaking[oldest]  # counted out now: its handler ends after we return
-        self.handshakes_cut += 1
-        self.on_close(Closed.HANDSHAKE_CUT)
-        await close_quietly(oldest, reset=False)
-
-    async def _serve(self, stream: Any, listen_addr: Any) -> None:
-        remote = self.swarm._build_remote_multiaddr(stream)
-        if remote is not None and not await self.swarm.connection_gate.is_allowed(remote):
-            await close_quietly(stream, reset=False)
-            return
-        raw = _CountingRaw(stream, False)
+    def _cut_for(self, raw: _CountingRaw) -> _CountingRaw | None:
+        """Take a handshake slot for `raw`; when all are taken, free the one of the oldest
+        handshake whose peer has sent nothing, else of the oldest, and return it to close."""
+        cut = None
+        if len(self.handshaking) >= self.limits.handshakes:
+            silent = [held for held in self.handshaking if not held.spoke]
+            cut = silent[0] if silent else next(iter(self.handshaking))
+            del self.handshaking[cut]
+            self.handshakes_cut += 1
+            self.on_close(Closed.HANDSHAKE_CUT)
         self.handshaking[raw] = trio.current_time()
+        return cut
+
+    async def _serve(self, raw: _CountingRaw, listen_addr: Any) -> None:
         try:
+            remote = self.swarm._build_remote_multiaddr(raw.stream)
+            if remote is not None and not await self.swarm.connection_gate.is_allowed(remote):
+                await close_quietly(raw, reset=False)
+                return
             muxed = await self.swarm.upgrade_inbound_raw_conn(raw, listen_addr)
         except Exception as e:  # py-libp2p raises whatever the handshake or the socket gave
             log.debug("inbound connection not upgraded: %s", e)
