@@ -922,6 +922,9 @@ class Host:
                 log.debug("dropped an announcement on %s via %s: %s", topic, forwarder, e)
                 return False
             self.stats.gossip_accepted += 1
+            # pubsub validates only a message's first delivery: the forwarder did us a service,
+            # and it keeps its connection like a peer we serve (`protocol.inbound`)
+            self._host.get_network().inbound_connections.touch_peer(str(forwarder))
             accepted[data] = verified
             while len(accepted) > 1024:  # delivered ones are popped; this bounds the others
                 accepted.popitem(last=False)

@@ -21,12 +21,14 @@ hours; a stranger gets there in minutes (`bench/muxer_flood.py`).
   a few round trips; a silent one waits for py-libp2p's upgrade timeout.
 - **Connections.** Once a newcomer is through its handshake its peer is known. When the host
   then holds more than it may, one connection of a stranger (a peer `preferred` does not name)
-  is closed: the one that went longest without a request served (`touch`; refused requests do
-  not count). A stranger gives way to another stranger only after `grace_s`, time for its first
-  request. A preferred peer (the coordinator's trusted nodes, a node's coordinator) is never
-  closed for anyone, and gets in whenever some stranger holds a slot. When nobody may give
-  way, the newcomer is closed. So connections that hold a slot and do nothing cannot keep
-  anyone out, and strangers, however many and however busy, cannot keep out members.
+  is closed: the one that went longest without being served or doing a service (`touch`: a
+  request answered on a pool route or a SHARDCAST stream, an announcement it was first to
+  forward that passed our checks; refused requests do not count). A stranger gives way to
+  another stranger only after `grace_s`, time for its first request. A preferred peer (the
+  coordinator's trusted nodes, a node's coordinator) is never closed for anyone, and gets in
+  whenever some stranger holds a slot. When nobody may give way, the newcomer is closed. So
+  connections that hold a slot and do nothing cannot keep anyone out, and strangers, however
+  many and however busy, cannot keep out members.
 """
 
 from __future__ import annotations
@@ -179,10 +181,19 @@ class InboundConnections:
         self.swarm._handle_inbound_connection = self.handle
 
     def touch(self, muxed_conn: Any) -> None:
-        """Note that the peer of `muxed_conn` was served a request (the host calls this)."""
+        """Note that the peer of `muxed_conn` was served a request (a pool route, a SHARDCAST
+        stream: whoever answers it calls this)."""
         held = self.registered.get(muxed_conn)
         if held is not None:
             held.active = trio.current_time()
+
+    def touch_peer(self, peer_id: str) -> None:
+        """Note that `peer_id` did this host a service on whichever connection it holds (it
+        was the first to forward an announcement that passed our checks)."""
+        now = trio.current_time()
+        for held in self.registered.values():
+            if held.peer_id == peer_id:
+                held.active = now
 
     async def handle(self, stream: Any, listen_addr: Any) -> None:
         if isinstance(stream, IMuxedConn):  # QUIC and the like: not a transport of ours
@@ -263,7 +274,7 @@ class InboundConnections:
         return True
 
     def _victim(self, newcomer: _Held, member: bool) -> _Held | None:
-        """The stranger's connection that went longest without a request served, among those
+        """The stranger's connection that went longest without a `touch`, among those
         a newcomer (a `member` or not) may close."""
         now = trio.current_time()
         eligible = [

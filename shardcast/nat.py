@@ -211,8 +211,16 @@ class P2PNode:
         return await reachable_addrs(self, relays)
 
     def serve_gateway(self, base_url: str, limits: StreamLimits | None = None) -> None:
-        """Answer SHARDCAST streams from the member's HTTP server at `base_url`."""
-        gateway = StreamGateway(base_url, limits)
+        """Answer SHARDCAST streams from the member's HTTP server at `base_url`. A peer
+        answered in full counts as served on its connection, as for a pool request: a member
+        fetching from us is not the idle stranger that gives way when this host is full
+        (`protocol.inbound`)."""
+        # A host made by `protocol.libp2p_stack.new_host` counts its inbound connections;
+        # py-libp2p's own has nothing to note.
+        inbound = getattr(self.raw.get_network(), "inbound_connections", None)
+        gateway = StreamGateway(
+            base_url, limits, on_served=None if inbound is None else inbound.touch
+        )
         self.gateways.append(gateway)
         self.serve(PROTOCOL_ID, gateway.handle)
 

@@ -178,10 +178,17 @@ class StreamGateway:
     """Answers `PROTOCOL_ID` streams from the member's HTTP server at `base_url`."""
 
     def __init__(
-        self, base_url: str, limits: StreamLimits | None = None, timeout_s: float = 60.0
+        self,
+        base_url: str,
+        limits: StreamLimits | None = None,
+        timeout_s: float = 60.0,
+        on_served: Callable[[Any], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.limits = limits or StreamLimits()
+        self.on_served = on_served
+        """Called with a stream's muxed connection once its request is answered in full, and
+        not with an error status."""
         # Loopback to our own server: its answers are trusted, their size is still capped.
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=5.0), follow_redirects=False
@@ -253,6 +260,9 @@ class StreamGateway:
                     raise ProtocolError(f"response over {lim.response_bytes} bytes")
                 await _write(stream, data, lim)
         self.served += 1
+        # What the pool's routes count too: an answer, not a refusal (an unknown path, a cap)
+        if self.on_served is not None and r.status_code < 400:
+            self.on_served(stream.muxed_conn)
 
 
 async def _write(stream: Any, data: bytes, lim: StreamLimits) -> None:

@@ -364,6 +364,37 @@ async def test_three_hosts_gossip_with_forwarding_and_validation():
                 await a.publish(topic, Big(blob=b"x" * 200_000))
 
 
+async def test_a_first_forward_of_a_valid_announcement_counts_as_a_service():
+    """When a host is full, the stranger that went longest without a service gives way
+    (`protocol.inbound`). A gossip peer serves by being the first to forward an announcement
+    that passes our checks; one our checks refuse does not count."""
+    coordinator = Identity.generate()
+    topic = pool_topic(POOL, "weights")
+    async with (
+        Host.open(coordinator, POOL, config=FAST) as a,
+        Host.open(Identity.generate(), POOL, config=FAST) as b,
+    ):
+        await a.connect(b.addrs[0])  # an inbound connection at b, as a stranger's would be
+        inbound = b.libp2p.get_network().inbound_connections
+        await wait_until(lambda: any(h.peer_id == a.peer_id for h in inbound.registered.values()))
+        (held,) = [h for h in inbound.registered.values() if h.peer_id == a.peer_id]
+        signed = {"signer": coordinator.public_key}
+        async with (
+            a.subscribe(topic, Announcement, **signed),
+            b.subscribe(
+                topic, Announcement, **signed, check=lambda v: v.message.version > 0
+            ) as sub,
+        ):
+            await wait_until(lambda: a.peer_id in b.gossip_peers(topic))
+            await a.publish(topic, Announcement(version=0))  # b's check refuses it
+            await wait_until(lambda: b.stats.gossip_rejected == 1)
+            assert held.active == held.since
+            await trio.sleep(0.05)
+            await a.publish(topic, Announcement(version=1))
+            assert (await sub.next(timeout_s=5)).message.version == 1
+            assert held.active > held.since
+
+
 async def test_announce_replaces_listen_addresses():
     me = Identity.generate()
     async with Host.open(me, POOL, config=FAST, announce=["/ip4/203.0.113.5/tcp/4001"]) as h:

@@ -92,6 +92,27 @@ def test_nat_stream_serves_what_http_serves_and_only_that() -> None:
     trio.run(main)
 
 
+def test_nat_stream_answers_count_as_a_service_to_the_fetcher() -> None:
+    """A member fetching from us is not the idle stranger that gives way when the host is
+    full (`protocol.inbound`): an answer in full counts for its connection; a 404 does not."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            server, client, _ = await _pair(nursery, StreamLimits(read_timeout_s=1.0))
+            inbound = server.raw.get_network().inbound_connections
+            async with httpx.AsyncClient(mounts=p2p_mounts(client)) as http:
+                url = p2p_url(server.peer_id)
+                assert (await http.get(f"{url}/v/2/f/x")).status_code == 404
+                (held,) = [h for h in inbound.registered.values() if h.peer_id == client.peer_id]
+                assert held.active == held.since
+                await trio.sleep(0.05)
+                assert (await http.get(f"{url}/v/1/f/x")).content == BODY
+                assert held.active > held.since
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_nat_stream_stall_and_per_peer_cap() -> None:
     async def main() -> None:
         limits = StreamLimits(read_timeout_s=1.0, per_peer=1, deadline_s=3.0)
