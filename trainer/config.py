@@ -60,6 +60,15 @@ class AlgorithmSection(Section):
     """Gradient norm clip; 0 turns it off."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps."""
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    """The learning rate after the warm-up: constant, or decaying (linearly, or along a half
+    cosine) to `min_lr_ratio` x lr at step `decay_steps`, and held there (TRL's
+    `lr_scheduler_type`; trainer.schedule)."""
+    decay_steps: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """The optimizer step at which a decay reaches its floor (warm-up included): a run's planned
+    length. Needed, and past the warm-up, when `lr_decay` is not constant."""
+    min_lr_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """The floor of a decay, as a share of lr."""
     batch_prompts: Count = 8
     """B: validated groups (prompts) per optimizer step."""
     micro_batch: Count = 8
@@ -68,6 +77,14 @@ class AlgorithmSection(Section):
     """Publish new weights every N optimizer steps."""
     full_every: Count = 10
     """Publish a full checkpoint every N versions; deltas in between."""
+
+    def __post_init__(self) -> None:
+        if self.lr_decay != "constant" and self.decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"algorithm.lr_decay = {self.lr_decay!r} needs algorithm.decay_steps (the step "
+                f"at which the decay ends) past algorithm.warmup_steps ({self.warmup_steps}), "
+                f"not {self.decay_steps}"
+            )
 
 
 class LoraSection(Section):

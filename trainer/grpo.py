@@ -24,6 +24,7 @@ from toploc.capture_hf import shared_prompt_logits
 from trainer.config import AlgorithmSection
 from trainer.loss import LossConfig, batch_normaliser, policy_loss
 from trainer.off_policy import mismatch_kl_sum
+from trainer.schedule import schedule_of
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,10 @@ class GRPOTrainer:
             weight_decay=algorithm.weight_decay,
             fused=True if self.world == 1 else None,
         )
-        warmup = algorithm.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule_of(algorithm))
 
     def set_lr(self, lr: float) -> None:
-        """Use `lr` as the base learning rate from now on (the warm-up still scales it)."""
+        """Use `lr` as the base learning rate from now on (the schedule still scales it)."""
         self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
         factors = self.scheduler.lr_lambdas
         step = self.scheduler.last_epoch
