@@ -32,6 +32,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `protocol`
 
+from shardcast_common import HostProcess
+
 from protocol.envelope import EnvelopeVerifier, ReplayGuard, Verified, seal
 from protocol.framing import encode_frame, read_frame
 from protocol.host import Host, HostConfig
@@ -109,31 +111,9 @@ async def serve_tcp(identity: Identity) -> None:
 # ------------------------------------------------------------------ client side
 
 
-class Server:
-    """A server child process; it exits when its stdin closes."""
-
-    def __init__(self, kind: str, identity: Identity) -> None:
-        self.identity = identity
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind, "--seed", identity.seed.hex()],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = self.process.stdout.readline().split()
-        if len(line) != 2 or line[0] != "ADDR":
-            self.close()
-            raise RuntimeError(f"{kind} server did not start: {line}")
-        self.addr = line[1]
-
-    def close(self) -> None:
-        if self.process.stdin:
-            self.process.stdin.close()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def server(kind: str, identity: Identity) -> HostProcess:
+    """A server child process of `kind` (it exits when its stdin closes)."""
+    return HostProcess([sys.executable, __file__, "--serve", kind, "--seed", identity.seed.hex()])
 
 
 async def timed(run_one, seconds: float, min_count: int) -> tuple[int, float]:
@@ -243,13 +223,13 @@ def main() -> None:
     envelopes = bench_envelopes(seconds)
 
     server_id = Identity.generate()
-    libp2p_server = Server("libp2p", server_id)
+    libp2p_server = server("libp2p", server_id)
     try:
         libp2p = trio.run(bench_libp2p, libp2p_server.addr, sizes, seconds, True)
         fresh = trio.run(bench_libp2p, libp2p_server.addr, sizes, seconds, False)
     finally:
         libp2p_server.close()
-    tcp_server = Server("tcp", server_id)
+    tcp_server = server("tcp", server_id)
     try:
         tcp = trio.run(bench_tcp, tcp_server.addr, server_id.public_key, sizes, seconds)
     finally:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+
+from trainer.config import AlgorithmSection
 
 
 def lr_factor(
@@ -28,7 +29,7 @@ def lr_factor(
     return floor + (1.0 - floor) * shape
 
 
-def schedule_of(algorithm: Any) -> partial[float]:
+def schedule_of(algorithm: AlgorithmSection) -> partial[float]:
     """`lr_factor` with the settings of an `AlgorithmSection`."""
     return partial(
         lr_factor,
