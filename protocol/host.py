@@ -125,6 +125,12 @@ class HostConfig:
     stream_idle_s: float = 60.0
     """Server side: how long an answered stream stays open for the peer's next request. Clients
     reuse an idle stream only during the first half of this."""
+    reuse_within_s: float = 5.0
+    """Clients reuse an idle stream only when its last answer came within this long: that
+    answer showed the connection alive then. After a longer pause a new stream's negotiation,
+    bounded by `dial_timeout_s`, finds out whether it still is (and closes it when it is
+    silent: `negotiate_stream`), where a request on the old stream would wait its whole
+    `request_timeout_s` for an answer that cannot come."""
     max_inflight_bytes_per_peer: int = 32 * 1024 * 1024
     """Request bytes one peer may have in flight (declared by frame headers, held until each
     request is answered). An honest node sends one submission at a time (the pool's
@@ -622,11 +628,13 @@ class Host:
         """
         idle = self._idle.pop((peer_id, protocol_id), [])
         now = trio.current_time()
+        # Well inside the server's idle timeout, so it has not started closing it, and soon
+        # enough after its last answer that the connection is most likely still alive.
+        fresh_s = min(self.config.stream_idle_s / 2, self.config.reuse_within_s)
         try:
             while idle:
                 stream, since = idle.pop()
-                # Well inside the server's idle timeout, so it has not started closing it.
-                if now - since < self.config.stream_idle_s / 2 and not stream.is_closed:
+                if now - since < fresh_s and not stream.is_closed:
                     # A fresh reader: nothing may be pending between an answer and the next
                     # request, and `received` must count this request's answer only.
                     return stream, _StreamReader(stream), True

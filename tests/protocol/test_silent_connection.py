@@ -9,6 +9,7 @@ closed. Connections made after the freeze pass.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import peer_process as peer
@@ -103,6 +104,41 @@ async def test_a_silent_connection_is_closed_and_the_next_request_dials_afresh()
         # (the frozen ones carry nothing; py-libp2p may take the server's direct address,
         # learnt from identify, instead of the proxy's).
         assert await echo(3) == 3
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("reuse_within_s", [30.0, 0.5])
+async def test_a_request_after_a_pause_checks_the_connection_rather_than_reuse_a_stream(
+    reuse_within_s: float,
+):
+    """An idle stream is reused only soon after its last answer (`reuse_within_s`). A request
+    on an idle stream of a connection that went silent meanwhile waits its whole request
+    timeout (the control, reusing for 30 s); after a pause, a new stream's negotiation tells
+    the silence within `dial_timeout_s` and closes the connection."""
+    config = replace(QUICK, reuse_streams=True, reuse_within_s=reuse_within_s)
+    async with (
+        Host.open(Identity.generate(), POOL, config=config) as server,
+        Host.open(Identity.generate(), POOL, config=config) as client,
+        trio.open_nursery() as nursery,
+    ):
+        server.serve(peer.ECHO_PROTOCOL, peer.echo, peer.Echo, peer.EchoReply)
+        proxy = FreezableProxy(int(server.addrs[0].split("/tcp/")[1].split("/")[0]))
+        await nursery.start(proxy.serve)
+        request = (via(proxy, server), peer.ECHO_PROTOCOL, peer.Echo(n=1, data=b"x"))
+        await client.request(*request, peer.EchoReply)  # its stream is kept for the next
+        await trio.sleep(0.6)
+        proxy.freeze()
+        started = trio.current_time()
+        with pytest.raises(TransportError) as failed:
+            await client.request(*request, peer.EchoReply)
+        took = trio.current_time() - started
+        if reuse_within_s > 1.0:
+            assert not isinstance(failed.value, SilentConnection)
+            assert took >= config.request_timeout_s - 0.1  # waited on the reused stream
+        else:
+            assert isinstance(failed.value, SilentConnection)
+            assert took < config.dial_timeout_s + 1.0
+            assert client.stats.silent_connections_closed == 1
         nursery.cancel_scope.cancel()
 
 
