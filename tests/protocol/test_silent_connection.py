@@ -68,9 +68,13 @@ class FreezableProxy:
             await dst.send_all(data)
 
 
-def via(proxy: FreezableProxy, server: Host) -> str:
+async def proxy_to(server: Host, nursery: trio.Nursery) -> tuple[FreezableProxy, str]:
+    """A proxy in front of `server`, started in `nursery`, and the address that reaches
+    `server` through it."""
     port = server.addrs[0].split("/tcp/")[1].split("/")[0]
-    return server.addrs[0].replace(f"/tcp/{port}/", f"/tcp/{proxy.port}/")
+    proxy = FreezableProxy(int(port))
+    await nursery.start(proxy.serve)
+    return proxy, server.addrs[0].replace(f"/tcp/{port}/", f"/tcp/{proxy.port}/")
 
 
 async def test_a_silent_connection_is_closed_and_the_next_request_dials_afresh():
@@ -80,10 +84,7 @@ async def test_a_silent_connection_is_closed_and_the_next_request_dials_afresh()
         trio.open_nursery() as nursery,
     ):
         server.serve(peer.ECHO_PROTOCOL, peer.echo, peer.Echo, peer.EchoReply)
-        port = int(server.addrs[0].split("/tcp/")[1].split("/")[0])
-        proxy = FreezableProxy(port)
-        await nursery.start(proxy.serve)
-        address = via(proxy, server)
+        proxy, address = await proxy_to(server, nursery)
 
         async def echo(n: int) -> int:
             reply = await client.request(
@@ -122,9 +123,8 @@ async def test_a_request_after_a_pause_checks_the_connection_rather_than_reuse_a
         trio.open_nursery() as nursery,
     ):
         server.serve(peer.ECHO_PROTOCOL, peer.echo, peer.Echo, peer.EchoReply)
-        proxy = FreezableProxy(int(server.addrs[0].split("/tcp/")[1].split("/")[0]))
-        await nursery.start(proxy.serve)
-        request = (via(proxy, server), peer.ECHO_PROTOCOL, peer.Echo(n=1, data=b"x"))
+        proxy, address = await proxy_to(server, nursery)
+        request = (address, peer.ECHO_PROTOCOL, peer.Echo(n=1, data=b"x"))
         await client.request(*request, peer.EchoReply)  # its stream is kept for the next
         await trio.sleep(0.6)
         proxy.freeze()
