@@ -166,6 +166,8 @@ def swarm_run(cfg: dict[str, Any], seconds: float, eval_limit: int, seed: int) -
         "sampling.group_size": cfg["group"],
         # every group the size TRL samples (the demo's profile grows flat prompts' groups)
         "sampling.max_group_size": 0,
+        # the pool's default window, as measured in docs/learning.md (the tiny profile's is 3)
+        "limits.max_staleness": 2,
         "sampling.max_new_tokens": cfg["max_new_tokens"],
         "model.dtype": cfg["dtype"],
     }
