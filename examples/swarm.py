@@ -9,7 +9,8 @@ It starts a coordinator (`coordinator run`), SHARDCAST relays (`shardcast relay`
 optionally injects faults (`--chaos`: nodes killed and restarted, a relay killed, the
 coordinator SIGKILLed once and restarted), and ends with a summary table and a JSON report built
 from the coordinator's ledger: reward at the start and the end, per-node verdicts, bans and why,
-bytes published, staleness, and a check that no accepted group was lost or trained twice.
+bytes published, staleness, and a check that no accepted group was lost or trained twice;
+the reward curve by weight version is drawn beside the report (`report-reward.png`).
 
 Every process it starts is stopped by its PID when it ends, however it ends.
 """
@@ -1103,6 +1104,62 @@ def _mb(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 1e6:.1f} MB"
 
 
+MARKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"  # eighths of a block, low to high
+ASCII_MARKS = "_.,-=+*#"
+
+
+def sparkline(values: list[float], lo: float, hi: float, marks: str = MARKS) -> str:
+    """One mark per value, its height in [lo, hi] (clamped) in eighths: a curve that fits on
+    one line of the summary."""
+    span = (hi - lo) or 1.0
+    top = len(marks) - 1
+    return "".join(marks[min(top, max(0, int((v - lo) / span * len(marks))))] for v in values)
+
+
+def marks_for(encoding: str | None) -> str:
+    """The block marks where the terminal can print them, ASCII ones where it cannot."""
+    try:
+        MARKS.encode(encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return ASCII_MARKS
+    return MARKS
+
+
+def reward_curve(by_version: dict[Any, float]) -> tuple[list[int], list[float]]:
+    """(versions, mean rewards) in version order; JSON turns the report's int keys into str."""
+    points = sorted((int(v), r) for v, r in by_version.items())
+    return [v for v, _ in points], [r for _, r in points]
+
+
+def plot_reward(r: dict[str, Any], path: Path) -> bool:
+    """The reward curve as a PNG beside the report; False when matplotlib is not installed
+    (it comes with the dev extra that setup installs)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    versions, rewards = reward_curve(r["reward"]["by_version"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(versions, rewards, marker=".")
+    w = r["waste"]
+    ax.set_title(
+        f"{r['model']} on {r['task']['name']}: {r['steps']} steps in {r['seconds']:.0f} s, "
+        f"{w['share']:.0%} of accepted groups wasted",
+        fontsize=10,
+    )
+    ax.set_xlabel("weight version the samples were generated with")
+    ax.set_ylabel("mean reward of accepted samples")
+    ax.set_ylim(min(0.0, *rewards) - 0.02, max(1.0, *rewards) + 0.02)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def print_summary(r: dict[str, Any]) -> None:
     line = "-" * 100
     print(f"\n{line}\nswarm summary: {r['model']} on {r['task']['name']} "
@@ -1113,6 +1170,11 @@ def print_summary(r: dict[str, Any]) -> None:
         f"reward (all accepted samples): start {rw['start']} (v{rw['start_versions']}) -> "
         f"end {rw['end']} (v{rw['end_versions']})"
     )
+    versions, rewards = reward_curve(rw["by_version"])
+    if versions:
+        lo, hi = min(0.0, *rewards), max(1.0, *rewards)
+        print(f"reward by version, v{versions[0]}-v{versions[-1]} ({lo:g} to {hi:g}): "
+              f"{sparkline(rewards, lo, hi, marks_for(sys.stdout.encoding))}")  # fmt: skip
     print(f"{'node':<22}{'kind':<19}{'accepted':>9}{'soft':>6}{'hard':>6}  {'status / caught by'}")
     for n in r["nodes"]:
         if n["banned"]:
@@ -1273,7 +1335,9 @@ def main(argv: list[str] | None = None) -> int:
     path = args.report or work / "report.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print_summary(report)
-    print(f"report: {path}   logs: {swarm.logs}")
+    plot = path.with_name(path.stem + "-reward.png")
+    plotted = bool(report["reward"]["by_version"]) and plot_reward(report, plot)
+    print(f"report: {path}   logs: {swarm.logs}" + (f"   reward curve: {plot}" if plotted else ""))
     return 0 if report["ok"] else 1
 
 
