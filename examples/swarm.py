@@ -1109,8 +1109,8 @@ ASCII_MARKS = "_.,-=+*#"
 
 
 def sparkline(values: list[float], lo: float, hi: float, marks: str = MARKS) -> str:
-    """One mark per value, its height in [lo, hi] (clamped) in eighths: a curve that fits on
-    one line of the summary."""
+    """One mark per value, its height in [lo, hi] (clamped) in as many steps as there are
+    marks: a curve that fits on one line of the summary."""
     span = (hi - lo) or 1.0
     top = len(marks) - 1
     return "".join(marks[min(top, max(0, int((v - lo) / span * len(marks))))] for v in values)
@@ -1131,9 +1131,18 @@ def reward_curve(by_version: dict[Any, float]) -> tuple[list[int], list[float]]:
     return [v for v, _ in points], [r for _, r in points]
 
 
+def reward_range(rewards: list[float]) -> tuple[float, float]:
+    """The scale both pictures of the curve use: 0 to 1, widened for a task whose rewards
+    leave it."""
+    return min(0.0, *rewards), max(1.0, *rewards)
+
+
 def plot_reward(r: dict[str, Any], path: Path) -> bool:
-    """The reward curve as a PNG beside the report; False when matplotlib is not installed
-    (it comes with the dev extra that setup installs)."""
+    """The reward curve as a PNG beside the report; False when there is no curve or matplotlib
+    is not installed (it comes with the dev extra that setup installs)."""
+    versions, rewards = reward_curve(r["reward"]["by_version"])
+    if not versions:
+        return False
     try:
         import matplotlib
     except ImportError:
@@ -1141,7 +1150,6 @@ def plot_reward(r: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    versions, rewards = reward_curve(r["reward"]["by_version"])
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(versions, rewards, marker=".")
     w = r["waste"]
@@ -1152,7 +1160,8 @@ def plot_reward(r: dict[str, Any], path: Path) -> bool:
     )
     ax.set_xlabel("weight version the samples were generated with")
     ax.set_ylabel("mean reward of accepted samples")
-    ax.set_ylim(min(0.0, *rewards) - 0.02, max(1.0, *rewards) + 0.02)
+    lo, hi = reward_range(rewards)
+    ax.set_ylim(lo - 0.02, hi + 0.02)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -1172,7 +1181,7 @@ def print_summary(r: dict[str, Any]) -> None:
     )
     versions, rewards = reward_curve(rw["by_version"])
     if versions:
-        lo, hi = min(0.0, *rewards), max(1.0, *rewards)
+        lo, hi = reward_range(rewards)
         print(f"reward by version, v{versions[0]}-v{versions[-1]} ({lo:g} to {hi:g}): "
               f"{sparkline(rewards, lo, hi, marks_for(sys.stdout.encoding))}")  # fmt: skip
     print(f"{'node':<22}{'kind':<19}{'accepted':>9}{'soft':>6}{'hard':>6}  {'status / caught by'}")
@@ -1336,7 +1345,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print_summary(report)
     plot = path.with_name(path.stem + "-reward.png")
-    plotted = bool(report["reward"]["by_version"]) and plot_reward(report, plot)
+    plotted = plot_reward(report, plot)
     print(f"report: {path}   logs: {swarm.logs}" + (f"   reward curve: {plot}" if plotted else ""))
     return 0 if report["ok"] else 1
 
