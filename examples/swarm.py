@@ -130,7 +130,7 @@ def _copy_profile(digits: int) -> dict[str, Any]:
             # five (a late take-off or a noisy end: too few groups per gradient). Groups up to
             # 3 versions old (off-policy corrected), not 2: with 12 a step alone a dozen groups
             # still went stale and the waste sat near 15%. Both goals (waste at most 15%, reward
-            # at least 0.9) in 26 of 27 runs (docs/swarm.md, "Twenty-seventh session")
+            # at least 0.9) in 26 of 28 runs (docs/swarm.md, "Twenty-seventh session")
             "algorithm.batch_prompts=12",
             "limits.max_staleness=3",
             "algorithm.micro_batch=128",
