@@ -225,7 +225,7 @@ def prefill(
     return [
         Prefill(
             hidden=hidden[i, : len(c)].to("cpu", copy=True),
-            logits=logits[i, : len(c)].to("cpu", copy=True),
+            logits=logits[i, : len(c)].clone(),  # on the model's device: the checks run there
         )
         for i, c in enumerate(completions)
     ]
@@ -312,7 +312,7 @@ def _prefill_whole(
         result.append(
             Prefill(
                 hidden=hidden[i, keep - n :].to("cpu", copy=True),
-                logits=logits[i, keep - n :].to("cpu", copy=True),
+                logits=logits[i, keep - n :].clone(),
             )
         )
     return result

@@ -191,7 +191,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     trainer's importance ratios see the full distribution."""
     t = temperature if temperature > 0 else 1.0
     lp = torch.log_softmax(logits.float() / t, dim=-1)
-    return lp.gather(-1, tokens.view(-1, 1).to(torch.int64)).squeeze(-1)
+    return lp.gather(-1, tokens.view(-1, 1).to(lp.device, torch.int64)).squeeze(-1)
 
 
 def check_termination(tokens: Sequence[int], params: SamplingParams) -> tuple[bool, str]:
@@ -291,6 +291,43 @@ def verify_sampling_many(
     return verdicts
 
 
+# Entries per block of the replay's [rows, columns] work: its int64 and float64 temporaries
+# stay near 8 MiB whatever the batch (all rows at once thrashed a CPU's caches and page tables,
+# and held gigabytes for a large batch on a 150k vocabulary).
+REPLAY_BLOCK = 1 << 20
+
+
+def _best_rival_scores(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    keys: torch.Tensor,
+    cols: torch.Tensor,
+    competitors: torch.Tensor,
+) -> torch.Tensor:
+    """Each row's best score among its `competitors` (columns `cols`), -inf where it has none,
+    float64 [rows]. The noise is bounded, so a column scaled more than GUMBEL_SPAN below the
+    row's best competitor can never beat it: the noise is drawn for the others alone, which
+    for a peaked distribution (a trained policy) is a few columns instead of the vocabulary."""
+    rows, width = cols.shape
+    best = torch.full((rows,), -math.inf, dtype=torch.float64, device=logits.device)
+    step = max(1, REPLAY_BLOCK // max(1, width))
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        c, comp = cols[a:b], competitors[a:b]
+        scaled = logits[a:b].gather(-1, c).to(torch.float64)
+        if params.temperature > 0:
+            scaled = scaled / params.temperature
+        scaled = scaled.masked_fill(~comp, -math.inf)
+        top = scaled.max(dim=1, keepdim=True).values
+        if params.temperature <= 0:  # greedy: no noise
+            best[a:b] = top.squeeze(1)
+            continue
+        r, k = torch.nonzero(comp & (scaled >= top - GUMBEL_SPAN), as_tuple=True)
+        score = scaled[r, k] + gumbel_at(keys[a:b][r], c[r, k][:, None]).squeeze(1)
+        best[a:b] = best[a:b].scatter_reduce(0, r, score, reduce="amax")
+    return best
+
+
 def _replay(
     cases: Sequence[SamplingCase],
     part: list[tuple[int, torch.Tensor, bool, str]],
@@ -325,10 +362,9 @@ def _replay(
     relaxed_cols, relaxed_keep = ranked_allowed(logits, params, score_tol, mass)
     eligible = ((relaxed_cols == toks[:, None]) & relaxed_keep).any(dim=1)
     cols, keep = ranked_allowed(logits, params, -score_tol, -mass)
-    s = _scores_at(logits, params, keys, torch.cat([cols, toks[:, None]], dim=1))
     competitors = keep & (cols != toks[:, None])  # the token itself excluded
-    best_other = s[:, :-1].masked_fill(~competitors, -math.inf).max(dim=1).values
-    gap = best_other - s[:, -1]
+    own = _scores_at(logits, params, keys, toks[:, None]).squeeze(1)
+    gap = _best_rival_scores(logits, params, keys, cols, competitors) - own
     bad = (~eligible) | (gap > score_tol)
     verdicts = []
     for (i, _, term_ok, term_reason), case_bad, case_gap in zip(

@@ -216,3 +216,29 @@ def test_pruned_sampler_chooses_exactly_what_the_full_sampler_does(spread):
     assert 20 < GUMBEL_SPAN < 30
     pruned, _ = prune_candidates(logits, params, cols, torch.ones_like(cols, dtype=torch.bool))
     assert (pruned.shape[1] < 5000) == (spread == 20.0)  # the pruned path is what is tested
+
+
+@pytest.mark.parametrize("spread", [0.5, 20.0])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p", [(0.8, 0, 1.0), (1.0, 50, 1.0), (1.0, 0, 0.9), (0.0, 0, 1.0)]
+)
+def test_replay_scores_only_columns_that_can_win_and_gets_every_rival_exact(
+    monkeypatch, spread, temperature, top_k, top_p
+):
+    """The replay's best competitor, drawn in blocks of rows over the columns that can win,
+    equals the brute-force maximum over every competitor of every row (flat rows prune
+    nothing, peaked ones almost everything), so the verdict and its worst gap are unchanged."""
+    from toploc import sampling
+
+    monkeypatch.setattr(sampling, "REPLAY_BLOCK", 3 * 5000)  # 3 rows a block, and a remainder
+    torch.manual_seed(int(spread * 10) + top_k)
+    logits = torch.randn(64, 5000) * spread
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    idx = torch.arange(64)
+    keys = row_keys(idx * 31 + 5, idx % 8, idx)
+    toks = torch.randint(0, 5000, (64,))
+    cols, keep = sampling.ranked_allowed(logits, params)
+    competitors = keep & (cols != toks[:, None])
+    brute = sampling._scores_at(logits, params, keys, cols).masked_fill(~competitors, -math.inf)
+    got = sampling._best_rival_scores(logits, params, keys, cols, competitors)
+    assert torch.equal(got, brute.max(dim=1).values)
