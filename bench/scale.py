@@ -50,6 +50,7 @@ from trainer.grpo import Sample, TrainGroup
 from trainer.learner import build_learner
 from trainer.lora import add_adapters
 from trainer.policy import PolicyStore
+from trainer.sizing import training_bytes
 from trainer.tasks import make_task
 from trainer.validator import Job, Validator
 from trainer.validator_pool import ValidatorPool, worker_setup
@@ -88,27 +89,43 @@ def _batch(step: int, prompts: int, group: int, length: int, vocab: int) -> list
     return out
 
 
+def _sync(device: str) -> None:
+    """Wait for queued CUDA kernels, so a clock read after it counts them."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def checkpoint_cost(model: str, dtype: str, steps: int, device: str) -> dict[str, float]:
     """Steps with a checkpoint after each; blocking = staging + waiting for the previous write."""
     config = from_dict({"algorithm": {"lr": 1e-5, "micro_batch": 8}, "trainer": {"device": device}})
     with tempfile.TemporaryDirectory() as tmp:
         learner = build_learner(_spec(model, dtype), config, Path(tmp))
         vocab = learner.trainer.model.config.vocab_size
+        params = sum(p.numel() for p in learner.trainer.model.parameters())
         blocking, step_s = [], []
         for n in range(1, steps + 1):
             t0 = time.perf_counter()
             learner.step(_batch(n, 4, 4, 64, vocab), n)
+            _sync(device)
             step_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             learner.start_checkpoint(n, n)
+            _sync(device)
             blocking.append(time.perf_counter() - t0)
         learner.finish_checkpoint()
     # The first step warms up allocators and kernels: leave it out of both.
-    return {
+    out = {
+        "checkpoint_model": model,
+        "checkpoint_params": params,
         "checkpoint_blocking_s": sum(blocking[1:]) / (steps - 1),
         "step_s": sum(step_s[1:]) / (steps - 1),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        # What trainer.sizing reckons a step holds (weights, gradients, Adam; no activations).
+        "sizing_gib": training_bytes(params, device, 1) / 2**30,
     }
+    if device == "cuda":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def version_bytes(model: str, dtype: str, rank: int) -> dict[str, int]:
@@ -176,12 +193,13 @@ def _rank_program(out: Path) -> None:
         leave_ranks()
 
 
-def validation_cost(model: str, dtype: str) -> dict[str, object]:
+def validation_cost(model: str, dtype: str, device: str = "cpu") -> dict[str, object]:
     """Generation against validation of the same rollouts: the hf engine answers SUBMISSIONS
     one-prompt leases of GROUP samples; then one validator in this process (serially, and
     in batches of VALIDATION_BATCH) and 2 worker processes (one lane each, a shared list of
     batches) validate them, each REPEATS times (the fastest counts). Workers are started
-    before the clock runs."""
+    before the clock runs. On `device` cuda the engine, the validator and both workers share
+    the GPU."""
     # One torch thread per process: on a shared 2-core machine a second OpenMP thread made
     # small matmuls many times slower (tests/conftest.py), which would flatter the workers.
     torch.set_num_threads(1)
@@ -189,9 +207,9 @@ def validation_cost(model: str, dtype: str) -> dict[str, object]:
     task = make_task("copy", 0, {"digits": 8})
     with tempfile.TemporaryDirectory() as tmp:
         base, tok = load_model(model, dtype)
-        store = PolicyStore(Path(tmp) / "weights", dtype, 2, 2)
+        store = PolicyStore(Path(tmp) / "weights", dtype, 2, 2, device=device)
         store.export(base, tok, 0)
-        engine = HFEngine(max_batch=GROUP)
+        engine = HFEngine(device, max_batch=GROUP)
         engine.load(store.folder(0), 0)
         eos = list(eos_token_ids(base, tok))
         node, jobs, t0 = Identity.generate(), [], time.perf_counter()
@@ -204,6 +222,7 @@ def validation_cost(model: str, dtype: str) -> dict[str, object]:
                 lease, tasks=[msgspec.structs.replace(lease.tasks[0], prompt_index=s)]
             )
             answer = msg.Submission(lease_id=s, weight_version=0, results=engine.generate(lease))
+            _sync(device)
             tasks = [msgspec.to_builtins(t) for t in lease.tasks]
             jobs.append(Job(s, seal(node, "bench", answer), tasks, msgspec.msgpack.encode(lease)))
         rollouts = SUBMISSIONS * GROUP
@@ -221,6 +240,7 @@ def validation_cost(model: str, dtype: str) -> dict[str, object]:
                 for b in batch_list
                 for c in validator.validate_jobs(b, sampling, 0)
             ]
+            _sync(device)
             return time.perf_counter() - t0, out
 
         # Best of REPEATS: the machine is shared, and the least disturbed run is the cost.
@@ -265,44 +285,66 @@ async def _pooled(pool: ValidatorPool, batches: list[list[Job]]) -> tuple[float,
     return min(runs)
 
 
+PARTS = ("lora", "fsdp", "checkpoint", "validation")
+
+
+def _report(results: dict[str, object], part: dict[str, object], path: Path | None) -> None:
+    """Print a part's figures as it ends and rewrite the JSON with everything so far, so a run
+    stopped by a time limit still leaves the parts it finished."""
+    results.update(part)
+    for k, v in part.items():
+        print(f"{k:24} {v}", flush=True)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the CPU run (a few minutes)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--only", choices=["validation", "lora"], help="run one part alone")
+    parser.add_argument(
+        "--only", choices=PARTS, action="append", help="run this part (repeatable); default all"
+    )
+    parser.add_argument(
+        "--model",
+        help=f"the model of the checkpoint and validation parts: a preset, an HF folder or id "
+        f"(default {SMOLLM2}; validation uses {TINY} with --quick)",
+    )
     parser.add_argument("--rank-program", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_program:
         _rank_program(args.rank_program)
         return
+    parts = args.only or PARTS
     torch.manual_seed(0)
     results: dict[str, object] = {"device": args.device}
     t0 = time.perf_counter()
-    if args.only in (None, "lora"):
-        results.update(version_bytes(SMOLLM2, "bfloat16", rank=8))
-        results["lora_fraction"] = results["lora_version_bytes"] / results["full_version_bytes"]
-    if args.only is None:
+    if "lora" in parts:
+        part = version_bytes(SMOLLM2, "bfloat16", rank=8)
+        part["lora_fraction"] = part["lora_version_bytes"] / part["full_version_bytes"]
+        _report(results, part, args.json)
+    if "fsdp" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             ok, diff = fsdp_matches_single(Path(tmp))
-        results.update(fsdp_matches_single=ok, fsdp_max_diff=diff)
-        # fp32 compute: bf16 autocast on a CPU without bf16 units (AMD EPYC here) is ~12x
-        # slower than fp32, which would hide the checkpoint's share; the checkpoint is fp32
-        # either way.
-        results.update(checkpoint_cost(SMOLLM2, "float32", 3 if args.quick else 6, args.device))
-    if args.only in (None, "validation"):
-        # Validation on the CPU whatever --device: the policy store loads versions there. A
-        # quick run uses the tiny model: SmolLM2 generates ~1 s per step on a shared 2-core
-        # machine.
-        results["validation_model"] = TINY if args.quick else SMOLLM2
-        results.update(validation_cost(results["validation_model"], "float32"))
-    results["wall_s"] = time.perf_counter() - t0
+        _report(results, {"fsdp_matches_single": ok, "fsdp_max_diff": diff}, args.json)
+    if "checkpoint" in parts:
+        # fp32 compute on the CPU: bf16 autocast on a CPU without bf16 units (AMD EPYC here) is
+        # ~12x slower than fp32, which would hide the checkpoint's share; the checkpoint is
+        # fp32 either way. On CUDA the learner computes in bf16 autocast.
+        steps = 3 if args.quick else 6
+        part = checkpoint_cost(args.model or SMOLLM2, "float32", steps, args.device)
+        _report(results, part, args.json)
+    if "validation" in parts:
+        # A quick run uses the tiny model: SmolLM2 generates ~1 s per step on a shared 2-core
+        # machine. On CUDA the versions are bf16, as a GPU pool publishes them.
+        model = args.model or (TINY if args.quick else SMOLLM2)
+        dtype = "bfloat16" if args.device == "cuda" else "float32"
+        part = {"validation_model": model, "validation_dtype": dtype}
+        _report(results, {**part, **validation_cost(model, dtype, args.device)}, args.json)
     results["load_average"] = os.getloadavg()[0]
-    for k, v in results.items():
-        print(f"{k:24} {v}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    _report(results, {"wall_s": time.perf_counter() - t0}, args.json)
 
 
 if __name__ == "__main__":
