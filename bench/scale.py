@@ -4,15 +4,18 @@ LoRA version against a full one, peak training memory, validation throughput.
     python bench/scale.py --quick --json bench/results/scale-quick.json    # CPU, a few minutes
     python bench/scale.py --quick --only validation --json bench/results/scale-validation-quick.json
     python bench/scale.py --only lora --json bench/results/scale-lora.json    # ~15 s
+    python bench/scale.py --device cuda --only validation --only checkpoint --model FOLDER
 
 Fields: fsdp_matches_single (2 gloo ranks vs one process, tiny model, 4 steps),
 fsdp_max_diff, lora_version_bytes / full_version_bytes and lora_fraction (SmolLM2-135M, rank 8
 on q/k/v/o, the pool dtype bf16: the SHARDCAST payload of each version as published),
-checkpoint_blocking_s / step_s (SmolLM2-135M, full fine-tuning in fp32, 16 sequences of ~66
-tokens, a checkpoint after every step: the time a step waits on checkpointing, and the step),
-peak_rss_gib; validations_per_s {"1": in-process, "2": 2 worker processes} (submissions/s,
-fp32, 16 submissions of 8 rollouts of up to 32 tokens, batches of 4; the tiny model with
---quick, else SmolLM2-135M), with validation_serial_per_s (one submission per prefill),
+checkpoint_blocking_s / step_s (--model, default SmolLM2-135M, full fine-tuning with fp32
+weights and Adam, 16 sequences of ~66 tokens, a checkpoint after every step: the time a step
+waits on checkpointing, and the step), peak_rss_gib, peak_gpu_gib on CUDA and sizing_gib
+(trainer.sizing's estimate); validations_per_s {"1": in-process, "2": 2 worker processes}
+(submissions/s, 16 submissions of 8 rollouts of up to 32 tokens, batches of 4, fp32 on the
+CPU and bf16 on CUDA; --model, else the tiny model with --quick and SmolLM2-135M without),
+with validation_serial_per_s (one submission per prefill),
 generation_s_per_rollout (the hf engine, batched), validation_s_per_rollout and
 generation_to_validation (how many rollouts one validator checks in the time one is
 generated).

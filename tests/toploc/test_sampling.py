@@ -230,7 +230,7 @@ def test_replay_scores_only_columns_that_can_win_and_gets_every_rival_exact(
     nothing, peaked ones almost everything), so the verdict and its worst gap are unchanged."""
     from toploc import sampling
 
-    monkeypatch.setattr(sampling, "REPLAY_BLOCK", 3 * 5000)  # 3 rows a block, and a remainder
+    monkeypatch.setitem(sampling.REPLAY_BLOCK, "cpu", 3 * 5000)  # 3 rows a block, and a remainder
     torch.manual_seed(int(spread * 10) + top_k)
     logits = torch.randn(64, 5000) * spread
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)

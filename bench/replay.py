@@ -1,0 +1,78 @@
+"""The seeded sampler's replay (what a validator runs for every rollout) by block size: 256
+rows of SmolLM2's vocabulary (49,152), logits of two spreads, the tokens the seeded sampler's
+own (so every rollout passes), one torch thread, best of 3. The baseline, in the same run, is
+all rows in one block, as the replay ran before it had blocks.
+
+    python bench/replay.py --json bench/results/replay.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from toploc import sampling
+
+ROWS, VOCAB, ROLLOUT = 256, 49152, 32
+BLOCKS = (1 << 14, 1 << 16, 1 << 18, 1 << 20, ROWS * (VOCAB + 1))
+
+
+def replay_seconds(logits: torch.Tensor, block: int, device: str) -> float:
+    params = sampling.SamplingParams(temperature=1.0, max_tokens=ROLLOUT)
+    row = torch.arange(ROWS, device=logits.device)
+    seeds = torch.full_like(row, 7)
+    tokens = sampling.sample(logits, params, seeds, row // ROLLOUT, row % ROLLOUT)  # honest
+    cases = [
+        sampling.SamplingCase(
+            logits[i : i + ROLLOUT], tokens[i : i + ROLLOUT].tolist(), 7, i // ROLLOUT
+        )
+        for i in range(0, ROWS, ROLLOUT)
+    ]
+    sampling.REPLAY_BLOCK[device] = block
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        verdicts = sampling.verify_sampling_many(cases, params)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    if not all(v.ok for v in verdicts):
+        raise RuntimeError("an honest argmax was rejected")
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = []
+    for spread in (1.0, 3.0):
+        logits = (torch.randn(ROWS, VOCAB) * spread).to(args.device)
+        for block in BLOCKS:
+            rows.append(
+                {"spread": spread, "block": block, "s": replay_seconds(logits, block, args.device)}
+            )
+    print(f"{'spread':>6} {'block entries':>14} {'s per 256 rows':>15} {'vs one block':>13}")
+    for r in rows:
+        whole = next(
+            x["s"] for x in rows if x["spread"] == r["spread"] and x["block"] == BLOCKS[-1]
+        )
+        r["speedup_vs_one_block"] = whole / r["s"]
+        print(f"{r['spread']:6} {r['block']:14} {r['s']:15.3f} {r['speedup_vs_one_block']:12.2f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": args.device, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
