@@ -11,7 +11,8 @@ fsdp_max_diff, lora_version_bytes / full_version_bytes and lora_fraction (SmolLM
 on q/k/v/o, the pool dtype bf16: the SHARDCAST payload of each version as published),
 checkpoint_blocking_s / step_s (--model, default SmolLM2-135M, full fine-tuning with fp32
 weights and Adam, 16 sequences of ~66 tokens, a checkpoint after every step: the time a step
-waits on checkpointing, and the step), peak_rss_gib, peak_gpu_gib on CUDA and sizing_gib
+waits on checkpointing, and the step; checkpoint_staging_s and checkpoint_waiting_s split the
+first, checkpoint_last_write_s is one write), peak_rss_gib, peak_gpu_gib on CUDA and sizing_gib
 (trainer.sizing's estimate); validations_per_s {"1": in-process, "2": 2 worker processes}
 (submissions/s, 16 submissions of 8 rollouts of up to 32 tokens, batches of 4, fp32 on the
 CPU and bf16 on CUDA; --model, else the tiny model with --quick and SmolLM2-135M without),
@@ -98,6 +99,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _warm_mean(xs: list[float]) -> float:
+    """The mean without the first: it warms up allocators and kernels."""
+    return sum(xs[1:]) / (len(xs) - 1)
+
+
 def checkpoint_cost(model: str, dtype: str, steps: int, device: str) -> dict[str, float]:
     """Steps with a checkpoint after each; blocking = staging + waiting for the previous write."""
     config = from_dict({"algorithm": {"lr": 1e-5, "micro_batch": 8}, "trainer": {"device": device}})
@@ -105,23 +111,33 @@ def checkpoint_cost(model: str, dtype: str, steps: int, device: str) -> dict[str
         learner = build_learner(_spec(model, dtype), config, Path(tmp))
         vocab = learner.trainer.model.config.vocab_size
         params = sum(p.numel() for p in learner.trainer.model.parameters())
-        blocking, step_s = [], []
+        waiting, staging, step_s = [], [], []
         for n in range(1, steps + 1):
             t0 = time.perf_counter()
             learner.step(_batch(n, 4, 4, 64, vocab), n)
             _sync(device)
             step_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
+            learner.finish_checkpoint()  # the previous write, if still going
+            t1 = time.perf_counter()
             learner.start_checkpoint(n, n)
             _sync(device)
-            blocking.append(time.perf_counter() - t0)
+            waiting.append(t1 - t0)
+            staging.append(time.perf_counter() - t1)
+        t0 = time.perf_counter()
         learner.finish_checkpoint()
-    # The first step warms up allocators and kernels: leave it out of both.
+        last_write_s = time.perf_counter() - t0
     out = {
         "checkpoint_model": model,
         "checkpoint_params": params,
-        "checkpoint_blocking_s": sum(blocking[1:]) / (steps - 1),
-        "step_s": sum(step_s[1:]) / (steps - 1),
+        # What a step waits with a checkpoint after every step: staging the state, plus the
+        # previous write where it is still going (with checkpoint_every k, only staging
+        # remains once k steps outlast a write).
+        "checkpoint_blocking_s": _warm_mean(waiting) + _warm_mean(staging),
+        "checkpoint_staging_s": _warm_mean(staging),
+        "checkpoint_waiting_s": _warm_mean(waiting),
+        "checkpoint_last_write_s": last_write_s,
+        "step_s": _warm_mean(step_s),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         # What trainer.sizing reckons a step holds (weights, gradients, Adam; no activations).
         "sizing_gib": training_bytes(params, device, 1) / 2**30,
