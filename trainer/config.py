@@ -103,9 +103,11 @@ class TrainerSection(Section):
     """Where the trainer computes: auto picks CUDA when this machine has it."""
     trainer_procs: Count = 1
     """Trainer ranks (torch.distributed, FSDP2): one process per rank."""
-    checkpoint_every: Count = 1
+    checkpoint_every: Annotated[int, msgspec.Meta(ge=0)] = 1
     """Write a checkpoint (asynchronously) every N steps; steps after it are committed to the
-    ledger only once it is on disk, so a crash re-queues their groups."""
+    ledger only once it is on disk, so a crash re-queues their groups. 0: as often as keeps
+    checkpoints within 10% of the steps' time (trainer/checkpoint_pace.py; for GPUs, where a
+    step is far shorter than writing its checkpoint)."""
     checkpoint_keep: Count = 2
     """Checkpoints kept on disk."""
     validator_device: Literal["auto", "cpu", "cuda"] = "auto"

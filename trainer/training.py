@@ -2,7 +2,8 @@
 
 The ledger is the source of truth: a step's groups become trained in the same transaction
 that records the step, and that happens only once a checkpoint covering the step is on disk.
-Checkpoints are written every `checkpoint_every` steps in the background while training goes
+Checkpoints are written every `checkpoint_every` steps (or as often as keeps their cost within
+10% of the steps' time: trainer/checkpoint_pace.py) in the background while training goes
 on; the steps trained since the last one are held in memory, their groups kept out of later
 batches. A crash at any moment loses no accepted group and trains none twice: the groups of
 uncommitted steps are still untrained in the ledger, so they go back to the queue, and the
@@ -30,6 +31,7 @@ from protocol.poolspec import PoolSpec
 from shardcast.origin import Origin
 from trainer.algorithm import FLAT, GroupAlgorithm
 from trainer.checkpoint import CheckpointInfo, latest_committed
+from trainer.checkpoint_pace import CheckpointPace
 from trainer.config import AlgorithmSection
 from trainer.environments.turns import transcript_sample
 from trainer.evaluating import EvalService
@@ -101,7 +103,7 @@ class TrainingService:
         self.checkpoints = checkpoints
         self._announce = announce
         self.max_steps = max_steps
-        self.checkpoint_every = checkpoint_every
+        self.pace = CheckpointPace(checkpoint_every)
         self.evaluator = evaluator
         self._on_progress = on_progress
         self.step, committed = ledger.last_step()
@@ -207,7 +209,9 @@ class TrainingService:
         if n % self.settings.publish_every == 0:
             await self.ensure_published(version)
             self._evaluate_if_due(version, nursery)
-        if n % self.checkpoint_every == 0:
+        self.pace.stepped(result.metrics["step_time_s"])
+        writing = self._written is not None and not self._written.is_set()
+        if self.pace.due(n, writing):
             await self._checkpoint(n, version, nursery)
             metrics["checkpoint_blocking_s"] = self.checkpoint_blocking_s
         self.run_log.step_done(n, version, metrics)
@@ -237,6 +241,7 @@ class TrainingService:
         self._written = trio.Event()
         nursery.start_soon(self._commit_when_written, covered, self._written)
         self.checkpoint_blocking_s = time.perf_counter() - t0
+        self.pace.checkpointed(self.checkpoint_blocking_s)
 
     async def _commit_when_written(self, covered: list[_Trained], written: trio.Event) -> None:
         try:

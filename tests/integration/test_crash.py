@@ -41,9 +41,12 @@ def check(facts: dict, seen_accepted: set[int], last_version: int) -> None:
     assert max(facts["versions"], default=0) >= last_version, "the version counter went back"
 
 
-def test_sigkill_coordinator_repeatedly(tmp_path):
+# 0: auto, which spaces checkpoints by what they cost, so a kill can also find several steps
+# trained since the last one, all to be rolled back and retrained.
+@pytest.mark.parametrize("checkpoint_every", [1, 0])
+def test_sigkill_coordinator_repeatedly(tmp_path, checkpoint_every):
     rng = random.Random(7)
-    coordinator = Coordinator.create(tmp_path)
+    coordinator = Coordinator.create(tmp_path, [f"trainer.checkpoint_every={checkpoint_every}"])
     node = Node("a", tmp_path / "nodes")
     try:
         coordinator.start()
