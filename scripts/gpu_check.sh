@@ -24,7 +24,7 @@ if ! python -c "import vllm" 2>/dev/null; then
     markers="gpu and not vllm"
 fi
 failed=0
-timeout 420 python -m pytest -m "$markers" -p no:cacheprovider tests/ || failed=1
+timeout 360 python -m pytest -m "$markers" -p no:cacheprovider tests/ || failed=1
 # Each part under its own limit, each writing its own JSON as it ends: one slow part (the first
 # H200 run's validation) must not cost the other's figures.
 timeout 150 python bench/scale.py --device cuda --only validation --model "$model" \
