@@ -362,8 +362,8 @@ def main() -> None:
         dtype = "bfloat16" if args.device == "cuda" else "float32"
         part = {"validation_model": model, "validation_dtype": dtype}
         _report(results, {**part, **validation_cost(model, dtype, args.device)}, args.json)
-    results["load_average"] = os.getloadavg()[0]
-    _report(results, {"wall_s": time.perf_counter() - t0}, args.json)
+    end = {"wall_s": time.perf_counter() - t0, "load_average": os.getloadavg()[0]}
+    _report(results, end, args.json)
 
 
 if __name__ == "__main__":
