@@ -100,6 +100,13 @@ COSTS = (
 )
 
 
+def judged(row: dict[str, Any]) -> bool:
+    """Whether the coordinator gave a verdict on some work of this key (or banned it). A key
+    given a lease so late that the run ended before its answer was validated had no chance to
+    be caught, and did no harm: nothing of it was accepted."""
+    return bool(row["accepted"] or row["soft"] or row["hard"] or row["banned"])
+
+
 # The default model: the `tiny` preset's architecture (Llama, hidden 128, 4 layers) with a
 # 20-token vocabulary (digits, the letters of "copy", space, "="). With the preset's ~100-token
 # vocabulary a random policy almost never hits a digit, so the reward starts near zero and rises
@@ -867,15 +874,16 @@ class Swarm:
             seen = stats.get("counts", {})
             return refused > 0, f"refused {refused} times for rate; it saw {seen}"
         if expected == "banned":
-            # A key admitted after training stopped leasing was never given work to cheat on.
-            worked = [r for r in mine if r["cost"]["leases_issued"] or r["banned"]]
+            # A key admitted after training stopped leasing, or whose answer came after the
+            # last validation, was never judged; what it sent was not accepted either.
+            worked = [r for r in mine if judged(r)]
             banned = [r for r in worked if r["banned"]]
             reason = banned[0]["ban_reason"] if banned else "not banned"
-            if not worked:  # why it got no work: what the coordinator told it, in its stats
+            if not worked:  # why it got no verdict: what the coordinator told it, in its stats
                 reason += f"; its replies {stats.get('replies')}, states {stats.get('states')}, "
                 reason += f"{stats.get('seconds')} s"
             caught = bool(worked) and len(banned) == len(worked)
-            return caught, f"{len(banned)}/{len(worked)} keys given work banned: {reason}"
+            return caught, f"{len(banned)}/{len(worked)} keys judged banned: {reason}"
         if kind == "lease-hoarder":
             held = stats.get("max_held", 0)
             expired = sum(r["cost"]["leases_expired"] for r in mine)

@@ -42,7 +42,7 @@ def run_swarm(tmp_path: Path, *args: str, timeout: float) -> tuple[dict, str]:
 
 
 def test_every_cheater_caught_with_chaos_while_the_pool_learns(tmp_path):
-    from swarm import EXPECTED, KINDS
+    from swarm import EXPECTED, KINDS, judged
 
     report, text = run_swarm(
         tmp_path,
@@ -66,20 +66,19 @@ def test_every_cheater_caught_with_chaos_while_the_pool_learns(tmp_path):
         assert c["caught"], f"{kind} was not caught: {c['how']}" + where
     for n in report["nodes"]:
         # as the report judges a kind: a key admitted as training stopped leasing (the sybil
-        # joins with key after key) was never given work to cheat on, or to be banned for
-        worked = n["cost"]["leases_issued"] or n["banned"]
-        if n["role"] == "byzantine" and EXPECTED.get(n["kind"], "banned") == "banned" and worked:
-            assert n["banned"] and n["ban_reason"], n
+        # joins with key after key), or whose answer came after the last validation, was never
+        # judged, and nothing it sent was accepted
+        if n["role"] == "byzantine" and EXPECTED.get(n["kind"], "banned") == "banned":
+            if judged(n):
+                assert n["banned"] and n["ban_reason"], n
+            else:
+                assert n["accepted"] == 0 and n["trained_groups"] == 0, n
     flood = next(n for n in report["nodes"] if n["kind"] == "flood")
     assert flood["rate_limited"] > 0 and not flood["banned"]
-    # the sybil paid for more than one key, and each key given work was banned
+    # the sybil paid for more than one key, and each key judged was banned
     sybil = kinds["sybil"]["keys"]
-    sybil_worked = sum(
-        1
-        for n in report["nodes"]
-        if n["kind"] == "sybil" and (n["cost"]["leases_issued"] or n["banned"])
-    )
-    assert sybil_worked >= 2 and sybil["banned"] == sybil_worked, sybil
+    sybil_judged = sum(1 for n in report["nodes"] if n["kind"] == "sybil" and judged(n))
+    assert sybil_judged >= 2 and sybil["banned"] == sybil_judged, sybil
     # no group of a cheater that only cheats was ever trained
     assert report["cheater_groups_trained"] == {}, report["cheater_groups_trained"]
     # honest nodes: never a hard reject, and they did the work
