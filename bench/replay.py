@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toploc import sampling
 
 ROWS, VOCAB, ROLLOUT = 256, 49152, 32
-BLOCKS = (1 << 14, 1 << 16, 1 << 18, 1 << 20, ROWS * (VOCAB + 1))
+BLOCKS = (1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, ROWS * (VOCAB + 1))
 
 
 def replay_seconds(logits: torch.Tensor, block: int, device: str, forged: bool) -> float:

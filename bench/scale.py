@@ -13,9 +13,12 @@ checkpoint_blocking_s / step_s (--model, default SmolLM2-135M, full fine-tuning 
 weights and Adam, 16 sequences of ~66 tokens, a checkpoint after every step: the time a step
 waits on checkpointing, and the step; checkpoint_staging_s and checkpoint_waiting_s split the
 first, checkpoint_last_write_s is one write), peak_rss_gib, peak_gpu_gib on CUDA and sizing_gib
-(trainer.sizing's estimate); validations_per_s {"1": in-process, "2": 2 worker processes}
-(submissions/s, 16 submissions of 8 rollouts of up to 32 tokens, batches of 4, fp32 on the
-CPU and bf16 on CUDA; --model, else the tiny model with --quick and SmolLM2-135M without),
+(trainer.sizing's estimate); with --auto-steps N, N more steps paced by checkpoint_every = 0:
+the steps checkpointed after (auto_checkpoints), each one's blocking, and the share of the
+steps' time checkpoints blocked, overall and per interval between checkpoints;
+validations_per_s {"1": in-process, "2": 2 worker processes} (submissions/s, 16 submissions
+of 8 rollouts of up to 32 tokens, batches of --validation-batch (4), fp32 on the CPU and bf16
+on CUDA; --model, else the tiny model with --quick and SmolLM2-135M without),
 with validation_serial_per_s (one submission per prefill),
 generation_s_per_rollout (the hf engine, batched), validation_s_per_rollout and
 generation_to_validation (how many rollouts one validator checks in the time one is
@@ -25,13 +28,18 @@ generated).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import msgspec
@@ -49,9 +57,10 @@ from protocol.identity import Identity
 from shardcast.origin import Origin
 from toploc.models import SMOLLM2, TINY, eos_token_ids, load_model
 from trainer.algorithm import GroupAlgorithm
+from trainer.checkpoint_pace import CheckpointPace
 from trainer.config import LoraSection, from_dict
 from trainer.grpo import Sample, TrainGroup
-from trainer.learner import build_learner
+from trainer.learner import Learner, build_learner
 from trainer.lora import add_adapters
 from trainer.policy import PolicyStore
 from trainer.sizing import training_bytes
@@ -61,7 +70,7 @@ from trainer.validator_pool import ValidatorPool, worker_setup
 
 FSDP_STEPS = 4
 FSDP_ATOL = 2e-5
-SUBMISSIONS, GROUP, NEW_TOKENS, VALIDATION_BATCH, REPEATS = 16, 8, 32, 4, 5
+SUBMISSIONS, GROUP, NEW_TOKENS, REPEATS = 16, 8, 32, 5
 
 
 def _spec(model: str, dtype: str) -> poolspec.PoolSpec:
@@ -104,8 +113,11 @@ def _warm_mean(xs: list[float]) -> float:
     return sum(xs[1:]) / (len(xs) - 1)
 
 
-def checkpoint_cost(model: str, dtype: str, steps: int, device: str) -> dict[str, float]:
-    """Steps with a checkpoint after each; blocking = staging + waiting for the previous write."""
+def checkpoint_cost(
+    model: str, dtype: str, steps: int, device: str, auto_steps: int = 0
+) -> dict[str, object]:
+    """Steps with a checkpoint after each (blocking = staging + waiting for the previous
+    write), then `auto_steps` more paced automatically (`auto_pace`)."""
     config = from_dict({"algorithm": {"lr": 1e-5, "micro_batch": 8}, "trainer": {"device": device}})
     with tempfile.TemporaryDirectory() as tmp:
         learner = build_learner(_spec(model, dtype), config, Path(tmp))
@@ -127,6 +139,7 @@ def checkpoint_cost(model: str, dtype: str, steps: int, device: str) -> dict[str
         t0 = time.perf_counter()
         learner.finish_checkpoint()
         last_write_s = time.perf_counter() - t0
+        auto = auto_pace(learner, vocab, auto_steps, device) if auto_steps else {}
     out = {
         "checkpoint_model": model,
         "checkpoint_params": params,
@@ -141,10 +154,45 @@ def checkpoint_cost(model: str, dtype: str, steps: int, device: str) -> dict[str
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         # What trainer.sizing reckons a step holds (weights, gradients, Adam; no activations).
         "sizing_gib": training_bytes(params, device, 1) / 2**30,
+        **auto,
     }
     if device == "cuda":
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def auto_pace(learner: Learner, vocab: int, steps: int, device: str) -> dict[str, object]:
+    """`steps` steps with checkpoints paced as `checkpoint_every = 0` paces them (the first
+    after the first step): how many were taken, what each blocked, and what share of the time
+    they blocked, over the whole run and over the intervals between checkpoints (what the
+    pace bounds; the first checkpoint, its buffers allocated, blocks longer)."""
+    pace = CheckpointPace(0)
+    step_s: list[float] = []
+    blocks: list[tuple[int, float]] = []  # (after step, seconds blocked)
+    for n in range(1, steps + 1):
+        t0 = time.perf_counter()
+        learner.step(_batch(n, 4, 4, 64, vocab), n)
+        _sync(device)
+        step_s.append(time.perf_counter() - t0)
+        pace.stepped(step_s[-1])
+        if pace.due(n, learner.writing()):
+            t0 = time.perf_counter()
+            learner.start_checkpoint(n, n)
+            _sync(device)
+            blocks.append((n, time.perf_counter() - t0))
+            pace.checkpointed(blocks[-1][1])
+    learner.finish_checkpoint()
+    blocked = sum(b for _, b in blocks)
+    # Each checkpoint but the last with the steps up to the next: complete intervals.
+    intervals = [b / (b + sum(step_s[n:m])) for (n, b), (m, _) in pairwise(blocks)]
+    return {
+        "auto_steps": steps,
+        "auto_checkpoints": [n for n, _ in blocks],
+        "auto_blocked_s": [round(b, 3) for _, b in blocks],
+        "auto_blocking_share": blocked / (blocked + sum(step_s)),
+        "auto_interval_shares": [round(x, 4) for x in intervals],
+        "auto_step_s": sum(step_s) / steps,
+    }
 
 
 def version_bytes(model: str, dtype: str, rank: int) -> dict[str, int]:
@@ -212,10 +260,12 @@ def _rank_program(out: Path) -> None:
         leave_ranks()
 
 
-def validation_cost(model: str, dtype: str, device: str = "cpu") -> dict[str, object]:
+def validation_cost(
+    model: str, dtype: str, device: str = "cpu", batch: int = 4, profile: Path | None = None
+) -> dict[str, object]:
     """Generation against validation of the same rollouts: the hf engine answers SUBMISSIONS
     one-prompt leases of GROUP samples; then one validator in this process (serially, and
-    in batches of VALIDATION_BATCH) and 2 worker processes (one lane each, a shared list of
+    in batches of `batch`) and 2 worker processes (one lane each, a shared list of
     batches) validate them, each REPEATS times (the fastest counts). Workers are started
     before the clock runs. On `device` cuda the engine, the validator and both workers share
     the GPU."""
@@ -250,7 +300,7 @@ def validation_cost(model: str, dtype: str, device: str = "cpu") -> dict[str, ob
         sampling = sampling_params(lease)
         validator = Validator(spec, task, tok, store.model, len(tok), tok.pad_token_id)
         validator.validate_jobs(jobs[:1], sampling, 0)  # load the version once, off the clock
-        batches = [jobs[i : i + VALIDATION_BATCH] for i in range(0, len(jobs), VALIDATION_BATCH)]
+        batches = [jobs[i : i + batch] for i in range(0, len(jobs), batch)]
 
         def in_process(batch_list: list[list[Job]]) -> tuple[float, list[str]]:
             t0 = time.perf_counter()
@@ -266,6 +316,8 @@ def validation_cost(model: str, dtype: str, device: str = "cpu") -> dict[str, ob
         serial_s, serial = min(in_process([[j] for j in jobs]) for _ in range(REPEATS))
         batched_s, batched = min(in_process(batches) for _ in range(REPEATS))
         print(f"in-process: serial {serial_s:.2f} s, batched {batched_s:.2f} s", file=sys.stderr)
+        if profile:
+            _profile(lambda: in_process(batches), profile)
         pool = ValidatorPool(2, worker_setup(validator, store, sampling, 2))
         try:
             pooled_s, pooled = trio.run(_pooled, pool, batches)
@@ -280,6 +332,26 @@ def validation_cost(model: str, dtype: str, device: str = "cpu") -> dict[str, ob
         "validation_s_per_rollout": batched_s / rollouts,
         "generation_to_validation": generation / (batched_s / rollouts),
     }
+
+
+def _profile(run: Callable[[], object], path: Path) -> None:
+    """Where `run` spends its time, twice over: Python functions by cumulative time
+    (cProfile; on CUDA a function that waits for kernels holds their time) and torch
+    operators by their own host time and device time (torch.profiler)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    functions = cProfile.Profile()
+    functions.runcall(run)
+    with torch.profiler.profile(activities=activities) as operators:
+        run()
+    text = io.StringIO()
+    pstats.Stats(functions, stream=text).sort_stats("cumulative").print_stats(45)
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = operators.key_averages().table(sort_by=sort, row_limit=30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue() + "\n" + table + "\n")
+    print(f"profile written to {path}", file=sys.stderr)
 
 
 async def _pooled(pool: ValidatorPool, batches: list[list[Job]]) -> tuple[float, list[str]]:
@@ -331,6 +403,23 @@ def main() -> None:
         help=f"the model of the checkpoint and validation parts: a preset, an HF folder or id "
         f"(default {SMOLLM2}; validation uses {TINY} with --quick)",
     )
+    parser.add_argument(
+        "--auto-steps",
+        type=int,
+        default=0,
+        help="after the checkpoint part's steps, this many more with checkpoint_every = 0",
+    )
+    parser.add_argument(
+        "--validation-batch",
+        type=int,
+        default=4,
+        help="submissions per validation batch (default 4; a coordinator claims up to 8)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="write where one batched validation pass spends its time to this file",
+    )
     parser.add_argument("--rank-program", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_program:
@@ -353,7 +442,9 @@ def main() -> None:
         # ~12x slower than fp32, which would hide the checkpoint's share; the checkpoint is
         # fp32 either way. On CUDA the learner computes in bf16 autocast.
         steps = 3 if args.quick else 6
-        part = checkpoint_cost(args.model or SMOLLM2, "float32", steps, args.device)
+        part = checkpoint_cost(
+            args.model or SMOLLM2, "float32", steps, args.device, args.auto_steps
+        )
         _report(results, part, args.json)
     if "validation" in parts:
         # A quick run uses the tiny model: SmolLM2 generates ~1 s per step on a shared 2-core
@@ -361,7 +452,9 @@ def main() -> None:
         model = args.model or (TINY if args.quick else SMOLLM2)
         dtype = "bfloat16" if args.device == "cuda" else "float32"
         part = {"validation_model": model, "validation_dtype": dtype}
-        _report(results, {**part, **validation_cost(model, dtype, args.device)}, args.json)
+        part = {**part, "validation_batch": args.validation_batch}
+        cost = validation_cost(model, dtype, args.device, args.validation_batch, args.profile)
+        _report(results, {**part, **cost}, args.json)
     end = {"wall_s": time.perf_counter() - t0, "load_average": os.getloadavg()[0]}
     _report(results, end, args.json)
 

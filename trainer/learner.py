@@ -73,6 +73,10 @@ class Learner:
             step, version, self._state(), self.trainer.scheduler
         )
 
+    def writing(self) -> bool:
+        """Whether a checkpoint's write is still going."""
+        return self._pending is not None and not self._pending.future.done()
+
     def finish_checkpoint(self) -> int | None:
         """Wait for the write in flight, if any; the step it covers."""
         pending, self._pending = self._pending, None

@@ -29,8 +29,10 @@ def test_a_lora_learner_resumes_its_adapters_from_a_checkpoint(tmp_path):
     learner = build_learner(spec, config, tmp_path)
     samples = [on_policy(learner, [1, 5, 9], tokens) for tokens in ([7, 8, 2], [4, 3, 2])]
     learner.step([TrainGroup(samples, [1.0, 0.0], [0.5, -0.5], 0)], 1)
+    assert not learner.writing()
     learner.start_checkpoint(1, 1)
-    learner.finish_checkpoint()
+    assert learner.finish_checkpoint() == 1
+    assert not learner.writing()  # the write is done: auto pacing may checkpoint again
     trained = {n: p.detach().clone() for n, p in learner.trainer.model.named_parameters()}
 
     resumed = build_learner(spec, config, tmp_path)
