@@ -101,10 +101,11 @@ COSTS = (
 
 
 def judged(row: dict[str, Any]) -> bool:
-    """Whether the coordinator gave a verdict on some work of this key (or banned it). A key
-    given a lease so late that the run ended before its answer was validated had no chance to
-    be caught, and did no harm: nothing of it was accepted."""
-    return bool(row["accepted"] or row["soft"] or row["hard"] or row["banned"])
+    """Whether the coordinator checked the content of some work of this key (accepted or
+    hard-rejected it) or banned it. A soft verdict (stale weights, say) looks at no content. A
+    key given a lease so late that the run ended before its answer was checked had no chance
+    to be caught, and did no harm: nothing of it was accepted."""
+    return bool(row["accepted"] or row["hard"] or row["banned"])
 
 
 # The default model: the `tiny` preset's architecture (Llama, hidden 128, 4 layers) with a
