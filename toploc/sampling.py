@@ -329,16 +329,14 @@ def _best_rival_scores(
         if params.temperature > 0:
             scaled = scaled / params.temperature
         scaled = scaled.masked_fill(~comp, -math.inf)
-        if params.temperature <= 0:  # greedy: no noise
-            best[a:b] = scaled.max(dim=1).values
-            continue
-        drawn = comp & can_win(scaled)
-        r, k = torch.nonzero(drawn, as_tuple=True)
-        # The noise added in place, then a row max: each entry has its own cell, so no
-        # atomics. (A scatter_reduce onto the rows was 76% of a GPU validation's kernel time
-        # where many columns can win: every one contending for its row's cell.)
-        scaled.masked_fill_(~drawn, -math.inf)
-        scaled[r, k] += gumbel_at(keys[a:b][r], c[r, k][:, None]).squeeze(1)
+        if params.temperature > 0:  # greedy draws no noise
+            drawn = comp & can_win(scaled)
+            r, k = torch.nonzero(drawn, as_tuple=True)
+            # The noise added in place, then a row max: each entry has its own cell, so no
+            # atomics. (A scatter_reduce onto the rows was 76% of a GPU validation's kernel
+            # time where many columns can win: every one contending for its row's cell.)
+            scaled.masked_fill_(~drawn, -math.inf)
+            scaled[r, k] += gumbel_at(keys[a:b][r], c[r, k][:, None]).squeeze(1)
         best[a:b] = scaled.max(dim=1).values
     return best
 
