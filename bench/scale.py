@@ -108,6 +108,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _timed(run: Callable[[], object], device: str) -> float:
+    """Seconds `run` took, its CUDA kernels included."""
+    t0 = time.perf_counter()
+    run()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def _warm_mean(xs: list[float]) -> float:
     """The mean without the first: it warms up allocators and kernels."""
     return sum(xs[1:]) / (len(xs) - 1)
@@ -125,20 +133,10 @@ def checkpoint_cost(
         params = sum(p.numel() for p in learner.trainer.model.parameters())
         waiting, staging, step_s = [], [], []
         for n in range(1, steps + 1):
-            t0 = time.perf_counter()
-            learner.step(_batch(n, 4, 4, 64, vocab), n)
-            _sync(device)
-            step_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            learner.finish_checkpoint()  # the previous write, if still going
-            t1 = time.perf_counter()
-            learner.start_checkpoint(n, n)
-            _sync(device)
-            waiting.append(t1 - t0)
-            staging.append(time.perf_counter() - t1)
-        t0 = time.perf_counter()
-        learner.finish_checkpoint()
-        last_write_s = time.perf_counter() - t0
+            step_s.append(_timed(lambda n=n: learner.step(_batch(n, 4, 4, 64, vocab), n), device))
+            waiting.append(_timed(learner.finish_checkpoint, device))  # the previous write
+            staging.append(_timed(lambda n=n: learner.start_checkpoint(n, n), device))
+        last_write_s = _timed(learner.finish_checkpoint, device)
         auto = auto_pace(learner, vocab, auto_steps, device) if auto_steps else {}
     out = {
         "checkpoint_model": model,
@@ -170,16 +168,10 @@ def auto_pace(learner: Learner, vocab: int, steps: int, device: str) -> dict[str
     step_s: list[float] = []
     blocks: list[tuple[int, float]] = []  # (after step, seconds blocked)
     for n in range(1, steps + 1):
-        t0 = time.perf_counter()
-        learner.step(_batch(n, 4, 4, 64, vocab), n)
-        _sync(device)
-        step_s.append(time.perf_counter() - t0)
+        step_s.append(_timed(lambda n=n: learner.step(_batch(n, 4, 4, 64, vocab), n), device))
         pace.stepped(step_s[-1])
         if pace.due(n, learner.writing()):
-            t0 = time.perf_counter()
-            learner.start_checkpoint(n, n)
-            _sync(device)
-            blocks.append((n, time.perf_counter() - t0))
+            blocks.append((n, _timed(lambda n=n: learner.start_checkpoint(n, n), device)))
             pace.checkpointed(blocks[-1][1])
     learner.finish_checkpoint()
     blocked = sum(b for _, b in blocks)
