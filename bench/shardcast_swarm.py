@@ -111,6 +111,8 @@ def run_swarm(work: Path, ck: Path, key: Path, pool: Path, pid: str, n: int, arg
             s = Seed(
                 "--upstream", url, "--root", str(work / f"{tag}-n{i}"), "--pool-id", pid,
                 "--public-key", public, "--rate-mb", str(args.rate_mb), "--keep", "1",
+                # its own address, as on its own machine: one client to the origin's caps
+                "--host", f"127.0.{(i + 2) // 256}.{(i + 2) % 256}", "--log-level", args.log_level,
                 log=work / f"{tag}-n{i}.log",
             )  # fmt: skip
             procs.append(s)
@@ -182,7 +184,8 @@ def main() -> None:
     ap.add_argument(
         "--piece-kb", default=AUTO, help="piece size, KiB (0: none); default auto, as publish"
     )
-    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--workdir", type=Path, help="run in a new folder here, kept afterwards")
+    ap.add_argument("--log-level", default="WARNING", help="swarm members' log level")
     ap.add_argument("--skip-tree", action="store_true", help="measure the swarm only")
     args = ap.parse_args()
     size = int((args.size_mb or (32 if args.quick else 256)) * 2**20)
@@ -222,7 +225,10 @@ def main() -> None:
             ):
                 rows.append([name, n, total // 2**20, args.rate_mb, t, b, t / b])
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work} (stores and logs)")
     head = ["run", "N", "S (MiB)", "U (MB/s)", "last node (s)", "bound (s)", "ratio to bound"]
     md = table(head, rows)
     first = runs[0]

@@ -140,12 +140,18 @@ def _never(job: ShardJob) -> bool:
     return False
 
 
+def _always(job: ShardJob) -> bool:
+    return True
+
+
 def _ignore(job: ShardJob) -> None:
     return None
 
 
 SHARE_GRACE = 5.0
 """`Swarming.share_grace`'s default (the swarm's watch judges shares at its end)."""
+SEED_QUIET = 3.0
+"""`Swarming.seed_quiet`'s default."""
 
 
 @dataclass
@@ -163,12 +169,16 @@ class Swarming:
     promised: Callable[[ShardJob], bool] = _never
     """A peer said, recently, that it is fetching this unit from a seed: it is left to that
     peer (and taken from it once held) rather than copied out of a seed a second time."""
-    preferred: Callable[[ShardJob], bool] = _never
-    """This member's share of the first copies: taken first among units nobody has."""
+    preferred: Callable[[ShardJob], bool] = _always
+    """This member's share of the first copies: taken first among units nobody has. Every
+    unit is, for a member alone in the deal."""
     reserved: Callable[[ShardJob], bool] = _never
     """Another member's share that it can be seen taking (see `share_grace`)."""
     on_seed_fetch: Callable[[ShardJob], None] = _ignore
     """Called when a transfer of a unit goes to a seed (to advertise the promise)."""
+    on_unit_done: Callable[[ShardJob, bool], None] = lambda job, won: None
+    """Called when a unit's fetch ends, won (its bytes held) or not: a seed transfer's time
+    paces how long peers' promises are waited for."""
     listen: Callable[[Callable[[], None]], None] = lambda wake: None
     """Registers a call for whenever a peer's bitfield brings news (a unit held or promised
     for the first time): a worker waiting for a unit only a peer will have starts it then,
@@ -177,6 +187,17 @@ class Swarming:
     """Seconds from the start of a fetch during which units nobody holds that are another
     member's share are left to it: several members copying the same unit out of a seed
     cost the seed's upload, while fewer streams to a capped seed lose it nothing."""
+    seed_quiet: float = SEED_QUIET
+    """A unit nobody this member watches holds or promised, and not its own share, is taken
+    from a seed only once no unit has landed here for this long: from a peer, or its own
+    share from a seed (the fetch's start counts as one). A member watches `max_peers` of its
+    peers, so in a larger swarm most units are on their way to members it cannot see.
+    Taking each of them from the seed as soon as a seed transfer was free had the origin
+    send a 32-member swarm's version 3 times over (1.0 with this wait, docs/shardcast.md).
+    While units keep landing, the ones it cannot see yet reach its watched peers soon
+    enough. Only verified units count, so a peer cannot hold this member off the seeds with
+    claims, only by serving it the version. A member alone in the deal owns every unit, so
+    it never waits."""
 
     def seed_slots(self) -> int:
         """Seed transfers this member keeps in flight: `seed_parallel` alone, one in a swarm.
@@ -323,15 +344,29 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def http_client(
-    policy: FetchPolicy, mounts: dict[str, httpx.AsyncBaseTransport] | None = None
+    policy: FetchPolicy,
+    mounts: dict[str, httpx.AsyncBaseTransport] | None = None,
+    source_address: str | None = None,
 ) -> httpx.AsyncClient:
     """The fetch path's HTTP client; `mounts` adds transports for other URL schemes (a
-    `p2p://` source: `shardcast.p2p.P2PTransport`)."""
+    `p2p://` source: `shardcast.p2p.P2PTransport`). `source_address` is the local address
+    its connections come from (default: the system's choice)."""
     timeout = httpx.Timeout(
         connect=policy.connect_timeout, read=policy.read_timeout, write=10.0, pool=None
     )
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False, mounts=mounts)
+    transport = (
+        httpx.AsyncHTTPTransport(limits=limits, local_address=source_address)
+        if source_address
+        else None
+    )
+    return httpx.AsyncClient(
+        timeout=timeout,
+        limits=limits,
+        transport=transport,
+        follow_redirects=False,
+        mounts=mounts,
+    )
 
 
 class ShardFetcher:
@@ -353,6 +388,7 @@ class ShardFetcher:
         # counted at the pick, since workers pick before any transfer has started.
         self._for_seeds: set[ShardJob] = set()
         self._started = float("-inf")  # trio time the current fetch began
+        self._landed = float("-inf")  # trio time a unit last landed (or the fetch began)
         self._busy_budget = policy.busy_wait
         """Seconds each unit of the current fetch may wait on busy sources (`fetch`)."""
 
@@ -373,7 +409,7 @@ class ShardFetcher:
         )
         queue = deque(jobs)
         races: dict[ShardJob, _Race] = {}
-        self._started = trio.current_time()
+        self._started = self._landed = trio.current_time()
         if self.swarm is not None:
             self.swarm.listen(self._wake_workers)
 
@@ -409,14 +445,19 @@ class ShardFetcher:
         now (None: wait for a seed slot or for a peer to get something)."""
         if self.swarm is None:
             return queue.popleft()
+        now = trio.current_time()
         seeds_busy = len(self._for_seeds) >= self.swarm.seed_slots()
-        in_grace = trio.current_time() - self._started < self.swarm.share_grace
+        in_grace = now - self._started < self.swarm.share_grace
+        landing = now - self._landed < self.swarm.seed_quiet
         best: tuple[int, bool, float] | None = None
         chosen = None
         for job in queue:
             n = len(self.swarm.holders(job))
             if n == 0 and (
-                seeds_busy or self.swarm.promised(job) or (in_grace and self.swarm.reserved(job))
+                seeds_busy
+                or self.swarm.promised(job)
+                or (in_grace and self.swarm.reserved(job))
+                or (landing and not self.swarm.preferred(job))
             ):
                 continue
             key = (n, not self.swarm.preferred(job), random.random())
@@ -427,6 +468,18 @@ class ShardFetcher:
             if best is not None and best[0] == 0:
                 self._for_seeds.add(chosen)
         return chosen
+
+    def _ended(self, job: ShardJob, won: bool) -> None:
+        """A unit's race is over: its seed slot is free, and a unit landed from a peer, or
+        this member's own share from a seed, counts as units landing (`seed_quiet`). Other
+        units from a seed do not, or each one would hold the next off the seed."""
+        for_seeds = job in self._for_seeds
+        self._for_seeds.discard(job)
+        if self.swarm is None:
+            return
+        if won and (not for_seeds or self.swarm.preferred(job)):
+            self._landed = trio.current_time()
+        self.swarm.on_unit_done(job, won)
 
     def _pick_source(self, version: int, job: ShardJob, avoid: set[str]) -> SourceStats | None:
         if self.swarm is not None:
@@ -451,7 +504,7 @@ class ShardFetcher:
             raise disk_error(e, job.path) from None
         finally:
             del races[job]
-            self._for_seeds.discard(job)
+            self._ended(job, won=race.winner is not None)
             race.done.set()
             self._wake_workers()
             if race.hedged:
@@ -561,7 +614,6 @@ class ShardFetcher:
                 raise FetchError(f"v{version} {job.name}: every source is banned or at fault")
             attempts += 1
             if self.swarm is not None and source.url in self.swarm.seeds:
-                log.debug("v%d %s unit %d: from seed %s", version, job.name, job.index, source.url)
                 self.swarm.on_seed_fetch(job)
             try:
                 if await self._attempt(version, job, fd, source, prog, race):

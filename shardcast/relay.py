@@ -89,6 +89,7 @@ class Relay:
         max_peers: int = 8,
         seed_parallel: int = 2,
         mounts: dict[str, httpx.AsyncBaseTransport] | None = None,
+        source_address: str | None = None,
     ) -> None:
         if not upstreams:
             raise ShardcastError("a relay needs at least one upstream")
@@ -126,6 +127,8 @@ class Relay:
         self._http: httpx.AsyncClient | None = None
         self.mounts = mounts
         """Transports for upstreams of other schemes (`p2p://`: members behind NAT)."""
+        self.source_address = source_address
+        """The local address this relay's requests come from (default: the system's)."""
         self.trusted: int | None = None
 
     def trust_version(self, version: int) -> None:
@@ -142,7 +145,7 @@ class Relay:
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve and follow the upstreams until cancelled; `task_status` gets the URL."""
-        self._http = http_client(self.policy, self.mounts)
+        self._http = http_client(self.policy, self.mounts, self.source_address)
         try:
             async with trio.open_nursery() as nursery:
                 self.url = await nursery.start(serve_app, self.app, host, port)

@@ -22,6 +22,10 @@ from protocol.identity import Identity
 from shardcast.relay import Relay
 
 POLL = 0.05  # seconds between looks for newly completed versions
+WILDCARDS = {"0.0.0.0", "::", ""}
+"""Listening addresses that name no one address: requests then leave from the system's
+choice. A member listening on one address sends from it too, so that its peers and
+upstreams count it as the client it is (members on 127.0.0.2, .3, ... of one machine)."""
 
 
 def _emit(obj: dict) -> None:
@@ -59,6 +63,7 @@ async def _main(args: argparse.Namespace) -> None:
         identity=identity,
         max_peers=args.max_peers,
         seed_parallel=args.seed_parallel,
+        source_address=args.host if args.host not in WILDCARDS else None,
     )
     async with trio.open_nursery() as nursery:
         url = await nursery.start(relay.run, args.host, args.port)
@@ -72,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--pool-id", required=True)
     ap.add_argument("--public-key", required=True, help="the coordinator's key, hex")
-    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on, and to send requests from"
+    )
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--keep", type=int, default=4)
     ap.add_argument("--rate-mb", type=float, default=None, help="upload cap, MB/s")

@@ -51,6 +51,13 @@ from shardcast.traffic import CountServed, ServedBytes
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
+THROTTLE_SLICE = 64 * 1024
+"""Bytes sent per turn under an upload cap. The cap pays turns in order, so k streams each
+wait k turns between two of theirs: with whole 1 MiB reads, 64 streams at 10 MB/s got 1 MiB
+every 6.7 s each, and their clients' rate floor (`FetchPolicy.min_rate` over 5 s) cut them
+as stalled, over and over. A link shares its upload more finely than that. It costs the
+8-member quick bench a few percent (docs/shardcast.md, thirtieth session): whole turns
+finished pieces one after another, and a finished piece can be passed on sooner."""
 KEEP_ALIVE_S = 20.0
 """Seconds a connection may sit without a request in progress before it is closed."""
 MAX_LONG_POLL = 60.0
@@ -254,9 +261,13 @@ class _FileBody:
             data = await trio.to_thread.run_sync(os.pread, fd, stop - pos, pos)
             if not data:
                 return
-            if self.bucket is not None:
-                await self.bucket.take(len(data))
-            yield data
+            if self.bucket is None:
+                yield data
+            else:
+                for i in range(0, len(data), THROTTLE_SLICE):
+                    piece = data[i : i + THROTTLE_SLICE]
+                    await self.bucket.take(len(piece))
+                    yield piece
             pos += len(data)
 
 

@@ -11,9 +11,10 @@ what it holds. `PeerWatch` keeps that going:
 - **Bitfields** (`watch`): while a version is mirrored, one long-poll per active peer on
   `GET /v/{N}/have` tells which units (pieces, or shards) that peer holds and which it is
   fetching from a seed; the fetcher takes the rarest first, asks a peer that holds it,
-  and leaves a unit a peer is fetching from a seed to that peer for `PROMISE_WAIT` s. At
-  most `max_peers` peers are watched at once (those not dropped by the picker for bad
-  bytes, stalls or lies), so the cost per member stays bounded however large the swarm.
+  and leaves a unit a peer is fetching from a seed to that peer for a while
+  (`promise_wait`). At most `max_peers` peers are watched at once (those not dropped by
+  the picker for bad bytes, stalls or lies), so the cost per member stays bounded however
+  large the swarm.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ MAX_PEERS_BYTES = 256 * 1024
 MAX_HAVE_BYTES = 1024 * 1024
 REQUEST_TIMEOUT = 10.0
 PROMISE_WAIT = 5.0  # seconds a peer's "fetching it from a seed" keeps others off the seeds
+PROMISE_PACE = 2.0
+"""... or this many times the longest this member's own seed transfer of a unit has taken in
+the version (done or still going), if longer: a seed shared by many members serves each unit
+slowly to everyone, and a promise held to a fixed 5 s then lapsed for every honest member at
+once (`promise_wait`)."""
+PROMISE_WAIT_MAX = 60.0  # ... but never longer than this
 MAX_WANT_UNITS = 16_384
 """Largest version whose missing units a member names in its `/have` polls (`want`, 2 hex
 digits per 8 units: 4 KiB here). A larger version's bitfield would not fit a libp2p stream's
@@ -114,6 +121,10 @@ class PeerWatch:
         self._promised: dict[int, dict[int, tuple[float, str]]] = {}
         # version -> peer url -> units it ever claimed to hold or to be fetching
         self._claims: dict[int, dict[str, set[int]]] = {}
+        # version -> unit index -> (trio time) this member's own seed transfer of it began
+        self._seeding: dict[int, dict[int, float]] = {}
+        # version -> the longest this member's own seed transfer of a unit took
+        self._seed_unit_s: dict[int, float] = {}
         # version -> the peers whose bitfields are followed (url -> its task's scope)
         self._watched: dict[int, dict[str, trio.CancelScope]] = {}
         # version -> calls made when a peer's answer brings news (the fetcher's wake-up)
@@ -226,11 +237,35 @@ class PeerWatch:
         if claim is None:
             return False
         since, url = claim
-        if trio.current_time() - since < PROMISE_WAIT:
+        if trio.current_time() - since < self.promise_wait(version):
             return url not in self._shirkers
         if index not in self._have.get(version, {}).get(url, set()):
             self._shirk([url], "let a promise lapse")
         return False
+
+    def promise_wait(self, version: int) -> float:
+        """How long a peer's promise of a unit of `version` holds: `PROMISE_WAIT`, or
+        `PROMISE_PACE` times the longest this member's own seed transfer of a unit has taken
+        (done or still going) if that is longer, at most `PROMISE_WAIT_MAX`. At 32 members
+        sharing a seed's upload every unit took longer than 5 s and every honest promise
+        lapsed: 123-176 false verdicts a run, each taking an honest member out of the deal.
+        The pace is this member's own measure, so a peer cannot lengthen it; a liar's promise
+        costs at most one such wait, and only where the seed is that slow anyway."""
+        now = trio.current_time()
+        going = [now - t for t in self._seeding.get(version, {}).values()]
+        longest = max([self._seed_unit_s.get(version, 0.0), *going])
+        return min(PROMISE_WAIT_MAX, max(PROMISE_WAIT, PROMISE_PACE * longest))
+
+    def seed_fetch_started(self, version: int, index: int) -> None:
+        """This member asked a seed for a unit (its first ask starts the clock)."""
+        self._seeding.setdefault(version, {}).setdefault(index, trio.current_time())
+
+    def unit_done(self, version: int, index: int, won: bool) -> None:
+        """A unit's fetch ended (`won`: its bytes are held); a seed transfer's time counts."""
+        began = self._seeding.get(version, {}).pop(index, None)
+        if began is not None and won:
+            took = trio.current_time() - began
+            self._seed_unit_s[version] = max(self._seed_unit_s.get(version, 0.0), took)
 
     def preferred(self, index: int) -> bool:
         """Whether the unit is this member's share of the first copies: units are dealt
@@ -364,6 +399,8 @@ class PeerWatch:
             self._have.pop(version, None)
             self._promised.pop(version, None)
             self._claims.pop(version, None)
+            self._seeding.pop(version, None)
+            self._seed_unit_s.pop(version, None)
             self._watched.pop(version, None)
             self._listeners.pop(version, None)
 
@@ -502,6 +539,10 @@ def swarming(
     def index(job: ShardJob) -> int:
         return first[job.name] + job.index
 
+    def seed_fetch(job: ShardJob) -> None:
+        watch.seed_fetch_started(version, index(job))
+        promise(job)
+
     return Swarming(
         holders=lambda job: watch.holders(version, index(job)),
         seeds=seeds,
@@ -510,6 +551,7 @@ def swarming(
         promised=lambda job: watch.promised(version, index(job)),
         preferred=lambda job: watch.preferred(index(job)),
         reserved=lambda job: watch.reserved(version, index(job)),
-        on_seed_fetch=promise,
+        on_seed_fetch=seed_fetch,
+        on_unit_done=lambda job, won: watch.unit_done(version, index(job), won),
         listen=lambda wake: watch.listen(version, wake),
     )

@@ -150,10 +150,11 @@ async def test_a_promise_is_counted_and_cleared_when_held(
     assert (sv.changes, sv.soon_bitfield()[:2], sv.bitfield()[:2]) == (2, "00", "80")
 
 
-def _fetcher(promised: set[int], preferred: set[int]) -> ShardFetcher:
+def _fetcher(promised: set[int], preferred: set[int], members: int = 1) -> ShardFetcher:
     swarm = Swarming(
         holders=lambda job: set(),
         seeds={"http://seed"},
+        members=lambda: members,
         promised=lambda job: job.index in promised,
         preferred=lambda job: job.index in preferred,
         reserved=lambda job: job.index not in preferred,
@@ -199,6 +200,33 @@ async def test_another_members_share_is_left_to_it_for_a_grace() -> None:
     assert fetcher._next_job(queue) is None  # the rest is other members' share, for now
     fetcher._started -= fetcher.swarm.share_grace
     assert fetcher._next_job(queue) is not None
+
+
+@pytest.mark.trio
+async def test_a_unit_out_of_view_is_taken_from_a_seed_only_once_units_stop_landing() -> None:
+    """Past the grace, in a swarm, a unit that no watched peer holds or promised and that is
+    not this member's share is left off the seed while units land here (from peers, or its
+    own share), and taken once none has for `seed_quiet` s. Another unit from the seed does
+    not count as landing, or each one would hold the next off the seed."""
+    fetcher = _fetcher(promised=set(), preferred={5}, members=32)
+    fetcher._started = fetcher._landed = trio.current_time() - fetcher.swarm.share_grace
+    queue = _jobs(8)
+    assert fetcher._next_job(queue).index == 5  # its own share: never held back
+    fetcher._ended(_jobs(8)[5], won=True)  # ... and it landed
+    assert fetcher._next_job(queue) is None
+    fetcher._landed -= fetcher.swarm.seed_quiet  # nothing landed since
+    taken = fetcher._next_job(queue)
+    assert taken is not None
+    fetcher._ended(taken, won=True)  # from the seed, not its share: still quiet
+    again = fetcher._next_job(queue)
+    assert again is not None
+    fetcher._ended(again, won=True)  # the seed slot is free again
+    peer_unit = queue.popleft()  # a unit a peer served (never picked for the seeds) lands
+    fetcher._ended(peer_unit, won=True)
+    assert fetcher._next_job(queue) is None  # units land again: the rest waits
+    alone = _fetcher(promised=set(), preferred=set(range(8)))  # alone: all its share
+    alone._started = alone._landed = trio.current_time()
+    assert alone._next_job(_jobs(8)) is not None
 
 
 @pytest.mark.trio

@@ -113,6 +113,62 @@ async def test_rate_cap_holds(tmp_path: Path, identity: Identity) -> None:
 
 
 @pytest.mark.trio
+async def test_a_capped_upload_is_shared_finely_among_many_streams(
+    tmp_path: Path, identity: Identity
+) -> None:
+    """24 streams at once from a server capped at 2 MB/s each get their first bytes within a
+    few slices' turn (24 x 64 KiB is 0.8 s of the cap). When the cap was paid 1 MiB at a
+    time, the last stream waited 12 s for its first byte, past a client's rate floor (5 s),
+    and in a 32-member swarm transfers were cut as stalled over and over."""
+    # Shards of 4 MiB, so that each read is a whole 1 MiB (`READ_CHUNK`).
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=4 * 2**20, rate=2e6)
+    make_checkpoint(tmp_path / "ck", mb=2)
+    firsts: list[float] = []
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        m = await origin.publish(tmp_path / "ck", 1)
+        big = max(m.payload, key=lambda p: p.size)  # 2 MB: two reads
+        t0 = trio.current_time()
+
+        async def first_bytes(http: httpx.AsyncClient) -> None:
+            headers = {"Range": f"bytes=0-{big.size - 1}"}
+            async with http.stream("GET", f"{url}/v/1/f/{big.name}", headers=headers) as r:
+                assert r.status_code == 206
+                async for _ in r.aiter_raw():
+                    firsts.append(trio.current_time() - t0)
+                    return  # the stream is closed here: the server stops sending
+
+        async with httpx.AsyncClient(timeout=30.0) as http, trio.open_nursery() as streams:
+            for _ in range(24):
+                streams.start_soon(first_bytes, http)
+        nursery.cancel_scope.cancel()
+    assert len(firsts) == 24
+    assert max(firsts) < 4.0, sorted(firsts)
+
+
+@pytest.mark.trio
+async def test_a_member_sends_from_the_address_it_listens_on() -> None:
+    """`http_client(source_address=...)` (a seed given `--host`) connects from that address:
+    32 members on one machine are then 32 clients to a server's per-address caps, as they
+    would be on 32 machines, not one."""
+    from shardcast.fetcher import http_client
+
+    app = FastAPI()
+
+    @app.get("/who")
+    async def who(request: Request) -> dict:
+        return {"host": request.client.host}
+
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_app, app, "127.0.0.1", 0)
+        async with http_client(FetchPolicy(), source_address="127.0.0.7") as http:
+            assert (await http.get(f"{url}/who")).json() == {"host": "127.0.0.7"}
+        async with http_client(FetchPolicy()) as http:
+            assert (await http.get(f"{url}/who")).json() == {"host": "127.0.0.1"}
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
 async def test_full_then_delta_then_keep(tmp_path: Path, identity: Identity) -> None:
     origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, full_every=3, keep=4)
     ck = make_checkpoint(tmp_path / "ck", mb=1)

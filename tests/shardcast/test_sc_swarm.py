@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 import httpx
@@ -403,9 +404,7 @@ def test_a_peer_that_lets_a_promise_lapse_is_not_waited_for_again():
     from shardcast.sources import SourcePicker
     from shardcast.swarm import PROMISE_WAIT, PeerWatch
 
-    async def liar(request: httpx.Request) -> httpx.Response:
-        body = json.dumps({"bits": "00", "soon": "ff", "changes": 1})
-        return httpx.Response(200, stream=httpx.ByteStream(body.encode()))
+    liar = _claiming(soon="ff")  # fetching every unit, holding none
 
     seen: dict[str, bool] = {}
 
@@ -433,6 +432,100 @@ def test_a_peer_that_lets_a_promise_lapse_is_not_waited_for_again():
         "v2 soon after": False,
         "v2 after the wait": False,
     }
+
+
+def test_a_promise_is_waited_for_as_long_as_this_members_own_seed_transfers_take():
+    """When the seed is slow for this member too (its own transfer of a unit has run 8 s), a
+    peer's promise holds for twice that, not `PROMISE_WAIT`: at 32 members sharing a seed
+    every honest promise lapsed at 5 s. The wait follows this member's own clock only, never
+    passes `PROMISE_WAIT_MAX`, and a promise that outlives it still lapses for good."""
+    import trio
+    import trio.testing
+
+    from shardcast.sources import SourcePicker
+    from shardcast.swarm import PROMISE_WAIT, PROMISE_WAIT_MAX, PeerWatch
+
+    slow_honest = _claiming(soon="10")  # fetching unit 3
+
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(slow_honest)) as http:
+            table = PeerTable("p")
+            table.add(announce(Identity.generate(), "p", "http://peer"))
+            watch = PeerWatch(http, table, SourcePicker([LOCAL]), [LOCAL], Identity.generate())
+            watch.own_url = "http://me"
+            watch.learn()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch.watch, 1, _manifest(8, 1))
+                seen["alone"] = watch.promise_wait(1)
+                watch.seed_fetch_started(1, 0)  # this member's own seed transfer of unit 0
+                await trio.sleep(0.5)
+                assert watch.promised(1, 3)
+                await trio.sleep(PROMISE_WAIT + 2.5)  # 8 s into its own transfer
+                seen["own transfer going"] = watch.promise_wait(1)
+                seen["held past PROMISE_WAIT"] = watch.promised(1, 3)
+                watch.unit_done(1, 0, won=True)  # it took 8 s
+                seen["after it"] = watch.promise_wait(1)
+                await trio.sleep(8.5)  # 16.5 s after the promise: past twice 8 s
+                seen["held past twice that"] = watch.promised(1, 3)
+                seen["after it lapsed"] = watch.promised(1, 3)
+                watch.seed_fetch_started(1, 1)
+                await trio.sleep(1000)
+                seen["capped"] = watch.promise_wait(1)
+                watch.unit_done(1, 1, won=False)  # lost: its time does not count
+                seen["lost not counted"] = watch.promise_wait(1)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen.pop("alone") == PROMISE_WAIT
+    assert seen.pop("own transfer going") == pytest.approx(16.0, abs=0.01)
+    assert seen.pop("after it") == pytest.approx(16.0, abs=0.01)
+    assert seen.pop("capped") == PROMISE_WAIT_MAX
+    assert seen.pop("lost not counted") == pytest.approx(16.0, abs=0.01)
+    assert seen == {
+        "held past PROMISE_WAIT": True,
+        "held past twice that": False,
+        "after it lapsed": False,
+    }
+
+
+def test_a_second_seed_transfer_at_the_first_picks_is_only_for_this_members_share():
+    """Before any peer answered for the version a member keeps `seed_parallel` (2) seed
+    transfers, but units are already dealt over the peers it knows of: the second transfer
+    may take its own share, never a unit dealt to a peer it does not watch. Taking one let
+    each of 32 members copy a unit already on its way at the start: 30 of the origin's 64
+    transfers (docs/shardcast.md, thirtieth session)."""
+    import trio
+    import trio.testing
+
+    from shardcast.fetcher import FetchPolicy, ShardFetcher, ShardJob
+    from shardcast.sources import SourcePicker
+    from shardcast.swarm import PeerWatch, swarming
+
+    picked: list[object] = []
+
+    async def main() -> None:
+        table = PeerTable("p")
+        for url in ("http://a", "http://b"):
+            table.add(announce(Identity.generate(), "p", url))
+        async with httpx.AsyncClient() as http:  # never used: nobody is asked anything
+            picker = SourcePicker([LOCAL])
+            watch = PeerWatch(http, table, picker, [LOCAL], Identity.generate(), max_peers=1)
+            watch.own_url = "http://me"  # dealt over a, b, me: this member owns unit 2
+            watch.learn()
+            swarm = swarming(watch, 1, _manifest(3), {LOCAL}, 2, lambda job: None)
+            fetcher = ShardFetcher(http, picker, FetchPolicy(), swarm=swarm)
+            fetcher._started = fetcher._landed = trio.current_time()  # a fetch just begun
+            queue = deque(
+                ShardJob("w.bin", i, i * SHARD, SHARD, "0" * 64, Path("w")) for i in range(3)
+            )
+            assert (watch.answering(1), swarm.seed_slots()) == (0, 2)
+            picked.append(fetcher._next_job(queue).index)
+            picked.append(fetcher._next_job(queue))
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert picked == [2, None]
 
 
 def test_only_a_share_dealt_to_a_watched_peer_is_waited_for():
@@ -579,6 +672,16 @@ def test_a_member_never_takes_its_own_urls_for_peers():
     assert not [u for u in asked if mine_p2p in u or mine_http in u], asked
     assert not [u for u in asked if u.startswith("POST")], asked
     assert f"GET {LOCAL}/peers" in asked  # it still hears the others
+
+
+def _claiming(soon: str):
+    """A peer's `/have` handler that holds nothing and claims to be fetching `soon` (hex)."""
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        body = json.dumps({"bits": "00", "soon": soon, "changes": 1})
+        return httpx.Response(200, stream=httpx.ByteStream(body.encode()))
+
+    return answer
 
 
 def _manifest(units: int, version: int = 1):
