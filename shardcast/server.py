@@ -33,6 +33,7 @@ import re
 import socket
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import Any
 
 import trio
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -52,12 +53,15 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 THROTTLE_SLICE = 64 * 1024
-"""Bytes sent per turn under an upload cap. The cap pays turns in order, so k streams each
-wait k turns between two of theirs: with whole 1 MiB reads, 64 streams at 10 MB/s got 1 MiB
-every 6.7 s each, and their clients' rate floor (`FetchPolicy.min_rate` over 5 s) cut them
-as stalled, over and over. A link shares its upload more finely than that. It costs the
-8-member quick bench a few percent (docs/shardcast.md, thirtieth session): whole turns
-finished pieces one after another, and a finished piece can be passed on sooner."""
+WHOLE_TURNS_S = 2.0
+"""Under an upload cap, a response sends a whole read (up to `READ_CHUNK`) a turn while a
+whole read for every response sharing the cap takes at most this long at its rate, and
+`THROTTLE_SLICE` bytes a turn past that. The cap pays turns in order, so k streams each wait
+k turns between two of theirs: with whole 1 MiB reads, 64 streams at 10 MB/s got 1 MiB every
+6.7 s each, and their clients' rate floor (`FetchPolicy.min_rate` over 5 s) cut them as
+stalled, over and over. Slicing every turn cost the 8-member quick bench 8%: whole turns
+finish pieces one after another, and a finished piece can be passed on sooner
+(docs/shardcast.md, thirtieth session)."""
 KEEP_ALIVE_S = 20.0
 """Seconds a connection may sit without a request in progress before it is closed."""
 MAX_LONG_POLL = 60.0
@@ -264,15 +268,18 @@ class _FileBody:
             if self.bucket is None:
                 yield data
             else:
-                for i in range(0, len(data), THROTTLE_SLICE):
-                    piece = data[i : i + THROTTLE_SLICE]
+                cycle_s = self.bucket.streams * READ_CHUNK / self.bucket.rate
+                turn = len(data) if cycle_s <= WHOLE_TURNS_S else THROTTLE_SLICE
+                for i in range(0, len(data), turn):
+                    piece = data[i : i + turn]
                     await self.bucket.take(len(piece))
                     yield piece
             pos += len(data)
 
 
 class _BoundedStream(Response):
-    """Streams a `_FileBody`, its file open only while the response runs."""
+    """Streams a `_FileBody`, its file open (and it counted among the cap's streams) only
+    while the response runs."""
 
     media_type = "application/octet-stream"
 
@@ -280,22 +287,38 @@ class _BoundedStream(Response):
         super().__init__(status_code=status, headers=headers)
         self.file_body = body
 
-    async def __call__(self, scope: dict, receive: object, send: object) -> None:
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = self.file_body.sv.payload_path(self.file_body.p.name)
         fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
+        bucket = self.file_body.bucket
+        if bucket is not None:
+            bucket.streams += 1
         try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": self.status_code,
-                    "headers": self.raw_headers,
-                }
-            )
-            async for data in self.file_body.chunks(fd):
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                await self._send_body(send, fd)
+                nursery.cancel_scope.cancel()
         finally:
+            if bucket is not None:
+                bucket.streams -= 1
             os.close(fd)
+
+    async def _send_body(self, send: Any, fd: int) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        async for data in self.file_body.chunks(fd):
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
+    """Stop a response once its client has gone. Sends to a closed connection are dropped
+    without an error, so a client that asked for a large range and hung up had the rest read
+    from disk and paid to the upload cap, slowing every other stream under it."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
 
 
 class _Config(Config):

@@ -21,6 +21,8 @@ class UploadThrottle:
         self.capacity = burst if burst is not None else rate * 0.05
         self._tokens = self.capacity
         self._last: float | None = None  # set on first use: may be built outside trio.run
+        self.streams = 0
+        """Responses sending under this cap now (kept by the server)."""
 
     async def take(self, n: int) -> None:
         now = trio.current_time()

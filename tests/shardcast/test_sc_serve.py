@@ -117,9 +117,10 @@ async def test_a_capped_upload_is_shared_finely_among_many_streams(
     tmp_path: Path, identity: Identity
 ) -> None:
     """24 streams at once from a server capped at 2 MB/s each get their first bytes within a
-    few slices' turn (24 x 64 KiB is 0.8 s of the cap). When the cap was paid 1 MiB at a
-    time, the last stream waited 12 s for its first byte, past a client's rate floor (5 s),
-    and in a 32-member swarm transfers were cut as stalled over and over."""
+    few turns: past 2 s of whole 1 MiB turns, a turn is 64 KiB (24 x 64 KiB is 0.8 s of the
+    cap). When the cap was paid 1 MiB at a time, the last stream waited 12 s for its first
+    byte, past a client's rate floor (5 s), and in a 32-member swarm transfers were cut as
+    stalled over and over. Every stream is uncounted once it ends."""
     # Shards of 4 MiB, so that each read is a whole 1 MiB (`READ_CHUNK`).
     origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=4 * 2**20, rate=2e6)
     make_checkpoint(tmp_path / "ck", mb=2)
@@ -141,9 +142,14 @@ async def test_a_capped_upload_is_shared_finely_among_many_streams(
         async with httpx.AsyncClient(timeout=30.0) as http, trio.open_nursery() as streams:
             for _ in range(24):
                 streams.start_soon(first_bytes, http)
+        with trio.move_on_after(5.0):  # the server sees each close at its next send
+            while origin.bucket.streams:
+                await trio.sleep(0.05)
+        left = origin.bucket.streams  # a stream left counted would slice every turn for good
         nursery.cancel_scope.cancel()
     assert len(firsts) == 24
     assert max(firsts) < 4.0, sorted(firsts)
+    assert left == 0
 
 
 @pytest.mark.trio
