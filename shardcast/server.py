@@ -32,6 +32,7 @@ import os
 import re
 import socket
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -52,16 +53,6 @@ from shardcast.traffic import CountServed, ServedBytes
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
-THROTTLE_SLICE = 64 * 1024
-WHOLE_TURNS_S = 2.0
-"""Under an upload cap, a response sends a whole read (up to `READ_CHUNK`) a turn while a
-whole read for every response sharing the cap takes at most this long at its rate, and
-`THROTTLE_SLICE` bytes a turn past that. The cap pays turns in order, so k streams each wait
-k turns between two of theirs: with whole 1 MiB reads, 64 streams at 10 MB/s got 1 MiB every
-6.7 s each, and their clients' rate floor (`FetchPolicy.min_rate` over 5 s) cut them as
-stalled, over and over. Slicing every turn cost the 8-member quick bench 8%: whole turns
-finish pieces one after another, and a finished piece can be passed on sooner
-(docs/shardcast.md, thirtieth session)."""
 KEEP_ALIVE_S = 20.0
 """Seconds a connection may sit without a request in progress before it is closed."""
 MAX_LONG_POLL = 60.0
@@ -268,8 +259,7 @@ class _FileBody:
             if self.bucket is None:
                 yield data
             else:
-                cycle_s = self.bucket.streams * READ_CHUNK / self.bucket.rate
-                turn = len(data) if cycle_s <= WHOLE_TURNS_S else THROTTLE_SLICE
+                turn = self.bucket.turn(READ_CHUNK)
                 for i in range(0, len(data), turn):
                     piece = data[i : i + turn]
                     await self.bucket.take(len(piece))
@@ -291,16 +281,13 @@ class _BoundedStream(Response):
         path = self.file_body.sv.payload_path(self.file_body.p.name)
         fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
         bucket = self.file_body.bucket
-        if bucket is not None:
-            bucket.streams += 1
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-                await self._send_body(send, fd)
-                nursery.cancel_scope.cancel()
+            with bucket.sending() if bucket is not None else nullcontext():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                    await self._send_body(send, fd)
+                    nursery.cancel_scope.cancel()
         finally:
-            if bucket is not None:
-                bucket.streams -= 1
             os.close(fd)
 
     async def _send_body(self, send: Any, fd: int) -> None:

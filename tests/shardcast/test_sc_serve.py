@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -110,6 +111,29 @@ async def test_rate_cap_holds(tmp_path: Path, identity: Identity) -> None:
         assert 0.35 < r.seconds < 3.0
         await c.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_a_cap_gives_whole_turns_only_while_a_round_of_them_is_short() -> None:
+    """A turn is a whole send while one for every stream under the cap takes at most
+    `WHOLE_TURNS_S`, and `TURN_SLICE` past that; a stream is counted only inside `sending()`,
+    an error included."""
+    from shardcast.throttle import TURN_SLICE, WHOLE_TURNS_S, UploadThrottle
+
+    whole = 2**20
+    cap = UploadThrottle(rate=10 * whole)  # a whole round fits 20 streams
+    fits = int(WHOLE_TURNS_S * cap.rate / whole)
+    with contextlib.ExitStack() as stack:
+        for _ in range(fits):
+            stack.enter_context(cap.sending())
+        assert cap.turn(whole) == whole
+        with cap.sending():
+            assert cap.streams == fits + 1 and cap.turn(whole) == TURN_SLICE
+        slow = UploadThrottle(rate=1000)
+        with slow.sending(), slow.sending(), slow.sending():
+            assert slow.turn(1000) == 1000  # a round takes 3 s, but a short send stays whole
+    with pytest.raises(RuntimeError), cap.sending():
+        raise RuntimeError("the client went away")
+    assert cap.streams == 0
 
 
 @pytest.mark.trio
