@@ -185,7 +185,7 @@ def main() -> None:
         "--piece-kb", default=AUTO, help="piece size, KiB (0: none); default auto, as publish"
     )
     ap.add_argument("--workdir", type=Path, help="run in a new folder here, kept afterwards")
-    ap.add_argument("--log-level", default="WARNING", help="swarm members' log level")
+    ap.add_argument("--log-level", default="warning", help="swarm members' log level")
     ap.add_argument("--skip-tree", action="store_true", help="measure the swarm only")
     args = ap.parse_args()
     size = int((args.size_mb or (32 if args.quick else 256)) * 2**20)

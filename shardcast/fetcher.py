@@ -676,7 +676,12 @@ class ShardFetcher:
             source.inflight -= 1
             race.sources.discard(source.url)
         if prog.hasher.hexdigest() == job.hash:
-            self.picker.record_success(source, prog.got - before, trio.current_time() - start)
+            took = trio.current_time() - start
+            self.picker.record_success(source, prog.got - before, took)
+            log.debug(
+                "v%d %s unit %d: %d bytes from %s in %.3f s",
+                version, job.name, job.index, prog.got - before, source.url, took,
+            )  # fmt: skip
             return True
         self._blame(version, job, prog)
         return False

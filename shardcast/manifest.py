@@ -39,10 +39,11 @@ from shardcast.signed import Envelope, seal, unseal
 DOMAIN = b"swarmrl/shardcast/manifest/v1\n"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 DEFAULT_SHARD_SIZE = 16 * 1024 * 1024
-DEFAULT_PIECE_SIZE = 1024 * 1024
+DEFAULT_PIECE_SIZE = 256 * 1024
 MIN_PIECE_SIZE = 4096
-PIECES_PER_VERSION = 64
-"""What `piece_size_for` aims at: a version's payload in about this many units, at least."""
+PIECES_PER_VERSION = 128
+"""What `piece_size_for` aims at: a version's payload in at least this many units (and
+fewer than twice as many, unless pieces are at their smallest or largest)."""
 AUTO = "auto"
 MAX_REQUIRES = 4
 """Versions one version may require: a LoRA version needs one; a few leave room, not a list
@@ -285,20 +286,24 @@ def unit_range(m: Manifest, p: PayloadFile, index: int) -> tuple[int, int]:
 
 
 def piece_size_for(payload_bytes: int, shard_size: int) -> int | None:
-    """The piece size for a payload of `payload_bytes`: `DEFAULT_PIECE_SIZE` (1 MiB), doubled
-    while the payload would still be more than `PIECES_PER_VERSION` pieces, up to half a
-    shard; None (shards are the unit) when even 1 MiB is not smaller than a shard.
+    """The piece size for a payload of `payload_bytes`: `DEFAULT_PIECE_SIZE` (256 KiB),
+    doubled while the payload would still be at least `PIECES_PER_VERSION` pieces of the
+    doubled size, up to half a shard; None (shards are the unit) when even the smallest is not
+    smaller than a shard.
 
-    Every unit costs each member a request and each of its peers a bitfield answer, on
-    CPU-bound Python servers, whatever its size: with 1 MiB pieces a 256 MiB version took the
-    swarm bench's 8 members 63 CPU-s and 27 s, with 4 MiB pieces 45 CPU-s and 17 s
-    (docs/shardcast.md). Small versions and deltas keep 1 MiB pieces, which are what let a
-    member re-serve early and a swarm trade a few megabytes among many members."""
+    A swarm's tail is the last units out of the origin reaching every member: each first
+    lands at one member, which the others then all ask at once, so the tail takes a few
+    units' time whatever the version's size, and more units make it a smaller part of the
+    whole. But every unit also costs each member a request and each of its peers a bitfield
+    answer, on CPU-bound Python servers, whatever its size. The thirty-first session measured
+    both (docs/shardcast.md): 128 units beat 32 and 64 for a 32 MiB version (last member
+    1.20x the bound against 1.32x and 1.29x), and 2 MiB beat 4 MiB pieces for 256 MiB at
+    8 members; 128 KiB pieces (256 units) were CPU-bound."""
     piece = DEFAULT_PIECE_SIZE
     if piece >= shard_size:
         return None
     while (
-        payload_bytes > PIECES_PER_VERSION * piece
+        payload_bytes >= PIECES_PER_VERSION * 2 * piece
         and 4 * piece <= shard_size
         and shard_size % (2 * piece) == 0
     ):

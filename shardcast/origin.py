@@ -363,7 +363,7 @@ class Origin:
         The payload was hashed in `self.piece_size` pieces; whether it is a delta or whole
         files, and so its size, is known only then. With `auto_pieces` a large payload is
         hashed again in larger pieces (`piece_size_for`): a second read of each file, about
-        0.2 s for 256 MiB, paid only by versions larger than 64 MiB."""
+        0.2 s for 256 MiB, paid only by versions of 64 MiB or more."""
         if not self.auto_pieces:
             return self.piece_size, payload
         size = piece_size_for(sum(p.size for p in payload), self.shard_size)

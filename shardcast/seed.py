@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
-import sys
 import time
 from pathlib import Path
 
 import trio
 
 from protocol.identity import Identity
+from protocol.logs import logging_flags, setup_logging
 from shardcast.relay import Relay
 
 POLL = 0.05  # seconds between looks for newly completed versions
@@ -72,7 +71,11 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m shardcast.seed", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m shardcast.seed",
+        description=__doc__,
+        parents=[logging_flags("shardcast.seed")],
+    )
     ap.add_argument("--upstream", action="append", required=True)
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--pool-id", required=True)
@@ -86,13 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-peers", type=int, default=8)
     ap.add_argument("--seed-parallel", type=int, default=2)
     ap.add_argument("--seed-hex", default=None, help="identity seed (32 bytes hex)")
-    ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args, default="warning")
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_main, args)
 

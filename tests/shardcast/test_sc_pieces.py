@@ -29,34 +29,38 @@ WEIGHTS = "model.safetensors"
 MiB = 2**20
 
 
-def test_pieces_grow_with_the_payload_to_about_64_per_version() -> None:
-    assert piece_size_for(32 * MiB, 16 * MiB) == MiB
-    assert piece_size_for(64 * MiB, 16 * MiB) == MiB  # 64 pieces: not more than the aim
-    assert piece_size_for(64 * MiB + 1, 16 * MiB) == 2 * MiB
-    assert piece_size_for(256 * MiB, 16 * MiB) == 4 * MiB
-    assert piece_size_for(257 * MiB, 16 * MiB) == 8 * MiB
+def test_pieces_grow_with_the_payload_to_128_to_256_per_version() -> None:
+    KiB = 1024
+    assert piece_size_for(4 * MiB, 16 * MiB) == 256 * KiB  # a delta: 16 pieces
+    assert piece_size_for(32 * MiB + 25, 16 * MiB) == 256 * KiB  # a 32 MiB checkpoint's 129
+    assert piece_size_for(64 * MiB - 1, 16 * MiB) == 256 * KiB  # 512 KiB: under 128 pieces
+    assert piece_size_for(64 * MiB, 16 * MiB) == 512 * KiB
+    assert piece_size_for(256 * MiB, 16 * MiB) == 2 * MiB
+    assert piece_size_for(512 * MiB - 1, 16 * MiB) == 2 * MiB
+    assert piece_size_for(512 * MiB, 16 * MiB) == 4 * MiB
     assert piece_size_for(64 * 2**30, 16 * MiB) == 8 * MiB  # at most half a shard
     assert piece_size_for(2**30, 24 * MiB) == 8 * MiB  # a third of a shard: it divides it
     assert piece_size_for(2**30, 20 * MiB) == 4 * MiB  # 8 MiB would not divide 20
-    assert piece_size_for(2**30, MiB) is None  # 1 MiB shards: shards are the unit
+    assert piece_size_for(2**30, MiB) == 512 * KiB  # 1 MiB shards: half of one
+    assert piece_size_for(2**30, 256 * KiB) is None  # shards no larger than a piece: shards
 
 
 @pytest.mark.trio
 async def test_an_origin_sizes_pieces_by_each_versions_payload(
     tmp_path: Path, identity: Identity
 ) -> None:
-    """A 70 MB full version goes in 2 MiB pieces and the small delta after it in 1 MiB ones,
-    each hashed at its size: a client fetches both exactly."""
+    """A 70 MB full version goes in 512 KiB pieces and the small delta after it in 256 KiB
+    ones, each hashed at its size: a client fetches both exactly."""
     origin = Origin(tmp_path / "o", identity, POOL_ID)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(origin.serve)
         ck = make_checkpoint(tmp_path / "ck", mb=70)
         full = await origin.publish(ck, 1, delta=False)
-        assert full.piece_size == 2 * MiB
-        assert len(full.payload[0].pieces) == -(-full.payload[0].size // (2 * MiB))
+        assert full.piece_size == MiB // 2
+        assert len(full.payload[0].pieces) == -(-full.payload[0].size // (MiB // 2))
         nudge_checkpoint(ck, 1)
         delta = await origin.publish(ck, 2)
-        assert delta.base == 1 and delta.piece_size == MiB
+        assert delta.base == 1 and delta.piece_size == MiB // 4
         c = client([url], tmp_path / "c", identity)
         for version in (1, 2):
             r = await c.fetch(version)
