@@ -728,7 +728,7 @@ class ShardFetcher:
             prog.contributors.add(source.url)
             prog.got += n
 
-        floor = _RateFloor(self.policy, active=self.picker.has_alternative(version, source.url))
+        floor = _RateFloor(self.policy, active=self._has_alternative(version, job, source.url))
         try:
             with floor.scope:
                 headers = {"Range": f"bytes={first}-{last}"}
@@ -754,6 +754,18 @@ class ShardFetcher:
             raise _TooSlow(f"below {self.policy.min_rate:.0f} B/s for {floor.window:.1f}s")
         if prog.got < job.length:
             raise _TransferFailed(f"body ended after {prog.got} of {job.length} bytes")
+
+    def _has_alternative(self, version: int, job: ShardJob, url: str) -> bool:
+        """Whether a source other than `url` could serve `job` now. In a swarm that is a peer
+        holding the unit, or another seed: a peer without it is none. Counting every peer
+        let the rate floor cut a seed that was merely sharing its upload fairly (16 members
+        at 1 MB/s get 62 KB/s each, under the 64 KiB/s floor): the seed was then at fault,
+        every member gave the version up as having no source, and a 16 MiB version took
+        minutes (thirty-first session)."""
+        if self.swarm is None:
+            return self.picker.has_alternative(version, url)
+        among = (self.swarm.holders(job) | self.swarm.seeds) - {url}
+        return bool(among) and any(s.url != url for s in self.picker.usable(version, {url}, among))
 
     def _check_response(
         self, r: httpx.Response, version: int, source: SourceStats, first: int, last: int

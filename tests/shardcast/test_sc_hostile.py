@@ -197,6 +197,36 @@ async def test_hedge_from_a_corrupting_source_is_caught(tmp_path, identity) -> N
         r = await c.fetch(1)
         assert same_tree(r.path, ck)
         assert c.picker.stats[flip].corrupt > 0
+        assert not list((tmp_path / "c").rglob("*.hedge*"))  # the failed hedge's side file too
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_failed_hedge_leaves_no_side_file_when_the_first_request_wins(
+    tmp_path, identity
+) -> None:
+    """First requests go to a slow origin (known fast to the picker), so the tail is hedged
+    on the other source, which serves the same version quickly but corrupt: its hedges fail
+    their hash, and the first request wins. No hedge's side file may stay in the version's
+    folder, where it would sit next to the weights for as long as the version is kept."""
+    slow = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, rate=200e3)
+    fast = Origin(tmp_path / "o2", identity, POOL_ID, shard_size=SHARD)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(slow.serve)
+        fast_url = await nursery.start(fast.serve)
+        ck = make_checkpoint(tmp_path / "ck", mb=0.2)
+        await slow.publish(ck, 1)
+        await fast.publish(ck, 1)  # the same payload, so the same piece hashes
+        flip = await nursery.start(serve_app, fault_proxy([fast_url], "flip"), "127.0.0.1", 0)
+        policy = replace(HOSTILE, min_rate=0, hedge_after=0.05, parallel=2)
+        c = client([url, flip], tmp_path / "c", identity, policy=policy)
+        c.picker.explore = 0.0
+        c.picker.record_success(c.picker.stats[url], 10**7, 0.1)  # first picks: the origin
+        r = await c.fetch(1)
+        assert same_tree(r.path, ck)
+        assert c.picker.stats[flip].corrupt > 0  # its hedges failed
+        assert not list((tmp_path / "c").rglob("*.hedge*"))
         await c.aclose()
         nursery.cancel_scope.cancel()
 
@@ -523,6 +553,7 @@ async def test_a_hedge_to_a_dead_source_does_not_end_the_fetch(tmp_path, identit
             c = client([stall, dead, url], tmp_path / "c", identity)
             r = await c.fetch(1)
             assert same_tree(r.path, ck)
+            assert not list((tmp_path / "c").rglob("*.hedge*"))  # a failed hedge's side file
             await c.aclose()
             shutil.rmtree(tmp_path / "c")
         nursery.cancel_scope.cancel()

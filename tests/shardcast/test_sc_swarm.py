@@ -528,6 +528,32 @@ def test_a_second_seed_transfer_at_the_first_picks_is_only_for_this_members_shar
     assert picked == [2, None]
 
 
+def test_a_seed_is_held_to_the_rate_floor_only_where_a_peer_holds_the_unit():
+    """The rate floor cuts a slow transfer only when another source could serve the unit.
+    For a seed's unit that is a peer holding it, or another seed, not any peer: a seed that
+    shares its upload fairly among more members than the floor allows (16 at 1 MB/s get
+    62 KB/s each) was cut by every member, found at fault, and the version given up as
+    having no source, over and over (docs/shardcast.md, thirty-first session)."""
+    from shardcast.fetcher import FetchPolicy, ShardFetcher, ShardJob, Swarming
+    from shardcast.sources import SourcePicker
+
+    holders: set[str] = set()
+    picker = SourcePicker([LOCAL, "http://peer"])
+    swarm = Swarming(holders=lambda job: holders, seeds={LOCAL})
+    fetcher = ShardFetcher(httpx.AsyncClient(), picker, FetchPolicy(), swarm=swarm)
+    job = ShardJob("w.bin", 0, 0, SHARD, "0" * 64, Path("w"))
+    assert not fetcher._has_alternative(1, job, LOCAL)  # the peer lacks the unit
+    holders.add("http://peer")
+    assert fetcher._has_alternative(1, job, LOCAL)  # now it could serve it
+    assert fetcher._has_alternative(1, job, "http://peer")  # a peer: the seed always could
+    picker.stats["http://peer"].corrupt = picker.ban_after
+    assert not fetcher._has_alternative(1, job, LOCAL)  # a banned holder is no alternative
+    lone = ShardFetcher(httpx.AsyncClient(), picker, FetchPolicy())
+    assert not lone._has_alternative(1, job, LOCAL)  # no swarm: any usable source counts
+    picker.add("http://relay")
+    assert lone._has_alternative(1, job, LOCAL)
+
+
 def test_only_a_share_dealt_to_a_watched_peer_is_waited_for():
     """With more peers than it watches, a member waits (during the grace) only for units
     dealt to the peers it watches: those it can see claiming them, or judge. Units dealt to
