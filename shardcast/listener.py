@@ -18,9 +18,10 @@ ours; the handler is an internal of hypercorn's, hence the version bound in pypr
 
 from __future__ import annotations
 
+import logging
 import resource
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import trio
@@ -33,6 +34,8 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 
 from protocol.ratelimit import client_key, is_loopback
 from shardcast.limits import ServeLimits
+
+log = logging.getLogger(__name__)
 
 MAX_TOTAL = 4096
 """Connections one server holds at most, however many descriptors the process may open."""
@@ -171,6 +174,25 @@ async def serve(
                 GatedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), gate)
             )
             binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
-        handler = partial(TCPServer, wrapped, config, context, ConnectionState({}))
+        handler = partial(
+            _one_connection, partial(TCPServer, wrapped, config, context, ConnectionState({}))
+        )
         task_status.started(binds)
         await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+
+
+async def _one_connection(
+    run: Callable[[trio.abc.Stream], Awaitable[None]], stream: trio.abc.Stream
+) -> None:
+    """Serve one connection; an error in it ends that connection, never the server.
+    `trio.serve_listeners` lets an error out of any connection's handler end every
+    connection and the server with it, and hypercorn can raise there: a peer that closed
+    its connection in the middle of a request body while a response was going out made
+    hypercorn send its error response on the same socket at the same time, and trio raised
+    `BusyResourceError`. That took a swarm member down (thirty-first session), and the
+    coordinator's HTTP API runs on the same server."""
+    try:
+        await run(stream)
+    except Exception as e:  # an ExceptionGroup too; a cancellation is not caught
+        log.warning("a connection ended with an error: %s: %s", type(e).__name__, e)
+        await trio.aclose_forcefully(stream)  # its place in the gate goes back

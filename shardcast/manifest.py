@@ -297,8 +297,8 @@ def piece_size_for(payload_bytes: int, shard_size: int) -> int | None:
     whole. But every unit also costs each member a request and each of its peers a bitfield
     answer, on CPU-bound Python servers, whatever its size. The thirty-first session measured
     both (docs/shardcast.md): 128 units beat 32 and 64 for a 32 MiB version (last member
-    1.20x the bound against 1.32x and 1.29x), and 2 MiB beat 4 MiB pieces for 256 MiB at
-    8 members; 128 KiB pieces (256 units) were CPU-bound."""
+    1.19x the bound on the median against 1.34x and 1.30x), and 2 MiB beat 4 MiB pieces for
+    256 MiB at 8 members; 128 KiB pieces (256 units) were CPU-bound."""
     piece = DEFAULT_PIECE_SIZE
     if piece >= shard_size:
         return None

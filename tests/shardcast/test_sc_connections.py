@@ -216,3 +216,43 @@ def test_a_servers_share_of_descriptors_follows_the_process_limit(monkeypatch) -
     for soft, want in [(1024, 256), (100, 64), (1 << 20, 4096)]:
         monkeypatch.setattr(resource, "getrlimit", lambda _r, soft=soft: (soft, soft))
         assert default_total() == want
+
+
+@pytest.mark.trio
+async def test_an_error_in_one_connection_ends_that_connection_not_the_server(
+    monkeypatch,
+) -> None:
+    """hypercorn can raise out of a connection's handler (a client that closed mid-body while
+    a response was going out made it raise `trio.BusyResourceError`), and such an error
+    ended the whole server: a swarm member died of it. The first connection's handler
+    raises that error here; the server must go on answering."""
+    from shardcast import listener
+
+    real = listener.TCPServer
+    made: list[int] = []
+
+    def first_fails(*args):
+        made.append(1)
+        if len(made) == 1:
+
+            async def boom() -> None:
+                raise trio.BusyResourceError("another task is currently sending data")
+
+            return boom()
+        return real(*args)
+
+    monkeypatch.setattr(listener, "TCPServer", first_fails)
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict:
+        return {"ok": True}
+
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_app, app, "127.0.0.1", 0)
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            with pytest.raises(httpx.TransportError):
+                await http.get(f"{url}/ping")  # the connection whose handler failed
+            assert (await http.get(f"{url}/ping")).json() == {"ok": True}
+        nursery.cancel_scope.cancel()
+    assert len(made) == 2
