@@ -544,16 +544,20 @@ async def test_a_hedge_to_a_dead_source_does_not_end_the_fetch(tmp_path, identit
     """The tail is stuck on a stalled source and the hedge goes to a source that refuses
     connections: the hedge's failure is that source's fault, not the fetch's (it used to
     escape and end the whole node)."""
-    with socket.socket() as s:  # a port nobody listens on
+    # A port held bound but never listened on refuses connections for the whole test. Closed
+    # at once, it could be handed to the next server the test starts (the stalling proxy),
+    # and with two stalling sources every worker could wait on one: the fetch once ran out
+    # its 20 s in CI.
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    async with trio.open_nursery() as nursery:
-        _, url, stall, ck = await origin_and_proxy(nursery, tmp_path, identity, "stall_headers")
-        for _ in range(3):  # which idle source takes the hedge is the picker's choice
-            c = client([stall, dead, url], tmp_path / "c", identity)
-            r = await c.fetch(1)
-            assert same_tree(r.path, ck)
-            assert not list((tmp_path / "c").rglob("*.hedge*"))  # a failed hedge's side file
-            await c.aclose()
-            shutil.rmtree(tmp_path / "c")
-        nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            _, url, stall, ck = await origin_and_proxy(nursery, tmp_path, identity, "stall_headers")
+            for _ in range(3):  # which idle source takes the hedge is the picker's choice
+                c = client([stall, dead, url], tmp_path / "c", identity)
+                r = await c.fetch(1)
+                assert same_tree(r.path, ck)
+                assert not list((tmp_path / "c").rglob("*.hedge*"))  # a failed hedge's file
+                await c.aclose()
+                shutil.rmtree(tmp_path / "c")
+            nursery.cancel_scope.cancel()
