@@ -408,6 +408,13 @@ def main() -> None:
         help="submissions per validation batch (default 4; a coordinator claims up to 8)",
     )
     parser.add_argument(
+        "--validation-dtype",
+        choices=["float32", "bfloat16"],
+        help="the pool dtype of the validation part: what nodes generate and validators "
+        "prefill in (default bfloat16 on CUDA, float32 on a CPU; a CPU with AVX512-BF16 or "
+        "AMX runs bfloat16 matmuls several times faster)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         help="write where one batched validation pass spends its time to this file",
@@ -442,7 +449,7 @@ def main() -> None:
         # A quick run uses the tiny model: SmolLM2 generates ~1 s per step on a shared 2-core
         # machine. On CUDA the versions are bf16, as a GPU pool publishes them.
         model = args.model or (TINY if args.quick else SMOLLM2)
-        dtype = "bfloat16" if args.device == "cuda" else "float32"
+        dtype = args.validation_dtype or ("bfloat16" if args.device == "cuda" else "float32")
         part = {"validation_model": model, "validation_dtype": dtype}
         part = {**part, "validation_batch": args.validation_batch}
         cost = validation_cost(model, dtype, args.device, args.validation_batch, args.profile)

@@ -765,7 +765,7 @@ class ShardFetcher:
         if self.swarm is None:
             return self.picker.has_alternative(version, url)
         among = (self.swarm.holders(job) | self.swarm.seeds) - {url}
-        return bool(among) and any(s.url != url for s in self.picker.usable(version, {url}, among))
+        return bool(self.picker.usable(version, among=among))
 
     def _check_response(
         self, r: httpx.Response, version: int, source: SourceStats, first: int, last: int

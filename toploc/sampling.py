@@ -67,13 +67,15 @@ class LogprobVerdict:
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
+    # The first step makes a new tensor; the rest work on it in place (the replay hashes most
+    # of the vocabulary for every row, and a fresh tensor per step cost as much as the step).
     x = x ^ (x >> 16)
-    x = (x * _C1) & M32
-    x = x ^ (x >> 15)
-    x = (x * _C2) & M32
-    x = x ^ (x >> 16)
-    x = (x * _C3) & M32
-    return x ^ (x >> 15)
+    x.mul_(_C1).bitwise_and_(M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_C2).bitwise_and_(M32)
+    x.bitwise_xor_(x >> 16)
+    x.mul_(_C3).bitwise_and_(M32)
+    return x.bitwise_xor_(x >> 15)
 
 
 def row_keys(seeds: torch.Tensor, samples: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -88,9 +90,16 @@ def row_keys(seeds: torch.Tensor, samples: torch.Tensor, positions: torch.Tensor
 def gumbel_at(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise in float64 for the token ids `tokens` [B, M] of each row's key [B]:
     a pure function of (key, token id), so any subset of the vocabulary can be evaluated."""
-    h = _mix(keys[:, None] ^ ((tokens.to(torch.int64) * 0x9E3779B1 + _TOKEN_SALT) & M32))
-    u = (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)  # in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(u))
+    salted = tokens.to(torch.int64) * 0x9E3779B1
+    salted.add_(_TOKEN_SALT).bitwise_and_(M32)
+    u = _mix(keys[:, None] ^ salted).to(torch.float64)
+    u.add_(0.5).mul_(1.0 / 4294967296.0)  # in (0, 1), never 0 or 1
+    return u.log_().neg_().log_().neg_()
+
+
+def unrestricted(params: SamplingParams, vocab: int) -> bool:
+    """Whether every token of a `vocab`-sized vocabulary is allowed (no top-k or top-p cut)."""
+    return not 0 < params.top_k < vocab and params.top_p >= 1.0
 
 
 def ranked_allowed(
@@ -102,6 +111,9 @@ def ranked_allowed(
     it. Both cuts are by rank, so only the W best-ranked columns are ever touched."""
     t = params.temperature if params.temperature > 0 else 1.0
     rows, vocab = logits.shape
+    if unrestricted(params, vocab):
+        cols = torch.arange(vocab, device=logits.device).expand(rows, -1)
+        return cols, torch.ones((rows, vocab), dtype=torch.bool, device=logits.device)
     flat = logits.float()
     if 0 < params.top_k < vocab:
         kth = flat.topk(params.top_k, dim=-1).values[:, -1:].double() / t
@@ -112,13 +124,10 @@ def ranked_allowed(
         vals, cols = flat.topk(width, dim=-1, sorted=True)
         scaled = vals.double() / t
         keep = scaled >= kth - slack
-    elif params.top_p < 1.0:
+    else:
         vals, cols = flat.sort(dim=-1, descending=True, stable=True)
         scaled = vals.double() / t
         keep = torch.ones_like(scaled, dtype=torch.bool)
-    else:
-        cols = torch.arange(vocab, device=logits.device).expand(rows, -1)
-        return cols, torch.ones((rows, vocab), dtype=torch.bool, device=logits.device)
     if params.top_p < 1.0:
         probs = torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass strictly ahead in the order
@@ -331,12 +340,19 @@ def _best_rival_scores(
         scaled = scaled.masked_fill(~comp, -math.inf)
         if params.temperature > 0:  # greedy draws no noise
             drawn = comp & can_win(scaled)
-            r, k = torch.nonzero(drawn, as_tuple=True)
-            # The noise added in place, then a row max: each entry has its own cell, so no
-            # atomics. (A scatter_reduce onto the rows was 76% of a GPU validation's kernel
-            # time where many columns can win: every one contending for its row's cell.)
-            scaled.masked_fill_(~drawn, -math.inf)
-            scaled[r, k] += gumbel_at(keys[a:b][r], c[r, k][:, None]).squeeze(1)
+            if int(drawn.sum()) * 4 >= drawn.numel():
+                # Most columns can win (a sampled LLM's rows at T near 1: 89-99% of
+                # SmolLM2's vocabulary on the copy task): noise for the whole block is
+                # cheaper than finding the few that cannot. Exact: a column that cannot win
+                # stays below the row's best whatever noise it gets, and -inf stays -inf.
+                scaled += gumbel_at(keys[a:b], c)
+            else:
+                r, k = torch.nonzero(drawn, as_tuple=True)
+                # The noise added in place, then a row max: each entry has its own cell, so
+                # no atomics. (A scatter_reduce onto the rows was 76% of a GPU validation's
+                # kernel time where many columns can win: all contending for their row's cell.)
+                scaled.masked_fill_(~drawn, -math.inf)
+                scaled[r, k] += gumbel_at(keys[a:b][r], c[r, k][:, None]).squeeze(1)
         best[a:b] = scaled.max(dim=1).values
     return best
 
@@ -372,10 +388,18 @@ def _replay(
         .to(device),
         torch.cat([torch.arange(n) for n in sizes]).to(device),
     )
-    relaxed_cols, relaxed_keep = ranked_allowed(logits, params, score_tol, mass)
-    eligible = ((relaxed_cols == toks[:, None]) & relaxed_keep).any(dim=1)
-    cols, keep = ranked_allowed(logits, params, -score_tol, -mass)
-    competitors = keep & (cols != toks[:, None])  # the token itself excluded
+    if unrestricted(params, logits.shape[1]):
+        # Every column is allowed (the tokens were checked to be in the vocabulary): no cut
+        # to compare with, and the competitors are every column but the token's own.
+        eligible = torch.ones(toks.shape, dtype=torch.bool, device=device)
+        cols = torch.arange(logits.shape[1], device=device).expand(logits.shape[0], -1)
+        competitors = torch.ones(cols.shape, dtype=torch.bool, device=device)
+        competitors.scatter_(1, toks[:, None], False)
+    else:
+        relaxed_cols, relaxed_keep = ranked_allowed(logits, params, score_tol, mass)
+        eligible = ((relaxed_cols == toks[:, None]) & relaxed_keep).any(dim=1)
+        cols, keep = ranked_allowed(logits, params, -score_tol, -mass)
+        competitors = keep & (cols != toks[:, None])  # the token itself excluded
     own = _scores_at(logits, params, keys, toks[:, None]).squeeze(1)
     gap = _best_rival_scores(logits, params, keys, cols, competitors) - own
     bad = (~eligible) | (gap > score_tol)

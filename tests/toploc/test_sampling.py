@@ -242,3 +242,28 @@ def test_replay_scores_only_columns_that_can_win_and_gets_every_rival_exact(
     brute = sampling._scores_at(logits, params, keys, cols).masked_fill(~competitors, -math.inf)
     got = sampling._best_rival_scores(logits, params, keys, cols, competitors)
     assert torch.equal(got, brute.max(dim=1).values)
+
+
+def test_the_replay_without_a_cut_gives_what_the_ranked_path_gives(monkeypatch):
+    """With no top-k or top-p every column is allowed, and the replay skips ranking them; the
+    verdicts, violating positions and worst gaps are those of the ranked path (forced here),
+    for honest tokens, a changed one, a wrong seed and a flat row where most columns win."""
+    from toploc import sampling
+
+    params = SamplingParams(temperature=0.7, max_tokens=40)
+    logits, toks = replay_setup(params)
+    changed = toks.clone()
+    changed[5] = (changed[5] + 3) % 64
+    flat_logits = logits * 0.01
+    flat_toks = sample(flat_logits, params, torch.full((40,), 9), torch.zeros(40), torch.arange(40))
+    cases = [
+        SamplingCase(logits, toks, 42, 3),
+        SamplingCase(logits, changed, 42, 3),
+        SamplingCase(logits, toks, 41, 3),
+        SamplingCase(flat_logits, flat_toks, 9, 0),
+    ]
+    fast = verify_sampling_many(cases, params)
+    monkeypatch.setattr(sampling, "unrestricted", lambda params, vocab: False)
+    ranked = verify_sampling_many(cases, params)
+    assert fast == ranked
+    assert [v.ok for v in fast] == [True, False, False, True]
