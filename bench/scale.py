@@ -329,20 +329,22 @@ def validation_cost(
 def _profile(run: Callable[[], object], path: Path) -> None:
     """Where `run` spends its time, twice over: Python functions by cumulative time
     (cProfile; on CUDA a function that waits for kernels holds their time) and torch
-    operators by their own host time and device time (torch.profiler)."""
+    operators by their own host time and device time (torch.profiler), overall and by the
+    shapes of their inputs."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     functions = cProfile.Profile()
     functions.runcall(run)
-    with torch.profiler.profile(activities=activities) as operators:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as operators:
         run()
     text = io.StringIO()
     pstats.Stats(functions, stream=text).sort_stats("cumulative").print_stats(45)
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     table = operators.key_averages().table(sort_by=sort, row_limit=30)
+    by_shape = operators.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=30)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.getvalue() + "\n" + table + "\n")
+    path.write_text(text.getvalue() + "\n" + table + "\n" + by_shape + "\n")
     print(f"profile written to {path}", file=sys.stderr)
 
 

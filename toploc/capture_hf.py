@@ -61,6 +61,24 @@ def lm_head_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+@contextmanager
+def contiguous_head_input(model: PreTrainedModel) -> Iterator[None]:
+    """Hand the LM head a contiguous input while the context is open. With `logits_to_keep`,
+    transformers gives the head a strided slice of the hidden states, and on a CPU a linear
+    layer over a strided 3-d input runs as a batched matmul over a copy of its weight,
+    expanded once per row: for 4 rows of SmolLM2, 242 ms against 2.8 ms in bf16 and 21.6 ms
+    against 8.1 ms in fp32 (thirty-second session; it was a fifth of a bf16 validation)."""
+
+    def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (args[0].contiguous(), *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @cache
 def _cache_argument(model_class: type) -> str:
     """The forward argument that takes the KV cache: transformers 5.2x renamed
@@ -132,7 +150,7 @@ def generate(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     lengths = torch.zeros(b, dtype=torch.int64, device=device)
     step_ids = ids
-    with lm_head_inputs(model) if capture else _no_capture() as seen:
+    with lm_head_inputs(model) if capture else _no_capture() as seen, contiguous_head_input(model):
         for t in range(params.max_tokens):
             out = model(
                 input_ids=step_ids,
@@ -256,9 +274,10 @@ def shared_prompt_logits(
     copies = torch.as_tensor(row_of, dtype=torch.int64, device=device)
     past = DynamicCache()
     cache_arg = {_cache_argument(type(model)): past}
-    out, mask = _left_padded_forward(  # the distinct prompts, in order of first appearance
-        model, list(distinct), pad_token_id, **cache_arg, use_cache=True, logits_to_keep=1
-    )
+    with contiguous_head_input(model):
+        out, mask = _left_padded_forward(  # the distinct prompts, in order of first appearance
+            model, list(distinct), pad_token_id, **cache_arg, use_cache=True, logits_to_keep=1
+        )
     first_logits = out.logits[:, -1][copies]
     rest = [list(c)[:-1] for c in completions]
     width = max(len(r) for r in rest)
@@ -300,7 +319,7 @@ def _prefill_whole(
     batch)."""
     seqs = [list(p) + list(c)[:-1] for p, c in zip(prompts, completions, strict=True)]
     keep = max(len(c) for c in completions)
-    with lm_head_inputs(model) as seen:
+    with lm_head_inputs(model) as seen, contiguous_head_input(model):
         out, _ = _left_padded_forward(
             model, seqs, pad_token_id, use_cache=False, logits_to_keep=keep
         )

@@ -204,8 +204,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     """log softmax(logits / T) at the chosen tokens (T = 0 counts as 1), float32 [N]: the
     behaviour logprobs a node reports and the validator recomputes. Masks do not apply, so the
     trainer's importance ratios see the full distribution."""
-    t = temperature if temperature > 0 else 1.0
-    lp = torch.log_softmax(logits.float() / t, dim=-1)
+    scaled = logits.float()
+    if temperature > 0 and temperature != 1.0:  # x / 1.0 is x: skip a pass over the vocabulary
+        scaled = scaled / temperature
+    lp = torch.log_softmax(scaled, dim=-1)
     return lp.gather(-1, tokens.view(-1, 1).to(lp.device, torch.int64)).squeeze(-1)
 
 
@@ -320,24 +322,31 @@ def _best_rival_scores(
     logits: torch.Tensor,
     params: SamplingParams,
     keys: torch.Tensor,
-    cols: torch.Tensor,
+    cols: torch.Tensor | None,
     competitors: torch.Tensor,
 ) -> torch.Tensor:
-    """Each row's best score among its `competitors` (columns `cols`), -inf where it has none,
-    float64 [rows]. The noise is bounded, so a column scaled more than GUMBEL_SPAN below the
-    row's best competitor can never beat it: the noise is drawn for the others alone, which
-    for a peaked distribution (a trained policy) is a few columns instead of the vocabulary."""
-    rows, width = cols.shape
+    """Each row's best score among its `competitors` (columns `cols`, or every column in
+    order for None), -inf where it has none, float64 [rows]. The noise is bounded, so a
+    column scaled more than GUMBEL_SPAN below the row's best competitor can never beat it: the
+    noise is drawn for the others alone, which for a peaked distribution (a trained policy) is
+    a few columns instead of the vocabulary."""
+    rows, width = competitors.shape
     best = torch.full((rows,), -math.inf, dtype=torch.float64, device=logits.device)
     block = REPLAY_BLOCK.get(logits.device.type, REPLAY_BLOCK_ELSEWHERE)
     step = max(1, block // max(1, width))
+    every = torch.arange(width, device=logits.device).expand(step, -1)
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        c, comp = cols[a:b], competitors[a:b]
-        scaled = logits[a:b].gather(-1, c).to(torch.float64)
-        if params.temperature > 0:
-            scaled = scaled / params.temperature
-        scaled = scaled.masked_fill(~comp, -math.inf)
+        comp = competitors[a:b]
+        if cols is None:
+            c = every[: b - a]
+            scaled = logits[a:b].to(torch.float64, copy=True)
+        else:
+            c = cols[a:b]
+            scaled = logits[a:b].gather(-1, c).to(torch.float64)
+        if params.temperature > 0 and params.temperature != 1.0:  # x / 1.0 is x: skip it
+            scaled.div_(params.temperature)
+        scaled.masked_fill_(~comp, -math.inf)
         if params.temperature > 0:  # greedy draws no noise
             drawn = comp & can_win(scaled)
             if int(drawn.sum()) * 4 >= drawn.numel():
@@ -392,8 +401,8 @@ def _replay(
         # Every column is allowed (the tokens were checked to be in the vocabulary): no cut
         # to compare with, and the competitors are every column but the token's own.
         eligible = torch.ones(toks.shape, dtype=torch.bool, device=device)
-        cols = torch.arange(logits.shape[1], device=device).expand(logits.shape[0], -1)
-        competitors = torch.ones(cols.shape, dtype=torch.bool, device=device)
+        cols: torch.Tensor | None = None
+        competitors = torch.ones(logits.shape, dtype=torch.bool, device=device)
         competitors.scatter_(1, toks[:, None], False)
     else:
         relaxed_cols, relaxed_keep = ranked_allowed(logits, params, score_tol, mass)
@@ -435,9 +444,12 @@ def verify_logprobs(
     logprobs: Sequence[float] | torch.Tensor,
     params: SamplingParams,
     tolerance: float | None = None,
+    recomputed: torch.Tensor | None = None,
 ) -> LogprobVerdict:
     """Reported behaviour logprobs must match the recomputed ones within `tolerance` (absolute,
-    default by dtype) at every position."""
+    default by dtype) at every position. `recomputed`: `token_logprobs` of these logits and
+    tokens, where the caller has them already (a validator keeps them for the trainer), which
+    spares a second softmax over the vocabulary."""
     try:
         toks = torch.as_tensor(tokens, dtype=torch.int64, device=logits.device).view(-1)
         reported = torch.as_tensor(logprobs, dtype=torch.float32, device=logits.device).view(-1)
@@ -446,7 +458,9 @@ def verify_logprobs(
     if reported.numel() != toks.numel() or toks.numel() != logits.shape[0]:
         return LogprobVerdict(False, "logprob count differs from token count", math.inf, [])
     tol = DEFAULT_LOGPROB_TOLERANCE.get(logits.dtype, 1e-3) if tolerance is None else tolerance
-    err = (token_logprobs(logits, toks, params.temperature) - reported).abs()
+    if recomputed is None:
+        recomputed = token_logprobs(logits, toks, params.temperature)
+    err = (recomputed - reported).abs()
     err = torch.nan_to_num(err, nan=math.inf)
     bad = torch.nonzero(err > tol).view(-1).tolist()
     worst = float(err.max()) if err.numel() else 0.0

@@ -389,12 +389,18 @@ class Validator:
                     "termination",
                     where,
                 )
+            # Every transcript token gets a value (the trainer's layout); only the model's
+            # segments train, and only theirs were reported.
+            every = toploc.token_logprobs(
+                pre.logits, torch.tensor(completion.tokens), lease.sampling.temperature
+            )
             lp = toploc.verify_logprobs(
                 logits,
                 model_tokens,
                 completion.logprobs,
                 lease.sampling,
                 tolerance=self.spec.verification.logprob_tolerance or None,
+                recomputed=every if rows is None else every[rows],
             )
             if not lp.ok:
                 return Verdict(
@@ -407,11 +413,7 @@ class Validator:
                         "positions": lp.bad_positions[:8],
                     },
                 )
-            # Every transcript token gets a value (the trainer's layout); only the model's
-            # segments train.
-            recomputed_logprobs[(t, j)] = toploc.token_logprobs(
-                pre.logits, torch.tensor(completion.tokens), lease.sampling.temperature
-            ).tolist()
+            recomputed_logprobs[(t, j)] = every.tolist()
         return Verdict(
             "accept",
             "ok",

@@ -139,6 +139,20 @@ def test_a_model_token_edited_in_a_later_turn_fails_the_proof_or_the_sampler(che
     assert verdict.outcome == "hard" and verdict.check in ("toploc", "sampling"), verdict
 
 
+def test_a_logprob_changed_in_a_later_turn_is_caught_where_it_stands(check, honest):
+    """A node reports one logprob per model token; the validator recomputes one per transcript
+    token and compares them at the model's rows: a logprob raised in the second model turn is
+    caught at its place among the model's tokens, and the honest ones around it pass."""
+    t, j = longest(honest)
+    c = honest.results[t].completions[j]
+    at = c.segments[0]  # the second model turn's first token, counted among the model's
+    logprobs = list(c.logprobs)
+    logprobs[at] += 0.5
+    verdict = check(edit(honest, t, j, logprobs=logprobs))
+    assert (verdict.outcome, verdict.check) == ("hard", "logprobs"), verdict
+    assert verdict.details["positions"] == [at]
+
+
 def test_a_reply_dropped_with_its_turn_is_caught(check, honest):
     """Cutting the transcript back to its first turn (a skipped turn, claimed finished)."""
     t, j = longest(honest)

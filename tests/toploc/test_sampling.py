@@ -242,6 +242,9 @@ def test_replay_scores_only_columns_that_can_win_and_gets_every_rival_exact(
     brute = sampling._scores_at(logits, params, keys, cols).masked_fill(~competitors, -math.inf)
     got = sampling._best_rival_scores(logits, params, keys, cols, competitors)
     assert torch.equal(got, brute.max(dim=1).values)
+    if sampling.unrestricted(params, 5000):  # every column, in order: no columns to gather
+        every = sampling._best_rival_scores(logits, params, keys, None, competitors)
+        assert torch.equal(every, brute.max(dim=1).values)
 
 
 def test_the_replay_without_a_cut_gives_what_the_ranked_path_gives(monkeypatch):
