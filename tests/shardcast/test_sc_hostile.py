@@ -547,14 +547,18 @@ async def test_a_hedge_to_a_dead_source_does_not_end_the_fetch(tmp_path, identit
     # A port held bound but never listened on refuses connections for the whole test. Closed
     # at once, it could be handed to the next server the test starts (the stalling proxy),
     # and with two stalling sources every worker could wait on one: the fetch once ran out
-    # its 20 s in CI.
+    # its 20 s in CI. It did so once more with the port held (thirty-second session; never in
+    # 16 runs here, four at a time): a transfer waiting on the stalling source's headers for
+    # the policy's 60 s outlasts the 20 s deadline whenever no hedge rescues it. A 5 s wait
+    # bounds that; the hedge to the dead source still comes first (after 0.2 s).
+    policy = replace(HOSTILE, first_byte_timeout=5.0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
         async with trio.open_nursery() as nursery:
             _, url, stall, ck = await origin_and_proxy(nursery, tmp_path, identity, "stall_headers")
             for _ in range(3):  # which idle source takes the hedge is the picker's choice
-                c = client([stall, dead, url], tmp_path / "c", identity)
+                c = client([stall, dead, url], tmp_path / "c", identity, policy=policy)
                 r = await c.fetch(1)
                 assert same_tree(r.path, ck)
                 assert not list((tmp_path / "c").rglob("*.hedge*"))  # a failed hedge's file
