@@ -567,10 +567,11 @@ class Swarm:
                     p.kill()
                     p.ended = "killed: still running after --cheat-s"
                     self.say(f"{p.name} {p.ended}")
-            # Every kind must get work while training still leases: past a third of the steps, the
-            # kinds still queued all start (the last one queued once started as the pool ended,
-            # was never leased work, and so could not be caught).
-            late = status is not None and status["step"] >= a.steps // 3
+            # Every kind must get work while training still leases: past a quarter of the steps,
+            # the kinds still queued all start (the last one queued once started as the pool
+            # ended, was never leased work, and so could not be caught; started at a third, one
+            # chased versions it fetched too slowly on a loaded machine until the pool ended).
+            late = status is not None and status["step"] >= a.steps // 4
             while queue and (late or len(running) < a.cheaters_at_once):
                 kind = queue.pop(0)
                 running.append(self.start_byzantine(kind, seen_kinds[kind]))
@@ -1309,8 +1310,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cheaters-at-once",
         type=int,
         help="concurrent cheating nodes (default: 3, plus one for each kind asked for that is "
-        "bounded rather than banned: those keep their slot to the end); past a third of the steps, "
-        "the kinds still queued all start",
+        "bounded rather than banned: those keep their slot to the end); past a quarter of the "
+        "steps, the kinds still queued all start",
     )
     p.add_argument(
         "--cheat-s", type=float, default=240.0, help="a cheater still running after this is killed"
