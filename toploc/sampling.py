@@ -87,12 +87,22 @@ def row_keys(seeds: torch.Tensor, samples: torch.Tensor, positions: torch.Tensor
     return _mix(key ^ (positions.to(torch.int64) & M32))
 
 
+def token_salts(tokens: torch.Tensor) -> torch.Tensor:
+    """The row-independent half of the noise's hash input for token ids `tokens` (int64,
+    any shape): computed once for columns shared by every row (`gumbel_salted`)."""
+    salted = tokens.to(torch.int64) * 0x9E3779B1
+    return salted.add_(_TOKEN_SALT).bitwise_and_(M32)
+
+
 def gumbel_at(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise in float64 for the token ids `tokens` [B, M] of each row's key [B]:
     a pure function of (key, token id), so any subset of the vocabulary can be evaluated."""
-    salted = tokens.to(torch.int64) * 0x9E3779B1
-    salted.add_(_TOKEN_SALT).bitwise_and_(M32)
-    u = _mix(keys[:, None] ^ salted).to(torch.float64)
+    return gumbel_salted(keys, token_salts(tokens))
+
+
+def gumbel_salted(keys: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
+    """`gumbel_at` from `token_salts`, [B, M] per row or [M] shared by every row."""
+    u = _mix(keys[:, None] ^ salts).to(torch.float64)
     u.add_(0.5).mul_(1.0 / 4294967296.0)  # in (0, 1), never 0 or 1
     return u.log_().neg_().log_().neg_()
 
@@ -168,13 +178,17 @@ def can_win(scaled: torch.Tensor) -> torch.Tensor:
     return scaled >= scaled.max(dim=-1, keepdim=True).values - GUMBEL_SPAN
 
 
+# Rows this narrow are scored whole: finding the columns that cannot win costs more than it saves.
+PRUNE_MIN_WIDTH = 256
+
+
 def prune_candidates(
     logits: torch.Tensor, params: SamplingParams, cols: torch.Tensor, keep: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the columns that cannot win the Gumbel argmax (exact). The bound is loose (the
     noise's tail reaches +22.9), so this pays off for peaked distributions (low temperature,
     RL-trained policies): it is applied only when it removes at least 3/4 of the columns."""
-    if params.temperature <= 0 or cols.shape[1] <= 256:
+    if params.temperature <= 0 or cols.shape[1] <= PRUNE_MIN_WIDTH:
         return cols, keep
     scaled = (logits.gather(-1, cols).double() / params.temperature).masked_fill(~keep, -math.inf)
     candidates = can_win(scaled)
@@ -194,8 +208,20 @@ def sample(
 ) -> torch.Tensor:
     """The seeded sampler: next token ids [B] for logits [B, V]; per-row seed, sample index and
     completion position (int64 [B])."""
+    keys = row_keys(seeds, samples, positions)
+    vocab = logits.shape[1]
+    if params.temperature > 0 and unrestricted(params, vocab):
+        # Every column allowed and too many can win to prune (a sampled LLM's rows at T near
+        # 1): the scores of the whole row in column order, without ranking or gathering it.
+        # The same values, in the same order, as the general path below: the same argmax.
+        scaled = logits.to(torch.float64, copy=True)
+        if params.temperature != 1.0:
+            scaled.div_(params.temperature)
+        if vocab <= PRUNE_MIN_WIDTH or int(can_win(scaled).sum(dim=-1).max()) * 4 > vocab:
+            scaled += gumbel_salted(keys, token_salts(torch.arange(vocab, device=logits.device)))
+            return scaled.argmax(dim=-1)
     cols, keep = prune_candidates(logits, params, *ranked_allowed(logits, params))
-    s = _scores_at(logits, params, row_keys(seeds, samples, positions), cols)
+    s = _scores_at(logits, params, keys, cols)
     s = s.masked_fill(~keep, -math.inf)
     return cols.gather(-1, s.argmax(dim=-1, keepdim=True)).squeeze(-1)
 
@@ -334,12 +360,14 @@ def _best_rival_scores(
     best = torch.full((rows,), -math.inf, dtype=torch.float64, device=logits.device)
     block = REPLAY_BLOCK.get(logits.device.type, REPLAY_BLOCK_ELSEWHERE)
     step = max(1, block // max(1, width))
-    every = torch.arange(width, device=logits.device).expand(step, -1)
+    if cols is None:  # every row's columns are the vocabulary: hash their half once
+        every = torch.arange(width, device=logits.device)
+        every_salts = token_salts(every)
     for a in range(0, rows, step):
         b = min(rows, a + step)
         comp = competitors[a:b]
         if cols is None:
-            c = every[: b - a]
+            c = every.expand(b - a, -1)
             scaled = logits[a:b].to(torch.float64, copy=True)
         else:
             c = cols[a:b]
@@ -354,7 +382,8 @@ def _best_rival_scores(
                 # SmolLM2's vocabulary on the copy task): noise for the whole block is
                 # cheaper than finding the few that cannot. Exact: a column that cannot win
                 # stays below the row's best whatever noise it gets, and -inf stays -inf.
-                scaled += gumbel_at(keys[a:b], c)
+                salts = every_salts if cols is None else token_salts(c)
+                scaled += gumbel_salted(keys[a:b], salts)
             else:
                 r, k = torch.nonzero(drawn, as_tuple=True)
                 # The noise added in place, then a row max: each entry has its own cell, so

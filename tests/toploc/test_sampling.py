@@ -194,8 +194,11 @@ def test_logprob_check():
     assert not verify_logprobs(logits, toks, ["x"] * 40, params).ok
 
 
+@pytest.mark.parametrize("temperature", [0.8, 1.0])
 @pytest.mark.parametrize("spread", [0.5, 5.0, 20.0])
-def test_pruned_sampler_chooses_exactly_what_the_full_sampler_does(spread):
+def test_pruned_sampler_chooses_exactly_what_the_full_sampler_does(spread, temperature):
+    """The node's sampler, whichever way it takes (every column in order where many can win,
+    the columns that can win where few can), chooses the argmax of every column's score."""
     from toploc.sampling import (
         GUMBEL_SPAN,
         _scores_at,
@@ -206,7 +209,7 @@ def test_pruned_sampler_chooses_exactly_what_the_full_sampler_does(spread):
 
     torch.manual_seed(int(spread * 10))
     logits = torch.randn(64, 5000) * spread
-    params = SamplingParams(temperature=0.8)
+    params = SamplingParams(temperature=temperature)
     idx = torch.arange(64)
     got = sample(logits, params, idx * 31 + 5, idx % 8, idx)
     # the unpruned argmax over the whole vocabulary
