@@ -3,8 +3,8 @@
 token_t = argmax over allowed v of  logits[v] / T + g(seed, sample, t, v)
 
 where g is Gumbel noise from a counter-based 32-bit integer hash of (seed, sample index,
-completion position t, token id), computed with int64 tensor ops whose products stay below
-2^63, so CPU and GPU give the same bits (no device RNG). Temperature, then top-k, then top-p
+completion position t, token id), computed with int32 tensor ops whose products wrap modulo
+2^32, so CPU and GPU give the same bits (no device RNG). Temperature, then top-k, then top-p
 restrict the allowed set deterministically; T = 0 is greedy (no noise).
 
 The validator recomputes the logits, replays the noise and counts positions where the
@@ -66,32 +66,47 @@ class LogprobVerdict:
     bad_positions: list[int]
 
 
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of the integers `x` as int32 (two's complement): the hash's state."""
+    x = x.to(torch.int64) & M32
+    return (x - ((x >> 31) << 32)).to(torch.int32)
+
+
+def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The state `x` shifted right by `n` as unsigned 32-bit values (int32's own shift keeps
+    the sign)."""
+    return (x >> n).bitwise_and_((1 << (32 - n)) - 1)
+
+
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    # The first step makes a new tensor; the rest work on it in place (the replay hashes most
-    # of the vocabulary for every row, and a fresh tensor per step cost as much as the step).
-    x = x ^ (x >> 16)
-    x.mul_(_C1).bitwise_and_(M32)
-    x.bitwise_xor_(x >> 15)
-    x.mul_(_C2).bitwise_and_(M32)
-    x.bitwise_xor_(x >> 16)
-    x.mul_(_C3).bitwise_and_(M32)
-    return x.bitwise_xor_(x >> 15)
+    # On int32 the products wrap modulo 2^32, which is the hash's arithmetic (two's complement
+    # on every device torch runs on; the tests check it against Python's integers): half the
+    # bytes of int64 with a mask after each product, and the hash took most of the replay's
+    # integer work. The first step makes a new tensor; the rest work on it in place (a fresh
+    # tensor per step cost as much as the step).
+    x = x ^ _shr(x, 16)
+    x.mul_(_C1)
+    x.bitwise_xor_(_shr(x, 15))
+    x.mul_(_C2)
+    x.bitwise_xor_(_shr(x, 16))
+    x.mul_(_C3)
+    return x.bitwise_xor_(_shr(x, 15))
 
 
 def row_keys(seeds: torch.Tensor, samples: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One 32-bit key per row from (seed: 64-bit, sample index, position), int64 [B]."""
     seeds = seeds.to(torch.int64)
-    key = _mix((seeds & M32) ^ 0x243F6A88)
-    key = _mix(key ^ ((seeds >> 32) & M32))
-    key = _mix(key ^ (samples.to(torch.int64) & M32))
-    return _mix(key ^ (positions.to(torch.int64) & M32))
+    key = _mix(_bits(seeds ^ 0x243F6A88))
+    key = _mix(key ^ _bits(seeds >> 32))
+    key = _mix(key ^ _bits(samples))
+    return _mix(key ^ _bits(positions)).to(torch.int64) & M32
 
 
 def token_salts(tokens: torch.Tensor) -> torch.Tensor:
-    """The row-independent half of the noise's hash input for token ids `tokens` (int64,
-    any shape): computed once for columns shared by every row (`gumbel_salted`)."""
-    salted = tokens.to(torch.int64) * 0x9E3779B1
-    return salted.add_(_TOKEN_SALT).bitwise_and_(M32)
+    """The row-independent half of the noise's hash input for token ids `tokens` (any shape,
+    as the hash's int32 state): computed once for columns shared by every row
+    (`gumbel_salted`)."""
+    return _bits(tokens.to(torch.int64) * 0x9E3779B1 + _TOKEN_SALT)
 
 
 def gumbel_at(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -102,8 +117,11 @@ def gumbel_at(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def gumbel_salted(keys: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
     """`gumbel_at` from `token_salts`, [B, M] per row or [M] shared by every row."""
-    u = _mix(keys[:, None] ^ salts).to(torch.float64)
-    u.add_(0.5).mul_(1.0 / 4294967296.0)  # in (0, 1), never 0 or 1
+    h = _mix(_bits(keys)[:, None] ^ salts)
+    # u = (h + 0.5) / 2^32 for h read unsigned, in (0, 1), never 0 or 1. Flipping the sign bit
+    # makes the int32 read h - 2^31; each step is exact in float64 (33 significant bits).
+    u = h.bitwise_xor_(-(2**31)).to(torch.float64)
+    u.mul_(1.0 / 4294967296.0).add_(0.5 + 0.5 / 4294967296.0)
     return u.log_().neg_().log_().neg_()
 
 

@@ -1,6 +1,7 @@
 """Seeded Gumbel-max sampling: the hash, the sampler's distribution, and its replay check."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -39,18 +40,25 @@ def py_key(seed: int, sample: int, pos: int) -> int:
 
 
 def test_hash_matches_unbounded_integer_arithmetic():
+    """The hash runs on int32 with wrapping products; its bits, and the noise's uniform, are
+    those of Python's unbounded integers, exactly, for extreme and random inputs."""
+    rng = random.Random(5)
     cases = [(0, 0, 0), (2**63 - 1, 7, 31), (123456789, 2**32 - 1, 4095), (2**40 + 5, 3, 0)]
+    cases += [(-(2**63), 2**31 - 1, 2**31 - 1), (-1, 0, 1)]
+    cases += [(rng.randrange(-(2**63), 2**63), rng.randrange(2**31), rng.randrange(2**20))
+              for _ in range(200)]  # fmt: skip
     seeds, samples, pos = (torch.tensor(c, dtype=torch.int64) for c in zip(*cases, strict=True))
     keys = row_keys(seeds, samples, pos)
-    assert keys.tolist() == [py_key(*c) for c in cases]
+    assert keys.tolist() == [py_key(s % 2**64, *rest) for s, *rest in cases]
+    tokens = [0, 1, 49151, 151935, 2**31 - 1]
     noise_bits = []
     for key in keys.tolist():
-        for tok in (0, 1, 49151):
+        for tok in tokens:
             noise_bits.append(py_mix(key ^ ((tok * 0x9E3779B1 + 0x68E31DA4) & M32)))
-    u = [(h + 0.5) / 2**32 for h in noise_bits]
-    expected = torch.tensor([-math.log(-math.log(x)) for x in u], dtype=torch.float64)
-    got = gumbel_at(keys, torch.tensor([[0, 1, 49151]] * len(cases))).reshape(-1)
-    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    u = torch.tensor([(h + 0.5) / 2**32 for h in noise_bits], dtype=torch.float64)
+    got = gumbel_at(keys, torch.tensor([tokens] * len(cases))).reshape(-1)
+    assert torch.equal(got, u.log().neg().log().neg())
+    assert torch.allclose(got, torch.tensor([-math.log(-math.log(x)) for x in u.tolist()]).double())
 
 
 def test_noise_depends_on_every_input_and_is_gumbel():
