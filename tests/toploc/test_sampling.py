@@ -256,6 +256,8 @@ def test_replay_scores_only_columns_that_can_win_and_gets_every_rival_exact(
     if sampling.unrestricted(params, 5000):  # every column, in order: no columns to gather
         every = sampling._best_rival_scores(logits, params, keys, None, competitors)
         assert torch.equal(every, brute.max(dim=1).values)
+        but_own = sampling._best_rival_scores(logits, params, keys, None, None, excluded=toks)
+        assert torch.equal(but_own, brute.max(dim=1).values)
 
 
 def test_the_replay_without_a_cut_gives_what_the_ranked_path_gives(monkeypatch):
