@@ -355,12 +355,13 @@ def verify_sampling_many(
     return verdicts
 
 
-# Entries per block of the replay's [rows, columns] work, by device type, so its int64 and
+# Entries per block of the replay's [rows, columns] work, by device type, so its int32 and
 # float64 temporaries stay small whatever the batch (all rows at once thrashed a CPU's caches
 # and page tables, and held gigabytes for a large batch on a 150k vocabulary). On a CPU a
-# block fits the L2 cache: 2^16 replayed 1.4-1.8x faster than 2^20 (docs/scale.md); on a GPU,
-# fewer and larger launches (each block waits for its `nonzero`): 2^22 entries hold 32 MiB per
-# float64 temporary.
+# block fits the L2 cache: 2^16 replayed 1.4-1.8x faster than 2^20 (docs/scale.md; since the
+# hash moved to int32, 2^18 is 3% faster on this machine's bf16 validation and no faster in
+# fp32, so the block that fits a smaller L2 stays); on a GPU, fewer and larger launches (each
+# block waits for its `nonzero`): 2^22 entries hold 32 MiB per float64 temporary.
 REPLAY_BLOCK = {"cpu": 1 << 16}
 REPLAY_BLOCK_ELSEWHERE = 1 << 22
 
