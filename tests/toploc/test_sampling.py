@@ -283,3 +283,25 @@ def test_the_replay_without_a_cut_gives_what_the_ranked_path_gives(monkeypatch):
     ranked = verify_sampling_many(cases, params)
     assert fast == ranked
     assert [v.ok for v in fast] == [True, False, False, True]
+
+
+@pytest.mark.gpu
+def test_the_hash_and_the_sampler_give_the_same_bits_on_cuda():
+    """int32 products wrap on the GPU as on the CPU: the keys and the tokens drawn on CUDA are
+    the CPU's, bit for bit, and the noise within float64 logs' last bits (a node on one and a
+    validator on the other agree)."""
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu-marked tests need a CUDA device")
+    g = torch.Generator().manual_seed(11)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (256,), generator=g, dtype=torch.int64)
+    samples, pos = torch.randint(0, 2**31, (256,), generator=g), torch.arange(256)
+    keys = row_keys(seeds, samples, pos)
+    assert torch.equal(row_keys(seeds.cuda(), samples.cuda(), pos.cuda()).cpu(), keys)
+    toks = torch.randint(0, 2**31 - 1, (256, 64), generator=g)
+    on_cuda = gumbel_at(keys.cuda(), toks.cuda()).cpu()
+    assert torch.allclose(on_cuda, gumbel_at(keys, toks), rtol=0, atol=1e-12)
+    logits = torch.randn(256, 49152, generator=g)
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=50)):
+        on_cpu = sample(logits, params, seeds, samples, pos)
+        on_cuda = sample(logits.cuda(), params, seeds.cuda(), samples.cuda(), pos.cuda())
+        assert torch.equal(on_cuda.cpu(), on_cpu)
