@@ -512,6 +512,9 @@ async def fetch_manifest(
         except (ManifestError, ResponseTooLarge) as e:
             picker.record_bad_manifest(source, version)
             errors.append(f"{source.url}: {e}")
+        except httpx.ConnectError as e:
+            picker.record_unreachable(source)
+            errors.append(f"{source.url}: {type(e).__name__} {e}")
         except (httpx.HTTPError, trio.TooSlowError) as e:
             picker.record_failure(source)
             errors.append(f"{source.url}: {type(e).__name__} {e}")

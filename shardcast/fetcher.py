@@ -63,6 +63,11 @@ class _TransferFailed(Exception):
     """One attempt at one shard failed in a way another attempt may not."""
 
 
+class _Unreachable(_TransferFailed):
+    """No connection could be made: nothing listens at the source's address (a peer that
+    left, a relay that is down)."""
+
+
 class _TooSlow(_TransferFailed):
     """The transfer fell below the minimum rate while another source could serve it."""
 
@@ -665,6 +670,9 @@ class ShardFetcher:
                 source, version, prog.got - before, trio.current_time() - start
             )
             raise
+        except _Unreachable:
+            self.picker.record_unreachable(source)
+            raise
         except _TransferFailed:
             self.picker.record_partial(source, prog.got - before, trio.current_time() - start)
             raise
@@ -744,6 +752,8 @@ class ShardFetcher:
                         if pending >= FLUSH_BYTES:
                             await flush()
                     await flush()
+        except httpx.ConnectError as e:
+            raise _Unreachable(f"{type(e).__name__}: {e}") from None
         except (httpx.HTTPError, httpx.StreamError) as e:
             await flush()
             raise _TransferFailed(f"{type(e).__name__}: {e}") from None

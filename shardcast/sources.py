@@ -153,9 +153,12 @@ class SourcePicker:
         self, version: int, avoid: set[str], among: set[str] | None = None
     ) -> SourceStats | None:
         """The best source with no transfer running, outside `avoid` (and inside `among`):
-        for a hedged request, which must not slow down anyone's first request."""
+        for a hedged request, which must not slow down anyone's first request. Not one that
+        could not be reached and never delivered a byte (`record_unreachable`): no spare."""
         idle = [
-            s for s in self.usable(version, avoid, among) if s.inflight == 0 and s.url not in avoid
+            s
+            for s in self.usable(version, avoid, among)
+            if s.inflight == 0 and s.url not in avoid and s.goodput > 0
         ]
         return max(idle, key=lambda s: s.goodput * s.health, default=None)
 
@@ -180,6 +183,17 @@ class SourcePicker:
     def record_failure(self, s: SourceStats) -> None:
         s.failed += 1
         s.health *= 0.5
+
+    def record_unreachable(self, s: SourceStats) -> None:
+        """No connection could be made. A failure, and a source that never delivered a byte
+        also loses the optimistic prior it was picked for: with it, a peer that had left
+        outranked every measured source after each failure too (its health halved, its
+        goodput stayed at the prior), drew a share of every fetch's first picks and most of
+        its hedges, and cost each of them a connection attempt. It is tried again by
+        exploration, and its first success measures it afresh."""
+        self.record_failure(s)
+        if not s.bytes:
+            s.goodput = 0.0
 
     def record_corrupt(self, s: SourceStats) -> None:
         s.corrupt += 1

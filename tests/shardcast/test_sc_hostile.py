@@ -541,6 +541,37 @@ def test_numeric_ranges_of_any_length_parse_or_416(a, b) -> None:
 
 
 @pytest.mark.trio
+async def test_a_source_nobody_listens_at_is_tried_once(tmp_path, identity) -> None:
+    """A source that refuses connections (a peer that left) loses its optimistic prior at its
+    first failure: it is not picked for transfers again while a measured source serves, nor
+    for hedges. It used to outrank the serving source after every failure (its goodput stayed
+    at the prior) and drew most first picks and hedges of each fetch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # held, never listening: refuses connections
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+        async with trio.open_nursery() as nursery:
+            origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+            url = await nursery.start(origin.serve)
+            ck = make_checkpoint(tmp_path / "ck", mb=0.5)
+            await origin.publish(ck, 1)
+            c = client([dead, url], tmp_path / "c", identity)
+            c.picker.explore = 0.0
+            r = await c.fetch(1)
+            assert same_tree(r.path, ck)
+            # The first picks go out together, before any has failed: a few may be its.
+            failed = c.picker.stats[dead].failed
+            assert 1 <= failed <= HOSTILE.parallel + 1  # + the manifest's
+            assert c.picker.stats[dead].goodput == 0.0
+            ck2 = make_checkpoint(tmp_path / "ck2", mb=0.5, seed=2)
+            await origin.publish(ck2, 2)
+            r = await c.fetch(2)
+            assert same_tree(r.path, ck2)
+            assert c.picker.stats[dead].failed == failed  # not picked again, nor hedged to
+            await c.aclose()
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
 async def test_a_hedge_to_a_dead_source_does_not_end_the_fetch(tmp_path, identity, caplog) -> None:
     """The tail is stuck on a stalled source and the hedge goes to a source that refuses
     connections: the hedge's failure is that source's fault, not the fetch's (it used to
