@@ -234,11 +234,13 @@ def sample(
     if params.temperature > 0 and unrestricted(params, vocab):
         # Every column allowed and too many can win to prune (a sampled LLM's rows at T near
         # 1): the scores of the whole row in column order, without ranking or gathering it.
-        # The same values, in the same order, as the general path below: the same argmax.
+        # The same values, in the same order, as the general path below: the same argmax
+        # (which way is taken is estimated as in the replay; both are exact).
         scaled = logits.to(torch.float64, copy=True)
         if params.temperature != 1.0:
             scaled.div_(params.temperature)
-        if vocab <= PRUNE_MIN_WIDTH or int(can_win(scaled).sum(dim=-1).max()) * 4 > vocab:
+        top = scaled.max(dim=1, keepdim=True).values
+        if vocab <= PRUNE_MIN_WIDTH or _mostly_can_win(scaled, top):
             scaled += gumbel_salted(keys, token_salts(torch.arange(vocab, device=logits.device)))
             return scaled.argmax(dim=-1)
     cols, keep = prune_candidates(logits, params, *ranked_allowed(logits, params))
@@ -372,15 +374,15 @@ def _best_rival_scores(
     keys: torch.Tensor,
     cols: torch.Tensor | None,
     competitors: torch.Tensor | None,
-    excluded: torch.Tensor | None = None,
+    excluded: torch.Tensor,
 ) -> torch.Tensor:
     """Each row's best score among its `competitors` (columns `cols`, or every column in
-    order for None), -inf where it has none, float64 [rows]. With `competitors` None every
-    column competes but each row's token in `excluded` (int64 [rows]): no mask the size of the
-    logits is made. The noise is bounded, so a column scaled more than GUMBEL_SPAN below the
-    row's best competitor can never beat it: the noise is drawn for the others alone, which
-    for a peaked distribution (a trained policy) is a few columns instead of the
-    vocabulary."""
+    order for None), -inf where it has none, float64 [rows]. `excluded` holds each row's own
+    token (int64 [rows]); with `competitors` None every other column competes, and no mask the
+    size of the logits is made. The noise is bounded, so a column scaled more than
+    GUMBEL_SPAN below the row's best competitor can never beat it: the noise is drawn for the
+    others alone, which for a peaked distribution (a trained policy) is a few columns instead
+    of the vocabulary."""
     rows, width = logits.shape if cols is None else cols.shape
     best = torch.full((rows,), -math.inf, dtype=torch.float64, device=logits.device)
     block = REPLAY_BLOCK.get(logits.device.type, REPLAY_BLOCK_ELSEWHERE)
@@ -399,7 +401,6 @@ def _best_rival_scores(
         if params.temperature > 0 and params.temperature != 1.0:  # x / 1.0 is x: skip it
             scaled.div_(params.temperature)
         if competitors is None:
-            assert excluded is not None
             scaled.scatter_(1, excluded[a:b, None], -math.inf)
         else:
             scaled.masked_fill_(~competitors[a:b], -math.inf)
@@ -479,7 +480,7 @@ def _replay(
         cols, keep = ranked_allowed(logits, params, -score_tol, -mass)
         competitors = keep & (cols != toks[:, None])  # the token itself excluded
     own = _scores_at(logits, params, keys, toks[:, None]).squeeze(1)
-    gap = _best_rival_scores(logits, params, keys, cols, competitors, excluded=toks) - own
+    gap = _best_rival_scores(logits, params, keys, cols, competitors, toks) - own
     bad = (~eligible) | (gap > score_tol)
     verdicts = []
     for (i, _, term_ok, term_reason), case_bad, case_gap in zip(

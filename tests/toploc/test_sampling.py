@@ -251,12 +251,12 @@ def test_replay_scores_only_columns_that_can_win_and_gets_every_rival_exact(
     cols, keep = sampling.ranked_allowed(logits, params)
     competitors = keep & (cols != toks[:, None])
     brute = sampling._scores_at(logits, params, keys, cols).masked_fill(~competitors, -math.inf)
-    got = sampling._best_rival_scores(logits, params, keys, cols, competitors)
+    got = sampling._best_rival_scores(logits, params, keys, cols, competitors, toks)
     assert torch.equal(got, brute.max(dim=1).values)
     if sampling.unrestricted(params, 5000):  # every column, in order: no columns to gather
-        every = sampling._best_rival_scores(logits, params, keys, None, competitors)
+        every = sampling._best_rival_scores(logits, params, keys, None, competitors, toks)
         assert torch.equal(every, brute.max(dim=1).values)
-        but_own = sampling._best_rival_scores(logits, params, keys, None, None, excluded=toks)
+        but_own = sampling._best_rival_scores(logits, params, keys, None, None, toks)
         assert torch.equal(but_own, brute.max(dim=1).values)
 
 
