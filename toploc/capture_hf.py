@@ -243,7 +243,10 @@ def prefill(
     return [
         Prefill(
             hidden=hidden[i, : len(c)].to("cpu", copy=True),
-            logits=logits[i, : len(c)].clone(),  # on the model's device: the checks run there
+            # A view: the batch's logits live as long as its checks do anyway, and a copy of
+            # each pair's rows cost 0.8 ms a rollout on a CPU (docs/scale.md). On the
+            # model's device: the checks run there.
+            logits=logits[i, : len(c)],
         )
         for i, c in enumerate(completions)
     ]

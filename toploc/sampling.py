@@ -16,7 +16,7 @@ the tolerance absorbs it); see docs/toploc.md for the calibration.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +54,9 @@ class SamplingVerdict:
     reason: str
     violations: int
     violating_positions: list[int]
-    worst_gap: float  # largest (best competitor - submitted token) score, in score units
+    # largest (best competitor - submitted token) score, in score units: exact from
+    # -EXACT_GAP_BELOW up, some value below it where every rival is further below
+    worst_gap: float
     termination_ok: bool
 
 
@@ -117,7 +119,11 @@ def gumbel_at(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def gumbel_salted(keys: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
     """`gumbel_at` from `token_salts`, [B, M] per row or [M] shared by every row."""
-    h = _mix(_bits(keys)[:, None] ^ salts)
+    return _noise(_mix(_bits(keys)[:, None] ^ salts))
+
+
+def _noise(h: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise in float64 from the hash's int32 bits `h` (overwritten)."""
     # u = (h + 0.5) / 2^32 for h read unsigned, in (0, 1), never 0 or 1. Flipping the sign bit
     # makes the int32 read h - 2^31; each step is exact in float64 (33 significant bits).
     u = h.bitwise_xor_(-(2**31)).to(torch.float64)
@@ -175,7 +181,14 @@ def _scores_at(
     logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
     """logits / T + Gumbel noise at the columns `cols` (plain logits when T = 0), float64."""
-    picked = logits.gather(-1, cols).to(torch.float64)
+    return _scores_of(logits.gather(-1, cols), params, keys, cols)
+
+
+def _scores_of(
+    picked: torch.Tensor, params: SamplingParams, keys: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """`_scores_at` from the logits already taken at `cols`."""
+    picked = picked.to(torch.float64)
     if params.temperature <= 0:
         return picked
     return picked / params.temperature + gumbel_at(keys, cols)
@@ -197,6 +210,18 @@ def can_win(scaled: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tens
     if top is None:
         top = scaled.max(dim=-1, keepdim=True).values
     return scaled >= top - GUMBEL_SPAN
+
+
+# Every PROBE_STRIDE-th column is counted to choose how the sampler draws a row's noise: both
+# ways are exact, so an estimate only has to be cheap (counting every column of a 49,152-wide
+# row took 49 us of the ~400 its dense scoring takes; the sample 23 us, most of it the max).
+PROBE_STRIDE = 16
+
+
+def _mostly_can_win(scaled: torch.Tensor, top: torch.Tensor) -> bool:
+    """Whether a quarter or more of the rows' columns can win, estimated on a sample."""
+    probe = scaled[:, ::PROBE_STRIDE]
+    return int(can_win(probe, top).sum()) * 4 >= probe.numel()
 
 
 # Rows this narrow are scored whole: finding the columns that cannot win costs more than it saves.
@@ -235,7 +260,7 @@ def sample(
         # Every column allowed and too many can win to prune (a sampled LLM's rows at T near
         # 1): the scores of the whole row in column order, without ranking or gathering it.
         # The same values, in the same order, as the general path below: the same argmax
-        # (which way is taken is estimated as in the replay; both are exact).
+        # (which way is taken is estimated from every 16th column; both are exact).
         scaled = logits.to(torch.float64, copy=True)
         if params.temperature != 1.0:
             scaled.div_(params.temperature)
@@ -252,12 +277,18 @@ def sample(
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / T) at the chosen tokens (T = 0 counts as 1), float32 [N]: the
     behaviour logprobs a node reports and the validator recomputes. Masks do not apply, so the
-    trainer's importance ratios see the full distribution."""
-    scaled = logits.float()
-    if temperature > 0 and temperature != 1.0:  # x / 1.0 is x: skip a pass over the vocabulary
-        scaled = scaled / temperature
-    lp = torch.log_softmax(scaled, dim=-1)
-    return lp.gather(-1, tokens.view(-1, 1).to(lp.device, torch.int64)).squeeze(-1)
+    trainer's importance ratios see the full distribution. Computed a block of rows at a time
+    (`block_rows`): the same values, and on a CPU 3.5x faster than all rows at once, whose
+    float32 copies outgrew the caches."""
+    tokens = tokens.view(-1, 1).to(logits.device, torch.int64)
+    out = torch.empty(tokens.shape[0], dtype=torch.float32, device=logits.device)
+    step = block_rows(logits.device, logits.shape[-1])
+    for a in range(0, tokens.shape[0], step):
+        scaled = logits[a : a + step].float()
+        if temperature > 0 and temperature != 1.0:  # x / 1.0 is x: skip a pass over the vocabulary
+            scaled = scaled / temperature
+        out[a : a + step] = torch.log_softmax(scaled, dim=-1).gather(-1, tokens[a : a + step])[:, 0]
+    return out
 
 
 def check_termination(tokens: Sequence[int], params: SamplingParams) -> tuple[bool, str]:
@@ -357,84 +388,150 @@ def verify_sampling_many(
     return verdicts
 
 
-# Entries per block of the replay's [rows, columns] work, by device type, so its int32 and
-# float64 temporaries stay small whatever the batch (all rows at once thrashed a CPU's caches
+# Entries per block of the replay's and token_logprobs' [rows, columns] work, by device type,
+# so their temporaries stay small whatever the batch (all rows at once thrashed a CPU's caches
 # and page tables, and held gigabytes for a large batch on a 150k vocabulary). On a CPU a
-# block fits the L2 cache: 2^16 replayed 1.4-1.8x faster than 2^20 (docs/scale.md; since the
-# hash moved to int32, 2^18 is 3% faster on this machine's bf16 validation and no faster in
-# fp32, so the block that fits a smaller L2 stays); on a GPU, fewer and larger launches (each
-# block waits for its `nonzero`): 2^22 entries hold 32 MiB per float64 temporary.
-REPLAY_BLOCK = {"cpu": 1 << 16}
+# block about fits the L2 cache (docs/scale.md); on a GPU, fewer and larger launches (each
+# replay block waits for its `nonzero`s).
+REPLAY_BLOCK = {"cpu": 1 << 20}
 REPLAY_BLOCK_ELSEWHERE = 1 << 22
 
 
+def block_rows(device: torch.device, width: int) -> int:
+    """Rows of `width` columns per block of work on `device` (REPLAY_BLOCK)."""
+    return max(1, REPLAY_BLOCK.get(device.type, REPLAY_BLOCK_ELSEWHERE) // max(1, width))
+
+
+# A column's noise is evaluated only where it can matter. The hash's top FLAG_BITS bits are
+# all set for one column in 2^FLAG_BITS (u > 1 - 2^-FLAG_BITS); any other column's noise is
+# at most G_UNFLAGGED, so it cannot score above its scaled logit + G_UNFLAGGED. The hash is
+# integer work; the float64 logs it skips were half the replay (docs/scale.md).
+FLAG_BITS = 8
+G_UNFLAGGED = -math.log(-math.log1p(-(2.0**-FLAG_BITS))) + 1e-9  # + torch's last-bit rounding
+# How far below the token's own score a rival's score is still exact in the worst gap.
+EXACT_GAP_BELOW = 1.0
+# Where more than 1 / DENSE_ABOVE of a block's columns pass, they are scored whole: indexing
+# costs ~30 ns an entry, the whole row's noise ~7.
+DENSE_ABOVE = 4
+
+
 def _best_rival_scores(
-    logits: torch.Tensor,
+    pieces: Sequence[torch.Tensor],
     params: SamplingParams,
     keys: torch.Tensor,
     cols: torch.Tensor | None,
     competitors: torch.Tensor | None,
     excluded: torch.Tensor,
+    floor: torch.Tensor,
 ) -> torch.Tensor:
     """Each row's best score among its `competitors` (columns `cols`, or every column in
-    order for None), -inf where it has none, float64 [rows]. `excluded` holds each row's own
-    token (int64 [rows]); with `competitors` None every other column competes, and no mask the
-    size of the logits is made. The noise is bounded, so a column scaled more than
-    GUMBEL_SPAN below the row's best competitor can never beat it: the noise is drawn for the
-    others alone, which for a peaked distribution (a trained policy) is a few columns instead
-    of the vocabulary."""
-    rows, width = logits.shape if cols is None else cols.shape
-    best = torch.full((rows,), -math.inf, dtype=torch.float64, device=logits.device)
-    block = REPLAY_BLOCK.get(logits.device.type, REPLAY_BLOCK_ELSEWHERE)
-    step = max(1, block // max(1, width))
+    order for None), float64 [rows], where the rows are those of the logits `pieces` one
+    after another (each case's own tensor: concatenating them first copied every logit once
+    more): exact where it is `floor` (float64 [rows]) or more, and some score below `floor`
+    (-inf where there is none) otherwise. `excluded` holds each row's own token (int64
+    [rows]); with `competitors` None every other column competes, and no mask the size of
+    the logits is made.
+
+    The noise is drawn for few columns: first for the flagged ones (their hash's top bits
+    set), whose best is a rival's score and so raises the floor; then for the unflagged ones
+    whose scaled logit + G_UNFLAGGED reaches it. The rest score below the floor whatever
+    their noise. An honest row's floor is near its token's score, which is near the top of
+    the row: a few hundred columns of SmolLM2's 49,152 at T = 1, a handful for a peaked
+    distribution; a forged token's low score is lifted by the flagged columns' best."""
+    rows = excluded.shape[0]
+    width = pieces[0].shape[1] if cols is None else cols.shape[1]
+    device = excluded.device
+    best = torch.full((rows,), -math.inf, dtype=torch.float64, device=device)
+    step = block_rows(device, width)
     if cols is None:  # every row's columns are the vocabulary: hash their half once
-        every = torch.arange(width, device=logits.device)
-        every_salts = token_salts(every)
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        if cols is None:
-            c = every.expand(b - a, -1)
-            scaled = logits[a:b].to(torch.float64, copy=True)
-        else:
-            c = cols[a:b]
-            scaled = logits[a:b].gather(-1, c).to(torch.float64)
-        if params.temperature > 0 and params.temperature != 1.0:  # x / 1.0 is x: skip it
-            scaled.div_(params.temperature)
-        if competitors is None:
-            scaled.scatter_(1, excluded[a:b, None], -math.inf)
-        else:
-            scaled.masked_fill_(~competitors[a:b], -math.inf)
-        if params.temperature > 0:  # greedy draws no noise
-            top = scaled.max(dim=1, keepdim=True).values
-            if _mostly_can_win(scaled, top):
-                # Most columns can win (a sampled LLM's rows at T near 1: 89-99% of
-                # SmolLM2's vocabulary on the copy task): noise for the whole block is
-                # cheaper than finding the few that cannot. Exact: a column that cannot win
-                # stays below the row's best whatever noise it gets, and -inf stays -inf.
-                salts = every_salts if cols is None else token_salts(c)
-                scaled += gumbel_salted(keys[a:b], salts)
-            else:
-                drawn = can_win(scaled, top)
-                r, k = torch.nonzero(drawn, as_tuple=True)
-                # The noise added in place, then a row max: each entry has its own cell, so
-                # no atomics. (A scatter_reduce onto the rows was 76% of a GPU validation's
-                # kernel time where many columns can win: all contending for their row's cell.)
-                scaled.masked_fill_(~drawn, -math.inf)
-                scaled[r, k] += gumbel_at(keys[a:b][r], c[r, k][:, None]).squeeze(1)
-        best[a:b] = scaled.max(dim=1).values
+        every_salts = token_salts(torch.arange(width, device=device))
+    for a, b, lb in _row_blocks(pieces, step):
+        if cols is not None:
+            lb = lb.gather(-1, cols[a:b])
+        comp = None if competitors is None else competitors[a:b]
+        if params.temperature <= 0:  # greedy draws no noise
+            scores = lb.to(torch.float64, copy=True)
+            _leave_out(scores, comp, excluded[a:b], -math.inf)
+            best[a:b] = scores.max(dim=1).values
+            continue
+        salts = every_salts if cols is None else token_salts(cols[a:b])
+        h = _mix(_bits(keys[a:b])[:, None] ^ salts)
+        flagged = (h >> (32 - FLAG_BITS)).eq_(-1).bool()  # in place, then cast: 3x faster
+        _leave_out(flagged, comp, excluded[a:b], False)
+        _raise_to_scores(best[a:b], flagged, lb, h, params.temperature)
+        cut = _logit_cut(torch.maximum(floor[a:b], best[a:b]) - G_UNFLAGGED, params.temperature)
+        near = lb.float() >= cut[:, None]  # flagged ones again too: the max is the same
+        _leave_out(near, comp, excluded[a:b], False)
+        _raise_to_scores(best[a:b], near, lb, h, params.temperature)
     return best
 
 
-# Every PROBE_STRIDE-th column is counted to choose how a block's noise is drawn: both ways
-# are exact, so an estimate only has to be cheap (counting every column of a 49,152-wide row
-# took 49 us of the ~400 its dense block takes; the sample 23 us, most of it the row's max).
-PROBE_STRIDE = 16
+def _row_blocks(
+    pieces: Sequence[torch.Tensor], step: int
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(a, b, rows a..b) of the pieces taken one after another, up to `step` rows at a time
+    and never across two pieces, so every block is a view."""
+    start = 0
+    for piece in pieces:
+        for a in range(0, piece.shape[0], step):
+            b = min(piece.shape[0], a + step)
+            yield start + a, start + b, piece[a:b]
+        start += piece.shape[0]
 
 
-def _mostly_can_win(scaled: torch.Tensor, top: torch.Tensor) -> bool:
-    """Whether a quarter or more of the block's columns can win, estimated on a sample."""
-    probe = scaled[:, ::PROBE_STRIDE]
-    return int(can_win(probe, top).sum()) * 4 >= probe.numel()
+def _raise_to_scores(
+    best: torch.Tensor, mask: torch.Tensor, lb: torch.Tensor, h: torch.Tensor, temperature: float
+) -> None:
+    """Raise `best` [n] (in place) to each row's best score over the columns in `mask`
+    [n, w], from the block's logits `lb` and hash bits `h`: the values `_scores_at` gives."""
+    r, k = _sparse_nonzero(mask)
+    if r.numel() * DENSE_ABOVE > mask.numel():
+        # Rows flat enough that most columns pass (no LM's, but logits are what a node's
+        # completion makes them): scored whole, as cheap as the replay has ever been.
+        s = lb.to(torch.float64, copy=True)
+        if temperature != 1.0:
+            s.div_(temperature)
+        s += _noise(h.clone())
+        best.copy_(torch.maximum(best, s.masked_fill_(~mask, -math.inf).max(dim=1).values))
+        return
+    s = lb[r, k].to(torch.float64)
+    if temperature != 1.0:  # x / 1.0 is x: skip it
+        s.div_(temperature)
+    s += _noise(h[r, k])
+    best.scatter_reduce_(0, r, s, "amax")
+
+
+def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (rows, columns) of the True entries of a sparse, contiguous bool matrix [n, w],
+    in order: the 8-byte words with any set first, then their bytes (torch's `nonzero` reads
+    a byte at a time: 32 us a row of 49,152 here, against 16 by words)."""
+    w = mask.shape[1]
+    flat = mask.view(-1)
+    whole = flat.numel() // 8 * 8
+    hit = torch.nonzero(flat[:whole].view(torch.int64)).squeeze(1)
+    byte = torch.nonzero(flat[:whole].view(-1, 8)[hit])
+    idx = hit[byte[:, 0]] * 8 + byte[:, 1]
+    if whole < flat.numel():
+        idx = torch.cat([idx, torch.nonzero(flat[whole:]).squeeze(1) + whole])
+    return idx // w, idx % w
+
+
+def _logit_cut(scaled: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 thresholds that every logit whose scaled value (logit / T, in float64) reaches
+    `scaled` also reaches in float32: set lower by float64's and float32's rounding."""
+    cut = scaled * temperature
+    return (cut - (cut.abs() + 1.0) * (2 * torch.finfo(torch.float32).eps)).float()
+
+
+def _leave_out(
+    x: torch.Tensor, competitors: torch.Tensor | None, excluded: torch.Tensor, value: float
+) -> None:
+    """Set `value` in place where a column of the block `x` [n, w] does not compete: outside
+    `competitors`, or, for None, at each row's own token `excluded` [n]."""
+    if competitors is None:
+        x[torch.arange(x.shape[0], device=x.device), excluded] = value
+    else:
+        x.masked_fill_(~competitors, value)
 
 
 def _replay(
@@ -447,14 +544,12 @@ def _replay(
 ) -> list[tuple[int, SamplingVerdict]]:
     """The seeded sampler's replay over the rows of the well-formed cases in `part` (case
     index, tokens, termination), which share a dtype and device."""
-    logits = torch.cat([cases[i].logits for i, *_ in part])
+    pieces = [cases[i].logits for i, *_ in part]
     toks = torch.cat([t for _, t, *_ in part])
-    device = logits.device
-    sizes = [cases[i].logits.shape[0] for i, *_ in part]
-    tol = DEFAULT_TOLERANCE.get(logits.dtype, 1e-3) if tolerance is None else tolerance
-    mass = (
-        DEFAULT_MASS_TOLERANCE.get(logits.dtype, 1e-3) if mass_tolerance is None else mass_tolerance
-    )
+    device, dtype, vocab = pieces[0].device, pieces[0].dtype, pieces[0].shape[1]
+    sizes = [p.shape[0] for p in pieces]
+    tol = DEFAULT_TOLERANCE.get(dtype, 1e-3) if tolerance is None else tolerance
+    mass = DEFAULT_MASS_TOLERANCE.get(dtype, 1e-3) if mass_tolerance is None else mass_tolerance
     t = params.temperature if params.temperature > 0 else 1.0
     score_tol = tol / t
 
@@ -468,19 +563,24 @@ def _replay(
         .to(device),
         torch.cat([torch.arange(n) for n in sizes]).to(device),
     )
-    if unrestricted(params, logits.shape[1]):
+    taken = zip(pieces, toks.split(sizes), strict=True)
+    picked = torch.cat([p.gather(1, tk[:, None]) for p, tk in taken])
+    own = _scores_of(picked, params, keys, toks[:, None]).squeeze(1)
+    if unrestricted(params, vocab):
         # Every column is allowed (the tokens were checked to be in the vocabulary): no cut
         # to compare with, and the competitors are every column but the token's own.
         eligible = torch.ones(toks.shape, dtype=torch.bool, device=device)
         cols: torch.Tensor | None = None
         competitors: torch.Tensor | None = None
     else:
+        logits = torch.cat(pieces)  # the cuts rank every row
+        pieces = [logits]
         relaxed_cols, relaxed_keep = ranked_allowed(logits, params, score_tol, mass)
         eligible = ((relaxed_cols == toks[:, None]) & relaxed_keep).any(dim=1)
         cols, keep = ranked_allowed(logits, params, -score_tol, -mass)
         competitors = keep & (cols != toks[:, None])  # the token itself excluded
-    own = _scores_at(logits, params, keys, toks[:, None]).squeeze(1)
-    gap = _best_rival_scores(logits, params, keys, cols, competitors, toks) - own
+    floor = own - EXACT_GAP_BELOW  # a rival further below cannot fail the token
+    gap = _best_rival_scores(pieces, params, keys, cols, competitors, toks, floor) - own
     bad = (~eligible) | (gap > score_tol)
     verdicts = []
     for (i, _, term_ok, term_reason), case_bad, case_gap in zip(

@@ -236,9 +236,11 @@ def test_pruned_sampler_chooses_exactly_what_the_full_sampler_does(spread, tempe
 def test_replay_scores_only_columns_that_can_win_and_gets_every_rival_exact(
     monkeypatch, spread, temperature, top_k, top_p
 ):
-    """The replay's best competitor, drawn in blocks of rows over the columns that can win,
-    equals the brute-force maximum over every competitor of every row (flat rows prune
-    nothing, peaked ones almost everything), so the verdict and its worst gap are unchanged."""
+    """The replay's best competitor, drawn in blocks of rows for the flagged columns and
+    those whose logit reaches the floor, equals the brute-force maximum over every competitor
+    of every row where it reaches the floor (flat rows: the flagged columns win; peaked ones:
+    the top logits), so the verdict and its worst gap are unchanged; below the floor it is
+    below the floor and never above the true best."""
     from toploc import sampling
 
     monkeypatch.setitem(sampling.REPLAY_BLOCK, "cpu", 3 * 5000)  # 3 rows a block, and a remainder
@@ -251,13 +253,90 @@ def test_replay_scores_only_columns_that_can_win_and_gets_every_rival_exact(
     cols, keep = sampling.ranked_allowed(logits, params)
     competitors = keep & (cols != toks[:, None])
     brute = sampling._scores_at(logits, params, keys, cols).masked_fill(~competitors, -math.inf)
-    got = sampling._best_rival_scores(logits, params, keys, cols, competitors, toks)
-    assert torch.equal(got, brute.max(dim=1).values)
-    if sampling.unrestricted(params, 5000):  # every column, in order: no columns to gather
-        every = sampling._best_rival_scores(logits, params, keys, None, competitors, toks)
-        assert torch.equal(every, brute.max(dim=1).values)
-        but_own = sampling._best_rival_scores(logits, params, keys, None, None, toks)
-        assert torch.equal(but_own, brute.max(dim=1).values)
+    want = brute.max(dim=1).values
+    # A floor below every row's best, then one above half of them (the replay's floor is the
+    # token's own score less EXACT_GAP_BELOW).
+    for floor in (torch.full((64,), -math.inf, dtype=torch.float64), want - 0.5 + idx % 2):
+        reach = want >= floor
+        assert bool(reach.all()) == math.isinf(floor[1])
+        ways = [([logits], cols, competitors)]
+        if sampling.unrestricted(params, 5000):  # every column, in order: no columns to gather
+            pieces = list(logits.split([5, 20, 39]))  # cases' rows: no block spans two
+            ways += [(pieces, None, competitors), (pieces, None, None)]
+        for pieces, c, comp in ways:
+            got = sampling._best_rival_scores(pieces, params, keys, c, comp, toks, floor)
+            assert torch.equal(got[reach], want[reach])
+            assert bool((got[~reach] < floor[~reach]).all()) and bool((got <= want).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_a_rival_with_the_most_noise_an_unflagged_column_draws_is_found(dtype, temperature):
+    """The cut's edge: in each row one column is given the largest noise any unflagged column
+    of the row draws and a score just above the floor; every other column sits far below.
+    The replay must find it through its logit alone (it is not flagged)."""
+    from toploc import sampling
+
+    rows, width = 16, 49152  # enough columns that some row draws within 0.01 of the edge
+    idx = torch.arange(rows)
+    keys = row_keys(idx * 7 + 1, idx, idx)
+    noise = gumbel_at(keys, torch.arange(width).expand(rows, -1))
+    unflagged = noise.masked_fill(noise > sampling.G_UNFLAGGED, -math.inf)
+    star = unflagged.argmax(dim=1)
+    assert float(unflagged.max()) > sampling.G_UNFLAGGED - 0.01
+    logits = torch.full((rows, width), -40.0)
+    logits[idx, star] = 0.0
+    logits = logits.to(dtype)
+    params = SamplingParams(temperature=temperature)
+    want = sampling._scores_at(logits, params, keys, star[:, None]).squeeze(1)
+    toks = (star + 1) % width
+    got = sampling._best_rival_scores([logits], params, keys, None, None, toks, want - 1e-3)
+    assert torch.equal(got, want)
+
+
+def test_rows_where_most_columns_pass_are_scored_whole_and_get_the_same_best(monkeypatch):
+    """Where most columns pass the cut (flat rows whose flagged columns all have low logits:
+    the floor stays low), the block is scored whole, at what the replay cost before it drew
+    noise for few columns; the best is the one the indexed path and the brute force give."""
+    from toploc import sampling
+
+    idx = torch.arange(6)
+    keys = row_keys(idx + 40, idx, idx)
+    every = torch.arange(3000).expand(6, -1)
+    logits = torch.zeros(6, 3000)
+    logits[gumbel_at(keys, every) > sampling.G_UNFLAGGED] = -100.0
+    logits[3] = logits[3] + torch.linspace(0, 0.01, 3000)
+    logits = logits.to(torch.bfloat16)
+    params = SamplingParams(temperature=1.0)
+    toks = torch.randint(0, 3000, (6,))
+    brute = sampling._scores_at(logits, params, keys, every)
+    brute[idx, toks] = -math.inf
+    floor = torch.full((6,), -math.inf, dtype=torch.float64)
+    passed = []
+    sparse = sampling._sparse_nonzero
+    monkeypatch.setattr(sampling, "_sparse_nonzero", lambda m: passed.append(m.sum()) or sparse(m))
+    whole = sampling._best_rival_scores([logits], params, keys, None, None, toks, floor)
+    assert max(passed) * sampling.DENSE_ABOVE > 6 * 3000  # the whole-block path ran
+    monkeypatch.setattr(sampling, "DENSE_ABOVE", 0)  # never whole
+    indexed = sampling._best_rival_scores([logits], params, keys, None, None, toks, floor)
+    assert torch.equal(whole, brute.max(dim=1).values) and torch.equal(indexed, whole)
+
+
+@pytest.mark.parametrize("rows, width, density", [(1, 49152, 0.004), (5, 1001, 0.05), (3, 7, 0.5)])
+def test_sparse_nonzero_finds_what_nonzero_finds(rows, width, density):
+    """The word-at-a-time nonzero gives torch's (rows, columns), in order, whatever the width
+    (a tail of fewer than 8 entries included) and however many entries are set."""
+    from toploc import sampling
+
+    g = torch.Generator().manual_seed(rows * width)
+    for mask in (
+        torch.rand(rows, width, generator=g) < density,
+        torch.zeros(rows, width, dtype=torch.bool),
+        torch.ones(rows, width, dtype=torch.bool),
+    ):
+        want = torch.nonzero(mask, as_tuple=True)
+        got = sampling._sparse_nonzero(mask)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_the_replay_without_a_cut_gives_what_the_ranked_path_gives(monkeypatch):
