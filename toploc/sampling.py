@@ -86,13 +86,34 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     # bytes of int64 with a mask after each product, and the hash took most of the replay's
     # integer work. The first step makes a new tensor; the rest work on it in place (a fresh
     # tensor per step cost as much as the step).
-    x = x ^ _shr(x, 16)
+    return _last(_middle(_spread(x)))
+
+
+def _spread(x: torch.Tensor) -> torch.Tensor:
+    """The hash's first step, x ^ (x >>> 16). It commutes with xor, so for a grid of
+    (row key ^ column salt) each key and each salt take it once (`_grid_before_last`)."""
+    return x ^ _shr(x, 16)
+
+
+def _middle(x: torch.Tensor) -> torch.Tensor:
+    """The hash's steps between its first and its last, in place."""
     x.mul_(_C1)
     x.bitwise_xor_(_shr(x, 15))
     x.mul_(_C2)
     x.bitwise_xor_(_shr(x, 16))
-    x.mul_(_C3)
+    return x.mul_(_C3)
+
+
+def _last(x: torch.Tensor) -> torch.Tensor:
+    """The hash's last step, x ^ (x >>> 15), in place: it leaves the top 15 bits as they are,
+    so which columns are flagged (FLAG_BITS) is read before it."""
     return x.bitwise_xor_(_shr(x, 15))
+
+
+def _grid_before_last(spread_keys: torch.Tensor, spread_salts: torch.Tensor) -> torch.Tensor:
+    """The hash of every (row, column) of a block but its last step, int32 [n, w], from the
+    rows' keys and the columns' salts after `_spread` ([n] and [w] or [n, w])."""
+    return _middle(spread_keys[:, None] ^ spread_salts)
 
 
 def row_keys(seeds: torch.Tensor, samples: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -212,18 +233,6 @@ def can_win(scaled: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tens
     return scaled >= top - GUMBEL_SPAN
 
 
-# Every PROBE_STRIDE-th column is counted to choose how the sampler draws a row's noise: both
-# ways are exact, so an estimate only has to be cheap (counting every column of a 49,152-wide
-# row took 49 us of the ~400 its dense scoring takes; the sample 23 us, most of it the max).
-PROBE_STRIDE = 16
-
-
-def _mostly_can_win(scaled: torch.Tensor, top: torch.Tensor) -> bool:
-    """Whether a quarter or more of the rows' columns can win, estimated on a sample."""
-    probe = scaled[:, ::PROBE_STRIDE]
-    return int(can_win(probe, top).sum()) * 4 >= probe.numel()
-
-
 # Rows this narrow are scored whole: finding the columns that cannot win costs more than it saves.
 PRUNE_MIN_WIDTH = 256
 
@@ -255,19 +264,16 @@ def sample(
     """The seeded sampler: next token ids [B] for logits [B, V]; per-row seed, sample index and
     completion position (int64 [B])."""
     keys = row_keys(seeds, samples, positions)
-    vocab = logits.shape[1]
-    if params.temperature > 0 and unrestricted(params, vocab):
-        # Every column allowed and too many can win to prune (a sampled LLM's rows at T near
-        # 1): the scores of the whole row in column order, without ranking or gathering it.
-        # The same values, in the same order, as the general path below: the same argmax
-        # (which way is taken is estimated from every 16th column; both are exact).
-        scaled = logits.to(torch.float64, copy=True)
-        if params.temperature != 1.0:
-            scaled.div_(params.temperature)
-        top = scaled.max(dim=1, keepdim=True).values
-        if vocab <= PRUNE_MIN_WIDTH or _mostly_can_win(scaled, top):
-            scaled += gumbel_salted(keys, token_salts(torch.arange(vocab, device=logits.device)))
-            return scaled.argmax(dim=-1)
+    if params.temperature > 0 and unrestricted(params, logits.shape[1]):
+        # Every column allowed (a sampled LLM's rows, no cut): the argmax of every column's
+        # score, with the noise drawn only where it can win, as the replay draws it.
+        step = block_rows(logits.device, logits.shape[1])
+        return torch.cat(
+            [
+                _sampled_argmax(logits[a : a + step], params.temperature, keys[a : a + step])
+                for a in range(0, logits.shape[0], step)
+            ]
+        )
     cols, keep = prune_candidates(logits, params, *ranked_allowed(logits, params))
     s = _scores_at(logits, params, keys, cols)
     s = s.masked_fill(~keep, -math.inf)
@@ -443,8 +449,9 @@ def _best_rival_scores(
     device = excluded.device
     best = torch.full((rows,), -math.inf, dtype=torch.float64, device=device)
     step = block_rows(device, width)
+    spread_keys = _spread(_bits(keys))
     if cols is None:  # every row's columns are the vocabulary: hash their half once
-        every_salts = token_salts(torch.arange(width, device=device))
+        every_salts = _spread(token_salts(torch.arange(width, device=device)))
     for a, b, lb in _row_blocks(pieces, step):
         if cols is not None:
             lb = lb.gather(-1, cols[a:b])
@@ -454,15 +461,15 @@ def _best_rival_scores(
             _leave_out(scores, comp, excluded[a:b], -math.inf)
             best[a:b] = scores.max(dim=1).values
             continue
-        salts = every_salts if cols is None else token_salts(cols[a:b])
-        h = _mix(_bits(keys[a:b])[:, None] ^ salts)
-        flagged = (h >> (32 - FLAG_BITS)).eq_(-1).bool()  # in place, then cast: 3x faster
+        salts = every_salts if cols is None else _spread(token_salts(cols[a:b]))
+        pre = _grid_before_last(spread_keys[a:b], salts)
+        flagged = (pre >> (32 - FLAG_BITS)).eq_(-1).bool()  # in place, then cast: 3x faster
         _leave_out(flagged, comp, excluded[a:b], False)
-        _raise_to_scores(best[a:b], flagged, lb, h, params.temperature)
+        _raise_to_scores(best[a:b], flagged, lb, pre, params.temperature)
         cut = _logit_cut(torch.maximum(floor[a:b], best[a:b]) - G_UNFLAGGED, params.temperature)
         near = lb.float() >= cut[:, None]  # flagged ones again too: the max is the same
         _leave_out(near, comp, excluded[a:b], False)
-        _raise_to_scores(best[a:b], near, lb, h, params.temperature)
+        _raise_to_scores(best[a:b], near, lb, pre, params.temperature)
     return best
 
 
@@ -480,25 +487,60 @@ def _row_blocks(
 
 
 def _raise_to_scores(
-    best: torch.Tensor, mask: torch.Tensor, lb: torch.Tensor, h: torch.Tensor, temperature: float
+    best: torch.Tensor, mask: torch.Tensor, lb: torch.Tensor, pre: torch.Tensor, temperature: float
 ) -> None:
     """Raise `best` [n] (in place) to each row's best score over the columns in `mask`
-    [n, w], from the block's logits `lb` and hash bits `h`: the values `_scores_at` gives."""
+    [n, w], from the block's logits `lb` and hash before its last step `pre`: the values
+    `_scores_at` gives."""
     r, k = _sparse_nonzero(mask)
     if r.numel() * DENSE_ABOVE > mask.numel():
         # Rows flat enough that most columns pass (no LM's, but logits are what a node's
         # completion makes them): scored whole, as cheap as the replay has ever been.
-        s = lb.to(torch.float64, copy=True)
-        if temperature != 1.0:
-            s.div_(temperature)
-        s += _noise(h.clone())
-        best.copy_(torch.maximum(best, s.masked_fill_(~mask, -math.inf).max(dim=1).values))
+        s = _every_score(lb, pre, temperature).masked_fill_(~mask, -math.inf)
+        best.copy_(torch.maximum(best, s.max(dim=1).values))
         return
+    best.scatter_reduce_(0, r, _scores_from_bits(lb, pre, r, k, temperature), "amax")
+
+
+def _sampled_argmax(logits: torch.Tensor, temperature: float, keys: torch.Tensor) -> torch.Tensor:
+    """The first column of each row [B] with the highest score (logits / T + noise) over the
+    whole row, which is torch.argmax's choice, with the noise drawn as the replay draws it:
+    the flagged columns' best score is a lower bound on the row's top, and any other column
+    that can reach it has a scaled logit within G_UNFLAGGED of it."""
+    rows, vocab = logits.shape
+    every = torch.arange(vocab, device=logits.device)
+    pre = _grid_before_last(_spread(_bits(keys)), _spread(token_salts(every)))
+    flagged = (pre >> (32 - FLAG_BITS)).eq_(-1).bool()
+    top = torch.full((rows,), -math.inf, dtype=torch.float64, device=logits.device)
+    _raise_to_scores(top, flagged, logits, pre, temperature)
+    drawn = (logits.float() >= _logit_cut(top - G_UNFLAGGED, temperature)[:, None]) | flagged
+    r, k = _sparse_nonzero(drawn)
+    if r.numel() * DENSE_ABOVE > drawn.numel():  # flat rows (or no column flagged)
+        return _every_score(logits, pre, temperature).argmax(dim=1)
+    s = _scores_from_bits(logits, pre, r, k, temperature)
+    top.scatter_reduce_(0, r, s, "amax")
+    at_top = s == top[r]  # every column with the top score was drawn: the others score less
+    first = torch.full((rows,), vocab, dtype=torch.int64, device=logits.device)
+    return first.scatter_reduce_(0, r[at_top], k[at_top], "amin")
+
+
+def _scores_from_bits(
+    lb: torch.Tensor, pre: torch.Tensor, r: torch.Tensor, k: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """The scores at entries (r, k) of a block from its logits `lb` and hash before its last
+    step `pre`."""
     s = lb[r, k].to(torch.float64)
     if temperature != 1.0:  # x / 1.0 is x: skip it
         s.div_(temperature)
-    s += _noise(h[r, k])
-    best.scatter_reduce_(0, r, s, "amax")
+    return s.add_(_noise(_last(pre[r, k])))
+
+
+def _every_score(lb: torch.Tensor, pre: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The score of every entry of a block, float64 (`pre` is left as it was)."""
+    s = lb.to(torch.float64, copy=True)
+    if temperature != 1.0:
+        s.div_(temperature)
+    return s.add_(_noise(_last(pre.clone())))
 
 
 def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -202,31 +202,35 @@ def test_logprob_check():
     assert not verify_logprobs(logits, toks, ["x"] * 40, params).ok
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.999])
 @pytest.mark.parametrize("temperature", [0.8, 1.0])
 @pytest.mark.parametrize("spread", [0.5, 5.0, 20.0])
-def test_pruned_sampler_chooses_exactly_what_the_full_sampler_does(spread, temperature):
-    """The node's sampler, whichever way it takes (every column in order where many can win,
-    the columns that can win where few can), chooses the argmax of every column's score."""
-    from toploc.sampling import (
-        GUMBEL_SPAN,
-        _scores_at,
-        prune_candidates,
-        ranked_allowed,
-        row_keys,
-    )
+@pytest.mark.parametrize("vocab", [300, 5000])
+def test_the_sampler_chooses_exactly_the_argmax_of_every_allowed_score(
+    vocab, spread, temperature, top_p
+):
+    """The node's sampler, whichever way it takes (with no cut: noise for the flagged columns
+    and those that can reach their best, or every column where most can or none is flagged;
+    with top-p: the ranked columns, pruned to those that can win where few can), chooses the
+    argmax of every allowed column's score, the first column where scores tie."""
+    from toploc.sampling import GUMBEL_SPAN, _scores_at, prune_candidates, ranked_allowed
 
-    torch.manual_seed(int(spread * 10))
-    logits = torch.randn(64, 5000) * spread
-    params = SamplingParams(temperature=temperature)
+    torch.manual_seed(int(spread * 10) + vocab)
+    logits = torch.randn(64, vocab) * spread
+    logits[5, :] = 1.0  # a row of ties in logits
+    params = SamplingParams(temperature=temperature, top_p=top_p)
     idx = torch.arange(64)
     got = sample(logits, params, idx * 31 + 5, idx % 8, idx)
-    # the unpruned argmax over the whole vocabulary
-    cols, _ = ranked_allowed(logits, params)
+    # the unpruned argmax over every allowed column
+    cols, keep = ranked_allowed(logits, params)
     full = _scores_at(logits, params, row_keys(idx * 31 + 5, idx % 8, idx), cols)
+    full = full.masked_fill(~keep, -math.inf)
     assert torch.equal(got, cols.gather(-1, full.argmax(-1, keepdim=True)).squeeze(-1))
     assert 20 < GUMBEL_SPAN < 30
-    pruned, _ = prune_candidates(logits, params, cols, torch.ones_like(cols, dtype=torch.bool))
-    assert (pruned.shape[1] < 5000) == (spread == 20.0)  # the pruned path is what is tested
+    if top_p < 1.0 and vocab == 5000:
+        rest = idx != 5  # the row of ties cannot be pruned
+        pruned, _ = prune_candidates(logits[rest], params, cols[rest], keep[rest])
+        assert (pruned.shape[1] < vocab) == (spread > 1.0)  # both of its paths are tested
 
 
 @pytest.mark.parametrize("spread", [0.5, 20.0])
