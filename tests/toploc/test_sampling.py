@@ -209,10 +209,10 @@ def test_logprob_check():
 def test_the_sampler_chooses_exactly_the_argmax_of_every_allowed_score(
     vocab, spread, temperature, top_p
 ):
-    """The node's sampler, whichever way it takes (with no cut: noise for the flagged columns
-    and those that can reach their best, or every column where most can or none is flagged;
-    with top-p: the ranked columns, pruned to those that can win where few can), chooses the
-    argmax of every allowed column's score, the first column where scores tie."""
+    """The node's sampler, whichever way it takes (with no cut: every column of a small
+    vocabulary, or noise for the flagged columns and those that can reach their best; with
+    top-p: the ranked columns, pruned to those that can win where few can), chooses the argmax
+    of every allowed column's score, the first column where scores tie."""
     from toploc.sampling import GUMBEL_SPAN, _scores_at, prune_candidates, ranked_allowed
 
     torch.manual_seed(int(spread * 10) + vocab)
@@ -247,7 +247,6 @@ def test_replay_scores_only_columns_that_can_win_and_gets_every_rival_exact(
     below the floor and never above the true best."""
     from toploc import sampling
 
-    monkeypatch.setitem(sampling.REPLAY_BLOCK, "cpu", 3 * 5000)  # 3 rows a block, and a remainder
     torch.manual_seed(int(spread * 10) + top_k)
     logits = torch.randn(64, 5000) * spread
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -265,12 +264,14 @@ def test_replay_scores_only_columns_that_can_win_and_gets_every_rival_exact(
         assert bool(reach.all()) == math.isinf(floor[1])
         ways = [([logits], cols, competitors)]
         if sampling.unrestricted(params, 5000):  # every column, in order: no columns to gather
-            pieces = list(logits.split([5, 20, 39]))  # cases' rows: no block spans two
+            pieces = list(logits.split([5, 20, 39]))  # cases' rows
             ways += [(pieces, None, competitors), (pieces, None, None)]
-        for pieces, c, comp in ways:
-            got = sampling._best_rival_scores(pieces, params, keys, c, comp, toks, floor)
-            assert torch.equal(got[reach], want[reach])
-            assert bool((got[~reach] < floor[~reach]).all()) and bool((got <= want).all())
+        for rows_a_block in (3, 30):  # pieces split into blocks; pieces joined into one
+            monkeypatch.setitem(sampling.REPLAY_BLOCK, "cpu", rows_a_block * 5000)
+            for pieces, c, comp in ways:
+                got = sampling._best_rival_scores(pieces, params, keys, c, comp, toks, floor)
+                assert torch.equal(got[reach], want[reach])
+                assert bool((got[~reach] < floor[~reach]).all()) and bool((got <= want).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -306,13 +307,13 @@ def test_rows_where_most_columns_pass_are_scored_whole_and_get_the_same_best(mon
 
     idx = torch.arange(6)
     keys = row_keys(idx + 40, idx, idx)
-    every = torch.arange(3000).expand(6, -1)
-    logits = torch.zeros(6, 3000)
+    every = torch.arange(6000).expand(6, -1)
+    logits = torch.zeros(6, 6000)
     logits[gumbel_at(keys, every) > sampling.G_UNFLAGGED] = -100.0
-    logits[3] = logits[3] + torch.linspace(0, 0.01, 3000)
+    logits[3] = logits[3] + torch.linspace(0, 0.01, 6000)
     logits = logits.to(torch.bfloat16)
     params = SamplingParams(temperature=1.0)
-    toks = torch.randint(0, 3000, (6,))
+    toks = torch.randint(0, 6000, (6,))
     brute = sampling._scores_at(logits, params, keys, every)
     brute[idx, toks] = -math.inf
     floor = torch.full((6,), -math.inf, dtype=torch.float64)
@@ -320,7 +321,7 @@ def test_rows_where_most_columns_pass_are_scored_whole_and_get_the_same_best(mon
     sparse = sampling._sparse_nonzero
     monkeypatch.setattr(sampling, "_sparse_nonzero", lambda m: passed.append(m.sum()) or sparse(m))
     whole = sampling._best_rival_scores([logits], params, keys, None, None, toks, floor)
-    assert max(passed) * sampling.DENSE_ABOVE > 6 * 3000  # the whole-block path ran
+    assert max(passed) * sampling.DENSE_ABOVE > 6 * 6000  # the whole-block path ran
     monkeypatch.setattr(sampling, "DENSE_ABOVE", 0)  # never whole
     indexed = sampling._best_rival_scores([logits], params, keys, None, None, toks, floor)
     assert torch.equal(whole, brute.max(dim=1).values) and torch.equal(indexed, whole)
