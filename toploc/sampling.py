@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -127,20 +128,21 @@ def row_keys(seeds: torch.Tensor, samples: torch.Tensor, positions: torch.Tensor
 
 def token_salts(tokens: torch.Tensor) -> torch.Tensor:
     """The row-independent half of the noise's hash input for token ids `tokens` (any shape,
-    as the hash's int32 state): computed once for columns shared by every row
-    (`gumbel_salted`)."""
+    as the hash's int32 state)."""
     return _bits(tokens.to(torch.int64) * 0x9E3779B1 + _TOKEN_SALT)
+
+
+@lru_cache(maxsize=4)
+def _vocab_salts(vocab: int, device: torch.device) -> torch.Tensor:
+    """Every column's salt after the hash's first step (`_spread`), int32 [vocab]: the same
+    for every row, so the sampler takes it once, not once a decoding step. Never written to."""
+    return _spread(token_salts(torch.arange(vocab, device=device)))
 
 
 def gumbel_at(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise in float64 for the token ids `tokens` [B, M] of each row's key [B]:
     a pure function of (key, token id), so any subset of the vocabulary can be evaluated."""
-    return gumbel_salted(keys, token_salts(tokens))
-
-
-def gumbel_salted(keys: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
-    """`gumbel_at` from `token_salts`, [B, M] per row or [M] shared by every row."""
-    return _noise(_mix(_bits(keys)[:, None] ^ salts))
+    return _noise(_mix(_bits(keys)[:, None] ^ token_salts(tokens)))
 
 
 def _noise(h: torch.Tensor) -> torch.Tensor:
@@ -454,23 +456,18 @@ def _best_rival_scores(
     best = torch.full((rows,), -math.inf, dtype=torch.float64, device=device)
     step = block_rows(device, width)
     spread_keys = _spread(_bits(keys))
-    if cols is None:  # every row's columns are the vocabulary: hash their half once
-        every_salts = _spread(token_salts(torch.arange(width, device=device)))
     for a, b, lb in _row_blocks(pieces, step):
         if cols is not None:
             lb = lb.gather(-1, cols[a:b])
         comp = None if competitors is None else competitors[a:b]
         if params.temperature <= 0:  # greedy draws no noise
-            scores = lb.to(torch.float64, copy=True)
-            _leave_out(scores, comp, excluded[a:b], -math.inf)
-            best[a:b] = scores.max(dim=1).values
+            best[a:b] = _row_best(lb.to(torch.float64, copy=True), comp, excluded[a:b])
             continue
-        salts = every_salts if cols is None else _spread(token_salts(cols[a:b]))
+        salts = _vocab_salts(width, device) if cols is None else _spread(token_salts(cols[a:b]))
         pre = _grid_before_last(spread_keys[a:b], salts)
-        if width <= WHOLE_UP_TO:
+        if width <= WHOLE_UP_TO:  # a narrow row gets every column's noise
             scores = _every_score(lb, pre, params.temperature)
-            _leave_out(scores, comp, excluded[a:b], -math.inf)
-            best[a:b] = scores.max(dim=1).values
+            best[a:b] = _row_best(scores, comp, excluded[a:b])
             continue
         flagged = (pre >> (32 - FLAG_BITS)).eq_(-1).bool()  # in place, then cast: 3x faster
         _leave_out(flagged, comp, excluded[a:b], False)
@@ -516,7 +513,7 @@ def _raise_to_scores(
     if r.numel() * DENSE_ABOVE > mask.numel():
         # Rows flat enough that most columns pass (no LM's, but logits are what a node's
         # completion makes them): scored whole, as cheap as the replay has ever been.
-        s = _every_score(lb, pre, temperature).masked_fill_(~mask, -math.inf)
+        s = _every_score(lb, pre.clone(), temperature).masked_fill_(~mask, -math.inf)
         best.copy_(torch.maximum(best, s.max(dim=1).values))
         return
     best.scatter_reduce_(0, r, _scores_from_bits(lb, pre, r, k, temperature), "amax")
@@ -528,8 +525,7 @@ def _sampled_argmax(logits: torch.Tensor, temperature: float, keys: torch.Tensor
     the flagged columns' best score is a lower bound on the row's top, and any other column
     that can reach it has a scaled logit within G_UNFLAGGED of it."""
     rows, vocab = logits.shape
-    every = torch.arange(vocab, device=logits.device)
-    pre = _grid_before_last(_spread(_bits(keys)), _spread(token_salts(every)))
+    pre = _grid_before_last(_spread(_bits(keys)), _vocab_salts(vocab, logits.device))
     if vocab <= WHOLE_UP_TO:
         return _every_score(logits, pre, temperature).argmax(dim=1)
     flagged = (pre >> (32 - FLAG_BITS)).eq_(-1).bool()
@@ -558,11 +554,12 @@ def _scores_from_bits(
 
 
 def _every_score(lb: torch.Tensor, pre: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The score of every entry of a block, float64 (`pre` is left as it was)."""
+    """The score of every entry of a block, float64 (`pre` is overwritten: a caller that
+    reads it after hands a copy)."""
     s = lb.to(torch.float64, copy=True)
     if temperature != 1.0:
         s.div_(temperature)
-    return s.add_(_noise(_last(pre.clone())))
+    return s.add_(_noise(_last(pre)))
 
 
 def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -585,6 +582,15 @@ def _logit_cut(scaled: torch.Tensor, temperature: float) -> torch.Tensor:
     `scaled` also reaches in float32: set lower by float64's and float32's rounding."""
     cut = scaled * temperature
     return (cut - (cut.abs() + 1.0) * (2 * torch.finfo(torch.float32).eps)).float()
+
+
+def _row_best(
+    scores: torch.Tensor, competitors: torch.Tensor | None, excluded: torch.Tensor
+) -> torch.Tensor:
+    """Each row's best of the block's `scores` [n, w] (float64, overwritten) among the
+    columns that compete (`_leave_out`)."""
+    _leave_out(scores, competitors, excluded, -math.inf)
+    return scores.max(dim=1).values
 
 
 def _leave_out(
