@@ -244,6 +244,7 @@ class _FileBody:
     async def chunks(self, fd: int) -> AsyncIterator[bytes]:
         sv, p = self.sv, self.p
         pos = self.start
+        since = trio.current_time()  # this stream's place in the cap's queue: oldest first
         while pos < self.end:
             index = pos // sv.manifest.unit
             s_start, s_len = unit_range(sv.manifest, p, index)
@@ -262,7 +263,7 @@ class _FileBody:
                 turn = self.bucket.turn(READ_CHUNK)
                 for i in range(0, len(data), turn):
                     piece = data[i : i + turn]
-                    await self.bucket.take(len(piece))
+                    await self.bucket.take(len(piece), since)
                     yield piece
             pos += len(data)
 

@@ -1,27 +1,51 @@
 """Upload throttle shared by every connection of one server: caps its total upload rate.
 
 Used by benchmarks to model "this relay has U bytes/s of upload" on one machine, and by
-operators who must not saturate a link. Senders take tokens before each chunk and go into
-debt; each then sleeps until its share of the debt is paid, so concurrent senders together
-never exceed the rate and none is starved.
+operators who must not saturate a link. One sender at a time holds the cap: it takes tokens
+for its chunk, waits until its debt is paid, and hands the cap on (sending its chunk while
+the next one pays), so senders together never exceed the rate.
+
+The cap goes next to the waiting sender whose stream began first, so the oldest transfers
+finish at the full rate, one pair after another (while one sends the chunk it paid for, the
+next oldest pays for its own), rather than every transfer crawling along at once. In a swarm
+that is what matters: a member re-serves a piece only once all of it has arrived and been
+verified. 32 members sharing a 1 MB/s seed's turns alike got no piece for 12 s and then 64
+at once, their own uploads idle meanwhile (docs/shardcast.md, thirty-fifth session). A
+sender kept waiting `STARVED_S` goes first all the same, so no stream falls silent for long
+whatever the queue ahead of it (a client gives up on a silent one after
+`FetchPolicy.read_timeout`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import trio
 
 WHOLE_TURNS_S = 2.0
 """A sender takes its whole send (up to `whole`) a turn while a whole send for every stream
-sharing the cap takes at most this long at its rate, and `TURN_SLICE` bytes a turn past that.
-The cap pays turns in order, so k streams each wait k turns between two of theirs: with whole
-1 MiB sends, 64 streams at 10 MB/s got 1 MiB every 6.7 s each, and their clients' rate floor
-(`FetchPolicy.min_rate` over 5 s) cut them as stalled, over and over. Slicing every turn cost
-the 8-member quick bench 8%: whole turns finish pieces one after another, and a finished piece
-can be passed on sooner (docs/shardcast.md, thirtieth session)."""
+sharing the cap takes at most this long at its rate, and `TURN_SLICE` bytes a turn past that,
+so that a starved stream's turn (`STARVED_S`) is short."""
 TURN_SLICE = 64 * 1024
+STARVED_S = 20.0
+"""A sender that has waited this long for its turn goes before the older streams: a third
+of a client's `read_timeout` (60 s), and past a 1 MB/s seed's queue of 64 pieces of 256 KiB
+(17 s), so that it fires only when a queue is longer than that."""
+
+_arrivals = itertools.count()
+
+
+@dataclass
+class _Waiter:
+    since: float
+    """When the sender's stream began: the earliest goes first."""
+    asked: float
+    """When this turn was asked for: one asked `STARVED_S` ago goes before any other."""
+    order: int = field(default_factory=lambda: next(_arrivals))
+    granted: trio.Event = field(default_factory=trio.Event)
 
 
 class UploadThrottle:
@@ -34,6 +58,9 @@ class UploadThrottle:
         self.capacity = burst if burst is not None else rate * 0.05
         self._tokens = self.capacity
         self._last: float | None = None  # set on first use: may be built outside trio.run
+        self._held = False
+        """A sender holds the cap (paying for its chunk), so others wait in `_waiting`."""
+        self._waiting: list[_Waiter] = []
         self.streams = 0
         """Streams sending under this cap now (each inside `sending()`)."""
 
@@ -51,11 +78,44 @@ class UploadThrottle:
         cycle_s = self.streams * whole / self.rate
         return whole if cycle_s <= WHOLE_TURNS_S else min(whole, TURN_SLICE)
 
-    async def take(self, n: int) -> None:
+    async def take(self, n: int, since: float | None = None) -> None:
+        """Wait until `n` bytes may be sent. `since`: when the sender's stream began (its
+        place in the queue); None puts it after every sender waiting now."""
         now = trio.current_time()
-        elapsed = 0.0 if self._last is None else now - self._last
-        self._tokens = min(self.capacity, self._tokens + elapsed * self.rate)
-        self._last = now
-        self._tokens -= n
-        if self._tokens < 0:
-            await trio.sleep(-self._tokens / self.rate)
+        if self._held:
+            me = _Waiter(now if since is None else since, now)
+            self._waiting.append(me)
+            try:
+                await me.granted.wait()
+            except BaseException:
+                if me.granted.is_set():
+                    self._hand_on()  # granted as it was cancelled: the next one's turn
+                else:
+                    self._waiting.remove(me)
+                raise
+        self._held = True
+        try:
+            now = trio.current_time()
+            elapsed = 0.0 if self._last is None else now - self._last
+            self._tokens = min(self.capacity, self._tokens + elapsed * self.rate)
+            self._last = now
+            self._tokens -= n
+            if self._tokens < 0:
+                await trio.sleep(-self._tokens / self.rate)
+        finally:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Give the cap to the next sender: one starved for `STARVED_S` (the longest waiting
+        first), else the one whose stream began first."""
+        if not self._waiting:
+            self._held = False
+            return
+        now = trio.current_time()
+        starved = [w for w in self._waiting if now - w.asked >= STARVED_S]
+        if starved:
+            nxt = min(starved, key=lambda w: (w.asked, w.order))
+        else:
+            nxt = min(self._waiting, key=lambda w: (w.since, w.order))
+        self._waiting.remove(nxt)
+        nxt.granted.set()
