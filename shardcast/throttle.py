@@ -18,7 +18,9 @@ whatever the queue ahead of it (a client gives up on a silent one after
 
 from __future__ import annotations
 
+import heapq
 import itertools
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,8 +37,6 @@ STARVED_S = 20.0
 of a client's `read_timeout` (60 s), and past a 1 MB/s seed's queue of 64 pieces of 256 KiB
 (17 s), so that it fires only when a queue is longer than that."""
 
-_arrivals = itertools.count()
-
 
 @dataclass
 class _Waiter:
@@ -44,8 +44,10 @@ class _Waiter:
     """When the sender's stream began: the earliest goes first."""
     asked: float
     """When this turn was asked for: one asked `STARVED_S` ago goes before any other."""
-    order: int = field(default_factory=lambda: next(_arrivals))
+    order: int
     granted: trio.Event = field(default_factory=trio.Event)
+    gone: bool = False
+    """Granted, or cancelled while waiting: left in the queues until it reaches a front."""
 
 
 class UploadThrottle:
@@ -59,8 +61,13 @@ class UploadThrottle:
         self._tokens = self.capacity
         self._last: float | None = None  # set on first use: may be built outside trio.run
         self._held = False
-        """A sender holds the cap (paying for its chunk), so others wait in `_waiting`."""
-        self._waiting: list[_Waiter] = []
+        """A sender holds the cap (paying for its chunk), so others wait in the queues."""
+        # The senders waiting, twice: by stream age (a heap) and in the order they asked (the
+        # oldest ask is the first to starve). Each turn costs O(log waiting), so a thousand
+        # streams held open make no turn slower to pick than a few.
+        self._by_age: list[tuple[float, int, _Waiter]] = []
+        self._by_ask: deque[_Waiter] = deque()
+        self._arrivals = itertools.count()
         self.streams = 0
         """Streams sending under this cap now (each inside `sending()`)."""
 
@@ -83,15 +90,16 @@ class UploadThrottle:
         place in the queue); None puts it after every sender waiting now."""
         now = trio.current_time()
         if self._held:
-            me = _Waiter(now if since is None else since, now)
-            self._waiting.append(me)
+            me = _Waiter(now if since is None else since, now, next(self._arrivals))
+            heapq.heappush(self._by_age, (me.since, me.order, me))
+            self._by_ask.append(me)
             try:
                 await me.granted.wait()
             except BaseException:
                 if me.granted.is_set():
                     self._hand_on()  # granted as it was cancelled: the next one's turn
                 else:
-                    self._waiting.remove(me)
+                    me.gone = True
                 raise
         self._held = True
         try:
@@ -105,17 +113,24 @@ class UploadThrottle:
         finally:
             self._hand_on()
 
+    @property
+    def waiting(self) -> int:
+        """Senders waiting for the cap now."""
+        return sum(not w.gone for w in self._by_ask)
+
     def _hand_on(self) -> None:
         """Give the cap to the next sender: one starved for `STARVED_S` (the longest waiting
         first), else the one whose stream began first."""
-        if not self._waiting:
+        while self._by_ask and self._by_ask[0].gone:
+            self._by_ask.popleft()
+        if not self._by_ask:
+            self._by_age.clear()  # only senders that are gone were left in it
             self._held = False
             return
-        now = trio.current_time()
-        starved = [w for w in self._waiting if now - w.asked >= STARVED_S]
-        if starved:
-            nxt = min(starved, key=lambda w: (w.asked, w.order))
-        else:
-            nxt = min(self._waiting, key=lambda w: (w.since, w.order))
-        self._waiting.remove(nxt)
+        nxt = self._by_ask[0]
+        if trio.current_time() - nxt.asked < STARVED_S:
+            while self._by_age[0][2].gone:
+                heapq.heappop(self._by_age)
+            nxt = self._by_age[0][2]
+        nxt.gone = True
         nxt.granted.set()

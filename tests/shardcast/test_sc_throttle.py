@@ -4,6 +4,7 @@ the starvation guard, cancellation."""
 from __future__ import annotations
 
 import contextlib
+import random
 
 import pytest
 import trio
@@ -107,7 +108,7 @@ async def test_a_cancelled_sender_leaves_the_cap_to_the_others(autojump_clock) -
         nursery.start_soon(_send, cap, 5, t0 + 0.01, done, "b")
     assert set(done) == {"a", "b"}
     assert max(done.values()) - t0 <= 10 * CHUNK / RATE + 0.2
-    assert not cap._held and not cap._waiting
+    assert cap.waiting == 0
 
 
 def test_a_cap_gives_whole_turns_only_while_a_round_of_them_is_short() -> None:
@@ -129,3 +130,36 @@ def test_a_cap_gives_whole_turns_only_while_a_round_of_them_is_short() -> None:
     with pytest.raises(RuntimeError), cap.sending():
         raise RuntimeError("the client went away")
     assert cap.streams == 0
+
+
+@pytest.mark.trio
+async def test_many_waiters_some_gone_are_served_by_age(autojump_clock) -> None:
+    """Forty senders queued behind a holder, their streams' ages shuffled, every third one
+    cancelled while it waits: the rest get the cap in the order their streams began, and
+    nothing is left waiting."""
+    cap = UploadThrottle(RATE, burst=0.0)
+    rng = random.Random(7)
+    ages = [float(i) for i in range(40)]
+    rng.shuffle(ages)
+    served: list[float] = []
+
+    async def one(since: float, scope: trio.CancelScope) -> None:
+        with scope:
+            await cap.take(CHUNK, since)
+            served.append(since)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cap.take, 5 * CHUNK)  # holds the cap for 0.5 s
+        await trio.sleep(0.001)
+        scopes = []
+        for since in ages:
+            scopes.append(trio.CancelScope())
+            nursery.start_soon(one, since, scopes[-1])
+        await trio.sleep(0.01)
+        assert cap.waiting == 40
+        for i, scope in enumerate(scopes):
+            if i % 3 == 0:
+                scope.cancel()
+    kept = sorted(a for i, a in enumerate(ages) if i % 3)
+    assert served == kept
+    assert cap.waiting == 0
