@@ -38,15 +38,15 @@ of a client's `read_timeout` (60 s), and past a 1 MB/s seed's queue of 64 pieces
 (17 s), so that it fires only when a queue is longer than that."""
 
 
-@dataclass
+@dataclass(order=True)
 class _Waiter:
     since: float
-    """When the sender's stream began: the earliest goes first."""
-    asked: float
-    """When this turn was asked for: one asked `STARVED_S` ago goes before any other."""
+    """When the sender's stream began: the earliest goes first (ties: the first to ask)."""
     order: int
-    granted: trio.Event = field(default_factory=trio.Event)
-    gone: bool = False
+    asked: float = field(compare=False)
+    """When this turn was asked for: one asked `STARVED_S` ago goes before any other."""
+    granted: trio.Event = field(default_factory=trio.Event, compare=False)
+    gone: bool = field(default=False, compare=False)
     """Granted, or cancelled while waiting: left in the queues until it reaches a front."""
 
 
@@ -65,7 +65,7 @@ class UploadThrottle:
         # The senders waiting, twice: by stream age (a heap) and in the order they asked (the
         # oldest ask is the first to starve). Each turn costs O(log waiting), so a thousand
         # streams held open make no turn slower to pick than a few.
-        self._by_age: list[tuple[float, int, _Waiter]] = []
+        self._by_age: list[_Waiter] = []
         self._by_ask: deque[_Waiter] = deque()
         self._arrivals = itertools.count()
         self.streams = 0
@@ -90,8 +90,8 @@ class UploadThrottle:
         place in the queue); None puts it after every sender waiting now."""
         now = trio.current_time()
         if self._held:
-            me = _Waiter(now if since is None else since, now, next(self._arrivals))
-            heapq.heappush(self._by_age, (me.since, me.order, me))
+            me = _Waiter(now if since is None else since, next(self._arrivals), now)
+            heapq.heappush(self._by_age, me)
             self._by_ask.append(me)
             try:
                 await me.granted.wait()
@@ -129,8 +129,8 @@ class UploadThrottle:
             return
         nxt = self._by_ask[0]
         if trio.current_time() - nxt.asked < STARVED_S:
-            while self._by_age[0][2].gone:
+            while self._by_age[0].gone:
                 heapq.heappop(self._by_age)
-            nxt = self._by_age[0][2]
+            nxt = self._by_age[0]
         nxt.gone = True
         nxt.granted.set()
