@@ -228,6 +228,20 @@ class FetchPolicy:
     """Bytes/s a started transfer must keep up over every `rate_window` while another
     source could serve the shard; 0 turns the floor off."""
     rate_window: float = 5.0
+    sole_holder_window: float = 25.0
+    """`rate_window` for a transfer in a swarm from the only peer known to hold the unit, when
+    a seed is the only other source, if that peer has served this member more units than it
+    failed. A unit that has just landed at one member is every member's rarest: they all ask
+    that member at once, and its upload cap serves them oldest first, so the last in line
+    waits for the others' copies before its first byte. Cut after `rate_window`, each went
+    to the seed instead and held that member at fault for `FAULTY_RECHECK_S`: at N = 32 and
+    1 MB/s most of the origin's extra copies (docs/shardcast.md). Longer than the cap's
+    `STARVED_S`, within which it serves every waiting stream, so an honest member's queue
+    is not taken for a stall. Earned by serving, so a peer that claims units and stalls
+    holds a worker that long only after paying a unit's upload for each time (a cut costs
+    it a failure and `FAULTY_RECHECK_S` unused); for at most half of this member's
+    transfers at once, so stalling peers never hold all its workers; and a second holder of
+    the unit still takes the transfer over as a hedge."""
     first_byte_timeout: float = 15.0
     """Longest wait for a response's headers while another source could serve the shard
     (an honest relay waits for a shard it is still mirroring; a far-behind one is slow)."""
@@ -396,6 +410,8 @@ class ShardFetcher:
         self._landed = float("-inf")  # trio time a unit last landed (or the fetch began)
         self._busy_budget = policy.busy_wait
         """Seconds each unit of the current fetch may wait on busy sources (`fetch`)."""
+        self._patient = 0
+        """Transfers in flight judged over `sole_holder_window`."""
 
     async def fetch(
         self,
@@ -736,7 +752,10 @@ class ShardFetcher:
             prog.contributors.add(source.url)
             prog.got += n
 
-        floor = _RateFloor(self.policy, active=self._has_alternative(version, job, source.url))
+        window = self._floor_window(version, job, source)
+        floor = _RateFloor(self.policy, window)
+        patient = int(window == self.policy.sole_holder_window)
+        self._patient += patient
         try:
             with floor.scope:
                 headers = {"Range": f"bytes={first}-{last}"}
@@ -757,6 +776,8 @@ class ShardFetcher:
         except (httpx.HTTPError, httpx.StreamError) as e:
             await flush()
             raise _TransferFailed(f"{type(e).__name__}: {e}") from None
+        finally:
+            self._patient -= patient
         if floor.scope.cancelled_caught and not floor.body:
             raise _TransferFailed(f"no answer in {self.policy.first_byte_timeout:.1f}s")
         if floor.scope.cancelled_caught:
@@ -765,17 +786,28 @@ class ShardFetcher:
         if prog.got < job.length:
             raise _TransferFailed(f"body ended after {prog.got} of {job.length} bytes")
 
-    def _has_alternative(self, version: int, job: ShardJob, url: str) -> bool:
-        """Whether a source other than `url` could serve `job` now. In a swarm that is a peer
-        holding the unit, or another seed: a peer without it is none. Counting every peer
-        let the rate floor cut a seed that was merely sharing its upload fairly (16 members
-        at 1 MB/s get 62 KB/s each, under the 64 KiB/s floor): the seed was then at fault,
-        every member gave the version up as having no source, and a 16 MiB version took
-        minutes (thirty-first session)."""
+    def _floor_window(self, version: int, job: ShardJob, source: SourceStats) -> float | None:
+        """The rate floor's window for a transfer of `job` from `source`, or None for no
+        floor: when no other source could serve `job` now. In a swarm another source is a
+        peer holding the unit, or another seed: a peer without it is none. Counting every
+        peer let the rate floor cut a seed that was merely sharing its upload fairly (16
+        members at 1 MB/s get 62 KB/s each, under the 64 KiB/s floor): the seed was then at
+        fault, every member gave the version up as having no source, and a 16 MiB version
+        took minutes (thirty-first session). A peer that only a seed could replace, and that
+        has served this member more units than it failed, gets `sole_holder_window`, while
+        fewer than half of this member's transfers have it."""
+        url = source.url
         if self.swarm is None:
-            return self.picker.has_alternative(version, url)
-        among = (self.swarm.holders(job) | self.swarm.seeds) - {url}
-        return bool(self.picker.usable(version, among=among))
+            alive = self.picker.has_alternative(version, url)
+            return self.policy.rate_window if alive else None
+        peers = self.swarm.holders(job) - {url}
+        if self.picker.usable(version, among=peers):
+            return self.policy.rate_window
+        if not self.picker.usable(version, among=self.swarm.seeds - {url}):
+            return None
+        earned = url not in self.swarm.seeds and source.ok > source.failed
+        room = self._patient < max(1, self.policy.parallel // 2)
+        return self.policy.sole_holder_window if earned and room else self.policy.rate_window
 
     def _check_response(
         self, r: httpx.Response, version: int, source: SourceStats, first: int, last: int
@@ -794,16 +826,16 @@ class ShardFetcher:
 
 class _RateFloor:
     """Cancels a transfer whose headers take over `first_byte_timeout`, or whose body
-    brings fewer than `min_rate * rate_window` bytes within a window (each window starts
-    when the previous one's quota was met). Inactive when no other source could serve."""
+    brings fewer than `min_rate * window` bytes within a window (each window starts when the
+    previous one's quota was met). Inactive (`window` None) when no other source could serve."""
 
-    def __init__(self, policy: FetchPolicy, active: bool) -> None:
-        self.window = policy.rate_window
-        self.quota = policy.min_rate * policy.rate_window
-        self.active = active
+    def __init__(self, policy: FetchPolicy, window: float | None) -> None:
+        self.window = window or 0.0
+        self.quota = policy.min_rate * self.window
+        self.active = window is not None
         self.body = False
         self.scope = trio.CancelScope()
-        if active:
+        if self.active:
             self.scope.deadline = trio.current_time() + policy.first_byte_timeout
         self._got = 0
 

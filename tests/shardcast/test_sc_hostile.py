@@ -34,6 +34,8 @@ from shardcast.origin import Origin
 from shardcast.probe import ProbeStatus, verify_source
 from shardcast.relay import Relay
 from shardcast.server import parse_range, serve_app
+from shardcast.shards import hash_range
+from shardcast.sources import SourcePicker
 
 # Short windows so a fault shows within a second; the read timeout is long on purpose, so a
 # test passes only if the new defences (not the old per-read timeout) rescue the fetch.
@@ -49,6 +51,9 @@ HOSTILE = FetchPolicy(
     deadline=20.0,
 )
 
+LATE_S = 1.2
+"""How long a "late" source keeps a body: past `HOSTILE.rate_window`."""
+
 
 def fault_proxy(
     upstream: list[str],
@@ -59,9 +64,10 @@ def fault_proxy(
 ) -> FastAPI:
     """Forwards to `upstream[0]`, misbehaving on payload bodies as `mode` says:
     "trickle" (1 KB, then a byte every 0.3 s), "stall_body" (1 KB, then silence),
-    "stall_headers" (never answers), "flip" (first byte flipped), "flip_at" (the byte at
-    file offset `flip_at` flipped, the first time a response covers it), "refuse" (503),
-    "error" (500), "honest".
+    "stall_headers" (never answers), "late" (headers, then the body after `LATE_S`, as a
+    stream waits its turn at an honest server's upload cap), "flip" (first byte flipped),
+    "flip_at" (the byte at file offset `flip_at` flipped, the first time a response covers
+    it), "refuse" (503), "error" (500), "honest".
     With `fake_versions`, its listing adds a new, never-held version on every call; with
     `busy_first`, its first that many payload requests get 503 with Retry-After 0.2 s."""
     app = FastAPI()
@@ -112,6 +118,8 @@ def fault_proxy(
         keep = {k: r.headers[k] for k in ("content-range", "content-length")}
 
         async def body():
+            if mode == "late":
+                await trio.sleep(LATE_S)
             if mode in ("trickle", "stall_body"):
                 yield data[:1024]
                 for i in range(1024, len(data)):
@@ -231,6 +239,45 @@ async def test_a_failed_hedge_leaves_no_side_file_when_the_first_request_wins(
         assert c.picker.stats[flip].corrupt > 0  # its hedges failed
         assert not list((tmp_path / "c").rglob("*.hedge*"))
         await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("served_before", [True, False])
+async def test_a_sole_peer_holder_that_has_served_well_is_given_time(
+    tmp_path, identity, served_before
+) -> None:
+    """A swarm member's unit that only one peer holds, and the seed: the peer answers each
+    request at once and sends the body after `LATE_S` (past the rate window), as an honest
+    member's upload cap serves a queue of askers oldest first. A peer that has served this
+    member before is waited for: every unit comes from it, none from the seed, and it is
+    not at fault. One that has not is cut at the rate window as before, and the seed serves."""
+    from shardcast.fetcher import ShardFetcher, Swarming, prepare_file, unit_jobs
+
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    # One transfer at a time: a fetch gives `sole_holder_window` to half its transfers.
+    policy = replace(HOSTILE, hedge_after=1e6, sole_holder_window=6.0, parallel=1)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
+        url = await nursery.start(origin.serve)
+        m = await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.1), 1)
+        peer = await nursery.start(serve_app, fault_proxy([url], "late"), "127.0.0.1", 0)
+        jobs = []
+        for p in m.payload:
+            prepare_file(tmp_path / "c" / p.name, p.size)
+            jobs += unit_jobs(m, p, tmp_path / "c" / p.name)
+        picker = SourcePicker([url, peer])
+        if served_before:
+            picker.record_success(picker.stats[peer], SHARD, 0.1)
+        swarm = Swarming(holders=lambda job: {peer}, seeds={url})
+        await ShardFetcher(http, picker, policy, swarm=swarm).fetch(1, jobs)
+        for p in m.payload:
+            assert hash_range(tmp_path / "c" / p.name, 0, p.size) == p.hash
+        seed, late = picker.stats[url], picker.stats[peer]
+        if served_before:
+            assert (seed.bytes, late.ok) == (0, 1 + len(jobs))
+            assert not late.at_fault(1, time.monotonic()) and late.failed == 0
+        else:
+            assert seed.bytes > 0 and late.at_fault(1, time.monotonic())
         nursery.cancel_scope.cancel()
 
 

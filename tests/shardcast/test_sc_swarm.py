@@ -533,25 +533,42 @@ def test_a_seed_is_held_to_the_rate_floor_only_where_a_peer_holds_the_unit():
     For a seed's unit that is a peer holding it, or another seed, not any peer: a seed that
     shares its upload fairly among more members than the floor allows (16 at 1 MB/s get
     62 KB/s each) was cut by every member, found at fault, and the version given up as
-    having no source, over and over (docs/shardcast.md, thirty-first session)."""
+    having no source, over and over (docs/shardcast.md, thirty-first session). A peer that
+    only the seed could replace is given `sole_holder_window` once it has served more units
+    than it failed."""
     from shardcast.fetcher import FetchPolicy, ShardFetcher, ShardJob, Swarming
     from shardcast.sources import SourcePicker
 
     holders: set[str] = set()
-    picker = SourcePicker([LOCAL, "http://peer"])
+    picker = SourcePicker([LOCAL, "http://peer", "http://other"])
+    seed, peer, other = (picker.stats[u] for u in (LOCAL, "http://peer", "http://other"))
     swarm = Swarming(holders=lambda job: holders, seeds={LOCAL})
-    fetcher = ShardFetcher(httpx.AsyncClient(), picker, FetchPolicy(), swarm=swarm)
+    policy = FetchPolicy()
+    fetcher = ShardFetcher(httpx.AsyncClient(), picker, policy, swarm=swarm)
     job = ShardJob("w.bin", 0, 0, SHARD, "0" * 64, Path("w"))
-    assert not fetcher._has_alternative(1, job, LOCAL)  # the peer lacks the unit
+    assert fetcher._floor_window(1, job, seed) is None  # no peer holds the unit
     holders.add("http://peer")
-    assert fetcher._has_alternative(1, job, LOCAL)  # now it could serve it
-    assert fetcher._has_alternative(1, job, "http://peer")  # a peer: the seed always could
-    picker.stats["http://peer"].corrupt = picker.ban_after
-    assert not fetcher._has_alternative(1, job, LOCAL)  # a banned holder is no alternative
+    assert fetcher._floor_window(1, job, seed) == policy.rate_window  # the peer could serve
+    # Only the seed could replace the peer: a peer that has served nothing is cut as ever,
+    assert fetcher._floor_window(1, job, peer) == policy.rate_window
+    picker.record_success(peer, SHARD, 0.1)  # one that has is given time,
+    assert fetcher._floor_window(1, job, peer) == policy.sole_holder_window
+    picker.record_failure(peer)  # until it fails as often as it served;
+    assert fetcher._floor_window(1, job, peer) == policy.rate_window
+    picker.record_success(peer, SHARD, 0.1)
+    holders.add("http://other")  # and a second holder could take over at once.
+    assert fetcher._floor_window(1, job, peer) == policy.rate_window
+    holders.discard("http://other")
+    assert fetcher._floor_window(1, job, peer) == policy.sole_holder_window
+    fetcher._patient = policy.parallel // 2  # but never for more than half the transfers
+    assert fetcher._floor_window(1, job, peer) == policy.rate_window
+    peer.corrupt = picker.ban_after
+    assert fetcher._floor_window(1, job, seed) is None  # a banned holder is no alternative
+    other.corrupt = picker.ban_after
     lone = ShardFetcher(httpx.AsyncClient(), picker, FetchPolicy())
-    assert not lone._has_alternative(1, job, LOCAL)  # no swarm: any usable source counts
+    assert lone._floor_window(1, job, seed) is None  # no swarm: any usable source counts
     picker.add("http://relay")
-    assert lone._has_alternative(1, job, LOCAL)
+    assert lone._floor_window(1, job, seed) == policy.rate_window
 
 
 def test_only_a_share_dealt_to_a_watched_peer_is_waited_for():
