@@ -4,7 +4,7 @@ Run the swarm benchmark with its members at DEBUG and keep their logs, then read
 
     python bench/shardcast_swarm.py --size-mb 32 --rate-mb 1 --nodes 32 --skip-tree \\
         --workdir /tmp/trace --log-level DEBUG
-    python bench/shardcast_trace.py /tmp/trace/shardcast-swarm-* --rate-mb 1 [--json FILE]
+    python bench/shardcast_trace.py /tmp/trace/shardcast-swarm-* --rate-mb 1 [--json F] [--plot P]
 
 Every member logs each verified unit ("unit N: B bytes from URL in T s") and each transfer it
 cut or gave up ("shard N: URL: why"). From those: the seed's bytes and how many of them were
@@ -98,11 +98,44 @@ def analyse(units: list[Unit], cuts: list, peers: set[str], rate: float) -> dict
     }
 
 
+def plot(r: dict, rate: float, path: Path) -> bool:
+    """Units verified per 2 s, the uploads per 4 s against what every uploader at its cap
+    would give, and each uploader's total; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (units, uploads, totals) = plt.subplots(1, 3, figsize=(13, 3.5))
+    per2 = r["units_per_2s"]
+    units.bar([2 * i for i in range(len(per2))], per2, width=1.8, align="edge")
+    units.set(title="units verified, per 2 s", xlabel="s")
+    mbs = r["upload_mb_per_s_per_4s"]
+    uploads.step([4 * i for i in range(len(mbs) + 1)], [*mbs, mbs[-1]], where="post")
+    full = len(r["uploader_mb"]) * rate / 1e6
+    uploads.axhline(
+        full, color="grey", linestyle="--", label=f"every uploader at its cap ({full:.0f})"
+    )
+    uploads.set(title="uploads (MB/s), per 4 s", xlabel="s", ylim=(0, full * 1.1))
+    uploads.legend(loc="lower center")
+    totals.bar(range(len(r["uploader_mb"])), r["uploader_mb"])
+    totals.set(title="each uploader's total (MB), sorted", xlabel="uploader")
+    for ax in (units, uploads, totals):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path, help="a kept run: the shardcast-swarm-* folder")
     ap.add_argument("--rate-mb", type=float, default=50.0, help="the run's upload cap, MB/s")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--plot", type=Path, help="also draw them here (a .png)")
     args = ap.parse_args()
     units, cuts, peers = read(args.folder)
     r = analyse(units, cuts, peers, args.rate_mb * 1e6)
@@ -121,6 +154,9 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))
         print(f"wrote {args.json}")
+    if args.plot:
+        drawn = plot(r, args.rate_mb * 1e6, args.plot)
+        print(f"wrote {args.plot}" if drawn else "no plot: matplotlib is not installed")
 
 
 if __name__ == "__main__":

@@ -78,3 +78,5 @@ async def test_the_trace_reads_a_fetchs_units_seed_copies_and_cuts(
     assert r["seed_extra_bytes"] == {}  # one member: no second copies
     assert sum(r["cuts"].values()) == len(cuts) >= 1
     assert all("below" in why for why in r["cuts"])
+    assert trace.plot(r, 1e6, tmp_path / "trace.png")
+    assert (tmp_path / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
