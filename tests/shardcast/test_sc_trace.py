@@ -46,9 +46,10 @@ async def test_the_trace_reads_a_fetchs_units_seed_copies_and_cuts(
     handler = logging.FileHandler(run / "swarm2-n0.log")
     handler.setFormatter(logging.Formatter(FORMAT))
     loggers = [logging.getLogger(name) for name in ("shardcast.fetcher", "shardcast.swarm")]
+    levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
-        monkeypatch.setattr(logger, "level", logging.DEBUG)
+        logger.setLevel(logging.DEBUG)  # not the attribute: setLevel clears the loggers' caches
     origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
     try:
         async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
@@ -66,8 +67,9 @@ async def test_the_trace_reads_a_fetchs_units_seed_copies_and_cuts(
             await ShardFetcher(http, picker, policy, swarm=swarm).fetch(1, jobs)
             nursery.cancel_scope.cancel()
     finally:
-        for logger in loggers:
+        for logger, level in zip(loggers, levels, strict=True):
             logger.removeHandler(handler)
+            logger.setLevel(level)
         handler.close()
     units, cuts, peers = trace.read(run)
     assert peers == {peer}
