@@ -13,7 +13,7 @@ import logging
 import shutil
 import socket
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -28,8 +28,17 @@ from sc_helpers import POOL_ID, SHARD, make_checkpoint, same_tree
 from protocol.identity import Identity
 from shardcast.client import Client
 from shardcast.errors import FetchError
-from shardcast.fetcher import FetchDeadline, FetchPolicy
+from shardcast.fetcher import (
+    FetchDeadline,
+    FetchPolicy,
+    ShardFetcher,
+    ShardJob,
+    Swarming,
+    prepare_file,
+    unit_jobs,
+)
 from shardcast.limits import ServeLimits
+from shardcast.manifest import Manifest
 from shardcast.origin import Origin
 from shardcast.probe import ProbeStatus, verify_source
 from shardcast.relay import Relay
@@ -242,6 +251,43 @@ async def test_a_failed_hedge_leaves_no_side_file_when_the_first_request_wins(
         nursery.cancel_scope.cancel()
 
 
+@dataclass
+class LateFetch:
+    """A swarm member's fetch of v1 from a "late" peer, the only holder it knows, and the
+    seed (see `fetch_from_a_late_peer`)."""
+
+    manifest: Manifest
+    jobs: list[ShardJob]
+    picker: SourcePicker
+    seed: str
+    peer: str
+
+
+async def fetch_from_a_late_peer(
+    tmp_path: Path, identity: Identity, policy: FetchPolicy, served_before: bool, mode="late"
+) -> LateFetch:
+    """Publish a small version at an origin (the seed), put a `fault_proxy` in `mode` in
+    front of it as the one peer holding every unit, and fetch the version into
+    `tmp_path / "c"` as a swarm member; `served_before`: the peer has served this member a
+    unit already."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
+        url = await nursery.start(origin.serve)
+        m = await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.1), 1)
+        peer = await nursery.start(serve_app, fault_proxy([url], mode), "127.0.0.1", 0)
+        jobs = []
+        for p in m.payload:
+            prepare_file(tmp_path / "c" / p.name, p.size)
+            jobs += unit_jobs(m, p, tmp_path / "c" / p.name)
+        picker = SourcePicker([url, peer])
+        if served_before:
+            picker.record_success(picker.stats[peer], SHARD, 0.1)
+        swarm = Swarming(holders=lambda job: {peer}, seeds={url})
+        await ShardFetcher(http, picker, policy, swarm=swarm).fetch(1, jobs)
+        nursery.cancel_scope.cancel()
+    return LateFetch(m, jobs, picker, url, peer)
+
+
 @pytest.mark.trio
 @pytest.mark.parametrize("served_before", [True, False])
 async def test_a_sole_peer_holder_that_has_served_well_is_given_time(
@@ -252,33 +298,17 @@ async def test_a_sole_peer_holder_that_has_served_well_is_given_time(
     member's upload cap serves a queue of askers oldest first. A peer that has served this
     member before is waited for: every unit comes from it, none from the seed, and it is
     not at fault. One that has not is cut at the rate window as before, and the seed serves."""
-    from shardcast.fetcher import ShardFetcher, Swarming, prepare_file, unit_jobs
-
-    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
     # One transfer at a time: a fetch gives `sole_holder_window` to half its transfers.
     policy = replace(HOSTILE, hedge_after=1e6, sole_holder_window=6.0, parallel=1)
-    async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
-        url = await nursery.start(origin.serve)
-        m = await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.1), 1)
-        peer = await nursery.start(serve_app, fault_proxy([url], "late"), "127.0.0.1", 0)
-        jobs = []
-        for p in m.payload:
-            prepare_file(tmp_path / "c" / p.name, p.size)
-            jobs += unit_jobs(m, p, tmp_path / "c" / p.name)
-        picker = SourcePicker([url, peer])
-        if served_before:
-            picker.record_success(picker.stats[peer], SHARD, 0.1)
-        swarm = Swarming(holders=lambda job: {peer}, seeds={url})
-        await ShardFetcher(http, picker, policy, swarm=swarm).fetch(1, jobs)
-        for p in m.payload:
-            assert hash_range(tmp_path / "c" / p.name, 0, p.size) == p.hash
-        seed, late = picker.stats[url], picker.stats[peer]
-        if served_before:
-            assert (seed.bytes, late.ok) == (0, 1 + len(jobs))
-            assert not late.at_fault(1, time.monotonic()) and late.failed == 0
-        else:
-            assert seed.bytes > 0 and late.at_fault(1, time.monotonic())
-        nursery.cancel_scope.cancel()
+    f = await fetch_from_a_late_peer(tmp_path, identity, policy, served_before)
+    for p in f.manifest.payload:
+        assert hash_range(tmp_path / "c" / p.name, 0, p.size) == p.hash
+    seed, late = f.picker.stats[f.seed], f.picker.stats[f.peer]
+    if served_before:
+        assert (seed.bytes, late.ok) == (0, 1 + len(f.jobs))
+        assert not late.at_fault(1, time.monotonic()) and late.failed == 0
+    else:
+        assert seed.bytes > 0 and late.at_fault(1, time.monotonic())
 
 
 @pytest.mark.trio

@@ -9,17 +9,11 @@ import logging
 import sys
 from dataclasses import replace
 
-import httpx
 import pytest
-import trio
-from sc_helpers import POOL_ID, REPO, SHARD, make_checkpoint
-from test_sc_hostile import HOSTILE, fault_proxy
+from sc_helpers import REPO
+from test_sc_hostile import HOSTILE, fetch_from_a_late_peer
 
 from protocol.logs import FORMAT
-from shardcast.fetcher import ShardFetcher, Swarming, prepare_file, unit_jobs
-from shardcast.origin import Origin
-from shardcast.server import serve_app
-from shardcast.sources import SourcePicker
 
 
 def _trace_module(monkeypatch):
@@ -50,27 +44,17 @@ async def test_the_trace_reads_a_fetchs_units_seed_copies_and_cuts(
     for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)  # not the attribute: setLevel clears the loggers' caches
-    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
     try:
-        async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
-            url = await nursery.start(origin.serve)
-            m = await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.1), 1)
-            peer = await nursery.start(serve_app, fault_proxy([url], "late"), "127.0.0.1", 0)
-            loggers[1].info("learnt peer %s", peer)  # as a member's watch logs a peer
-            jobs = []
-            for p in m.payload:
-                prepare_file(tmp_path / "c" / p.name, p.size)
-                jobs += unit_jobs(m, p, tmp_path / "c" / p.name)
-            picker = SourcePicker([url, peer])
-            swarm = Swarming(holders=lambda job: {peer}, seeds={url})
-            policy = replace(HOSTILE, hedge_after=1e6, parallel=2)
-            await ShardFetcher(http, picker, policy, swarm=swarm).fetch(1, jobs)
-            nursery.cancel_scope.cancel()
+        f = await fetch_from_a_late_peer(
+            tmp_path, identity, replace(HOSTILE, hedge_after=1e6, parallel=2), False
+        )
+        loggers[1].info("learnt peer %s", f.peer)  # as a member's watch logs a peer
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.removeHandler(handler)
             logger.setLevel(level)
         handler.close()
+    url, peer, jobs = f.seed, f.peer, f.jobs
     units, cuts, peers = trace.read(run)
     assert peers == {peer}
     assert len(units) == len(jobs) and sum(u.nbytes for u in units) == sum(j.length for j in jobs)
