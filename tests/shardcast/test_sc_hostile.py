@@ -312,6 +312,26 @@ async def test_a_sole_peer_holder_that_has_served_well_is_given_time(
 
 
 @pytest.mark.trio
+async def test_a_served_peer_that_goes_silent_is_waited_for_once(tmp_path, identity) -> None:
+    """The same peer, having served this member a unit, now sends 1 KB of each body and then
+    nothing: its first such transfer is given `sole_holder_window` and cut at its end, which
+    holds the peer at fault for the version (and counts a failure against what it served), so
+    no other transfer waits on it: every unit it stalls comes from the seed. Files that fit in
+    the 1 KB it sends, it serves whole."""
+    policy = replace(HOSTILE, hedge_after=1e6, sole_holder_window=2.0, parallel=1)
+    t0 = trio.current_time()
+    f = await fetch_from_a_late_peer(tmp_path, identity, policy, True, mode="stall_body")
+    waited = trio.current_time() - t0
+    for p in f.manifest.payload:
+        assert hash_range(tmp_path / "c" / p.name, 0, p.size) == p.hash
+    seed, silent = f.picker.stats[f.seed], f.picker.stats[f.peer]
+    assert silent.failed == 1 and silent.at_fault(1, time.monotonic())
+    big = [j for j in f.jobs if j.length > 1024]
+    assert seed.ok >= len(big) and seed.ok + silent.ok - 1 == len(f.jobs)
+    assert waited >= policy.sole_holder_window  # it was given the time, once
+
+
+@pytest.mark.trio
 async def test_fetch_has_an_overall_deadline(tmp_path, identity) -> None:
     async with trio.open_nursery() as nursery:
         _, _, bad, _ = await origin_and_proxy(nursery, tmp_path, identity, "stall_headers")

@@ -569,6 +569,11 @@ def test_a_seed_is_held_to_the_rate_floor_only_where_a_peer_holds_the_unit():
     assert lone._floor_window(1, job, seed) is None  # no swarm: any usable source counts
     picker.add("http://relay")
     assert lone._floor_window(1, job, seed) == policy.rate_window
+    picker.add("http://peer-under-a-fresh-key")  # back after its ban: it has served nothing
+    holders.clear()
+    holders.add("http://peer-under-a-fresh-key")
+    fresh = picker.stats["http://peer-under-a-fresh-key"]
+    assert fetcher._floor_window(1, job, fresh) == policy.rate_window
 
 
 def test_only_a_share_dealt_to_a_watched_peer_is_waited_for():
