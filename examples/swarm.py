@@ -295,14 +295,16 @@ class Swarm:
     batch_prompts: int = 0
     model_name: str = ""
     urls_handed_out: set[str] = field(default_factory=set)
-    coordinator_log_mark: int = 0
     """Every weights URL the coordinator listed as a source while the swarm ran."""
+    coordinator_log_mark: int = 0
     forking: bool = False
     """Children are forked from this process after it imported their modules (`prefork`)."""
     startup: dict[str, float] = field(default_factory=dict)
     """Seconds from the start to each start-up milestone, first time seen."""
     never_started: list[str] = field(default_factory=list)
     """Cheater kinds still waiting for a slot when the run ended."""
+    last_progress: str = ""
+    """The last progress line printed, so the same line is not printed twice."""
 
     # ------------------------------------------------------------------ setup
 
@@ -598,11 +600,15 @@ class Swarm:
             if chaos and step >= chaos[0][0]:
                 self.do_chaos(chaos.pop(0)[1])
                 continue
-            # honest nodes that died outside the chaos plan are a failure worth seeing
+            # honest nodes that died outside the chaos plan are a failure worth seeing; one
+            # that left with 0 once the pool finished was told so by the coordinator
             for p in self.procs:
-                if p.role == "honest" and not p.alive and not p.ended:
-                    p.ended = f"exited {p.popen.returncode}"
-                    self.say(f"{p.name} exited unexpectedly ({p.ended}); see {p.log}")
+                if p.role != "honest" or p.alive or p.ended:
+                    continue
+                if step >= a.steps and p.popen.returncode == 0:
+                    continue
+                p.ended = f"exited {p.popen.returncode}"
+                self.say(f"{p.name} exited unexpectedly ({p.ended}); see {p.log}")
             if time.time() - last_print >= a.progress_s and status:
                 last_print = time.time()
                 self.print_progress(status)
@@ -705,13 +711,16 @@ class Swarm:
         reward = self.recent_reward(s["counts"]["accepted_groups"])
         alive = sum(p.alive for p in self.procs if p.role in ("honest", "byzantine"))
         c = s["counts"]
-        self.say(
+        line = (
             f"step {s['step']:>3}/{self.args.steps}  v{s['version']:<3} "
             f"reward {'-' if reward is None else f'{reward:.2f}'}  "
             f"submissions {c['submissions']:>4}  groups {c['accepted_groups']:>4} "
             f"(trained {c['trained_groups']})  nodes {alive} up  "
             f"banned: {', '.join(banned) or '-'}"
         )
+        if line != self.last_progress:  # the closing print repeats the loop's last one
+            self.last_progress = line
+            self.say(line)
 
     # ------------------------------------------------------------------ chaos
 
