@@ -16,7 +16,7 @@ from typing import Annotated, Generic
 
 import msgspec
 
-from protocol.errors import ProtocolError
+from protocol.errors import NotFresh, ProtocolError
 from protocol.identity import Identity, verify_signature
 from protocol.wire import WIRE_VERSION, M, Message, Nonce, PoolId, PublicKey, Signature, UInt
 from protocol.wire import decode as decode_message
@@ -109,12 +109,12 @@ class ReplayGuard:
     ) -> None:
         ts = timestamp_ms / 1000
         if ts > now + self.max_skew_s:
-            raise ProtocolError(
+            raise NotFresh(
                 f"timestamp is {ts - now:.0f} s in the future (max skew {self.max_skew_s:.0f} s); "
                 "check the sender's clock"
             )
         if ts < now - self.window_s:
-            raise ProtocolError(
+            raise NotFresh(
                 f"message is {now - ts:.0f} s old, outside the {self.window_s:.0f} s replay window"
             )
         if now >= self._next_purge:
@@ -122,9 +122,9 @@ class ReplayGuard:
             self._next_purge = now + min(self.window_s, 10.0)
         key = signer + nonce
         if key in self._seen:
-            raise ProtocolError("replayed message: this nonce was already seen from this signer")
+            raise NotFresh("replayed message: this nonce was already seen from this signer")
         if len(self._seen) >= self.max_entries:
-            raise ProtocolError("replay guard is full; try again later")
+            raise NotFresh("replay guard is full; try again later")
         self._seen[key] = ts + self.window_s + self.max_skew_s
 
 

@@ -14,6 +14,12 @@ class ProtocolError(SwarmError):
     """A message could not be decoded, was too large, or failed a signature or replay check."""
 
 
+class NotFresh(ProtocolError):
+    """A signed message outside the time window or seen before: a sender's clock, or its
+    retry of a frame whose reply was lost. Never proof of a lie (only the signer can send its
+    own envelopes), so never a mark against the sender."""
+
+
 class KeyFileError(SwarmError):
     """A key file is missing, malformed, or readable by others."""
 

@@ -42,6 +42,7 @@ import trio
 from protocol.addresses import dialable
 from protocol.envelope import ENVELOPE_OVERHEAD, Envelope, EnvelopeVerifier, Verified, seal
 from protocol.errors import (
+    NotFresh,
     ProtocolError,
     RemoteError,
     SilentConnection,
@@ -60,7 +61,7 @@ from protocol.framing import (
     read_frame_or_eof,
 )
 from protocol.identity import Identity
-from protocol.inflight import InflightBudget, OverBudget
+from protocol.inflight import InflightBudget, OverBudget, Share
 from protocol.ratelimit import Cutoff, RateLimiter
 from protocol.wire import M, Message, ShortStr
 from protocol.wire import decode as decode_message
@@ -84,9 +85,13 @@ class ErrorCode(enum.StrEnum):
     PEER_BUSY = "peer_busy"
     """This peer already has too many request bytes in flight; retry after `retry_after_s`."""
     OVERLOADED = "overloaded"
-    """The host has too many request bytes in flight from everyone; retry after
-    `retry_after_s`. Not the peer's fault, so not a mark against it."""
+    """The host has too many request bytes in flight from everyone, or from the class of peers
+    this one shares a budget with (`Share`); retry after `retry_after_s`. Not the peer's
+    fault, so not a mark against it."""
     BAD_REQUEST = "bad_request"
+    STALE = "stale"
+    """The envelope's time is outside the window or its nonce was seen (`NotFresh`): check
+    the clock, or seal the retry anew. Not a mark against the sender."""
     REFUSED = "refused"
     """The handler refused the request (a `SwarmError`)."""
     TIMEOUT = "timeout"
@@ -139,6 +144,10 @@ class HostConfig:
     max_inflight_bytes: int = 256 * 1024 * 1024
     """Request bytes the host holds in flight from all peers together: the bound on what
     request buffering can add to its memory, whatever the number of peers or streams."""
+    inflight_small_reserve: int = 16 * 1024 * 1024
+    """Of `max_inflight_bytes`, what only frames no larger than a control message (64 KiB and
+    its envelope) may use: peers sending large frames cannot shut joins, heartbeats and
+    lease requests out (`protocol.inflight`)."""
     inflight_retry_s: float = 1.0
     """`retry_after_s` told to a peer refused for bytes in flight: about the time to read and
     answer a large frame, so a refused peer comes back when the budget has likely moved."""
@@ -211,6 +220,8 @@ class HostStats:
 
 Handler = Callable[[Verified[Any]], Awaitable[Message]]
 SignerPolicy = Callable[[bytes], bool]
+SharePolicy = Callable[[bytes], Share | None]
+"""The budget a signer's frames on a route draw on with others of its class, or None."""
 
 
 @dataclass(frozen=True)
@@ -225,9 +236,13 @@ class _Route:
     timeout: float
     limit: int
     """The largest request frame (envelope included) this route reads."""
+    share_of: SharePolicy | None = None
 
     def admits(self, signer: bytes) -> bool:
         return self.allowed_signer is None or self.allowed_signer(signer)
+
+    def share(self, signer: bytes) -> Share | None:
+        return None if self.share_of is None else self.share_of(signer)
 
 
 def pool_topic(pool_id: str, name: str) -> str:
@@ -278,7 +293,10 @@ class Host:
         self._cutoff = Cutoff(config.cutoff_strikes, cutoff_s=config.cutoff_s)
         self._connections = RateLimiter(config.connections_per_ip_s, config.connection_burst)
         self._inflight = InflightBudget(
-            config.max_inflight_bytes_per_peer, config.max_inflight_bytes
+            config.max_inflight_bytes_per_peer,
+            config.max_inflight_bytes,
+            small_reserve=config.inflight_small_reserve,
+            small_frame=Message.max_bytes + ENVELOPE_OVERHEAD,
         )
         self._pubsub: Any = None
         self._gossipsub: Any = None
@@ -685,6 +703,7 @@ class Host:
         response_type: type[Message],
         *,
         allowed_signer: SignerPolicy | None = None,
+        share_of: SharePolicy | None = None,
         timeout_s: float | None = None,
         max_bytes: int | None = None,
     ) -> None:
@@ -694,6 +713,8 @@ class Host:
 
         `allowed_signer` admits keys; it is asked with the connection's key as soon as a frame
         header arrives (a peer it refuses costs us no body) and again once the body is read.
+        `share_of` names the budget a signer's frames draw on together with others of its
+        class (e.g. every node on probation), on top of its own and the host's.
         `max_bytes` caps the request frame (the sealed envelope) below what `request_type`
         allows, e.g. to the pool's `limits.max_submission_bytes`. No route reads a frame above
         `HostConfig.max_inflight_bytes_per_peer`, the most one peer may have in flight."""
@@ -708,7 +729,14 @@ class Host:
         )
         timeout = self.config.handler_timeout_s if timeout_s is None else timeout_s
         route = _Route(
-            protocol_id, handler, request_type, response_type, allowed_signer, timeout, limit
+            protocol_id,
+            handler,
+            request_type,
+            response_type,
+            allowed_signer,
+            timeout,
+            limit,
+            share_of,
         )
         self._host.set_stream_handler(
             TProtocol(protocol_id), functools.partial(self._serve_stream, route=route)
@@ -767,20 +795,23 @@ class Host:
             signer = self._admit(peer_id)
             deadline = trio.current_time() + self.config.read_timeout_s
             length = await self._read_header(start, receive, deadline, signer, route)
-            self._reserve(peer_id, length)
+            share = route.share(signer)
+            self._reserve(peer_id, length, share)
             try:
                 with trio.fail_at(deadline):
                     data = await read_exactly(receive, length)
                 verified = self._verify(data, signer, route)
                 return await self._handle(verified, peer_id, route)
             finally:
-                self._inflight.release(peer_id, length)
+                self._inflight.release(peer_id, length, share)
         except _Refusal as r:
             return self._error(r.code, r.detail, r.retry_after_s, peer_id=peer_id), False
         except trio.TooSlowError:
             return self._error("timeout", "request not received in time", peer_id=peer_id), False
+        except NotFresh as e:
+            return self._error(ErrorCode.STALE, str(e), peer_id=peer_id), False
         except ProtocolError as e:
-            return self._error("bad_request", str(e), peer_id=peer_id), False
+            return self._error(ErrorCode.BAD_REQUEST, str(e), peer_id=peer_id), False
 
     def _admit(self, peer_id: str) -> bytes:
         """The peer's key, once its request rate allows one more request."""
@@ -814,10 +845,10 @@ class Host:
         if not route.admits(signer):
             raise _Refusal(ErrorCode.FORBIDDEN, f"{signer.hex()[:12]} is not admitted here")
 
-    def _reserve(self, peer_id: str, length: int) -> None:
+    def _reserve(self, peer_id: str, length: int, share: Share | None) -> None:
         """Reserve the body's bytes for as long as the request is read and handled."""
         try:
-            self._inflight.reserve(peer_id, length)
+            self._inflight.reserve(peer_id, length, share)
         except OverBudget as e:
             code = ErrorCode.PEER_BUSY if e.scope == "peer" else ErrorCode.OVERLOADED
             raise _Refusal(code, str(e), self.config.inflight_retry_s) from None

@@ -35,6 +35,7 @@ from protocol.envelope import Verified
 from protocol.errors import SwarmError
 from protocol.host import ErrorCode, Host, HostConfig, pool_topic
 from protocol.identity import Identity, peer_id_of
+from protocol.inflight import Share
 from protocol.poolspec import PoolSpec
 from shardcast.nat import HopLimits
 from shardcast.origin import Origin
@@ -351,14 +352,16 @@ class Coordinator:
             msg.LeaseReply,
             allowed_signer=member,
         )
-        # Only a node with work to hand in may send a (large) submission frame: bytes buffered
-        # are bounded by the leases admission rations, not by how many keys joined.
+        # Only a node with work to hand in may send a (large) submission frame, and every node
+        # on probation draws on one shared budget: bytes buffered are bounded by the leases
+        # admission rations, not by how many keys joined.
         host.serve(
             msg.SUBMIT_PROTOCOL,
             self.submissions.on_submit,
             msg.Submission,
             msg.Receipt,
             allowed_signer=self._may_submit,
+            share_of=self._submission_share,
             max_bytes=self.spec.limits.max_submission_bytes,
         )
         host.serve(
@@ -439,6 +442,16 @@ class Coordinator:
         a lost receipt)."""
         since = time.time() - self.spec.limits.lease_timeout_s
         return self.ledger.is_active(key) and self.ledger.activity(key, since).has_work
+
+    def _submission_share(self, key: bytes) -> Share | None:
+        """The budget every node on probation sends submissions from: what the probation
+        leases can bring, one frame each. A key that answered a probation lease may resend for
+        `lease_timeout_s`, so without it a few dozen fresh keys, each allowed the per-peer
+        budget, held every byte the host may buffer and shut out even heartbeats."""
+        if self.admission.is_trusted(key):
+            return None
+        frames = max(1, self.spec.admission.probation_leases)
+        return Share("probation", frames * self.spec.limits.max_submission_bytes)
 
     async def _announce(self, version: int, base: int | None) -> None:
         if self._host is None:

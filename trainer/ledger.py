@@ -115,6 +115,15 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE nodes ADD COLUMN rate_refusals INTEGER NOT NULL DEFAULT 0;
     """,
+    # A resent answer looks up the lease's submission (`answer_of`), and the integrity audit
+    # counts each submission's groups: without these indexes, a scan of a whole table per
+    # lookup (a resend is free to a member; the audit is a public page). A lease answered too
+    # late is recorded once (`record_late`), so its holder cannot grow the ledger with copies.
+    """
+    CREATE INDEX submissions_lease ON submissions(lease_id, id);
+    CREATE INDEX groups_submission ON groups(submission_id, task_index);
+    ALTER TABLE leases ADD COLUMN late_at REAL;
+    """,
 ]
 
 
@@ -499,11 +508,15 @@ class Ledger:
         ).fetchone()[0]
 
     def pending_groups(self) -> int:
-        """Groups (a task each) of the leases that submissions waiting for a verdict answer."""
+        """Groups (a task each) of trusted nodes' leases that submissions waiting for a verdict
+        answer. Answers to probation leases are left out, as their open leases are in
+        `open_lease_groups`: they wait behind all trusted work for the probation prefill
+        budget, so counting them let a few fresh keys answering with junk tell the pool that
+        a batch was coming, and stop every lease to trusted nodes until the junk was judged."""
         return self._db.execute(
             """SELECT COALESCE(SUM(json_array_length(l.tasks)), 0)
                FROM submissions s JOIN leases l ON l.id = s.lease_id
-               WHERE s.outcome IS NULL"""
+               WHERE s.outcome IS NULL AND l.probation = 0"""
         ).fetchone()[0]
 
     def withheld_prompts(self, node: bytes, since: float) -> tuple[frozenset[int], frozenset[int]]:
@@ -584,6 +597,26 @@ class Ledger:
             sid = db.execute(
                 "INSERT INTO submissions (lease_id, node, received_at, raw) VALUES (NULL, ?, ?, ?)",
                 (node, now, raw),
+            ).lastrowid
+            banned = self._decide(db, sid, decision, rules, now)
+        return sid, banned
+
+    def record_late(
+        self, node: bytes, lease_id: int, decision: Decision, rules: Rules, now: float
+    ) -> tuple[int, bool] | None:
+        """Record the first answer to `node`'s lease `lease_id` that came after it closed, as
+        `record_rejected` does but without its bytes (late work is not evidence of anything);
+        None, recording nothing, when the lease had a late answer already."""
+        with self._tx() as db:
+            first = db.execute(
+                "UPDATE leases SET late_at = ? WHERE id = ? AND node = ? AND late_at IS NULL",
+                (now, lease_id, node),
+            ).rowcount
+            if not first:
+                return None
+            sid = db.execute(
+                "INSERT INTO submissions (lease_id, node, received_at, raw) VALUES (NULL, ?, ?, ?)",
+                (node, now, b""),
             ).lastrowid
             banned = self._decide(db, sid, decision, rules, now)
         return sid, banned
@@ -694,9 +727,13 @@ class Ledger:
         ).fetchone()
         if n is None or n["banned_at"] is not None:
             return False
+        # The window holds verdicts that say something of the node: its validated work and its
+        # proven faults. An answer refused for coming late (no lease, no strike) says nothing,
+        # and counted, a cheater flushed its strikes out with late answers to an expired lease.
         window = db.execute(
             """SELECT COALESCE(SUM(strikes), 0) FROM (SELECT strikes FROM submissions
-               WHERE node = ? AND outcome IS NOT NULL ORDER BY id DESC LIMIT ?)""",
+               WHERE node = ? AND outcome IS NOT NULL AND (lease_id IS NOT NULL OR strikes > 0)
+               ORDER BY id DESC LIMIT ?)""",
             (node, rules.ban_window),
         ).fetchone()[0]
         standing = Standing(bool(n["probation"]), n["accepted"], float(window))

@@ -195,9 +195,13 @@ class SubmissionService:
         outcome = "soft" if late else "hard"
         strikes = 0.0 if late else PROVEN_CHEAT
         decision = Decision(outcome, str(e), {"lease_id": lease_id}, strikes)
-        _, banned = self.ledger.record_rejected(v.signer, v.raw, decision, self.admission, now)
-        self.run_log.verdict(outcome, "lease", 0.0)
-        self._note_ban(v.signer, banned)
+        if late:  # once per lease: more copies of late work cost the ledger nothing
+            recorded = self.ledger.record_late(v.signer, lease_id, decision, self.admission, now)
+        else:
+            recorded = self.ledger.record_rejected(v.signer, v.raw, decision, self.admission, now)
+        if recorded is not None:
+            self.run_log.verdict(outcome, "lease", 0.0)
+            self._note_ban(v.signer, recorded[1])
         return msg.Receipt(
             lease_id=lease_id,
             queued=False,

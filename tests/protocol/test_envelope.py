@@ -2,7 +2,7 @@ import msgspec
 import pytest
 
 from protocol.envelope import Envelope, EnvelopeVerifier, ReplayGuard, seal
-from protocol.errors import ProtocolError
+from protocol.errors import NotFresh, ProtocolError
 from protocol.identity import Identity
 from protocol.wire import Message, decode, encode
 
@@ -100,7 +100,7 @@ def test_replay_refused(alice):
     verifier = EnvelopeVerifier(POOL, clock=clock)
     verifier.open(raw, Greeting)
     clock.t += 5
-    with pytest.raises(ProtocolError, match="replayed"):
+    with pytest.raises(NotFresh, match="replayed"):
         verifier.open(raw, Greeting)
 
 
@@ -109,10 +109,10 @@ def test_stale_and_future_timestamps_refused(alice):
     guard = ReplayGuard(window_s=60, max_skew_s=5)
     verifier = EnvelopeVerifier(POOL, guard=guard, clock=clock)
     old = seal(alice, POOL, Greeting(text="old"), now=clock() - 61)
-    with pytest.raises(ProtocolError, match="replay window"):
+    with pytest.raises(NotFresh, match="replay window"):
         verifier.open(old, Greeting)
     future = seal(alice, POOL, Greeting(text="future"), now=clock() + 6)
-    with pytest.raises(ProtocolError, match="future"):
+    with pytest.raises(NotFresh, match="future"):
         verifier.open(future, Greeting)
     fine = seal(alice, POOL, Greeting(text="fine"), now=clock() - 59)
     assert verifier.open(fine, Greeting).message.text == "fine"
@@ -123,7 +123,7 @@ def test_replay_guard_forgets_expired_nonces_and_is_bounded(alice):
     guard = ReplayGuard(window_s=10, max_skew_s=1, max_entries=3)
     for i in range(3):
         guard.check_and_remember(alice.public_key, bytes([i]) * 16, int(clock() * 1000), clock())
-    with pytest.raises(ProtocolError, match="full"):
+    with pytest.raises(NotFresh, match="full"):
         guard.check_and_remember(alice.public_key, b"\x09" * 16, int(clock() * 1000), clock())
     clock.t += 30  # every remembered nonce has expired
     guard.check_and_remember(alice.public_key, b"\x09" * 16, int(clock() * 1000), clock())

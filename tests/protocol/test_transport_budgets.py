@@ -19,6 +19,7 @@ from protocol.errors import RemoteError
 from protocol.framing import READ_CHUNK
 from protocol.host import ErrorCode, Host, HostConfig
 from protocol.identity import Identity
+from protocol.inflight import Share
 from protocol.wire import Message
 
 pytestmark = pytest.mark.trio
@@ -178,7 +179,11 @@ async def test_one_peer_cannot_hold_more_than_its_budget_in_flight():
 
 async def test_all_peers_together_cannot_exceed_the_host_budget():
     gate = Gate()
-    budget = config(max_inflight_bytes_per_peer=4 * FRAME, max_inflight_bytes=4 * FRAME)
+    budget = config(
+        max_inflight_bytes_per_peer=4 * FRAME,
+        max_inflight_bytes=4 * FRAME,
+        inflight_small_reserve=0,
+    )
     async with (
         Host.open(Identity.generate(), POOL, config=budget) as server,
         Host.open(Identity.generate(), POOL, config=FAST) as first,
@@ -198,6 +203,73 @@ async def test_all_peers_together_cannot_exceed_the_host_budget():
         # Once the budget is back, the refused peer is served.
         reply = await second.request(server.addrs[0], BLOB, Blob(data=b"x" * MiB), peer.EchoReply)
         assert reply.message.size == MiB
+
+
+async def test_large_frames_leave_the_reserve_to_small_requests():
+    # Large frames may fill the total but its reserve: a control-sized request (a heartbeat,
+    # a join) still gets through while they are held, and one more large frame does not.
+    gate = Gate()
+    budget = config(
+        max_inflight_bytes_per_peer=4 * FRAME,
+        max_inflight_bytes=5 * FRAME,
+        inflight_small_reserve=2 * FRAME,
+    )
+    async with (
+        Host.open(Identity.generate(), POOL, config=budget) as server,
+        Host.open(Identity.generate(), POOL, config=FAST) as large,
+        Host.open(Identity.generate(), POOL, config=FAST) as small,
+        trio.open_nursery() as nursery,
+    ):
+        server.serve(BLOB, gate.handler, Blob, peer.EchoReply)
+        outcomes: list[object] = []
+        nursery.start_soon(send_all, large, server, [MiB] * 4, outcomes)
+        await wait_until(lambda: gate.waiting == 3 and len(outcomes) == 1)
+        assert [e.code for e in outcomes] == [ErrorCode.OVERLOADED]  # 3 of 5 frames: the rest
+        small_outcomes: list[object] = []
+        nursery.start_soon(send_all, small, server, [1000] * 8, small_outcomes)
+        await wait_until(lambda: gate.waiting == 11)  # every small request admitted
+        gate.open.set()
+        await wait_until(lambda: len(outcomes) == 4 and len(small_outcomes) == 8)
+        assert small_outcomes == [1000] * 8
+        assert server.inflight_bytes == 0
+
+
+async def test_peers_of_one_class_share_one_budget():
+    # However many keys the class has, its frames together hold at most its share; peers
+    # outside it keep their own budgets.
+    gate = Gate()
+    crowd = [Identity.generate() for _ in range(3)]
+    crowd_keys = {i.public_key for i in crowd}
+    newcomers = Share("newcomers", 2 * FRAME)
+    async with (
+        Host.open(Identity.generate(), POOL, config=FAST) as server,
+        Host.open(crowd[0], POOL, config=FAST) as a,
+        Host.open(crowd[1], POOL, config=FAST) as b,
+        Host.open(crowd[2], POOL, config=FAST) as c,
+        Host.open(Identity.generate(), POOL, config=FAST) as trusted,
+        trio.open_nursery() as nursery,
+    ):
+        server.serve(
+            BLOB,
+            gate.handler,
+            Blob,
+            peer.EchoReply,
+            share_of=lambda key: newcomers if key in crowd_keys else None,
+        )
+        outcomes: list[object] = []
+        nursery.start_soon(send_all, a, server, [MiB], outcomes)
+        nursery.start_soon(send_all, b, server, [MiB], outcomes)
+        await wait_until(lambda: gate.waiting == 2)
+        nursery.start_soon(send_all, c, server, [MiB], outcomes)
+        await wait_until(lambda: len(outcomes) == 1)
+        assert outcomes[0].code == ErrorCode.OVERLOADED  # c's own budget is untouched
+        assert 2 * MiB < server._inflight.held_by_share("newcomers") <= newcomers.budget
+        nursery.start_soon(send_all, trusted, server, [MiB, MiB], outcomes)
+        await wait_until(lambda: gate.waiting == 4)
+        gate.open.set()
+        await wait_until(lambda: len(outcomes) == 5)
+        assert sorted(o for o in outcomes if isinstance(o, int)) == [MiB] * 4
+        assert server.inflight_bytes == 0 and server._inflight.held_by_share("newcomers") == 0
 
 
 async def test_budget_is_released_whatever_becomes_of_the_request():

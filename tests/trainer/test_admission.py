@@ -10,6 +10,7 @@ import trio
 from protocol import pow
 from protocol.envelope import EnvelopeVerifier
 from protocol.identity import Identity
+from protocol.inflight import Share
 from protocol.poolspec import AdmissionSection
 from tests.trainer.test_handlers import Member, _coordinator, _play
 from trainer.admission import (
@@ -61,6 +62,47 @@ def test_newcomers_share_lease_slots_and_trusted_work_is_not_counted_against_the
         assert (await newcomers[1].lease()).lease is not None
         assert (await newcomers[2].lease()).code == "busy"  # the 2 shared slots are taken
         assert (await veteran.lease()).lease is not None  # trusted work is unaffected
+
+    _play(coord, scenario)
+
+
+def test_unjudged_answers_of_newcomers_do_not_stop_leases_to_trusted_nodes(tmp_path):
+    # A batch (8 prompts) of fresh keys answer their one-prompt probation leases with work
+    # that waits behind all trusted work for its verdict. Counted as work coming, it told the
+    # pool that a batch was on its way: every trusted lease request was refused `busy`.
+    coord = _coordinator(tmp_path, batch_prompts=8, lease_prompts=4)
+    veteran = Member(coord)
+
+    async def scenario():
+        await veteran.join(trusted=True)
+        for _ in range(8):
+            newcomer = Member(coord)
+            await newcomer.join()
+            reply = await newcomer.lease()
+            assert reply.lease is not None and len(reply.lease.tasks) == 1
+            assert (await newcomer.submit(reply.lease)).code == "queued"
+        assert coord.ledger.pending_groups() == 0  # trusted work only
+        work = await veteran.lease()
+        assert work.code == "ok" and len(work.lease.tasks) == 4
+
+    _play(coord, scenario)
+
+
+def test_nodes_on_probation_share_one_submission_budget_on_the_transport(tmp_path):
+    # Each key that answered a probation lease may resend for `lease_timeout_s`; were each
+    # allowed its own per-peer budget, a few dozen fresh keys sending headers alone would hold
+    # all the host buffers. Together they hold what the probation leases can bring.
+    coord = _coordinator(tmp_path, admission={"probation_leases": 3}, max_submission_bytes=1 << 20)
+    newcomers = [Member(coord) for _ in range(2)]
+    veteran = Member(coord)
+
+    async def scenario():
+        for n in newcomers:
+            await n.join()
+        await veteran.join(trusted=True)
+        shares = {coord._submission_share(n.key) for n in newcomers}
+        assert shares == {Share("probation", 3 << 20)}
+        assert coord._submission_share(veteran.key) is None
 
     _play(coord, scenario)
 

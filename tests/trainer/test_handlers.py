@@ -263,6 +263,34 @@ def test_late_answer_is_a_soft_reject(tmp_path):
     _play(coord, scenario)
 
 
+def test_late_answers_are_recorded_once_and_leave_the_ban_window_alone(tmp_path):
+    # Recorded each time, copies of one late answer grew the ledger by their bytes (8 MiB
+    # each) and, as verdicts without strikes, pushed a cheat's strike out of the ban window.
+    coord = _coordinator(tmp_path)
+    member = Member(coord)
+
+    async def scenario():
+        await member.join(trusted=True)
+        answered = (await member.lease()).lease
+        assert (await member.submit(answered)).code == "queued"
+        late = (await member.lease()).lease
+        coord.ledger.expire_leases(time.time() + 3600)
+        assert (await member.submit(answered, token=7)).code == "refused"  # a proven lie
+        before = coord.ledger.node(member.key)["reputation"]
+        assert before < 0
+        for _ in range(25):
+            assert (await member.submit(late)).code == "late"
+        node = coord.ledger.node(member.key)
+        assert (node["soft_rejected"], node["reputation"]) == (1, before)
+        rows = coord.ledger._db.execute(
+            "SELECT raw FROM submissions WHERE node = ? AND lease_id IS NULL", (member.key,)
+        ).fetchall()
+        # two rows outside leases: the lie, kept whole as evidence, and one late answer, bare
+        assert sorted(bool(r[0]) for r in rows) == [False, True]
+
+    _play(coord, scenario)
+
+
 def test_a_new_learning_rate_resumes_the_same_pool(tmp_path):
     key = Identity.generate()
     spec = poolspec.from_dict(
