@@ -5,13 +5,21 @@ coordinator has checked that it serves the current signed manifest, and it is ch
 every `recheck_s`: one that lies, stalls or trickles drops out of the list. Checks run in the
 background with an overall deadline each, and the API reads their cached results, so no page
 view ever makes a request to a node-chosen address.
+
+What a node's joins can make the coordinator do is bounded, however often it joins: its
+first URL is checked at once, and a new URL waits for its node's next turn, so one node's
+relay is checked at most once per `recheck_s`. The directory holds `MAX_NODE_RELAYS`; when it
+is full, a newcomer's URL takes the place of the oldest one not verified now, never of one
+handed out, so keys that advertise junk cannot lock honest relays out.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -51,6 +59,9 @@ Probe = Callable[[str, int], Awaitable[Checked]]
 before)."""
 
 MAX_NODE_RELAYS = 256
+MAX_SOURCE_REPORTS = 1024
+"""Nodes whose latest report of where their weights came from is kept (the most recent
+reporters): shown on the dashboard, and bounded however many keys ever joined."""
 NOT_OWN_ADDRESS = "not_own_address"
 """An http(s) relay URL that names another address than its node connects from: never probed."""
 NO_SLOT = "no_slot"
@@ -76,6 +87,9 @@ class _Relay:
     unreachable_since: float | None = None
     """When the current run of checks that found nobody answering began."""
     unreachable_checks: int = 0
+    due_at: float = 0.0
+    """When (`time.time()`) its next check is due."""
+    added_at: float = 0.0
 
 
 def acceptable_url(url: str) -> bool:
@@ -141,7 +155,7 @@ class RelayDirectory:
         self._probe = probe
         self.recheck_s = recheck_s
         self._relays: dict[bytes, _Relay] = {}
-        self._sources: dict[bytes, dict[str, int]] = {}
+        self._sources: OrderedDict[bytes, dict[str, int]] = OrderedDict()
         self._changed = trio.Event()
 
     def advertise(self, node: bytes, url: str, seen_at: str | None = None) -> bool:
@@ -151,19 +165,34 @@ class RelayDirectory:
         (None: no transport to say, as in a test driving the handlers)."""
         if not acceptable_url(url) or not own_url(node, url):
             return False
+        now = time.time()
         known = self._relays.get(node)
         if known is not None and known.url == url:
             # a join says it serves now: what earlier checks found there starts over
             known.unreachable_since, known.unreachable_checks = None, 0
             return True
-        if known is None and len(self._relays) >= MAX_NODE_RELAYS:
+        if known is None and not self._make_room():
             return False
-        relay = _Relay(url, node)
+        # A new URL waits for its node's turn: joining again with another cannot buy a check.
+        due = now if known is None else max(known.due_at, known.added_at + self.recheck_s)
+        relay = _Relay(url, node, due_at=due, added_at=now)
         if seen_at is not None and stream_peer(url) is None and not at_own_address(url, seen_at):
-            relay.error, relay.checked_at = NOT_OWN_ADDRESS, time.time()
-        else:
+            relay.error, relay.checked_at = NOT_OWN_ADDRESS, now
+        elif relay.due_at <= now:
             self._changed.set()
         self._relays[node] = relay
+        return True
+
+    def _make_room(self) -> bool:
+        """Room for one more node's relay: when full, the oldest of those not handed out
+        (not verified now) goes; False when every one is verified."""
+        if len(self._relays) < MAX_NODE_RELAYS:
+            return True
+        unproven = [r for r in self._relays.values() if not r.verified]
+        if not unproven:
+            return False
+        oldest = min(unproven, key=lambda r: r.added_at)
+        del self._relays[oldest.node]
         return True
 
     def forget(self, node: bytes) -> None:
@@ -174,6 +203,9 @@ class RelayDirectory:
     def note_sources(self, node: bytes, fetched: dict[str, int]) -> None:
         """Bytes `node` says it fetched from each URL (its latest heartbeat; shown only)."""
         self._sources[node] = dict(fetched)
+        self._sources.move_to_end(node)
+        while len(self._sources) > MAX_SOURCE_REPORTS:
+            self._sources.popitem(last=False)
 
     def check_of(self, node: bytes, now: float) -> RelayCheck:
         """What the checks found at the relay `node` advertised, for its heartbeat reply."""
@@ -217,20 +249,31 @@ class RelayDirectory:
     async def check_forever(
         self, version: Callable[[], int], checked: Callable[[list[str]], object]
     ) -> None:
-        """Check every advertised relay now and then (new ones at once); after each round,
-        `checked(the verified relays' URLs)`."""
+        """Check each advertised relay when it is due (a node's first at once, then every
+        `recheck_s`); after each round, `checked(the verified relays' URLs)`."""
         while True:
-            await self.check_all(version())
+            await self._check_these(self._due(time.time()), version())
             checked(self.weights_urls(None))
             self._changed = trio.Event()
-            with trio.move_on_after(self.recheck_s):
+            with trio.move_on_after(self._until_due(time.time())):
                 await self._changed.wait()
 
     async def check_all(self, version: int) -> None:
+        """Check every relay that may be probed now, due or not."""
+        await self._check_these(self._due(math.inf), version)
+
+    def _due(self, now: float) -> list[_Relay]:
+        return [r for r in self._relays.values() if r.error != NOT_OWN_ADDRESS and r.due_at <= now]
+
+    def _until_due(self, now: float) -> float:
+        """Seconds until the next check falls due, at most `recheck_s`."""
+        due = [r.due_at for r in self._relays.values() if r.error != NOT_OWN_ADDRESS]
+        return min([self.recheck_s, *(max(0.0, t - now) for t in due)])
+
+    async def _check_these(self, relays: list[_Relay], version: int) -> None:
         async with trio.open_nursery() as nursery:
-            for relay in list(self._relays.values()):
-                if relay.error != NOT_OWN_ADDRESS:
-                    nursery.start_soon(self._check, relay, version)
+            for relay in relays:
+                nursery.start_soon(self._check, relay, version)
 
     async def _check(self, relay: _Relay, version: int) -> None:
         found = await self._probe(relay.url, version)
@@ -238,6 +281,7 @@ class RelayDirectory:
             log.warning("relay %s dropped: %s", relay.url, found.error)
         now = time.time()
         relay.verified, relay.error, relay.checked_at = found.error is None, found.error, now
+        relay.due_at = now + self.recheck_s
         relay.version, relay.served = found.version, found.served
         if found.error in UNREACHABLE:
             relay.unreachable_since = relay.unreachable_since or now

@@ -8,6 +8,7 @@ import httpx
 import trio
 from fastapi import FastAPI, Request, Response
 
+import trainer.relays
 from protocol.identity import Identity
 from shardcast.origin import Origin
 from shardcast.server import serve_app
@@ -157,6 +158,70 @@ def test_each_round_of_checks_signs_the_verified_relays_as_the_pools_peer_list(t
         assert peers.urls == ["http://good:1"]  # the liar failed its check
 
     trio.run(main)
+
+
+def test_joining_again_with_other_urls_buys_no_checks():
+    # Each new URL used to start a round of checks of every relay: one member re-joining 20
+    # times a second, alternating two ports, had every honest relay checked 73 times in 10 s.
+    probed: list[str] = []
+
+    async def probe(url: str, version: int) -> Checked:
+        probed.append(url)
+        return Checked(None, version, 0)
+
+    async def main():
+        d = RelayDirectory([], probe, recheck_s=30.0)
+        d.advertise(b"h" * 32, "http://honest:1")
+        d.advertise(b"m" * 32, "http://mallory:1")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(d.check_forever, lambda: 1, lambda urls: None)
+            await trio.sleep(0.05)
+            for i in range(200):
+                d.advertise(b"m" * 32, f"http://mallory:{2 + i % 2}")
+                await trio.sleep(0.002)
+            d.advertise(b"n" * 32, "http://newcomer:1")  # a new node's first URL: at once
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        assert sorted(probed) == ["http://honest:1", "http://mallory:1", "http://newcomer:1"]
+        assert d.check_of(b"m" * 32, time.time()) == "none"  # its new URL waits for its turn
+
+    trio.run(main)
+
+
+def test_a_full_directory_makes_room_only_from_relays_not_handed_out(monkeypatch):
+    monkeypatch.setattr(trainer.relays, "MAX_NODE_RELAYS", 4)
+    verdict = {"http://junk": Checked("not_held")}
+
+    async def probe(url: str, version: int) -> Checked:
+        return verdict.get(url.rsplit(":", 1)[0], Checked(None, version, 0))
+
+    async def main():
+        d = RelayDirectory([], probe)
+        for i in range(4):
+            assert d.advertise(bytes([i]) * 32, f"http://junk:{i}")
+        await d.check_all(1)
+        # free keys that advertised junk gave up their places, oldest first
+        for i in range(4):
+            assert d.advertise(bytes([10 + i]) * 32, f"http://good:{i}")
+            assert bytes([i]) * 32 not in d._relays
+        await d.check_all(1)
+        assert len(d.weights_urls(None)) == 4
+        # every place is held by a relay handed out now: a newcomer waits for one to fail
+        assert not d.advertise(b"z" * 32, "http://good:9")
+        assert len(d.weights_urls(None)) == 4
+
+    trio.run(main)
+
+
+def test_reports_of_where_weights_came_from_are_kept_for_the_latest_reporters(monkeypatch):
+    monkeypatch.setattr(trainer.relays, "MAX_SOURCE_REPORTS", 3)
+    d = RelayDirectory([], None)
+    for i in range(5):
+        d.note_sources(bytes([i]) * 32, {"http://origin": i})
+    d.note_sources(bytes([2]) * 32, {"http://origin": 7})  # reported again: the latest now
+    d.note_sources(bytes([5]) * 32, {})
+    assert [k[0] for k in d._sources] == [4, 2, 5]
+    assert d.sources(bytes([2]) * 32) == {"http://origin": 7} and d.sources(b"\0" * 32) == {}
 
 
 def test_a_relay_still_mirroring_the_newest_version_is_judged_on_the_one_before(tmp_path):
