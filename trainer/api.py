@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from trainer.dashboard import mount_dashboard
 from trainer.dashboard.rows import (
     KEY_PREFIX,
+    MAX_ROW_ID,
     NodeIndex,
     Recent,
     contributions_json,
@@ -29,6 +30,7 @@ from trainer.dashboard.rows import (
     verdict_json,
 )
 from trainer.dashboard.series import SampleLog
+from trainer.request_slots import RequestSlots
 from trainer.view import Operator, PoolView
 
 MAX_BODY = 64 << 10
@@ -36,6 +38,8 @@ MAX_BODY = 64 << 10
 STATUS_CACHE_S = 2.0
 CONTRIBUTIONS_CACHE_S = 5.0
 """The contributions are one aggregate over every lease and submission: at most one per 5 s."""
+INTEGRITY_CACHE_S = 60.0
+"""The integrity audit reads every accepted submission and its groups: at most once a minute."""
 
 KeyPrefix = Path(pattern=KEY_PREFIX, description="a node's hex key, or 8+ of its first digits")
 Outcome = Literal["accept", "soft", "hard"]
@@ -50,6 +54,7 @@ def create_api(view: PoolView, operator: Operator, operator_token: str | None) -
         dependencies=[Depends(is_operator)],
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
+    app.add_middleware(RequestSlots)  # outermost: a request waits for a slot before its body
     ledger = view.ledger
     samples = SampleLog(view.samples_path)
     nodes = NodeIndex(ledger)
@@ -57,6 +62,7 @@ def create_api(view: PoolView, operator: Operator, operator_token: str | None) -
     contributions = Recent(
         lambda: contributions_json(ledger.contributions()), CONTRIBUTIONS_CACHE_S
     )
+    audit = Recent(ledger.integrity, INTEGRITY_CACHE_S)
 
     def one_node(prefix: str) -> bytes:
         found = nodes.find(prefix)
@@ -127,7 +133,7 @@ def create_api(view: PoolView, operator: Operator, operator_token: str | None) -
 
     @app.get("/api/steps")
     def steps(
-        since: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10_000)
+        since: int = Query(0, ge=0, le=MAX_ROW_ID), limit: int = Query(1000, ge=1, le=10_000)
     ) -> list[dict[str, Any]]:
         """Training steps after `since` (the first `limit`), with their metrics."""
         return ledger.steps(since)[:limit]
@@ -143,7 +149,7 @@ def create_api(view: PoolView, operator: Operator, operator_token: str | None) -
         node: str | None = Query(None, pattern=KEY_PREFIX),
         min_reward: float | None = None,
         max_reward: float | None = None,
-        step: int | None = Query(None, ge=0),
+        step: int | None = Query(None, ge=0, le=MAX_ROW_ID),
         verdict: Outcome | None = None,
     ) -> list[dict[str, Any]]:
         """The newest lines of the sample log (from its last 4 MiB only), filtered (node: key
@@ -169,7 +175,7 @@ def create_api(view: PoolView, operator: Operator, operator_token: str | None) -
 
     @app.get("/api/groups")
     def groups(
-        since_id: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=5000)
+        since_id: int = Query(0, ge=0, le=MAX_ROW_ID), limit: int = Query(1000, ge=1, le=5000)
     ) -> list[dict[str, Any]]:
         """Accepted groups after `since_id`, oldest first (page with the last id): the node
         that sent each, rewards, the advantages it was trained on, the step that trained it
@@ -179,8 +185,8 @@ def create_api(view: PoolView, operator: Operator, operator_token: str | None) -
     @app.get("/api/ledger/integrity")
     def integrity() -> dict[str, int]:
         """The ledger's promises, audited: no group recorded twice for one task of a lease,
-        none missing from an accepted submission."""
-        return ledger.integrity()
+        none missing from an accepted submission (as of at most a minute ago)."""
+        return audit.get()
 
     @app.get("/api/contributions", response_model=None)
     def contributions_ledger(download: bool = False) -> list[dict[str, Any]] | JSONResponse:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hmac
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from fastapi.responses import Response
 
 from protocol.poolspec import PoolSpec
 from trainer.api import BodyLimit, bearer_token
+from trainer.ledger import LedgerError
 from trainer.submissions import SubmissionService
 from trainer.validator import Checked, Job
 
@@ -72,7 +74,8 @@ class Ticket:
 
 
 class TicketError(Exception):
-    """An answer that does not fit a ticket held (unknown, expired, or the wrong length)."""
+    """An answer the desk cannot take: it does not fit a ticket held (unknown, expired, the
+    wrong length), or a verdict in it cannot be recorded (its batch then goes back)."""
 
 
 class RemoteDesk:
@@ -126,8 +129,21 @@ class RemoteDesk:
                 f"ticket {answer.ticket} holds {len(ticket.batch)} submissions, "
                 f"not {len(answer.checked)}"
             )
+        if not all(math.isfinite(c.seconds) and c.seconds >= 0 for c in answer.checked):
+            # what a verdict cost is charged to the newcomers' shared budget
+            raise TicketError(f"ticket {answer.ticket}: seconds must be finite and >= 0")
         del self.tickets[answer.ticket]
-        self.submissions.finish_batch(ticket.batch, answer.checked, by=f"remote:{ticket.by}")
+        try:
+            self.submissions.finish_batch(ticket.batch, answer.checked, by=f"remote:{ticket.by}")
+        except (ValueError, TypeError, LedgerError) as e:
+            # A verdict the algorithm or the ledger cannot take (a group of one reward, say):
+            # the verdicts before it stand, and the batch goes back, where another validator
+            # takes what is still undecided, instead of the whole batch waiting for a restart.
+            self.submissions.return_batch(ticket.batch)
+            raise TicketError(
+                f"ticket {answer.ticket}: a verdict could not be recorded "
+                f"({type(e).__name__}: {str(e)[:200]}); its batch is back in the queue"
+            ) from None
         self.answered += len(answer.checked)
 
     def expire(self, now: float) -> int:

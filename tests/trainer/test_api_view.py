@@ -198,7 +198,7 @@ def operator() -> FakeOperator:
 
 @pytest.fixture
 def client(view: FakeView, operator: FakeOperator) -> TestClient:
-    return TestClient(create_api(view, operator, TOKEN))
+    return TestClient(create_api(view, operator, TOKEN), backend="trio")
 
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -289,7 +289,7 @@ def test_ban_takes_the_token_with_loose_spacing(client: TestClient, operator: Fa
 def test_no_token_configured_refuses_every_operator_call(
     view: FakeView, operator: FakeOperator
 ) -> None:
-    client = TestClient(create_api(view, operator, None))
+    client = TestClient(create_api(view, operator, None), backend="trio")
     r = client.post(f"/api/nodes/{BOB.hex()}/ban", headers={"authorization": "Bearer "})
     assert r.status_code == 401
     r = client.post(f"/api/nodes/{BOB.hex()}/ban", headers={"authorization": "Bearer x"})
@@ -322,6 +322,10 @@ def test_query_values_are_bounded(client: TestClient) -> None:
         "/api/steps?limit=1000000",
         "/api/nodes?limit=0",
         "/api/timeline?bucket=1",
+        "/api/steps?since=99999999999999999999",  # past what SQLite stores: not an overflow
+        "/api/groups?since_id=99999999999999999999",
+        "/api/samples?step=99999999999999999999",
+        "/api/submissions/99999999999999999999",
         f"/api/nodes/{ALICE.hex()}/ban?reason=",
     ):
         method = client.post if path.endswith("reason=") else client.get

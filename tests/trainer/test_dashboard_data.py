@@ -192,13 +192,17 @@ def test_the_timeline_serves_the_run_logs_evaluations(tmp_path):
     from trainer.api import create_api
 
     view = FakeView(tmp_path)
-    client = TestClient(create_api(view, FakeOperator(), None))
+    client = TestClient(create_api(view, FakeOperator(), None), backend="trio")
     assert client.get("/api/timeline").json()["evals"] == []  # no evaluation yet: no file
     log = RunLog(tmp_path)
     log.evaluated(0, {"eval_accuracy": 0.0, "eval_pass@1": 0.1, "eval_pass@k": 0.3, "eval_k": 4})
     log.evaluated(2, {"eval_accuracy": 0.5})
     assert (tmp_path / EVALS_FILE).exists()
-    body = TestClient(create_api(view, FakeOperator(), None)).get("/api/timeline").json()
+    body = (
+        TestClient(create_api(view, FakeOperator(), None), backend="trio")
+        .get("/api/timeline")
+        .json()
+    )
     assert [(p["version"], p["eval_accuracy"]) for p in body["evals"]] == [(0, 0.0), (2, 0.5)]
     assert body["evals"][0]["eval_pass@k"] == 0.3 and body["evals"][0]["k"] == 4
     assert body["steps"][0]["mismatch_kl"] is None  # a step without the statistic

@@ -90,6 +90,28 @@ def test_an_error_or_a_late_answer_returns_the_batch_untouched():
     trio.run(main)
 
 
+def test_an_answer_that_cannot_be_recorded_gives_its_batch_back():
+    # The ticket went before the verdicts were recorded: one the algorithm refused (a group
+    # of one reward) left the batch undecided, out of the queue, until a restart.
+    class Refusing(Submissions):
+        def finish_batch(self, batch: list[dict], checked: list[Checked], by: str = "") -> None:
+            raise ValueError("a group needs at least two rewards")
+
+    async def main() -> None:
+        subs = Refusing([[1, 2]])
+        desk = RemoteDesk(subs, slots=2)
+        work = await desk.pull("box", wait_s=1)
+        nan = [Checked(c.verdict, c.version, float("nan")) for c in _checked(2)]
+        with pytest.raises(TicketError, match="finite"):
+            desk.answer(Answer(work.ticket, nan))
+        assert work.ticket in desk.tickets and not subs.returned  # refused before anything
+        with pytest.raises(TicketError, match="back in the queue"):
+            desk.answer(Answer(work.ticket, _checked(2)))
+        assert subs.returned == [[1, 2]] and not desk.tickets
+
+    trio.run(main)
+
+
 def test_the_port_wants_the_token_and_bounds_tickets_and_bodies():
     async def main() -> None:
         subs = Submissions([[1]])

@@ -13,12 +13,19 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from protocol.ratelimit import client_key
 from trainer.dashboard.limits import MAX_NEW_TOKENS, MAX_WAITING, RateLimiter
-from trainer.dashboard.rows import NodeIndex, Recent, node_json, parse_json, verdict_json
+from trainer.dashboard.rows import (
+    MAX_ROW_ID,
+    NodeIndex,
+    Recent,
+    node_json,
+    parse_json,
+    verdict_json,
+)
 from trainer.dashboard.series import (
     EVAL_BYTES,
     SampleLog,
@@ -104,7 +111,7 @@ def create_router(
         }
 
     @router.get("/submissions/{sid}")
-    def submission(sid: int) -> dict[str, Any]:
+    def submission(sid: int = Path(ge=0, le=MAX_ROW_ID)) -> dict[str, Any]:
         """One submission's verdict and the signed bytes kept as evidence (hex, size, hash)."""
         row = ledger.submission(sid)
         if row is None:

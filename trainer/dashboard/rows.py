@@ -21,6 +21,8 @@ MIN_PREFIX = 8
 KEY_HEX = 64
 """A node key (ed25519, 32 bytes) in hex."""
 KEY_PREFIX = rf"^[0-9a-fA-F]{{{MIN_PREFIX},{KEY_HEX}}}$"
+MAX_ROW_ID = 2**63 - 1
+"""The largest id or step SQLite stores: a larger one in a query is 422, not an overflow."""
 STALE_S = 30.0
 GONE_S = 60.0
 
