@@ -215,6 +215,8 @@ class Worker:
         self._book = PoolBook(pool_id)
         self._newest_fetched = -1
         self._trusted_version = -1
+        self._seeder: Relay | None = None
+        """The seeder running now (`keep_seeding` builds a new one on each restart)."""
         self._lease: msg.Lease | None = None
         self._bucket: TokenBucket | None = None
         """Paces this node's requests to the coordinator (`_pace`)."""
@@ -522,10 +524,14 @@ class Worker:
         """Record the newest version named by signed coordinator data (join and heartbeat
         replies, gossiped announcements). The SHARDCAST client then ignores listings above it:
         a source's listing is only a claim, and one naming versions nobody signed would send
-        the node after weights that do not exist."""
+        the node after weights that do not exist. The seeder is told too: the client fetches
+        through it, and a seeder that heard every listing mirrored a liar's fake versions,
+        asking its honest sources for each (`_seeder_made`)."""
         self._trusted_version = max(self._trusted_version, version)
         if self.client is not None:
             self.client.trust_version(self._trusted_version)
+        if self._seeder is not None:
+            self._seeder.trust_version(self._trusted_version)
 
     async def _relay(
         self,
@@ -541,16 +547,18 @@ class Worker:
         p2p = self._p2p
 
         def make() -> Relay:  # a fresh one (and fresh transports) for each restart
-            return make_seeder(
-                upstreams,
-                self.options.data_dir / "relay" / self.pool_id,
-                identity=self.identity,
-                public_key=bytes.fromhex(spec.coordinator.public_key),
-                pool_id=self.pool_id,
-                keep=spec.limits.max_staleness + 2,
-                upload_cap_mb=self.options.upload_cap_mb,
-                mounts=p2p_mounts(p2p),
-                own=self._own_urls,
+            return self._seeder_made(
+                make_seeder(
+                    upstreams,
+                    self.options.data_dir / "relay" / self.pool_id,
+                    identity=self.identity,
+                    public_key=bytes.fromhex(spec.coordinator.public_key),
+                    pool_id=self.pool_id,
+                    keep=spec.limits.max_staleness + 2,
+                    upload_cap_mb=self.options.upload_cap_mb,
+                    mounts=p2p_mounts(p2p),
+                    own=self._own_urls,
+                )
             )
 
         async with trio.open_nursery() as nursery:
@@ -564,6 +572,13 @@ class Worker:
             elif self.options.nat is NatMode.AUTO:
                 nursery.start_soon(self._serve_over_nat_when_unreachable, url)
             task_status.started((url, advertised or url))
+
+    def _seeder_made(self, seeder: Relay) -> Relay:
+        """`seeder`, now the node's seeder, trusting what the node trusts."""
+        if self._trusted_version >= 0:
+            seeder.trust_version(self._trusted_version)
+        self._seeder = seeder
+        return seeder
 
     def _hops(self) -> list[str]:
         """The coordinator's relay hop: its addresses, which move when it is rediscovered."""

@@ -22,18 +22,19 @@ Every fetch has an overall deadline (`FetchPolicy.deadline`) and raises `FetchDe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import trio
 
+from shardcast.answers import LISTING, decode
 from shardcast.delta import apply_delta
-from shardcast.errors import DeltaError, FetchError, ManifestError, ShardcastError
+from shardcast.errors import BadAnswer, DeltaError, FetchError, ManifestError, ShardcastError
 from shardcast.fetcher import (
     FetchDeadline,
     FetchPolicy,
@@ -55,7 +56,7 @@ from shardcast.manifest import (
     with_requirements,
 )
 from shardcast.shards import hash_range, link_or_copy
-from shardcast.sources import SourcePicker
+from shardcast.sources import SourcePicker, SourceStats
 
 log = logging.getLogger(__name__)
 
@@ -154,27 +155,20 @@ class Client:
 
     async def listings(
         self, after: int = -1, wait: float = 0.0, after_by_source: dict[str, int] | None = None
-    ) -> dict[str, dict]:
-        """Each reachable source's version listing (long-polling up to `wait` seconds for one
+    ) -> dict[str, list[int]]:
+        """The versions each reachable source lists (long-polling up to `wait` seconds for one
         newer than `after`, or than the source's own entry in `after_by_source`)."""
-        out: dict[str, dict] = {}
+        out: dict[str, list[int]] = {}
         after_by_source = after_by_source or {}
 
         async def one(url: str) -> None:
             try:
-                with trio.fail_after(wait + LISTING_TIMEOUT):
-                    params = {"after": after_by_source.get(url, after), "wait": wait}
-                    status, body = await get_capped(
-                        self.http, f"{url}/versions", MAX_LISTING_BYTES, params
-                    )
-                if status != 200:
-                    raise ValueError(f"HTTP {status}")
-                data = json.loads(body)
-                if isinstance(data, dict) and isinstance(data.get("versions"), list):
-                    out[url] = data
-                    self.picker.stats[url].note_listing(_listed_versions(data))
-            except (httpx.HTTPError, trio.TooSlowError, ValueError, ResponseTooLarge) as e:
+                listed = await get_listing(self.http, url, after_by_source.get(url, after), wait)
+            except LISTING_ERRORS as e:
                 log.info("listing from %s failed: %s", url, e)
+                return
+            out[url] = list(listed)
+            self.picker.stats[url].note_listing(out[url])
 
         async with trio.open_nursery() as nursery:
             for url in self.picker.stats:
@@ -189,11 +183,13 @@ class Client:
         any other source lists something."""
         return self._newest_believed(await self.listings(after, wait), skip)
 
-    def _newest_believed(self, listed: dict[str, dict], skip: set[int] = frozenset()) -> int | None:
-        heard = {u: d for u, d in listed.items() if self.picker.heard(u)}
+    def _newest_believed(
+        self, listed: dict[str, list[int]], skip: set[int] = frozenset()
+    ) -> int | None:
+        heard = {u: vs for u, vs in listed.items() if self.picker.heard(u)}
         best = None
-        for data in (heard or listed).values():
-            for v in _listed_versions(data):
+        for versions in (heard or listed).values():
+            for v in versions:
                 if v not in skip and (self.trusted is None or v <= self.trusted):
                     best = v if best is None else max(best, v)
         return best
@@ -218,8 +214,8 @@ class Client:
                 v = self._newest_believed(listed)
                 if v is not None and v > after:
                     return v
-                for url, data in listed.items():
-                    seen[url] = max([seen.get(url, after), *_listed_versions(data)])
+                for url, versions in listed.items():
+                    seen[url] = max([seen.get(url, after), *versions])
                 with trio.move_on_after(max(0.0, started + MIN_POLL_ROUND_S - trio.current_time())):
                     await rose.wait()
                 if rose.is_set():
@@ -228,9 +224,9 @@ class Client:
 
     async def _listings_unless(
         self, event: trio.Event, after: int, wait: float, after_by_source: dict[str, int]
-    ) -> dict[str, dict]:
+    ) -> dict[str, list[int]]:
         """`listings(...)`, or nothing as soon as `event` is set."""
-        listed: dict[str, dict] = {}
+        listed: dict[str, list[int]] = {}
         async with trio.open_nursery() as nursery:
 
             async def poll() -> None:
@@ -476,6 +472,23 @@ class Client:
         return gone
 
 
+LISTING_ERRORS = (httpx.HTTPError, trio.TooSlowError, BadAnswer, ResponseTooLarge)
+"""What `get_listing` raises when a source gives no listing."""
+
+
+async def get_listing(
+    http: httpx.AsyncClient, url: str, after: int, wait: float
+) -> dict[int, int | None]:
+    """{version: base} that `url` lists (the newest few), long-polling up to `wait` seconds
+    for one newer than `after`; one of `LISTING_ERRORS` if it gives none."""
+    with trio.fail_after(wait + LISTING_TIMEOUT):
+        params = {"after": after, "wait": wait}
+        status, body = await get_capped(http, f"{url}/versions", MAX_LISTING_BYTES, params)
+    if status != 200:
+        raise BadAnswer(f"HTTP {status}")
+    return decode(LISTING, body).bases()
+
+
 async def fetch_manifest(
     http: httpx.AsyncClient,
     picker: SourcePicker,
@@ -483,50 +496,78 @@ async def fetch_manifest(
     *,
     public_key: bytes,
     pool_id: str,
+    first: Collection[str] = (),
 ) -> tuple[Manifest, bytes]:
-    """Manifest of `version` (decoded, raw bytes) from the best source whose copy checks out.
+    """Manifest of `version` (decoded, raw bytes) from the best source whose copy checks out,
+    the sources in `first` (a relay's upstreams) before any other.
 
-    A source that serves a bad manifest is scored as corrupt; VersionGone if every source
-    says it does not hold the version.
+    A relay's picker holds every gossiped peer too, and an untried peer ranks above any
+    measured source: one that accepted connections and never answered was asked first for
+    every manifest, costing each member `LISTING_TIMEOUT` per version. Peers are asked only
+    when `first` has no valid copy. A source that serves a bad manifest is scored as corrupt;
+    VersionGone if every source says it does not hold the version.
     """
-    errors = []
+    errors: list[str] = []
     tried: set[str] = set()
-    while True:
-        source = picker.pick(version, tried)
-        if source is None or source.url in tried:
-            break
-        tried.add(source.url)
-        try:
-            with trio.fail_after(LISTING_TIMEOUT):
-                status, body = await get_capped(
-                    http, f"{source.url}/v/{version}/manifest", MAX_MANIFEST_BYTES
-                )
-            if status == 404:
-                picker.record_missing(source, version)
-                errors.append(f"{source.url}: not held")
-                continue
-            if status != 200:
-                raise ManifestError(f"HTTP {status}")
-            m = open_manifest(body, public_key=public_key, pool_id=pool_id, version=version)
-            return m, body
-        except (ManifestError, ResponseTooLarge) as e:
-            picker.record_bad_manifest(source, version)
-            errors.append(f"{source.url}: {e}")
-        except httpx.ConnectError as e:
-            picker.record_unreachable(source)
-            errors.append(f"{source.url}: {type(e).__name__} {e}")
-        except (httpx.HTTPError, trio.TooSlowError) as e:
-            picker.record_failure(source)
-            errors.append(f"{source.url}: {type(e).__name__} {e}")
+    for among in (set(first), None) if first else (None,):
+        while True:
+            source = picker.pick(version, tried, among)
+            if source is None or source.url in tried:
+                break
+            tried.add(source.url)
+            found = await _manifest_from(http, picker, source, version, public_key, pool_id, errors)
+            if found is not None:
+                return found
     if errors and all(e.endswith("not held") for e in errors):
         raise VersionGone(f"no source holds version {version}")
     raise FetchError(f"no valid manifest for version {version}: {'; '.join(errors)}")
 
 
-def _listed_versions(data: dict) -> list[int]:
-    """The version numbers in an untrusted listing (malformed entries skipped)."""
-    return [
-        v["version"]
-        for v in data["versions"]
-        if isinstance(v, dict) and isinstance(v.get("version"), int)
-    ]
+async def _manifest_from(
+    http: httpx.AsyncClient,
+    picker: SourcePicker,
+    source: SourceStats,
+    version: int,
+    public_key: bytes,
+    pool_id: str,
+    errors: list[str],
+) -> tuple[Manifest, bytes] | None:
+    """`version`'s manifest from `source` if its copy checks out; else None, the source
+    scored and why appended to `errors`."""
+    try:
+        with trio.fail_after(LISTING_TIMEOUT):
+            status, body = await get_capped(
+                http, f"{source.url}/v/{version}/manifest", MAX_MANIFEST_BYTES
+            )
+        if status == 404:
+            picker.record_missing(source, version)
+            errors.append(f"{source.url}: not held")
+            return None
+        if status != 200:
+            # A status is no evidence of bad bytes: an honest server answers 400 for a
+            # version it cannot serve (one a liar listed) and 503 when busy. Scored as a bad
+            # manifest, three such answers banned an honest source for good.
+            picker.record_failure(source)
+            errors.append(f"{source.url}: HTTP {status}")
+            return None
+        m = open_manifest(body, public_key=public_key, pool_id=pool_id, version=version)
+        return m, body
+    except (ManifestError, ResponseTooLarge) as e:
+        picker.record_bad_manifest(source, version)
+        errors.append(f"{source.url}: {e}")
+    except httpx.ConnectError as e:
+        picker.record_unreachable(source)
+        errors.append(f"{source.url}: {type(e).__name__} {e}")
+    except (trio.TooSlowError, httpx.TimeoutException) as e:
+        # At fault for the version, as a shard transfer that stalls is: a timeout that only
+        # halved its health (healed at every pick) left a silent source first in line. Not
+        # a node's only source (its own relay), which must be asked again.
+        if picker.has_alternative(version, source.url):
+            picker.record_too_slow(source, version, 0, LISTING_TIMEOUT)
+        else:
+            picker.record_failure(source)
+        errors.append(f"{source.url}: {type(e).__name__} {e}")
+    except httpx.HTTPError as e:
+        picker.record_failure(source)
+        errors.append(f"{source.url}: {type(e).__name__} {e}")
+    return None

@@ -18,6 +18,11 @@ class FetchError(ShardcastError):
     """A version could not be fetched: no source had it, retries ran out, or the disk failed."""
 
 
+class BadAnswer(ShardcastError):
+    """A peer's or upstream's JSON answer is malformed: not JSON, nested too deep, or not the
+    shape or range its endpoint has. A fault of whoever sent it, never of the reader."""
+
+
 class DeltaError(ShardcastError):
     """A delta payload is malformed or does not reconstruct the files its manifest names."""
 

@@ -14,6 +14,16 @@ the client closed keeps its place until then too (its descriptor is closed at on
 
 hypercorn builds its own listeners, so `serve` runs its connection handler (`TCPServer`) over
 ours; the handler is an internal of hypercorn's, hence the version bound in pyproject.toml.
+
+HTTP/1.1 only. hypercorn switches a plain connection to HTTP/2 on the prior-knowledge preface
+(`PRI * HTTP/2.0`) or an `Upgrade: h2c` request, and its HTTP/2 side takes a response's body
+from the app whether or not the client's flow-control window is open: a client that opened
+8 streams for a 32 MiB file and never sent WINDOW_UPDATE had the server read 265 MiB into
+memory, and held its request slots for good (the kernel's send deadline never fired, as
+nothing was unacknowledged). No SHARDCAST client or API caller speaks HTTP/2, so such a
+connection is closed instead (`_Http11Server`). This covers every server built on `serve`:
+SHARDCAST's origin, relays and swarm members, and the coordinator's HTTP API
+(`shardcast.server.serve_app`).
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ from functools import partial
 
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -175,7 +188,8 @@ async def serve(
             )
             binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
         handler = partial(
-            _one_connection, partial(TCPServer, wrapped, config, context, ConnectionState({}))
+            _one_connection,
+            partial(_Http11Server, wrapped, config, context, ConnectionState({})),
         )
         task_status.started(binds)
         await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
@@ -196,3 +210,38 @@ async def _one_connection(
     except Exception as e:  # an ExceptionGroup too; a cancellation is not caught
         log.warning("a connection ended with an error: %s: %s", type(e).__name__, e)
         await trio.aclose_forcefully(stream)  # its place in the gate goes back
+
+
+class _Http11Only:
+    """A connection's protocol that never becomes HTTP/2: a request that would switch it (the
+    HTTP/2 preface, or `Upgrade: h2c`, which hypercorn answers 101 before switching) closes
+    the connection instead."""
+
+    def __init__(self, inner: ProtocolWrapper) -> None:
+        self.inner = inner
+
+    async def initiate(self) -> None:
+        await self.inner.initiate()
+
+    async def handle(self, event: Event) -> None:
+        # `inner.protocol` is hypercorn's HTTP/1.1 protocol (a plain connection starts there);
+        # calling it past `inner.handle` skips the switch that `inner.handle` makes.
+        try:
+            await self.inner.protocol.handle(event)
+        except (H2ProtocolAssumedError, H2CProtocolRequiredError):
+            log.info("closed a connection that asked for HTTP/2 (served: HTTP/1.1 only)")
+            await self.inner.send(Closed())
+
+
+class _Http11Server(TCPServer):
+    """hypercorn's connection handler, HTTP/1.1 only (see the module's docstring). It builds
+    the connection's protocol inside `run` and offers no setting to refuse HTTP/2, so the
+    protocol is wrapped in `_Http11Only` as `run` sets it."""
+
+    @property
+    def protocol(self) -> _Http11Only:
+        return self._http11
+
+    @protocol.setter
+    def protocol(self, wrapper: ProtocolWrapper) -> None:
+        self._http11 = _Http11Only(wrapper)

@@ -148,7 +148,7 @@ def _head(fields: dict) -> bytes:
 def _parse_head(data: bytes) -> dict:
     try:
         head = json.loads(data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: brackets nested too deep
         raise ProtocolError(f"bad head: {e}") from None
     if not isinstance(head, dict):
         raise ProtocolError("bad head: not an object")

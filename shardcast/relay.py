@@ -27,7 +27,6 @@ peers are sources of shards, never of versions.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import replace
@@ -37,15 +36,13 @@ import httpx
 import trio
 
 from protocol.identity import Identity
-from shardcast.client import MAX_LISTING_BYTES, fetch_manifest
+from shardcast.client import LISTING_ERRORS, fetch_manifest, get_listing
 from shardcast.errors import ShardcastError, first_error
 from shardcast.fetcher import (
     FetchPolicy,
-    ResponseTooLarge,
     ShardFetcher,
     ShardJob,
     disk_error,
-    get_capped,
     http_client,
     prepare_file,
     unit_jobs,
@@ -55,7 +52,7 @@ from shardcast.manifest import Manifest, with_requirements
 from shardcast.peerlist import PeerListHolder
 from shardcast.peers import PeerTable
 from shardcast.server import create_app, serve_app
-from shardcast.sources import MAX_LISTED, SourcePicker
+from shardcast.sources import SourcePicker
 from shardcast.store import DEFAULT_KEEP, StoredVersion, VersionStore
 from shardcast.swarm import OwnUrls, PeerWatch, swarming
 from shardcast.throttle import UploadThrottle
@@ -175,17 +172,8 @@ class Relay:
         while True:
             began = trio.current_time()
             try:
-                with trio.fail_after(self.poll_wait + 10):
-                    status, body = await get_capped(
-                        self._http,
-                        f"{upstream}/versions",
-                        MAX_LISTING_BYTES,
-                        {"after": after, "wait": self.poll_wait},
-                    )
-                if status != 200:
-                    raise ValueError(f"HTTP {status}")
-                listing = _parse_listing(json.loads(body))
-            except (httpx.HTTPError, trio.TooSlowError, ValueError, ResponseTooLarge) as e:
+                listing = await get_listing(self._http, upstream, after, self.poll_wait)
+            except LISTING_ERRORS as e:
                 failures += 1
                 delay = min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
                 log.info("upstream %s: %s; retrying in %.1fs", upstream, e, delay)
@@ -254,6 +242,7 @@ class Relay:
                     version,
                     public_key=self.public_key,
                     pool_id=self.pool_id,
+                    first=self.upstreams,
                 )
                 folder = self.store.folder(version)
                 jobs = []
@@ -347,17 +336,3 @@ class Relay:
         (folder / "manifest").write_bytes(raw)
         for p in m.payload:
             prepare_file(folder / "payload" / p.name, p.size)
-
-
-def _parse_listing(data: object) -> dict[int, int | None]:
-    """{version: base} from an untrusted listing; anything malformed is skipped (the
-    manifests themselves are checked before use)."""
-    out: dict[int, int | None] = {}
-    if not isinstance(data, dict) or not isinstance(data.get("versions"), list):
-        raise ValueError("listing is not a {'versions': [...]} object")
-    for item in data["versions"]:
-        if isinstance(item, dict) and isinstance(item.get("version"), int):
-            base = item.get("base")
-            out[item["version"]] = base if isinstance(base, int) else None
-    # Only the newest few matter; a huge listing must not grow our tables.
-    return {v: out[v] for v in sorted(out)[-MAX_LISTED:]}

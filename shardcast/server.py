@@ -56,6 +56,9 @@ READ_CHUNK = 1024 * 1024
 KEEP_ALIVE_S = 20.0
 """Seconds a connection may sit without a request in progress before it is closed."""
 MAX_LONG_POLL = 60.0
+MIN_CLIENT_RATE = 16 * 1024
+"""Bytes a second below which a client taking one chunk of a payload is cut
+(`_BoundedStream._send_within`): a 1 MiB chunk gets `send_timeout` + 64 s."""
 # ASCII digits only (`\d` would take any script's digits), and at most 18 of them: a longer
 # number is past the end of any file, and int() of thousands of digits raises.
 _RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$", re.ASCII)
@@ -219,7 +222,7 @@ def create_app(
             status = 206
             headers["content-range"] = f"bytes {start}-{end - 1}/{p.size}"
         body = _FileBody(sv, p, start, end, bucket, shard_wait)
-        return _BoundedStream(body, status, headers)
+        return _BoundedStream(body, status, headers, limits.send_timeout)
 
     return app
 
@@ -270,13 +273,14 @@ class _FileBody:
 
 class _BoundedStream(Response):
     """Streams a `_FileBody`, its file open (and it counted among the cap's streams) only
-    while the response runs."""
+    while the response runs; a send that misses its deadline (`_send_within`) ends it."""
 
     media_type = "application/octet-stream"
 
-    def __init__(self, body: _FileBody, status: int, headers: dict) -> None:
+    def __init__(self, body: _FileBody, status: int, headers: dict, send_timeout: float) -> None:
         super().__init__(status_code=status, headers=headers)
         self.file_body = body
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = self.file_body.sv.payload_path(self.file_body.p.name)
@@ -286,18 +290,31 @@ class _BoundedStream(Response):
             with bucket.sending() if bucket is not None else nullcontext():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-                    await self._send_body(send, fd)
+                    try:
+                        await self._send_body(send, fd)
+                    except trio.TooSlowError:
+                        log.info("a send to a client missed its deadline; response cut")
                     nursery.cancel_scope.cancel()
         finally:
             os.close(fd)
 
     async def _send_body(self, send: Any, fd: int) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
+        start = {"type": "http.response.start", "status": self.status_code}
+        await self._send_within(send, {**start, "headers": self.raw_headers}, 0)
         async for data in self.file_body.chunks(fd):
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            body = {"type": "http.response.body", "body": data, "more_body": True}
+            await self._send_within(send, body, len(data))
+        await self._send_within(send, {"type": "http.response.body", "body": b""}, 0)
+
+    async def _send_within(self, send: Any, message: dict, size: int) -> None:
+        """One send, given up (TooSlowError) after `send_timeout` seconds plus its `size` at
+        `MIN_CLIENT_RATE`: the kernel's deadline (`_Config`) ends a write that stays
+        unacknowledged, not a send the server's protocol never completes (HTTP/2's, with
+        the client's flow-control window closed, held a response forever before `listener`
+        refused HTTP/2). The rate term spares an honest client on a slow link, whose send
+        of a whole chunk is slow but never stalls."""
+        with trio.fail_after(self.send_timeout + size / MIN_CLIENT_RATE):
+            await send(message)
 
 
 async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:

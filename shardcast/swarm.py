@@ -19,7 +19,6 @@ what it holds. `PeerWatch` keeps that going:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable
@@ -29,6 +28,8 @@ import numpy as np
 import trio
 
 from protocol.identity import Identity
+from shardcast.answers import HAVE, PEERS, decode
+from shardcast.errors import BadAnswer
 from shardcast.fetcher import SHARE_GRACE, ResponseTooLarge, ShardJob, Swarming, get_capped
 from shardcast.manifest import Manifest, shard_index, units
 from shardcast.peerlist import MAX_PEER_LIST_BYTES, PeerListError, PeerListHolder
@@ -202,11 +203,11 @@ class PeerWatch:
                 status, body = await get_capped(self.http, f"{url}/peers", MAX_PEERS_BYTES)
             if status != 200:
                 return
-            items = json.loads(body).get("peers", [])
-        except (httpx.HTTPError, trio.TooSlowError, ValueError, ResponseTooLarge, AttributeError):
+            items = decode(PEERS, body).peers
+        except (httpx.HTTPError, trio.TooSlowError, BadAnswer, ResponseTooLarge):
             return  # a peer that cannot gossip is simply not heard
-        for item in items[:64] if isinstance(items, list) else []:
-            self.table.add(json.dumps(item).encode())
+        for item in items[:64]:
+            self.table.add(bytes(item))
 
     async def _pull_peer_list(self, url: str) -> None:
         """Take `url`'s copy of the coordinator's signed list if it is newer than ours: its
@@ -451,10 +452,11 @@ class PeerWatch:
                     not_yet = 0
                     if status != 200:
                         raise ValueError(f"HTTP {status}")
-                    data = json.loads(body)
-                    bits = _bits(str(data["bits"]), total)
-                    soon = _bits(str(data.get("soon", "")), total) if "soon" in data else set()
-                    held, changes = len(bits), int(data.get("changes", len(bits)))
+                    answer = decode(HAVE, body)
+                    bits = _bits(answer.bits, total)
+                    soon = _bits(answer.soon, total) if answer.soon else set()
+                    held = len(bits)
+                    changes = held if answer.changes is None else answer.changes
                     failures = 0
                     self._note(version, url, bits, soon)
                     news = not bits <= claimed or not soon <= promised
@@ -464,7 +466,7 @@ class PeerWatch:
                         for wake in self._listeners.get(version, []):
                             wake()
                     await trio.sleep(have_gap(missing(), total) if news else HAVE_MAX_GAP)
-                except (httpx.HTTPError, trio.TooSlowError, ValueError, KeyError, TypeError):
+                except (httpx.HTTPError, trio.TooSlowError, ValueError, BadAnswer):
                     failures += 1
                     self._answered(url, False)
                     await trio.sleep(WATCH_REFRESH)

@@ -193,3 +193,33 @@ def test_only_a_reply_that_finds_the_relay_unreachable_moves_the_seeder(tmp_path
         return seen
 
     assert trio.run(main) == [False, False, False, True, True]
+
+
+def test_each_seeder_trusts_the_newest_version_the_node_trusts(tmp_path: Path):
+    # The client fetches through the node's seeder; a seeder that believed every listing
+    # mirrored a liar's made-up versions, asking its honest sources for each.
+    from types import SimpleNamespace
+
+    from node.seeding import make_seeder
+
+    identity = Identity.generate()
+    worker = Worker(identity, "pool", SimpleNamespace(version=0), WorkerOptions([], tmp_path))  # type: ignore[arg-type]
+
+    def seeder():
+        return worker._seeder_made(
+            make_seeder(
+                ["http://127.0.0.1:9"],
+                tmp_path / "relay",
+                identity=identity,
+                public_key=identity.public_key,
+                pool_id="pool",
+                keep=2,
+                upload_cap_mb=None,
+            )
+        )
+
+    first = seeder()
+    assert first.trusted is None  # the node trusts nothing yet
+    worker._trust_version(3)
+    assert first.trusted == 3
+    assert seeder().trusted == 3  # a restarted seeder starts from what the node trusts

@@ -228,7 +228,7 @@ async def test_an_error_in_one_connection_ends_that_connection_not_the_server(
     raises that error here; the server must go on answering."""
     from shardcast import listener
 
-    real = listener.TCPServer
+    real = listener._Http11Server
     made: list[int] = []
 
     def first_fails(*args):
@@ -241,7 +241,7 @@ async def test_an_error_in_one_connection_ends_that_connection_not_the_server(
             return boom()
         return real(*args)
 
-    monkeypatch.setattr(listener, "TCPServer", first_fails)
+    monkeypatch.setattr(listener, "_Http11Server", first_fails)
     app = FastAPI()
 
     @app.get("/ping")
@@ -256,3 +256,52 @@ async def test_an_error_in_one_connection_ends_that_connection_not_the_server(
             assert (await http.get(f"{url}/ping")).json() == {"ok": True}
         nursery.cancel_scope.cancel()
     assert len(made) == 2
+
+
+async def _read_until_closed(sock: trio.socket.SocketType, within_s: float) -> bytes | None:
+    """Everything the server sends on `sock` until it closes it; None if it is still open
+    after `within_s`."""
+    got = b""
+    with trio.move_on_after(within_s):
+        try:
+            while data := await sock.recv(65536):
+                got += data
+        except ConnectionResetError:
+            pass
+        return got
+    return None
+
+
+# An HTTP/2 client's connection preface, then an empty SETTINGS frame (RFC 9113 3.4).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+H2C_UPGRADE = (
+    b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+)
+
+
+@pytest.mark.trio
+async def test_http2_is_refused_by_closing_the_connection() -> None:
+    """hypercorn spoke HTTP/2 on a plain connection (the preface, or an h2c upgrade), and
+    its HTTP/2 side read a response into memory past a closed flow-control window: 8 streams
+    for a 32 MiB file held 265 MiB and their request slots for good. The server must close
+    such a connection without an HTTP/2 frame; after an HTTP/1.1 request too."""
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_app, _app(ServeLimits()), "127.0.0.1", 0)
+        port = int(url.rsplit(":", 1)[1])
+        prior = await _connect(port)
+        await prior.send(H2_PREFACE)
+        assert await _read_until_closed(prior, 2.0) == b""  # no SETTINGS frame back
+        later = await _connect(port)
+        await later.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + H2_PREFACE)
+        answer = await _read_until_closed(later, 2.0)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 200")
+        assert answer.endswith(b'{"ok":true}')  # the HTTP/1.1 answer, then nothing
+        upgrade = await _connect(port)
+        await upgrade.send(H2C_UPGRADE)
+        switched = await _read_until_closed(upgrade, 2.0)
+        # hypercorn answers 101 before it would switch; nothing follows it
+        assert switched is not None and switched.endswith(b"upgrade: h2c\r\n\r\n")
+        for s in (prior, later, upgrade):
+            s.close()
+        nursery.cancel_scope.cancel()

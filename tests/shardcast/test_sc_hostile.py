@@ -14,6 +14,7 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -25,8 +26,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sc_helpers import POOL_ID, SHARD, make_checkpoint, same_tree
 
+import shardcast.client
 from protocol.identity import Identity
-from shardcast.client import Client
+from shardcast.client import Client, fetch_manifest
 from shardcast.errors import FetchError
 from shardcast.fetcher import (
     FetchDeadline,
@@ -42,7 +44,7 @@ from shardcast.manifest import Manifest
 from shardcast.origin import Origin
 from shardcast.probe import ProbeStatus, verify_source
 from shardcast.relay import Relay
-from shardcast.server import parse_range, serve_app
+from shardcast.server import _BoundedStream, _FileBody, parse_range, serve_app
 from shardcast.shards import hash_range
 from shardcast.sources import SourcePicker
 
@@ -573,6 +575,33 @@ async def test_client_that_stops_reading_is_cut(tmp_path, identity) -> None:
 
 
 @pytest.mark.trio
+async def test_a_send_that_never_completes_ends_the_response(tmp_path, identity) -> None:
+    """The kernel's send deadline ends a write left unacknowledged, not a send the server's
+    protocol holds (HTTP/2's, past a closed flow-control window, held one forever). Here the
+    server's send blocks for good once the headers are out: the response must end at its
+    own deadline, its file closed."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.1), 1, delta=False)
+    sv = origin.store.get(1)
+    assert sv is not None
+    p = sv.manifest.payload_file("config.json")
+    response = _BoundedStream(_FileBody(sv, p, 0, p.size, None, 1.0), 200, {}, 0.3)
+    sent: list[str] = []
+
+    async def held_send(message: dict) -> None:
+        sent.append(message["type"])
+        if message["type"] == "http.response.body":
+            await trio.sleep_forever()
+
+    async def connected() -> dict:  # the client never leaves
+        await trio.sleep_forever()
+
+    with trio.fail_after(5):
+        await response({"type": "http"}, connected, held_send)
+    assert sent == ["http.response.start", "http.response.body"]
+
+
+@pytest.mark.trio
 async def test_stats_are_bounded_and_name_no_one(tmp_path, identity) -> None:
     async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
         origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
@@ -695,4 +724,39 @@ async def test_a_hedge_to_a_failing_source_does_not_end_the_fetch(
             await c.aclose()
             shutil.rmtree(tmp_path / "c")
         assert any("hedge failed" in r.getMessage() for r in caplog.records)  # the case tested
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_silent_peer_costs_a_manifest_fetch_nothing_after_its_first_timeout(
+    tmp_path, identity, monkeypatch
+) -> None:
+    """A gossiped URL that accepts connections and never answers kept its optimistic prior
+    (a timeout only halved its health) and was asked first for every manifest: 10 s per
+    version per silent URL at every member. A relay asks its upstreams first; a timeout
+    puts the source at fault for the version."""
+    monkeypatch.setattr(shardcast.client, "LISTING_TIMEOUT", 0.5)
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=30) as http:
+        url = await nursery.start(origin.serve)
+        await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.1), 1)
+        picker = SourcePicker([url], explore=0.0)
+        picker.stats[url].goodput = 1e7  # measured: below an untried peer's prior
+        for _ in range(2):
+            listeners = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), silent, 0)
+            picker.add(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+        silent_urls = [u for u in picker.stats if u != url]
+        key = {"public_key": identity.public_key, "pool_id": POOL_ID}
+        with trio.fail_after(0.4):  # upstreams first: no silent peer is asked
+            await fetch_manifest(http, picker, 1, **key, first=[url])
+        assert all(picker.stats[u].failed == 0 for u in silent_urls)
+        with trio.fail_after(5):  # no upstreams named: each silent peer times out once...
+            await fetch_manifest(http, picker, 1, **key)
+        assert all(picker.stats[u].failed == 1 for u in silent_urls)
+        with trio.fail_after(0.4):  # ... and is not asked for the version again
+            await fetch_manifest(http, picker, 1, **key)
         nursery.cancel_scope.cancel()

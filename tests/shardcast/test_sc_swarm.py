@@ -15,7 +15,7 @@ from sc_helpers import REPO, SHARD, make_checkpoint
 from test_sc_processes import HELPERS, pool_file, publish, start_origin, wait_listed
 
 from protocol.identity import Identity
-from shardcast.peers import TTL, PeerTable, announce
+from shardcast.peers import MAX_PEERS, MAX_SKEW, TTL, PeerTable, announce
 
 LOCAL = "http://127.0.0.1:9"
 """The pool's source in the unit tests: a pool on one machine follows any gossiped URL
@@ -95,6 +95,30 @@ def test_announcements_are_signed_fresh_and_for_this_pool() -> None:
     forged["url"] = "http://127.0.0.1:6666"
     assert table.add(json.dumps(forged).encode(), now) is None
     assert table.urls(now + TTL + 1) == []  # expired
+
+
+def test_one_host_dating_its_announcements_ahead_locks_no_member_out_of_a_table() -> None:
+    """Keys are free: 256 announcements from one host dated `MAX_SKEW` ahead outranked every
+    honest one, and each honest re-announcement was evicted by the add that took it. A URL
+    with userinfo made one socket as many URLs."""
+    table = PeerTable("pool")
+    now = 1_000_000.0
+    honest = [Identity.generate() for _ in range(20)]
+    for i, key in enumerate(honest):
+        assert table.add(announce(key, "pool", f"http://198.51.100.{i}:8600", now), now)
+    ahead = now + MAX_SKEW - 1
+    for port in range(1000, 1000 + MAX_PEERS):
+        table.add(announce(Identity.generate(), "pool", f"http://203.0.113.7:{port}", ahead), now)
+    later = now + 20  # every honest member re-announces, the attacker once more
+    for i, key in enumerate(honest):
+        assert table.add(announce(key, "pool", f"http://198.51.100.{i}:8600", later), later)
+    table.add(announce(Identity.generate(), "pool", "http://203.0.113.7:999", later + 29), later)
+    urls = table.urls(later)
+    assert len(urls) == MAX_PEERS
+    assert sum("198.51.100." in u for u in urls[:21]) == 20  # ranked as heard, not as dated
+    assert sum("198.51.100." in u for u in urls) == 20
+    userinfo = announce(Identity.generate(), "pool", "http://u1@198.51.100.1:8600", later)
+    assert table.add(userinfo, later) is None
 
 
 def test_bitfield_polls_quicken_as_a_member_nears_the_end():
