@@ -88,7 +88,39 @@ class _Progress:
 
     hasher: blake3.blake3 = field(default_factory=blake3.blake3)
     got: int = 0
-    contributors: set[str] = field(default_factory=set)
+    segments: list[tuple[str, int]] = field(default_factory=list)
+    """(source, where in the unit its bytes begin), in order: who sent which bytes."""
+
+    @property
+    def contributors(self) -> set[str]:
+        return {url for url, _ in self.segments}
+
+    def add(self, url: str, n: int) -> None:
+        """`n` more bytes, from `url`."""
+        if not self.segments or self.segments[-1][0] != url:
+            self.segments.append((url, self.got))
+        self.got += n
+
+    def ranges(self) -> list[tuple[str, int, int]]:
+        """(source, start, end) of each source's bytes within the unit."""
+        ends = [start for _, start in self.segments[1:]] + [self.got]
+        return [(url, start, end) for (url, start), end in zip(self.segments, ends, strict=True)]
+
+
+Suspect = tuple[str, int, int, str]
+"""(source, start, end, BLAKE3 of the bytes it sent there) from a unit that failed its hash."""
+
+
+def _digests(path: Path, offset: int, ranges: list[tuple[str, int, int]]) -> list[Suspect]:
+    """The BLAKE3 of each source's range of a unit as the file holds it now."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [
+            (url, a, b, blake3.blake3(os.pread(fd, b - a, offset + a)).hexdigest())
+            for url, a, b in ranges
+        ]
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -619,6 +651,7 @@ class ShardFetcher:
     async def _fetch_into(self, version: int, job: ShardJob, fd: int, race: _Race) -> None:
         prog = _Progress()
         avoid: set[str] = set()
+        suspects: list[Suspect] = []  # a mixed unit's sources: judged once the unit verifies
         attempts = busy = 0
         waited = 0.0
         last_error = "no attempt"
@@ -638,10 +671,16 @@ class ShardFetcher:
                 self.swarm.on_seed_fetch(job)
             try:
                 if await self._attempt(version, job, fd, source, prog, race):
+                    if suspects:
+                        await self._judge(version, job, suspects)
                     return
                 last_error = f"hash mismatch from {sorted(prog.contributors)}"
                 if len(prog.contributors) == 1:
                     avoid |= prog.contributors
+                else:
+                    suspects += await trio.to_thread.run_sync(
+                        _digests, job.path, job.offset, prog.ranges()
+                    )
                 prog = _Progress()
             except _TransferFailed as e:
                 last_error = f"{source.url}: {e}"
@@ -711,18 +750,29 @@ class ShardFetcher:
         return False
 
     def _blame(self, version: int, job: ShardJob, prog: _Progress) -> None:
+        # Bytes from several sources (a resumed transfer): which one lied is unknown yet, and
+        # blaming all would let a liar frame an honest source. The unit is fetched again
+        # whole, and once it verifies, each source's bytes are compared with it (`_judge`).
         if len(prog.contributors) == 1:
             (url,) = prog.contributors
-            self.picker.record_corrupt(self.picker.stats[url])
-            log.warning("v%d %s shard %d: bad bytes from %s", version, job.name, job.index, url)
-            if self.on_corrupt is not None:
-                self.on_corrupt(url, version, job)
-            return
-        # Bytes from several sources (a resumed transfer): which one lied is unknown, and
-        # blaming all would let a liar frame an honest source. The shard is fetched again
-        # whole; a second mismatch from one source then names the culprit.
-        for url in prog.contributors:
-            self.picker.record_failure(self.picker.stats[url])
+            self._corrupt(version, job, url)
+
+    async def _judge(self, version: int, job: ShardJob, suspects: list[Suspect]) -> None:
+        """With the unit verified on disk, name the sources among `suspects` whose bytes
+        differ from it. Failures alone never caught a peer that sent one wrong byte and cut
+        the body: each mixed unit cost both sources a failure, the origin resent the unit,
+        and the liar was asked again for the next."""
+        ranges = [(url, a, b) for url, a, b, _ in suspects]
+        now = await trio.to_thread.run_sync(_digests, job.path, job.offset, ranges)
+        for (url, *_, sent), (*_, held) in zip(suspects, now, strict=True):
+            if sent != held and url in self.picker.stats:
+                self._corrupt(version, job, url)
+
+    def _corrupt(self, version: int, job: ShardJob, url: str) -> None:
+        self.picker.record_corrupt(self.picker.stats[url])
+        log.warning("v%d %s shard %d: bad bytes from %s", version, job.name, job.index, url)
+        if self.on_corrupt is not None:
+            self.on_corrupt(url, version, job)
 
     async def _transfer(
         self,
@@ -749,8 +799,7 @@ class ShardFetcher:
                 await trio.to_thread.run_sync(_sink, fd, batch, job.offset + prog.got, prog.hasher)
             except OSError as e:
                 raise disk_error(e, job.path) from None
-            prog.contributors.add(source.url)
-            prog.got += n
+            prog.add(source.url, n)
 
         window = self._floor_window(version, job, source)
         floor = _RateFloor(self.policy, window)

@@ -78,7 +78,8 @@ def fault_proxy(
     "stall_headers" (never answers), "late" (headers, then the body after `LATE_S`, as a
     stream waits its turn at an honest server's upload cap), "flip" (first byte flipped),
     "flip_at" (the byte at file offset `flip_at` flipped, the first time a response covers
-    it), "refuse" (503), "error" (500), "honest".
+    it), "flip_cut" (first byte flipped, the body cut halfway), "refuse" (503), "error"
+    (500), "honest".
     With `fake_versions`, its listing adds a new, never-held version on every call; with
     `busy_first`, its first that many payload requests get 503 with Retry-After 0.2 s."""
     app = FastAPI()
@@ -119,7 +120,7 @@ def fault_proxy(
         if r.status_code != 206:
             raise HTTPException(r.status_code)
         data = r.content
-        if mode == "flip":
+        if mode in ("flip", "flip_cut"):
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         first = int(r.headers["content-range"].split()[1].split("-")[0])
         if mode == "flip_at" and not flipped_at and first <= flip_at < first + len(data):
@@ -131,6 +132,9 @@ def fault_proxy(
         async def body():
             if mode == "late":
                 await trio.sleep(LATE_S)
+            if mode == "flip_cut":
+                yield data[: len(data) // 2]
+                raise ConnectionAbortedError("cut")  # the connection drops mid-body
             if mode in ("trickle", "stall_body"):
                 yield data[:1024]
                 for i in range(1024, len(data)):
@@ -220,6 +224,28 @@ async def test_hedge_from_a_corrupting_source_is_caught(tmp_path, identity) -> N
         assert same_tree(r.path, ck)
         assert c.picker.stats[flip].corrupt > 0
         assert not list((tmp_path / "c").rglob("*.hedge*"))  # the failed hedge's side file too
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_peer_that_sends_a_wrong_byte_then_cuts_is_named_once_the_unit_verifies(
+    tmp_path, identity
+) -> None:
+    """Each unit starts at the liar, which flips a byte and cuts the body; the rest comes
+    from the origin and the mixed unit fails its hash. Failures alone never named the liar
+    (both sources got one, and the origin resent each unit whole): now, once the unit
+    verifies, each source's bytes are compared with it."""
+    async with trio.open_nursery() as nursery:
+        _, url, liar, ck = await origin_and_proxy(nursery, tmp_path, identity, "flip_cut")
+        c = client([liar, url], tmp_path / "c", identity, policy=replace(HOSTILE, parallel=1))
+        c.picker.explore = 0.0
+        c.picker.record_success(c.picker.stats[liar], 10**7, 0.1)  # first picks: the liar
+        r = await c.fetch(1)
+        assert same_tree(r.path, ck)
+        origin, bad = c.picker.stats[url], c.picker.stats[liar]
+        assert bad.corrupt > 0  # named: three such units ban it
+        assert (origin.corrupt, origin.failed) == (0, 0)
         await c.aclose()
         nursery.cancel_scope.cancel()
 
