@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -225,9 +226,14 @@ class RelayDirectory:
         return dict(self._sources.get(node, {}))
 
     def weights_urls(self, origin_url: str | None) -> list[str]:
+        """The origin, the operator's relays, then verified node relays; past
+        `MAX_URLS_HANDED_OUT`, a random sample of those, so the first to pass their checks
+        (keys that run working relays early, say) do not hold every place for good."""
         urls = [origin_url] if origin_url else []
         urls += self._spec
-        urls += [r.url for r in self._relays.values() if r.verified]
+        verified = [r.url for r in self._relays.values() if r.verified]
+        room = max(0, MAX_URLS_HANDED_OUT - len(urls))
+        urls += verified if len(verified) <= room else random.sample(verified, room)
         return urls[:MAX_URLS_HANDED_OUT]
 
     def statuses(self) -> list[RelayStatus]:

@@ -213,6 +213,25 @@ def test_a_full_directory_makes_room_only_from_relays_not_handed_out(monkeypatch
     trio.run(main)
 
 
+def test_verified_relays_past_the_list_take_turns_in_it(monkeypatch):
+    monkeypatch.setattr(trainer.relays, "MAX_URLS_HANDED_OUT", 4)
+
+    async def probe(url: str, version: int) -> Checked:
+        return Checked(None, version, 0)
+
+    async def main():
+        d = RelayDirectory(["http://spec:1"], probe)
+        for i in range(10):
+            d.advertise(bytes([i]) * 32, f"http://relay:{i}")
+        await d.check_all(1)
+        lists = [d.weights_urls("http://origin:1") for _ in range(50)]
+        assert all(u[:2] == ["http://origin:1", "http://spec:1"] and len(u) == 4 for u in lists)
+        # the first two to pass do not hold both places: every relay is handed out in turn
+        assert {url for u in lists for url in u[2:]} == {f"http://relay:{i}" for i in range(10)}
+
+    trio.run(main)
+
+
 def test_reports_of_where_weights_came_from_are_kept_for_the_latest_reporters(monkeypatch):
     monkeypatch.setattr(trainer.relays, "MAX_SOURCE_REPORTS", 3)
     d = RelayDirectory([], None)
