@@ -636,21 +636,15 @@ def _replay(
     taken = zip(pieces, toks.split(sizes), strict=True)
     picked = torch.cat([p.gather(1, tk[:, None]) for p, tk in taken])
     own = _scores_of(picked, params, keys, toks[:, None]).squeeze(1)
+    floor = own - EXACT_GAP_BELOW  # a rival further below cannot fail the token
     if unrestricted(params, vocab):
         # Every column is allowed (the tokens were checked to be in the vocabulary): no cut
         # to compare with, and the competitors are every column but the token's own.
         eligible = torch.ones(toks.shape, dtype=torch.bool, device=device)
-        cols: torch.Tensor | None = None
-        competitors: torch.Tensor | None = None
+        best = _best_rival_scores(pieces, params, keys, None, None, toks, floor)
     else:
-        logits = torch.cat(pieces)  # the cuts rank every row
-        pieces = [logits]
-        relaxed_cols, relaxed_keep = ranked_allowed(logits, params, score_tol, mass)
-        eligible = ((relaxed_cols == toks[:, None]) & relaxed_keep).any(dim=1)
-        cols, keep = ranked_allowed(logits, params, -score_tol, -mass)
-        competitors = keep & (cols != toks[:, None])  # the token itself excluded
-    floor = own - EXACT_GAP_BELOW  # a rival further below cannot fail the token
-    gap = _best_rival_scores(pieces, params, keys, cols, competitors, toks, floor) - own
+        eligible, best = _restricted_rivals(pieces, params, keys, toks, floor, score_tol, mass)
+    gap = best - own
     bad = (~eligible) | (gap > score_tol)
     verdicts = []
     for (i, _, term_ok, term_reason), case_bad, case_gap in zip(
@@ -676,6 +670,34 @@ def _replay(
         )
         verdicts.append((i, verdict))
     return verdicts
+
+
+def _restricted_rivals(
+    pieces: Sequence[torch.Tensor],
+    params: SamplingParams,
+    keys: torch.Tensor,
+    toks: torch.Tensor,
+    floor: torch.Tensor,
+    score_tol: float,
+    mass: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whether each row's token is inside the relaxed top-k / top-p cut, its best rival's
+    score inside the narrowed one), block by block of rows: a cut ranks whole rows, and its
+    temporaries take about 63 bytes an entry for top-p, so ranking a submission's rows at
+    once held gigabytes for one junk submission (1,024 rows of a 49,152 vocabulary: 3 GB)."""
+    eligible, best = [], []
+    step = block_rows(toks.device, pieces[0].shape[1])
+    for a, b, lb in _row_blocks(pieces, step):
+        tb = toks[a:b, None]
+        relaxed_cols, relaxed_keep = ranked_allowed(lb, params, score_tol, mass)
+        eligible.append(((relaxed_cols == tb) & relaxed_keep).any(dim=1))
+        del relaxed_cols, relaxed_keep
+        cols, keep = ranked_allowed(lb, params, -score_tol, -mass)
+        competitors = keep & (cols != tb)  # the token itself excluded
+        best.append(
+            _best_rival_scores([lb], params, keys[a:b], cols, competitors, toks[a:b], floor[a:b])
+        )
+    return torch.cat(eligible), torch.cat(best)
 
 
 def verify_logprobs(

@@ -234,7 +234,7 @@ class Coordinator:
             self.task,
             self.tokenizer,
             self.policy.model,
-            vocab_rows(learner.trainer.model, self.tokenizer),
+            vocab_rows(learner.trainer.model),
             self.tokenizer.pad_token_id,
             backend=self.config.trainer.validator_backend,
         )
@@ -576,11 +576,15 @@ def _verdict_recorded(training: TrainingService, demand: Pulse) -> None:
     demand.fire()
 
 
-def vocab_rows(model: Any, tokenizer: Any) -> int:
-    """Token ids a node may sample: every row of the output layer. Real models pad it past the
+def vocab_rows(model: Any) -> int:
+    """Token ids a node may sample: every row of the output layer, and of the input
+    embeddings, which take each sampled token back in. Real models pad both past the
     tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens), and the seeded sampler draws over all
-    of them, so bounding by the tokenizer would hard-reject honest nodes."""
-    return max(len(tokenizer), int(model.get_output_embeddings().weight.shape[0]))
+    of them, so bounding by the tokenizer would hard-reject honest nodes; bounding by it where
+    it is the longer (tokens added, embeddings not resized) let one id past the embeddings
+    make the prefill raise instead of giving a verdict."""
+    rows = (model.get_input_embeddings(), model.get_output_embeddings())
+    return min(int(m.weight.shape[0]) for m in rows)
 
 
 def pool_sampling(spec: PoolSpec, eos: Sequence[int]) -> SamplingParams:

@@ -140,6 +140,8 @@ class SubmissionService:
         self.queue = ValidationQueue()
         self._losses: dict[int, int] = {}
         """Submission id -> how many workers died while holding it."""
+        self._lost_s: dict[int, float] = {}
+        """Submission id -> seconds its failed validations alone took: on its verdict."""
 
     def requeue_pending(self) -> None:
         """After a restart: submissions received but not decided go back in the queue."""
@@ -248,17 +250,19 @@ class SubmissionService:
             if not batch:
                 continue
             jobs = self.jobs(batch)
+            began = time.perf_counter()
             try:
                 checked = await run(jobs, self.current_version())
             except WorkerLost as e:
                 log.warning("%s: %d submissions back in the queue", e, len(batch))
-                self._requeue_lost(batch, str(e))
+                self._requeue_lost(batch, str(e), time.perf_counter() - began)
                 continue
             except Exception as e:  # a validator bug some input meets
                 # The input that meets it pays (validated alone, then soft with strikes),
                 # not the pool: this error once ended the coordinator (docs/security.md).
                 log.exception("validating %d submissions failed; each goes back alone", len(batch))
-                self._requeue_lost(batch, f"the validator failed on it: {type(e).__name__}")
+                why = f"the validator failed on it: {type(e).__name__}"
+                self._requeue_lost(batch, why, time.perf_counter() - began)
                 continue
             self.finish_batch(batch, checked)
 
@@ -350,10 +354,18 @@ class SubmissionService:
         with torch.no_grad():
             return self.validator.validate_jobs(jobs, self.sampling, current)
 
-    def _requeue_lost(self, batch: list[dict[str, Any]], reason: str) -> None:
+    def _requeue_lost(self, batch: list[dict[str, Any]], reason: str, seconds: float) -> None:
         """A worker died holding `batch` (or the validator failed on it): each goes back in
         line, to be validated alone; one that was alone and lost a worker `MAX_LOSSES` times
-        is decided soft instead."""
+        is decided soft instead. The `seconds` the attempt took are charged as a verdict's
+        are: to the newcomers' shared budget when the batch is theirs (a batch is of one
+        tier), and to the node of a submission validated alone, with its verdict. Uncharged,
+        a newcomer whose junk made validation fail cost the pool seconds it never paid for."""
+        if batch[0]["shared"]:
+            self.admission.charge_probation(seconds, time.time())
+        if len(batch) == 1:
+            sid = batch[0]["id"]
+            self._lost_s[sid] = self._lost_s.get(sid, 0.0) + seconds
         for row in batch:
             sid = row["id"]
             losses = self._losses.get(sid, 0) + 1
@@ -368,9 +380,10 @@ class SubmissionService:
     def _record(self, row: dict[str, Any], checked: Checked) -> None:
         """The verdict into the ledger (with its groups, strikes and cost), logs and bans."""
         self._losses.pop(row["id"], None)
+        lost_s = self._lost_s.pop(row["id"], 0.0)
         if self._undecided(row["id"]) is None:
             return  # decided while it was validated: its node was banned meanwhile
-        verdict, seconds = checked.verdict, checked.seconds
+        verdict, seconds = checked.verdict, checked.seconds + lost_s
         groups = [self._accepted_group(g) for g in verdict.groups]
         strikes = verdict_strikes(verdict)
         details = {**verdict.details, "check": verdict.check, "seconds": round(seconds, 3)}

@@ -85,7 +85,7 @@ class ValidatorAgent:
         self.options = options
         self.task = pool_task(spec)
         model, tokenizer = load_model(spec.model.name, spec.model.dtype, spec.model.init_seed)
-        rows, eos = vocab_rows(model, tokenizer), eos_token_ids(model, tokenizer)
+        rows, eos = vocab_rows(model), eos_token_ids(model, tokenizer)
         del model  # only its shape and EOS ids were needed: versions load from the store
         weights = Path(options.data_dir) / "weights" / pool_id(spec)
         self.store = FetchedVersions(

@@ -337,15 +337,18 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_next(tmp_path):
     fixed.close()
 
 
-def test_token_ids_are_bounded_by_the_output_layer_not_the_tokenizer():
+def test_token_ids_are_bounded_by_the_embeddings_not_the_tokenizer():
     from toploc.models import load_model
     from trainer.coordinator import vocab_rows
 
     model, tokenizer = load_model("tiny")
-    assert vocab_rows(model, tokenizer) == len(tokenizer)
-    # padded output rows (Qwen2.5 has 271 of them) can be sampled by an honest node
+    assert vocab_rows(model) == len(tokenizer)
+    # padded rows (Qwen2.5 has 271 of them) can be sampled by an honest node
     model.resize_token_embeddings(len(tokenizer) + 7, mean_resizing=False)
-    assert vocab_rows(model, tokenizer) == len(tokenizer) + 7
+    assert vocab_rows(model) == len(tokenizer) + 7
+    # a token added to the tokenizer alone has no row: an id for it cannot be prefilled
+    tokenizer.add_tokens([f"<added{i}>" for i in range(9)])
+    assert len(tokenizer) > vocab_rows(model) == model.get_input_embeddings().weight.shape[0]
 
 
 def test_a_heartbeat_reply_says_what_the_checks_found_at_the_nodes_relay(tmp_path, monkeypatch):

@@ -259,9 +259,12 @@ def test_a_prefill_budget_splits_the_batch_without_changing_verdicts(
 ):
     # The first three submissions have the same lengths (a token or logprobs changed), so the
     # budget counts rows of the longest completion: none (every rollout is prefilled alone),
-    # or two submissions' worth (the first two share a prefill, the third gets its own).
+    # or two submissions' worth (the first two share a prefill, the third gets its own). A
+    # row holds its fp32 logits and its attention masks (length^2 entries of 4 + 4 bytes).
     _, tok, lease, validator = world
     longest = max(len(c.tokens) for r in mixed[0].results for c in r.completions)
+    length = max(len(t["prompt_ids"]) for t in lease.tasks) + longest
+    row_bytes = longest * len(tok) * 4 + length * length * 8
     small = Validator(
         validator.spec,
         validator.task,
@@ -269,7 +272,7 @@ def test_a_prefill_budget_splits_the_batch_without_changing_verdicts(
         validator.model_for_version,
         len(tok),
         tok.pad_token_id,
-        max_prefill_bytes=max(1, budget_rows * longest * len(tok) * 4),  # fp32 logits
+        max_prefill_bytes=max(1, budget_rows * row_bytes),
     )
     serial = [validator.validate(s, lease, current_version=2) for s in mixed[:3]]
     calls = _counting(monkeypatch)

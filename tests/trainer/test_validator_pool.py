@@ -227,6 +227,9 @@ class _Admission:
     def probation_check_wait(self, now: float) -> float:
         return 0.0
 
+    def charge_probation(self, seconds: float, now: float) -> None:
+        self.charged = getattr(self, "charged", 0.0) + seconds
+
 
 def _service(nodes: dict[int, bytes], newcomers: set[bytes]) -> SubmissionService:
     """The queueing part of a submission service: a ledger of undecided rows, two tiers."""
@@ -262,19 +265,22 @@ def test_a_batch_is_one_tier_one_submission_per_newcomer_and_a_lost_one_alone():
 
 
 def test_a_batch_whose_worker_is_lost_is_requeued_and_one_lost_twice_alone_is_soft():
-    a, n = bytes(32), bytes([1]) * 32
-    service = _service({1: a, 2: n}, {n})
+    n1, n2 = bytes([1]) * 32, bytes([2]) * 32
+    service = _service({1: n1, 2: n2}, {n1, n2})
     recorded = []
     service._record = lambda row, c: recorded.append(
         (row["id"], c.verdict.outcome, c.verdict.check)
     )
-    rows = [{"id": 1, "node": a, "shared": False}, {"id": 2, "node": n, "shared": True}]
-    service._requeue_lost(rows, "worker 0 exited")
+    rows = [{"id": 1, "node": n1, "shared": True}, {"id": 2, "node": n2, "shared": True}]
+    service._requeue_lost(rows, "worker 0 exited", 2.0)
     assert service._losses == {1: 1, 2: 1} and recorded == []
     queued = [service.queue.pop_nowait() for _ in range(2)]
-    assert [(q.tier, q.submission_id) for q in queued] == [(0, 1), (1, 2)]
-    service._requeue_lost(rows[:1], "worker 1 exited")  # lost again, alone this time
+    assert [(q.tier, q.submission_id) for q in queued] == [(1, 1), (1, 2)]
+    service._requeue_lost(rows[:1], "worker 1 exited", 1.5)  # lost again, alone this time
     assert recorded == [(1, "soft", "worker")] and len(service.queue) == 0
+    # What the failed attempts took is paid for as a verdict's seconds are: both on the
+    # newcomers' shared budget, the one alone on its node's account too (with its verdict).
+    assert service.admission.charged == 3.5 and service._lost_s == {1: 1.5}
 
 
 def test_a_submission_that_kept_killing_workers_costs_strikes_and_other_soft_ones_none():
