@@ -57,7 +57,7 @@ from protocol import pow as join_pow
 from protocol.discovery import PoolBook, PoolLocation, discover, follow_pool_record, serve_discovery
 from protocol.environments import environment_for
 from protocol.errors import DiscoveryError, RemoteError, SwarmError, TransportError
-from protocol.host import Host, pool_topic
+from protocol.host import ErrorCode, Host, pool_topic
 from protocol.identity import Identity
 from protocol.ratelimit import TokenBucket
 from shardcast.client import Client, FetchResult
@@ -71,8 +71,20 @@ log = logging.getLogger("swarmrl.node")
 
 T = TypeVar("T")
 
-# Remote error codes that a later try can succeed after; any other refusal is final.
-RETRYABLE_REMOTE = frozenset({"rate_limited", "timeout", "internal"})
+# Remote error codes that a later try can succeed after; any other refusal is final. The
+# coordinator's load (`overloaded`, `peer_busy`) and a stale envelope (a clock, or a retry
+# sealed anew next time) are the pool's state, not this node's fault: taken as final, a flood
+# of strangers' requests that filled the coordinator's buffers made every honest node exit.
+RETRYABLE_REMOTE = frozenset(
+    {
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.TIMEOUT,
+        ErrorCode.INTERNAL,
+        ErrorCode.OVERLOADED,
+        ErrorCode.PEER_BUSY,
+        ErrorCode.STALE,
+    }
+)
 # Join attempts in a row that got no answer before the node asks its peers again where the
 # coordinator is (it may have moved, or come back on another address).
 REDISCOVER_AFTER = 3

@@ -33,11 +33,12 @@ import trio
 from protocol import poolspec
 from protocol.envelope import ENVELOPE_OVERHEAD, Envelope, Verified, seal
 from protocol.errors import DiscoveryError, PoolSpecError, ProtocolError, SwarmError
-from protocol.host import Host, parse_multiaddr
+from protocol.host import Host, SharePolicy, parse_multiaddr
 from protocol.identity import Identity, peer_id_of, verify_signature
 from protocol.poolspec import PoolSpec
 from protocol.wire import WIRE_VERSION, Message, ShortStr, UInt
 from protocol.wire import decode as decode_message
+from shardcast.scope import dial_floor, may_dial
 
 log = logging.getLogger("swarmrl.protocol.discovery")
 
@@ -219,8 +220,9 @@ class PoolBook:
         return newest_first[: min(limit, MAX_ADDRS)]
 
 
-def serve_discovery(host: Host, book: PoolBook) -> None:
-    """Answer pool queries from anyone (a newcomer is by definition not yet a member)."""
+def serve_discovery(host: Host, book: PoolBook, share_of: SharePolicy | None = None) -> None:
+    """Answer pool queries from anyone (a newcomer is by definition not yet a member);
+    `share_of` as for `Host.serve`."""
 
     async def answer(request: Verified[PoolQuery]) -> PoolInfo:
         location = book.location  # None once expired: an expired record is never passed on
@@ -229,7 +231,7 @@ def serve_discovery(host: Host, book: PoolBook) -> None:
         peers = [p for p in book.peers(request.message.max_peers + len(mine)) if p not in mine]
         return PoolInfo(record=record, peers=peers[: request.message.max_peers])
 
-    host.serve(DISCOVERY_PROTOCOL, answer, PoolQuery, PoolInfo)
+    host.serve(DISCOVERY_PROTOCOL, answer, PoolQuery, PoolInfo, share_of=share_of)
 
 
 async def discover(
@@ -259,6 +261,9 @@ async def discover(
     if not queue:
         raise DiscoveryError("no bootstrap peer given; pass at least one pool member's multiaddr")
     asked: set[str] = set(host.addrs)  # never ask ourselves
+    # The peers an answer names are a stranger's word: dialled only as far out as the
+    # bootstrap peers are, or a liar aims our dials (and times them) at our loopback or LAN.
+    floor = dial_floor(bootstrap)
     queries = 0
     problems: list[str] = []
     with trio.move_on_after(timeout_s):
@@ -273,7 +278,7 @@ async def discover(
             except SwarmError as e:
                 problems.append(f"{addr}: {e}")
                 continue
-            queue.extend(p for p in info.peers if p not in asked)
+            queue.extend(p for p in info.peers if p not in asked and may_dial(p, floor))
             try:
                 location = _newer_location(info, pool_id, newer_than_ms)
             except ProtocolError as e:

@@ -80,6 +80,9 @@ RELAY_PROBE_S = 10.0
 """Longest one check of an advertised relay may take (HTTP or stream source alike)."""
 
 
+STRANGERS = Share("strangers", 32 << 20)
+
+
 @dataclass
 class RunOptions:
     data_dir: Path
@@ -302,7 +305,7 @@ class Coordinator:
             book = PoolBook(self.pool_id)
             # Pool records expire: the coordinator keeps signing fresh ones.
             await nursery.start(partial(refresh_record, self.identity, self.spec, host, book))
-            serve_discovery(host, book)
+            serve_discovery(host, book, share_of=self._stranger_share)
             self._serve(host)
             self.submissions.requeue_pending()
             self.leases.grant_outage_grace(time.time())
@@ -344,7 +347,13 @@ class Coordinator:
 
     def _serve(self, host: Host) -> None:
         member = self.ledger.is_active
-        host.serve(msg.JOIN_PROTOCOL, self.on_join, msg.JoinRequest, msg.JoinReply)
+        host.serve(
+            msg.JOIN_PROTOCOL,
+            self.on_join,
+            msg.JoinRequest,
+            msg.JoinReply,
+            share_of=self._stranger_share,
+        )
         host.serve(
             msg.LEASE_PROTOCOL,
             self.leases.on_lease,
@@ -442,6 +451,12 @@ class Coordinator:
         a lost receipt)."""
         since = time.time() - self.spec.limits.lease_timeout_s
         return self.ledger.is_active(key) and self.ledger.activity(key, since).has_work
+
+    def _stranger_share(self, key: bytes) -> Share | None:
+        """The budget keys that never joined send joins and discovery queries from: a flood
+        of free keys' frames (a header alone reserves its length for `read_timeout_s`) holds
+        at most this, never the bytes members' heartbeats and lease requests need."""
+        return None if self.ledger.is_member(key) else STRANGERS
 
     def _submission_share(self, key: bytes) -> Share | None:
         """The budget every node on probation sends submissions from: what the probation

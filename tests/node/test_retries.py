@@ -25,6 +25,7 @@ from node.worker import (
 )
 from protocol import messages as msg
 from protocol.errors import RemoteError, TransportError
+from protocol.host import ErrorCode
 from protocol.identity import Identity
 
 
@@ -46,6 +47,10 @@ def _failing(errors: list[Exception], then: Any = "done") -> tuple[Callable, lis
         return then
 
     return call, calls
+
+
+async def _nothing() -> None:
+    """Stands in for the node's check for newer weights: none."""
 
 
 def _gaps(times: list[float]) -> list[float]:
@@ -112,6 +117,23 @@ async def test_a_final_error_is_raised_at_once(tmp_path, autojump_clock, error):
     assert len(times) == 1
 
 
+@pytest.mark.trio
+@pytest.mark.parametrize("code", [ErrorCode.OVERLOADED, ErrorCode.PEER_BUSY, ErrorCode.STALE])
+async def test_the_coordinators_load_and_a_stale_envelope_are_waited_out(
+    tmp_path, autojump_clock, code
+):
+    # Taken as final, strangers that filled the coordinator's request buffers made every
+    # honest node's lease request raise, and the node exit.
+    worker = _worker(tmp_path)
+    lease = msg.LeaseReply(code="finished")
+    errors = [RemoteError(code, "later", retry_after_s=1.0)] * 3
+    call, times = _failing(errors, then=lease)
+    worker._call = call  # type: ignore[method-assign]
+    worker._swap_if_newer = _nothing  # type: ignore[method-assign]
+    assert await worker._request_lease() is lease
+    assert len(times) == 4 and all(w >= 1.0 for w in _gaps(times))
+
+
 def _coordinator(worker: Worker, replies: list[Any]) -> list[float]:
     """Answer the worker's calls with `replies` in turn; return the times of the calls."""
     times: list[float] = []
@@ -120,11 +142,8 @@ def _coordinator(worker: Worker, replies: list[Any]) -> list[float]:
         times.append(trio.current_time())
         return replies[len(times) - 1]
 
-    async def nothing_newer() -> None:
-        pass
-
     worker._call = call  # type: ignore[method-assign]
-    worker._swap_if_newer = nothing_newer  # type: ignore[method-assign]
+    worker._swap_if_newer = _nothing  # type: ignore[method-assign]
     return times
 
 
@@ -178,11 +197,8 @@ async def test_a_held_lease_request_is_asked_again_at_once_a_quick_busy_is_waite
         await trio.sleep(took)
         return reply
 
-    async def nothing_newer() -> None:
-        pass
-
     worker._call = call  # type: ignore[method-assign]
-    worker._swap_if_newer = nothing_newer  # type: ignore[method-assign]
+    worker._swap_if_newer = _nothing  # type: ignore[method-assign]
     assert await worker._next_lease() is None
     held_gap, quick_gap = _gaps(times)
     assert held_gap == LEASE_WAIT_S  # the hold itself, then straight back

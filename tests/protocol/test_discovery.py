@@ -226,6 +226,35 @@ async def test_walks_past_members_without_a_record_and_past_liars():
 
 
 @pytest.mark.trio
+async def test_peers_an_answer_names_are_dialled_no_nearer_than_the_bootstrap(monkeypatch):
+    # A member's answer lists peers by its own word: a liar listed this machine's loopback
+    # services and LAN hosts, had the newcomer dial each, and timed the dials. Here the
+    # bootstrap peer counts as a private one (as on a LAN), so the coordinator it names at
+    # 127.0.0.1 is never dialled, and discovery says it found nothing.
+    import protocol.discovery
+    from shardcast.scope import Scope
+
+    coordinator = Identity.generate()
+    spec = make_spec(coordinator)
+    pool = poolspec.pool_id(spec)
+    async with (
+        Host.open(coordinator, pool, config=FAST) as coord,
+        Host.open(Identity.generate(), pool, config=FAST) as member,
+        Host.open(Identity.generate(), pool, config=FAST) as newcomer,
+    ):
+        book = PoolBook(pool)
+        book.learn(make_pool_record(coordinator, spec, coord.addrs))
+        serve_discovery(coord, book)
+        members_book = PoolBook(pool)
+        members_book.add_peer(coord.addrs[0])  # no record of its own: it names the coordinator
+        serve_discovery(member, members_book)
+        assert (await discover(newcomer, member.addrs)).spec == spec  # loopback pool: followed
+        monkeypatch.setattr(protocol.discovery, "dial_floor", lambda bootstrap: Scope.PRIVATE)
+        with pytest.raises(DiscoveryError, match="has no pool record"):
+            await discover(newcomer, member.addrs)
+
+
+@pytest.mark.trio
 async def test_no_bootstrap_or_nobody_answering_is_a_clear_error():
     coordinator = Identity.generate()
     pool = poolspec.pool_id(make_spec(coordinator))

@@ -22,7 +22,7 @@ from trainer.admission import (
     Admission,
     TokenBucket,
 )
-from trainer.coordinator import Coordinator
+from trainer.coordinator import STRANGERS, Coordinator
 from trainer.leases import LeaseBook, NothingToLease, draw, task_seed
 from trainer.ledger import Decision, Ledger, Standing
 from trainer.relays import admitted_peer
@@ -103,6 +103,10 @@ def test_nodes_on_probation_share_one_submission_budget_on_the_transport(tmp_pat
         shares = {coord._submission_share(n.key) for n in newcomers}
         assert shares == {Share("probation", 3 << 20)}
         assert coord._submission_share(veteran.key) is None
+        # keys that never joined send joins and discovery queries from one budget too:
+        # a flood of them cannot hold what members' heartbeats and leases need
+        assert coord._stranger_share(Member(coord).key) == STRANGERS
+        assert {coord._stranger_share(n.key) for n in [*newcomers, veteran]} == {None}
 
     _play(coord, scenario)
 
