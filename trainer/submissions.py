@@ -300,9 +300,12 @@ class SubmissionService:
         self.queue.push(row["id"], 1 if row["shared"] else 0)
 
     async def take_batch(self) -> list[dict[str, Any]]:
-        """Queued submissions to validate together, in trust order: the first, then more of
-        its tier while they are queued already (a submission a worker died holding goes
-        alone). Empty when the first was decided meanwhile or must wait for the budget."""
+        """Queued submissions to validate together, in trust order: the first, then more
+        trusted ones while they are queued already. A newcomer's goes alone, as does one a
+        worker died holding: the shared budget is charged after a validation, so a batch of
+        eight junk submissions begun on its last second held the validator, and every
+        trusted submission behind it, for eight of them. Empty when the first was decided
+        meanwhile or must wait for the budget."""
         item = await self.queue.pop()
         row = self._undecided(item.submission_id)
         if row is None:
@@ -317,8 +320,7 @@ class SubmissionService:
                 await self.queue.wait_for_arrival(wait)
                 return []
         batch = [row]
-        nodes = {row["node"]}
-        while item.submission_id not in self._losses and len(batch) < self.batch:
+        while not shared and item.submission_id not in self._losses and len(batch) < self.batch:
             nxt = self.queue.pop_nowait()
             if nxt is None:
                 break
@@ -326,15 +328,10 @@ class SubmissionService:
             if row is None:
                 continue
             row["shared"] = self.admission.tier(row["node"]) > 0
-            if (
-                row["shared"] != shared
-                or nxt.submission_id in self._losses
-                or (shared and row["node"] in nodes)
-            ):
+            if row["shared"] or nxt.submission_id in self._losses:
                 self.queue.push(nxt.submission_id, nxt.tier)
                 break
             batch.append(row)
-            nodes.add(row["node"])
         return batch
 
     def _undecided(self, submission_id: int) -> dict[str, Any] | None:

@@ -244,7 +244,7 @@ def _service(nodes: dict[int, bytes], newcomers: set[bytes]) -> SubmissionServic
     )
 
 
-def test_a_batch_is_one_tier_one_submission_per_newcomer_and_a_lost_one_alone():
+def test_a_batch_is_trusted_work_and_a_newcomers_or_a_lost_one_goes_alone():
     a, b, c, n1, n2 = (bytes([i]) * 32 for i in range(5))
     nodes = {1: a, 2: b, 3: a, 4: c, 5: n1, 6: n1, 7: n2, 8: a, 9: b}
     service = _service(nodes, {n1, n2})
@@ -260,8 +260,9 @@ def test_a_batch_is_one_tier_one_submission_per_newcomer_and_a_lost_one_alone():
 
     # In queue order, a batch ends at the first submission that may not join it: trusted
     # first, up to 3 (a node's several together); 8 was lost once, so it goes alone; 9 is
-    # the last trusted one; 6 is n1's second, so 5 goes alone; then 6 and 7.
-    assert trio.run(batches) == [[1, 2, 3], [4], [8], [9], [5], [6, 7]]
+    # the last trusted one; then each newcomer's alone (the shared budget is charged after
+    # a validation: a batch begun on its last second held the validator for all of it).
+    assert trio.run(batches) == [[1, 2, 3], [4], [8], [9], [5], [6], [7]]
 
 
 def test_a_batch_whose_worker_is_lost_is_requeued_and_one_lost_twice_alone_is_soft():
