@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ from protocol.addresses import dialable
 from protocol.errors import TransportError
 from protocol.host import connection_config, negotiate_stream
 from protocol.identity import Identity
+from protocol.ratelimit import TokenBucket
 from shardcast.p2p import (
     PROTOCOL_ID,
     SCHEME,
@@ -78,10 +80,27 @@ class HopLimits:
     so an uncapped hop there forwards 10-11 MB/s with all the CPU its process can get, taken
     from a coordinator that also validates and trains. At 4 MB/s relaying takes about a
     third of a core (`bench/hop_relay.py`; docs/security.md, "NAT traversal")."""
+    first_message_s: float = 5.0
+    """Longest a hop stream may stay silent before its first message (py-libp2p waits 30 s).
+    Until it arrives the stream counts only against its peer's `HOP_WAITING_PER_PEER`, never
+    against the budgets below: silent streams cannot starve reservations or circuits."""
+    reserves_total: int = 16
+    """RESERVE requests (new slots and refreshes) answered at once, a budget apart from
+    `circuits_total` so that circuits being made cannot starve reservations."""
 
 
 AUTONAT_TOTAL = 8
 """Dial-back checks a hop answers at once (each is one dial by the hop)."""
+HOP_WAITING_PER_PEER = 4
+"""Hop streams one peer may hold open before their first message (each for at most
+`HopLimits.first_message_s`); an honest client writes its request as soon as it opens one."""
+RESERVES_PER_PEER = 2
+"""RESERVE requests one peer may have answered at once (a client sends one per refresh)."""
+DCUTR_DIALS_PER_S = 0.5
+DCUTR_DIAL_BURST = 10
+"""Hole-punch dials (TCP dials and UDP sprays) a host makes, whoever asked: a token bucket of
+`DCUTR_DIAL_BURST` refilled at `DCUTR_DIALS_PER_S` (30 a minute). Each address a relayed peer
+reports costs one; an honest punch dials a handful."""
 
 
 class Reachability(enum.Enum):
@@ -100,6 +119,12 @@ class NatConfig:
     stream_timeout_s: float = 10.0
     """Opening a stream on an existing connection (protocol negotiation included)."""
     reserve_timeout_s: float = 15.0
+    relayed_per_hop: int = 16
+    """Relayed connections this node accepts through one hop at once (a hop's own default
+    bound per reserved node, `HopLimits.circuits`)."""
+    relayed_total: int = 32
+    """Relayed connections this node accepts through all its hops together: each is a Noise
+    handshake and a connection in the swarm that `protocol.inbound` never counts."""
 
 
 class P2PNode:
@@ -121,6 +146,9 @@ class P2PNode:
         self.hops: list[str] = []
         """Relay hops (multiaddrs ending in /p2p/<id>) through which a peer with no known
         address is tried: `<hop>/p2p-circuit/p2p/<peer>` (a pool's coordinator runs one)."""
+        self.reserved_on: set[str] = set()
+        """Peer ids of the hops that gave this node a slot: the only peers whose STOP
+        streams (relayed connections to us) it accepts (`_StopGate`)."""
         from shardcast.dialgate import gate_dials
 
         self.dial_gate = gate_dials(raw, lambda: dial_floor(self.hops))
@@ -246,6 +274,7 @@ class P2PNode:
             raise TransportError(f"no reservation from {relay_addr} in time")
         if not ok:
             raise TransportError(f"relay {relay_addr} refused a reservation")
+        self.reserved_on.add(info.peer_id.to_base58())
         return circuit_addr(relay_addr, self.peer_id)
 
     async def open_stream(self, peer_id: str, protocol_id: str) -> Any:
@@ -356,6 +385,7 @@ async def attach_node(
     Removes what it added when the block ends."""
     from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
     from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+    from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID
     from libp2p.relay.circuit_v2.resources import RelayLimits
     from libp2p.relay.circuit_v2.transport import CircuitV2Transport
     from libp2p.tools.anyio_service import background_trio_service
@@ -375,10 +405,14 @@ async def attach_node(
     roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
     rconfig = RelayConfig(roles=roles, limits=relay_limits)
     async with background_trio_service(relay), _maybe_dcutr(raw, dcutr, config) as puncher:
+        await relay.event_started.wait()
         if hop is not None:
-            await relay.event_started.wait()
             _serve_hop(raw, relay, hop, admit, config)
         node = P2PNode(raw, relay, CircuitV2Transport(raw, relay, rconfig), config)
+        # Replaces the STOP handler the relay service registered (py-libp2p accepts a relayed
+        # connection from anyone who opens one): same protocol, gated. A hop host never
+        # reserves, so it accepts none.
+        raw.set_stream_handler(STOP_PROTOCOL_ID, _StopGate(relay, node).handle)
         if puncher is not None:
             puncher.hops = lambda: node.hops
         try:
@@ -433,19 +467,14 @@ def _serve_hop(
     from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 
     # Replaces the handler the relay service registered: same protocol, gated.
-    circuits = _Gate(
-        relay._handle_hop_stream,
-        hop.circuits_per_source,
-        hop.circuits_total,
-        admit,
-        hop.circuit_seconds,
-    )
-    raw.set_stream_handler(HOP_PROTOCOL_ID, circuits.handle)
+    raw.set_stream_handler(HOP_PROTOCOL_ID, _HopGate(relay, hop, admit, config).handle)
     # Each dial-back costs the hop a dial (py-libp2p's server reads its request with no
     # timeout): one at a time per peer, for the peers `admit` accepts, under a deadline.
     autonat = AutoNATService(raw, serve=False)
-    dial_backs = _Gate(autonat.handle_stream, 1, AUTONAT_TOTAL, admit, config.dial_timeout_s + 5.0)
-    raw.set_stream_handler(AUTONAT_PROTOCOL_ID, dial_backs.handle)
+    dial_backs = _Gate(1, AUTONAT_TOTAL, admit, config.dial_timeout_s + 5.0)
+    raw.set_stream_handler(
+        AUTONAT_PROTOCOL_ID, functools.partial(dial_backs.run, handler=autonat.handle_stream)
+    )
 
 
 @asynccontextmanager
@@ -473,17 +502,36 @@ def _scoped_dcutr_class() -> type:
     open TCP connections to the member's own loopback services or its LAN, a few per circuit
     and round. Every dial and UDP spray of the upgrade passes through `_dial_peer` and
     `_spam_udp_for_hole_punch`, so the rule sits there; `hops()` (the member's relay hops,
-    set once the node exists) says how near an address may be."""
-    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+    set once the node exists) says how near an address may be. There too, a bucket bounds
+    the dials of the whole host (`DCUTR_DIAL_BURST`): py-libp2p forgets a peer's attempts
+    when it disconnects, so identities that reconnect could otherwise aim this host's dials
+    at a third party without end."""
+    from libp2p.relay.circuit_v2.dcutr import MAX_HOLE_PUNCH_ATTEMPTS, DCUtRProtocol
 
     class ScopedDCUtR(DCUtRProtocol):
         hops: Callable[[], Sequence[str]] = staticmethod(lambda: ())
 
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.dials = TokenBucket(DCUTR_DIALS_PER_S, DCUTR_DIAL_BURST, time.monotonic())
+
         def allowed(self, addr: Any) -> bool:
-            if may_dial(str(addr), dial_floor(self.hops())):
-                return True
-            log.info("hole punch: not dialling %s (nearer than the relay hops)", addr)
-            return False
+            if not may_dial(str(addr), dial_floor(self.hops())):
+                log.info("hole punch: not dialling %s (nearer than the relay hops)", addr)
+                return False
+            if self.dials.take(time.monotonic()) > 0:
+                log.info("hole punch: not dialling %s (this host's dial budget is spent)", addr)
+                return False
+            return True
+
+        async def _try_unilateral_upgrade(self, peer_id: Any) -> bool:
+            # py-libp2p dials every address the peer reported before it counts an attempt,
+            # and on every round: here the direct try costs an attempt like a punch does.
+            attempts = self._hole_punch_attempts.get(peer_id, 0)
+            if attempts >= MAX_HOLE_PUNCH_ATTEMPTS:
+                return False
+            self._hole_punch_attempts[peer_id] = attempts + 1
+            return bool(await super()._try_unilateral_upgrade(peer_id))
 
         async def _dial_peer(self, peer_id: Any, addr: Any, *args: Any, **kw: Any) -> None:
             if self.allowed(addr):
@@ -506,13 +554,11 @@ class _Gate:
 
     def __init__(
         self,
-        handler: Callable[[Any], Awaitable[None]],
         per_peer: int,
         total: int,
         admit: Callable[[str], bool] | None,
         deadline_s: float,
     ) -> None:
-        self.handler = handler
         self.per_peer = per_peer
         self.total = total
         self.admit = admit
@@ -520,7 +566,8 @@ class _Gate:
         self.active: Counter[str] = Counter()
         self.refused = 0
 
-    async def handle(self, stream: Any) -> None:
+    async def run(self, stream: Any, handler: Callable[[Any], Awaitable[None]]) -> None:
+        """`handler(stream)` within the gate's bounds, else `stream` reset."""
         peer = stream.muxed_conn.peer_id.to_base58()
         over = self.active[peer] >= self.per_peer or self.active.total() >= self.total
         if over or (self.admit is not None and not self.admit(peer)):
@@ -530,13 +577,158 @@ class _Gate:
         self.active[peer] += 1
         try:
             with trio.move_on_after(self.deadline_s) as scope:
-                await self.handler(stream)
+                await handler(stream)
             if scope.cancelled_caught:
                 await reset_stream(stream)
         finally:
             self.active[peer] -= 1
             if not self.active[peer]:
                 del self.active[peer]
+
+
+class _HopGate:
+    """In front of the relay hop: reads each stream's first message itself, then hands it
+    to py-libp2p's RESERVE or CONNECT handler behind a budget of its own (`_Gate`).
+
+    py-libp2p's own stream handler waits 30 s for a first message, and any stream counted
+    from its opening: silent streams from a few admitted peers held every place. A stream
+    here counts against the budgets only once its request arrived, within
+    `HopLimits.first_message_s`; RESERVEs and CONNECTs have separate budgets, so circuits
+    cannot starve reservations. And py-libp2p reserves for whatever peer id a RESERVE names:
+    one admitted peer could take every slot for made-up ids, so a RESERVE for anyone but the
+    connected peer is refused here, before py-libp2p's handler sees it."""
+
+    def __init__(
+        self, relay: Any, hop: HopLimits, admit: Callable[[str], bool] | None, config: NatConfig
+    ) -> None:
+        self.relay = relay
+        self.hop = hop
+        self.admit = admit
+        self.waiting: Counter[str] = Counter()
+        """Streams per peer whose first message has not arrived."""
+        self.reserves = _Gate(RESERVES_PER_PEER, hop.reserves_total, None, config.stream_timeout_s)
+        # A CONNECT holds its stream for the circuit's life, idle or not.
+        self.circuits = _Gate(
+            hop.circuits_per_source, hop.circuits_total, None, hop.circuit_seconds
+        )
+        self.refused = 0
+        """Streams refused before any budget: strangers, silent, malformed, foreign RESERVEs."""
+
+    async def handle(self, stream: Any) -> None:
+        from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+
+        msg = await self._request(stream)
+        if msg is None:
+            self.refused += 1
+            await reset_stream(stream)
+        elif msg.type == HopMessage.RESERVE:
+            await self.reserves.run(stream, functools.partial(self._reserve, msg=msg))
+        else:
+            await self.circuits.run(stream, functools.partial(self.relay._handle_connect, msg=msg))
+
+    async def _request(self, stream: Any) -> Any:
+        """The stream's request, if it may be served: from an admitted peer, over a direct
+        connection (the spec's rule, which py-libp2p's handler applied), a RESERVE or CONNECT
+        that arrived in time and names no peer but the sender for a slot; else None."""
+        from libp2p.relay.circuit_v2.protocol import _is_relayed_stream
+
+        peer = stream.muxed_conn.peer_id
+        if self.admit is not None and not self.admit(peer.to_base58()):
+            return None
+        if _is_relayed_stream(stream) or self.waiting[peer.to_base58()] >= HOP_WAITING_PER_PEER:
+            return None
+        msg = await self._first_message(stream)
+        return msg if msg is not None and self._valid(msg, peer) else None
+
+    async def _first_message(self, stream: Any) -> Any:
+        """The first HopMessage on `stream`, or None when it is late or malformed."""
+        from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+        from libp2p.relay.circuit_v2.utils import read_delimited_msg
+
+        peer = stream.muxed_conn.peer_id.to_base58()
+        self.waiting[peer] += 1
+        try:
+            with trio.move_on_after(self.hop.first_message_s):
+                return await read_delimited_msg(stream, HopMessage)
+        except Exception as e:  # libp2p raises whatever the stream or protobuf gave it
+            log.info("hop: unreadable request from %s: %s", peer, e)
+        finally:
+            self.waiting[peer] -= 1
+            if not self.waiting[peer]:
+                del self.waiting[peer]
+        return None
+
+    def _valid(self, msg: Any, peer: Any) -> bool:
+        """A RESERVE for the connected peer (or naming none) or a CONNECT, with any signed
+        record of the sender's valid (py-libp2p's handler stored it; so do we)."""
+        from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+        from libp2p.relay.circuit_v2.utils import maybe_consume_signed_record
+
+        if msg.HasField("senderRecord") and not maybe_consume_signed_record(
+            msg, self.relay.host, peer
+        ):
+            return False
+        if msg.type == HopMessage.CONNECT:
+            return True
+        if msg.type != HopMessage.RESERVE:
+            return False
+        named = msg.peer.id if msg.HasField("peer") else b""
+        if named and named != peer.to_bytes():
+            log.info("hop: %s asked for a slot for another peer; refused", peer)
+            return False
+        return True
+
+    async def _reserve(self, stream: Any, msg: Any) -> None:
+        await self.relay._handle_reserve(stream, msg)
+        # The answer is the whole exchange: a refresh comes on a stream of its own.
+        await close_stream(stream)
+
+
+class _StopGate:
+    """In front of the STOP protocol (a relayed connection arriving at this node).
+
+    py-libp2p accepts a STOP stream from anyone and upgrades it to a connection of the swarm
+    with whatever identity the stream then presents, beside `protocol.inbound`: one TCP
+    connection carried hundreds of such connections, filling the host. Here a STOP stream is
+    accepted only from a hop this node holds a slot on (`P2PNode.reserved_on`), and only while
+    that hop carries fewer than `NatConfig.relayed_per_hop` of our connections and all hops
+    fewer than `NatConfig.relayed_total`."""
+
+    def __init__(self, relay: Any, node: P2PNode) -> None:
+        self.relay = relay
+        self.node = node
+        self.streams: dict[str, list[Any]] = {}
+        """STOP streams accepted, per hop: each carries one relayed connection for as long as
+        it is open (py-libp2p tags those with our own id, not the hop's, so the swarm cannot
+        say which hop carries which)."""
+        self.refused = 0
+
+    def carrying(self) -> Counter[str]:
+        """Relayed connections being made or open, per hop."""
+        for hop, streams in list(self.streams.items()):
+            if not (streams := [s for s in streams if not s.is_closed]):
+                del self.streams[hop]
+            else:
+                self.streams[hop] = streams
+        return Counter({hop: len(streams) for hop, streams in self.streams.items()})
+
+    async def handle(self, stream: Any) -> None:
+        hop = stream.muxed_conn.peer_id.to_base58()
+        if not self._may_accept(hop):
+            self.refused += 1
+            await reset_stream(stream)
+            return
+        self.streams.setdefault(hop, []).append(stream)
+        with trio.move_on_after(self.node.config.stream_timeout_s) as scope:
+            await self.relay._handle_stop_stream(stream)
+        if scope.cancelled_caught:
+            await reset_stream(stream)
+
+    def _may_accept(self, hop: str) -> bool:
+        if hop not in self.node.reserved_on:
+            return False
+        carrying, config = self.carrying(), self.node.config
+        return carrying[hop] < config.relayed_per_hop and carrying.total() < config.relayed_total
 
 
 def p2p_mounts(

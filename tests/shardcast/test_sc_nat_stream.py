@@ -252,11 +252,11 @@ def test_nat_hop_gate_bounds_requests_per_peer_and_in_all() -> None:
         async def handler(stream: Any) -> None:
             await release.wait()
 
-        gate = _Gate(handler, per_peer=1, total=2, admit=None, deadline_s=5.0)
+        gate = _Gate(per_peer=1, total=2, admit=None, deadline_s=5.0)
         streams = [Stream(p) for p in ("a", "a", "b", "c")]
         async with trio.open_nursery() as nursery:
             for s in streams:
-                nursery.start_soon(gate.handle, s)
+                nursery.start_soon(gate.run, s, handler)
                 await trio.sleep(0.01)
             # a's second is over its own cap; c's is over the total (a and b hold both).
             assert [s.was_reset for s in streams] == [False, True, False, True]
