@@ -762,6 +762,26 @@ class Worker:
                 return reply
         return None
 
+    async def _lease_or_join_again(self, request: msg.LeaseRequest) -> msg.LeaseReply:
+        """The coordinator's reply to `request`. Refused as no member (`forbidden`), the node
+        joins again and asks once more: the coordinator may have lost track of it (a restart
+        onto another ledger), and exiting then left a pool without its nodes. A ban or a
+        refusal comes from that join, and ends the node."""
+        try:
+            return await self._lease_call(request)
+        except RemoteError as e:
+            if e.code != ErrorCode.FORBIDDEN:
+                raise NodeError(f"the coordinator refused this node's lease request: {e}") from None
+        log.info("the coordinator does not know this node; joining again")
+        await self._join(self._relay_url)
+        try:
+            return await self._lease_call(request)
+        except RemoteError as e:
+            raise NodeError(f"the coordinator refused this node's lease request: {e}") from None
+
+    async def _lease_call(self, request: msg.LeaseRequest) -> msg.LeaseReply:
+        return await self._retry("lease", self._call, msg.LEASE_PROTOCOL, request, msg.LeaseReply)
+
     async def _request_lease(self) -> msg.LeaseReply:
         await self._swap_if_newer()
         request = msg.LeaseRequest(weight_version=max(self.engine.version, 0), wait_s=LEASE_WAIT_S)
@@ -771,11 +791,7 @@ class Worker:
         self._busy()
         reply: msg.LeaseReply | None = None
         try:
-            reply = await self._retry(
-                "lease", self._call, msg.LEASE_PROTOCOL, request, msg.LeaseReply
-            )
-        except RemoteError as e:
-            raise NodeError(f"the coordinator refused this node's lease request: {e}") from None
+            reply = await self._lease_or_join_again(request)
         finally:
             if reply is None or reply.lease is None:
                 self.idle.set()

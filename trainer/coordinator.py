@@ -373,12 +373,14 @@ class Coordinator:
             share_of=self._submission_share,
             max_bytes=self.spec.limits.max_submission_bytes,
         )
+        # Open to any key, as a join is: a node this ledger does not know is told so
+        # (`not_joined`) and joins again, where a refusal unread left it deaf to the pool.
         host.serve(
             msg.HEARTBEAT_PROTOCOL,
             self.on_heartbeat,
             msg.Heartbeat,
             msg.HeartbeatReply,
-            allowed_signer=self.ledger.is_member,
+            share_of=self._stranger_share,
         )
         host.serve(
             msg.RELEASE_PROTOCOL,

@@ -20,6 +20,7 @@ from node.worker import (
     IDLE_JITTER_MAX_S,
     LEASE_WAIT_S,
     PACE_SHARE,
+    NodeError,
     Worker,
     WorkerOptions,
 )
@@ -132,6 +133,29 @@ async def test_the_coordinators_load_and_a_stale_envelope_are_waited_out(
     worker._swap_if_newer = _nothing  # type: ignore[method-assign]
     assert await worker._request_lease() is lease
     assert len(times) == 4 and all(w >= 1.0 for w in _gaps(times))
+
+
+@pytest.mark.trio
+async def test_a_node_the_coordinator_does_not_know_joins_again_once(tmp_path, autojump_clock):
+    # Refused as no member, the node exited: a coordinator restarted onto another ledger
+    # lost every node. It joins again and asks once more; refused again, it stops.
+    worker = _worker(tmp_path)
+    lease = msg.LeaseReply(code="finished")
+    forbidden = RemoteError(ErrorCode.FORBIDDEN, "not admitted here")
+    joins: list[str] = []
+
+    async def join(relay_url: str = "", fresh: bool = False) -> None:
+        joins.append(relay_url)
+
+    worker._join = join  # type: ignore[method-assign]
+    worker._swap_if_newer = _nothing  # type: ignore[method-assign]
+    worker._call, times = _failing([forbidden], then=lease)  # type: ignore[method-assign]
+    assert await worker._request_lease() is lease
+    assert len(times) == 2 and len(joins) == 1
+    worker._call, times = _failing([forbidden, forbidden], then=lease)  # type: ignore[method-assign]
+    with pytest.raises(NodeError, match="forbidden"):
+        await worker._request_lease()
+    assert len(times) == 2 and len(joins) == 2
 
 
 def _coordinator(worker: Worker, replies: list[Any]) -> list[float]:

@@ -247,6 +247,17 @@ def test_resubmission_is_idempotent_and_a_different_answer_is_refused(tmp_path):
     _play(coord, scenario)
 
 
+def test_a_heartbeat_from_a_key_the_ledger_does_not_know_says_join_again(tmp_path):
+    coord = _coordinator(tmp_path)
+    stranger = Member(coord)
+
+    async def scenario():
+        reply = await coord.on_heartbeat(stranger.signed(msg.Heartbeat(weight_version=0)))
+        assert reply.code == "not_joined" and not reply.banned
+
+    _play(coord, scenario)
+
+
 def test_late_answer_is_a_soft_reject(tmp_path):
     coord = _coordinator(tmp_path)
     member = Member(coord)
