@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import trio
 
 from protocol.identity import Identity
+from protocol.ratelimit import TokenBucket
 from shardcast.peerlist import PeerListHolder, sign_peer_list
 from shardcast.peers import PeerTable, announce
 from shardcast.scope import Scope, dial_floor, may_follow, plain_ip, pool_scope, scope_of
@@ -124,7 +127,7 @@ def test_a_hole_punch_dials_no_address_nearer_than_the_relay_hops() -> None:
 
     class Recording(_scoped_dcutr_class()):
         def __init__(self) -> None:  # no host: only the dial decision is exercised
-            pass
+            self.dials = TokenBucket(1.0, 100, time.monotonic())  # the host's budget: ample
 
     async def fake_dial(self, peer_id, addr, *args, **kw) -> None:
         dialled.append(str(addr))
