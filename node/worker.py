@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -93,6 +94,10 @@ REDISCOVER_AFTER = 3
 IDLE_JITTER_MAX_S = 2.0
 # The first retry waits less than this; the window doubles with each try up to a cap.
 FIRST_RETRY_S = 0.5
+# The longest wait a coordinator's reply may ask of this node (a retry, a heartbeat's period),
+# and the shortest heartbeat period it may ask for.
+MAX_WAIT_S = 600.0
+MIN_HEARTBEAT_S = 1.0
 # The share of the pool's per-peer request rate (`limits.requests_per_s`) a node keeps to:
 # heartbeats and retries fit in the rest.
 PACE_SHARE = 0.75
@@ -137,7 +142,13 @@ def retry_after_s(state: RetryCallState) -> float:
     outcome = state.outcome
     assert outcome is not None
     said = outcome.exception() if outcome.failed else outcome.result()
-    return max(getattr(said, "retry_after_s", 0.0), 0.0)
+    return seconds_within(getattr(said, "retry_after_s", 0.0), 0.0, MAX_WAIT_S)
+
+
+def seconds_within(said: float, low: float, high: float) -> float:
+    """A duration the coordinator named, kept within [low, high] (NaN as `low`): a value no
+    pool needs (inf, NaN) would stop this node's heartbeats or retries for good."""
+    return min(max(said, low), high) if math.isfinite(said) else (low if said != said else high)
 
 
 def jittered(cap_s: float) -> wait_base:
@@ -342,7 +353,8 @@ class Worker:
             nursery.start_soon(self.behaviour.alongside, self.context())
             self.stats.state = "fetching weights"
             await self._fetch_and_load(initial=True)
-            nursery.start_soon(self._heartbeats, reply.heartbeat_s)
+            beat_s = seconds_within(reply.heartbeat_s, MIN_HEARTBEAT_S, MAX_WAIT_S)
+            nursery.start_soon(self._heartbeats, beat_s)
             nursery.start_soon(self._follow_versions)
             await self._work()
             nursery.cancel_scope.cancel()

@@ -6,6 +6,7 @@ coordinator; trio's autojump clock makes the waits instant and measures them exa
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +20,13 @@ from node.worker import (
     FIRST_RETRY_S,
     IDLE_JITTER_MAX_S,
     LEASE_WAIT_S,
+    MAX_WAIT_S,
+    MIN_HEARTBEAT_S,
     PACE_SHARE,
     NodeError,
     Worker,
     WorkerOptions,
+    seconds_within,
 )
 from protocol import messages as msg
 from protocol.errors import RemoteError, TransportError
@@ -103,6 +107,21 @@ async def test_the_coordinators_retry_after_is_a_floor(tmp_path, autojump_clock,
         caplog.text
     )
     assert worker.stats.state == "waiting (submit)"
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize(
+    "said, low, high", [(math.inf, MAX_WAIT_S, MAX_WAIT_S + 1), (math.nan, 0, 1)]
+)
+async def test_a_wait_the_coordinator_names_is_kept_within_bounds(
+    tmp_path, autojump_clock, said, low, high
+):
+    # inf (or NaN) from a buggy coordinator stopped the node's retries for good
+    call, times = _failing([RemoteError("rate_limited", "later", retry_after_s=said)])
+    assert await _worker(tmp_path)._retry("lease", call) == "done"
+    (wait,) = _gaps(times)
+    assert low <= wait < high
+    assert seconds_within(0.2, MIN_HEARTBEAT_S, MAX_WAIT_S) == MIN_HEARTBEAT_S
 
 
 @pytest.mark.trio
