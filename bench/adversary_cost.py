@@ -48,7 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
-from swarm import Proc, Swarm  # noqa: E402
+from swarm import Proc, Swarm, parse_args  # noqa: E402
 
 HONEST_NODES = 2
 STAGGER_S = 0.2
@@ -319,8 +319,10 @@ def null_load(swarm: Swarm, cpu: float, name: str) -> Proc:
 
 
 def start(swarm: Swarm, proc: Proc) -> Proc:
+    """Start one of this bench's own processes (`flood`, `burn`) as a fresh interpreter: they
+    run this script, which the swarm's forking does not preload."""
     swarm.procs.append(proc)
-    proc.start(swarm.env)
+    proc.start(swarm.env, forking=False)
     return proc
 
 
@@ -339,9 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # not trained) the same in every phase: a learning pool trains fewer groups per accepted
     # submission as it masters the task, which would read as the attack's damage.
     frozen = ["algorithm.lr=1e-12"]
-    swarm_args = argparse.Namespace(
-        model="tiny-digits", task=None, set=frozen, relays=0, dashboard_port=None, steps=100_000
-    )
+    swarm_args = parse_args(["--relays", "0", "--steps", "100000", *[f"--set={s}" for s in frozen]])
     swarm = Swarm(swarm_args, Path(tempfile.mkdtemp(prefix="swarmrl-adversary-")).resolve())
     try:
         swarm.init_pool()

@@ -1281,7 +1281,9 @@ def parse_kinds(text: str) -> list[str]:
     return kinds
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The swarm's settings from `argv` (`--help`), with the model's profile filled in; what
+    `bench/adversary_cost.py` builds its pool from too, so that a new setting reaches it."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -1345,6 +1347,11 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES.get(args.model, PROFILES["tiny"])
     args.steps = args.steps or profile["steps"]
     args.timeout = args.timeout or profile.get("timeout", 900.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="swarmrl-swarm-"))
     work.mkdir(parents=True, exist_ok=True)
     swarm = Swarm(args, work.resolve())
