@@ -148,7 +148,7 @@ def retry_after_s(state: RetryCallState) -> float:
 def seconds_within(said: float, low: float, high: float) -> float:
     """A duration the coordinator named, kept within [low, high] (NaN as `low`): a value no
     pool needs (inf, NaN) would stop this node's heartbeats or retries for good."""
-    return min(max(said, low), high) if math.isfinite(said) else (low if said != said else high)
+    return low if math.isnan(said) else min(max(said, low), high)
 
 
 def jittered(cap_s: float) -> wait_base:

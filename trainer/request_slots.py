@@ -45,7 +45,9 @@ class RequestSlots:
             await self.app(scope, receive, send)
             return
         client = client_key(scope["client"][0]) if scope.get("client") else ""
-        mine = self._clients.setdefault(client, trio.Semaphore(self.per_client))
+        mine = self._clients.get(client)
+        if mine is None:
+            mine = self._clients[client] = trio.Semaphore(self.per_client)
         self._waiting[client] = self._waiting.get(client, 0) + 1
         try:
             if not await self._acquire(mine):
