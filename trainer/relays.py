@@ -60,6 +60,10 @@ Probe = Callable[[str, int], Awaitable[Checked]]
 before)."""
 
 MAX_NODE_RELAYS = 256
+RECHECK_FAILED_S = 5.0
+"""After a failed check, the next comes this long after, doubling up to `recheck_s`: a relay
+checked before its seeder was ready would otherwise wait a whole `recheck_s` to be handed
+out (joins no longer start rounds)."""
 MAX_SOURCE_REPORTS = 1024
 """Nodes whose latest report of where their weights came from is kept (the most recent
 reporters): shown on the dashboard, and bounded however many keys ever joined."""
@@ -90,6 +94,8 @@ class _Relay:
     unreachable_checks: int = 0
     due_at: float = 0.0
     """When (`time.time()`) its next check is due."""
+    failed_checks: int = 0
+    """Checks in a row it failed: a failing relay is checked again sooner (`RECHECK_FAILED_S`)."""
     added_at: float = 0.0
 
 
@@ -276,6 +282,14 @@ class RelayDirectory:
         due = [r.due_at for r in self._relays.values() if r.error != NOT_OWN_ADDRESS]
         return min([self.recheck_s, *(max(0.0, t - now) for t in due)])
 
+    def _recheck_after(self, failed: int) -> float:
+        """Seconds to a relay's next check after `failed` failed checks in a row."""
+        return (
+            self.recheck_s
+            if not failed
+            else min(self.recheck_s, RECHECK_FAILED_S * 2 ** (failed - 1))
+        )
+
     async def _check_these(self, relays: list[_Relay], version: int) -> None:
         async with trio.open_nursery() as nursery:
             for relay in relays:
@@ -287,7 +301,8 @@ class RelayDirectory:
             log.warning("relay %s dropped: %s", relay.url, found.error)
         now = time.time()
         relay.verified, relay.error, relay.checked_at = found.error is None, found.error, now
-        relay.due_at = now + self.recheck_s
+        relay.failed_checks = 0 if found.error is None else relay.failed_checks + 1
+        relay.due_at = now + self._recheck_after(relay.failed_checks)
         relay.version, relay.served = found.version, found.served
         if found.error in UNREACHABLE:
             relay.unreachable_since = relay.unreachable_since or now

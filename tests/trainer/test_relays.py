@@ -188,6 +188,28 @@ def test_joining_again_with_other_urls_buys_no_checks():
     trio.run(main)
 
 
+def test_a_relay_that_failed_its_check_is_checked_again_soon(monkeypatch):
+    # A relay checked before its seeder was ready waited a whole `recheck_s` to be handed out
+    monkeypatch.setattr(trainer.relays, "RECHECK_FAILED_S", 0.05)
+    found = iter([Checked("not_ready"), Checked("not_ready")])
+
+    async def probe(url: str, version: int) -> Checked:
+        return next(found, Checked(None, version, 0))
+
+    async def main():
+        d = RelayDirectory([], probe, recheck_s=30.0)
+        d.advertise(b"a" * 32, "http://slow-start:1")
+        with trio.move_on_after(1.0):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(d.check_forever, lambda: 1, lambda urls: None)
+                while "http://slow-start:1" not in d.weights_urls(None):
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        assert d.weights_urls(None) == ["http://slow-start:1"]
+
+    trio.run(main)
+
+
 def test_a_full_directory_makes_room_only_from_relays_not_handed_out(monkeypatch):
     monkeypatch.setattr(trainer.relays, "MAX_NODE_RELAYS", 4)
     verdict = {"http://junk": Checked("not_held")}
