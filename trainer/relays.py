@@ -8,7 +8,8 @@ view ever makes a request to a node-chosen address.
 
 What a node's joins can make the coordinator do is bounded, however often it joins: its
 first URL is checked at once, and a new URL waits for its node's next turn, so one node's
-relay is checked at most once per `recheck_s`. The directory holds `MAX_NODE_RELAYS`; when it
+relay is checked at most once per `recheck_s` (once per `RECHECK_FAILED_S`, doubling, while
+it fails). The directory holds `MAX_NODE_RELAYS`; when it
 is full, a newcomer's URL takes the place of the oldest one not verified now, never of one
 handed out, so keys that advertise junk cannot lock honest relays out.
 """
