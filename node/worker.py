@@ -631,8 +631,9 @@ class Worker:
         except ShardcastError:
             with trio.move_on_after(10.0):
                 try:
-                    beat = msg.Heartbeat(weight_version=max(self.engine.version, 0))
-                    reply = await self._call(msg.HEARTBEAT_PROTOCOL, beat, msg.HeartbeatReply, 10.0)
+                    reply = await self._call(
+                        msg.HEARTBEAT_PROTOCOL, self._beat(), msg.HeartbeatReply, 10.0
+                    )
                     self._trust_version(reply.current_version)
                 except SwarmError as e:
                     log.debug("asking for the current version failed: %s", e)
@@ -704,19 +705,26 @@ class Worker:
     async def _heartbeats(self, every_s: float) -> None:
         # The first goes out at once: the weights are loaded, and the dashboard should say so.
         while True:
-            beat = msg.Heartbeat(
-                weight_version=max(self.engine.version, 0),
-                leases_done=self.stats.leases,
-                tokens_per_s=self.stats.tokens_per_s,
-                weights_from=self.client.bytes_by_source() if self.client else {},
-            )
             try:
-                reply = await self._call(msg.HEARTBEAT_PROTOCOL, beat, msg.HeartbeatReply, 10.0)
+                reply = await self._call(
+                    msg.HEARTBEAT_PROTOCOL, self._beat(), msg.HeartbeatReply, 10.0
+                )
             except SwarmError as e:
                 log.debug("heartbeat failed: %s", e)
             else:
                 await self._on_heartbeat_reply(reply)
             await trio.sleep(every_s)
+
+    def _beat(self) -> msg.Heartbeat:
+        """This node's heartbeat, whole. The coordinator keeps the last one's report of where
+        the weights came from: a bare one sent to ask for the current version (on each failed
+        fetch) blanked that report, and the dashboard's relay tree showed no downloads."""
+        return msg.Heartbeat(
+            weight_version=max(self.engine.version, 0),
+            leases_done=self.stats.leases,
+            tokens_per_s=self.stats.tokens_per_s,
+            weights_from=self.client.bytes_by_source() if self.client else {},
+        )
 
     async def _on_heartbeat_reply(self, reply: msg.HeartbeatReply) -> None:
         self.stats.replies[f"heartbeat:{reply.code}"] += 1

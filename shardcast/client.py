@@ -168,7 +168,7 @@ class Client:
                 log.info("listing from %s failed: %s", url, e)
                 return
             out[url] = list(listed)
-            self.picker.stats[url].note_listing(out[url])
+            self.picker.note_listing(url, out[url])
 
         async with trio.open_nursery() as nursery:
             for url in self.picker.stats:
@@ -186,12 +186,18 @@ class Client:
     def _newest_believed(
         self, listed: dict[str, list[int]], skip: set[int] = frozenset()
     ) -> int | None:
+        """The newest listed version that can be believed: not in `skip`, not above the
+        trusted version, and not one every source said lately it lacks (a fresh listing from
+        an unmuted source clears its mark). A muted liar listing it alone would otherwise have
+        a node fetch, fail and poll again at once, round after round."""
         heard = {u: vs for u, vs in listed.items() if self.picker.heard(u)}
         best = None
         for versions in (heard or listed).values():
             for v in versions:
-                if v not in skip and (self.trusted is None or v <= self.trusted):
-                    best = v if best is None else max(best, v)
+                if v in skip or (self.trusted is not None and v > self.trusted):
+                    continue
+                if (best is None or v > best) and not self.picker.all_lack(v):
+                    best = v
         return best
 
     async def wait_for_newer(self, after: int, timeout: float) -> int | None:
@@ -518,9 +524,12 @@ async def fetch_manifest(
             found = await _manifest_from(http, picker, source, version, public_key, pool_id, errors)
             if found is not None:
                 return found
-    if errors and all(e.endswith("not held") for e in errors):
+    # Each source asked just now, or lately (a source that said so is not asked again for a
+    # moment), said it does not hold the version.
+    if all(e.endswith("not held") for e in errors) and (errors or picker.all_lack(version)):
         raise VersionGone(f"no source holds version {version}")
-    raise FetchError(f"no valid manifest for version {version}: {'; '.join(errors)}")
+    why = "; ".join(errors) or "no source may be asked for it now (banned, or at fault lately)"
+    raise FetchError(f"no valid manifest for version {version}: {why}")
 
 
 async def _manifest_from(

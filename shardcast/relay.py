@@ -181,7 +181,7 @@ class Relay:
                 continue
             failures = 0
             self._listed[upstream] = listing
-            self.picker.stats[upstream].note_listing(list(listing))
+            self.picker.note_listing(upstream, list(listing))
             if listing:
                 after = max(after, max(listing))
             await self._reconcile(nursery)

@@ -210,6 +210,19 @@ class SourcePicker:
         self.record_partial(s, nbytes, seconds)
         s.faulty[version] = time.monotonic() + FAULTY_RECHECK_S
 
+    def note_listing(self, url: str, versions: list[int]) -> None:
+        """`url` listed `versions`. A version it said it lacked and lists now is asked of it
+        at once: its relay has mirrored it since. Waiting out the "not yet" mark instead
+        failed the fetch of a just-announced version whenever the node's own relay was its
+        only source (no source left to ask), and the node tried again a second later. A liar
+        gains nothing: listing and then lacking a version is a lie, and a muted source's
+        listings clear nothing."""
+        s = self.stats[url]
+        s.note_listing(versions)
+        if self.heard(url):
+            for v in s.listed:
+                s.missing.pop(v, None)
+
     def heard(self, url: str) -> bool:
         """Whether `url`'s listing counts: not banned, not muted for a recent lie."""
         s = self.stats[url]

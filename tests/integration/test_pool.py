@@ -40,6 +40,20 @@ def test_two_nodes_join_work_and_follow_versions(pool):
     )
     verdicts = coordinator.api("/api/verdicts?limit=500")
     assert verdicts and all(v["outcome"] != "hard" for v in verdicts)
+    # Each node's report of the weight bytes it fetched only grows, while versions follow
+    # each other: a heartbeat sent to ask for the current version once blanked it.
+    start, seen = coordinator.api("/api/status")["version"], {}
+    while coordinator.api("/api/status")["version"] < start + 3:
+        for n in coordinator.api("/api/weights")["nodes"]:
+            total = sum(n["fetched"].values())
+            assert total >= seen.get(n["key"], 1), n
+            seen[n["key"]] = total
+        time.sleep(0.3)
+    assert len(seen) == 2
+    # A node fetches each new version through its own relay, which lists it once mirrored:
+    # asking it a moment too early must not fail the fetch.
+    for n in nodes:
+        assert "no valid manifest" not in n.text(), n.text()[-2000:]
 
 
 def _leases(data, node_key: bytes) -> list[tuple[int, str, list[int]]]:

@@ -16,7 +16,7 @@ from shardcast import relay as relay_module
 from shardcast import sources as sources_module
 from shardcast.client import Client
 from shardcast.errors import FetchError, first_error
-from shardcast.fetcher import FetchPolicy
+from shardcast.fetcher import FetchPolicy, VersionGone
 from shardcast.origin import Origin
 from shardcast.relay import Relay
 
@@ -85,6 +85,52 @@ async def test_a_source_that_lacked_a_version_is_asked_again_later(
         assert r.version == 1 and same_tree(r.path, tmp_path / "ck1")
         await c.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_version_a_source_lists_after_lacking_it_is_fetched_at_once(
+    tmp_path: Path, identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node asks its relay for a version the moment it is announced, and the relay, still
+    mirroring it, answers 404. Once the relay lists it, the fetch must go through: the "not
+    yet" mark outlived the listing, the fetch found no source it could ask and failed, and the
+    node tried again a second later (a warning each time, every version, in every pool)."""
+    monkeypatch.setattr(sources_module, "NOT_YET_RECHECK_S", 60.0)  # only a listing clears it
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.2), 0)
+        c = Client(
+            [url], tmp_path / "c", public_key=identity.public_key, pool_id=POOL_ID, policy=POLICY
+        )
+        assert (await c.fetch(0)).version == 0
+        with pytest.raises(VersionGone):
+            await c.fetch(1)  # announced, not served yet
+        await origin.publish(make_checkpoint(tmp_path / "ck1", seed=1, mb=0.2), 1)
+        with trio.fail_after(10):
+            assert await c.wait_for_newer(0, timeout=10) == 1
+            r = await c.fetch(1)
+        assert r.version == 1 and same_tree(r.path, tmp_path / "ck1")
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def test_a_listing_clears_a_not_yet_mark_unless_its_source_is_muted() -> None:
+    """A source that lists a version it lacked a moment ago is asked for it again at once;
+    one muted for listing a version it then denied (a lie) clears nothing by listing again."""
+    picker = sources_module.SourcePicker(["http://a", "http://b"])
+    a, b = picker.stats["http://a"], picker.stats["http://b"]
+    picker.note_listing("http://a", [1, 2])
+    picker.note_listing("http://b", [1, 2, 3])
+    picker.record_missing(a, 3)  # not yet
+    picker.record_missing(b, 3)  # a lie: b is muted
+    now = time.monotonic()
+    assert a.lacks(3, now) and b.lacks(3, now)
+    picker.note_listing("http://a", [1, 2, 3])
+    picker.note_listing("http://b", [1, 2, 3])
+    now = time.monotonic()
+    assert not a.lacks(3, now) and b.lacks(3, now)
+    assert picker.pick(3) is a
 
 
 def test_a_404_for_a_version_above_the_listing_is_rechecked_sooner_than_one_it_listed() -> None:

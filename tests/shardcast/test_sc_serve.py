@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from sc_helpers import POOL_ID, SHARD, make_checkpoint, nudge_checkpoint, same_tree
 
 from protocol.identity import Identity
+from shardcast import client as client_module
 from shardcast.client import Client
 from shardcast.errors import DeltaError, FetchError
 from shardcast.fetcher import FetchPolicy
@@ -433,6 +434,39 @@ async def test_lying_listing_does_not_stall_latest(tmp_path: Path, identity: Ide
         c = client([liar_url, url], tmp_path / "c", identity)
         r = await c.fetch("latest")
         assert r.version == 1 and same_tree(r.path, ck)
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_version_its_only_source_lacks_is_not_polled_for_in_a_loop(
+    tmp_path: Path, identity: Identity
+) -> None:
+    """A source listing a version it then says it lacks: the client's wait for a newer
+    version does not return that version again while the source's 404 stands, so a node's
+    follower (wait, fetch, fail, wait) does not spin on the claim, and the source is polled
+    at most once per `MIN_POLL_ROUND_S`."""
+    liar, polls = FastAPI(), []
+
+    @liar.get("/versions")
+    async def versions() -> dict:
+        polls.append(1)
+        return {"latest": 1, "versions": [{"version": 1, "base": None, "complete": True}]}
+
+    @liar.get("/v/{version}/manifest")
+    async def manifest(version: int) -> None:
+        raise HTTPException(404)
+
+    async with trio.open_nursery() as nursery:
+        liar_url = await nursery.start(serve_app, liar, "127.0.0.1", 0)
+        c = client([liar_url], tmp_path / "c", identity)
+        assert await c.wait_for_newer(0, timeout=5) == 1
+        with pytest.raises(FetchError):
+            await c.fetch(1)
+        polls.clear()
+        # (within the liar's first mute, `LIE_QUARANTINE`: after it, one listing is heard again)
+        assert await c.wait_for_newer(0, timeout=1.5) is None
+        assert len(polls) <= 1.5 / client_module.MIN_POLL_ROUND_S + 1
         await c.aclose()
         nursery.cancel_scope.cancel()
 
