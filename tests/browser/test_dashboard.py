@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -163,18 +165,20 @@ def test_weights_page_shows_versions_tree_and_bytes(pool: Pool, page: Watched) -
     # through her own relay only, so she is under it
     alice = pool.node_key(pool.honest[0])
     under_relay = f'#relay-tree li.relay li.holder[data-key="{alice}"]'
-    page.page.wait_for_selector(under_relay, timeout=30_000)  # the page polls every 3 s
+    with _weights_on_timeout(pool):
+        page.page.wait_for_selector(under_relay, timeout=30_000)  # the page polls every 3 s
     under_relay = page.page.locator(under_relay)
     assert "% from here" in under_relay.inner_text(), tree
     for key in (pool.node_key(n) for n in pool.honest):
-        # a node's download report comes with its next report to the coordinator, and the
-        # page polls every 3 s: wait for it as for alice above (seen missing once in CI)
+        # a node's download report comes with its heartbeats, and the page polls every 3 s
+        # (a bare heartbeat after each failed fetch once blanked the report: two CI failures)
         holder = f'li.holder[data-key="{key}"]'
-        page.page.wait_for_function(
-            f"(document.querySelector({json.dumps(holder)})?.textContent || '')"
-            ".includes('fetched')",
-            timeout=30_000,
-        )
+        with _weights_on_timeout(pool):
+            page.page.wait_for_function(
+                f"(document.querySelector({json.dumps(holder)})?.textContent || '')"
+                ".includes('fetched')",
+                timeout=30_000,
+            )
         assert "fetched" in page.page.locator(holder).inner_text(), tree
     assert not page.page.locator("#served-total").inner_text().startswith("0 ")
     # Client addresses only with the operator token.
@@ -187,6 +191,20 @@ def test_weights_page_shows_versions_tree_and_bytes(pool: Pool, page: Watched) -
     page.page.wait_for_selector("#clients-hidden", state="hidden", timeout=10_000)
     clients = page.page.locator("#page table").last.inner_text()
     assert "127.0.0.1" in clients, clients
+
+
+@contextmanager
+def _weights_on_timeout(pool: Pool) -> Iterator[None]:
+    """A wait on the weights page that times out fails with what the API says of each node
+    and the honest nodes' last log lines: a flake in CI then shows its cause."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    try:
+        yield
+    except PageTimeout as e:
+        nodes = pool.api("/api/weights")["nodes"]
+        logs = "\n".join(f"{n.name}: {n.text()[-1500:]}" for n in pool.honest)
+        raise AssertionError(f"{e}\nnodes: {json.dumps(nodes, indent=1)}\n{logs}") from None
 
 
 def test_samples_page_shows_and_filters_samples(pool: Pool, page: Watched) -> None:
