@@ -20,6 +20,9 @@ Version = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Tokens = Annotated[list[TokenId], msgspec.Meta(max_length=1 << 16)]
 Urls = Annotated[list[ShortStr], msgspec.Meta(max_length=32)]
 BytesByUrl = Annotated[dict[ShortStr, UInt], msgspec.Meta(max_length=32)]
+# A rate a node reports of itself (shown, never relied on): finite and non-negative, so no NaN
+# or infinity reaches the ledger, the dashboard or a sum.
+Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1e12)]
 
 # Stream protocols the coordinator serves, and the gossip topic name of version announcements
 # (see `protocol.host.pool_topic`).
@@ -52,7 +55,7 @@ class Hardware(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device_name: ShortStr = ""
     memory_bytes: UInt = 0
     cpu_count: UInt = 0
-    tokens_per_s: float = 0.0
+    tokens_per_s: Rate = 0.0
     """Measured by a short generation self-test at start-up."""
 
 
@@ -172,7 +175,7 @@ class ReleaseLease(Message, tag="release"):
 class Heartbeat(Message, tag="heartbeat"):
     weight_version: Version
     leases_done: UInt = 0
-    tokens_per_s: float = 0.0
+    tokens_per_s: Rate = 0.0
     weights_from: BytesByUrl = msgspec.field(default_factory=dict)
     """Verified weight bytes this node fetched from each source URL since it started (the
     node's word: shown on the dashboard's relay tree, never relied on)."""

@@ -161,3 +161,15 @@ def test_fuzz_messages(seed):
             decode(blob, type(seed))
 
     check()
+
+
+@pytest.mark.parametrize("rate", [float("nan"), float("inf"), -1.0])
+def test_a_self_reported_rate_must_be_a_finite_non_negative_number(rate: float) -> None:
+    """A join's or a heartbeat's `tokens_per_s` is the node's word, stored and shown: NaN,
+    infinity or a negative rate is refused at decoding, and never reaches the ledger."""
+    join = msgspec.to_builtins(SEEDS[0])
+    join["hardware"]["tokens_per_s"] = rate
+    beat = {**msgspec.to_builtins(SEEDS[3]), "tokens_per_s": rate}
+    for raw, type_ in ((join, messages.JoinRequest), (beat, messages.Heartbeat)):
+        with pytest.raises(ProtocolError, match="tokens_per_s"):
+            decode(msgspec.msgpack.encode(raw), type_)
