@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/protocol.py would otherwise shadow the `protocol` package
 
-from tests.integration.pool import Coordinator, Node, free_port  # noqa: E402
+from tests.integration.pool import Coordinator, Node, start_relaying_nodes  # noqa: E402
 
 
 def run_pool(tree: Path, work: Path, seconds: float) -> dict[str, Any]:
@@ -41,23 +41,19 @@ def run_pool(tree: Path, work: Path, seconds: float) -> dict[str, Any]:
     try:
         coordinator = Coordinator.create(work)
         coordinator.start()
-        nodes = [Node(name, work / "nodes") for name in ("alice", "bob")]
-        cheater = Node("mallory", work / "nodes", module="tests.browser.cheater")
-        relay_port = free_port()
+        nodes: list[Node] = []
         try:
-            for n in [*nodes, cheater]:
-                extra = ["--relay", str(relay_port)] if n.name == "alice" else []
-                n.start(coordinator.pool_id, coordinator.bootstrap, *extra)
+            start_relaying_nodes(coordinator, work / "nodes", nodes)
             coordinator.wait_for(lambda s: s["step"] >= 1, 300, "a first step")
             time.sleep(seconds)
         finally:
-            for n in [*nodes, cheater]:
+            for n in nodes:
                 n.kill()
             coordinator.kill()
     finally:
         os.chdir(here)
     out = ledger_figures(coordinator.data / "ledger.sqlite")
-    out["node_warnings"] = sum(n.text().count(" WARNING ") for n in nodes)
+    out["node_warnings"] = sum(n.text().count(" WARNING ") for n in nodes[:2])  # the honest
     return out
 
 

@@ -285,11 +285,9 @@ class RelayDirectory:
 
     def _recheck_after(self, failed: int) -> float:
         """Seconds to a relay's next check after `failed` failed checks in a row."""
-        return (
-            self.recheck_s
-            if not failed
-            else min(self.recheck_s, RECHECK_FAILED_S * 2 ** (failed - 1))
-        )
+        if not failed:
+            return self.recheck_s
+        return min(self.recheck_s, RECHECK_FAILED_S * 2 ** (failed - 1))
 
     async def _check_these(self, relays: list[_Relay], version: int) -> None:
         async with trio.open_nursery() as nursery:

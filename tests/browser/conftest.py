@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.pool import Coordinator, Node, free_port
+from tests.integration.pool import Coordinator, Node, start_relaying_nodes
 
 CHROMIUM = (
     os.environ.get("SWARMRL_CHROMIUM")
@@ -68,14 +68,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         # alice's relay with them, and a CI run slow enough to pass 12 steps before the
         # weights test found no relay to show and only the cheater's late rejections.
         coordinator.start(args=["--operator-token", TOKEN])
-        honest = [Node(name, tmp / "nodes") for name in ("alice", "bob")]
-        cheater = Node("mallory", tmp / "nodes", module="tests.browser.cheater")
-        relay_port = free_port()
-        for n in [*honest, cheater]:
-            nodes.append(n)
-            # alice also re-serves the weights, so the relay tree has a relay in it
-            extra = ["--relay", str(relay_port)] if n.name == "alice" else []
-            n.start(coordinator.pool_id, coordinator.bootstrap, *extra)
+        # alice also re-serves the weights on a known port, so the relay tree has a relay in it
+        relay_port = start_relaying_nodes(coordinator, tmp / "nodes", nodes)
+        *honest, cheater = nodes
         coordinator.wait_for(
             lambda s: s["step"] >= 1 and s["counts"]["banned"] >= 1, 240, "a step and a ban"
         )

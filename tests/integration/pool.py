@@ -192,3 +192,17 @@ class Node:
 
     def text(self) -> str:
         return self.log.read_text() if self.log and self.log.exists() else ""
+
+
+def start_relaying_nodes(coordinator: Coordinator, home: Path, started: list[Node]) -> int:
+    """alice (re-serving the weights on a fixed port as well), bob, and the cheater mallory
+    (tests/browser/cheater.py) join `coordinator`'s pool: the dashboard tests' pool, and
+    bench/weights_lag.py's. Each node goes into `started` as it starts, for the caller to
+    kill; returns alice's relay port."""
+    relay_port = free_port()
+    for name, module in (("alice", "node"), ("bob", "node"), ("mallory", "tests.browser.cheater")):
+        node = Node(name, home, module=module)
+        started.append(node)
+        extra = ["--relay", str(relay_port)] if name == "alice" else []
+        node.start(coordinator.pool_id, coordinator.bootstrap, *extra)
+    return relay_port
