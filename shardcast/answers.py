@@ -44,11 +44,13 @@ class Listing(msgspec.Struct):
 
 
 class Have(msgspec.Struct):
-    """`GET /v/{N}/have`: hex bitfields of the units held and being fetched from a seed."""
+    """`GET /v/{N}/have`: hex bitfields of the units held and being fetched from a seed,
+    and how many payload streams the peer is sending (a claim: see `SourceStats.streams`)."""
 
     bits: str
     soon: str = ""
     changes: Count | None = None
+    streams: Count = 0
 
 
 class PeersAnswer(msgspec.Struct):

@@ -298,6 +298,13 @@ class FetchPolicy:
 
 
 MAX_RETRY_AFTER_S = 5.0
+BUSY_QUEUE = 4
+"""A peer sending this many streams (by its last bitfield answer, with ours) is busy: a
+unit only busy peers hold is taken after every unit that a less busy peer or a seed could
+start. Rarest first alone piled the members' workers into the queues of a few peers (those
+holding the units that had just landed), 10-20 deep under an upload cap that serves the
+oldest stream first, while a quarter of the swarm's uploads sat idle (docs/shardcast.md,
+thirty-ninth session). Four streams at 1 MB/s and 256 KiB pieces are a second's wait."""
 """The longest Retry-After a fetch obeys (a hostile source could ask for hours)."""
 
 
@@ -495,17 +502,19 @@ class ShardFetcher:
 
     def _next_job(self, queue: deque[ShardJob]) -> ShardJob | None:
         """The next shard to fetch: in order, or in a swarm the rarest one that can start
-        now (None: wait for a seed slot or for a peer to get something)."""
+        now (None: wait for a seed slot or for a peer to get something), among units that
+        some holder could start soon if there are any (`BUSY_QUEUE`)."""
         if self.swarm is None:
             return queue.popleft()
         now = trio.current_time()
         seeds_busy = len(self._for_seeds) >= self.swarm.seed_slots()
         in_grace = now - self._started < self.swarm.share_grace
         landing = now - self._landed < self.swarm.seed_quiet
-        best: tuple[int, bool, float] | None = None
+        best: tuple[bool, int, bool, float] | None = None
         chosen = None
         for job in queue:
-            n = len(self.swarm.holders(job))
+            holders = self.swarm.holders(job)
+            n = len(holders)
             if n == 0 and (
                 seeds_busy
                 or self.swarm.promised(job)
@@ -513,14 +522,21 @@ class ShardFetcher:
                 or (landing and not self.swarm.preferred(job))
             ):
                 continue
-            key = (n, not self.swarm.preferred(job), random.random())
+            busy = n > 0 and all(self._queue_at(url) >= BUSY_QUEUE for url in holders)
+            key = (busy, n, not self.swarm.preferred(job), random.random())
             if best is None or key < best:
                 best, chosen = key, job
         if chosen is not None:
             queue.remove(chosen)
-            if best is not None and best[0] == 0:
+            if best is not None and best[1] == 0:
                 self._for_seeds.add(chosen)
         return chosen
+
+    def _queue_at(self, url: str) -> int:
+        """Streams an ask of ours to the peer at `url` would wait behind (an unknown URL is
+        taken for a busy one)."""
+        s = self.picker.stats.get(url)
+        return BUSY_QUEUE if s is None else s.queue()
 
     def _ended(self, job: ShardJob, won: bool) -> None:
         """A unit's race is over: its seed slot is free, and a unit landed from a peer, or

@@ -4,8 +4,9 @@
     GET /v/{N}/manifest            the signed manifest bytes
     GET /v/{N}/f/{name}            a payload file, streamed; single-range `Range` supported
     GET /v/{N}/have?after=K&wait=S  which pieces are held, and which are being fetched from a
-                                   seed (hex bitfields); long-polls up to S s for more than K
-                                   held pieces (or, with &changes=C, for more than C changes;
+                                   seed (hex bitfields), and how many payload streams are
+                                   being sent; long-polls up to S s for more than K held
+                                   pieces (or, with &changes=C, for more than C changes;
                                    with &want=BITS too, for a change to a piece in BITS)
     GET|POST /peers                signed peer announcements (servers given a PeerTable)
     GET /peerlist                  the coordinator's signed peer list, if one is held
@@ -32,7 +33,6 @@ import os
 import re
 import socket
 from collections.abc import AsyncIterator
-from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -47,7 +47,7 @@ from shardcast.manifest import PayloadFile, unit_range
 from shardcast.peerlist import PeerListHolder
 from shardcast.peers import MAX_ANNOUNCEMENT_BYTES, PeerTable
 from shardcast.store import StoredVersion, VersionStore
-from shardcast.throttle import UploadThrottle
+from shardcast.throttle import Sending, UploadThrottle
 from shardcast.traffic import CountServed, ServedBytes
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ def create_app(
     app.state.served = served
     app.state.limits = limits
     app.state.gate = gate = ConnectionGate.for_limits(limits)
+    app.state.sending = sending = Sending()
 
     def version_or_404(version: str) -> StoredVersion:
         sv = store.get(parse_version(version))
@@ -149,9 +150,10 @@ def create_app(
         changes: int | None = None,
         want: str | None = None,
     ) -> dict:
-        """`bits`: units held; `soon`: units being fetched from a seed. Long-polls for more
-        than `after` held units, or (given `changes`) for any change to either; given `want`
-        too (a bitfield of the units the asker lacks), for a change to one of those."""
+        """`bits`: units held; `soon`: units being fetched from a seed; `streams`: payload
+        streams being sent now. Long-polls for more than `after` held units, or (given
+        `changes`) for any change to either; given `want` too (a bitfield of the units the
+        asker lacks), for a change to one of those."""
         sv = version_or_404(version)
         try:
             wanted = None if want is None else sv.wanted_units(want)
@@ -166,6 +168,7 @@ def create_app(
             "changes": sv.changes,
             "bits": sv.bitfield(),
             "soon": sv.soon_bitfield(),
+            "streams": sending.count,
         }
 
     if peer_list is not None:
@@ -221,7 +224,7 @@ def create_app(
         if rng is not None:
             status = 206
             headers["content-range"] = f"bytes {start}-{end - 1}/{p.size}"
-        body = _FileBody(sv, p, start, end, bucket, shard_wait)
+        body = _FileBody(sv, p, start, end, bucket, shard_wait, sending)
         return _BoundedStream(body, status, headers, limits.send_timeout)
 
     return app
@@ -239,10 +242,12 @@ class _FileBody:
         end: int,
         bucket: UploadThrottle | None,
         shard_wait: float,
+        sending: Sending,
     ) -> None:
         self.sv, self.p, self.start, self.end = sv, p, start, end
         self.bucket = bucket
         self.shard_wait = shard_wait
+        self.sending = sending
 
     async def chunks(self, fd: int) -> AsyncIterator[bytes]:
         sv, p = self.sv, self.p
@@ -263,7 +268,7 @@ class _FileBody:
             if self.bucket is None:
                 yield data
             else:
-                turn = self.bucket.turn(READ_CHUNK)
+                turn = self.bucket.turn(READ_CHUNK, self.sending.count)
                 for i in range(0, len(data), turn):
                     piece = data[i : i + turn]
                     await self.bucket.take(len(piece), since)
@@ -272,8 +277,8 @@ class _FileBody:
 
 
 class _BoundedStream(Response):
-    """Streams a `_FileBody`, its file open (and it counted among the cap's streams) only
-    while the response runs; a send that misses its deadline (`_send_within`) ends it."""
+    """Streams a `_FileBody`, its file open (and it counted among the streams being sent)
+    only while the response runs; a send that misses its deadline (`_send_within`) ends it."""
 
     media_type = "application/octet-stream"
 
@@ -285,9 +290,8 @@ class _BoundedStream(Response):
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = self.file_body.sv.payload_path(self.file_body.p.name)
         fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
-        bucket = self.file_body.bucket
         try:
-            with bucket.sending() if bucket is not None else nullcontext():
+            with self.file_body.sending.stream():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
                     try:

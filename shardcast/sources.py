@@ -30,6 +30,7 @@ OPTIMISTIC_PRIOR = 1e9  # bytes/s: higher than any real source, so untried ones 
 HEAL = 0.05
 LIE_QUARANTINE = 2.0  # seconds a caught liar's listings are ignored, doubled per lie
 MAX_QUARANTINE = 600.0
+MAX_STREAMS_BELIEVED = 64  # a peer's claimed streams past this count as this many
 MAX_LISTED = 64  # versions remembered per listing: a listing may be long, memory may not
 MISSING_RECHECK_S = 5.0  # a 404 for a version it listed, or below its newest: ask again after
 NOT_YET_RECHECK_S = 0.5  # a 404 for a version above all it listed: it is likely mirroring it
@@ -56,6 +57,11 @@ class SourceStats:
     """Versions it listed and then said it does not hold."""
     quiet_until: float = float("-inf")
     """Its listings are ignored until this time (`time.monotonic`)."""
+    streams: int = 0
+    """Payload streams it said it was sending at its last bitfield answer (a swarm peer; at
+    most `MAX_STREAMS_BELIEVED`): a new ask waits behind them. A claim, so it only orders
+    holders and units (`pick`, `ShardFetcher._next_job`); the rate floor and the scores
+    judge what the peer then does."""
 
     def lacks(self, version: int, now: float) -> bool:
         """Whether it said lately that it does not hold `version`."""
@@ -68,6 +74,11 @@ class SourceStats:
     def at_fault(self, version: int, now: float) -> bool:
         """Whether a transfer of `version` from it was abandoned lately as too slow."""
         return self.faulty.get(version, float("-inf")) > now
+
+    def queue(self) -> int:
+        """Streams a new ask of ours would wait behind: ours in flight, and those it last said
+        it was sending (which may count ours too: a stale claim errs towards busy)."""
+        return self.inflight + self.streams
 
     def note_listing(self, versions: list[int]) -> None:
         self.listed = frozenset(sorted(set(versions))[-MAX_LISTED:])
@@ -147,7 +158,7 @@ class SourcePicker:
             s.health = min(1.0, s.health + HEAL)
         if len(candidates) > 1 and self._rng.random() < self.explore:
             return self._rng.choice(candidates)
-        return max(candidates, key=lambda s: s.goodput * s.health / (1 + s.inflight))
+        return max(candidates, key=lambda s: s.goodput * s.health / (1 + s.queue()))
 
     def pick_idle(
         self, version: int, avoid: set[str], among: set[str] | None = None
@@ -160,7 +171,7 @@ class SourcePicker:
             for s in self.usable(version, avoid, among)
             if s.inflight == 0 and s.url not in avoid and s.goodput > 0
         ]
-        return max(idle, key=lambda s: s.goodput * s.health, default=None)
+        return max(idle, key=lambda s: s.goodput * s.health / (1 + s.streams), default=None)
 
     def has_alternative(self, version: int, url: str) -> bool:
         """Whether a source other than `url` could still serve `version`."""
@@ -222,6 +233,12 @@ class SourcePicker:
         if self.heard(url):
             for v in s.listed:
                 s.missing.pop(v, None)
+
+    def note_streams(self, url: str, streams: int) -> None:
+        """`url` said it is sending `streams` payload streams (its bitfield answer)."""
+        s = self.stats.get(url)
+        if s is not None:
+            s.streams = min(streams, MAX_STREAMS_BELIEVED)
 
     def heard(self, url: str) -> bool:
         """Whether `url`'s listing counts: not banned, not muted for a recent lie."""

@@ -9,9 +9,10 @@ what it holds. `PeerWatch` keeps that going:
   (`GET /peers`); every announcement that checks out makes its URL a source. A late joiner
   therefore learns the swarm from its first pull of the origin.
 - **Bitfields** (`watch`): while a version is mirrored, one long-poll per active peer on
-  `GET /v/{N}/have` tells which units (pieces, or shards) that peer holds and which it is
-  fetching from a seed; the fetcher takes the rarest first, asks a peer that holds it,
-  and leaves a unit a peer is fetching from a seed to that peer for a while
+  `GET /v/{N}/have` tells which units (pieces, or shards) that peer holds, which it is
+  fetching from a seed, and how many streams it is sending; the fetcher takes the rarest
+  first among units some holder is not busy with (`BUSY_QUEUE`), asks the holder with the
+  shortest queue, and leaves a unit a peer is fetching from a seed to that peer for a while
   (`promise_wait`). At most `max_peers` peers are watched at once (those not dropped by
   the picker for bad bytes, stalls or lies), so the cost per member stays bounded however
   large the swarm.
@@ -459,6 +460,7 @@ class PeerWatch:
                     changes = held if answer.changes is None else answer.changes
                     failures = 0
                     self._note(version, url, bits, soon)
+                    self.picker.note_streams(url, answer.streams)
                     news = not bits <= claimed or not soon <= promised
                     claimed |= bits
                     promised |= soon

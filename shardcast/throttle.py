@@ -38,6 +38,24 @@ of a client's `read_timeout` (60 s), and past a 1 MB/s seed's queue of 64 pieces
 (17 s), so that it fires only when a queue is longer than that."""
 
 
+class Sending:
+    """The payload streams a server is sending now. They share its upload cap, if it has
+    one (`UploadThrottle.turn`), and its `/have` answer reports their number, so that a
+    member asks a holder with a short queue rather than one with a long one (`fetcher`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextmanager
+    def stream(self) -> Iterator[None]:
+        """Count one stream while it sends."""
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+
 @dataclass(order=True)
 class _Waiter:
     since: float
@@ -68,21 +86,11 @@ class UploadThrottle:
         self._by_age: list[_Waiter] = []
         self._by_ask: deque[_Waiter] = deque()
         self._arrivals = itertools.count()
-        self.streams = 0
-        """Streams sending under this cap now (each inside `sending()`)."""
 
-    @contextmanager
-    def sending(self) -> Iterator[None]:
-        """Count one stream among those sharing the cap while it sends."""
-        self.streams += 1
-        try:
-            yield
-        finally:
-            self.streams -= 1
-
-    def turn(self, whole: int) -> int:
-        """Bytes a stream should take a turn, `whole` being its usual send."""
-        cycle_s = self.streams * whole / self.rate
+    def turn(self, whole: int, streams: int) -> int:
+        """Bytes a stream should take a turn, `whole` being its usual send and `streams` the
+        streams sharing the cap now (`Sending.count`)."""
+        cycle_s = streams * whole / self.rate
         return whole if cycle_s <= WHOLE_TURNS_S else min(whole, TURN_SLICE)
 
     async def take(self, n: int, since: float | None = None) -> None:

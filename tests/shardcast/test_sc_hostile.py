@@ -47,6 +47,7 @@ from shardcast.relay import Relay
 from shardcast.server import _BoundedStream, _FileBody, parse_range, serve_app
 from shardcast.shards import hash_range
 from shardcast.sources import SourcePicker
+from shardcast.throttle import Sending
 
 # Short windows so a fault shows within a second; the read timeout is long on purpose, so a
 # test passes only if the new defences (not the old per-read timeout) rescue the fetch.
@@ -611,7 +612,7 @@ async def test_a_send_that_never_completes_ends_the_response(tmp_path, identity)
     sv = origin.store.get(1)
     assert sv is not None
     p = sv.manifest.payload_file("config.json")
-    response = _BoundedStream(_FileBody(sv, p, 0, p.size, None, 1.0), 200, {}, 0.3)
+    response = _BoundedStream(_FileBody(sv, p, 0, p.size, None, 1.0, Sending()), 200, {}, 0.3)
     sent: list[str] = []
 
     async def held_send(message: dict) -> None:

@@ -141,7 +141,7 @@ async def test_a_capped_upload_finishes_the_oldest_stream_first(
             for i in range(6):
                 streams.start_soon(whole, http, i)
                 await trio.sleep(0.05)
-        left = origin.bucket.streams
+        left = origin.app.state.sending.count
         nursery.cancel_scope.cancel()
     order = sorted(finished, key=finished.__getitem__)
     assert order == list(range(6)), finished
@@ -181,13 +181,53 @@ async def test_streams_closed_after_their_first_bytes_give_the_cap_back(
             for _ in range(24):
                 streams.start_soon(first_bytes, http)
         with trio.move_on_after(5.0):  # the server sees each close at its next send
-            while origin.bucket.streams:
+            while origin.app.state.sending.count:
                 await trio.sleep(0.05)
-        left = origin.bucket.streams  # a stream left counted would slice every turn for good
+        left = origin.app.state.sending.count  # one left counted would slice every turn
         nursery.cancel_scope.cancel()
     assert len(firsts) == 24
     assert max(firsts) < 8.0, sorted(firsts)  # 24 whole bodies: 25 s
     assert left == 0
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("rate", [1e6, None])
+async def test_a_bitfield_answer_says_how_many_streams_are_being_sent(
+    tmp_path: Path, identity: Identity, rate: float | None
+) -> None:
+    """`/have` reports the payload streams in progress, capped or not: a member asks a
+    holder with a short queue first (`fetcher.BUSY_QUEUE`). Streams that end, finished or
+    closed by their client, are counted no more."""
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD, rate=rate)
+    make_checkpoint(tmp_path / "ck", mb=32)  # more than loopback's socket buffers hold
+    started = trio.Semaphore(0)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(origin.serve)
+        m = await origin.publish(tmp_path / "ck", 1)
+        big = max(m.payload, key=lambda p: p.size)
+
+        async def hold(http: httpx.AsyncClient) -> None:
+            async with http.stream("GET", f"{url}/v/1/f/{big.name}") as r:
+                async for _ in r.aiter_raw():
+                    started.release()
+                    await stop.wait()  # reads no more: the stream stays in progress
+                    return
+
+        async with httpx.AsyncClient(timeout=30.0) as http, trio.open_nursery() as streams:
+            for _ in range(3):
+                streams.start_soon(hold, http)
+            for _ in range(3):
+                await started.acquire()
+            during = (await http.get(f"{url}/v/1/have")).json()["streams"]
+            stop.set()
+        with trio.move_on_after(5.0):  # the server sees each close at its next send
+            while origin.app.state.sending.count:
+                await trio.sleep(0.05)
+        async with httpx.AsyncClient(timeout=30.0) as http:
+            after = (await http.get(f"{url}/v/1/have")).json()["streams"]
+        nursery.cancel_scope.cancel()
+    assert (during, after) == (3, 0)
 
 
 @pytest.mark.trio

@@ -552,6 +552,92 @@ def test_a_second_seed_transfer_at_the_first_picks_is_only_for_this_members_shar
     assert picked == [2, None]
 
 
+def test_a_unit_only_busy_peers_hold_goes_after_units_a_less_busy_one_holds():
+    """Rarest first, except that a unit whose every holder is sending `BUSY_QUEUE` streams or
+    more (its last bitfield answer's claim plus our own transfers to it) waits behind units
+    a less busy holder can start. Rarest first alone queued the members' workers 10-20 deep
+    at the few peers holding units that had just landed, while a quarter of the swarm's
+    uploads sat idle (docs/shardcast.md, thirty-ninth session). Among holders, the one
+    with the shortest queue is asked, at equal goodput."""
+    import trio
+
+    from shardcast.fetcher import BUSY_QUEUE, FetchPolicy, ShardFetcher, ShardJob, Swarming
+    from shardcast.sources import MAX_STREAMS_BELIEVED, SourcePicker
+
+    a, b, c = "http://a", "http://b", "http://c"
+    holders = {0: {a}, 1: {b, c}, 2: {b}}
+    picker = SourcePicker([LOCAL, a, b, c], explore=0.0)
+    picker.note_streams(a, BUSY_QUEUE + 2)
+    picker.note_streams("http://unknown", 3)  # a URL the picker does not know: ignored
+    assert "http://unknown" not in picker.stats
+    picker.note_streams(c, 10**9)
+    assert picker.stats[c].streams == MAX_STREAMS_BELIEVED
+    picker.note_streams(c, 0)
+    picked: list[list[int]] = []
+
+    async def main() -> None:
+        swarm = Swarming(holders=lambda job: holders[job.index], seeds={LOCAL})
+        fetcher = ShardFetcher(None, picker, FetchPolicy(), swarm=swarm)  # asks nobody
+        fetcher._started = fetcher._landed = trio.current_time()
+
+        def order() -> list[int]:
+            queue = deque(
+                ShardJob("w.bin", i, i * SHARD, SHARD, "0" * 64, Path("w")) for i in range(3)
+            )
+            return [fetcher._next_job(queue).index for _ in range(3)]
+
+        picked.append(order())  # a is busy: its unit after the two that b and c can start
+        picker.stats[b].inflight = 1
+        picker.note_streams(b, BUSY_QUEUE - 1)  # ours and its claim: b is busy too
+        picked.append(order())  # unit 1 (c is idle), then the rarest of the busy ones
+
+    trio.run(main)
+    assert picked[0] == [2, 1, 0]
+    assert picked[1][0] == 1 and sorted(picked[1][1:]) == [0, 2]
+    assert picker.pick(1, among={b, c}).url == c  # equal goodput: the shorter queue
+    picker.stats[b].inflight = 0
+    picker.note_streams(b, 0)
+    picker.note_streams(c, 2)
+    assert picker.pick(1, among={b, c}).url == b
+    assert picker.pick_idle(1, avoid=set(), among={b, c}).url == b
+
+
+def test_a_peer_s_claimed_streams_are_read_from_its_bitfield_answers():
+    """The `streams` of a peer's `/have` answer becomes its `SourceStats.streams`; an answer
+    without it (an older member) counts as none; a negative or non-integer count is a
+    malformed answer, counted as a failed poll, and changes nothing."""
+    answers = [{"bits": "00", "streams": 7}, {"bits": "00", "streams": -1}, {"bits": "00"}]
+    seen: list[int] = []
+
+    async def main() -> None:
+        import trio
+
+        from shardcast.sources import SourcePicker
+        from shardcast.swarm import PeerWatch
+
+        async def peer(request: httpx.Request) -> httpx.Response:
+            body = json.dumps(answers[len(seen)]).encode()
+            return httpx.Response(200, stream=httpx.ByteStream(body))
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(peer)) as http:
+            picker = SourcePicker([LOCAL, "http://peer"])
+            watch = PeerWatch(http, PeerTable("p"), picker, [LOCAL], Identity.generate())
+            watch._have[1], watch._promised[1], watch._claims[1] = {}, {}, {}
+            picker.stats["http://peer"].streams = 5
+            for _ in answers:
+                with trio.move_on_after(0.01):  # one poll: the next waits a gap
+                    await watch._follow_have(
+                        1, "http://peer", 8, trio.CancelScope(), lambda: 8, None
+                    )
+                seen.append(picker.stats["http://peer"].streams)
+
+    import trio
+    import trio.testing
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen == [7, 7, 0]
+
+
 def test_a_seed_is_held_to_the_rate_floor_only_where_a_peer_holds_the_unit():
     """The rate floor cuts a slow transfer only when another source could serve the unit.
     For a seed's unit that is a peer holding it, or another seed, not any peer: a seed that

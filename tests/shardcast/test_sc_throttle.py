@@ -9,7 +9,7 @@ import random
 import pytest
 import trio
 
-from shardcast.throttle import STARVED_S, TURN_SLICE, WHOLE_TURNS_S, UploadThrottle
+from shardcast.throttle import STARVED_S, TURN_SLICE, WHOLE_TURNS_S, Sending, UploadThrottle
 
 RATE = 1000.0  # bytes/s
 CHUNK = 100
@@ -113,23 +113,23 @@ async def test_a_cancelled_sender_leaves_the_cap_to_the_others(autojump_clock) -
 
 def test_a_cap_gives_whole_turns_only_while_a_round_of_them_is_short() -> None:
     """A turn is a whole send while one for every stream under the cap takes at most
-    `WHOLE_TURNS_S`, and `TURN_SLICE` past that; a stream is counted only inside `sending()`,
-    an error included."""
+    `WHOLE_TURNS_S`, and `TURN_SLICE` past that; a stream is counted only inside
+    `Sending.stream()`, an error included."""
     whole = 2**20
     cap = UploadThrottle(rate=10 * whole)  # a whole round fits 20 streams
     fits = int(WHOLE_TURNS_S * cap.rate / whole)
+    sending = Sending()
     with contextlib.ExitStack() as stack:
         for _ in range(fits):
-            stack.enter_context(cap.sending())
-        assert cap.turn(whole) == whole
-        with cap.sending():
-            assert cap.streams == fits + 1 and cap.turn(whole) == TURN_SLICE
+            stack.enter_context(sending.stream())
+        assert cap.turn(whole, sending.count) == whole
+        with sending.stream():
+            assert sending.count == fits + 1 and cap.turn(whole, sending.count) == TURN_SLICE
         slow = UploadThrottle(rate=1000)
-        with slow.sending(), slow.sending(), slow.sending():
-            assert slow.turn(1000) == 1000  # a round takes 3 s, but a short send stays whole
-    with pytest.raises(RuntimeError), cap.sending():
+        assert slow.turn(1000, 3) == 1000  # a round takes 3 s, but a short send stays whole
+    with pytest.raises(RuntimeError), sending.stream():
         raise RuntimeError("the client went away")
-    assert cap.streams == 0
+    assert sending.count == 0
 
 
 @pytest.mark.trio
