@@ -298,14 +298,14 @@ class FetchPolicy:
 
 
 MAX_RETRY_AFTER_S = 5.0
+"""The longest Retry-After a fetch obeys (a hostile source could ask for hours)."""
 BUSY_QUEUE = 4
 """A peer sending this many streams (by its last bitfield answer, with ours) is busy: a
 unit only busy peers hold is taken after every unit that a less busy peer or a seed could
 start. Rarest first alone piled the members' workers into the queues of a few peers (those
 holding the units that had just landed), 10-20 deep under an upload cap that serves the
-oldest stream first, while a quarter of the swarm's uploads sat idle (docs/shardcast.md,
+oldest stream first, while 5-11 of 33 uploaders sat idle (docs/shardcast.md,
 thirty-ninth session). Four streams at 1 MB/s and 256 KiB pieces are a second's wait."""
-"""The longest Retry-After a fetch obeys (a hostile source could ask for hours)."""
 
 
 def retry_after_s(r: httpx.Response) -> float:
