@@ -10,7 +10,10 @@ Every member logs each verified unit ("unit N: B bytes from URL in T s") and eac
 cut or gave up ("shard N: URL: why"). From those: the seed's bytes and how many of them were
 second copies of a unit (and how many of those followed a cut), units verified per 2 s,
 the uploads' rate and how many uploaders sat under half their cap per 4 s, each uploader's
-total, and the cuts by kind. The seed is every source no member learnt as a peer.
+total, and the cuts by kind. The seed is every source no member learnt as a peer. And how
+evenly the asks spread, at the middle of every 2 s: how many uploaders had no transfer
+going, and the most transfers one peer (not the seed) had going, its queue. Only verified
+transfers are logged, so a cut one or a hedge that lost counts as none.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def analyse(units: list[Unit], cuts: list, peers: set[str], rate: float) -> dict
     for u in units:
         up[u.source][int(u.end // 4)] += u.nbytes
     buckets = range(int(units[-1].end // 4) + 1)
+    going = [_going(units, 2 * i + 1) for i in range(int(units[-1].end // 2) + 1)]
     return {
         "seconds": units[-1].end,
         "seed_bytes": sum(u.nbytes for u in seed_units),
@@ -93,9 +97,18 @@ def analyse(units: list[Unit], cuts: list, peers: set[str], rate: float) -> dict
         "uploaders_under_half_per_4s": [
             sum(1 for c in up.values() if c[i] < rate * 4 / 2) for i in buckets
         ],
+        "uploaders_idle_per_2s": [sum(1 for src in up if c[src] == 0) for c in going],
+        "longest_peer_queue_per_2s": [
+            max((n for src, n in c.items() if src.rstrip("/") in peers), default=0) for c in going
+        ],
         "uploader_mb": sorted(round(sum(c.values()) / 1e6, 1) for c in up.values()),
         "cuts": dict(Counter(why for _, _, why in cuts).most_common()),
     }
+
+
+def _going(units: list[Unit], t: float) -> Counter:
+    """Transfers going at time `t`, by uploader."""
+    return Counter(u.source for u in units if u.end - u.took <= t < u.end)
 
 
 def plot(r: dict, rate: float, path: Path) -> bool:
@@ -147,6 +160,8 @@ def main() -> None:
         ["units verified per 2 s", " ".join(map(str, r["units_per_2s"]))],
         ["uploads per 4 s (MB/s)", " ".join(map(str, r["upload_mb_per_s_per_4s"]))],
         ["uploaders under half their cap", " ".join(map(str, r["uploaders_under_half_per_4s"]))],
+        ["uploaders sending nothing, per 2 s", " ".join(map(str, r["uploaders_idle_per_2s"]))],
+        ["longest queue at a peer, per 2 s", " ".join(map(str, r["longest_peer_queue_per_2s"]))],
         ["uploaders' totals (MB), low..high", f"{r['uploader_mb'][:4]} .. {r['uploader_mb'][-4:]}"],
         ["cuts", " ".join(f"{n} x {why}" for why, n in r["cuts"].items()) or "none"],
     ]

@@ -304,7 +304,7 @@ BUSY_QUEUE = 4
 unit only busy peers hold is taken after every unit that a less busy peer or a seed could
 start. Rarest first alone piled the members' workers into the queues of a few peers (those
 holding the units that had just landed), 10-20 deep under an upload cap that serves the
-oldest stream first, while 5-11 of 33 uploaders sat idle (docs/shardcast.md,
+oldest stream first, while 2-11 of 33 uploaders sent nothing (docs/shardcast.md,
 thirty-ninth session). Four streams at 1 MB/s and 256 KiB pieces are a second's wait."""
 
 

@@ -556,8 +556,8 @@ def test_a_unit_only_busy_peers_hold_goes_after_units_a_less_busy_one_holds():
     """Rarest first, except that a unit whose every holder is sending `BUSY_QUEUE` streams or
     more (its last bitfield answer's claim plus our own transfers to it) waits behind units
     a less busy holder can start. Rarest first alone queued the members' workers 10-20 deep
-    at the few peers holding units that had just landed, while 5-11 of 33 uploaders sat
-    idle (docs/shardcast.md, thirty-ninth session). Among holders, the one with the
+    at the few peers holding units that had just landed, while 2-11 of 33 uploaders sent
+    nothing (docs/shardcast.md, thirty-ninth session). Among holders, the one with the
     shortest queue is asked, at equal goodput."""
     import trio
 

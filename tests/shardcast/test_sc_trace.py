@@ -64,5 +64,10 @@ async def test_the_trace_reads_a_fetchs_units_seed_copies_and_cuts(
     assert r["seed_extra_bytes"] == {}  # one member: no second copies
     assert sum(r["cuts"].values()) == len(cuts) >= 1
     assert all("below" in why for why in r["cuts"])
+    idle, queue = r["uploaders_idle_per_2s"], r["longest_peer_queue_per_2s"]
+    assert len(idle) == len(queue) == len(r["units_per_2s"])
+    assert set(idle) <= {0, 1} and queue == [0] * len(queue)  # one uploader, the seed: no peer
+    going = [any(u.end - u.took <= 2 * i + 1 < u.end for u in units) for i in range(len(idle))]
+    assert idle == [0 if g else 1 for g in going]
     assert trace.plot(r, 1e6, tmp_path / "trace.png")
     assert (tmp_path / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
