@@ -31,6 +31,7 @@ from protocol.identity import Identity
 from shardcast.client import Client, fetch_manifest
 from shardcast.errors import FetchError
 from shardcast.fetcher import (
+    BUSY_QUEUE,
     FetchDeadline,
     FetchPolicy,
     ShardFetcher,
@@ -338,6 +339,37 @@ async def test_a_sole_peer_holder_that_has_served_well_is_given_time(
         assert not late.at_fault(1, time.monotonic()) and late.failed == 0
     else:
         assert seed.bytes > 0 and late.at_fault(1, time.monotonic())
+
+
+@pytest.mark.trio
+async def test_a_stalling_peer_that_claims_no_streams_costs_one_cut(tmp_path, identity) -> None:
+    """Two peers hold every unit: one claims to be sending no streams and stalls every body
+    after 1 KB, the other is honest and claims to be busy. The claim draws the first ask to
+    the liar, and that is all it buys: the rate floor cuts it once, it is at fault for the
+    version, and every unit comes from the honest peer, none from the seed."""
+    policy = replace(HOSTILE, hedge_after=1e6, parallel=1)
+    origin = Origin(tmp_path / "o", identity, POOL_ID, shard_size=SHARD)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:
+        url = await nursery.start(origin.serve)
+        m = await origin.publish(make_checkpoint(tmp_path / "ck", mb=0.3), 1)
+        liar = await nursery.start(serve_app, fault_proxy([url], "stall_body"), "127.0.0.1", 0)
+        honest = await nursery.start(serve_app, fault_proxy([url], "honest"), "127.0.0.1", 0)
+        big = max(m.payload, key=lambda p: p.size)  # units past the liar's first 1 KB
+        prepare_file(tmp_path / "c" / big.name, big.size)
+        jobs = unit_jobs(m, big, tmp_path / "c" / big.name)
+        picker = SourcePicker([url, liar, honest])
+        picker.note_streams(liar, 0)
+        picker.note_streams(honest, BUSY_QUEUE + 6)
+        swarm = Swarming(holders=lambda job: {liar, honest}, seeds={url})
+        t0 = trio.current_time()
+        await ShardFetcher(http, picker, policy, swarm=swarm).fetch(1, jobs)
+        took = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert hash_range(tmp_path / "c" / big.name, 0, big.size) == big.hash
+    seed, lying, good = picker.stats[url], picker.stats[liar], picker.stats[honest]
+    assert lying.ok == 0 and lying.failed == 1 and lying.at_fault(1, time.monotonic())
+    assert len(jobs) >= 4 and good.ok == len(jobs) and seed.bytes == 0
+    assert took < 5.0  # one rate window lost (0.5 s), not a stall per unit
 
 
 @pytest.mark.trio
