@@ -511,7 +511,7 @@ class ShardFetcher:
         in_grace = now - self._started < self.swarm.share_grace
         landing = now - self._landed < self.swarm.seed_quiet
         best: tuple[bool, int, bool, float] | None = None
-        chosen = None
+        chosen, chosen_holders = None, 0
         for job in queue:
             holders = self.swarm.holders(job)
             n = len(holders)
@@ -525,10 +525,10 @@ class ShardFetcher:
             busy = n > 0 and all(self._queue_at(url) >= BUSY_QUEUE for url in holders)
             key = (busy, n, not self.swarm.preferred(job), random.random())
             if best is None or key < best:
-                best, chosen = key, job
+                best, chosen, chosen_holders = key, job, n
         if chosen is not None:
             queue.remove(chosen)
-            if best is not None and best[1] == 0:
+            if chosen_holders == 0:
                 self._for_seeds.add(chosen)
         return chosen
 

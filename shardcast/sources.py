@@ -171,7 +171,7 @@ class SourcePicker:
             for s in self.usable(version, avoid, among)
             if s.inflight == 0 and s.url not in avoid and s.goodput > 0
         ]
-        return max(idle, key=lambda s: s.goodput * s.health / (1 + s.streams), default=None)
+        return max(idle, key=lambda s: s.goodput * s.health / (1 + s.queue()), default=None)
 
     def has_alternative(self, version: int, url: str) -> bool:
         """Whether a source other than `url` could still serve `version`."""
